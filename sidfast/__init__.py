@@ -1,0 +1,9 @@
+"""sidfast: fast Score identity Distillation (SiD) for PyTorch."""
+from . import predictions, reference, schedules
+from .loss import (FakeScoreLoss, SiDGeneratorLoss, fake_score_loss, sid_generator_loss,
+                   sid_generator_loss_eps)
+from .schedules import EDMSchedule, FlowSchedule, VPSchedule
+
+__version__ = "0.1.0"
+__all__ = ["predictions", "reference", "schedules", "sid_generator_loss", "sid_generator_loss_eps",
+           "fake_score_loss", "SiDGeneratorLoss", "FakeScoreLoss", "EDMSchedule", "VPSchedule", "FlowSchedule"]

@@ -1,0 +1,1 @@
+"""Fused operators, one file per op: kernels, host functions, custom-op registration and autograd."""

@@ -1,0 +1,160 @@
+"""The readable specification: SPEC sections 1-5 in plain PyTorch.
+
+Every fast path in sidfast is tested against these functions. They favour clarity over speed
+and do no argument checking (``sidfast.loss`` validates before dispatching).
+Shapes: ``B`` is the batch, ``*F`` any number of feature dimensions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import predictions
+from .schedules import broadcast, snr
+
+REDUCTIONS = ("none", "sum", "batchmean")
+
+
+def add_noise(x0: torch.Tensor, a, s, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = a_t * x0 + s_t * eps (SPEC section 1). x0, noise: (B, *F); a, s: (B,) or scalars."""
+    return broadcast(a, x0) * x0 + broadcast(s, x0) * noise
+
+
+def nan_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: samples where any of ``tensors`` holds a NaN (the published code drops these)."""
+    mask = torch.zeros(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        mask = mask | torch.isnan(t).flatten(1).any(1)
+    return mask
+
+
+def reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """"none": the per-element tensor; "sum"; "batchmean": sum / B with B the full batch (published loop)."""
+    if reduction == "none":
+        return loss
+    total = loss.sum(dtype=torch.float64 if loss.dtype == torch.float64 else torch.float32)
+    return total if reduction == "sum" else total / loss.shape[0]
+
+
+def _zero_rows(keep: torch.Tensor, *tensors: torch.Tensor):
+    """Replace dropped samples by zeros so that neither values nor gradients carry their NaNs."""
+    return [torch.where(broadcast(keep, t), t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in tensors]
+
+
+def sid_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float = 1.2,
+                       reduction: str = "batchmean") -> torch.Tensor:
+    """SiD generator loss in denoised space, the published ``generator_loss`` arithmetic.
+
+    y_real, y_fake: teacher and fake-score x0 estimates at the same x_t, (B, *F); x_g: generator sample (B, *F).
+    Returns float32 (float64 for float64 inputs): (B, *F) for "none", else a scalar. Samples with a NaN in
+    any input contribute zero (rows of zeros for "none"); "batchmean" still divides by the full B.
+    """
+    keep = ~nan_rows(y_real, y_fake, x_g)
+    y_real, y_fake, x_g = _zero_rows(keep, y_real, y_fake, x_g)
+    dims = list(range(1, x_g.dim()))
+    with torch.no_grad():
+        # w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (Zhou et al. 2024, eq. 10 normalizer)
+        # (computed in float32 as published; float64 inputs keep float64)
+        acc = torch.promote_types(x_g.dtype, torch.float32)
+        w = (x_g - y_real).abs().to(acc).mean(dim=dims, keepdim=True).clip(min=1e-5)
+    # L = (f_phi - f_psi) * ((f_phi - x_g) - alpha (f_phi - f_psi)) / w (Zhou et al. 2024, eq. 9, denoised form)
+    loss = (y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / w
+    return reduce(loss, reduction)
+
+
+def sid_generator_loss_eps(eps_real: torch.Tensor, eps_fake: torch.Tensor, eps: torch.Tensor, lam: float = 1.2,
+                           reduction: str = "batchmean") -> torch.Tensor:
+    """SiD generator loss in noise space (SPEC section 3): <e_phi - e_psi, e_phi - eps> - lam ||e_phi - e_psi||^2.
+
+    eps_real, eps_fake: teacher and fake-score noise estimates, (B, *F); eps: the noise used for x_t.
+    Per element, unnormalized; NaN samples contribute zero, as in the denoised form.
+    """
+    keep = ~nan_rows(eps_real, eps_fake, eps)
+    eps_real, eps_fake, eps = _zero_rows(keep, eps_real, eps_fake, eps)
+    d = eps_real - eps_fake
+    # L_2 - lam L_1 (Zhou et al. 2024, eq. 8 with its alpha as lam; note 004 eq. 47)
+    loss = d * ((eps_real - eps) - lam * d)
+    return reduce(loss.to(torch.promote_types(loss.dtype, torch.float32)), reduction)
+
+
+def sid_gradients(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float = 1.2,
+                  normalize: bool = True):
+    """Closed-form gradients of the per-element loss (SPEC section 3), each divided by w (or 1).
+
+    Returns (dL/dy_real, dL/dy_fake, dL/dx_g) in float32, NaN samples zeroed; used to document and test.
+    """
+    keep = ~nan_rows(y_real, y_fake, x_g)
+    y_real, y_fake, x_g = (t.float() for t in _zero_rows(keep, y_real, y_fake, x_g))
+    d, e = y_real - y_fake, y_real - x_g
+    if normalize:
+        w = (x_g - y_real).abs().mean(dim=list(range(1, x_g.dim())), keepdim=True).clip(min=1e-5)
+    else:
+        w = 1.0
+    return (e + (1 - 2 * alpha) * d) / w, (-e + 2 * alpha * d) / w, -d / w
+
+
+# ---- fake-score (denoising score matching) loss, SPEC section 4 ----
+
+WEIGHTINGS = ("edm", "x0", "eps", "v", "flow", "min_snr_eps", "min_snr_v")
+
+
+def fake_score_weight(a: torch.Tensor, s: torch.Tensor, weighting: str, sigma_data: float = 0.5,
+                      gamma: float = 5.0) -> tuple[str, torch.Tensor]:
+    """(target space, per-sample weight (B,)) of a weighting; a, s: (B,)."""
+    if weighting == "edm":
+        sigma = s / a
+        # lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Table 1)
+        return "x0", (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    if weighting in ("x0", "eps", "v", "flow"):
+        return weighting, torch.ones_like(s)
+    r = snr(a, s)
+    if weighting == "min_snr_eps":
+        return "eps", torch.clamp(r, max=gamma) / r  # Hang et al. 2023, eq. 10 (diffusers compute_snr)
+    if weighting == "min_snr_v":
+        return "v", torch.clamp(r, max=gamma) / (r + 1)  # Hang et al. 2023, v-prediction form
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
+                    prediction: str = "x0", weighting: str = "edm", sigma_data: float = 0.5, gamma: float = 5.0,
+                    reduction: str = "batchmean") -> torch.Tensor:
+    """Denoising score matching on generator samples: w(t) * ||target_hat - target||^2 (SPEC section 4).
+
+    pred: the fake score's output at x_t = a x0 + s noise, in its own ``prediction`` space, (B, *F);
+    x0: the (detached) generator sample; noise: the eps used; a, s: (B,). Float32 result, per element for "none".
+    """
+    space, w = fake_score_weight(a.float(), s.float(), weighting, sigma_data, gamma)
+    x_t = add_noise(x0, a, s, noise)
+    est = predictions.convert(pred, x_t, a, s, prediction, space)
+    tgt = predictions.target(x0, noise, a, s, space)
+    loss = broadcast(w, est) * (est.float() - tgt.float()) ** 2
+    return reduce(loss, reduction)
+
+
+# ---- noise-level samplers, SPEC sections 3 and 4 ----
+
+def generator_sigma(batch: int, tmax: int = 800, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                    rho: float = 7.0, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) sigmas of the published generator loss: u ~ U(0, tmax/1000) mapped through EDM's rho-schedule."""
+    u = torch.rand(batch, device=device, generator=generator) * (tmax / 1000)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + (1 - u) * (lo - hi)) ** rho  # Zhou et al. 2024, section 4 (Karras et al. 2022, eq. 5)
+
+
+def edm_training_sigma(batch: int, p_mean: float = -1.2, p_std: float = 1.2, device=None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) sigmas with ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1)."""
+    return torch.exp(torch.randn(batch, device=device, generator=generator) * p_std + p_mean)
+
+
+def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                    device=None) -> torch.Tensor:
+    """EDM's sampling sigmas sigma_0 > ... > sigma_{N-1}, then 0 (Karras et al. 2022, eq. 5)."""
+    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    steps = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
+    return torch.cat([steps, torch.zeros(1, dtype=torch.float64, device=device)])
+
+
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "math", "torch")]
