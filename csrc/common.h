@@ -1,6 +1,7 @@
 // Argument checks and layout helpers shared by the CPU and CUDA implementations.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 
 #include <tuple>
 

@@ -124,11 +124,12 @@ def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a
     pred: the fake score's output at x_t = a x0 + s noise, in its own ``prediction`` space, (B, *F);
     x0: the (detached) generator sample; noise: the eps used; a, s: (B,). Float32 result, per element for "none".
     """
-    space, w = fake_score_weight(a.float(), s.float(), weighting, sigma_data, gamma)
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    space, w = fake_score_weight(a.to(acc), s.to(acc), weighting, sigma_data, gamma)
     x_t = add_noise(x0, a, s, noise)
     est = predictions.convert(pred, x_t, a, s, prediction, space)
     tgt = predictions.target(x0, noise, a, s, space)
-    loss = broadcast(w, est) * (est.float() - tgt.float()) ** 2
+    loss = broadcast(w, est) * (est.to(acc) - tgt.to(acc)) ** 2
     return reduce(loss, reduction)
 
 

@@ -108,20 +108,28 @@ class VPSchedule(Schedule):
     def num_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
 
-    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+    def _alpha_bar64(self, t: torch.Tensor) -> torch.Tensor:
         ac = self.alphas_cumprod.to(t.device)
         if not t.is_floating_point():
-            out = ac[t.long()]
-            return out.to(torch.get_default_dtype())
+            return ac[t.long()]
         tc = t.to(torch.float64).clamp(0, self.num_timesteps - 1)
         lo = tc.floor().long()
         hi = (lo + 1).clamp(max=self.num_timesteps - 1)
         w = tc - lo.to(torch.float64)
-        return ((1 - w) * ac[lo] + w * ac[hi]).to(t.dtype)
+        return (1 - w) * ac[lo] + w * ac[hi]
+
+    @staticmethod
+    def _out_dtype(t: torch.Tensor) -> torch.dtype:
+        return t.dtype if t.is_floating_point() else torch.get_default_dtype()
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """abar_t in t's dtype (the default dtype for integer t), computed in float64."""
+        return self._alpha_bar64(t).to(self._out_dtype(t))
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        abar = self.alpha_bar(t)
-        return abar.sqrt(), (1 - abar).sqrt()
+        abar = self._alpha_bar64(t)
+        dt = self._out_dtype(t)
+        return abar.sqrt().to(dt), (1 - abar).sqrt().to(dt)
 
     def __repr__(self) -> str:
         return f"VPSchedule(num_timesteps={self.num_timesteps})"

@@ -3,7 +3,8 @@
 // double inputs) element math, double accumulation of the per-sample sums.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cmath>
 
