@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from . import reference
+from .ops import fake_score_loss as _fake_op
 from .ops import sid_loss as _sid_op
 
 REDUCTIONS = reference.REDUCTIONS
@@ -128,8 +129,8 @@ def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     sigma_data = check_real("sigma_data", sigma_data, positive=True)
     gamma = check_real("gamma", gamma, positive=True)
-    return reference.fake_score_loss(pred, x0, noise, a, s, prediction, weighting, sigma_data, gamma,
-                                     check_reduction(reduction))
+    return _fake_op.fake_score_loss(pred, x0, noise, a, s, prediction, weighting, sigma_data, gamma,
+                                    check_reduction(reduction))
 
 
 class SiDGeneratorLoss:

@@ -1,0 +1,102 @@
+"""Backward of the fused losses: scale the gradients their forward already computed by ``grad_output``.
+
+A fused loss writes its input gradients in the forward pass; autograd's backward only has to
+multiply them by the incoming ``grad_loss``. Done naively that is a second full read and write of
+every gradient (doubling the memory traffic of forward+backward). The Triton route avoids it for
+the common case:
+
+* reduction "sum"/"batchmean" (``grad_loss`` is 0-dim), first backward through the graph, eager
+  mode: one kernel scales the saved gradients **in place** and hands them to autograd; every
+  program first loads ``grad_loss`` from device memory and returns at once when it equals 1
+  (``loss.backward()``), so no host sync and no traffic in that case. The factor applied is
+  remembered on the device, so a second backward (``retain_graph=True``) returns
+  ``saved * (grad_loss / applied)`` out of place; if the first backward's ``grad_loss`` was exactly
+  0 the saved gradients are lost and a second backward yields NaN (documented limitation).
+* everything else (reduction "none", tracing under torch.compile, double backward with
+  ``create_graph=True``, CPU native route): out of place, ``(g * grad_loss).to(g.dtype)``.
+
+In-place scaling is only sound where nobody else sees the saved gradients, so it is used by the
+``torch.autograd.Function`` wrappers of the public losses (``SiDLossFunction``,
+``FakeScoreLossFunction``), never by the custom ops' own autograd, whose gradient outputs are
+visible to the caller (their backward is ``out_of_place``).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backend
+from ._layout import batch_major_dense
+from .backend import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scale_inplace_kernel(g_ptr, applied_ptr, t0_ptr, t1_ptr, t2_ptr, n, NUM: tl.constexpr, ITERS: tl.constexpr,
+                              NPROG: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        acc_ty = t0_ptr.dtype.element_ty if t0_ptr.dtype.element_ty == tl.float64 else tl.float32
+        g = tl.load(g_ptr).to(acc_ty)
+        if pid == 0:
+            tl.store(applied_ptr, g)
+        if g != 1.0:  # device-side branch: loss.backward() (grad 1) costs one scalar load per program
+            for i in range(ITERS):
+                offs = (i * NPROG + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < n
+                v = tl.load(t0_ptr + offs, mask=mask)
+                tl.store(t0_ptr + offs, (v.to(acc_ty) * g).to(t0_ptr.dtype.element_ty), mask=mask)
+                if NUM > 1:
+                    v = tl.load(t1_ptr + offs, mask=mask)
+                    tl.store(t1_ptr + offs, (v.to(acc_ty) * g).to(t1_ptr.dtype.element_ty), mask=mask)
+                if NUM > 2:
+                    v = tl.load(t2_ptr + offs, mask=mask)
+                    tl.store(t2_ptr + offs, (v.to(acc_ty) * g).to(t2_ptr.dtype.element_ty), mask=mask)
+
+SCALE_BLOCK = 4096
+
+
+def scale_inplace(grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor) -> torch.Tensor:
+    """Multiply 1 to 3 dense tensors of equal numel by the 0-dim ``grad_loss`` in place (skipped on the
+    device when it is 1); returns a 0-dim tensor holding the factor applied."""
+    t0 = grads[0]
+    applied = torch.empty((), dtype=torch.float64 if t0.dtype == torch.float64 else torch.float32, device=t0.device)
+    n = t0.numel()
+    blocks = backend.cdiv(n, SCALE_BLOCK)
+    nprog = max(1, min(blocks, 8 * backend.num_sms(t0.device)))
+    ts = tuple(grads) + (t0,) * (3 - len(grads))
+    _scale_inplace_kernel[(nprog,)](grad_loss, applied, *ts, n, NUM=len(grads), ITERS=backend.cdiv(blocks, nprog),
+                                    NPROG=nprog, BLOCK=SCALE_BLOCK, num_warps=8)
+    return applied
+
+
+def out_of_place(grads, grad_loss):
+    return tuple((g * grad_loss).to(g.dtype) for g in grads)
+
+
+def scale_saved_grads(ctx, grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The backward rule of the module docstring; ``grads`` are the gradients saved in ``ctx``."""
+    applied = getattr(ctx, "sidfast_applied", None)
+    if applied is not None:  # a second backward through a retained graph: the saved grads hold g * applied
+        return out_of_place(grads, grad_loss / applied)
+    eager_scalar = (grad_loss.dim() == 0 and HAS_TRITON and backend.use_triton(grads[0])
+                    and not backend.is_traced(grad_loss, *grads)
+                    and not (torch.is_grad_enabled() and grad_loss.requires_grad)
+                    and all(batch_major_dense(g) for g in grads))
+    if not eager_scalar:
+        return out_of_place(grads, grad_loss)
+    ctx.sidfast_applied = scale_inplace(grads, grad_loss.detach())
+    return tuple(grads)
+
+
+def compile_specs() -> list[dict]:
+    """Representative kernel configurations for ``backend.compile_report`` (GPU compile checks)."""
+    specs = []
+    for dt in ("fp32", "bf16", "fp64"):
+        for num in (1, 3):
+            args = dict(g_ptr="*fp32", applied_ptr="*" + ("fp64" if dt == "fp64" else "fp32"), n="i32",
+                        **{f"t{i}_ptr": "*" + dt for i in range(3)})
+            specs.append(dict(name=f"scale_inplace {dt} x{num}", kernel=_scale_inplace_kernel, args=args,
+                              constexprs=dict(NUM=num, ITERS=4, NPROG=1056, BLOCK=SCALE_BLOCK), num_warps=8,
+                              divisible=("t0_ptr", "t1_ptr", "t2_ptr", "n")))
+    return specs
