@@ -1,0 +1,287 @@
+"""The ``sidfast`` command: distill from every teacher source, sample, resume, signals, and user errors.
+
+User errors must exit with status 2 and one ``sidfast <command>: error: ...`` line, without a traceback.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sidfast import cli
+from sidfast.checkpoint import load_checkpoint
+
+TESTS = os.path.dirname(__file__)
+SMALL = ["--iterations", "2", "--batch", "4", "--log-every", "1", "--grid-size", "4", "--teacher-steps", "2",
+         "--no-progress", "--device", "cpu"]
+
+
+def run_main(args, capsys):
+    """(exit code, stdout, stderr) of ``sidfast ARGS`` in this process."""
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def user_error(args, capsys, match):
+    code, _, err = run_main(args, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith(f"sidfast {args[0]}: error:"), err
+    assert match in err, err
+    return err
+
+
+def env_without_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, env.get("PYTHONPATH", "")])
+    return env
+
+
+# ---------------- teacher sources ----------------
+
+def test_distill_from_an_entry_point_then_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = run_main(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", run, *SMALL], capsys)
+    assert code == 0, err
+    assert "SiD distillation" in out
+    data = load_checkpoint(run / "checkpoint.pt", "distill")
+    assert data["iteration"] == 2 and data["teacher"] == "test_train:tiny_teacher"
+    code, out, err = run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "g.png", "--num", "5"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "g.png").is_file()
+    code, _, err = run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "imgs", "--num", "3",
+                             "--batch", "2"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_sample_reproduces_the_ema_generator(tmp_path, capsys):
+    """sample rebuilds the generator from the checkpoint and draws x = G_ema(sigma_init z, sigma_init)."""
+    from sidfast.report import to_uint8
+    from sidfast.samplers import one_step_sample
+    from test_train import tiny_teacher
+
+    run = tmp_path / "run"
+    assert run_main(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", run, *SMALL], capsys)[0] == 0
+    assert run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "s", "--num", "2", "--seed", "3"],
+                    capsys)[0] == 0
+    data = load_checkpoint(run / "checkpoint.pt", "distill")
+    net = tiny_teacher()
+    net.load_state_dict({k.removeprefix("net."): v for k, v in data["generator_ema"].items()})
+    z = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(3))
+    want = to_uint8(one_step_sample(net.eval(), z, 2.5))  # (2, 4, 4, 1) uint8
+    from matplotlib import image as mpimg
+
+    for i in range(2):
+        got = mpimg.imread(tmp_path / "s" / f"{i:06d}.png")
+        got = got[..., 0] if got.ndim == 3 else got
+        diff = (torch.from_numpy(got * 255).round() - torch.from_numpy(want[i, ..., 0]).float()).abs().max()
+        assert diff <= 1, diff
+    assert want.std() > 0
+
+
+def test_train_teacher_then_distill_then_sample(tmp_path, capsys):
+    teacher = tmp_path / "teacher.pt"
+    code, out, err = run_main(["train-teacher", "--out", teacher, "--iterations", "3", "--batch", "16", "--width",
+                               "16", "--depth", "1", "--dropout", "0.1", "--conditional", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "wrote" in out
+    meta = load_checkpoint(teacher, "network")
+    assert meta["builder"] == "sidfast.demo.nets:build_denoiser" and meta["config"]["num_classes"] == 10
+    run = tmp_path / "run"
+    code, _, err = run_main(["distill", "--teacher", teacher, "--run-dir", run, *SMALL], capsys)
+    assert code == 0, err
+    data = load_checkpoint(run / "checkpoint.pt", "distill")
+    assert data["num_classes"] == 10 and data["architecture"]["builder"] == "sidfast.demo.nets:build_denoiser"
+    # a distillation checkpoint samples in one step; a teacher checkpoint with the Heun sampler
+    assert run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "s.png", "--num", "4",
+                     "--class-label", "7"], capsys)[0] == 0
+    assert run_main(["sample", teacher, "--out", tmp_path / "t.png", "--num", "4", "--steps", "2"], capsys)[0] == 0
+    user_error(["sample", teacher, "--out", tmp_path / "t.png", "--class-label", "10"], capsys, "--class-label")
+
+
+def _tiny_diffusers_dir(path, scheduler="ddpm"):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+    if scheduler == "ddpm":
+        sched = diffusers.DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+        diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
+    else:
+        unet.save_pretrained(path)
+        if scheduler == "flow":
+            diffusers.FlowMatchEulerDiscreteScheduler().save_config(path)
+    return path
+
+
+def test_distill_a_tiny_random_diffusers_model(tmp_path, capsys):
+    teacher = _tiny_diffusers_dir(tmp_path / "ddpm")
+    run = tmp_path / "run"
+    code, out, err = run_main(["distill", "--teacher", teacher, "--run-dir", run, *SMALL], capsys)
+    assert code == 0, err
+    data = load_checkpoint(run / "checkpoint.pt", "distill")
+    assert data["image_shape"] == [3, 8, 8] and data["architecture"] is None
+    assert torch.isfinite(torch.tensor(data["last"]["loss_g"]))
+    assert any(not torch.equal(data["generator"][k], data["fake"][k]) for k in data["generator"])
+    assert run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "s.png", "--num", "4"], capsys)[0] == 0
+    assert (run / "teacher.png").is_file() and (run / "student.png").is_file()
+
+
+def test_diffusers_teacher_errors(tmp_path, capsys):
+    user_error(["distill", "--teacher", _tiny_diffusers_dir(tmp_path / "bare", scheduler=None), *SMALL], capsys,
+               "no scheduler config")
+    user_error(["distill", "--teacher", _tiny_diffusers_dir(tmp_path / "flow", scheduler="flow"), *SMALL], capsys,
+               "cannot determine a VP schedule")
+    (tmp_path / "empty").mkdir()
+    user_error(["distill", "--teacher", tmp_path / "empty", *SMALL], capsys, "no model config")
+
+
+# ---------------- options, config files, resume ----------------
+
+def test_help_lists_every_option_with_its_default(capsys):
+    from sidfast.train import TrainConfig
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["distill", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in TrainConfig.fields():
+        if f.name not in ("teacher", "resume"):
+            assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "(default: 1e-05)" in text and "(default: 0.0 0.999)" in text
+
+
+def test_config_file_and_command_line_precedence(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nbatch: 6\nalpha: 1.0\niterations: 5\n")
+    code, _, err = run_main(["distill", "--teacher", "test_train:tiny_teacher", "--config", cfg, "--iterations", "1",
+                             "--no-progress", "--grid-size", "0"], capsys)
+    assert code == 0, err
+    saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt", "distill")["config"]
+    assert (saved["batch"], saved["alpha"], saved["iterations"]) == (6, 1.0, 1)
+
+
+def test_resume_takes_the_checkpoint_options(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", run, "--batch", "6", "--lr", "1e-3",
+            "--iterations", "2", "--no-progress", "--grid-size", "0"]
+    assert run_main(args, capsys)[0] == 0
+    code, _, err = run_main(["distill", "--resume", "--run-dir", run, "--iterations", "3"], capsys)
+    assert code == 0, err
+    data = load_checkpoint(run / "checkpoint.pt", "distill")
+    assert data["iteration"] == 3 and data["nimg"] == 18 and data["config"]["lr"] == 1e-3
+    code, _, err = run_main(["distill", "--resume", run / "checkpoint.pt", "--iterations", "4"], capsys)
+    assert code == 0, err
+    assert load_checkpoint(run / "checkpoint.pt", "distill")["iteration"] == 4
+    # without --resume an existing run is not overwritten
+    user_error(args, capsys, "already holds checkpoint.pt")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--tmax", "2000"], "option --tmax must be <= 1000"),
+    (["--lr", "-1"], "option --lr must be > 0"),
+    (["--batch", "many"], "option --batch must be an integer"),
+    (["--precision", "fp8"], "option --precision must be one of"),
+    (["--betas", "0.9", "1.5"], "option --betas must be two numbers in [0, 1)"),
+])
+def test_options_out_of_range(tmp_path, capsys, extra, match):
+    user_error(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", tmp_path / "r", *extra], capsys, match)
+
+
+def test_user_errors(tmp_path, capsys):
+    user_error(["distill", "--run-dir", tmp_path / "r"], capsys, "--teacher is required")
+    user_error(["distill", "--teacher", tmp_path / "missing.pt"], capsys, "does not exist")
+    user_error(["distill", "--teacher", "no_such_module_xyz:make"], capsys, "cannot import module")
+    user_error(["distill", "--teacher", "test_train:no_such_function"], capsys, "has no attribute")
+    user_error(["distill", "--teacher", "test_train:tiny_teacher", "--config", tmp_path / "c.yaml"], capsys,
+               "does not exist")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"lrr": 1}')
+    user_error(["distill", "--teacher", "test_train:tiny_teacher", "--config", bad], capsys, "unknown option 'lrr'")
+    user_error(["distill", "--resume", "--run-dir", tmp_path / "nothing"], capsys, "--resume: checkpoint")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    user_error(["distill", "--teacher", junk], capsys, "corrupt or not a sidfast checkpoint")
+    user_error(["sample", junk, "--out", tmp_path / "x.png"], capsys, "corrupt or not a sidfast checkpoint")
+    user_error(["sample", tmp_path / "none.pt", "--out", tmp_path / "x.png"], capsys, "does not exist")
+    user_error(["train-teacher", "--out", tmp_path, "--iterations", "1"], capsys, "is a directory")
+    user_error(["train-teacher", "--out", tmp_path / "t.pt", "--iterations", "0"], capsys, "--iterations must be")
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked.pt"
+        locked.write_bytes(b"x")
+        locked.chmod(0)
+        user_error(["distill", "--teacher", locked], capsys, "not readable")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no GPU is present")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    for cmd in (["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", tmp_path / "r"],
+                ["demo", "--quick"], ["train-teacher", "--out", tmp_path / "t.pt"]):
+        user_error([*cmd, "--device", "cuda"], capsys, "no CUDA GPU is available")
+
+
+def test_demo_delegates_to_the_demo_package(tmp_path, capsys, monkeypatch):
+    import sidfast.demo
+
+    seen = {}
+
+    def fake_run_demo(quick, out_dir, device):
+        seen.update(quick=quick, out_dir=out_dir, device=device)
+        return {"passed": False}
+
+    monkeypatch.setattr(sidfast.demo, "run_demo", fake_run_demo, raising=False)
+    code, _, _ = run_main(["demo", "--quick", "--out", tmp_path / "d", "--device", "cpu"], capsys)
+    assert seen == {"quick": True, "out_dir": str(tmp_path / "d"), "device": "cpu"}
+    assert code == 1  # a failed quality bar is a failed command
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = run_main([], capsys)
+    assert code == 2 and "COMMAND" in err
+    code, _, err = run_main(["distill", "--no-such-flag"], capsys)
+    assert code == 2 and "unrecognized arguments" in err
+
+
+# ---------------- signals (a real process) ----------------
+
+def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sidfast.cli", "distill", "--teacher", "test_train:tiny_teacher", "--run-dir",
+           str(run), "--iterations", "1000000", "--batch", "4", "--log-every", "1", "--checkpoint-every", "0",
+           "--grid-size", "0", "--no-progress", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=env_without_interpreter(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no progress within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    data = load_checkpoint(run / "checkpoint.pt", "distill")
+    stopped = data["iteration"]
+    assert stopped >= 1 and data["nimg"] == 4 * stopped
+    resumed = subprocess.run([sys.executable, "-m", "sidfast.cli", "distill", "--resume", "--run-dir", str(run),
+                              "--iterations", str(stopped + 2)], env=env_without_interpreter(), capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(run / "checkpoint.pt", "distill")["iteration"] == stopped + 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["iterations"] == stopped + 2 and summary["iterations_this_run"] == 2

@@ -1,0 +1,467 @@
+"""sidfast.train: the SiD loop against a hand-written published iteration, resume bitwise, config, outputs."""
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from published import published_generator_loss
+from sidfast import reference
+from sidfast.checkpoint import CheckpointError
+from sidfast.train import (TrainConfig, distill, ema_beta, sanitize_grads, seed_everything)
+
+SHAPE = (1, 4, 4)
+
+
+class TinyEDM(nn.Module):
+    """An EDM-preconditioned two-layer MLP with dropout and optional one-hot labels (test network)."""
+
+    def __init__(self, image_shape=SHAPE, hidden=32, num_classes=0, dropout=0.1):
+        super().__init__()
+        self.image_shape, self.num_classes = tuple(image_shape), num_classes
+        d = math.prod(image_shape)
+        self.inp = nn.Linear(d + 1 + num_classes, hidden)
+        self.out = nn.Linear(hidden, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, sigma, class_labels=None):
+        s = sigma.reshape(-1, 1).float()
+        c_in, c_skip = 1 / (s ** 2 + 0.25).sqrt(), 0.25 / (s ** 2 + 0.25)
+        c_out = 0.5 * s / (s ** 2 + 0.25).sqrt()
+        parts = [x.flatten(1).float() * c_in, s.log() / 4]
+        if self.num_classes:
+            parts.append(class_labels.float() if class_labels is not None
+                         else torch.zeros(x.shape[0], self.num_classes, device=x.device))
+        f = self.out(self.drop(F.silu(self.inp(torch.cat(parts, 1)))))
+        return (c_skip * x.flatten(1).float() + c_out * f).view(x.shape).to(x.dtype)
+
+
+def tiny_teacher(num_classes=0, seed=0, hidden=32):
+    torch.manual_seed(seed)
+    return TinyEDM(num_classes=num_classes, hidden=hidden)
+
+
+def build_tiny(config):
+    return TinyEDM(**config)
+
+
+def quiet(**kw):
+    base = dict(iterations=4, batch=8, device="cpu", checkpoint_every=0, log_every=1, sample_every=0, grid_size=0,
+                teacher_steps=0, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def states(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------- configuration ----------------
+
+def test_defaults_are_the_published_recipe():
+    c = TrainConfig()
+    assert (c.lr, c.betas, c.optimizer_eps, c.alpha, c.sigma_init, c.tmax) == (1e-5, (0.0, 0.999), 1e-8, 1.2, 2.5, 800)
+    assert (c.loss_scale_g, c.loss_scale_fake, c.ema_halflife_kimg, c.ema_rampup_ratio) == (100.0, 1.0, 500.0, 0.05)
+    assert (c.p_mean, c.p_std, c.sigma_data, c.sigma_min, c.sigma_max, c.rho) == (-1.2, 1.2, 0.5, 0.002, 80.0, 7.0)
+    assert c.batch == 256 and c.precision == "fp32" and c.fake_lr is None
+    assert TrainConfig(precision="fp16").optimizer_eps == 1e-6
+    for f in TrainConfig.fields():
+        assert f.metadata["help"] and "\n" not in f.metadata["help"], f.name
+
+
+def test_config_from_yaml_json_and_dict(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 2.0e-5\nbatch: 64\nbetas: [0.1, 0.99]\nema-rampup-ratio: null\nimage_shape: [1, 8, 8]\n")
+    c = TrainConfig.from_file(y)
+    assert (c.lr, c.batch, c.betas, c.ema_rampup_ratio, c.image_shape) == (2e-5, 64, (0.1, 0.99), None, (1, 8, 8))
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"alpha": 1.0, "precision": "bf16", "progress": False}))
+    c = TrainConfig.from_file(j, base=TrainConfig(batch=32))
+    assert (c.alpha, c.precision, c.progress, c.batch) == (1.0, "bf16", False, 32)
+    # strings as a command line gives them are coerced
+    c = TrainConfig.from_dict({"iterations": "10", "lr": "3e-4", "fake_lr": "none", "betas": ["0", "0.9"]})
+    assert (c.iterations, c.lr, c.fake_lr, c.betas) == (10, 3e-4, None, (0.0, 0.9))
+    assert TrainConfig.from_dict({}).to_dict() == TrainConfig().to_dict()
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"learning_rate": 1}, "unknown option 'learning_rate'"),
+    ({"lr": 0}, "option lr must be > 0"),
+    ({"lr": "fast"}, "option lr must be a number"),
+    ({"tmax": 1001}, "option tmax must be <= 1000"),
+    ({"batch": 2.5}, "option batch must be an integer"),
+    ({"alpha": float("nan")}, "option alpha must be finite"),
+    ({"betas": [0.9]}, "option betas must be two numbers"),
+    ({"betas": [0.0, 1.0]}, "option betas must be two numbers in"),
+    ({"precision": "fp8"}, "option precision must be one of"),
+    ({"sigma_min": 100.0}, "sigma_min .* must be below sigma_max"),
+    ({"image_shape": [1, 0, 8]}, "option image_shape must be positive"),
+    ({"log_every": 0}, "option log_every must be >= 1"),
+    ({"progress": "maybe"}, "option progress must be true or false"),
+])
+def test_config_errors_name_the_option(values, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(values)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TrainConfig.from_file(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        TrainConfig.from_file(bad)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{'lr': 1}")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        TrainConfig.from_file(bad)
+    other = tmp_path / "c.toml"
+    other.write_text("lr = 1")
+    with pytest.raises(ValueError, match="must end in .yaml, .yml or .json"):
+        TrainConfig.from_file(other)
+    listing = tmp_path / "l.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping of option names"):
+        TrainConfig.from_file(listing)
+    unknown = tmp_path / "u.json"
+    unknown.write_text('{"lrr": 1}')
+    with pytest.raises(ValueError, match=r"u\.json.*unknown option 'lrr'"):
+        TrainConfig.from_file(unknown)
+
+
+# ---------------- the iteration against a hand-written published one ----------------
+
+def _published_iteration(teacher, G, fake, cfg, opt_g, opt_f, num_classes):
+    """One iteration written out as the published loop does it (sid_training_loop.py + sid_loss.py)."""
+    B = cfg.batch
+
+    def labels():
+        if not num_classes:
+            return None
+        return F.one_hot(torch.randint(num_classes, (B,)), num_classes).float()
+
+    # (1) fake score on fresh samples; G in eval, no gradient into G
+    G.eval()
+    fake.train()
+    z = torch.randn(B, *SHAPE)
+    c = labels()
+    with torch.no_grad():
+        images = G(cfg.sigma_init * z, torch.full((B,), cfg.sigma_init), c)
+    sigma = (torch.randn(B) * cfg.p_std + cfg.p_mean).exp()
+    weight = (sigma ** 2 + cfg.sigma_data ** 2) / (sigma * cfg.sigma_data) ** 2
+    n = torch.randn_like(images) * sigma.view(-1, 1, 1, 1)
+    y_fake = fake(images + n, sigma, c)
+    loss_f = (weight.view(-1, 1, 1, 1) * (y_fake - images) ** 2).sum().mul(cfg.loss_scale_fake / B)
+    opt_f.zero_grad(set_to_none=True)
+    loss_f.backward()
+    grads_f = [p.grad.clone() for p in fake.parameters()]
+    opt_f.step()
+    # (2) generator on new fresh samples; fake score in eval; published generator_loss
+    G.train()
+    fake.eval()
+    z = torch.randn(B, *SHAPE)
+    c = labels()
+    images = G(cfg.sigma_init * z, torch.full((B,), cfg.sigma_init), c)
+    sigma = reference.generator_sigma(B, cfg.tmax)
+    n = torch.randn_like(images) * sigma.view(-1, 1, 1, 1)
+    y_real, y_fake = teacher(images + n, sigma, c), fake(images + n, sigma, c)
+    loss_g = published_generator_loss(y_real, y_fake, images, cfg.alpha).sum().mul(cfg.loss_scale_g / B)
+    grads_g = torch.autograd.grad(loss_g, list(G.parameters()))
+    for p, g in zip(G.parameters(), grads_g):
+        p.grad = g
+    opt_g.step()
+    return grads_g, grads_f
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_first_iteration_matches_the_published_loop(tmp_path, num_classes):
+    cfg = quiet(run_dir=str(tmp_path / "r"), iterations=1, batch=6, lr=1e-3)
+    seen = {}
+
+    def grab(state):
+        seen["g"] = [p.grad.clone() for p in state["generator"].parameters()]
+        seen["f"] = [p.grad.clone() for p in state["fake"].parameters()]
+
+    res = distill(cfg, tiny_teacher(num_classes), callbacks=[grab], log=None)
+
+    teacher = tiny_teacher(num_classes).eval().requires_grad_(False)
+    G, fake = tiny_teacher(num_classes), tiny_teacher(num_classes)
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3, betas=(0.0, 0.999), eps=1e-8)
+    opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999), eps=1e-8)
+    seed_everything(cfg.seed)
+    grads_g, grads_f = _published_iteration(teacher, G, fake, cfg, opt_g, opt_f, num_classes)
+    # the fused loss sums in another order than the published arithmetic: compare at float32 accuracy of the whole
+    for a, b in list(zip(seen["f"], grads_f)) + list(zip(seen["g"], grads_g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    assert any(g.abs().sum() > 0 for g in grads_g)
+    for a, b in zip(res.generator.network.parameters(), G.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # EMA after the first update equals G (EDM: half-life ramps from 0 images)
+    assert_bitwise(states(res.generator_ema), states(res.generator))
+
+
+def test_fresh_samples_modes_and_gradients_per_phase(tmp_path):
+    """Two generator calls per iteration with different latents (no batch reuse); G in eval without grad for the
+    fake update and in train with grad for its own; the score networks get no weight gradients from the SiD loss."""
+    calls = []
+
+    class Spy(nn.Module):
+        def __init__(self, net, name):
+            super().__init__()
+            self.net, self.tag = net, name
+
+        def forward(self, x, sigma, class_labels=None):
+            calls.append((self.tag, self.training, torch.is_grad_enabled(), x.detach().clone()))
+            return self.net(x, sigma, class_labels)
+
+    teacher = tiny_teacher()
+    G, fake = Spy(tiny_teacher(), "G"), Spy(tiny_teacher(), "fake")
+    fake_hits = []
+    for p in fake.parameters():
+        p.register_hook(lambda g: fake_hits.append(1))
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2), teacher, generator=G, fake=fake, log=None)
+    tags = [(t, tr, ge) for t, tr, ge, _ in calls]
+    one = [("G", False, False), ("fake", True, True), ("G", True, True), ("fake", False, True)]
+    assert tags == one * 2
+    g_inputs = [x for t, _, _, x in calls if t == "G"]
+    assert all(not torch.equal(a, b) for i, a in enumerate(g_inputs) for b in g_inputs[i + 1:])
+    # fake parameters receive gradients only in their own phase (2 iterations x their 2 parameters tensors x 2)
+    assert len(fake_hits) == 2 * len(list(fake.parameters()))
+    assert res.iteration == 2
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+
+
+def test_gradient_accumulation_equals_the_full_batch_loss_scale(tmp_path):
+    """batch_gpu splits a process's batch into rounds; the loss stays sum / batch (published batch_gpu_total)."""
+    seen = {}
+
+    def grab(state):
+        seen[state["iteration"]] = [p.grad.clone() for p in state["generator"].parameters()]
+
+    distill(quiet(run_dir=str(tmp_path / "a"), iterations=1, batch=8, batch_gpu=4), tiny_teacher(),
+            callbacks=[grab], log=None)
+    acc = seen.pop(1)
+    distill(quiet(run_dir=str(tmp_path / "b"), iterations=1, batch=4), tiny_teacher(), callbacks=[grab], log=None)
+    half = seen.pop(1)
+    # different samples, so only the scale can be compared: each round contributes about half a full batch
+    ratio = sum(g.norm() for g in acc) / sum(g.norm() for g in half)
+    assert 0.2 < ratio < 5
+    with pytest.raises(ValueError, match="batch_gpu .* must divide"):
+        distill(quiet(run_dir=str(tmp_path / "c"), batch=8, batch_gpu=3), tiny_teacher(), log=None)
+
+
+# ---------------- EMA, NaN handling, precision ----------------
+
+def test_ema_beta_is_edms_formula():
+    assert ema_beta(0, 256, 500, 0.05) == 0.0
+    assert ema_beta(10_000, 256, 500, 0.05) == 0.5 ** (256 / 500)
+    assert ema_beta(10 ** 9, 256, 500, 0.05) == 0.5 ** (256 / 500_000)
+    assert ema_beta(0, 256, 500, None) == 0.5 ** (256 / 500_000)
+
+
+def test_ema_follows_the_formula_over_iterations(tmp_path):
+    snaps = []
+    distill(quiet(run_dir=str(tmp_path / "r"), iterations=3, lr=1e-2), tiny_teacher(),
+            callbacks=[lambda s: snaps.append((states(s["generator"]), states(s["generator_ema"])))], log=None)
+    for i in (1, 2):
+        beta = ema_beta(8 * i, 8, 500, 0.05)
+        g, e_prev, e = snaps[i][0], snaps[i - 1][1], snaps[i][1]
+        for k in e:
+            assert torch.equal(e[k], g[k].lerp(e_prev[k], beta)), k
+        assert any(not torch.equal(e[k], g[k]) for k in e)
+
+
+def test_sanitize_grads_matches_published_nan_to_num():
+    p = nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0])
+    sanitize_grads([p, nn.Parameter(torch.zeros(1))])
+    assert torch.equal(p.grad, torch.tensor([0.0, 1e5, -1e5, 2.0]))
+
+
+def test_nan_samples_are_dropped_and_training_continues(tmp_path):
+    class SometimesNaN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_teacher()
+            self.image_shape = SHAPE
+
+        def forward(self, x, sigma, class_labels=None):
+            out = self.net(x, sigma, class_labels)
+            return torch.cat([torch.full_like(out[:1], float("nan")), out[1:]])
+
+    losses = []
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=3, lr=1e-3), tiny_teacher(), generator=SometimesNaN(),
+                  callbacks=[lambda s: losses.append((float(s["loss_g"]), float(s["loss_fake"])))], log=None)
+    assert all(math.isfinite(a) and math.isfinite(b) for a, b in losses)
+    assert all(torch.isfinite(p).all() for p in res.generator.parameters())
+    assert all(torch.isfinite(p).all() for p in res.fake.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(res.generator.network.net.parameters(),
+                                                      tiny_teacher().parameters()))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_keeps_float32_master_weights(tmp_path, precision):
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, lr=1e-3, precision=precision), tiny_teacher(),
+                  log=None)
+    for net in (res.generator, res.fake, res.generator_ema):
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
+    assert math.isfinite(res.last["loss_g"]) and math.isfinite(res.last["loss_fake"])
+    assert any(not torch.equal(a, b) for a, b in zip(res.generator.parameters(), tiny_teacher().parameters()))
+
+
+# ---------------- checkpoints and resume ----------------
+
+@pytest.mark.parametrize("num_classes, batch_gpu", [(0, None), (3, 4)])
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, num_classes, batch_gpu):
+    kw = dict(iterations=7, batch=8, batch_gpu=batch_gpu, lr=1e-3, checkpoint_every=2, log_every=2)
+    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), tiny_teacher(num_classes), log=None)
+
+    def interrupt(state):
+        if state["iteration"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # handled: finish the iteration, save, return
+
+    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), tiny_teacher(num_classes), callbacks=[interrupt],
+                   log=None)
+    assert part.interrupted == "SIGINT" and part.iteration == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), tiny_teacher(num_classes),
+                      log=None)
+    assert resumed.iteration == 7 and resumed.nimg == 56 and resumed.interrupted is None
+    for name in ("generator", "generator_ema", "fake"):
+        assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
+    # the training did move the weights, so equality is not trivial
+    assert any(not torch.equal(a, b) for a, b in zip(full.generator.network.parameters(),
+                                                      tiny_teacher(num_classes).parameters()))
+    # metrics continue where they stopped; the torn run logged iterations 2 (periodic) and 3 (stop is not logged)
+    its = [r["iteration"] for r in map(json.loads, (tmp_path / "part" / "metrics.jsonl").read_text().splitlines())]
+    assert its == [2, 4, 6, 7]
+
+
+def test_another_seed_gives_other_weights(tmp_path):
+    a = distill(quiet(run_dir=str(tmp_path / "a"), lr=1e-3), tiny_teacher(), log=None)
+    b = distill(quiet(run_dir=str(tmp_path / "b"), lr=1e-3, seed=1), tiny_teacher(), log=None)
+    assert any(not torch.equal(x, y) for x, y in zip(a.generator.parameters(), b.generator.parameters()))
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    distill(quiet(run_dir=str(tmp_path / "r"), iterations=1), tiny_teacher(), log=None)
+    with pytest.raises(ValueError, match="already holds checkpoint.pt.*resume"):
+        distill(quiet(run_dir=str(tmp_path / "r"), iterations=1), tiny_teacher(), log=None)
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=1, overwrite=True), tiny_teacher(), log=None)
+    assert res.iteration == 1
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+    run = tmp_path / "r"
+    distill(quiet(run_dir=str(run), iterations=2, checkpoint_every=1), tiny_teacher(), log=None)
+    ckpt = run / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    torn = ckpt.read_bytes()
+    with pytest.raises(CheckpointError, match=r"corrupt.*checkpoint\.prev\.pt"):
+        distill(quiet(run_dir=str(run), iterations=4, resume="auto"), tiny_teacher(), log=None)
+    assert ckpt.read_bytes() == torn
+    # the previous good checkpoint resumes
+    res = distill(quiet(run_dir=str(run), iterations=4, resume=str(run / "checkpoint.prev.pt")), tiny_teacher(),
+                  log=None)
+    assert res.iteration == 4
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    distill(quiet(run_dir=str(tmp_path / "r"), iterations=1), tiny_teacher(hidden=16), log=None)
+    with pytest.raises(CheckpointError, match="does not fit these networks"):
+        distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, resume="auto"), tiny_teacher(hidden=32), log=None)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        distill(quiet(run_dir=str(tmp_path / "x"), resume="auto"), tiny_teacher(), log=None)
+
+
+def test_checkpoint_contents(tmp_path):
+    distill(quiet(run_dir=str(tmp_path / "r"), iterations=2), tiny_teacher(2),
+            architecture={"builder": "test_train:build_tiny", "config": {"num_classes": 2}}, log=None)
+    data = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert data["format"] == "sidfast.distill" and data["iteration"] == 2 and data["nimg"] == 16
+    assert data["world_size"] == 1 and len(data["rng"]) == 1
+    assert data["num_classes"] == 2 and data["label_format"] == "onehot" and data["image_shape"] == [1, 4, 4]
+    assert data["architecture"]["builder"] == "test_train:build_tiny"
+    assert set(data) >= {"generator", "generator_ema", "fake", "opt_g", "opt_fake", "config"}
+
+
+# ---------------- outputs ----------------
+
+def test_run_directory_outputs(tmp_path):
+    lines = []
+    run = tmp_path / "r"
+    res = distill(quiet(run_dir=str(run), iterations=4, log_every=2, sample_every=2, grid_size=8, teacher_steps=2,
+                        checkpoint_every=2), tiny_teacher(), log=lines.append)
+    names = {p.name for p in run.iterdir()}
+    assert {"teacher.png", "student_init.png", "student_000002.png", "student.png", "losses.png", "metrics.jsonl",
+            "summary.json", "config.json", "checkpoint.pt"} <= names
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs] == [2, 4]
+    assert {"loss_g", "loss_fake", "it_per_s", "img_per_s", "nimg", "seconds"} <= set(recs[0])
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 4
+    assert any("SiD distillation" in x and "img_per_s" in x for x in lines)
+    assert res.summary["images"] == 32
+    from matplotlib import image as mpimg
+
+    assert mpimg.imread(run / "student.png").ndim in (2, 3)
+
+
+def test_image_shape_must_be_known(tmp_path):
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x, sigma, class_labels=None):
+            return x * self.w
+
+    with pytest.raises(ValueError, match="cannot determine the image shape.*--image-shape"):
+        distill(quiet(run_dir=str(tmp_path / "r")), Bare(), log=None)
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=1, image_shape=(2, 3)), Bare(), log=None)
+    assert res.iteration == 1
+
+
+def test_device_errors():
+    from sidfast.train import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="not a device name"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available.*--device cpu"):
+            resolve_device("cuda")
+        assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("engine", ["eager", "score_engine"])
+def test_cuda_run_is_a_device_switch(tmp_path, engine):
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, device="cuda", precision="bf16", engine=engine,
+                        grid_size=4, teacher_steps=2), tiny_teacher(), log=None)
+    assert next(res.generator.parameters()).is_cuda and math.isfinite(res.last["loss_g"])
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_score_engine_path_matches_the_eager_path(tmp_path, num_classes):
+    """engine="score_engine" (sidfast.engine over frozen views) trains bitwise like two eager calls on CPU."""
+    kw = dict(iterations=3, lr=1e-3)
+    eager = distill(quiet(run_dir=str(tmp_path / "e"), **kw), tiny_teacher(num_classes), log=None)
+    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="score_engine", **kw), tiny_teacher(num_classes),
+                    log=None)
+    for name in ("generator", "generator_ema", "fake"):
+        a, b = states(getattr(eager, name)), states(getattr(fused, name))
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    assert any(not torch.equal(a, b) for a, b in zip(fused.generator.network.parameters(),
+                                                      tiny_teacher(num_classes).parameters()))
