@@ -1,0 +1,403 @@
+"""One denoiser interface for teacher, fake score and generator, with adapters for what users have.
+
+Every denoiser is an ``nn.Module`` called as ``forward(x, sigma, class_labels=None, **cond) -> x0_hat``
+in EDM / variance-exploding coordinates (SPEC section 1, a = 1, s = sigma): ``x = x0 + sigma * eps``,
+``sigma`` a ``(B,)`` tensor (a number, a 0-d tensor or ``(B, 1, ..., 1)`` also accepted), the output
+the denoised estimate with the shape, dtype and device of ``x``.
+
+Adapters (SPEC section 2 conversions, via ``sidfast.predictions``):
+
+- ``EDMDenoiser(net)``: any EDM-style module ``net(x, sigma, class_labels) -> x0`` (the published SiD
+  teachers), called unchanged.
+- ``DiffusersDenoiser(unet, schedule, prediction)``: diffusers ``UNet2DModel`` / ``UNet2DConditionModel``
+  (any ``unet(x_vp, timesteps, **kw).sample``) trained on a VP schedule with eps, v or x0 targets.
+- ``FlowDenoiser(model)``: flow-matching models predicting ``eps - x0`` at ``(1 - t) x0 + t eps``.
+
+Class labels are passed in the network's own format (one-hot for EDM networks, indices for diffusers).
+No adapter syncs with the host in ``forward``, so all of them can be compiled and captured in CUDA graphs.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import numbers
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import predictions
+from .schedules import VPSchedule
+
+
+def _name_of(net) -> str:
+    return type(net).__name__ if not isinstance(net, str) else net
+
+
+def sigma_per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
+    """``sigma`` as a ``(B,)`` tensor on ``x``'s device in float32 (float64 for float64 ``x``).
+
+    Accepts a real number, a 0-d tensor, a ``(B,)`` tensor or one of shape ``(B, 1, ..., 1)``.
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if isinstance(sigma, numbers.Real) and not isinstance(sigma, bool):
+        return torch.full((x.shape[0],), float(sigma), dtype=acc, device=x.device)
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"sigma must be a tensor of shape (B,) or a number, got {type(sigma).__name__}")
+    if not sigma.is_floating_point():
+        raise TypeError(f"sigma must be floating point, got {sigma.dtype}")
+    if sigma.device != x.device:
+        raise ValueError(f"sigma is on {sigma.device} but x is on {x.device}")
+    if sigma.dim() == 0:
+        return sigma.to(acc).expand(x.shape[0])
+    if sigma.shape[0] != x.shape[0] or any(d != 1 for d in sigma.shape[1:]):
+        raise ValueError(f"sigma must have shape (B,) or (B, 1, ..., 1) with B = {x.shape[0]}, "
+                         f"got {tuple(sigma.shape)}")
+    return sigma.reshape(x.shape[0]).to(acc)
+
+
+def _autocast_dtype(device: torch.device):
+    """The autocast dtype active for ``device``'s type, or None when autocast is off there."""
+    kind = device.type
+    try:
+        if torch.is_autocast_enabled(kind):
+            return torch.get_autocast_dtype(kind)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return None
+    return None
+
+
+def check_output(name: str, out, x: torch.Tensor) -> torch.Tensor:
+    """Return ``out`` (in ``x``'s dtype) or raise naming the network when it does not match its input.
+
+    Under autocast a lower-precision output in the autocast dtype is accepted and cast back to ``x``'s dtype;
+    any other dtype, shape or device difference is a ValueError (a TypeError if ``out`` is not a tensor).
+    """
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"network {name} returned {type(out).__name__}, expected a tensor")
+    if out.shape != x.shape:
+        raise ValueError(f"network {name} returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}")
+    if out.device != x.device:
+        raise ValueError(f"network {name} returned a tensor on {out.device} for an input on {x.device}")
+    if out.dtype != x.dtype:
+        if out.dtype != _autocast_dtype(x.device):
+            raise ValueError(f"network {name} returned dtype {out.dtype} for an input of dtype {x.dtype}")
+        out = out.to(x.dtype)
+    return out
+
+
+def _unwrap(out):
+    """A diffusers output object (``.sample``) or a ``return_dict=False`` tuple, reduced to its tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
+
+
+class Denoiser(nn.Module):
+    """Base class: ``forward(x, sigma, class_labels=None, **cond) -> x0_hat`` in EDM (VE) coordinates.
+
+    ``name`` labels the network in error messages (the engine sets "teacher", "fake score", ...).
+    """
+
+    def __init__(self, name: str | None = None):
+        super().__init__()
+        self.name = name
+
+    @property
+    def network(self) -> nn.Module:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def label(self) -> str:
+        inner = _name_of(self.network)
+        return f"{self.name} ({inner})" if self.name else inner
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _accepts_third_argument(fn) -> bool:
+    """Whether ``fn(x, sigma, labels)`` is a valid call (a third positional parameter or ``*args``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+class EDMDenoiser(Denoiser):
+    """An EDM-style network ``net(x, sigma, class_labels) -> x0`` called unchanged.
+
+    ``class_labels`` is passed (positionally, as EDM's ``EDMPrecond``) when it is not None or when the
+    network takes a third argument; networks ``net(x, sigma)`` work too. ``cond`` goes through as keywords.
+    """
+
+    def __init__(self, net, name: str | None = None):
+        super().__init__(name)
+        if isinstance(net, Denoiser):
+            raise TypeError("net is already a Denoiser; use it directly (or as_denoiser)")
+        if not callable(net):
+            raise TypeError(f"net must be an nn.Module or a callable, got {type(net).__name__}")
+        if isinstance(net, nn.Module):
+            self.net = net
+        else:
+            self._fn = net
+        self._takes_labels = _accepts_third_argument(net.forward if isinstance(net, nn.Module) else net)
+
+    @property
+    def network(self):
+        return self.net if "net" in self._modules else self._fn
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
+        net = self.network
+        if class_labels is not None or self._takes_labels:
+            out = net(x, sigma, class_labels, **cond)
+        else:
+            out = net(x, sigma, **cond)
+        return check_output(self.label(), out, x)
+
+
+class DiffusersDenoiser(Denoiser):
+    """A VP (DDPM) network in diffusers' calling convention, seen as an EDM denoiser.
+
+    VE -> VP (SPEC section 1): ``abar = 1 / (1 + sigma^2)``, ``a = sqrt(abar)``, ``s = a * sigma``,
+    ``x_vp = a * x``; the timestep is the continuous ``t`` with ``alphas_cumprod[t] = abar``, found by
+    linear interpolation in log-sigma between table entries (exact at the table's sigmas) and clamped to
+    the table's range. The output (eps, v or x0) becomes ``x0_hat`` through ``predictions.to_x0``.
+
+    Args:
+        unet: ``UNet2DModel`` / ``UNet2DConditionModel`` or anything called as
+            ``unet(x_vp, timesteps, class_labels=..., **cond)`` returning a tensor or an object with
+            ``.sample`` (``UNet2DConditionModel`` needs ``encoder_hidden_states=...`` in ``cond``).
+        schedule: the ``VPSchedule`` the network was trained on.
+        prediction: "eps", "v" or "x0" (diffusers' "epsilon", "v_prediction", "sample" accepted).
+        learned_variance: the network outputs ``2 * C`` channels (mean, variance); keep the first ``C``.
+    """
+
+    def __init__(self, unet, schedule: VPSchedule, prediction: str, learned_variance: bool = False,
+                 name: str | None = None):
+        super().__init__(name)
+        if not callable(unet):
+            raise TypeError(f"unet must be an nn.Module or a callable, got {type(unet).__name__}")
+        if not isinstance(schedule, VPSchedule):
+            raise TypeError(f"schedule must be a sidfast.schedules.VPSchedule, got {type(schedule).__name__}")
+        self.prediction = predictions.canonical(prediction)
+        if self.prediction == "flow":
+            raise ValueError("prediction 'flow' is not a VP prediction; wrap flow-matching models with FlowDenoiser")
+        config = getattr(unet, "config", None)
+        if getattr(config, "time_embedding_type", "positional") == "fourier":
+            raise ValueError(f"{_name_of(unet)} uses a Fourier (score-SDE, sigma-conditioned) time embedding; "
+                             "it is not a VP network: wrap it with EDMDenoiser")
+        self.unet = unet
+        self.schedule = schedule
+        self.learned_variance = bool(learned_variance)
+        ac = schedule.alphas_cumprod
+        log_sigma = 0.5 * (torch.log1p(-ac) - torch.log(ac))  # log sqrt((1 - abar) / abar), rising in t
+        if not bool((log_sigma[1:] > log_sigma[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing to map sigma to a timestep")
+        self._log_sigma64 = log_sigma
+        self.register_buffer("log_sigma_table", log_sigma.clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # the sigma -> timestep table stays float64 whatever .to(dtype) did (only its device follows)
+        self.log_sigma_table = self._log_sigma64.to(self.log_sigma_table.device)
+        return self
+
+    @property
+    def network(self):
+        return self.unet
+
+    @classmethod
+    def from_pretrained(cls, path, prediction: str | None = None, schedule: VPSchedule | None = None,
+                        subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
+                        name: str | None = None) -> "DiffusersDenoiser":
+        """Load a local directory written by diffusers' ``save_pretrained``.
+
+        Accepted layouts: a pipeline directory (``model_index.json``, ``unet/``, ``scheduler/``), or a model
+        directory (``config.json`` + weights) with ``scheduler_config.json`` beside it or in ``scheduler/``.
+        ``prediction`` and ``schedule`` override what the scheduler config says; without a scheduler config
+        both are required.
+        """
+        import diffusers
+
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"pretrained path {str(root)!r} is not a directory")
+        model_dir = root / subfolder if subfolder else root
+        if subfolder is None and not (root / "config.json").is_file():
+            index = root / "model_index.json"
+            if (root / "unet").is_dir():
+                model_dir = root / "unet"
+            elif index.is_file():
+                entries = json.loads(index.read_text())
+                names = [k for k, v in entries.items() if isinstance(v, list) and k in ("unet", "transformer")]
+                if names:
+                    model_dir = root / names[0]
+        model_config = model_dir / "config.json"
+        if not model_config.is_file():
+            raise FileNotFoundError(f"no model config: {str(model_config)!r} does not exist (looked for a model "
+                                    f"directory or a pipeline with unet/ under {str(root)!r})")
+        class_name = json.loads(model_config.read_text()).get("_class_name")
+        model_cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+        if model_cls is None or not hasattr(model_cls, "from_pretrained"):
+            raise ValueError(f"{str(model_config)!r} names model class {class_name!r}, which diffusers does not have")
+
+        scheduler = None
+        if schedule is None or prediction is None:
+            candidates = [root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
+                          model_dir / "scheduler_config.json", model_dir.parent / "scheduler" / "scheduler_config.json"]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                raise FileNotFoundError("no scheduler config to read the schedule and prediction type from; looked "
+                                        f"for {[str(c) for c in candidates]}; pass schedule= and prediction=")
+            sconf = json.loads(found.read_text())
+            sched_name = sconf.get("_class_name")
+            sched_cls = getattr(diffusers, sched_name, None) if isinstance(sched_name, str) else None
+            if sched_cls is None:
+                raise ValueError(f"{str(found)!r} names scheduler class {sched_name!r}, which diffusers does not have")
+            scheduler = sched_cls.from_config(sconf)
+            if schedule is None:
+                if getattr(scheduler, "alphas_cumprod", None) is None:
+                    raise ValueError(f"cannot determine a VP schedule: {sched_name} in {str(found)!r} has no "
+                                     "alphas_cumprod (flow-matching and EDM schedulers are not VP); pass schedule=")
+                schedule = VPSchedule.from_diffusers(scheduler)
+            if prediction is None:
+                prediction = getattr(scheduler.config, "prediction_type", None)
+                if prediction is None:
+                    raise ValueError(f"cannot determine the prediction type: {sched_name} in {str(found)!r} has no "
+                                     "prediction_type; pass prediction=")
+        try:
+            prediction = predictions.canonical(prediction)
+        except ValueError as exc:
+            raise ValueError(f"unsupported prediction type {prediction!r} for a VP network: {exc}") from None
+        variance = getattr(getattr(scheduler, "config", None), "variance_type", None)
+        kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        unet = model_cls.from_pretrained(str(model_dir), **kw)
+        return cls(unet, schedule, prediction, learned_variance=variance in ("learned", "learned_range"), name=name)
+
+    def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous timesteps ``t`` (B,) float32 with ``sigma_t = sigma``, clamped to the table's range."""
+        table = self.log_sigma_table
+        ls = torch.log(sigma.to(torch.float64).clamp(min=1e-30))
+        n = table.shape[0]
+        hi = torch.searchsorted(table, ls).clamp(1, n - 1)
+        lo = hi - 1
+        w = (ls - table[lo]) / (table[hi] - table[lo])
+        return (lo.to(torch.float64) + w).clamp(0, n - 1).to(torch.float32)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
+        sig = sigma_per_sample(sigma, x)
+        a = torch.rsqrt(1 + sig * sig)  # sqrt(abar), abar = 1 / (1 + sigma^2)
+        s = a * sig  # sqrt(1 - abar)
+        x_vp = x * a.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        if class_labels is not None:
+            cond = dict(cond, class_labels=class_labels)
+        out = _unwrap(self.unet(x_vp, self.timesteps(sig), **cond))
+        if self.learned_variance and isinstance(out, torch.Tensor) and out.dim() >= 2 \
+                and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]
+        out = check_output(self.label(), out, x)
+        return predictions.to_x0(out, x_vp, a, s, self.prediction).to(x.dtype)
+
+
+class FlowDenoiser(Denoiser):
+    """A flow-matching network (predicts ``eps - x0`` at ``x_flow = (1 - t) x0 + t eps``) as an EDM denoiser.
+
+    VE -> flow: ``t = sigma / (1 + sigma)``, ``x_flow = x / (1 + sigma)``; the model is called as
+    ``model(x_flow, t * time_scale, **cond)`` (``time_arg`` names the time keyword for models whose second
+    positional parameter is not the time, e.g. SD3's ``timestep``), ``.sample`` unwrapped if present, and
+    ``x0_hat = x_flow - t * pred`` (SPEC section 2, flow row).
+    """
+
+    def __init__(self, model, time_scale: float = 1000.0, time_arg: str | None = None, name: str | None = None):
+        super().__init__(name)
+        if not callable(model):
+            raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+        if isinstance(time_scale, bool) or not isinstance(time_scale, numbers.Real) or not time_scale > 0:
+            raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
+        if isinstance(model, nn.Module):
+            self.model = model
+        else:
+            self._fn = model
+        self.time_scale = float(time_scale)
+        self.time_arg = time_arg
+
+    @property
+    def network(self):
+        return self.model if "model" in self._modules else self._fn
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
+        sig = sigma_per_sample(sigma, x)
+        t = sig / (1 + sig)
+        x_flow = x / (1 + sig).reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        if class_labels is not None:
+            cond = dict(cond, class_labels=class_labels)
+        time = t * self.time_scale
+        if self.time_arg is None:
+            out = self.network(x_flow, time, **cond)
+        else:
+            out = self.network(x_flow, **{self.time_arg: time}, **cond)
+        out = check_output(self.label(), _unwrap(out), x)
+        return predictions.to_x0(out, x_flow, 1 - t, t, "flow").to(x.dtype)
+
+
+def _is_diffusers_model(obj) -> bool:
+    return any(c.__module__.startswith("diffusers.") for c in type(obj).__mro__) and hasattr(obj, "config")
+
+
+def as_denoiser(obj, name: str | None = None, **kw) -> Denoiser:
+    """``obj`` if it is already a Denoiser; a diffusers model wrapped in ``DiffusersDenoiser`` (``schedule=`` and
+    ``prediction=`` required in ``kw``); anything else callable wrapped in ``EDMDenoiser``."""
+    if isinstance(obj, Denoiser):
+        if kw:
+            raise TypeError(f"{type(obj).__name__} is already a Denoiser; unexpected options {sorted(kw)}")
+        if name is not None and obj.name is None:
+            obj.name = name
+        return obj
+    if _is_diffusers_model(obj):
+        missing = [k for k in ("schedule", "prediction") if k not in kw]
+        if missing:
+            raise ValueError(f"{type(obj).__name__} is a diffusers model: pass {' and '.join(missing)} "
+                             "(or wrap it yourself with DiffusersDenoiser / FlowDenoiser)")
+        return DiffusersDenoiser(obj, name=name, **kw)
+    if kw:
+        raise TypeError(f"unexpected options {sorted(kw)} for an EDM-style network")
+    if not callable(obj):
+        raise TypeError(f"cannot make a denoiser from {type(obj).__name__}: not callable")
+    return EDMDenoiser(obj, name=name)
+
+
+def load_entry_point(spec: str, *args, name: str | None = None, **kwargs) -> Denoiser:
+    """Import ``"package.module:function"`` (the attribute may be dotted), call it with ``args``/``kwargs``
+    and return its network as a Denoiser (``as_denoiser``)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"entry point must be a string 'module:function', got {type(spec).__name__}")
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"entry point must look like 'package.module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"entry point {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"entry point {spec!r}: {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise TypeError(f"entry point {spec!r} is a {type(target).__name__}, not callable")
+    net = target(*args, **kwargs)
+    if net is None:
+        raise ValueError(f"entry point {spec!r} returned None, expected a network")
+    return as_denoiser(net, name=name)
+
+
+__all__ = ["Denoiser", "EDMDenoiser", "DiffusersDenoiser", "FlowDenoiser", "as_denoiser", "load_entry_point",
+           "check_output", "sigma_per_sample"]
