@@ -1,0 +1,255 @@
+"""A whole SiD iteration (fake-score update + generator update + EMA): sidfast's engine vs the published loop.
+
+    python benchmarks/bench_engine.py [--config ddpm-cifar10 ddpm-cifar10-64] [--batch 16 64 256]
+                                      [--out benchmarks/results/engine_<device>]
+
+Side by side in one run, per network configuration and batch size: images/s (generator images per
+iteration / iteration time) and peak GPU memory of
+  published-fp32 / published-bf16  the published recipe step by step in eager PyTorch (baseline_sid.py);
+  sidfast-full-bf16                ScoreEngine mode="full": frozen views, torch.compile, CUDA graphs, bf16
+                                   autocast with fp32 weights; G compiled, fused Adam;
+  sidfast-lora-bf16                the same with the LoRA fake score over the teacher's shared weights.
+Without CUDA the script says so and exits 0 (``--device cpu --config tiny`` runs a smoke test), and as a
+pytest module (``pytest benchmarks/``) it is skipped while the CPU benchmarks of other files still run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baseline_sid import (CONFIGS, LOSS_SCALE_G, SIGMA_INIT, PublishedSiD, adam, make_networks,  # noqa: E402
+                          parameter_count)
+
+from sidfast import reference  # noqa: E402
+from sidfast.engine import ScoreEngine  # noqa: E402
+
+VARIANTS = ("published-fp32", "published-bf16", "sidfast-full-bf16", "sidfast-lora-bf16")
+
+
+def _sanitize_list(grads):
+    for g in grads:
+        torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
+
+
+class EngineSiD:
+    """The same iteration as ``PublishedSiD`` on sidfast's ScoreEngine."""
+
+    def __init__(self, config: str, batch: int, device, mode: str = "full", precision: str = "bf16",
+                 compile: bool = True, graphs="auto", channels_last: bool = False, lora_rank: int = 64,
+                 ema_beta: float = 0.999):
+        self.device, self.batch = torch.device(device), batch
+        teacher, fake, self.G = make_networks(config, self.device)
+        if mode == "lora":
+            del fake
+            fake = None
+        amp = torch.bfloat16 if precision == "bf16" else None
+        self.amp = amp
+        self.engine = ScoreEngine(teacher, fake, mode, amp_dtype=amp, channels_last=channels_last, compile=compile,
+                                  graphs=graphs, lora_rank=lora_rank)
+        if channels_last:
+            self.G.to(memory_format=torch.channels_last)
+        self.G_run = torch.compile(self.G) if compile else self.G
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        fused = self.device.type == "cuda"
+        self.fake_params = self.engine.fake_parameters()
+        self.g_params = list(self.G.parameters())
+        self.opt_fake, self.opt_G = adam(self.fake_params, fused), adam(self.g_params, fused)
+        self._sanitize = torch.compile(_sanitize_list) if compile else _sanitize_list
+        size = CONFIGS[config]["sample_size"]
+        self.shape = (batch, 3, size, size)
+        self.ema_beta = ema_beta
+
+    def generate(self):
+        z = torch.randn(self.shape, device=self.device)
+        sigma = torch.full((self.batch,), SIGMA_INIT, device=self.device)
+        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else torch.autocast("cpu", enabled=False)
+        with ctx:
+            return self.G_run(SIGMA_INIT * z, sigma).float()
+
+    def fake_step(self):
+        with torch.no_grad():
+            x_g = self.generate()
+        sigma = reference.edm_training_sigma(self.batch, device=self.device)
+        loss = self.engine.fake_score_loss(x_g, sigma, None, torch.randn_like(x_g))
+        self.opt_fake.zero_grad(set_to_none=True)
+        loss.backward()
+        self._sanitize([p.grad for p in self.fake_params if p.grad is not None])
+        self.opt_fake.step()
+        return loss.detach()
+
+    def generator_step(self):
+        x_g = self.generate()
+        sigma = reference.generator_sigma(self.batch, device=self.device)
+        loss = self.engine.generator_loss(x_g, sigma, None, torch.randn_like(x_g)) * LOSS_SCALE_G
+        self.opt_G.zero_grad(set_to_none=True)
+        loss.backward(inputs=self.g_params)
+        self._sanitize([p.grad for p in self.g_params if p.grad is not None])
+        self.opt_G.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def ema(self):
+        ema = list(self.G_ema.parameters())
+        torch._foreach_lerp_(ema, self.g_params, 1.0 - self.ema_beta)  # ema <- p + beta (ema - p)
+
+    def step(self):
+        loss_fake = self.fake_step()
+        loss_g = self.generator_step()
+        self.ema()
+        return loss_g, loss_fake
+
+
+def make_runner(variant: str, config: str, batch: int, device, compile: bool = True):
+    if variant == "published-fp32":
+        return PublishedSiD(config, batch, device, "fp32")
+    if variant == "published-bf16":
+        return PublishedSiD(config, batch, device, "bf16")
+    kind, mode, precision = variant.split("-")
+    if kind != "sidfast" or mode not in ("full", "lora"):
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    return EngineSiD(config, batch, device, mode=mode, precision=precision, compile=compile)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(variant: str, config: str, batch: int, device, iters: int = 10, warmup: int = 3,
+            compile: bool = True) -> dict:
+    """images/s and peak memory of ``iters`` iterations after ``warmup`` (compilation and capture excluded)."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    row = dict(variant=variant, config=config, batch=batch)
+    runner = None
+    try:
+        t0 = time.perf_counter()
+        runner = make_runner(variant, config, batch, device, compile)
+        for _ in range(warmup):
+            runner.step()
+        _sync(device)
+        row["warmup_s"] = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            runner.step()
+        _sync(device)
+        dt = (time.perf_counter() - t0) / iters
+        row.update(ms_per_iter=dt * 1e3, images_per_s=batch / dt)
+        if device.type == "cuda":
+            row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    finally:
+        del runner
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    return row
+
+
+def render(rows: list[dict], device_name: str) -> str:
+    lines = [f"# SiD iteration: sidfast engine vs the published loop ({device_name})", "",
+             "images/s = generator images per iteration / iteration time (fake-score update + generator update + "
+             "EMA); peak = torch.cuda.max_memory_allocated over the timed iterations.", ""]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        lines += [f"## {config}", "",
+                  "| batch | variant | images/s | peak GiB | vs published-fp32 | vs published-bf16 |",
+                  "|---|---|---|---|---|---|"]
+        for batch in sorted({r["batch"] for r in rows if r["config"] == config}):
+            sel = {r["variant"]: r for r in rows if r["config"] == config and r["batch"] == batch}
+            base32 = sel.get("published-fp32", {}).get("images_per_s")
+            base16 = sel.get("published-bf16", {}).get("images_per_s")
+            for variant, r in sel.items():
+                if "error" in r:
+                    lines.append(f"| {batch} | {variant} | {r['error']} | - | - | - |")
+                    continue
+                ips = r["images_per_s"]
+                peak = f"{r['peak_mib'] / 1024:.2f}" if "peak_mib" in r else "-"
+                s32 = f"{ips / base32:.2f}x" if base32 else "-"
+                s16 = f"{ips / base16:.2f}x" if base16 else "-"
+                lines.append(f"| {batch} | {variant} | {ips:.1f} | {peak} | {s32} | {s16} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", nargs="+", default=["ddpm-cifar10", "ddpm-cifar10-64"], choices=sorted(CONFIGS))
+    ap.add_argument("--batch", nargs="+", type=int, default=[16, 64, 256])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-compile", action="store_true", help="sidfast variants without torch.compile")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions in every variant")
+    ap.add_argument("--out", help="write <out>.json and <out>.md")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_engine: no CUDA device; nothing measured (use --device cpu --config tiny for a smoke test)")
+        return 0
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    rows = []
+    for config in args.config:
+        print(f"{config}: {parameter_count(make_networks(config, 'cpu')[0]):,} parameters per network", flush=True)
+        for batch in args.batch:
+            for variant in args.variants:
+                row = measure(variant, config, batch, device, args.iters, args.warmup, not args.no_compile)
+                row.update(device=name, torch=torch.__version__, tf32=args.tf32)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    table = render(rows, name)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        out.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+# ---- pytest entry (pytest benchmarks/ --benchmark-only): GPU only ----
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="a whole SiD iteration is benchmarked on CUDA")
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sid_iteration(benchmark, variant, batch):
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats(device)
+    runner = make_runner(variant, "ddpm-cifar10", batch, device)
+    for _ in range(3):
+        runner.step()
+
+    def step():
+        runner.step()
+        torch.cuda.synchronize(device)
+
+    benchmark.group = f"SiD iteration ddpm-cifar10 batch {batch}"
+    benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(variant=variant, batch=batch, images_per_s=batch / median,
+                                peak_mib=torch.cuda.max_memory_allocated(device) / 2 ** 20,
+                                device=torch.cuda.get_device_name(device))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

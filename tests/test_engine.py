@@ -1,0 +1,512 @@
+"""sidfast.engine.ScoreEngine against plain eager evaluation of the same networks (values and gradients).
+
+CPU tests run the eager engine (and torch.compile once, marked slow); the CUDA-graph tests at the end need a GPU.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sidfast
+from nets import SmallUNet, randomize_lora
+from sidfast import reference as R
+from sidfast.denoisers import EDMDenoiser
+from sidfast.engine import ScoreEngine
+from sidfast.lora import LoRALayer, merge_lora
+
+RTOL = 1e-5
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _close(actual, expected, rtol=RTOL):
+    scale = expected.abs().max().clamp(min=1e-12).item()
+    torch.testing.assert_close(actual, expected, atol=rtol * scale, rtol=rtol)
+
+
+class Generator(nn.Module):
+    """A one-step generator stand-in: x_g = G(z) with trainable parameters."""
+
+    def __init__(self, channels=3):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, z):
+        return z + 0.1 * torch.tanh(self.conv(z))
+
+
+def _setup(mode="full", seed=0, batch=3, device="cpu", label_dim=0, dropout=0.0, **kw):
+    torch.manual_seed(seed)
+    teacher = EDMDenoiser(SmallUNet(label_dim=label_dim, dropout=dropout)).to(device)
+    fake = None
+    if mode == "full":
+        fake = copy.deepcopy(teacher)
+        with torch.no_grad():  # a fake score that differs from the teacher
+            for p in fake.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    engine = ScoreEngine(teacher, fake, mode=mode, **kw)
+    if mode == "lora":
+        randomize_lora(engine.fake.net)
+    g = torch.Generator().manual_seed(seed + 1)
+    z = torch.randn(batch, 3, 8, 8, generator=g).to(device)
+    noise = torch.randn(batch, 3, 8, 8, generator=g).to(device)
+    sigma = R.generator_sigma(batch, generator=g).to(device)
+    G = Generator().to(device)
+    return engine, G, z, noise, sigma
+
+
+def _plain_fake(engine):
+    """The fake score as an ordinary network: itself in 'full' mode, the merged LoRA network in 'lora' mode."""
+    return merge_lora(engine.fake.net) if engine.mode == "lora" else engine.fake
+
+
+def _eager_generator_step(engine, G, z, sigma, noise, labels=None, alpha=1.2):
+    """The published generator update in plain eager PyTorch: loss and G's gradients."""
+    teacher, fake = copy.deepcopy(engine.teacher), copy.deepcopy(_plain_fake(engine))
+    G = copy.deepcopy(G)
+    x_g = G(z)
+    x_t = x_g + sigma.reshape(-1, 1, 1, 1) * noise
+    y_real, y_fake = teacher(x_t, sigma, labels), fake(x_t, sigma, labels)
+    loss = sidfast.sid_generator_loss(y_real, y_fake, x_g, alpha)
+    loss.backward()
+    return y_real.detach(), y_fake.detach(), loss.detach(), [p.grad for p in G.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_generator_terms_equal_eager_values_and_gradients(mode):
+    engine, G, z, noise, sigma = _setup(mode)
+    y_real_ref, y_fake_ref, loss_ref, grads_ref = _eager_generator_step(engine, G, z, sigma, noise)
+    x_g = G(z)
+    y_real, y_fake = engine.generator_terms(x_g, sigma, None, noise)
+    loss = sidfast.sid_generator_loss(y_real, y_fake, x_g)
+    loss.backward()
+    _close(y_real, y_real_ref)
+    _close(y_fake, y_fake_ref)
+    assert not torch.allclose(y_real, y_fake, atol=1e-4)  # the two networks really differ
+    _close(loss, loss_ref)
+    for g, g_ref in zip((p.grad for p in G.parameters()), grads_ref):
+        _close(g, g_ref)
+    # input gradients only: neither score network got a parameter gradient
+    assert all(p.grad is None for p in engine.teacher.parameters())
+    assert all(p.grad is None for p in engine.fake.parameters())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_generator_loss_helper_and_input_gradient(mode):
+    engine, G, z, noise, sigma = _setup(mode, batch=4)
+    teacher, fake = engine.teacher, _plain_fake(engine)
+    x_g = G(z).detach().requires_grad_()
+    loss = engine.generator_loss(x_g, sigma, None, noise, alpha=1.0)
+    (g,) = torch.autograd.grad(loss, x_g)
+    x_ref = x_g.detach().clone().requires_grad_()
+    x_t = x_ref + sigma.reshape(-1, 1, 1, 1) * noise
+    loss_ref = R.sid_generator_loss(teacher(x_t, sigma), fake(x_t, sigma), x_ref, 1.0)
+    (g_ref,) = torch.autograd.grad(loss_ref, x_ref)
+    _close(loss, loss_ref)
+    _close(g, g_ref)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fake_score_forward_and_loss_equal_eager_with_parameter_gradients(mode):
+    engine, G, z, noise, sigma = _setup(mode)
+    x0 = G(z).detach()
+    sig = R.edm_training_sigma(3, generator=torch.Generator().manual_seed(5))
+    loss = engine.fake_score_loss(x0, sig, None, noise)
+    loss.backward()
+    grads = {n: p.grad for n, p in engine.fake.named_parameters() if p.grad is not None}
+    trainable = {id(p) for p in engine.fake_parameters()}
+    assert {id(p) for p in engine.fake.parameters() if p.grad is not None} == trainable
+    if mode == "lora":
+        assert all(n.endswith(("lora_A", "lora_B")) for n in grads)
+        with torch.no_grad():
+            _close(engine.fake_score_forward(x0 + sig.reshape(-1, 1, 1, 1) * noise, sig),
+                   merge_lora(engine.fake.net)(x0 + sig.reshape(-1, 1, 1, 1) * noise, sig))
+        return
+    ref = copy.deepcopy(engine.fake)
+    ref.zero_grad(set_to_none=True)
+    x_t = x0 + sig.reshape(-1, 1, 1, 1) * noise
+    loss_ref = sidfast.fake_score_loss(ref(x_t, sig), x0, noise, 1.0, sig, prediction="x0", weighting="edm")
+    loss_ref.backward()
+    _close(loss, loss_ref)
+    for n, p in ref.named_parameters():
+        _close(grads[n], p.grad)
+
+
+def test_default_fake_is_a_trainable_copy_and_lora_fake_starts_at_the_teacher():
+    torch.manual_seed(0)
+    teacher = SmallUNet()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    full = ScoreEngine(teacher)
+    assert full.fake is not full.teacher and full.fake.training and not full.teacher.training
+    assert all(p.requires_grad for p in full.fake.parameters())
+    assert full.teacher.network is teacher  # wrapped, not copied
+    lora = ScoreEngine(teacher, mode="lora", lora_rank=2)
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 2.0])
+    y_real, y_fake = lora.generator_terms(x, sigma, None, torch.zeros_like(x))
+    torch.testing.assert_close(y_real, y_fake)  # zero-initialized B
+    assert len(lora.fake_parameters()) == 2 * sum(isinstance(m, LoRALayer) for m in lora.fake.modules())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_in_place_optimizer_steps_are_seen_by_the_generator_phase(mode):
+    engine, G, z, noise, sigma = _setup(mode)
+    opt = torch.optim.Adam(engine.fake_parameters(), lr=1e-2)
+    x0 = G(z).detach()
+    before = engine.generator_terms(x0, sigma, None, noise)[1].detach()
+    engine.fake_score_loss(x0, sigma, None, noise).backward()
+    opt.step()
+    after = engine.generator_terms(x0, sigma, None, noise)[1].detach()
+    assert not torch.allclose(before, after, atol=1e-5)
+    with torch.no_grad():
+        _close(after, _plain_fake(engine)(x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma))
+
+
+def test_replaced_parameters_are_detected_and_refresh_rebuilds():
+    engine, G, z, noise, sigma = _setup("full")
+    x = G(z).detach()
+    p = next(engine.fake.parameters())
+    p.data = p.data.clone()
+    with pytest.raises(ValueError, match="fake score.*refresh"):
+        engine.generator_terms(x, sigma, None, noise)
+    engine.refresh()
+    engine.generator_terms(x, sigma, None, noise)
+    lora, *_ = _setup("lora")
+    q = next(lora.teacher.parameters())
+    q.data = q.data.clone()
+    with pytest.raises(ValueError, match="teacher.*refresh"):
+        lora.generator_terms(x, sigma, None, noise)
+
+
+def test_train_state_follows_the_fake_score_dropout():
+    engine, G, z, noise, sigma = _setup("full", dropout=0.5)
+    engine.fake.train()
+    x = G(z).detach()
+    torch.manual_seed(7)
+    y_real, y_fake = engine.generator_terms(x, sigma, None, noise)
+    x_t = x + sigma.reshape(-1, 1, 1, 1) * noise
+    torch.manual_seed(7)  # same RNG order as the engine: teacher (eval, no dropout) then fake (train)
+    with torch.no_grad():
+        ref_real, ref_fake = engine.teacher(x_t, sigma), engine.fake(x_t, sigma)
+    _close(y_real, ref_real)
+    _close(y_fake, ref_fake)
+    engine.fake.eval()
+    a = engine.generator_terms(x, sigma, None, noise)[1]
+    b = engine.generator_terms(x, sigma, None, noise)[1]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        _close(a, engine.fake(x_t, sigma))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_labels_and_keyword_conditioning(mode):
+    torch.manual_seed(0)
+    teacher = EDMDenoiser(SmallUNet(label_dim=4, cond_dim=5))
+    engine = ScoreEngine(teacher, mode=mode, lora_rank=2)
+    if mode == "lora":
+        randomize_lora(engine.fake.net)
+    else:
+        with torch.no_grad():
+            for p in engine.fake.parameters():
+                p.add_(0.05)
+    fake = _plain_fake(engine)
+    x, noise, sigma = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor([0.1, 1.0, 10.0])
+    labels, ctx = torch.eye(4)[[0, 1, 3]], torch.randn(3, 5)
+    y_real, y_fake = engine.generator_terms(x, sigma, labels, noise, context=ctx)
+    x_t = x + sigma.reshape(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        _close(y_real, teacher(x_t, sigma, labels, context=ctx))
+        _close(y_fake, fake(x_t, sigma, labels, context=ctx))
+        _close(engine.fake_score_forward(x_t, sigma, labels, context=ctx), fake(x_t, sigma, labels, context=ctx))
+    assert not torch.allclose(y_real, engine.generator_terms(x, sigma, torch.eye(4)[[2, 2, 2]], noise, context=ctx)[0])
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_bf16_autocast_matches_eager_autocast_and_returns_fp32(mode):
+    engine, G, z, noise, sigma = _setup(mode, amp_dtype=torch.bfloat16)
+    x = G(z).detach().requires_grad_()
+    y_real, y_fake = engine.generator_terms(x, sigma, None, noise)
+    assert y_real.dtype == y_fake.dtype == torch.float32
+    (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, x), x)
+    x_ref = x.detach().clone().requires_grad_()
+    x_t = x_ref + sigma.reshape(-1, 1, 1, 1) * noise
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r, f = engine.teacher(x_t, sigma), _plain_fake(engine)(x_t, sigma)
+    (g_ref,) = torch.autograd.grad(sidfast.sid_generator_loss(r.float(), f.float(), x_ref), x_ref)
+    _close(y_real, r.float(), rtol=2e-2)
+    _close(y_fake, f.float(), rtol=2e-2)
+    _close(g, g_ref, rtol=5e-2)
+    # and against fp32: bf16 tolerance
+    with torch.no_grad():
+        _close(y_real, engine.teacher(x_t, sigma), rtol=3e-2)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_channels_last_gives_the_same_result(mode):
+    engine, G, z, noise, sigma = _setup(mode, channels_last=True)
+    assert engine.teacher.network.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x = G(z).detach().requires_grad_()
+    y_real, y_fake = engine.generator_terms(x, sigma, None, noise)
+    (g,) = torch.autograd.grad((y_real - y_fake).square().sum(), x)
+    x_ref = x.detach().clone().requires_grad_()
+    x_t = x_ref + sigma.reshape(-1, 1, 1, 1) * noise
+    r, f = engine.teacher(x_t.contiguous(), sigma), _plain_fake(engine)(x_t.contiguous(), sigma)
+    (g_ref,) = torch.autograd.grad((r - f).square().sum(), x_ref)
+    _close(y_real, r)
+    _close(y_fake, f)
+    _close(g, g_ref)
+
+
+def test_diffusers_teacher_in_both_modes():
+    diffusers = pytest.importorskip("diffusers")
+    from sidfast.denoisers import DiffusersDenoiser
+    from sidfast.schedules import VPSchedule
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    teacher = DiffusersDenoiser(unet, VPSchedule.linear(), "eps")
+    x, noise, sigma = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([0.3, 3.0])
+    for mode in ("full", "lora"):
+        engine = ScoreEngine(teacher, mode=mode, lora_rank=4)
+        if mode == "lora":
+            randomize_lora(engine.fake.net)
+        xg = x.clone().requires_grad_()
+        y_real, y_fake = engine.generator_terms(xg, sigma, None, noise)
+        (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, xg), xg)
+        xr = x.clone().requires_grad_()
+        x_t = xr + sigma.reshape(-1, 1, 1, 1) * noise
+        r, f = teacher(x_t, sigma), _plain_fake(engine)(x_t, sigma)
+        (g_ref,) = torch.autograd.grad(sidfast.sid_generator_loss(r, f, xr), xr)
+        _close(y_real, r)
+        _close(y_fake, f)
+        _close(g, g_ref)
+
+
+def test_argument_errors():
+    torch.manual_seed(0)
+    net = SmallUNet()
+    with pytest.raises(ValueError, match="mode"):
+        ScoreEngine(net, mode="half")
+    with pytest.raises(ValueError, match="fake=None"):
+        ScoreEngine(net, SmallUNet(), mode="lora")
+    teacher = EDMDenoiser(net)
+    with pytest.raises(ValueError, match="separate"):
+        ScoreEngine(teacher, teacher)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        ScoreEngine(net, amp_dtype=torch.float64)
+    with pytest.raises(ValueError, match="graphs"):
+        ScoreEngine(net, graphs="yes")
+    engine = ScoreEngine(net)
+    x, sigma = torch.randn(2, 3, 8, 8), torch.ones(2)
+    with pytest.raises(ValueError, match="noise"):
+        engine.generator_terms(x, sigma, None)
+    with pytest.raises(ValueError, match="shape"):
+        engine.generator_terms(x, sigma, None, torch.randn(2, 3, 8, 4))
+    with pytest.raises(ValueError, match="sigma"):
+        engine.generator_terms(x, torch.ones(3), None, torch.randn_like(x))
+    with pytest.raises(ValueError, match="labels"):
+        engine.generator_terms(x, sigma, torch.ones(3, 4), torch.randn_like(x))
+    with pytest.raises(ValueError, match="CUDA"):
+        ScoreEngine(net, graphs=True).generator_terms(x.requires_grad_(), sigma, None, torch.randn_like(x))
+    lora = ScoreEngine(SmallUNet(cond_dim=5), mode="lora", lora_rank=2)
+    with pytest.raises(ValueError, match="context.*doubled"):
+        lora.generator_terms(x, sigma, None, torch.randn_like(x), context=torch.randn(1, 5))
+
+
+def test_network_output_mismatch_names_the_network():
+    class Wrong(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x, sigma, class_labels=None):
+            return x[:, :2]
+
+    engine = ScoreEngine(SmallUNet(), Wrong())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="fake score.*shape"):
+        engine.generator_terms(x, torch.ones(2), None, torch.randn_like(x))
+    engine = ScoreEngine(Wrong(), mode="lora", lora_rank=1)
+    with pytest.raises(ValueError, match="fake score.*shape"):
+        engine.generator_terms(x, torch.ones(2), None, torch.randn_like(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_compiled_engine_equals_eager(mode):
+    engine, G, z, noise, sigma = _setup(mode, compile=True, batch=2)
+    eager, *_ = _setup(mode, batch=2)
+    for pe, pc in zip(eager.fake_parameters(), engine.fake_parameters()):
+        assert torch.equal(pe, pc)
+    x = G(z).detach()
+    for eng in (engine, eager):
+        xg = x.clone().requires_grad_()
+        y_real, y_fake = eng.generator_terms(xg, sigma, None, noise)
+        (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, xg), xg)
+        eng.result = (y_real.detach(), y_fake.detach(), g)
+        eng.fake_score_loss(x, sigma, None, noise).backward()
+    for a, b in zip(engine.result, eager.result):
+        _close(a, b)
+    for pe, pc in zip(eager.fake_parameters(), engine.fake_parameters()):
+        _close(pc.grad, pe.grad, rtol=1e-4)
+
+
+def test_scores_at_a_given_x_t_equal_generator_terms():
+    engine, G, z, noise, sigma = _setup("lora")
+    x = G(z).detach()
+    a = engine.generator_terms(x, sigma, None, noise)
+    b = engine.scores(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+class _StandInGraphs:
+    """Replaces torch.cuda.make_graphed_callables on CPU: records captures, returns the callable unchanged.
+    Exercises the engine's graph bookkeeping (keys, recapture, parameter surface, output copies) without a GPU."""
+
+    def __init__(self):
+        self.captures = []
+
+    def __call__(self, callable_, sample, allow_unused_input=False, pool=None):
+        self.captures.append((callable_, [(t.shape, t.requires_grad) for t in sample]))
+        return callable_
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_graph_bookkeeping_with_a_stand_in_capture(mode, monkeypatch):
+    stand_in = _StandInGraphs()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
+    monkeypatch.setattr(ScoreEngine, "_use_graphs", lambda self, x: torch.is_grad_enabled())
+    engine, G, z, noise, sigma = _setup(mode, batch=4)
+    x = G(z).detach()
+    ref = [t.detach() for t in engine.generator_terms(x, sigma, None, noise)]  # x needs no grad: eager, no capture
+    xg = x.clone().requires_grad_()
+    y_real, y_fake = engine.generator_terms(xg, sigma, None, noise)
+    assert len(stand_in.captures) == 1  # the same key replays
+    fn, sample = stand_in.captures[0]
+    assert not isinstance(fn, nn.Module) and sample[0] == (x.shape, True) and sample[1] == ((4,), False)
+    torch.testing.assert_close(y_real, ref[0], rtol=0, atol=0)
+    sidfast.sid_generator_loss(y_real, y_fake, xg).backward()
+    assert xg.grad is not None and all(p.grad is None for p in engine.teacher.parameters())
+    engine.generator_terms(xg[:2], sigma[:2], None, noise[:2])  # new batch size: a new capture
+    assert len(stand_in.captures) == 2
+    engine.fake_score_loss(x, sigma, None, noise).backward()
+    surface, sample = stand_in.captures[2]
+    assert isinstance(surface, nn.Module) and surface.training == engine.fake.training
+    assert {id(p) for p in surface.parameters()} == {id(p) for p in engine.fake.parameters()}
+    assert all(p.grad is not None for p in engine.fake_parameters())
+    engine.fake.eval()
+    engine.fake_score_loss(x, sigma, None, noise)
+    assert len(stand_in.captures) == 4  # train/eval state is part of the key
+    p = engine.fake_parameters()[0]
+    p.data = p.data.clone()
+    with pytest.raises(ValueError, match="refresh"):
+        engine.fake_score_loss(x, sigma, None, noise)
+    engine.refresh()
+    engine.fake_score_loss(x, sigma, None, noise)
+    strict, G, z, noise, sigma = _setup(mode, batch=4, recapture=False)
+    strict.generator_terms(G(z), sigma, None, noise)
+    with pytest.raises(ValueError, match="captured graph"):
+        strict.generator_terms(G(z)[:2], sigma[:2], None, noise[:2])
+    strict.reset_graphs()
+    strict.generator_terms(G(z)[:2], sigma[:2], None, noise[:2])
+
+
+# ---------- CUDA graphs (GPU only) ----------
+
+def _gpu_pair(mode, **kw):
+    engine, G, z, noise, sigma = _setup(mode, device="cuda", **kw)
+    eager, *_ = _setup(mode, device="cuda", graphs=False)
+    return engine, eager, G, z, noise, sigma
+
+
+@cuda
+@pytest.mark.parametrize("compile_", [False, True])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_graphs_equal_eager_and_replay_sees_weight_updates(mode, compile_):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    engine, eager, G, z, noise, sigma = _gpu_pair(mode, compile=compile_)
+    opts = [torch.optim.Adam(e.fake_parameters(), lr=1e-3) for e in (engine, eager)]
+    x0 = G(z).detach()
+    for step in range(3):
+        results = []
+        for eng, opt in zip((engine, eager), opts):
+            xg = x0.clone().requires_grad_()
+            y_real, y_fake = eng.generator_terms(xg, sigma, None, noise)
+            (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, xg), xg)
+            opt.zero_grad(set_to_none=True)
+            eng.fake_score_loss(x0, sigma, None, noise).backward()
+            grads = [p.grad.clone() for p in eng.fake_parameters()]
+            opt.step()  # in place: the captured graphs must see the new weights at the next replay
+            results.append((y_real.detach(), y_fake.detach(), g, grads))
+        (a_real, a_fake, a_g, a_grads), (b_real, b_fake, b_g, b_grads) = results
+        _close(a_real, b_real, 1e-4)
+        _close(a_fake, b_fake, 1e-4)
+        _close(a_g, b_g, 1e-4)
+        for ga, gb in zip(a_grads, b_grads):
+            _close(ga, gb, 1e-3)
+    assert any(k[0] == "generator" for k in engine._graphs) and any(k[0] == "fake" for k in engine._graphs)
+
+
+@cuda
+def test_graphs_batch_size_change_recaptures_or_raises():
+    engine, G, z, noise, sigma = _setup("full", device="cuda", batch=4)
+    x = G(z).detach().requires_grad_()
+    engine.generator_terms(x, sigma, None, noise)
+    engine.generator_terms(x[:2], sigma[:2], None, noise[:2])
+    assert len([k for k in engine._graphs if k[0] == "generator"]) == 2
+    strict, *_ = _setup("full", device="cuda", batch=4, recapture=False)
+    strict.generator_terms(x, sigma, None, noise)
+    with pytest.raises(ValueError, match="captured graph"):
+        strict.generator_terms(x[:2], sigma[:2], None, noise[:2])
+
+
+@cuda
+def test_graphs_with_bf16_autocast_and_channels_last():
+    engine, eager, G, z, noise, sigma = _gpu_pair("lora", amp_dtype=torch.bfloat16, channels_last=True)
+    eager.amp_dtype = torch.bfloat16
+    x = G(z).detach()
+    outs = []
+    for eng in (engine, eager):
+        xg = x.clone().requires_grad_()
+        y_real, y_fake = eng.generator_terms(xg, sigma, None, noise)
+        assert y_real.dtype == torch.float32
+        (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, xg), xg)
+        outs.append((y_real, y_fake, g))
+    for a, b in zip(*outs):
+        _close(a, b, 3e-2)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_shared_pool_iterations_equal_eager(mode):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    engine, eager, G, z, noise, sigma = _gpu_pair(mode, share_pool=True)
+    x0 = G(z).detach()
+    for _ in range(2):  # the SiD order: fake forward + backward, then generator forward + backward
+        outs = []
+        for eng in (engine, eager):
+            eng.fake_score_loss(x0, sigma, None, noise).backward()
+            xg = x0.clone().requires_grad_()
+            y_real, y_fake = eng.generator_terms(xg, sigma, None, noise)
+            (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, xg), xg)
+            outs.append((y_real, y_fake, g, [p.grad.clone() for p in eng.fake_parameters()]))
+        for a, b in zip(outs[0][:3], outs[1][:3]):
+            _close(a, b, 1e-4)
+        for a, b in zip(outs[0][3], outs[1][3]):
+            _close(a, b, 1e-3)
+
+
+@cuda
+def test_graph_replays_draw_fresh_dropout_masks():
+    engine, G, z, noise, sigma = _setup("full", device="cuda", dropout=0.3)
+    engine.fake.train()
+    x = G(z).detach()
+    outs = [engine.generator_terms(x.clone().requires_grad_(), sigma, None, noise)[1].detach() for _ in range(3)]
+    assert any(k[0] == "generator" for k in engine._graphs)
+    assert not torch.allclose(outs[1], outs[2])

@@ -1,0 +1,247 @@
+"""sidfast.lora: LoRA layers over shared weights, the split (teacher half / fake half) evaluation, frozen views."""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from nets import SmallUNet, randomize_lora
+from sidfast.denoisers import EDMDenoiser
+from sidfast.lora import (LoRAConv2d, LoRAFakeScore, LoRALayer, LoRALinear, add_lora, frozen_view, lora_layers,
+                          lora_parameters, lora_state_dict, merge_lora, set_lora_mode, shares_storage)
+
+RTOL = 1e-5
+
+
+def _close(actual, expected, rtol=RTOL):
+    scale = expected.abs().max().clamp(min=1e-12).item()
+    torch.testing.assert_close(actual, expected, atol=rtol * scale, rtol=rtol)
+
+
+# ---------- layers ----------
+
+CONVS = [dict(kernel_size=1), dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+         dict(kernel_size=3, padding="same", dilation=2), dict(kernel_size=(3, 1), padding=(1, 0), bias=False)]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=str)
+@pytest.mark.parametrize("rank", [1, 4, 100])
+def test_conv_layer_modes_equal_merged_and_base(conv, rank):
+    torch.manual_seed(0)
+    base = nn.Conv2d(5, 6, **conv)
+    layer = randomize_lora(LoRAConv2d(base, rank=rank, alpha=3.0))
+    assert layer.lora_A.shape[0] == min(rank, 5 * base.kernel_size[0] * base.kernel_size[1], 6)
+    merged = merge_lora(nn.Sequential(layer))[0]
+    assert type(merged) is nn.Conv2d
+    x = torch.randn(4, 5, 7, 9)
+    _close(layer(x), merged(x))
+    layer.mode = "off"
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+    layer.mode = "split"
+    _close(layer(torch.cat([x, x])), torch.cat([base(x), merged(x)]))
+
+
+@pytest.mark.parametrize("shape", [(4, 5), (2, 7, 5), (2, 3, 4, 5)])
+@pytest.mark.parametrize("rank", [2, 64])
+def test_linear_layer_modes_equal_merged_and_base(shape, rank):
+    torch.manual_seed(0)
+    base = nn.Linear(5, 3)
+    layer = randomize_lora(LoRALinear(base, rank=rank))
+    merged = merge_lora(nn.Sequential(layer))[0]
+    assert type(merged) is nn.Linear
+    x = torch.randn(*shape)
+    _close(layer(x), merged(x))
+    layer.mode = "split"
+    xx = torch.cat([x, 2 * x])
+    _close(layer(xx), torch.cat([base(x), merged(2 * x)]))
+
+
+def test_zero_init_starts_equal_to_the_base():
+    base = nn.Conv2d(3, 4, 3, padding=1)
+    layer = LoRAConv2d(base, rank=2)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+    assert layer.lora_A.abs().sum() > 0 and layer.lora_B.abs().sum() == 0
+
+
+def test_layer_errors():
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(nn.Linear(2, 2), rank=0)
+    with pytest.raises(ValueError, match="dropout"):
+        LoRALinear(nn.Linear(2, 2), dropout=1.0)
+    with pytest.raises(ValueError, match="mode"):
+        LoRALinear(nn.Linear(2, 2), mode="both")
+    with pytest.raises(ValueError, match="groups"):
+        LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode"):
+        LoRAConv2d(nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    layer = LoRALinear(nn.Linear(2, 2), mode="split")
+    with pytest.raises(ValueError, match="doubled batch"):
+        layer(torch.randn(3, 2))
+
+
+def test_layer_lora_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    layer = randomize_lora(LoRALinear(nn.Linear(16, 16), rank=4, dropout=0.5), std=1.0)
+    x = torch.randn(8, 16)
+    layer.eval()
+    ref = layer(x)
+    layer.train()
+    assert not torch.allclose(layer(x), ref)
+
+
+# ---------- frozen views ----------
+
+def test_frozen_view_shares_storage_and_gives_input_gradients_only():
+    torch.manual_seed(0)
+    net = SmallUNet()
+    view = frozen_view(net)
+    assert shares_storage(view, net)
+    assert all(not p.requires_grad for p in view.parameters())
+    assert all(p.requires_grad for p in net.parameters())
+    assert all(isinstance(p, nn.Parameter) for p in view.parameters())
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0])
+    xr = x.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(net(xr, sigma).square().sum(), xr)
+    xv = x.clone().requires_grad_()
+    view(xv, sigma).square().sum().backward()
+    _close(xv.grad, g_ref)  # conv backward without the weight gradient may pick another kernel
+    assert all(p.grad is None for p in view.parameters()) and all(p.grad is None for p in net.parameters())
+    before = view(x, sigma)
+    with torch.no_grad():  # an optimizer's in-place step is seen by the view
+        for p in net.parameters():
+            p.mul_(0.9).add_(0.01)
+    after = view(x, sigma)
+    _close(after, net(x, sigma))
+    assert not torch.allclose(after, before, atol=1e-4)
+
+
+def test_frozen_view_shares_buffers_and_detects_replaced_storage():
+    net = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+    view = frozen_view(net)
+    assert view[1].running_mean is net[1].running_mean
+    net[0].weight.data = net[0].weight.data.clone()
+    assert not shares_storage(view, net)
+    with pytest.raises(TypeError):
+        frozen_view(lambda x: x)
+
+
+# ---------- whole networks ----------
+
+def _lora_net(seed=0, **kw):
+    torch.manual_seed(seed)
+    teacher = EDMDenoiser(SmallUNet(**kw)).eval()
+    return teacher, randomize_lora(add_lora(teacher, rank=4, alpha=8.0))
+
+
+def test_add_lora_leaves_the_teacher_alone_and_trains_only_lora_factors():
+    teacher, fake = _lora_net()
+    assert not any(isinstance(m, LoRALayer) for m in teacher.modules())
+    n_layers = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in teacher.modules())
+    assert len(list(lora_layers(fake))) == n_layers
+    trainable = [p for p in fake.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(fake)} and len(trainable) == 2 * n_layers
+    base = [p for n, p in fake.named_parameters() if not n.endswith(("lora_A", "lora_B"))]
+    assert [p.data_ptr() for p in base] == [p.data_ptr() for p in teacher.parameters()]  # shared, not copied
+    assert set(lora_state_dict(fake)) == {n for n, _ in fake.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+
+
+def test_split_network_equals_teacher_and_merged_network_with_input_gradients():
+    teacher, fake = _lora_net(label_dim=4)
+    merged = merge_lora(fake)
+    assert not any(isinstance(m, LoRALayer) for m in merged.modules())
+    split = set_lora_mode(frozen_view(fake), "split")
+    g = torch.Generator().manual_seed(1)
+    x, sigma = torch.randn(3, 3, 8, 8, generator=g), torch.tensor([0.05, 1.0, 20.0])
+    labels = torch.eye(4)[[0, 2, 3]]
+    xs = x.clone().requires_grad_()
+    y = split(torch.cat([xs, xs]), torch.cat([sigma, sigma]), torch.cat([labels, labels]))
+    w = torch.randn(y.shape, generator=g)
+    (gs,) = torch.autograd.grad((w * y).sum(), xs)
+    xr = x.clone().requires_grad_()
+    y_t, y_f = teacher(xr, sigma, labels), merged(xr, sigma, labels)
+    (gr,) = torch.autograd.grad((w[:3] * y_t).sum() + (w[3:] * y_f).sum(), xr)
+    _close(y[:3], y_t)
+    _close(y[3:], y_f)
+    assert not torch.allclose(y_t, y_f, atol=1e-3)  # the fake really differs from the teacher
+    _close(gs, gr)
+
+
+def test_lora_factor_gradients_equal_the_merged_weight_function():
+    """d/dA, d/dB through the LoRA branch equal autograd through W + scale * B A in a plain network."""
+    teacher, fake = _lora_net()
+    merged = merge_lora(fake)
+    layers = dict((n, m) for n, m in fake.named_modules() if isinstance(m, LoRALayer))
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 4.0])
+    w = torch.randn(2, 3, 8, 8)
+    (w * fake(x, sigma)).sum().backward()
+    factors = {n: (m.lora_A.detach().clone().requires_grad_(), m.lora_B.detach().clone().requires_grad_())
+               for n, m in layers.items()}
+    params = {}
+    for n, m in layers.items():
+        a, b = factors[n]
+        delta = (b @ a) if a.dim() == 2 else torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+        params[n + ".weight"] = m.base.weight.detach() + m.scale * delta
+    (w * functional_call(merged, params, (x, sigma))).sum().backward()
+    for n, m in layers.items():
+        _close(m.lora_A.grad, factors[n][0].grad, rtol=1e-4)
+        _close(m.lora_B.grad, factors[n][1].grad, rtol=1e-4)
+
+
+def test_add_lora_targets_and_errors():
+    teacher = EDMDenoiser(SmallUNet())
+    only_linear = add_lora(teacher, rank=2, targets=lambda name, m: isinstance(m, nn.Linear))
+    assert all(isinstance(m.base, nn.Linear) for m in lora_layers(only_linear))
+    with pytest.raises(ValueError, match="no layer"):
+        add_lora(teacher, targets=lambda name, m: False)
+    with pytest.raises(ValueError, match="already"):
+        add_lora(only_linear)
+    with pytest.raises(TypeError, match="only nn.Linear"):
+        add_lora(teacher, targets=lambda name, m: isinstance(m, nn.Dropout))
+    with pytest.raises(ValueError, match="mode"):
+        set_lora_mode(only_linear, "half")
+
+
+def test_lora_fake_score_keeps_the_shared_base_in_eval():
+    torch.manual_seed(0)
+    teacher = EDMDenoiser(SmallUNet(dropout=0.5)).eval()
+    fake = LoRAFakeScore(teacher, rank=2, dropout=0.1)
+    assert fake.training and fake.name == "fake score"
+    assert all(m.training for m in lora_layers(fake)) and not fake.net.network.drop.training
+    x, sigma = torch.randn(2, 3, 8, 8), torch.ones(2)
+    torch.testing.assert_close(fake(x, sigma), teacher(x, sigma))  # B = 0: equal to the teacher, no base dropout
+    fake.eval()
+    assert not any(m.training for m in fake.modules())
+    with pytest.raises(TypeError, match="Denoiser"):
+        LoRAFakeScore(SmallUNet())
+
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, sigma, class_labels=None):
+            return x[:1]
+
+    with pytest.raises(ValueError, match="fake score.*shape"):
+        LoRAFakeScore(EDMDenoiser(Bad()))(x, sigma)
+
+
+def test_lora_on_a_diffusers_unet_split_equals_teacher_and_merged():
+    """diffusers' U-Net layers are batch-first, so the split evaluation is exact there too."""
+    diffusers = pytest.importorskip("diffusers")
+    from sidfast.denoisers import DiffusersDenoiser
+    from sidfast.schedules import VPSchedule
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    teacher = DiffusersDenoiser(unet, VPSchedule.linear(), "eps").eval()
+    fake = randomize_lora(add_lora(teacher, rank=4))
+    split = set_lora_mode(frozen_view(fake), "split")
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 5.0])
+    with torch.no_grad():
+        y = split(torch.cat([x, x]), torch.cat([sigma, sigma]))
+        _close(y[:2], teacher(x, sigma))
+        _close(y[2:], merge_lora(fake)(x, sigma))
