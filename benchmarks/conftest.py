@@ -33,7 +33,4 @@ def case_id(case) -> str:
     return "x".join(map(str, shape)) + "-" + str(dtype).replace("torch.", "")
 
 
-def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
+# bench_*.py files are collected through ``python_files`` in pyproject.toml.
