@@ -29,12 +29,12 @@ def extension():
     csrc = ROOT / "csrc"
     sources = [str(p.relative_to(ROOT)) for p in sorted(csrc.glob("*.cpp")) + sorted((csrc / "cpu").glob("*.cpp"))]
     defines = [f'-DSIDFAST_SOURCE_HASH="{_buildinfo.source_hash(csrc)}"']
-    cxx = ["-O3", "-std=c++17", *defines]
+    cxx = ["-O3", *defines]  # the C++ standard comes from torch (C++17 or C++20, by version)
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         sources += [str(p.relative_to(ROOT)) for p in sorted((csrc / "cuda").glob("*.cu"))]
         sources += [str(p.relative_to(ROOT)) for p in sorted((csrc / "cuda").glob("*.cpp"))]
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-DSIDFAST_WITH_CUDA", *defines]
+        nvcc = ["-O3", "-DSIDFAST_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
             "sidfast._C", sources, extra_compile_args={"cxx": cxx + ["-DSIDFAST_WITH_CUDA"], "nvcc": nvcc})
     return cpp_extension.CppExtension("sidfast._C", sources, extra_compile_args={"cxx": cxx})

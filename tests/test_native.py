@@ -109,3 +109,31 @@ def test_missing_extension_refused(monkeypatch):
 
 def test_version_exported():
     assert sidfast.__version__
+
+
+# ---- the CUDA kernel of the native op (csrc/cuda/sid_loss.cu): only where the extension has CUDA ----
+
+needs_native_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _native.WITH_CUDA),
+                                       reason="needs a GPU and sidfast._C built with CUDA")
+
+
+@needs_native_cuda
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-6, 1e-6), (torch.bfloat16, 1.6e-2, 1.6e-2),
+                                               (torch.float16, 2e-3, 2e-3), (torch.float64, 1e-12, 1e-12)])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(3, 5), (16, 4, 64, 64), (7, 3, 33, 31)])
+def test_native_cuda_matches_cpu(dtype, atol, rtol, reduction, shape):
+    args = [t.detach().to(dtype) for t in _args(shape)]
+    with torch.no_grad():
+        args[1][1].view(-1)[3] = float("nan")
+    cpu = torch.ops.sidfast.sid_loss(*args, 1.2, True, reduction)
+    gpu = torch.ops.sidfast.sid_loss(*(t.cuda() for t in args), 1.2, True, reduction)
+    for c, g in zip(cpu, gpu):
+        scale = c.abs().max().clamp(min=1).item()
+        torch.testing.assert_close(g.cpu().to(c.dtype), c, atol=atol * scale, rtol=rtol)
+
+
+@needs_native_cuda
+def test_native_cuda_opcheck():
+    args = [t.detach().cuda().requires_grad_() for t in _args()]
+    opcheck(torch.ops.sidfast.sid_loss.default, (*args, 1.2, True, 2))

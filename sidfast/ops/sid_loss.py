@@ -379,12 +379,13 @@ def sid_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alph
     """The differentiable loss; arguments are assumed validated (see ``sidfast.loss``).
 
     Dispatch: Triton op for CUDA tensors and for CPU tensors under TRITON_INTERPRET=1, the native op
-    for other CPU tensors, the plain PyTorch reference elsewhere (e.g. CUDA without triton).
+    for other CPU tensors and for CUDA tensors without triton when the extension was built with CUDA
+    (csrc/cuda/sid_loss.cu), the plain PyTorch reference elsewhere.
     """
     code = REDUCTION_CODES[reduction]
     if backend.use_triton(x_g):
         return SiDLossFunction.apply(y_real, y_fake, x_g, float(alpha), bool(normalize), code)
-    if x_g.device.type == "cpu":
+    if x_g.device.type == "cpu" or (x_g.device.type == "cuda" and _native.WITH_CUDA):
         return torch.ops.sidfast.sid_loss(y_real, y_fake, x_g, float(alpha), bool(normalize), code)[0]
     if normalize:
         return reference.sid_generator_loss(y_real, y_fake, x_g, alpha, reduction)
