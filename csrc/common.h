@@ -41,4 +41,37 @@ inline void check_sid_loss_args(const at::Tensor& y_real, const at::Tensor& y_fa
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "sid_loss: reduction must be 0 (none), 1 (sum) or 2 (batchmean)");
 }
 
+// Outputs of sid_loss for inputs already in common_dense_layout: gradients in the input layout and
+// dtype, the loss in float32 (float64 for double); per_sample holds each sample's summed loss.
+struct SidLossBuffers {
+  at::Tensor grad_real, grad_fake, grad_x, per_sample, loss_elem;
+  int64_t B, N;
+};
+
+inline SidLossBuffers allocate_sid_loss(const at::Tensor& like, int64_t reduction) {
+  const auto loss_dtype = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  SidLossBuffers out;
+  out.B = like.size(0);
+  out.N = like.numel() / out.B;
+  out.grad_real = at::empty_like(like);
+  out.grad_fake = at::empty_like(like);
+  out.grad_x = at::empty_like(like);
+  out.per_sample = at::empty({out.B}, like.options().dtype(loss_dtype));
+  if (reduction == 0) out.loss_elem = at::empty_like(like, like.options().dtype(loss_dtype));
+  return out;
+}
+
+// The op's outputs: the per-element loss ("none"), or the per-sample sums reduced in double on the
+// tensors' device (sum; batchmean divides by the full batch), with no host synchronisation.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_sid_loss(const SidLossBuffers& b,
+                                                                                 int64_t reduction) {
+  at::Tensor loss = b.loss_elem;
+  if (reduction != 0) {
+    loss = b.per_sample.sum(at::kDouble);
+    if (reduction == 2) loss = loss / static_cast<double>(b.B);
+    loss = loss.to(b.per_sample.scalar_type());
+  }
+  return {loss, b.grad_real, b.grad_fake, b.grad_x};
+}
+
 }  // namespace sidfast

@@ -17,16 +17,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sid_loss_cpu(
     double alpha, bool normalize, int64_t reduction) {
   check_sid_loss_args(y_real_in, y_fake_in, x_g_in, reduction);
   auto [y_real, y_fake, x_g] = common_dense_layout(y_real_in, y_fake_in, x_g_in);
-  const int64_t B = x_g.size(0);
-  const int64_t N = x_g.numel() / B;
-  const auto loss_dtype = x_g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-
-  auto grad_real = at::empty_like(y_real);
-  auto grad_fake = at::empty_like(y_real);
-  auto grad_x = at::empty_like(y_real);
-  auto per_sample = at::empty({B}, x_g.options().dtype(loss_dtype));
-  at::Tensor loss_elem;
-  if (reduction == 0) loss_elem = at::empty_like(y_real, y_real.options().dtype(loss_dtype));
+  auto out = allocate_sid_loss(x_g, reduction);
+  const int64_t B = out.B, N = out.N;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_g.scalar_type(), "sid_loss_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;  // float for half/bfloat16/float, double for double
@@ -34,11 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sid_loss_cpu(
     const scalar_t* pr = y_real.const_data_ptr<scalar_t>();
     const scalar_t* pf = y_fake.const_data_ptr<scalar_t>();
     const scalar_t* px = x_g.const_data_ptr<scalar_t>();
-    scalar_t* gr = grad_real.mutable_data_ptr<scalar_t>();
-    scalar_t* gf = grad_fake.mutable_data_ptr<scalar_t>();
-    scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
-    loss_t* ps = per_sample.mutable_data_ptr<loss_t>();
-    loss_t* le = reduction == 0 ? loss_elem.mutable_data_ptr<loss_t>() : nullptr;
+    scalar_t* gr = out.grad_real.mutable_data_ptr<scalar_t>();
+    scalar_t* gf = out.grad_fake.mutable_data_ptr<scalar_t>();
+    scalar_t* gx = out.grad_x.mutable_data_ptr<scalar_t>();
+    loss_t* ps = out.per_sample.mutable_data_ptr<loss_t>();
+    loss_t* le = reduction == 0 ? out.loss_elem.mutable_data_ptr<loss_t>() : nullptr;
     const opmath_t a = static_cast<opmath_t>(alpha);
     const opmath_t grad_scale = reduction == 2 ? opmath_t(1) / static_cast<opmath_t>(B) : opmath_t(1);
 
@@ -79,14 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sid_loss_cpu(
     });
   });
 
-  at::Tensor loss;
-  if (reduction == 0) {
-    loss = loss_elem;
-  } else {
-    loss = per_sample.sum(at::kDouble).to(loss_dtype);
-    if (reduction == 2) loss = loss / static_cast<double>(B);
-  }
-  return {loss, grad_real, grad_fake, grad_x};
+  return finish_sid_loss(out, reduction);
 }
 
 TORCH_LIBRARY_IMPL(sidfast, CPU, m) { m.impl("sid_loss", &sid_loss_cpu); }

@@ -74,17 +74,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sid_loss_cuda(
   check_sid_loss_args(y_real_in, y_fake_in, x_g_in, reduction);
   const c10::cuda::CUDAGuard guard(x_g_in.device());
   auto [y_real, y_fake, x_g] = common_dense_layout(y_real_in, y_fake_in, x_g_in);
-  const int64_t B = x_g.size(0);
-  const int64_t N = x_g.numel() / B;
+  auto out = allocate_sid_loss(x_g, reduction);
+  const int64_t B = out.B, N = out.N;
   TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), "sid_loss: batch too large for the CUDA kernel");
-  const auto loss_dtype = x_g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-
-  auto grad_real = at::empty_like(y_real);
-  auto grad_fake = at::empty_like(y_real);
-  auto grad_x = at::empty_like(y_real);
-  auto per_sample = at::empty({B}, x_g.options().dtype(loss_dtype));
-  at::Tensor loss_elem;
-  if (reduction == 0) loss_elem = at::empty_like(y_real, y_real.options().dtype(loss_dtype));
   auto stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_g.scalar_type(), "sid_loss_cuda", [&] {
@@ -92,20 +84,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sid_loss_cuda(
     const acc_t grad_scale = reduction == 2 ? acc_t(1) / static_cast<acc_t>(B) : acc_t(1);
     sid_loss_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
         y_real.const_data_ptr<scalar_t>(), y_fake.const_data_ptr<scalar_t>(), x_g.const_data_ptr<scalar_t>(),
-        grad_real.mutable_data_ptr<scalar_t>(), grad_fake.mutable_data_ptr<scalar_t>(),
-        grad_x.mutable_data_ptr<scalar_t>(), reduction == 0 ? loss_elem.mutable_data_ptr<acc_t>() : nullptr,
-        per_sample.mutable_data_ptr<acc_t>(), N, static_cast<acc_t>(alpha), grad_scale, normalize);
+        out.grad_real.mutable_data_ptr<scalar_t>(), out.grad_fake.mutable_data_ptr<scalar_t>(),
+        out.grad_x.mutable_data_ptr<scalar_t>(), reduction == 0 ? out.loss_elem.mutable_data_ptr<acc_t>() : nullptr,
+        out.per_sample.mutable_data_ptr<acc_t>(), N, static_cast<acc_t>(alpha), grad_scale, normalize);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
-  at::Tensor loss;
-  if (reduction == 0) {
-    loss = loss_elem;
-  } else {
-    loss = per_sample.sum();
-    if (reduction == 2) loss = loss / static_cast<double>(B);
-  }
-  return {loss, grad_real, grad_fake, grad_x};
+  return finish_sid_loss(out, reduction);
 }
 
 }  // namespace
