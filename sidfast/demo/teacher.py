@@ -1,0 +1,86 @@
+"""Training the demo's teacher: EDM denoising score matching on the digits, from scratch.
+
+Loss (Karras et al. 2022, eq. 2 with Table 1's weighting and noise distribution):
+ln sigma ~ N(P_mean, P_std^2), x_t = x0 + sigma * eps, L = lambda(sigma) ||D(x_t; sigma) - x0||^2 with
+lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2, computed by ``sidfast.loss.fake_score_loss(weighting="edm")``
+(the same denoising loss SiD's fake score minimizes, here on real data). The returned teacher is the EMA.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import reference
+from ..loss import fake_score_loss
+
+
+@dataclass
+class TeacherConfig:
+    iterations: int = 4000      # optimizer steps
+    batch: int = 256            # images per step
+    lr: float = 2e-3            # Adam learning rate, cosine-decayed to lr_final_ratio * lr
+    lr_final_ratio: float = 0.05
+    warmup: int = 100           # linear warm-up steps
+    ema_decay: float = 0.999    # per-step EMA of the weights; the EMA is the teacher
+    p_mean: float = -1.2        # ln sigma ~ N(p_mean, p_std^2) (EDM, Table 1)
+    p_std: float = 1.2
+    sigma_data: float = 0.5
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lr_factor(step: int, cfg: TeacherConfig) -> float:
+    """Linear warm-up, then cosine decay from 1 to lr_final_ratio."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(cfg.iterations - cfg.warmup, 1)
+    return cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def train_teacher(net: torch.nn.Module, images: torch.Tensor, cfg: TeacherConfig, labels: torch.Tensor | None = None,
+                  log=None, log_every: int = 500) -> tuple[torch.nn.Module, dict]:
+    """Train ``net`` (an EDM denoiser, on images' device) on images (N, 1, 8, 8) in [-1, 1].
+
+    labels: (N,) ints for a class-conditional net, else None. Returns (EMA copy in eval mode, stats dict with
+    the last batch's loss, seconds, images seen). ``net`` itself is left in its last (non-EMA) state.
+    """
+    if cfg.iterations < 1 or cfg.batch < 1:
+        raise ValueError("iterations and batch must be positive")
+    device = images.device
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    net.train()
+    start, n = time.perf_counter(), images.shape[0]
+    for step in range(cfg.iterations):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(step, cfg)
+        idx = torch.randint(0, n, (cfg.batch,), generator=g, device=device)
+        x0 = images[idx]
+        y = labels[idx] if labels is not None else None
+        sigma = reference.edm_training_sigma(cfg.batch, cfg.p_mean, cfg.p_std, device=device, generator=g)
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        pred = net(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, y)
+        # EDM loss: lambda(sigma) ||D(x0 + sigma eps; sigma) - x0||^2 (Karras et al. 2022, eq. 2, Table 1)
+        loss = fake_score_loss(pred, x0, noise, 1.0, sigma, prediction="x0", weighting="edm",
+                               sigma_data=cfg.sigma_data) / x0[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        # EMA with warm-up, decay min(ema_decay, (1 + k) / (10 + k)), so the zero-output start fades out quickly
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - decay)
+        if log is not None and (step + 1) % log_every == 0:
+            log(f"teacher step {step + 1}/{cfg.iterations} loss {float(loss.detach()):.4f}")
+    for be, b in zip(ema.buffers(), net.buffers()):
+        be.copy_(b)
+    seconds = time.perf_counter() - start
+    return ema, {"seconds": seconds, "final_loss": float(loss.detach()), "images_seen": cfg.iterations * cfg.batch}
