@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The embedded demo: scikit-learn's 8x8 digits, no download.")
     d.add_argument("--quick", action="store_true", help="the short CI version (about 2 minutes on 2 CPU cores)")
     d.add_argument("--out", default="sidfast-demo", help="output directory (default: sidfast-demo)")
+    d.add_argument("--seed", type=int, default=0, help="random seed of the whole demo (default: 0)")
+    d.add_argument("--cache-dir", default=None,
+                   help="where the digit classifier is cached (default: $SIDFAST_CACHE or ~/.cache/sidfast)")
     _device_arg(d)
 
     t = sub.add_parser("train-teacher", help="train a small EDM teacher on the bundled digits",
@@ -227,24 +230,10 @@ def _device(spec: str):
 
 def cmd_demo(args) -> int:
     device = _device(args.device)
-    try:
-        from . import demo
-    except ImportError as exc:  # pragma: no cover
-        raise UserError(f"the demo is not available: {exc}") from None
-    run_demo = getattr(demo, "run_demo", None)
-    if run_demo is None:
-        import importlib
+    from . import demo
 
-        for mod in ("sidfast.demo.run", "sidfast.demo.demo", "sidfast.demo.main"):
-            try:
-                run_demo = getattr(importlib.import_module(mod), "run_demo", None)
-            except ImportError:
-                continue
-            if run_demo is not None:
-                break
-    if run_demo is None:
-        raise UserError("this sidfast build has no sidfast.demo.run_demo")
-    result = run_demo(quick=args.quick, out_dir=args.out, device=str(device))
+    result = demo.run_demo(quick=args.quick, out_dir=args.out, device=str(device), seed=args.seed,
+                           cache_dir=args.cache_dir)
     passed = result.get("passed") if isinstance(result, dict) else getattr(result, "passed", None)
     return 0 if passed in (None, True) else 1
 

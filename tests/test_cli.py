@@ -236,13 +236,15 @@ def test_demo_delegates_to_the_demo_package(tmp_path, capsys, monkeypatch):
 
     seen = {}
 
-    def fake_run_demo(quick, out_dir, device):
-        seen.update(quick=quick, out_dir=out_dir, device=device)
+    def fake_run_demo(quick, out_dir, device, seed, cache_dir):
+        seen.update(quick=quick, out_dir=out_dir, device=device, seed=seed, cache_dir=cache_dir)
         return {"passed": False}
 
-    monkeypatch.setattr(sidfast.demo, "run_demo", fake_run_demo, raising=False)
-    code, _, _ = run_main(["demo", "--quick", "--out", tmp_path / "d", "--device", "cpu"], capsys)
-    assert seen == {"quick": True, "out_dir": str(tmp_path / "d"), "device": "cpu"}
+    monkeypatch.setattr(sidfast.demo, "run_demo", fake_run_demo)
+    code, _, _ = run_main(["demo", "--quick", "--out", tmp_path / "d", "--device", "cpu", "--seed", "3",
+                           "--cache-dir", tmp_path / "c"], capsys)
+    assert seen == {"quick": True, "out_dir": str(tmp_path / "d"), "device": "cpu", "seed": 3,
+                    "cache_dir": str(tmp_path / "c")}
     assert code == 1  # a failed quality bar is a failed command
 
 
