@@ -1,0 +1,226 @@
+"""The SiD training configuration: every option with the published default (SPEC section 5) and a
+one-line help; filled from the command line and from YAML/JSON files (``sidfast.cli``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LABEL_FORMATS = ("auto", "onehot", "index")
+ENGINES = ("eager", "score_engine")
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """SiD distillation options; defaults are the published CIFAR-10 recipe (SPEC section 5)."""
+
+    run_dir: str = _f("runs/sid", "output directory: checkpoint.pt, metrics.jsonl, PNG grids, losses.png")
+    teacher: Optional[str] = _f(None, "teacher: sidfast checkpoint, local diffusers directory, or module:function")
+    iterations: int = _f(1_580_000, "SiD iterations to run (published CIFAR-10: ~1.58M at batch 256, ~400M images)")
+    batch: int = _f(256, "generator samples per update, summed over all processes (published: 256 on CIFAR-10)")
+    batch_gpu: Optional[int] = _f(None, "samples per process per forward pass; smaller than batch/world accumulates")
+    lr: float = _f(1e-5, "Adam learning rate of the generator (published: 1e-5 CIFAR-10/FFHQ, 4e-6 ImageNet 64)")
+    fake_lr: Optional[float] = _f(None, "Adam learning rate of the fake score (default: same as lr)")
+    betas: tuple = _f((0.0, 0.999), "Adam betas of both optimizers (published: 0 0.999)")
+    adam_eps: Optional[float] = _f(None, "Adam epsilon (default: 1e-8, or 1e-6 with fp16 as published)")
+    alpha: float = _f(1.2, "SiD alpha, weight of the ||f_phi - f_psi||^2 term (published: 1.2; 1.0 on AFHQ)")
+    sigma_init: float = _f(2.5, "generator input noise level: x_g = G(sigma_init * z, sigma_init)")
+    tmax: int = _f(800, "generator-loss noise levels use t ~ U(0, tmax/1000) on EDM's rho schedule (1..1000)")
+    sigma_min: float = _f(0.002, "smallest sigma of the rho schedule")
+    sigma_max: float = _f(80.0, "largest sigma of the rho schedule")
+    rho: float = _f(7.0, "rho of EDM's sigma schedule")
+    p_mean: float = _f(-1.2, "fake-score loss: ln sigma ~ N(p_mean, p_std^2)")
+    p_std: float = _f(1.2, "fake-score loss: standard deviation of ln sigma")
+    sigma_data: float = _f(0.5, "data standard deviation in EDM's loss weighting")
+    loss_scale_g: float = _f(100.0, "generator loss scale (published loss_scaling_G = 100)")
+    loss_scale_fake: float = _f(1.0, "fake-score loss scale (published loss_scaling = 1)")
+    ema_halflife_kimg: float = _f(500.0, "EMA half-life of the generator in thousands of images (0.5 Mimg)")
+    ema_rampup_ratio: Optional[float] = _f(0.05, "EMA ramp-up: half-life <= ratio * images seen (none: off)")
+    precision: str = _f("fp32", "network precision: fp32, bf16 (autocast) or fp16 (autocast); fp32 losses")
+    seed: int = _f(0, "random seed; rank r of w processes seeds with seed * w + r as published")
+    num_classes: Optional[int] = _f(None, "classes of a conditional teacher (default: read from the network)")
+    label_format: str = _f("auto", "class labels as onehot (EDM) or index (diffusers); auto picks by network")
+    image_shape: Optional[tuple] = _f(None, "generator output shape C H W (default: read from the network)")
+    device: str = _f("auto", "device: auto, cpu, cuda or cuda:N (auto picks cuda when available)")
+    checkpoint_every: int = _f(1000, "write checkpoint.pt every N iterations (0: only at the end and on signals)")
+    log_every: int = _f(10, "append averaged losses to metrics.jsonl and refresh the progress bar every N")
+    sample_every: int = _f(1000, "write a student sample grid every N iterations (0: start and end only)")
+    grid_size: int = _f(64, "images in each sample grid (0: no grids)")
+    teacher_steps: int = _f(18, "Heun steps for the teacher's sample grid (0: no teacher grid)")
+    progress: bool = _f(True, "show a progress bar")
+    resume: Optional[str] = _f(None, "continue from this checkpoint ('auto': run_dir/checkpoint.pt)")
+    overwrite: bool = _f(False, "start afresh even if run_dir already holds a checkpoint")
+    engine: str = _f("eager", "score networks: eager (plain calls) or score_engine (sidfast.engine, CUDA graphs)")
+
+    # ---- construction ----
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return {f.name: f.metadata["help"] for f in cls.fields()}[name]
+
+    @classmethod
+    def from_dict(cls, values: dict, base: "TrainConfig | None" = None) -> "TrainConfig":
+        """A config from a mapping of option names (dashes or underscores) to values, over ``base``."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a config must be a mapping of option names to values, got {type(values).__name__}")
+        known = {f.name for f in cls.fields()}
+        clean = {}
+        for key, value in values.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown option {key!r}; valid options: {', '.join(sorted(known))}")
+            clean[name] = value
+        cfg = dataclasses.replace(base, **clean) if base is not None else cls(**clean)
+        return cfg.validate()
+
+    @classmethod
+    def from_file(cls, path, base: "TrainConfig | None" = None) -> "TrainConfig":
+        """A config from a YAML (.yaml/.yml) or JSON (.json) file of option names to values."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise OSError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".json":
+                data = json.loads(text)
+            elif suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml or .json")
+        except (json.JSONDecodeError, ImportError) as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {exc}") from None
+        except Exception as exc:  # yaml.YAMLError
+            if type(exc).__module__.startswith("yaml"):
+                raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+            raise
+        if data is None:
+            data = {}
+        try:
+            return cls.from_dict(data, base)
+        except ValueError as exc:
+            raise ValueError(f"config file {str(path)!r}: {exc}") from None
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    # ---- validation ----
+    def validate(self) -> "TrainConfig":
+        """Coerce types and check ranges; raises TypeError/ValueError naming the option. Returns self."""
+        def num(name, kind=float, lo=None, hi=None, lo_open=False, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, str) and optional and v.strip().lower() in ("none", "null", "off"):
+                setattr(self, name, None)
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                raise TypeError(f"option {name} must be a number, got {v!r}")
+            what = "an integer" if kind is int else "a number"
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"option {name} must be {what}, got {getattr(self, name)!r}") from None
+            if kind is int:
+                if not v.is_integer():
+                    raise ValueError(f"option {name} must be {what}, got {getattr(self, name)!r}")
+                v = int(v)
+            if kind is float and not math.isfinite(v):
+                raise ValueError(f"option {name} must be finite, got {v}")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                raise ValueError(f"option {name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+            if hi is not None and v > hi:
+                raise ValueError(f"option {name} must be <= {hi}, got {v}")
+            setattr(self, name, v)
+
+        num("iterations", int, 0)
+        num("batch", int, 1)
+        num("batch_gpu", int, 1, optional=True)
+        num("lr", float, 0, lo_open=True)
+        num("fake_lr", float, 0, lo_open=True, optional=True)
+        num("adam_eps", float, 0, lo_open=True, optional=True)
+        num("alpha", float)
+        num("sigma_init", float, 0, lo_open=True)
+        num("tmax", int, 1, 1000)
+        num("sigma_min", float, 0, lo_open=True)
+        num("sigma_max", float, 0, lo_open=True)
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"option sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        num("rho", float, 0, lo_open=True)
+        num("p_mean", float)
+        num("p_std", float, 0, lo_open=True)
+        num("sigma_data", float, 0, lo_open=True)
+        num("loss_scale_g", float, 0, lo_open=True)
+        num("loss_scale_fake", float, 0, lo_open=True)
+        num("ema_halflife_kimg", float, 0)
+        num("ema_rampup_ratio", float, 0, lo_open=True, optional=True)
+        num("seed", int, 0)
+        num("num_classes", int, 0, optional=True)
+        for name in ("checkpoint_every", "log_every", "sample_every", "grid_size", "teacher_steps"):
+            num(name, int, 0)
+        if self.log_every < 1:
+            raise ValueError(f"option log_every must be >= 1, got {self.log_every}")
+        betas = self.betas
+        if isinstance(betas, str):
+            betas = betas.replace(",", " ").split()
+        try:
+            betas = tuple(float(b) for b in betas)
+        except (TypeError, ValueError):
+            raise ValueError(f"option betas must be two numbers, got {self.betas!r}") from None
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"option betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = betas
+        if self.image_shape is not None:
+            shape = self.image_shape
+            if isinstance(shape, str):
+                shape = shape.replace(",", " ").replace("x", " ").split()
+            try:
+                shape = tuple(int(s) for s in shape)
+            except (TypeError, ValueError):
+                raise ValueError(f"option image_shape must be integers C H W, got {self.image_shape!r}") from None
+            if not shape or any(s < 1 for s in shape):
+                raise ValueError(f"option image_shape must be positive integers, got {self.image_shape!r}")
+            self.image_shape = shape
+        for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"option {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("run_dir", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"option {name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("teacher", "resume"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"option {name} must be a string, got {v!r}")
+        for name in ("progress", "overwrite"):
+            v = getattr(self, name)
+            if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
+                v = v.lower() in ("true", "yes", "1")
+            if not isinstance(v, bool):
+                raise ValueError(f"option {name} must be true or false, got {v!r}")
+            setattr(self, name, v)
+        return self
+
+    @property
+    def optimizer_eps(self) -> float:
+        return self.adam_eps if self.adam_eps is not None else (1e-6 if self.precision == "fp16" else 1e-8)
