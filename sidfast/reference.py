@@ -6,8 +6,6 @@ Shapes: ``B`` is the batch, ``*F`` any number of feature dimensions.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import predictions
@@ -158,4 +156,4 @@ def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: fl
     return torch.cat([steps, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
-__all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "math", "torch")]
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "torch")]
