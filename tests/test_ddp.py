@@ -110,8 +110,14 @@ def test_torchrun_launch(tmp_path):
     try:
         out, err = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
-        out, err = proc.communicate()
+        # SIGTERM first: torchrun forwards it to its workers (they run in sessions of their own, out of reach of
+        # a kill of the launcher's group) and waits for them; SIGKILL the group if that does not end it
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
         pytest.fail(f"torchrun did not finish within 180 s: {err[-2000:]}")
     assert proc.returncode == 0, err[-3000:]
     assert out.count("SiD distillation") == 1  # rank 0 alone prints the summary

@@ -39,7 +39,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .backend import finish_sum
-    from .noise import FAST_MATH, noise_tile
+    from .noise import FAST_MATH, noise_tile, row_tile
 
     @triton.jit
     def _weight(a, s, WEIGHTING: tl.constexpr, sigma_data, gamma):
@@ -110,12 +110,7 @@ if HAS_TRITON:
                            WEIGHTING: tl.constexpr, REDUCE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                            ACC: tl.constexpr, FAST: tl.constexpr, R_ITERS: tl.constexpr, RBLOCK: tl.constexpr):
         pid = tl.program_id(0)
-        c0 = (pid % n_chunks) * BLOCK_N
-        rows = (pid // n_chunks) * ROWS + tl.arange(0, ROWS)
-        cols = c0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < B
-        mask = row_ok[:, None] & (cols < N)[None, :]
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        c0, rows, row_ok, mask, offs = row_tile(pid, n_chunks, B, N, ROWS, BLOCK_N)
         a = tl.load(a_ptr + rows, mask=row_ok, other=1.0).to(ACC)
         s = tl.load(s_ptr + rows, mask=row_ok, other=1.0).to(ACC)
         w = _weight(a.to(tl.float32), s.to(tl.float32), WEIGHTING, sigma_data, gamma).to(ACC)[:, None]
@@ -217,11 +212,14 @@ if HAS_TRITON:
 
 class FakeScoreLossFunction(torch.autograd.Function):
     """The loss of ``sidfast::fake_score_loss`` with the gradient kept private, so backward may scale it in
-    place (``grad_scale.scale_saved_grads``); traced by torch.compile like the op itself."""
+    place (``grad_scale.scale_saved_grads``); traced by torch.compile like the op itself (eager mode launches
+    the kernel directly, skipping the custom-op dispatcher's host cost, as ``SiDLossFunction``)."""
 
     @staticmethod
     def forward(ctx, pred, *args):
-        loss, grad = torch.ops.sidfast.fake_score_loss(pred, *args)
+        traced = backend.is_traced(pred, *(t for t in args if isinstance(t, torch.Tensor)))
+        run = torch.ops.sidfast.fake_score_loss if traced else fake_score_loss_triton_impl
+        loss, grad = run(pred, *args)
         ctx.save_for_backward(grad)
         ctx.n_args = len(args)
         return loss

@@ -183,16 +183,21 @@ if HAS_TRITON:
             return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (ROWS, BLOCK_N))
 
     @triton.jit
-    def _add_noise_kernel(x_ptr, noise_ptr, a_ptr, s_ptr, seed_ptr, out_ptr, B, N, NQ, C_CH, HW, offset, n_chunks,
-                          HAS_NOISE: tl.constexpr, CL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ACC: tl.constexpr, FAST: tl.constexpr):
-        pid = tl.program_id(0)
+    def row_tile(pid, n_chunks, B, N, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The (ROWS samples x BLOCK_N features) tile of program ``pid`` in a grid of row groups times
+        ``n_chunks`` feature chunks: (first column, row indices, row mask, element mask, element offsets)."""
         c0 = (pid % n_chunks) * BLOCK_N
         rows = (pid // n_chunks) * ROWS + tl.arange(0, ROWS)
         cols = c0 + tl.arange(0, BLOCK_N)
         row_ok = rows < B
         mask = row_ok[:, None] & (cols < N)[None, :]
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        return c0, rows, row_ok, mask, rows.to(tl.int64)[:, None] * N + cols[None, :]
+
+    @triton.jit
+    def _add_noise_kernel(x_ptr, noise_ptr, a_ptr, s_ptr, seed_ptr, out_ptr, B, N, NQ, C_CH, HW, offset, n_chunks,
+                          HAS_NOISE: tl.constexpr, CL: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          ACC: tl.constexpr, FAST: tl.constexpr):
+        c0, rows, row_ok, mask, offs = row_tile(tl.program_id(0), n_chunks, B, N, ROWS, BLOCK_N)
         a = tl.load(a_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
         s = tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -207,12 +212,7 @@ if HAS_TRITON:
     def _scale_rows_kernel(g_ptr, a_ptr, out_ptr, B, N, n_chunks, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                            ACC: tl.constexpr):
         """out[b] = a[b] * g[b]: the backward of x_t with respect to x0."""
-        pid = tl.program_id(0)
-        rows = (pid // n_chunks) * ROWS + tl.arange(0, ROWS)
-        cols = (pid % n_chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < B
-        mask = row_ok[:, None] & (cols < N)[None, :]
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        _, rows, row_ok, mask, offs = row_tile(tl.program_id(0), n_chunks, B, N, ROWS, BLOCK_N)
         a = tl.load(a_ptr + rows, mask=row_ok, other=0.0).to(ACC)[:, None]
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
         tl.store(out_ptr + offs, (a * g).to(out_ptr.dtype.element_ty), mask=mask)
@@ -301,6 +301,24 @@ if HAS_TRITON:
     add_noise_op.register_autograd(_backward, setup_context=_setup)
 
 
+class AddNoiseFunction(torch.autograd.Function):
+    """``sidfast::add_noise`` with the same backward; eager mode launches the kernel directly (the custom-op
+    dispatcher's host cost is skipped), tracing under torch.compile goes through the op and its fake."""
+
+    @staticmethod
+    def forward(ctx, x0, a, s, noise, seed, offset: int):
+        traced = backend.is_traced(*(t for t in (x0, a, s, noise, seed) if t is not None))
+        run = torch.ops.sidfast.add_noise if traced else add_noise_triton_impl
+        ctx.save_for_backward(a)
+        ctx.x0_dtype = x0.dtype
+        return run(x0, a, s, noise, seed, offset)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return scale_rows(grad, a, ctx.x0_dtype), None, None, None, None, None
+
+
 def per_sample(name: str, c, x: torch.Tensor) -> torch.Tensor:
     """A per-sample coefficient as a (B,) tensor on x's device (numbers broadcast)."""
     B = x.shape[0]
@@ -350,7 +368,7 @@ def add_noise(x0: torch.Tensor, a, s, noise: torch.Tensor | None = None, generat
         raise ValueError("add_noise differentiates with respect to x0 only; detach a, s and noise")
     seed = None if noise is not None else draw_seed(x0.device, generator)
     if HAS_TRITON and backend.use_triton(x0):
-        return torch.ops.sidfast.add_noise(x0, a, s, noise, seed, int(offset)), seed
+        return AddNoiseFunction.apply(x0, a, s, noise, seed, int(offset)), seed
     eps = noise if noise is not None else philox_normal(seed, x0.shape, offset)
     acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
     x_t = reference.add_noise(x0.to(acc), a.to(acc), s.to(acc), eps.to(acc)).to(x0.dtype)
