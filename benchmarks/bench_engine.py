@@ -151,6 +151,7 @@ def measure(variant: str, config: str, batch: int, device, iters: int = 10, warm
         row.update(ms_per_iter=dt * 1e3, images_per_s=batch / dt)
         if device.type == "cuda":
             row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+            row.update(host_vs_gpu(runner, device, iters))
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
     finally:
@@ -162,27 +163,48 @@ def measure(variant: str, config: str, batch: int, device, iters: int = 10, warm
     return row
 
 
+def host_vs_gpu(runner, device, iters: int) -> dict:
+    """Host time to issue one iteration (from an idle GPU, so the launch queue never blocks the host) against
+    the GPU time of that iteration (CUDA events), medians over ``iters``. host_ms well below gpu_ms means the
+    iteration is GPU-bound: moving host work into C++ (a native graph executor) cannot raise images/s."""
+    host, gpu = [], []
+    for _ in range(iters):
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        runner.step()
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        torch.cuda.synchronize(device)
+        gpu.append(start.elapsed_time(end))
+    return dict(host_ms=sorted(host)[len(host) // 2], gpu_ms=sorted(gpu)[len(gpu) // 2])
+
+
 def render(rows: list[dict], device_name: str) -> str:
     lines = [f"# SiD iteration: sidfast engine vs the published loop ({device_name})", "",
              "images/s = generator images per iteration / iteration time (fake-score update + generator update + "
-             "EMA); peak = torch.cuda.max_memory_allocated over the timed iterations.", ""]
+             "EMA); peak = torch.cuda.max_memory_allocated over the timed iterations; host ms = host time to issue "
+             "one iteration from an idle GPU, GPU ms = that iteration's CUDA-event time (medians).", ""]
     for config in dict.fromkeys(r["config"] for r in rows):
         lines += [f"## {config}", "",
-                  "| batch | variant | images/s | peak GiB | vs published-fp32 | vs published-bf16 |",
-                  "|---|---|---|---|---|---|"]
+                  "| batch | variant | images/s | peak GiB | vs published-fp32 | vs published-bf16 | host ms | GPU ms |",
+                  "|---|---|---|---|---|---|---|---|"]
         for batch in sorted({r["batch"] for r in rows if r["config"] == config}):
             sel = {r["variant"]: r for r in rows if r["config"] == config and r["batch"] == batch}
             base32 = sel.get("published-fp32", {}).get("images_per_s")
             base16 = sel.get("published-bf16", {}).get("images_per_s")
             for variant, r in sel.items():
                 if "error" in r:
-                    lines.append(f"| {batch} | {variant} | {r['error']} | - | - | - |")
+                    lines.append(f"| {batch} | {variant} | {r['error']} | - | - | - | - | - |")
                     continue
                 ips = r["images_per_s"]
                 peak = f"{r['peak_mib'] / 1024:.2f}" if "peak_mib" in r else "-"
                 s32 = f"{ips / base32:.2f}x" if base32 else "-"
                 s16 = f"{ips / base16:.2f}x" if base16 else "-"
-                lines.append(f"| {batch} | {variant} | {ips:.1f} | {peak} | {s32} | {s16} |")
+                host = f"{r['host_ms']:.2f}" if "host_ms" in r else "-"
+                gpu = f"{r['gpu_ms']:.2f}" if "gpu_ms" in r else "-"
+                lines.append(f"| {batch} | {variant} | {ips:.1f} | {peak} | {s32} | {s16} | {host} | {gpu} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -13,3 +13,14 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the GPU-only tests (those skipped for want of a CUDA device) ``gpu``, so that on a GPU machine
+    ``pytest tests -m gpu`` runs exactly them."""
+    import pytest
+
+    for item in items:
+        if any(str(m.kwargs.get("reason", "")).startswith("needs a ") and
+               any(w in str(m.kwargs.get("reason", "")) for w in ("CUDA", "GPU")) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
