@@ -178,6 +178,30 @@ def test_replaced_parameters_are_detected_and_refresh_rebuilds():
         lora.generator_terms(x, sigma, None, noise)
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_replacement_by_assignment_and_of_buffers_is_detected(mode):
+    engine, G, z, noise, sigma = _setup(mode)
+    x = G(z).detach()
+    engine.generator_terms(x, sigma, None, noise)
+    # a new Parameter on the same storage still shares it: not an error
+    conv = next(m for m in engine.teacher.modules() if isinstance(m, nn.Conv2d))
+    conv.weight = nn.Parameter(conv.weight.data, requires_grad=conv.weight.requires_grad)
+    engine.generator_terms(x, sigma, None, noise)
+    # load_state_dict(assign=True) puts new tensors in the slots: the views would run on the old ones
+    state = {k: v.clone() for k, v in engine.teacher.state_dict().items()}
+    engine.teacher.load_state_dict(state, assign=True)
+    with pytest.raises(ValueError, match="teacher.*refresh"):
+        engine.generator_terms(x, sigma, None, noise)
+    engine.refresh()
+    engine.generator_terms(x, sigma, None, noise)
+    # a replaced buffer is caught as well
+    engine.teacher.register_buffer("extra", torch.zeros(2))
+    engine.refresh()
+    engine.teacher.extra = torch.ones(2)
+    with pytest.raises(ValueError, match="refresh"):
+        engine.generator_terms(x, sigma, None, noise)
+
+
 def test_train_state_follows_the_fake_score_dropout():
     engine, G, z, noise, sigma = _setup("full", dropout=0.5)
     engine.fake.train()
