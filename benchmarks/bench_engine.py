@@ -6,19 +6,22 @@
 Side by side in one run, per network configuration and batch size: images/s (generator images per
 iteration / iteration time) and peak GPU memory of
   published-fp32 / published-bf16  the published recipe step by step in eager PyTorch (baseline_sid.py);
-  sidfast-full-bf16                ScoreEngine mode="full": frozen views, torch.compile, CUDA graphs, bf16
-                                   autocast with fp32 weights; G compiled, fused Adam;
-  sidfast-lora-bf16                the same with the LoRA fake score over the teacher's shared weights.
+  sidfast-full-bf16                the trainer ``sidfast distill`` runs (sidfast.train): ScoreEngine (frozen
+                                   views, CUDA graphs), torch.compile, bf16 autocast with fp32 weights, fused
+                                   Adam, the published NaN handling (--engine score_engine --precision bf16
+                                   --compile);
+  sidfast-lora-bf16                the same with the LoRA fake score over the teacher's shared weights
+                                   (--fake-score lora).
 Without CUDA the script says so and exits 0 (``--device cpu --config tiny`` runs a smoke test), and as a
 pytest module (``pytest benchmarks/``) it is skipped while the CPU benchmarks of other files still run.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,86 +29,31 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baseline_sid import (CONFIGS, LOSS_SCALE_G, SIGMA_INIT, PublishedSiD, adam, make_networks,  # noqa: E402
-                          parameter_count)
-
-from sidfast import reference  # noqa: E402
-from sidfast.engine import ScoreEngine  # noqa: E402
+from baseline_sid import CONFIGS, PublishedSiD, make_networks, parameter_count  # noqa: E402
 
 VARIANTS = ("published-fp32", "published-bf16", "sidfast-full-bf16", "sidfast-lora-bf16")
 
 
-def _sanitize_list(grads):
-    for g in grads:
-        torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
+class TrainerSiD:
+    """The iteration users run: ``sidfast.train``'s trainer (``sidfast distill``) with the score engine, bf16
+    autocast over fp32 weights, torch.compile, fused Adam; ``fake_score`` "full" or "lora"."""
 
+    def __init__(self, config: str, batch: int, device, fake_score: str = "full", precision: str = "bf16",
+                 compile: bool = True):
+        from sidfast.train import TrainConfig, _Trainer
 
-class EngineSiD:
-    """The same iteration as ``PublishedSiD`` on sidfast's ScoreEngine."""
-
-    def __init__(self, config: str, batch: int, device, mode: str = "full", precision: str = "bf16",
-                 compile: bool = True, graphs="auto", channels_last: bool = False, lora_rank: int = 64,
-                 ema_beta: float = 0.999):
-        self.device, self.batch = torch.device(device), batch
-        teacher, fake, self.G = make_networks(config, self.device)
-        if mode == "lora":
+        teacher, fake, G = make_networks(config, torch.device(device))
+        if fake_score == "lora":
             del fake
             fake = None
-        amp = torch.bfloat16 if precision == "bf16" else None
-        self.amp = amp
-        self.engine = ScoreEngine(teacher, fake, mode, amp_dtype=amp, channels_last=channels_last, compile=compile,
-                                  graphs=graphs, lora_rank=lora_rank)
-        if channels_last:
-            self.G.to(memory_format=torch.channels_last)
-        self.G_run = torch.compile(self.G) if compile else self.G
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        fused = self.device.type == "cuda"
-        self.fake_params = self.engine.fake_parameters()
-        self.g_params = list(self.G.parameters())
-        self.opt_fake, self.opt_G = adam(self.fake_params, fused), adam(self.g_params, fused)
-        self._sanitize = torch.compile(_sanitize_list) if compile else _sanitize_list
-        size = CONFIGS[config]["sample_size"]
-        self.shape = (batch, 3, size, size)
-        self.ema_beta = ema_beta
-
-    def generate(self):
-        z = torch.randn(self.shape, device=self.device)
-        sigma = torch.full((self.batch,), SIGMA_INIT, device=self.device)
-        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else torch.autocast("cpu", enabled=False)
-        with ctx:
-            return self.G_run(SIGMA_INIT * z, sigma).float()
-
-    def fake_step(self):
-        with torch.no_grad():
-            x_g = self.generate()
-        sigma = reference.edm_training_sigma(self.batch, device=self.device)
-        loss = self.engine.fake_score_loss(x_g, sigma, None, torch.randn_like(x_g))
-        self.opt_fake.zero_grad(set_to_none=True)
-        loss.backward()
-        self._sanitize([p.grad for p in self.fake_params if p.grad is not None])
-        self.opt_fake.step()
-        return loss.detach()
-
-    def generator_step(self):
-        x_g = self.generate()
-        sigma = reference.generator_sigma(self.batch, device=self.device)
-        loss = self.engine.generator_loss(x_g, sigma, None, torch.randn_like(x_g)) * LOSS_SCALE_G
-        self.opt_G.zero_grad(set_to_none=True)
-        loss.backward(inputs=self.g_params)
-        self._sanitize([p.grad for p in self.g_params if p.grad is not None])
-        self.opt_G.step()
-        return loss.detach()
-
-    @torch.no_grad()
-    def ema(self):
-        ema = list(self.G_ema.parameters())
-        torch._foreach_lerp_(ema, self.g_params, 1.0 - self.ema_beta)  # ema <- p + beta (ema - p)
+        self._dir = tempfile.TemporaryDirectory(prefix="sidfast-bench-")
+        cfg = TrainConfig(run_dir=self._dir.name, batch=batch, device=str(device), precision=precision,
+                          engine="score_engine", fake_score=fake_score, compile=compile, progress=False,
+                          grid_size=0, teacher_steps=0, checkpoint_every=0, sample_every=0, iterations=1)
+        self.trainer = _Trainer(cfg, teacher, G, fake, callbacks=None, architecture=None)
 
     def step(self):
-        loss_fake = self.fake_step()
-        loss_g = self.generator_step()
-        self.ema()
-        return loss_g, loss_fake
+        return self.trainer.step()
 
 
 def make_runner(variant: str, config: str, batch: int, device, compile: bool = True):
@@ -116,7 +64,7 @@ def make_runner(variant: str, config: str, batch: int, device, compile: bool = T
     kind, mode, precision = variant.split("-")
     if kind != "sidfast" or mode not in ("full", "lora"):
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-    return EngineSiD(config, batch, device, mode=mode, precision=precision, compile=compile)
+    return TrainerSiD(config, batch, device, fake_score=mode, precision=precision, compile=compile)
 
 
 def _sync(device):

@@ -12,6 +12,7 @@ from typing import Optional
 PRECISIONS = ("fp32", "bf16", "fp16")
 LABEL_FORMATS = ("auto", "onehot", "index")
 ENGINES = ("eager", "score_engine")
+FAKE_SCORES = ("full", "lora")
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -60,6 +61,10 @@ class TrainConfig:
     resume: Optional[str] = _f(None, "continue from this checkpoint ('auto': run_dir/checkpoint.pt)")
     overwrite: bool = _f(False, "start afresh even if run_dir already holds a checkpoint")
     engine: str = _f("eager", "score networks: eager (plain calls) or score_engine (sidfast.engine, CUDA graphs)")
+    fake_score: str = _f("full", "fake score: full (published: a trainable copy of the teacher) or lora (a low-rank "
+                                 "update over the teacher's frozen, shared weights: no network copy)")
+    lora_rank: int = _f(64, "rank of the LoRA fake score's updates (with fake_score lora)")
+    compile: bool = _f(False, "torch.compile the generator and, with engine score_engine, the score networks")
 
     # ---- construction ----
     @classmethod
@@ -177,6 +182,7 @@ class TrainConfig:
         num("ema_rampup_ratio", float, 0, lo_open=True, optional=True)
         num("seed", int, 0)
         num("num_classes", int, 0, optional=True)
+        num("lora_rank", int, 1)
         for name in ("checkpoint_every", "log_every", "sample_every", "grid_size", "teacher_steps"):
             num(name, int, 0)
         if self.log_every < 1:
@@ -202,7 +208,8 @@ class TrainConfig:
             if not shape or any(s < 1 for s in shape):
                 raise ValueError(f"option image_shape must be positive integers, got {self.image_shape!r}")
             self.image_shape = shape
-        for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES)):
+        for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES),
+                              ("fake_score", FAKE_SCORES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"option {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("run_dir", "device"):
@@ -212,7 +219,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"option {name} must be a string, got {v!r}")
-        for name in ("progress", "overwrite"):
+        for name in ("progress", "overwrite", "compile"):
             v = getattr(self, name)
             if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
                 v = v.lower() in ("true", "yes", "1")

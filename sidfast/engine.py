@@ -97,6 +97,10 @@ class _Pair:
         return flags
 
 
+def _same_storage(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x.data_ptr() == y.data_ptr() and x.shape == y.shape for x, y in zip(a, b))
+
+
 def _double(t):
     return torch.cat([t, t], 0) if isinstance(t, torch.Tensor) else t
 
@@ -108,7 +112,8 @@ class ScoreEngine:
         teacher: the pretrained denoiser (a ``Denoiser`` or anything ``as_denoiser`` wraps, with ``teacher_kw``);
             it is put in eval mode and never gets gradients from the engine.
         fake: ``mode="full"``: the fake score (default: a trainable copy of the teacher, in train mode);
-            ``mode="lora"``: must be None, the engine builds ``LoRAFakeScore(teacher, lora_rank, ...)``.
+            ``mode="lora"``: None, and the engine builds ``LoRAFakeScore(teacher, lora_rank, ...)``, or such a
+            ``LoRAFakeScore`` built over this teacher (``ScoreEngine.over`` picks the mode from ``fake``'s type).
         amp_dtype: None (fp32) or torch.bfloat16 / torch.float16: autocast inside the engine, fp32 weights.
         channels_last: convert both networks' 4-D parameters and the inputs to channels_last.
         compile: torch.compile each phase's function (``dynamic=False``: one specialization per batch size).
@@ -154,12 +159,23 @@ class ScoreEngine:
                                  "to share the teacher's weights)")
             if self.channels_last:
                 fake.to(memory_format=torch.channels_last)
-        else:
-            if fake is not None:
-                raise ValueError("mode='lora' builds the fake score from the teacher's weights; pass fake=None")
+        elif fake is None:
             fake = LoRAFakeScore(self.teacher, lora_rank, lora_alpha, lora_dropout, lora_targets)
+        else:
+            if not isinstance(fake, LoRAFakeScore):
+                raise ValueError("mode='lora' takes fake=None (the engine builds the LoRA fake score) or a "
+                                 f"sidfast.lora.LoRAFakeScore over this teacher, got {type(fake).__name__}")
+            base = [p for n, p in fake.net.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
+            if not _same_storage(base, list(self.teacher.parameters())):
+                raise ValueError("fake is a LoRAFakeScore over another network: its frozen weights are not this "
+                                 "teacher's")
         self.fake: Denoiser = fake
         self.refresh()
+
+    @classmethod
+    def over(cls, teacher, fake, **kwargs) -> "ScoreEngine":
+        """The engine for an existing fake score: mode "lora" for a ``LoRAFakeScore``, "full" otherwise."""
+        return cls(teacher, fake, "lora" if isinstance(fake, LoRAFakeScore) else "full", **kwargs)
 
     # ---- views, graphs, bookkeeping ----
 

@@ -63,6 +63,7 @@ from torch import nn
 from . import reference
 from .checkpoint import FORMATS, VERSION, CheckpointError, atomic_save, load_checkpoint
 from .denoisers import DiffusersDenoiser, as_denoiser
+from .lora import LoRAFakeScore, lora_state_dict
 from .loss import fake_score_loss, sid_generator_loss
 
 from .config import CHECKPOINT_NAME, PRECISIONS, TrainConfig
@@ -221,18 +222,23 @@ def ema_beta(nimg: int, batch: int, halflife_kimg: float, rampup_ratio: float | 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    """ema <- net + beta * (ema - net) for parameters (published arithmetic); buffers copied."""
-    for pe, p in zip(ema.parameters(), net.parameters()):
-        pe.copy_(p.detach().lerp(pe, beta))
+    """ema <- net + beta * (ema - net) for parameters (published arithmetic: ``net.lerp(ema, beta)``, here as
+    multi-tensor kernels); buffers copied."""
+    pe, pn = list(ema.parameters()), [p.detach() for p in net.parameters()]
+    if pe:
+        torch._foreach_copy_(pe, torch._foreach_lerp(pn, pe, beta))
     for be, b in zip(ema.buffers(), net.buffers()):
         be.copy_(b)
 
 
 def sanitize_grads(params) -> None:
     """Published: grad <- nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5), in place."""
-    for p in params:
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+    _nan_to_num_([p.grad for p in params if p.grad is not None])
+
+
+def _nan_to_num_(tensors: list) -> None:
+    for t in tensors:
+        torch.nan_to_num(t, nan=0.0, posinf=1e5, neginf=-1e5, out=t)
 
 
 def evaluate_scores(teacher: nn.Module, fake: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor, labels):
@@ -300,7 +306,7 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
 TRAJECTORY_OPTIONS = ("batch", "batch_gpu", "lr", "fake_lr", "betas", "adam_eps", "alpha", "sigma_init", "tmax",
                       "sigma_min", "sigma_max", "rho", "p_mean", "p_std", "sigma_data", "loss_scale_g",
                       "loss_scale_fake", "ema_halflife_kimg", "ema_rampup_ratio", "precision", "seed",
-                      "num_classes", "label_format", "image_shape", "engine")
+                      "num_classes", "label_format", "image_shape", "engine", "fake_score", "lora_rank")
 
 
 class _Trainer:
@@ -325,15 +331,22 @@ class _Trainer:
         # networks: teacher frozen in eval; generator and fake score trainable copies (SPEC section 5)
         self.teacher = as_denoiser(teacher, name="teacher").to(self.device).eval().requires_grad_(False)
         G = copy.deepcopy(self.teacher) if generator is None else as_denoiser(generator, name="generator")
-        F = copy.deepcopy(self.teacher) if fake is None else as_denoiser(fake, name="fake score")
         if G.name == "teacher":
             G.name = "generator"
-        if F.name == "teacher":
-            F.name = "fake score"
         self.G = G.to(self.device).train().requires_grad_(True)
-        self.fake = F.to(self.device).train().requires_grad_(True)
+        if cfg.fake_score == "lora":
+            if fake is not None:
+                raise ValueError("fake_score 'lora' builds the fake score from the teacher's weights; pass no fake "
+                                 "network (or use fake_score 'full')")
+            # the teacher's own frozen weights plus trainable low-rank updates (sidfast.lora): no network copy
+            self.fake = LoRAFakeScore(self.teacher, rank=cfg.lora_rank).train()
+        else:
+            F = copy.deepcopy(self.teacher) if fake is None else as_denoiser(fake, name="fake score")
+            if F.name == "teacher":
+                F.name = "fake score"
+            self.fake = F.to(self.device).train().requires_grad_(True)
         for net, name in ((self.G, "generator"), (self.fake, "fake score")):
-            if not any(True for _ in net.parameters()):
+            if not any(p.requires_grad for p in net.parameters()):
                 raise ValueError(f"the {name} has no parameters to train")
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.g_params = [p for p in self.G.parameters() if p.requires_grad]
@@ -362,8 +375,9 @@ class _Trainer:
 
         self.architecture = architecture
         eps = cfg.optimizer_eps
-        self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, betas=cfg.betas, eps=eps)
-        self.opt_fake = torch.optim.Adam(self.fake_params, lr=cfg.fake_lr or cfg.lr, betas=cfg.betas, eps=eps)
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA, same math
+        self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, betas=cfg.betas, eps=eps, **fused)
+        self.opt_fake = torch.optim.Adam(self.fake_params, lr=cfg.fake_lr or cfg.lr, betas=cfg.betas, eps=eps, **fused)
         self.iteration, self.nimg = 0, 0
         seed_everything(cfg.seed, d.rank, d.world)
         if self.state is not None:
@@ -374,8 +388,9 @@ class _Trainer:
         if cfg.engine == "score_engine":
             from .engine import ScoreEngine
 
-            # teacher and fake score evaluated together over frozen views of the same storage (CUDA graphs on GPU)
-            self.engine = ScoreEngine(self.teacher, self.fake, mode="full", amp_dtype=self.autocast_dtype)
+            # teacher and fake score evaluated together over frozen views of the same storage (CUDA graphs on GPU);
+            # a LoRA fake score runs as one forward of the shared weights over the doubled batch
+            self.engine = ScoreEngine.over(self.teacher, self.fake, amp_dtype=self.autocast_dtype, compile=cfg.compile)
         if d.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -389,6 +404,13 @@ class _Trainer:
             self.fake_train = DDP(self.fake, **kw)
         else:
             self.G_train, self.fake_train = self.G, self.fake
+        # torch.compile of the generator (train and eval/no-grad specializations) and the eager fake-score path
+        self.G_sample, self._nan_to_num_ = self.G, _nan_to_num_
+        if cfg.compile:
+            self.G_train, self.G_sample = torch.compile(self.G_train), torch.compile(self.G)
+            if self.engine is None or self.dist.enabled:
+                self.fake_train = torch.compile(self.fake_train)
+            self._nan_to_num_ = torch.compile(_nan_to_num_)  # a few fused kernels instead of one per parameter
 
     # ---- checkpoint state ----
     def _restore(self, data: dict, path: Path) -> None:
@@ -402,7 +424,7 @@ class _Trainer:
         try:
             self.G.load_state_dict(data["generator"])
             self.G_ema.load_state_dict(data["generator_ema"])
-            self.fake.load_state_dict(data["fake"])
+            self._load_fake(data["fake"])
             self.opt_g.load_state_dict(data["opt_g"])
             self.opt_fake.load_state_dict(data["opt_fake"])
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -418,6 +440,20 @@ class _Trainer:
                               f"run has {self.dist.world}: random streams are re-seeded from seed + iteration",
                               stacklevel=3)
             seed_everything(self.cfg.seed + self.iteration, self.dist.rank, self.dist.world)
+
+    def _fake_state(self) -> dict:
+        """What a checkpoint keeps of the fake score: all of it, or only the LoRA factors (the rest is the teacher)."""
+        return lora_state_dict(self.fake) if self.cfg.fake_score == "lora" else self.fake.state_dict()
+
+    def _load_fake(self, state: dict) -> None:
+        if self.cfg.fake_score != "lora":
+            self.fake.load_state_dict(state)
+            return
+        missing, unexpected = self.fake.load_state_dict(state, strict=False)
+        lora_missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
+        if unexpected or lora_missing or not state:
+            raise ValueError(f"the checkpoint's fake score is not a LoRA fake score of this teacher and rank (missing "
+                             f"{lora_missing[:3]}, unexpected {unexpected[:3]})")
 
     def _gather_rng(self) -> list:
         mine = rng_state(self.device)
@@ -438,7 +474,7 @@ class _Trainer:
                 "iteration": self.iteration, "nimg": self.nimg, "world_size": self.dist.world,
                 "config": self.cfg.to_dict(),
                 "generator": self.G.state_dict(), "generator_ema": self.G_ema.state_dict(),
-                "fake": self.fake.state_dict(),
+                "fake": self._fake_state(),
                 "opt_g": self.opt_g.state_dict(), "opt_fake": self.opt_fake.state_dict(),
                 "rng": rngs, "architecture": self.architecture, "teacher": self.cfg.teacher,
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes,
@@ -485,7 +521,7 @@ class _Trainer:
             sync = self.dist.enabled and r < self.rounds - 1
             with self.fake_train.no_sync() if sync else contextlib.nullcontext():
                 with torch.no_grad():
-                    x_g, labels = self._generate(self.G, self.batch_gpu)
+                    x_g, labels = self._generate(self.G_sample, self.batch_gpu)
                 sigma = reference.edm_training_sigma(self.batch_gpu, cfg.p_mean, cfg.p_std, device=self.device)
                 noise = torch.randn_like(x_g)
                 x_t = x_g + sigma.view(-1, *[1] * (x_g.dim() - 1)) * noise
@@ -502,7 +538,7 @@ class _Trainer:
                                        sigma_data=cfg.sigma_data, reduction="batchmean")
                 (loss * (cfg.loss_scale_fake / self.rounds)).backward()
                 total = total + loss.detach() / self.rounds
-        sanitize_grads(self.fake_params)
+        self._nan_to_num_([p.grad for p in self.fake_params if p.grad is not None])
         self.opt_fake.step()
         return total
 
@@ -524,7 +560,7 @@ class _Trainer:
                 # gradients for G's parameters only; teacher and fake score pass input gradients
                 (loss * (cfg.loss_scale_g / self.rounds)).backward(inputs=self.g_params)
                 total = total + loss.detach() / self.rounds
-        sanitize_grads(self.g_params)
+        self._nan_to_num_([p.grad for p in self.g_params if p.grad is not None])
         self.opt_g.step()
         return total
 

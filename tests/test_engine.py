@@ -13,7 +13,7 @@ from nets import SmallUNet, randomize_lora
 from sidfast import reference as R
 from sidfast.denoisers import EDMDenoiser
 from sidfast.engine import ScoreEngine
-from sidfast.lora import LoRALayer, merge_lora
+from sidfast.lora import LoRAFakeScore, LoRALayer, merge_lora
 
 RTOL = 1e-5
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -317,6 +317,11 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="fake=None"):
         ScoreEngine(net, SmallUNet(), mode="lora")
     teacher = EDMDenoiser(net)
+    with pytest.raises(ValueError, match="another network"):
+        ScoreEngine(teacher, LoRAFakeScore(EDMDenoiser(SmallUNet()), rank=2), mode="lora")
+    own = LoRAFakeScore(teacher, rank=2)
+    engine = ScoreEngine.over(teacher, own)
+    assert engine.mode == "lora" and engine.fake is own and ScoreEngine.over(teacher, None).mode == "full"
     with pytest.raises(ValueError, match="separate"):
         ScoreEngine(teacher, teacher)
     with pytest.raises(ValueError, match="amp_dtype"):

@@ -465,3 +465,75 @@ def test_score_engine_path_matches_the_eager_path(tmp_path, num_classes):
             assert torch.equal(a[k], b[k]), (name, k)
     assert any(not torch.equal(a, b) for a, b in zip(fused.generator.network.parameters(),
                                                       tiny_teacher(num_classes).parameters()))
+
+
+# ---------------- LoRA fake score and torch.compile options ----------------
+
+@pytest.mark.parametrize("engine", ["eager", "score_engine"])
+def test_lora_fake_score_trains_low_rank_factors_over_the_frozen_teacher(tmp_path, engine):
+    teacher = tiny_teacher(3)
+    before = states(teacher)
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=3, lr=1e-3, fake_score="lora", lora_rank=4,
+                        engine=engine, checkpoint_every=3), teacher, log=None)
+    assert_bitwise(before, states(teacher))  # the shared weights are never trained
+    trainable = {n for n, p in res.fake.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    assert any(p.abs().sum() > 0 for n, p in res.fake.named_parameters() if n.endswith(".lora_B"))  # B left zero
+    saved = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["fake"]
+    assert saved and all(k.endswith((".lora_A", ".lora_B")) for k in saved)  # no copy of the teacher
+
+
+def test_lora_engine_path_matches_the_eager_lora_path(tmp_path):
+    """One forward over [x_t; x_t] with the update on the fake half trains like two separate eager calls."""
+    kw = dict(iterations=3, lr=1e-3, fake_score="lora", lora_rank=4)
+    eager = distill(quiet(run_dir=str(tmp_path / "e"), **kw), tiny_teacher(3), log=None)
+    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="score_engine", **kw), tiny_teacher(3), log=None)
+    for name in ("generator", "fake"):
+        a, b = states(getattr(eager, name)), states(getattr(fused, name))
+        # a doubled batch may take another matmul blocking, and Adam (beta1 = 0) turns a rounding difference in a
+        # near-zero gradient into up to lr per step: a wrong fake half would move every weight by O(lr) instead
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0.05 * kw["lr"])
+    moved = [(a - b).abs().max() for a, b in zip(fused.generator.network.parameters(), tiny_teacher(3).parameters())]
+    assert max(moved) > 0.5 * kw["lr"]  # the generator did train, by more than the tolerance above
+
+
+def test_lora_run_resumes_bitwise_and_refuses_a_full_checkpoint(tmp_path):
+    kw = dict(iterations=5, lr=1e-3, fake_score="lora", lora_rank=4, checkpoint_every=2, log_every=2)
+    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), tiny_teacher(), log=None)
+    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), tiny_teacher(),
+                   callbacks=[lambda s: s["iteration"] == 2], log=None)
+    assert part.iteration == 2
+    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), tiny_teacher(), log=None)
+    for name in ("generator", "generator_ema", "fake"):
+        assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
+    distill(quiet(run_dir=str(tmp_path / "plain"), iterations=1, checkpoint_every=1), tiny_teacher(), log=None)
+    with pytest.raises(CheckpointError, match="LoRA"), pytest.warns(UserWarning, match="fake_score"):
+        distill(quiet(run_dir=str(tmp_path / "plain"), resume="auto", **kw), tiny_teacher(), log=None)
+
+
+def test_lora_option_errors(tmp_path):
+    with pytest.raises(ValueError, match="fake_score"):
+        quiet(fake_score="half").validate()
+    with pytest.raises(ValueError, match="lora_rank"):
+        quiet(fake_score="lora", lora_rank=0).validate()
+    with pytest.raises(ValueError, match="no fake network"):
+        distill(quiet(run_dir=str(tmp_path / "r"), fake_score="lora"), tiny_teacher(), fake=tiny_teacher(), log=None)
+
+
+def test_compile_option_compiles_generator_and_score_networks(tmp_path, monkeypatch):
+    compiled = []
+
+    def recording_compile(fn, *args, **kwargs):  # stands in for torch.compile: records, runs eagerly
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, compile=True, engine="score_engine"),
+                  tiny_teacher(), log=None)
+    assert res.generator in compiled  # the generator (training forward and sampling)
+    names = [getattr(f, "__name__", "") for f in compiled]
+    assert "_nan_to_num_" in names and names.count("run") == 2  # gradient clean-up, both engine phases
+    compiled.clear()
+    distill(quiet(run_dir=str(tmp_path / "e"), iterations=1, compile=True), tiny_teacher(), log=None)
+    assert sum(isinstance(f, nn.Module) for f in compiled) == 3  # G (train), G (sampling), fake score
