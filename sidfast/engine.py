@@ -97,6 +97,22 @@ class _Pair:
         return flags
 
 
+def _own_copy(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clone()
+
+
+class _OwnGrad(torch.autograd.Function):
+    """Identity whose backward copies the gradient (see ``ScoreEngine._evaluate``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clone()
+
+
 def _same_storage(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x.data_ptr() == y.data_ptr() and x.shape == y.shape for x, y in zip(a, b))
 
@@ -192,6 +208,7 @@ class ScoreEngine:
         self._graphs: dict = {}
         self._compiled: dict = {}
         self._fake_state: _Storage | None = None  # the fake's tensors as its captured graph holds them
+        self._drop_grad_hooks()
 
     def fake_parameters(self) -> list[nn.Parameter]:
         """The parameters the fake-score optimizer updates (all of the fake in 'full', the LoRA factors in 'lora')."""
@@ -203,6 +220,12 @@ class ScoreEngine:
         """Forget every captured CUDA graph (they are captured again on the next call)."""
         self._graphs.clear()
         self._fake_state = None
+        self._drop_grad_hooks()
+
+    def _drop_grad_hooks(self) -> None:
+        for h in getattr(self, "_grad_hooks", ()):
+            h.remove()
+        self._grad_hooks = []
 
     def _autocast(self, device: torch.device):
         if self.amp_dtype is None:
@@ -306,6 +329,11 @@ class ScoreEngine:
         self._graphs[key] = g
         if phase == "fake":  # the fake phase's graph holds the fake's parameters themselves
             self._fake_state = _Storage(self.fake)
+            if not self._grad_hooks:
+                # a replayed backward hands autograd views of its static gradient buffers, which autograd would
+                # keep as p.grad (p.grad None) and the next replay would overwrite: accumulation over micro-batches
+                # would then give 2 g_last instead of g_1 + g_2. Each parameter keeps a copy instead.
+                self._grad_hooks = [p.register_hook(_own_copy) for p in self.fake_parameters()]
         return g
 
     # ---- public API ----
@@ -356,7 +384,9 @@ class ScoreEngine:
         if self._use_graphs(x_t) and (phase == "fake" or x_t.requires_grad):
             if not all(isinstance(a, torch.Tensor) for a in args):
                 raise ValueError("CUDA graphs need tensor conditioning; pass graphs=False for other values")
-            out = self._graphed(phase, names, has_labels, args, state)(*args)
+            graphed = self._graphed(phase, names, has_labels, args, state)
+            # the input gradient a replay returns lies in a static buffer too: copy it before anyone keeps it
+            out = graphed(*(_OwnGrad.apply(a) if a.requires_grad else a for a in args))
             # graph outputs are static buffers overwritten by the next replay: hand out copies
             return tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
         return self._function(phase, names, has_labels)(*args)

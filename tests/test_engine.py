@@ -404,6 +404,70 @@ class _StandInGraphs:
         return callable_
 
 
+class _StaticGradGraphs:
+    """Replaces torch.cuda.make_graphed_callables on CPU with its replay semantics: outputs, input gradients and
+    parameter gradients come back as detached views of static buffers that the next replay overwrites."""
+
+    def __call__(self, callable_, sample, allow_unused_input=False, pool=None):
+        params = [p for p in callable_.parameters() if p.requires_grad] if isinstance(callable_, nn.Module) else []
+        n_in = len(sample)
+        static: dict = {}
+
+        def buffer(key, value):
+            buf = static.get(key)
+            if buf is None:
+                buf = static[key] = torch.empty_like(value)
+            return buf.copy_(value).detach()
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                xs = [a.detach().requires_grad_(a.requires_grad) for a in args[:n_in]]
+                with torch.enable_grad():
+                    out = callable_(*xs)
+                ctx.xs, ctx.outs = xs, out if isinstance(out, tuple) else (out,)
+                outs = tuple(buffer(("out", i), o) for i, o in enumerate(ctx.outs))
+                return outs if isinstance(out, tuple) else outs[0]
+
+            @staticmethod
+            def backward(ctx, *grads):
+                need = [x for x in ctx.xs if x.requires_grad] + params
+                got = list(torch.autograd.grad(ctx.outs, need, grads, allow_unused=True))
+                res = []
+                for x in ctx.xs:
+                    res.append(buffer(("in", len(res)), got.pop(0)) if x.requires_grad else None)
+                return (*res, *(buffer(("param", i), g) if g is not None else None for i, g in enumerate(got)))
+
+        return lambda *args: Replay.apply(*args, *params)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
+    """A replay's gradients live in static buffers: fake-score gradients accumulated over micro-batches, and an
+    input's .grad, must not alias them (the next replay would overwrite them)."""
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _StaticGradGraphs())
+    monkeypatch.setattr(ScoreEngine, "_use_graphs", lambda self, x: self.graphs is not False and torch.is_grad_enabled())
+    graphed, G, z, noise, sigma = _setup(mode, batch=4)
+    eager = copy.deepcopy(graphed)
+    eager.graphs = False
+    eager.refresh()
+    x = G(z).detach()
+    for eng in (graphed, eager):  # two micro-batches with different inputs, gradients accumulated
+        eng.fake_score_loss(x, sigma, None, noise).backward()
+        eng.fake_score_loss(x.flip(0), sigma, None, noise).backward()
+    assert graphed._graphs and not eager._graphs
+    for a, b in zip(graphed.fake_parameters(), eager.fake_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    x_t = [(x + sigma.reshape(-1, 1, 1, 1) * noise * k).requires_grad_() for k in (1.0, 0.5)]
+    for xt in x_t:
+        y_real, y_fake = graphed.scores(xt, sigma)
+        sidfast.sid_generator_loss(y_real, y_fake, xt.detach()).backward()
+    xe = x_t[0].detach().requires_grad_()
+    y_real, y_fake = eager.scores(xe, sigma)
+    sidfast.sid_generator_loss(y_real, y_fake, xe.detach()).backward()
+    torch.testing.assert_close(x_t[0].grad, xe.grad, rtol=1e-5, atol=1e-7)  # not overwritten by the 2nd replay
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_graph_bookkeeping_with_a_stand_in_capture(mode, monkeypatch):
     stand_in = _StandInGraphs()
@@ -516,8 +580,10 @@ def test_shared_pool_iterations_equal_eager(mode):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     engine, eager, G, z, noise, sigma = _gpu_pair(mode, share_pool=True)
-    x0 = G(z).detach()
-    for _ in range(2):  # the SiD order: fake forward + backward, then generator forward + backward
+    for it in range(2):  # the SiD order: fake forward + backward, then generator forward + backward
+        # other inputs in the second iteration: fake gradients accumulate g1 + g2 (a replay's static gradient
+        # buffer kept as p.grad would give 2 g2, which equal inputs could not tell apart)
+        x0 = G(z).detach().flip(0) if it else G(z).detach()
         outs = []
         for eng in (engine, eager):
             eng.fake_score_loss(x0, sigma, None, noise).backward()
