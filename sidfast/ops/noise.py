@@ -145,15 +145,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _pair_normal(u1, u2, FAST: tl.constexpr):
-        """Box-Muller (as tl.pair_uniform_to_normal); FAST uses the GPU's approximate log/sin/cos
-        (absolute error ~1e-6, far cheaper than libdevice's accurate versions; not in the interpreter)."""
+        """Box-Muller (as tl.pair_uniform_to_normal). The radius always takes the accurate log: near u1 = 1 the
+        approximate __logf's absolute error (~4e-7) exceeds -log(u1) itself, which would make the radius
+        inaccurate (its error is err / r) or NaN (a positive "log"). FAST uses the GPU's approximate sin/cos
+        (absolute error ~1e-6, times a radius below 6); not in the interpreter."""
         u1 = tl.maximum(1.0e-7, u1)
         th = 6.283185307179586 * u2
+        r = tl.sqrt(tl.maximum(-2.0 * tl.log(u1), 0.0))
         if FAST:
-            r = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
             return r * libdevice.fast_cosf(th), r * libdevice.fast_sinf(th)
         else:
-            r = tl.sqrt(-2.0 * tl.log(u1))
             return r * tl.cos(th), r * tl.sin(th)
 
     @triton.jit
