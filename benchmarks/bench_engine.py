@@ -102,6 +102,11 @@ def measure(variant: str, config: str, batch: int, device, iters: int = 10, warm
             row.update(host_vs_gpu(runner, device, iters))
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
+    except Exception as exc:  # one failing variant must not lose the other rows of a run
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        import traceback
+
+        traceback.print_exc()
     finally:
         del runner
         gc.collect()
@@ -177,6 +182,10 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = args.tf32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
+    partial = None
+    if args.out:  # each row is appended as soon as it is measured: a run cut off by a time limit keeps its rows
+        partial = Path(args.out).with_suffix(".jsonl")
+        partial.parent.mkdir(parents=True, exist_ok=True)
     for config in args.config:
         print(f"{config}: {parameter_count(make_networks(config, 'cpu')[0]):,} parameters per network", flush=True)
         for batch in args.batch:
@@ -185,6 +194,9 @@ def main(argv=None) -> int:
                 row.update(device=name, torch=torch.__version__, tf32=args.tf32)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if partial is not None:
+                    with open(partial, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
     table = render(rows, name)
     print(table)
     if args.out:

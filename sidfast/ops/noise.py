@@ -345,7 +345,9 @@ def add_noise(x0: torch.Tensor, a, s, noise: torch.Tensor | None = None, generat
         x0: clean data, (B, *F), float16/bfloat16/float32/float64. Gradients flow to it (d x_t/d x0 = a).
         a, s: per-sample coefficients, (B,) tensors or numbers (EDM: a = 1, s = sigma); no gradients.
         noise: an explicit eps (B, *F) of x0's dtype, or None to draw eps inside the kernel.
-        generator: torch generator for the seed (on x0's device); None uses the default one.
+        generator: torch generator for the seed (on x0's device); None uses the default one. Inside a CUDA-graph
+            capture only the default generator advances per replay unless yours is registered with the graph
+            (``graph.register_generator_state(generator)``); torch refuses an unregistered one.
         offset: Philox counter offset, to draw independent streams from one seed.
     Returns:
         (x_t in x0's dtype and layout, seed): seed is the (1,) int64 tensor that regenerates eps
