@@ -36,7 +36,7 @@ from torch import nn
 
 from . import loss as _loss
 from .denoisers import Denoiser, as_denoiser, sigma_per_sample
-from .lora import LoRAFakeScore, frozen_view, lora_parameters, set_lora_mode, shares_storage
+from .lora import LoRAFakeScore, frozen_view, lora_parameters, same_storage, set_lora_mode, shares_storage
 from .schedules import broadcast
 
 MODES = ("full", "lora")
@@ -113,10 +113,6 @@ class _OwnGrad(torch.autograd.Function):
         return grad.clone()
 
 
-def _same_storage(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(x.data_ptr() == y.data_ptr() and x.shape == y.shape for x, y in zip(a, b))
-
-
 def _double(t):
     return torch.cat([t, t], 0) if isinstance(t, torch.Tensor) else t
 
@@ -182,7 +178,7 @@ class ScoreEngine:
                 raise ValueError("mode='lora' takes fake=None (the engine builds the LoRA fake score) or a "
                                  f"sidfast.lora.LoRAFakeScore over this teacher, got {type(fake).__name__}")
             base = [p for n, p in fake.net.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
-            if not _same_storage(base, list(self.teacher.parameters())):
+            if not same_storage(base, list(self.teacher.parameters())):
                 raise ValueError("fake is a LoRAFakeScore over another network: its frozen weights are not this "
                                  "teacher's")
         self.fake: Denoiser = fake

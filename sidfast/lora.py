@@ -55,8 +55,12 @@ def frozen_view(module: nn.Module) -> nn.Module:
 
 def shares_storage(view: nn.Module, module: nn.Module) -> bool:
     """Whether every parameter of ``view`` still lies on the storage of the matching parameter of ``module``."""
-    pv, pm = list(view.parameters()), list(module.parameters())
-    return len(pv) == len(pm) and all(a.data_ptr() == b.data_ptr() and a.shape == b.shape for a, b in zip(pv, pm))
+    return same_storage(list(view.parameters()), list(module.parameters()))
+
+
+def same_storage(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether the tensors of ``a`` and ``b`` pair up on the same data with the same shapes."""
+    return len(a) == len(b) and all(x.data_ptr() == y.data_ptr() and x.shape == y.shape for x, y in zip(a, b))
 
 
 class LoRALayer(nn.Module):
@@ -275,5 +279,5 @@ class LoRAFakeScore(Denoiser):
         return lora_parameters(self.net)
 
 
-__all__ = ["LoRAFakeScore", "LoRALayer", "LoRALinear", "LoRAConv2d", "add_lora", "frozen_view", "shares_storage",
+__all__ = ["LoRAFakeScore", "LoRALayer", "LoRALinear", "LoRAConv2d", "add_lora", "frozen_view", "shares_storage", "same_storage",
            "lora_layers", "set_lora_mode", "lora_parameters", "lora_state_dict", "merge_lora", "MODES"]

@@ -233,7 +233,11 @@ def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
 
 def sanitize_grads(params) -> None:
     """Published: grad <- nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5), in place."""
-    _nan_to_num_([p.grad for p in params if p.grad is not None])
+    _nan_to_num_(_grads(params))
+
+
+def _grads(params) -> list:
+    return [p.grad for p in params if p.grad is not None]
 
 
 def _nan_to_num_(tensors: list) -> None:
@@ -538,7 +542,7 @@ class _Trainer:
                                        sigma_data=cfg.sigma_data, reduction="batchmean")
                 (loss * (cfg.loss_scale_fake / self.rounds)).backward()
                 total = total + loss.detach() / self.rounds
-        self._nan_to_num_([p.grad for p in self.fake_params if p.grad is not None])
+        self._nan_to_num_(_grads(self.fake_params))
         self.opt_fake.step()
         return total
 
@@ -560,7 +564,7 @@ class _Trainer:
                 # gradients for G's parameters only; teacher and fake score pass input gradients
                 (loss * (cfg.loss_scale_g / self.rounds)).backward(inputs=self.g_params)
                 total = total + loss.detach() / self.rounds
-        self._nan_to_num_([p.grad for p in self.g_params if p.grad is not None])
+        self._nan_to_num_(_grads(self.g_params))
         self.opt_g.step()
         return total
 

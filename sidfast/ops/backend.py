@@ -75,6 +75,13 @@ def is_traced(*ts: torch.Tensor) -> bool:
     return any(type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) for t in ts)
 
 
+def launch_or_op(op, launch, *args):
+    """What a fused op's autograd.Function calls: the custom ``op`` while tracing (torch.compile traces it through
+    its fake), else the direct ``launch`` (eager calls skip the custom-op dispatcher's host cost, about 40 us per
+    call; benchmarks/bench_host_overhead.py). ``args`` may hold non-tensors and None."""
+    return op if is_traced(*(a for a in args if isinstance(a, torch.Tensor))) else launch
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 for the interpreter), cached: no query per call."""
     if device.type != "cuda":

@@ -213,12 +213,11 @@ if HAS_TRITON:
 class FakeScoreLossFunction(torch.autograd.Function):
     """The loss of ``sidfast::fake_score_loss`` with the gradient kept private, so backward may scale it in
     place (``grad_scale.scale_saved_grads``); traced by torch.compile like the op itself (eager mode launches
-    the kernel directly, skipping the custom-op dispatcher's host cost, as ``SiDLossFunction``)."""
+    the kernel directly: ``backend.launch_or_op``)."""
 
     @staticmethod
     def forward(ctx, pred, *args):
-        traced = backend.is_traced(pred, *(t for t in args if isinstance(t, torch.Tensor)))
-        run = torch.ops.sidfast.fake_score_loss if traced else fake_score_loss_triton_impl
+        run = backend.launch_or_op(torch.ops.sidfast.fake_score_loss, fake_score_loss_triton_impl, pred, *args)
         loss, grad = run(pred, *args)
         ctx.save_for_backward(grad)
         ctx.n_args = len(args)

@@ -303,13 +303,12 @@ if HAS_TRITON:
 
 
 class AddNoiseFunction(torch.autograd.Function):
-    """``sidfast::add_noise`` with the same backward; eager mode launches the kernel directly (the custom-op
-    dispatcher's host cost is skipped), tracing under torch.compile goes through the op and its fake."""
+    """``sidfast::add_noise`` with the same backward; eager calls launch the kernel directly, tracing goes
+    through the op and its fake (``backend.launch_or_op``)."""
 
     @staticmethod
     def forward(ctx, x0, a, s, noise, seed, offset: int):
-        traced = backend.is_traced(*(t for t in (x0, a, s, noise, seed) if t is not None))
-        run = torch.ops.sidfast.add_noise if traced else add_noise_triton_impl
+        run = backend.launch_or_op(torch.ops.sidfast.add_noise, add_noise_triton_impl, x0, a, s, noise, seed)
         ctx.save_for_backward(a)
         ctx.x0_dtype = x0.dtype
         return run(x0, a, s, noise, seed, offset)

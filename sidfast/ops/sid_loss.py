@@ -361,13 +361,12 @@ if HAS_TRITON:
 class SiDLossFunction(torch.autograd.Function):
     """The loss of ``sidfast::sid_loss_triton`` with its gradients kept private, so that backward may scale
     them in place (``grad_scale.scale_saved_grads``: no extra pass when grad_output is 1). torch.compile
-    traces it (the op inside has a fake; the traced backward scales out of place). In eager mode the
-    forward launches the kernels directly: the custom-op dispatcher costs about 40 us of host time per
-    call (benchmarks/host_overhead.py), most of the budget of a fused loss at CIFAR size."""
+    traces it (the op inside has a fake; the traced backward scales out of place); eager calls launch the
+    kernels directly (``backend.launch_or_op``)."""
 
     @staticmethod
     def forward(ctx, y_real, y_fake, x_g, alpha: float, normalize: bool, reduction: int):
-        run = torch.ops.sidfast.sid_loss_triton if backend.is_traced(y_real, y_fake, x_g) else sid_loss_triton_impl
+        run = backend.launch_or_op(torch.ops.sidfast.sid_loss_triton, sid_loss_triton_impl, y_real, y_fake, x_g)
         loss, *grads = run(y_real, y_fake, x_g, alpha, normalize, reduction)
         ctx.save_for_backward(*grads)
         return loss
