@@ -1,4 +1,6 @@
-"""Conversions between what a network predicts: ``x0``, ``eps``, ``v`` and ``flow`` (SPEC section 2).
+"""Conversions between what a network predicts: ``x0``, ``eps``, ``v`` and ``flow``.
+
+The formulas are tabulated in docs/math.md, "Predictions".
 
 All functions take ``x_t`` and the per-sample coefficients ``a``, ``s`` (shape ``(B,)`` or
 already broadcast); they hold for any schedule, not only the one a prediction is usually paired with.
@@ -32,12 +34,12 @@ def target(x0: torch.Tensor, eps: torch.Tensor, a, s, kind: str) -> torch.Tensor
         return eps
     a, s = broadcast(a, x0), broadcast(s, x0)
     if kind == "v":
-        return a * eps - s * x0  # Salimans & Ho 2022, eq. 9 (diffusers get_velocity)
+        return a * eps - s * x0  # Salimans & Ho 2022, section 4 (diffusers get_velocity)
     return eps - x0  # flow matching velocity d x_t / dt for a = 1 - t, s = t (Liu et al. 2022)
 
 
 def to_x0(pred: torch.Tensor, x_t: torch.Tensor, a, s, kind: str) -> torch.Tensor:
-    """Denoised estimate ``x0_hat`` from a ``kind`` prediction at ``x_t`` (SPEC section 2, column x0_hat)."""
+    """Denoised estimate ``x0_hat`` from a ``kind`` prediction at ``x_t`` (docs/math.md, "Predictions")."""
     kind = canonical(kind)
     if kind == "x0":
         return pred
@@ -51,7 +53,7 @@ def to_x0(pred: torch.Tensor, x_t: torch.Tensor, a, s, kind: str) -> torch.Tenso
 
 
 def to_eps(pred: torch.Tensor, x_t: torch.Tensor, a, s, kind: str) -> torch.Tensor:
-    """Noise estimate ``eps_hat`` from a ``kind`` prediction at ``x_t`` (SPEC section 2, column eps_hat)."""
+    """Noise estimate ``eps_hat`` from a ``kind`` prediction at ``x_t`` (docs/math.md, "Predictions")."""
     kind = canonical(kind)
     if kind == "eps":
         return pred

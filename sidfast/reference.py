@@ -1,4 +1,4 @@
-"""The readable specification: SPEC sections 1-5 in plain PyTorch.
+"""The readable specification: every formula of ``docs/math.md`` in plain PyTorch.
 
 Every fast path in sidfast is tested against these functions. They favour clarity over speed
 and do no argument checking (``sidfast.loss`` validates before dispatching).
@@ -15,7 +15,7 @@ REDUCTIONS = ("none", "sum", "batchmean")
 
 
 def add_noise(x0: torch.Tensor, a, s, noise: torch.Tensor) -> torch.Tensor:
-    """x_t = a_t * x0 + s_t * eps (SPEC section 1). x0, noise: (B, *F); a, s: (B,) or scalars."""
+    """x_t = a_t * x0 + s_t * eps (docs/math.md, "Forward process and schedules"). a, s: (B,) or scalars."""
     return broadcast(a, x0) * x0 + broadcast(s, x0) * noise
 
 
@@ -52,35 +52,37 @@ def sid_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Te
     y_real, y_fake, x_g = _zero_rows(keep, y_real, y_fake, x_g)
     dims = list(range(1, x_g.dim()))
     with torch.no_grad():
-        # w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (Zhou et al. 2024, eq. 10 normalizer)
-        # (computed in float32 as published; float64 inputs keep float64)
+        # w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (docs/math.md, "SiD generator loss");
+        # computed in float32 as published, float64 inputs keep float64
         acc = torch.promote_types(x_g.dtype, torch.float32)
         w = (x_g - y_real).abs().to(acc).mean(dim=dims, keepdim=True).clip(min=1e-5)
-    # L = (f_phi - f_psi) * ((f_phi - x_g) - alpha (f_phi - f_psi)) / w (Zhou et al. 2024, eq. 9, denoised form)
+    # L = (f_phi - f_psi) * ((f_phi - x_g) - alpha (f_phi - f_psi)) / w (Zhou et al. 2024, section 4)
     loss = (y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / w
     return reduce(loss, reduction)
 
 
 def sid_generator_loss_eps(eps_real: torch.Tensor, eps_fake: torch.Tensor, eps: torch.Tensor, lam: float = 1.2,
                            reduction: str = "batchmean") -> torch.Tensor:
-    """SiD generator loss in noise space (SPEC section 3): <e_phi - e_psi, e_phi - eps> - lam ||e_phi - e_psi||^2.
+    """SiD generator loss in noise space: <e_phi - e_psi, e_phi - eps> - lam ||e_phi - e_psi||^2.
 
     eps_real, eps_fake: teacher and fake-score noise estimates, (B, *F); eps: the noise used for x_t.
-    Per element, unnormalized; NaN samples contribute zero, as in the denoised form.
+    Per element, unnormalized; NaN samples contribute zero, as in the denoised form. Equal to the denoised
+    form before its normalization, divided by (s/a)^2 (docs/math.md, "SiD generator loss").
     """
     keep = ~nan_rows(eps_real, eps_fake, eps)
     eps_real, eps_fake, eps = _zero_rows(keep, eps_real, eps_fake, eps)
     d = eps_real - eps_fake
-    # L_2 - lam L_1 (Zhou et al. 2024, eq. 8 with its alpha as lam; note 004 eq. 47)
+    # inner product minus lam times the squared score difference (Zhou et al. 2024, section 4; lam = alpha)
     loss = d * ((eps_real - eps) - lam * d)
     return reduce(loss.to(torch.promote_types(loss.dtype, torch.float32)), reduction)
 
 
 def sid_gradients(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float = 1.2,
                   normalize: bool = True):
-    """Closed-form gradients of the per-element loss (SPEC section 3), each divided by w (or 1).
+    """Closed-form gradients of the per-element loss, each divided by w (or 1).
 
-    Returns (dL/dy_real, dL/dy_fake, dL/dx_g) in float32, NaN samples zeroed; used to document and test.
+    The fused ops evaluate these in their forward pass (docs/math.md, "SiD generator loss"). Returns
+    (dL/dy_real, dL/dy_fake, dL/dx_g) in float32, NaN samples zeroed; used to document and test.
     """
     keep = ~nan_rows(y_real, y_fake, x_g)
     y_real, y_fake, x_g = (t.float() for t in _zero_rows(keep, y_real, y_fake, x_g))
@@ -92,7 +94,7 @@ def sid_gradients(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor,
     return (e + (1 - 2 * alpha) * d) / w, (-e + 2 * alpha * d) / w, -d / w
 
 
-# ---- fake-score (denoising score matching) loss, SPEC section 4 ----
+# ---- fake-score (denoising score matching) loss: docs/math.md, "Fake-score loss" ----
 
 WEIGHTINGS = ("edm", "x0", "eps", "v", "flow", "min_snr_eps", "min_snr_v")
 
@@ -108,16 +110,16 @@ def fake_score_weight(a: torch.Tensor, s: torch.Tensor, weighting: str, sigma_da
         return weighting, torch.ones_like(s)
     r = snr(a, s)
     if weighting == "min_snr_eps":
-        return "eps", torch.clamp(r, max=gamma) / r  # Hang et al. 2023, eq. 10 (diffusers compute_snr)
+        return "eps", torch.clamp(r, max=gamma) / r  # min-SNR-gamma for eps errors (Hang et al. 2023)
     if weighting == "min_snr_v":
-        return "v", torch.clamp(r, max=gamma) / (r + 1)  # Hang et al. 2023, v-prediction form
+        return "v", torch.clamp(r, max=gamma) / (r + 1)  # min-SNR-gamma for v errors (Hang et al. 2023)
     raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
 def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
                     prediction: str = "x0", weighting: str = "edm", sigma_data: float = 0.5, gamma: float = 5.0,
                     reduction: str = "batchmean") -> torch.Tensor:
-    """Denoising score matching on generator samples: w(t) * ||target_hat - target||^2 (SPEC section 4).
+    """Denoising score matching on generator samples: w(t) * ||target_hat - target||^2 (docs/math.md).
 
     pred: the fake score's output at x_t = a x0 + s noise, in its own ``prediction`` space, (B, *F);
     x0: the (detached) generator sample; noise: the eps used; a, s: (B,). Float32 result, per element for "none".
@@ -131,14 +133,14 @@ def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a
     return reduce(loss, reduction)
 
 
-# ---- noise-level samplers, SPEC sections 3 and 4 ----
+# ---- noise levels: docs/math.md, "Noise levels" ----
 
 def generator_sigma(batch: int, tmax: int = 800, sigma_min: float = 0.002, sigma_max: float = 80.0,
                     rho: float = 7.0, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,) sigmas of the published generator loss: u ~ U(0, tmax/1000) mapped through EDM's rho-schedule."""
     u = torch.rand(batch, device=device, generator=generator) * (tmax / 1000)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + (1 - u) * (lo - hi)) ** rho  # Zhou et al. 2024, section 4 (Karras et al. 2022, eq. 5)
+    return (hi + (1 - u) * (lo - hi)) ** rho  # EDM rho-schedule (Karras et al. 2022, eq. 5) at 1 - u
 
 
 def edm_training_sigma(batch: int, p_mean: float = -1.2, p_std: float = 1.2, device=None,

@@ -1,7 +1,8 @@
 """Noise schedules: the coefficients ``a_t`` and ``s_t`` of ``x_t = a_t * x0 + s_t * eps``.
 
 Every schedule maps a per-sample time tensor ``t`` of shape ``(B,)`` to a pair ``(a, s)`` of
-the same shape (SPEC section 1). ``broadcast`` reshapes such per-sample scalars to a data tensor.
+the same shape (docs/math.md, "Forward process and schedules"). ``broadcast`` reshapes such
+per-sample scalars to a data tensor.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def broadcast(c: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
 
 
 def log_snr(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """lambda_t = log(a_t^2 / s_t^2) (SPEC section 1; Kingma et al. 2021, eq. 3)."""
+    """lambda_t = log(a_t^2 / s_t^2), the log-SNR (Kingma et al. 2021, variational diffusion models)."""
     return 2.0 * (torch.log(a) - torch.log(s))
 
 
@@ -46,7 +47,7 @@ class Schedule:
 
 
 class EDMSchedule(Schedule):
-    """EDM / variance exploding: ``t`` is sigma; a = 1, s = sigma (Karras et al. 2022, eq. 1)."""
+    """EDM / variance exploding: ``t`` is sigma; a = 1, s = sigma (Karras et al. 2022, section 2)."""
 
     name = "edm"
 
@@ -55,7 +56,10 @@ class EDMSchedule(Schedule):
 
 
 class FlowSchedule(Schedule):
-    """Flow matching / rectified flow: ``t`` in [0, 1]; a = 1 - t, s = t (Liu et al. 2022, eq. 1)."""
+    """Flow matching / rectified flow: ``t`` in [0, 1]; a = 1 - t, s = t.
+
+    Liu et al. 2022 (rectified flow) with time reversed so that t = 1 is noise, as in diffusers.
+    """
 
     name = "flow"
 
