@@ -257,7 +257,7 @@ def test_gradient_accumulation_equals_the_full_batch_loss_scale(tmp_path):
     # different samples, so only the scale can be compared: each round contributes about half a full batch
     ratio = sum(g.norm() for g in acc) / sum(g.norm() for g in half)
     assert 0.2 < ratio < 5
-    with pytest.raises(ValueError, match="batch_gpu .* must divide"):
+    with pytest.raises(ValueError, match="--batch-gpu .* must divide"):
         distill(quiet(run_dir=str(tmp_path / "c"), batch=8, batch_gpu=3), tiny_teacher(), log=None)
 
 
@@ -356,8 +356,9 @@ def test_another_seed_gives_other_weights(tmp_path):
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
     distill(quiet(run_dir=str(tmp_path / "r"), iterations=1), tiny_teacher(), log=None)
-    with pytest.raises(ValueError, match="already holds checkpoint.pt.*resume"):
+    with pytest.raises(ValueError, match="already holds checkpoint.pt.*--resume.*--overwrite.*--run-dir") as err:
         distill(quiet(run_dir=str(tmp_path / "r"), iterations=1), tiny_teacher(), log=None)
+    assert "resume='auto'" not in str(err.value) and "overwrite=True" not in str(err.value)
     res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=1, overwrite=True), tiny_teacher(), log=None)
     assert res.iteration == 1
 
@@ -368,7 +369,7 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     ckpt = run / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     torn = ckpt.read_bytes()
-    with pytest.raises(CheckpointError, match=r"corrupt.*checkpoint\.prev\.pt"):
+    with pytest.raises(CheckpointError, match=r"truncated.*checkpoint\.prev\.pt"):
         distill(quiet(run_dir=str(run), iterations=4, resume="auto"), tiny_teacher(), log=None)
     assert ckpt.read_bytes() == torn
     # the previous good checkpoint resumes
@@ -445,7 +446,7 @@ def test_device_errors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("engine", ["eager", "score_engine"])
+@pytest.mark.parametrize("engine", ["eager", "fused"])
 def test_cuda_run_is_a_device_switch(tmp_path, engine):
     res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, device="cuda", precision="bf16", engine=engine,
                         grid_size=4, teacher_steps=2), tiny_teacher(), log=None)
@@ -453,11 +454,11 @@ def test_cuda_run_is_a_device_switch(tmp_path, engine):
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
-def test_score_engine_path_matches_the_eager_path(tmp_path, num_classes):
-    """engine="score_engine" (sidfast.engine over frozen views) trains bitwise like two eager calls on CPU."""
+def test_fused_engine_path_matches_the_eager_path(tmp_path, num_classes):
+    """engine="fused" (sidfast.engine over frozen views) trains bitwise like two eager calls on CPU."""
     kw = dict(iterations=3, lr=1e-3)
     eager = distill(quiet(run_dir=str(tmp_path / "e"), **kw), tiny_teacher(num_classes), log=None)
-    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="score_engine", **kw), tiny_teacher(num_classes),
+    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="fused", **kw), tiny_teacher(num_classes),
                     log=None)
     for name in ("generator", "generator_ema", "fake"):
         a, b = states(getattr(eager, name)), states(getattr(fused, name))
@@ -469,7 +470,7 @@ def test_score_engine_path_matches_the_eager_path(tmp_path, num_classes):
 
 # ---------------- LoRA fake score and torch.compile options ----------------
 
-@pytest.mark.parametrize("engine", ["eager", "score_engine"])
+@pytest.mark.parametrize("engine", ["eager", "fused"])
 def test_lora_fake_score_trains_low_rank_factors_over_the_frozen_teacher(tmp_path, engine):
     teacher = tiny_teacher(3)
     before = states(teacher)
@@ -487,7 +488,7 @@ def test_lora_engine_path_matches_the_eager_lora_path(tmp_path):
     """One forward over [x_t; x_t] with the update on the fake half trains like two separate eager calls."""
     kw = dict(iterations=3, lr=1e-3, fake_score="lora", lora_rank=4)
     eager = distill(quiet(run_dir=str(tmp_path / "e"), **kw), tiny_teacher(3), log=None)
-    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="score_engine", **kw), tiny_teacher(3), log=None)
+    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="fused", **kw), tiny_teacher(3), log=None)
     for name in ("generator", "fake"):
         a, b = states(getattr(eager, name)), states(getattr(fused, name))
         # a doubled batch may take another matmul blocking, and Adam (beta1 = 0) turns a rounding difference in a
@@ -508,7 +509,7 @@ def test_lora_run_resumes_bitwise_and_refuses_a_full_checkpoint(tmp_path):
     for name in ("generator", "generator_ema", "fake"):
         assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
     distill(quiet(run_dir=str(tmp_path / "plain"), iterations=1, checkpoint_every=1), tiny_teacher(), log=None)
-    with pytest.raises(CheckpointError, match="LoRA"), pytest.warns(UserWarning, match="fake_score"):
+    with pytest.raises(CheckpointError, match="LoRA"), pytest.warns(UserWarning, match="--fake-score"):
         distill(quiet(run_dir=str(tmp_path / "plain"), resume="auto", **kw), tiny_teacher(), log=None)
 
 
@@ -529,7 +530,7 @@ def test_compile_option_compiles_generator_and_score_networks(tmp_path, monkeypa
         return fn
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, compile=True, engine="score_engine"),
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, compile=True, engine="fused"),
                   tiny_teacher(), log=None)
     assert res.generator in compiled  # the generator (training forward and sampling)
     names = [getattr(f, "__name__", "") for f in compiled]
