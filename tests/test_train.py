@@ -11,7 +11,7 @@ from torch import nn
 
 from published import published_generator_loss
 from sidfast import reference
-from sidfast.checkpoint import CheckpointError
+from sidfast.checkpoint import CheckpointError, load_checkpoint
 from sidfast.train import (TrainConfig, distill, ema_beta, sanitize_grads, seed_everything)
 
 SHAPE = (1, 4, 4)
@@ -372,10 +372,86 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     with pytest.raises(CheckpointError, match=r"truncated.*checkpoint\.prev\.pt"):
         distill(quiet(run_dir=str(run), iterations=4, resume="auto"), tiny_teacher(), log=None)
     assert ckpt.read_bytes() == torn
-    # the previous good checkpoint resumes
+    # the previous good checkpoint resumes; the save that follows keeps it and sets the torn file aside
     res = distill(quiet(run_dir=str(run), iterations=4, resume=str(run / "checkpoint.prev.pt")), tiny_teacher(),
                   log=None)
     assert res.iteration == 4
+    assert load_checkpoint(run / "checkpoint.prev.pt", "distill")["iteration"] == 1
+    assert (run / "checkpoint.unreadable.pt").read_bytes() == torn
+    assert load_checkpoint(ckpt, "distill")["iteration"] == 4
+
+
+def test_resuming_a_finished_run_says_so_writes_nothing_and_extends_with_more_iterations(tmp_path):
+    run = tmp_path / "r"
+    distill(quiet(run_dir=str(run), iterations=3, checkpoint_every=1), tiny_teacher(), log=None)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()}
+    lines = []
+    res = distill(quiet(run_dir=str(run), iterations=3, resume="auto"), tiny_teacher(), log=lines.append)
+    assert res.iteration == 3 and res.summary["iterations_this_run"] == 0 and res.interrupted is None
+    assert len(lines) == 1 and "is complete (iteration 3 of 3)" in lines[0]
+    assert "--resume" in lines[0] and "--iterations 6" in lines[0] and "resuming at" not in lines[0]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()} == before
+    # a larger --iterations continues the run exactly as a longer uninterrupted run
+    lines.clear()
+    extended = distill(quiet(run_dir=str(run), iterations=5, resume="auto"), tiny_teacher(), log=lines.append)
+    assert "resuming at iteration 3 of 5" in lines[0]
+    longer = distill(quiet(run_dir=str(tmp_path / "long"), iterations=5), tiny_teacher(), log=None)
+    assert extended.iteration == 5
+    for name in ("generator", "generator_ema", "fake"):
+        assert_bitwise(states(getattr(longer, name)), states(getattr(extended, name)))
+
+
+def test_teacher_path_is_stored_absolute_and_entry_points_unchanged(tmp_path, monkeypatch):
+    from sidfast.checkpoint import load_network, save_network
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    save_network("teacher.pt", tiny_teacher(), "test_train:build_tiny", {})
+    distill(quiet(run_dir="r", iterations=1, teacher="teacher.pt"), tiny_teacher(), log=None)
+    data = torch.load("r/checkpoint.pt", weights_only=True)
+    where = str((tmp_path / "a" / "teacher.pt").resolve())
+    assert data["teacher"] == where and data["config"]["teacher"] == where
+    monkeypatch.chdir(tmp_path / "b")
+    load_network(data["teacher"])  # another working directory still finds it
+    distill(quiet(run_dir="e", iterations=1, teacher="test_train:tiny_teacher"), tiny_teacher(), log=None)
+    assert torch.load("e/checkpoint.pt", weights_only=True)["teacher"] == "test_train:tiny_teacher"
+
+
+def test_plain_progress_lines_off_a_terminal(tmp_path, monkeypatch):
+    """Under pytest stderr is not a terminal: no bar, a log line per metrics record (at most one per interval)."""
+    from sidfast import runtime
+
+    monkeypatch.setattr(runtime.Progress, "interval_s", 0.0)
+    lines = []
+    distill(quiet(run_dir=str(tmp_path / "a"), iterations=4, log_every=2, progress=True), tiny_teacher(),
+            log=lines.append)
+    progress = [x for x in lines if x.startswith("iteration ")]
+    assert [x.split()[1] for x in progress] == ["2/4", "4/4"]
+    for word in ("kimg 0.0", "loss_g", "loss_fake", "img/s", "ETA"):
+        assert word in progress[0], word
+    monkeypatch.setattr(runtime.Progress, "interval_s", 3600.0)
+    lines.clear()
+    distill(quiet(run_dir=str(tmp_path / "b"), iterations=5, log_every=1), tiny_teacher(), log=lines.append)
+    assert [x.split()[1] for x in lines if x.startswith("iteration ")] == ["1/5", "5/5"]  # first, then the end
+    # on a terminal the bar shows the progress instead
+    monkeypatch.setattr(runtime.sys.stderr, "isatty", lambda: True, raising=False)
+    lines.clear()
+    distill(quiet(run_dir=str(tmp_path / "c"), iterations=2, log_every=1, progress=True), tiny_teacher(),
+            log=lines.append)
+    assert not [x for x in lines if x.startswith("iteration ")]
+
+
+def test_option_names_match_the_command_line():
+    from sidfast.cli import build_parser
+
+    distill_parser = build_parser()._subparsers._group_actions[0].choices["distill"]
+    flags = {s for action in distill_parser._actions for s in action.option_strings}
+    assert TrainConfig.option("batch_gpu") == "--batch-gpu"
+    for f in TrainConfig.fields():
+        assert TrainConfig.option(f.name) in flags, f.name
+    with pytest.raises(ValueError, match="no field 'batchgpu'"):
+        TrainConfig.option("batchgpu")
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
