@@ -40,7 +40,8 @@ class CheckpointError(ValueError):
 
 
 def previous_path(path) -> Path:
-    """Where ``atomic_save`` keeps the file it replaced: ``run/checkpoint.pt`` -> ``run/checkpoint.prev.pt``."""
+    """Where ``atomic_save`` keeps the file it replaced: ``run/checkpoint.pt`` ->
+    ``run/checkpoint.prev.pt``."""
     path = Path(path)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
@@ -75,7 +76,7 @@ def _unused_name(path: Path) -> Path:
 
 
 def _reads_back(path: Path) -> bool:
-    """Whether ``path`` is a whole zip archive (what ``torch.save`` writes) whose every entry passes its CRC."""
+    """Whether ``path`` is a whole zip archive (what ``torch.save`` writes) whose entries pass their CRCs."""
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.testzip() is None
@@ -84,7 +85,8 @@ def _reads_back(path: Path) -> bool:
 
 
 def _keep_as_previous(path: Path) -> None:
-    """Hard-link ``path`` to ``previous_path(path)``: the old file stays reachable while ``path`` is replaced."""
+    """Hard-link ``path`` to ``previous_path(path)``: the old file stays reachable while ``path`` is
+    replaced."""
     prev = previous_path(path)
     link_tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
     try:
@@ -136,7 +138,8 @@ def _what_to_do(path: Path, kinds: tuple) -> str:
 
 
 def _what_is_wrong(path: Path, exc: Exception) -> str:
-    """Why ``torch.load`` failed on ``path``, in words: empty, not a torch file, truncated, corrupt, foreign."""
+    """Why ``torch.load`` failed on ``path``, in words: empty, not a torch file, truncated, corrupt,
+    foreign."""
     size = path.stat().st_size
     if size == 0:
         return "is empty (0 bytes): the write that made it did not finish"
@@ -158,8 +161,8 @@ def _what_is_wrong(path: Path, exc: Exception) -> str:
     if not any(name.endswith("data.pkl") for name in names):
         return "is a zip archive but not a torch checkpoint (no data.pkl inside)"
     if isinstance(exc, pickle.UnpicklingError):
-        return ("holds Python objects other than tensors and plain containers; sidfast reads checkpoints with "
-                "torch.load(weights_only=True) and runs no code from a file (not a sidfast checkpoint)")
+        return ("holds Python objects other than tensors and plain containers; sidfast reads checkpoints "
+                "with torch.load(weights_only=True) and runs no code from a file (not a sidfast checkpoint)")
     return f"cannot be read by this torch {torch.__version__} ({type(exc).__name__})"
 
 
@@ -212,7 +215,8 @@ def teacher_reference(spec: str | None) -> str | None:
 
 
 def _fake_state(fake: torch.nn.Module, config: TrainConfig) -> dict:
-    """What a checkpoint keeps of the fake score: all of it, or only the LoRA factors (the rest is the teacher)."""
+    """What a checkpoint keeps of the fake score: all of it, or only the LoRA factors (the rest is the
+    teacher)."""
     from .lora import lora_state_dict
 
     return lora_state_dict(fake) if config.fake_score == "lora" else fake.state_dict()
@@ -225,8 +229,8 @@ def _load_fake(fake: torch.nn.Module, state: dict, config: TrainConfig) -> None:
     missing, unexpected = fake.load_state_dict(state, strict=False)
     lora_missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
     if unexpected or lora_missing or not state:
-        raise ValueError(f"the checkpoint's fake score is not a LoRA fake score of this teacher and rank (missing "
-                         f"{lora_missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"the checkpoint's fake score is not a LoRA fake score of this teacher and rank "
+                         f"(missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def save_distill(path, config: TrainConfig, networks: dict, optimizers: dict, iteration: int, nimg: int,
@@ -280,8 +284,9 @@ def load_distill(data: dict, path, config: TrainConfig, networks: dict, optimize
         runtime.set_rng_state(states[dist.rank], device)
     else:
         if dist.rank == 0:
-            warnings.warn(f"checkpoint {str(path)!r} was written by {data.get('world_size')} process(es), this "
-                          f"run has {dist.world}: random streams are re-seeded from seed + iteration", stacklevel=3)
+            warnings.warn(f"checkpoint {str(path)!r} was written by {data.get('world_size')} process(es), "
+                          f"this run has {dist.world}: random streams are re-seeded from seed + iteration",
+                          stacklevel=3)
         runtime.seed_everything(config.seed + iteration, dist.rank, dist.world)
     return iteration, int(data["nimg"])
 
@@ -330,6 +335,6 @@ def load_network(path) -> tuple[torch.nn.Module, dict]:
     return build_network(data, path).eval(), data.get("meta", {})
 
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "previous_path", "unreadable_path", "save_network",
-           "load_network", "build_network", "import_entry_point", "kind_of", "save_distill", "load_distill",
-           "teacher_reference", "FORMATS", "VERSION"]
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "previous_path", "unreadable_path",
+           "save_network", "load_network", "build_network", "import_entry_point", "kind_of", "save_distill",
+           "load_distill", "teacher_reference", "FORMATS", "VERSION"]

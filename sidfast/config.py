@@ -32,9 +32,12 @@ class TrainConfig:
     recipe")."""
 
     # recipe
-    iterations: int = _f(1_580_000, "SiD iterations to run (published CIFAR-10: ~1.58M at batch 256, ~400M images)")
-    batch: int = _t(256, "generator samples per update, summed over all processes (published: 256 on CIFAR-10)")
-    lr: float = _t(1e-5, "Adam learning rate of the generator (published: 1e-5 CIFAR-10/FFHQ, 4e-6 ImageNet 64)")
+    iterations: int = _f(1_580_000, "SiD iterations to run (published CIFAR-10: ~1.58M at batch 256, "
+                                    "~400M images)")
+    batch: int = _t(256, "generator samples per update, summed over all processes (published: 256 on "
+                         "CIFAR-10)")
+    lr: float = _t(1e-5, "Adam learning rate of the generator (published: 1e-5 CIFAR-10/FFHQ, 4e-6 "
+                         "ImageNet 64)")
     fake_lr: Optional[float] = _t(None, "Adam learning rate of the fake score (default: same as lr)")
     betas: tuple = _t((0.0, 0.999), "Adam betas of both optimizers (published: 0 0.999)")
     adam_eps: Optional[float] = _t(None, "Adam epsilon (default: 1e-8, or 1e-6 with fp16 as published)")
@@ -54,28 +57,33 @@ class TrainConfig:
     seed: int = _t(0, "random seed; rank r of w processes seeds with seed * w + r as published")
 
     # networks & performance
-    teacher: Optional[str] = _f(None, "teacher: sidfast checkpoint, local diffusers directory, or module:function")
+    teacher: Optional[str] = _f(None, "teacher: sidfast checkpoint, local diffusers directory, or "
+                                      "module:function")
     num_classes: Optional[int] = _t(None, "classes of a conditional teacher (default: read from the network)")
     label_format: str = _t("auto", "class labels as onehot (EDM) or index (diffusers); auto picks by network")
     image_shape: Optional[tuple] = _t(None, "generator output shape C H W (default: read from the network)")
-    batch_gpu: Optional[int] = _t(None, "samples per process per forward pass; smaller than batch/world accumulates")
+    batch_gpu: Optional[int] = _t(None, "samples per process per forward pass; smaller than batch/world "
+                                        "accumulates")
     precision: str = _t("fp32", "network precision: fp32, bf16 (autocast) or fp16 (autocast); fp32 losses")
     device: str = _f("auto", "device: auto, cpu, cuda or cuda:N (auto picks cuda when available)")
-    engine: str = _t("eager", "score networks: eager (plain calls) or fused (sidfast.engine: one batched call, "
-                              "CUDA graphs)")
-    fake_score: str = _t("full", "fake score: full (published: a trainable copy of the teacher) or lora (a low-rank "
-                                 "update over the teacher's frozen, shared weights: no network copy)")
+    engine: str = _t("eager", "score networks: eager (plain calls) or fused (sidfast.engine: one batched "
+                              "call, CUDA graphs)")
+    fake_score: str = _t("full", "fake score: full (published: a trainable copy of the teacher) or lora "
+                                 "(a low-rank update over the teacher's frozen, shared weights: no copy)")
     lora_rank: int = _t(64, "rank of the LoRA fake score's updates (with fake_score lora)")
     compile: bool = _f(False, "torch.compile the generator and, with engine fused, the score networks")
 
     # outputs
     run_dir: str = _f("runs/sid", "output directory: checkpoint.pt, metrics.jsonl, PNG grids, losses.png")
-    checkpoint_every: int = _f(1000, "write checkpoint.pt every N iterations (0: only at the end and on signals)")
-    log_every: int = _f(10, "append averaged losses to metrics.jsonl and refresh the progress display every N")
+    checkpoint_every: int = _f(1000, "write checkpoint.pt every N iterations (0: only at the end and on "
+                                     "signals)")
+    log_every: int = _f(10, "append averaged losses to metrics.jsonl and refresh the progress display every "
+                            "N")
     sample_every: int = _f(1000, "write a student sample grid every N iterations (0: start and end only)")
     grid_size: int = _f(64, "images in each sample grid (0: no grids)")
     teacher_steps: int = _f(18, "Heun steps for the teacher's sample grid (0: no teacher grid)")
-    progress: bool = _f(True, "show a progress bar on a terminal (elsewhere, and without it: periodic log lines)")
+    progress: bool = _f(True, "show a progress bar on a terminal (elsewhere, and without it: periodic log "
+                              "lines)")
     resume: Optional[str] = _f(None, "continue from this checkpoint ('auto': run_dir/checkpoint.pt)")
     overwrite: bool = _f(False, "start afresh even if run_dir already holds a checkpoint")
 

@@ -402,7 +402,8 @@ def load_entry_point(spec: str, *args, name: str | None = None, **kwargs) -> Den
 # ---- what a network looks like: image shape, classes, labels ----
 
 def _modules_of(net) -> list:
-    """``net`` and the modules it wraps (``network``, ``module``, ``net``, ``unet``, ``model``), outermost first."""
+    """``net`` and the modules it wraps (``network``, ``module``, ``net``, ``unet``, ``model``), outermost
+    first."""
     seen, stack = [], [net]
     while stack:
         module = stack.pop(0)
@@ -438,7 +439,8 @@ def infer_image_shape(net) -> tuple | None:
 
 
 def infer_num_classes(net) -> int:
-    """Classes of a conditional network (``num_classes``, EDM's ``label_dim``, diffusers' ``num_class_embeds``)."""
+    """Classes of a conditional network (``num_classes``, EDM's ``label_dim``, diffusers'
+    ``num_class_embeds``)."""
     for module in _modules_of(net):
         for attr in ("num_classes", "label_dim"):
             value = getattr(module, attr, None)

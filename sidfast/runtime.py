@@ -1,4 +1,5 @@
-"""Process plumbing for the trainer: device, process group, seeds, RNG state, signals, autocast, console progress.
+"""Process plumbing for the trainer: device, process group, seeds, RNG state, signals, autocast, and the
+console's progress display.
 
 Modelled on NVlabs/edm ``torch_utils/distributed.py``: the training loop asks this module where it runs and
 whether to stop, and never touches ``torch.distributed``, ``signal`` or the terminal itself.
@@ -32,11 +33,12 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
         raise ValueError(f"device {spec!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} was asked but no CUDA GPU is available "
-                             f"(torch {torch.__version__}, cuda build {torch.version.cuda}); use --device cpu")
+            raise ValueError(f"device {spec!r} was asked but no CUDA GPU is available (torch "
+                             f"{torch.__version__}, cuda build {torch.version.cuda}); use --device cpu")
         index = device.index if device.index is not None else local_rank
         if index >= torch.cuda.device_count():
-            raise ValueError(f"device cuda:{index} does not exist; {torch.cuda.device_count()} GPU(s) visible")
+            raise ValueError(f"device cuda:{index} does not exist; {torch.cuda.device_count()} GPU(s) "
+                             "visible")
         return torch.device("cuda", index)
     if device.type == "cpu" or (device.type == "mps" and torch.backends.mps.is_available()):
         return device
@@ -167,7 +169,8 @@ STOP_REASONS = (None, "SIGINT", "SIGTERM", "callback")
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set ``reason`` (the loop finishes its iteration, saves, returns); a second SIGINT aborts."""
+    """SIGINT/SIGTERM set ``reason`` (the loop finishes its iteration, saves, returns); a second SIGINT
+    aborts."""
 
     SIGNALS = ("SIGINT", "SIGTERM")
 
@@ -235,7 +238,8 @@ class Progress:
                                  loss_fake=f"{record['loss_fake']:.4g}", refresh=False)
             return
         now = time.monotonic()
-        if self.log is None or not (done or self.last_line is None or now - self.last_line >= self.interval_s):
+        due = done or self.last_line is None or now - self.last_line >= self.interval_s
+        if self.log is None or not due:
             return
         self.last_line = now
         left = (self.total - record["iteration"]) / max(record["it_per_s"], 1e-9)
@@ -246,3 +250,31 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class LossWindow:
+    """Losses summed since the last metrics record and the training time they took (upkeep left out)."""
+
+    def __init__(self, iteration: int):
+        self.reset(iteration, time.perf_counter())
+
+    def reset(self, iteration: int, now: float) -> None:
+        self.loss_g = None
+        self.loss_fake = None
+        self.count = 0
+        self.iteration = iteration
+        self.start = now
+
+    def add(self, loss_g: torch.Tensor, loss_fake: torch.Tensor) -> None:
+        self.loss_g = loss_g if self.loss_g is None else self.loss_g + loss_g
+        self.loss_fake = loss_fake if self.loss_fake is None else self.loss_fake + loss_fake
+        self.count += 1
+
+    def record(self, iteration: int, nimg: int, batch: int, seconds: float) -> dict:
+        now = time.perf_counter()
+        it_per_s = (iteration - self.iteration) / max(now - self.start, 1e-9)
+        record = {"iteration": iteration, "nimg": nimg, "loss_g": float(self.loss_g) / self.count,
+                  "loss_fake": float(self.loss_fake) / self.count, "it_per_s": it_per_s,
+                  "img_per_s": it_per_s * batch, "seconds": seconds, "time": time.time()}
+        self.reset(iteration, now)
+        return record

@@ -8,11 +8,12 @@ Gradients are summed over ``batch_gpu`` micro-batches, scaled by loss_scale / ba
 
 ``distill(config, teacher, generator=None, fake=None, callbacks=(), architecture=None, log=print)``:
 ``teacher``/``generator``/``fake`` are denoisers ``forward(x, sigma, class_labels=None) -> x0_hat`` in EDM
-coordinates, or anything ``sidfast.denoisers.as_denoiser`` wraps; generator and fake score default to copies of
-the teacher, which is frozen in place. ``callbacks``: ``cb(state) -> bool | None`` after every iteration (keys:
-iteration, nimg, loss_g, loss_fake, generator, generator_ema, fake, teacher, rank, world_size); True stops the
-run like a signal does. ``architecture``: ``{"builder": "module:function", "config": {...}}`` that rebuilds the
-generator for ``sidfast sample``. ``log``: where rank 0's lines go (None: silent).
+coordinates, or anything ``sidfast.denoisers.as_denoiser`` wraps; generator and fake score default to
+copies of the teacher, which is frozen in place. ``callbacks``: ``cb(state) -> bool | None`` after every
+iteration (keys: iteration, nimg, loss_g, loss_fake, generator, generator_ema, fake, teacher, rank,
+world_size); True stops the run like a signal does. ``architecture``: ``{"builder": "module:function",
+"config": {...}}`` that rebuilds the generator for ``sidfast sample``. ``log``: where rank 0's lines go
+(None: silent).
 
 Plumbing lives elsewhere: devices, processes, seeds, signals and the console in ``sidfast.runtime``; the
 checkpoint format in ``sidfast.checkpoint`` (``save_distill``/``load_distill``); network introspection in
@@ -44,7 +45,8 @@ from .schedules import broadcast
 
 
 def ema_beta(nimg: int, batch: int, halflife_kimg: float, rampup_ratio: float | None) -> float:
-    """EDM's EMA decay per iteration (Karras et al. 2022, training_loop.py): half-life in images, ramped up."""
+    """EDM's EMA decay per iteration (Karras et al. 2022, training_loop.py): a half-life in images,
+    ramped up."""
     halflife = halflife_kimg * 1000
     if rampup_ratio is not None:
         halflife = min(halflife, nimg * rampup_ratio)
@@ -107,15 +109,15 @@ class _Trainer:
             self.resume_path = self.ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
         elif self.ckpt_path.exists() and not cfg.overwrite:
             raise ValueError(f"run directory {str(self.run_dir)!r} already holds {CHECKPOINT_NAME}; pass "
-                             f"{cfg.option('resume')} to continue it, {cfg.option('overwrite')} to start afresh, "
-                             f"or choose another {cfg.option('run_dir')}")
+                             f"{cfg.option('resume')} to continue it, {cfg.option('overwrite')} to start "
+                             f"afresh, or choose another {cfg.option('run_dir')}")
         # read before any network is touched, so that a bad file costs nothing
         self.state = load_checkpoint(self.resume_path, "distill") if self.resume_path else None
         self._build_networks(teacher, generator, fake)
         self._read_data_shape()
         self._split_batch()
 
-        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA, same math
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA
         adam = dict(betas=cfg.betas, eps=cfg.optimizer_eps, **fused)
         self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, **adam)
         self.opt_fake = torch.optim.Adam(self.fake_params, lr=cfg.fake_lr or cfg.lr, **adam)
@@ -157,8 +159,9 @@ class _Trainer:
         cfg = self.cfg
         shape = cfg.image_shape or infer_image_shape(self.teacher) or infer_image_shape(self.generator)
         if shape is None:
-            raise ValueError("cannot determine the image shape from the teacher (no image_shape, img_resolution or "
-                             f"diffusers sample_size); pass {cfg.option('image_shape')} C H W")
+            raise ValueError("cannot determine the image shape from the teacher (no image_shape, "
+                             "img_resolution or diffusers sample_size); pass "
+                             f"{cfg.option('image_shape')} C H W")
         self.image_shape = tuple(shape)
         self.num_classes = cfg.num_classes if cfg.num_classes is not None else infer_num_classes(self.teacher)
         self.label_format = cfg.label_format
@@ -169,13 +172,14 @@ class _Trainer:
         cfg = self.cfg
         world = self.dist.world
         if cfg.batch % world:
-            raise ValueError(f"{cfg.option('batch')} ({cfg.batch}) must be divisible by the number of processes "
-                             f"({world})")
+            raise ValueError(f"{cfg.option('batch')} ({cfg.batch}) must be divisible by the number of "
+                             f"processes ({world})")
         self.batch_rank = cfg.batch // world
         self.batch_gpu = min(cfg.batch_gpu or self.batch_rank, self.batch_rank)
         if self.batch_rank % self.batch_gpu:
-            raise ValueError(f"{cfg.option('batch_gpu')} ({self.batch_gpu}) must divide the per-process batch "
-                             f"({self.batch_rank} = {cfg.option('batch')} {cfg.batch} / {world} processes)")
+            raise ValueError(f"{cfg.option('batch_gpu')} ({self.batch_gpu}) must divide the per-process "
+                             f"batch ({self.batch_rank} = {cfg.option('batch')} {cfg.batch} / {world} "
+                             "processes)")
         self.rounds = self.batch_rank // self.batch_gpu
 
     def _wrap_networks(self) -> None:
@@ -187,8 +191,8 @@ class _Trainer:
 
             # teacher and fake score evaluated together over frozen views of the same storage (CUDA graphs on
             # GPU); a LoRA fake score runs as one forward of the shared weights over the doubled batch
-            self.engine = ScoreEngine.over(self.teacher, self.fake, amp_dtype=runtime.AUTOCAST_DTYPES[cfg.precision],
-                                           compile=cfg.compile)
+            amp_dtype = runtime.AUTOCAST_DTYPES[cfg.precision]
+            self.engine = ScoreEngine.over(self.teacher, self.fake, amp_dtype=amp_dtype, compile=cfg.compile)
         self.generator_train = self.generator
         self.fake_train = self.fake
         if self.dist.enabled:
@@ -306,7 +310,8 @@ class _Trainer:
     # ---- sample grids (rank 0) ----
     def _grid_inputs(self):
         n = self.cfg.grid_size
-        z = torch.randn((n, *self.image_shape), generator=torch.Generator().manual_seed(self.cfg.seed + 20240))
+        grid_rng = torch.Generator().manual_seed(self.cfg.seed + 20240)  # the same latents in every grid
+        z = torch.randn((n, *self.image_shape), generator=grid_rng)
         labels = None
         if self.num_classes:
             labels = format_labels(torch.arange(n) % self.num_classes, self.num_classes, self.label_format)
@@ -319,7 +324,8 @@ class _Trainer:
             from .samplers import one_step_sample
 
             z, labels = self._grid_inputs()
-            save_grid(one_step_sample(self.generator_ema, z, self.cfg.sigma_init, labels), self.run_dir / name)
+            x = one_step_sample(self.generator_ema, z, self.cfg.sigma_init, labels)
+            save_grid(x, self.run_dir / name)
 
     def write_teacher_grid(self) -> None:
         cfg = self.cfg
@@ -334,36 +340,8 @@ class _Trainer:
             save_grid(x, path)
 
 
-class _LossWindow:
-    """Losses summed since the last metrics record and the training time they took (upkeep left out)."""
-
-    def __init__(self, iteration: int):
-        self.reset(iteration, time.perf_counter())
-
-    def reset(self, iteration: int, now: float) -> None:
-        self.loss_g = None
-        self.loss_fake = None
-        self.count = 0
-        self.iteration = iteration
-        self.start = now
-
-    def add(self, loss_g: torch.Tensor, loss_fake: torch.Tensor) -> None:
-        self.loss_g = loss_g if self.loss_g is None else self.loss_g + loss_g
-        self.loss_fake = loss_fake if self.loss_fake is None else self.loss_fake + loss_fake
-        self.count += 1
-
-    def record(self, iteration: int, nimg: int, batch: int, seconds: float) -> dict:
-        now = time.perf_counter()
-        it_per_s = (iteration - self.iteration) / max(now - self.start, 1e-9)
-        record = {"iteration": iteration, "nimg": nimg, "loss_g": float(self.loss_g) / self.count,
-                  "loss_fake": float(self.loss_fake) / self.count, "it_per_s": it_per_s,
-                  "img_per_s": it_per_s * batch, "seconds": seconds, "time": time.time()}
-        self.reset(iteration, now)
-        return record
-
-
-def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(), architecture: dict | None = None,
-            log: Callable[[str], None] | None = print) -> DistillResult:
+def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(),
+            architecture: dict | None = None, log: Callable[[str], None] | None = print) -> DistillResult:
     """Run SiD from ``teacher``; see the module docstring for the arguments."""
     from .report import MetricsLog, plot_losses, read_metrics, summary_table
 
@@ -381,10 +359,11 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
 
     if resumed and trainer.iteration >= cfg.iterations:
         if say:
-            say(f"sidfast distill: the run in {str(trainer.run_dir)!r} is complete (iteration {trainer.iteration} "
-                f"of {cfg.iterations}); nothing to train, no file written. To train longer, resume with a larger "
-                f"{cfg.option('iterations')}: sidfast distill {cfg.option('resume')} {trainer.resume_path} "
-                f"{cfg.option('run_dir')} {cfg.run_dir} {cfg.option('iterations')} {2 * trainer.iteration}")
+            say(f"sidfast distill: the run in {str(trainer.run_dir)!r} is complete (iteration "
+                f"{trainer.iteration} of {cfg.iterations}); nothing to train, no file written. To train "
+                f"longer, resume with a larger {cfg.option('iterations')}: sidfast distill "
+                f"{cfg.option('resume')} {trainer.resume_path} {cfg.option('run_dir')} {cfg.run_dir} "
+                f"{cfg.option('iterations')} {2 * trainer.iteration}")
         runtime.shutdown(trainer.dist)
         return _result(trainer, cfg, 0.0, start_iteration, last, trainer.resume_path, None, complete=True)
 
@@ -402,7 +381,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                                           if resumed else f"fresh start, {cfg.iterations} iterations"))
 
     progress = runtime.Progress(cfg.iterations, trainer.iteration, cfg.batch, bar=cfg.progress, log=say)
-    window = _LossWindow(trainer.iteration)
+    window = runtime.LossWindow(trainer.iteration)
     checkpoint = None
     interrupted = None
     try:
@@ -416,7 +395,8 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                 # Log the losses averaged since the last record.
                 record = None
                 if trainer.iteration % cfg.log_every == 0 or done:
-                    record = window.record(trainer.iteration, trainer.nimg, cfg.batch, time.perf_counter() - start_time)
+                    seconds = time.perf_counter() - start_time
+                    record = window.record(trainer.iteration, trainer.nimg, cfg.batch, seconds)
                     metrics.append(record)
                     last = record
                 progress.update(record, done)
@@ -464,14 +444,16 @@ def _result(trainer: _Trainer, cfg: TrainConfig, seconds: float, start_iteration
     summary = {"iterations": trainer.iteration, "iterations_this_run": ran, "images": trainer.nimg,
                "seconds": round(seconds, 3), "it_per_s": ran / max(seconds, 1e-9),
                "img_per_s": ran * cfg.batch / max(seconds, 1e-9), "loss_g": last.get("loss_g"),
-               "loss_fake": last.get("loss_fake"), "processes": trainer.dist.world, "device": str(trainer.device),
+               "loss_fake": last.get("loss_fake"), "processes": trainer.dist.world,
+               "device": str(trainer.device),
                "checkpoint": str(checkpoint) if checkpoint else None, "interrupted": interrupted}
     if complete:
         summary["complete_before_start"] = True
     return DistillResult(generator=trainer.generator, generator_ema=trainer.generator_ema, fake=trainer.fake,
-                         iteration=trainer.iteration, nimg=trainer.nimg, seconds=seconds, interrupted=interrupted,
-                         checkpoint=checkpoint, run_dir=trainer.run_dir, summary=summary, last=last)
+                         iteration=trainer.iteration, nimg=trainer.nimg, seconds=seconds,
+                         interrupted=interrupted, checkpoint=checkpoint, run_dir=trainer.run_dir,
+                         summary=summary, last=last)
 
 
-__all__ = ["TrainConfig", "DistillResult", "distill", "ema_beta", "update_ema", "sanitize_grads", "CHECKPOINT_NAME",
-           "PRECISIONS"]
+__all__ = ["TrainConfig", "DistillResult", "distill", "ema_beta", "update_ema", "sanitize_grads",
+           "CHECKPOINT_NAME", "PRECISIONS"]
