@@ -8,7 +8,7 @@ iteration / iteration time) and peak GPU memory of
   published-fp32 / published-bf16  the published recipe step by step in eager PyTorch (baseline_sid.py);
   sidfast-full-bf16                the trainer ``sidfast distill`` runs (sidfast.train): ScoreEngine (frozen
                                    views, CUDA graphs), torch.compile, bf16 autocast with fp32 weights, fused
-                                   Adam, the published NaN handling (--engine score_engine --precision bf16
+                                   Adam, the published NaN handling (--engine fused --precision bf16
                                    --compile);
   sidfast-lora-bf16                the same with the LoRA fake score over the teacher's shared weights
                                    (--fake-score lora).
@@ -48,7 +48,7 @@ class TrainerSiD:
             fake = None
         self._dir = tempfile.TemporaryDirectory(prefix="sidfast-bench-")
         cfg = TrainConfig(run_dir=self._dir.name, batch=batch, device=str(device), precision=precision,
-                          engine="score_engine", fake_score=fake_score, compile=compile, progress=False,
+                          engine="fused", fake_score=fake_score, compile=compile, progress=False,
                           grid_size=0, teacher_steps=0, checkpoint_every=0, sample_every=0, iterations=1)
         self.trainer = _Trainer(cfg, teacher, G, fake, callbacks=None, architecture=None)
 

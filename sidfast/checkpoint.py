@@ -2,23 +2,34 @@
 
 - ``atomic_save(obj, path)``: ``torch.save`` to a temporary file in the same directory, ``fsync``, keep the
   previous file as ``<name>.prev<suffix>`` (hard link), ``os.replace`` onto ``path``, ``fsync`` the directory.
-  A crash or a full disk at any point leaves either the old or the new file, never a torn one.
+  A crash or a full disk at any point leaves either the old or the new file, never a torn one. A previous file
+  that does not read back (its zip CRCs fail) is set aside as ``<name>.unreadable<suffix>`` instead, so that
+  it never replaces a good ``.prev`` file.
 - ``load_checkpoint(path, kind)``: ``torch.load(weights_only=True)`` (no code runs from a foreign pickle),
-  then checks the format marker; a missing, unreadable, corrupt or foreign file raises ``CheckpointError``
-  (a ValueError) that says what was found and where the previous good checkpoint is.
+  then checks the format marker; a missing, empty, truncated, corrupt or foreign file raises
+  ``CheckpointError`` (a ValueError) that says what the file is and what to do.
 - Network checkpoints (``kind="network"``, e.g. a teacher trained by ``sidfast train-teacher``):
   ``{"format": "sidfast.network", "version": 1, "builder": "module:function", "config": {...},
   "state_dict": {...}, "meta": {...}}``; ``load_network`` rebuilds the module as ``builder(config)``.
-- Distillation checkpoints (``kind="distill"``) are written by ``sidfast.train``; see ``train.py``.
+- Distillation checkpoints (``kind="distill"``): ``save_distill`` / ``load_distill`` below, one file holding
+  the generator, its EMA, the fake score (only its LoRA factors with ``fake_score="lora"``), both optimizers,
+  every rank's RNG state, the config, and what ``sidfast sample`` needs to rebuild the generator
+  (``architecture`` or ``teacher``, ``image_shape``, ``num_classes``, ``label_format``, ``sigma_init``).
 """
 from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
+
+from . import runtime
+from .config import TrainConfig
 
 FORMATS = {"network": "sidfast.network", "distill": "sidfast.distill"}
 VERSION = 1
@@ -29,7 +40,8 @@ class CheckpointError(ValueError):
 
 
 def previous_path(path) -> Path:
-    """Where ``atomic_save`` keeps the file it replaced: ``run/checkpoint.pt`` -> ``run/checkpoint.prev.pt``."""
+    """Where ``atomic_save`` keeps the file it replaced: ``run/checkpoint.pt`` ->
+    ``run/checkpoint.prev.pt``."""
     path = Path(path)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
@@ -47,10 +59,51 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def unreadable_path(path) -> Path:
+    """Where ``atomic_save`` sets aside a file it would replace that does not read back:
+    ``run/checkpoint.pt`` -> ``run/checkpoint.unreadable.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.unreadable{path.suffix}")
+
+
+def _unused_name(path: Path) -> Path:
+    """``path``, or ``path`` with a number before its suffix when that name is taken."""
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
+def _reads_back(path: Path) -> bool:
+    """Whether ``path`` is a whole zip archive (what ``torch.save`` writes) whose entries pass their CRCs."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError):
+        return False
+
+
+def _keep_as_previous(path: Path) -> None:
+    """Hard-link ``path`` to ``previous_path(path)``: the old file stays reachable while ``path`` is
+    replaced."""
+    prev = previous_path(path)
+    link_tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
+    try:
+        if link_tmp.exists():
+            link_tmp.unlink()
+        os.link(path, link_tmp)
+        os.replace(link_tmp, prev)
+    except OSError:
+        if link_tmp.exists():
+            link_tmp.unlink()
+
+
 def atomic_save(obj, path, keep_previous: bool = True) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temp file in the same dir, fsync, rename, fsync dir).
 
-    With ``keep_previous`` the file being replaced stays available as ``previous_path(path)``.
+    With ``keep_previous`` the file being replaced stays available as ``previous_path(path)`` when it reads
+    back, and is moved to ``unreadable_path(path)`` (never deleted) when it does not.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,16 +114,10 @@ def atomic_save(obj, path, keep_previous: bool = True) -> Path:
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():
-            prev = previous_path(path)
-            link_tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
-            try:
-                if link_tmp.exists():
-                    link_tmp.unlink()
-                os.link(path, link_tmp)  # the old file stays reachable while path is replaced
-                os.replace(link_tmp, prev)
-            except OSError:
-                if link_tmp.exists():
-                    link_tmp.unlink()
+            if _reads_back(path):
+                _keep_as_previous(path)
+            else:
+                os.replace(path, _unused_name(unreadable_path(path)))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -80,9 +127,43 @@ def atomic_save(obj, path, keep_previous: bool = True) -> Path:
     return path
 
 
-def _hint(path: Path) -> str:
+def _what_to_do(path: Path, kinds: tuple) -> str:
     prev = previous_path(path)
-    return f"; the previous checkpoint is kept at {str(prev)!r}" if prev.is_file() else ""
+    if "distill" not in kinds:
+        return f"; the previous version is kept at {str(prev)!r}" if prev.is_file() else ""
+    fresh = f"start the run again with {TrainConfig.option('overwrite')}"
+    if prev.is_file():
+        return f"; resume from the previous checkpoint with {TrainConfig.option('resume')} {prev}, or {fresh}"
+    return f"; {fresh}"
+
+
+def _what_is_wrong(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, in words: empty, not a torch file, truncated, corrupt,
+    foreign."""
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty (0 bytes): the write that made it did not finish"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path):
+        if head == b"PK\x03\x04":
+            return (f"is truncated: a torch checkpoint (zip archive) of {size:,} bytes whose end is missing, "
+                    "from an interrupted write or copy")
+        return f"is not a torch checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError) as err:
+        return f"is a damaged zip archive ({type(err).__name__}), not a readable torch checkpoint"
+    if bad is not None:
+        return f"is corrupt: its entry {bad!r} fails the zip CRC check"
+    if not any(name.endswith("data.pkl") for name in names):
+        return "is a zip archive but not a torch checkpoint (no data.pkl inside)"
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("holds Python objects other than tensors and plain containers; sidfast reads checkpoints "
+                "with torch.load(weights_only=True) and runs no code from a file (not a sidfast checkpoint)")
+    return f"cannot be read by this torch {torch.__version__} ({type(exc).__name__})"
 
 
 def load_checkpoint(path, kind) -> dict:
@@ -103,15 +184,14 @@ def load_checkpoint(path, kind) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a sidfast checkpoint "
-                              f"({type(exc).__name__}: {reason[:200]}){_hint(path)}") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} {_what_is_wrong(path, exc)}"
+                              f"{_what_to_do(path, kinds)}") from None
     found = data.get("format") if isinstance(data, dict) else None
     wanted = [FORMATS[k] for k in kinds]
     if found not in wanted:
         what = f"format {found!r}" if found else f"a {type(data).__name__} without a sidfast format marker"
         raise CheckpointError(f"checkpoint {str(path)!r} is {what}, expected a {' or '.join(map(repr, wanted))} "
-                              f"checkpoint{_hint(path)}")
+                              f"checkpoint{_what_to_do(path, kinds)}")
     if data.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} has version {data.get('version')!r}; this sidfast "
                               f"reads version {VERSION}")
@@ -121,6 +201,98 @@ def load_checkpoint(path, kind) -> dict:
 def kind_of(data: dict) -> str:
     """"network" or "distill" for a checkpoint read by ``load_checkpoint``."""
     return {v: k for k, v in FORMATS.items()}[data["format"]]
+
+
+# ---- distillation checkpoints ----
+
+def teacher_reference(spec: str | None) -> str | None:
+    """How a checkpoint names its teacher: an absolute path for a file or directory that exists (so the
+    checkpoint can be sampled from any working directory), an entry point ``module:function`` unchanged."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _fake_state(fake: torch.nn.Module, config: TrainConfig) -> dict:
+    """What a checkpoint keeps of the fake score: all of it, or only the LoRA factors (the rest is the
+    teacher)."""
+    from .lora import lora_state_dict
+
+    return lora_state_dict(fake) if config.fake_score == "lora" else fake.state_dict()
+
+
+def _load_fake(fake: torch.nn.Module, state: dict, config: TrainConfig) -> None:
+    if config.fake_score != "lora":
+        fake.load_state_dict(state)
+        return
+    missing, unexpected = fake.load_state_dict(state, strict=False)
+    lora_missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
+    if unexpected or lora_missing or not state:
+        raise ValueError(f"the checkpoint's fake score is not a LoRA fake score of this teacher and rank "
+                         f"(missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def save_distill(path, config: TrainConfig, networks: dict, optimizers: dict, iteration: int, nimg: int,
+                 dist: runtime.Dist, device: torch.device, **meta) -> Path | None:
+    """Write a distillation checkpoint from rank 0; every rank calls it (their RNG states are gathered).
+
+    ``networks``: generator, generator_ema, fake; ``optimizers``: opt_g, opt_fake; ``meta``: architecture,
+    image_shape, num_classes, label_format, last (stored as given). Returns the path on rank 0, else None.
+    """
+    rngs = runtime.all_gather(dist, runtime.rng_state(device))
+    written = None
+    if dist.rank == 0:
+        data = {"format": FORMATS["distill"], "version": VERSION, "iteration": iteration, "nimg": nimg,
+                "world_size": dist.world, "config": config.to_dict(), "rng": rngs,
+                "generator": networks["generator"].state_dict(),
+                "generator_ema": networks["generator_ema"].state_dict(),
+                "fake": _fake_state(networks["fake"], config),
+                "opt_g": optimizers["opt_g"].state_dict(), "opt_fake": optimizers["opt_fake"].state_dict(),
+                "teacher": teacher_reference(config.teacher), "sigma_init": config.sigma_init, **meta}
+        written = atomic_save(data, path)
+    runtime.barrier(dist)
+    return written
+
+
+def load_distill(data: dict, path, config: TrainConfig, networks: dict, optimizers: dict,
+                 dist: runtime.Dist, device: torch.device) -> tuple[int, int]:
+    """Restore a distillation checkpoint read by ``load_checkpoint(path, "distill")`` into ``networks`` and
+    ``optimizers`` (as in ``save_distill``) and this rank's random streams; returns (iteration, nimg).
+
+    Options that change the run's trajectory and differ from the checkpoint's are warned about. A checkpoint
+    written by another number of processes re-seeds the streams from seed + iteration.
+    """
+    old = data.get("config", {})
+    changed = [TrainConfig.option(name) for name in TrainConfig.trajectory_options()
+               if name in old and _plain(old[name]) != _plain(getattr(config, name))]
+    if changed and dist.rank == 0:
+        warnings.warn(f"resuming {str(path)!r} with changed options {', '.join(changed)}: the run will not "
+                      "match an uninterrupted one", stacklevel=3)
+    try:
+        networks["generator"].load_state_dict(data["generator"])
+        networks["generator_ema"].load_state_dict(data["generator_ema"])
+        _load_fake(networks["fake"], data["fake"], config)
+        optimizers["opt_g"].load_state_dict(data["opt_g"])
+        optimizers["opt_fake"].load_state_dict(data["opt_fake"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit these networks (another teacher or "
+                              f"architecture?): {str(exc).strip()[:400]}") from None
+    iteration = int(data["iteration"])
+    states = data.get("rng") or []
+    if int(data.get("world_size", 1)) == dist.world and len(states) == dist.world:
+        runtime.set_rng_state(states[dist.rank], device)
+    else:
+        if dist.rank == 0:
+            warnings.warn(f"checkpoint {str(path)!r} was written by {data.get('world_size')} process(es), "
+                          f"this run has {dist.world}: random streams are re-seeded from seed + iteration",
+                          stacklevel=3)
+        runtime.seed_everything(config.seed + iteration, dist.rank, dist.world)
+    return iteration, int(data["nimg"])
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def import_entry_point(spec: str):
@@ -163,5 +335,6 @@ def load_network(path) -> tuple[torch.nn.Module, dict]:
     return build_network(data, path).eval(), data.get("meta", {})
 
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "previous_path", "save_network", "load_network",
-           "build_network", "import_entry_point", "kind_of", "FORMATS", "VERSION"]
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "previous_path", "unreadable_path",
+           "save_network", "load_network", "build_network", "import_entry_point", "kind_of", "save_distill",
+           "load_distill", "teacher_reference", "FORMATS", "VERSION"]

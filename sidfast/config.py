@@ -1,5 +1,5 @@
-"""The SiD training configuration: every option with the published default (SPEC section 5) and a
-one-line help; filled from the command line and from YAML/JSON files (``sidfast.cli``)."""
+"""The SiD training configuration: every option with the published default (``docs/math.md``, "Published
+recipe") and a one-line help; filled from the command line and from YAML/JSON files (``sidfast.cli``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,60 +11,81 @@ from typing import Optional
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LABEL_FORMATS = ("auto", "onehot", "index")
-ENGINES = ("eager", "score_engine")
+ENGINES = ("eager", "fused")
 FAKE_SCORES = ("full", "lora")
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default, help: str, trajectory: bool = False):
+    """A field with its help line; ``trajectory``: changing it on resume makes the run differ from an
+    uninterrupted one (the trainer warns)."""
+    return field(default=default, metadata={"help": help, "trajectory": trajectory})
+
+
+def _t(default, help: str):
+    return _f(default, help, trajectory=True)
 
 
 @dataclass
 class TrainConfig:
-    """SiD distillation options; defaults are the published CIFAR-10 recipe (SPEC section 5)."""
+    """SiD distillation options; defaults are the published CIFAR-10 recipe (``docs/math.md``, "Published
+    recipe")."""
 
-    run_dir: str = _f("runs/sid", "output directory: checkpoint.pt, metrics.jsonl, PNG grids, losses.png")
-    teacher: Optional[str] = _f(None, "teacher: sidfast checkpoint, local diffusers directory, or module:function")
-    iterations: int = _f(1_580_000, "SiD iterations to run (published CIFAR-10: ~1.58M at batch 256, ~400M images)")
-    batch: int = _f(256, "generator samples per update, summed over all processes (published: 256 on CIFAR-10)")
-    batch_gpu: Optional[int] = _f(None, "samples per process per forward pass; smaller than batch/world accumulates")
-    lr: float = _f(1e-5, "Adam learning rate of the generator (published: 1e-5 CIFAR-10/FFHQ, 4e-6 ImageNet 64)")
-    fake_lr: Optional[float] = _f(None, "Adam learning rate of the fake score (default: same as lr)")
-    betas: tuple = _f((0.0, 0.999), "Adam betas of both optimizers (published: 0 0.999)")
-    adam_eps: Optional[float] = _f(None, "Adam epsilon (default: 1e-8, or 1e-6 with fp16 as published)")
-    alpha: float = _f(1.2, "SiD alpha, weight of the ||f_phi - f_psi||^2 term (published: 1.2; 1.0 on AFHQ)")
-    sigma_init: float = _f(2.5, "generator input noise level: x_g = G(sigma_init * z, sigma_init)")
-    tmax: int = _f(800, "generator-loss noise levels use t ~ U(0, tmax/1000) on EDM's rho schedule (1..1000)")
-    sigma_min: float = _f(0.002, "smallest sigma of the rho schedule")
-    sigma_max: float = _f(80.0, "largest sigma of the rho schedule")
-    rho: float = _f(7.0, "rho of EDM's sigma schedule")
-    p_mean: float = _f(-1.2, "fake-score loss: ln sigma ~ N(p_mean, p_std^2)")
-    p_std: float = _f(1.2, "fake-score loss: standard deviation of ln sigma")
-    sigma_data: float = _f(0.5, "data standard deviation in EDM's loss weighting")
-    loss_scale_g: float = _f(100.0, "generator loss scale (published loss_scaling_G = 100)")
-    loss_scale_fake: float = _f(1.0, "fake-score loss scale (published loss_scaling = 1)")
-    ema_halflife_kimg: float = _f(500.0, "EMA half-life of the generator in thousands of images (0.5 Mimg)")
-    ema_rampup_ratio: Optional[float] = _f(0.05, "EMA ramp-up: half-life <= ratio * images seen (none: off)")
-    precision: str = _f("fp32", "network precision: fp32, bf16 (autocast) or fp16 (autocast); fp32 losses")
-    seed: int = _f(0, "random seed; rank r of w processes seeds with seed * w + r as published")
-    num_classes: Optional[int] = _f(None, "classes of a conditional teacher (default: read from the network)")
-    label_format: str = _f("auto", "class labels as onehot (EDM) or index (diffusers); auto picks by network")
-    image_shape: Optional[tuple] = _f(None, "generator output shape C H W (default: read from the network)")
+    # recipe
+    iterations: int = _f(1_580_000, "SiD iterations to run (published CIFAR-10: ~1.58M at batch 256, "
+                                    "~400M images)")
+    batch: int = _t(256, "generator samples per update, summed over all processes (published: 256 on "
+                         "CIFAR-10)")
+    lr: float = _t(1e-5, "Adam learning rate of the generator (published: 1e-5 CIFAR-10/FFHQ, 4e-6 "
+                         "ImageNet 64)")
+    fake_lr: Optional[float] = _t(None, "Adam learning rate of the fake score (default: same as lr)")
+    betas: tuple = _t((0.0, 0.999), "Adam betas of both optimizers (published: 0 0.999)")
+    adam_eps: Optional[float] = _t(None, "Adam epsilon (default: 1e-8, or 1e-6 with fp16 as published)")
+    alpha: float = _t(1.2, "SiD alpha, weight of the ||f_phi - f_psi||^2 term (published: 1.2; 1.0 on AFHQ)")
+    sigma_init: float = _t(2.5, "generator input noise level: x_g = G(sigma_init * z, sigma_init)")
+    tmax: int = _t(800, "generator-loss noise levels use t ~ U(0, tmax/1000) on EDM's rho schedule (1..1000)")
+    sigma_min: float = _t(0.002, "smallest sigma of the rho schedule")
+    sigma_max: float = _t(80.0, "largest sigma of the rho schedule")
+    rho: float = _t(7.0, "rho of EDM's sigma schedule")
+    p_mean: float = _t(-1.2, "fake-score loss: ln sigma ~ N(p_mean, p_std^2)")
+    p_std: float = _t(1.2, "fake-score loss: standard deviation of ln sigma")
+    sigma_data: float = _t(0.5, "data standard deviation in EDM's loss weighting")
+    loss_scale_g: float = _t(100.0, "generator loss scale (published loss_scaling_G = 100)")
+    loss_scale_fake: float = _t(1.0, "fake-score loss scale (published loss_scaling = 1)")
+    ema_halflife_kimg: float = _t(500.0, "EMA half-life of the generator in thousands of images (0.5 Mimg)")
+    ema_rampup_ratio: Optional[float] = _t(0.05, "EMA ramp-up: half-life <= ratio * images seen (none: off)")
+    seed: int = _t(0, "random seed; rank r of w processes seeds with seed * w + r as published")
+
+    # networks & performance
+    teacher: Optional[str] = _f(None, "teacher: sidfast checkpoint, local diffusers directory, or "
+                                      "module:function")
+    num_classes: Optional[int] = _t(None, "classes of a conditional teacher (default: read from the network)")
+    label_format: str = _t("auto", "class labels as onehot (EDM) or index (diffusers); auto picks by network")
+    image_shape: Optional[tuple] = _t(None, "generator output shape C H W (default: read from the network)")
+    batch_gpu: Optional[int] = _t(None, "samples per process per forward pass; smaller than batch/world "
+                                        "accumulates")
+    precision: str = _t("fp32", "network precision: fp32, bf16 (autocast) or fp16 (autocast); fp32 losses")
     device: str = _f("auto", "device: auto, cpu, cuda or cuda:N (auto picks cuda when available)")
-    checkpoint_every: int = _f(1000, "write checkpoint.pt every N iterations (0: only at the end and on signals)")
-    log_every: int = _f(10, "append averaged losses to metrics.jsonl and refresh the progress bar every N")
+    engine: str = _t("eager", "score networks: eager (plain calls) or fused (sidfast.engine: one batched "
+                              "call, CUDA graphs)")
+    fake_score: str = _t("full", "fake score: full (published: a trainable copy of the teacher) or lora "
+                                 "(a low-rank update over the teacher's frozen, shared weights: no copy)")
+    lora_rank: int = _t(64, "rank of the LoRA fake score's updates (with fake_score lora)")
+    compile: bool = _f(False, "torch.compile the generator and, with engine fused, the score networks")
+
+    # outputs
+    run_dir: str = _f("runs/sid", "output directory: checkpoint.pt, metrics.jsonl, PNG grids, losses.png")
+    checkpoint_every: int = _f(1000, "write checkpoint.pt every N iterations (0: only at the end and on "
+                                     "signals)")
+    log_every: int = _f(10, "append averaged losses to metrics.jsonl and refresh the progress display every "
+                            "N")
     sample_every: int = _f(1000, "write a student sample grid every N iterations (0: start and end only)")
     grid_size: int = _f(64, "images in each sample grid (0: no grids)")
     teacher_steps: int = _f(18, "Heun steps for the teacher's sample grid (0: no teacher grid)")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show a progress bar on a terminal (elsewhere, and without it: periodic log "
+                              "lines)")
     resume: Optional[str] = _f(None, "continue from this checkpoint ('auto': run_dir/checkpoint.pt)")
     overwrite: bool = _f(False, "start afresh even if run_dir already holds a checkpoint")
-    engine: str = _f("eager", "score networks: eager (plain calls) or score_engine (sidfast.engine, CUDA graphs)")
-    fake_score: str = _f("full", "fake score: full (published: a trainable copy of the teacher) or lora (a low-rank "
-                                 "update over the teacher's frozen, shared weights: no network copy)")
-    lora_rank: int = _f(64, "rank of the LoRA fake score's updates (with fake_score lora)")
-    compile: bool = _f(False, "torch.compile the generator and, with engine score_engine, the score networks")
 
     # ---- construction ----
     @classmethod
@@ -74,6 +95,19 @@ class TrainConfig:
     @classmethod
     def help(cls, name: str) -> str:
         return {f.name: f.metadata["help"] for f in cls.fields()}[name]
+
+    @classmethod
+    def option(cls, name: str) -> str:
+        """The command-line spelling of field ``name``: ``option("batch_gpu") -> "--batch-gpu"``."""
+        if name not in {f.name for f in cls.fields()}:
+            raise ValueError(f"TrainConfig has no field {name!r}")
+        return "--" + name.replace("_", "-")
+
+    @classmethod
+    def trajectory_options(cls) -> tuple[str, ...]:
+        """Fields that change the random draws or the arithmetic of the run (resuming with another value
+        gives another run than the uninterrupted one)."""
+        return tuple(f.name for f in cls.fields() if f.metadata["trajectory"])
 
     @classmethod
     def from_dict(cls, values: dict, base: "TrainConfig | None" = None) -> "TrainConfig":

@@ -399,5 +399,72 @@ def load_entry_point(spec: str, *args, name: str | None = None, **kwargs) -> Den
     return as_denoiser(net, name=name)
 
 
+# ---- what a network looks like: image shape, classes, labels ----
+
+def _modules_of(net) -> list:
+    """``net`` and the modules it wraps (``network``, ``module``, ``net``, ``unet``, ``model``), outermost
+    first."""
+    seen, stack = [], [net]
+    while stack:
+        module = stack.pop(0)
+        if module is None or any(module is s for s in seen):
+            continue
+        seen.append(module)
+        for attr in ("network", "module", "net", "unet", "model"):
+            try:
+                inner = getattr(module, attr, None)
+            except Exception:  # properties that raise
+                inner = None
+            if inner is not None and not isinstance(inner, (str, int, float)):
+                stack.append(inner)
+    return seen
+
+
+def infer_image_shape(net) -> tuple | None:
+    """(C, H, W) from ``image_shape``, EDM's ``img_channels``/``img_resolution`` or a diffusers config."""
+    for module in _modules_of(net):
+        shape = getattr(module, "image_shape", None)
+        if shape is not None:
+            return tuple(int(s) for s in shape)
+        if hasattr(module, "img_channels") and hasattr(module, "img_resolution"):
+            resolution = int(module.img_resolution)
+            return (int(module.img_channels), resolution, resolution)
+        config = getattr(module, "config", None)
+        size = getattr(config, "sample_size", None)
+        channels = getattr(config, "in_channels", None)
+        if size is not None and channels is not None:
+            hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+            return (int(channels), *hw)
+    return None
+
+
+def infer_num_classes(net) -> int:
+    """Classes of a conditional network (``num_classes``, EDM's ``label_dim``, diffusers'
+    ``num_class_embeds``)."""
+    for module in _modules_of(net):
+        for attr in ("num_classes", "label_dim"):
+            value = getattr(module, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        value = getattr(getattr(module, "config", None), "num_class_embeds", None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def format_labels(idx: torch.Tensor, num_classes: int, fmt: str) -> torch.Tensor:
+    """Class indices ``idx`` (n,) as the network takes them: (n, K) one-hot float (EDM) or the indices."""
+    return nn.functional.one_hot(idx, num_classes).float() if fmt == "onehot" else idx
+
+
+def draw_labels(n: int, num_classes: int, fmt: str, device, generator: torch.Generator | None = None):
+    """Uniform random class labels in ``format_labels``'s form; None for an unconditional network."""
+    if not num_classes:
+        return None
+    idx = torch.randint(num_classes, (n,), device=device, generator=generator)
+    return format_labels(idx, num_classes, fmt)
+
+
 __all__ = ["Denoiser", "EDMDenoiser", "DiffusersDenoiser", "FlowDenoiser", "as_denoiser", "load_entry_point",
-           "check_output", "sigma_per_sample"]
+           "check_output", "sigma_per_sample", "infer_image_shape", "infer_num_classes", "format_labels",
+           "draw_labels"]

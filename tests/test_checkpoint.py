@@ -1,6 +1,7 @@
 """sidfast.checkpoint: atomic writes that keep the previous file, and clear errors for bad checkpoints."""
 import os
 import pickle
+import struct
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_truncated_checkpoint_is_a_clear_error_naming_the_previous_one(tmp_path)
     atomic_save(_distill_like(2.0), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"corrupt.*checkpoint\.prev\.pt"):
+    with pytest.raises(CheckpointError, match=r"is truncated.*--resume \S*checkpoint\.prev\.pt"):
         load_checkpoint(path, "distill")
     assert previous_path(path).read_bytes() != path.read_bytes()
     assert load_checkpoint(previous_path(path), "distill")["w"][0] == 1.0
@@ -72,7 +73,7 @@ def test_pickles_that_run_code_are_not_executed(tmp_path):
     marker = tmp_path / "ran"
     with open(path, "wb") as f:
         pickle.dump(_Touch(str(marker)), f)
-    with pytest.raises(CheckpointError, match="corrupt or not a sidfast checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a torch checkpoint"):
         load_checkpoint(path, "distill")
     assert not marker.exists()
 
@@ -127,3 +128,56 @@ def test_network_checkpoint_round_trip_and_mismatch(tmp_path):
     data["builder"] = "no_such_module_xyz:f"
     with pytest.raises(CheckpointError, match="cannot rebuild"):
         checkpoint.build_network(data, path)
+
+
+def test_an_unreadable_checkpoint_is_set_aside_not_rotated_over_the_previous_one(tmp_path):
+    """A corrupt checkpoint.pt (resumed from checkpoint.prev.pt) must not replace the good .prev on the next save;
+    it is kept under a name that says so."""
+    path = tmp_path / "checkpoint.pt"
+    atomic_save(_distill_like(1.0), path)
+    atomic_save(_distill_like(2.0), path)
+    good_prev = previous_path(path).read_bytes()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    torn = path.read_bytes()
+    atomic_save(_distill_like(3.0), path)
+    assert previous_path(path).read_bytes() == good_prev
+    assert load_checkpoint(path, "distill")["w"][0] == 3.0
+    assert checkpoint.unreadable_path(path).name == "checkpoint.unreadable.pt"
+    assert checkpoint.unreadable_path(path).read_bytes() == torn
+    # a flipped byte inside a stored tensor fails the zip CRC: set aside too, next to the first one
+    data = path.read_bytes()
+    at = data.index(struct.pack("<3f", 3.0, 3.0, 3.0))
+    path.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
+    flipped = path.read_bytes()
+    atomic_save(_distill_like(4.0), path)
+    assert previous_path(path).read_bytes() == good_prev
+    assert checkpoint.unreadable_path(path).read_bytes() == torn
+    assert (tmp_path / "checkpoint.unreadable.1.pt").read_bytes() == flipped
+    # a readable one rotates as before
+    atomic_save(_distill_like(5.0), path)
+    assert load_checkpoint(previous_path(path), "distill")["w"][0] == 4.0
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "is empty (0 bytes)"),
+    (bytes(range(256)) * 4, "is not a torch checkpoint"),
+    (None, "is truncated"),
+])
+def test_bad_files_say_what_they_are_and_what_to_do(tmp_path, content, says):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save(_distill_like(1.0), path)
+    atomic_save(_distill_like(2.0), path)
+    if content is None:
+        content = path.read_bytes()[:-200]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, "distill")
+    message = str(err.value)
+    assert says in message
+    assert f"--resume {previous_path(path)}" in message and "--overwrite" in message
+    assert "EOFError" not in message and "Weights only" not in message and "weights_only=False" not in message
+    previous_path(path).unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, "distill")
+    assert says in str(err.value) and "--overwrite" in str(err.value) and "--resume" not in str(err.value)

@@ -212,8 +212,8 @@ def test_user_errors(tmp_path, capsys):
     user_error(["distill", "--resume", "--run-dir", tmp_path / "nothing"], capsys, "--resume: checkpoint")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    user_error(["distill", "--teacher", junk], capsys, "corrupt or not a sidfast checkpoint")
-    user_error(["sample", junk, "--out", tmp_path / "x.png"], capsys, "corrupt or not a sidfast checkpoint")
+    user_error(["distill", "--teacher", junk], capsys, "is not a torch checkpoint")
+    user_error(["sample", junk, "--out", tmp_path / "x.png"], capsys, "is not a torch checkpoint")
     user_error(["sample", tmp_path / "none.pt", "--out", tmp_path / "x.png"], capsys, "does not exist")
     user_error(["train-teacher", "--out", tmp_path, "--iterations", "1"], capsys, "is a directory")
     user_error(["train-teacher", "--out", tmp_path / "t.pt", "--iterations", "0"], capsys, "--iterations must be")

@@ -99,7 +99,9 @@ def test_interrupted_and_resumed_multi_process_run_is_bitwise_identical(ddp_run)
 def test_torchrun_launch(tmp_path):
     """The path a user runs: torchrun sets the environment and distill() creates the process group itself."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed sidfast
+    env.update(PYTHONPATH=os.pathsep.join([root, os.path.dirname(__file__), env.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
            "-m", "sidfast.cli", "distill", "--teacher", "test_train:tiny_teacher", "--run-dir", str(run),

@@ -11,7 +11,7 @@ from torch import nn
 
 from published import published_generator_loss
 from sidfast import reference
-from sidfast.checkpoint import CheckpointError
+from sidfast.checkpoint import CheckpointError, load_checkpoint
 from sidfast.train import (TrainConfig, distill, ema_beta, sanitize_grads, seed_everything)
 
 SHAPE = (1, 4, 4)
@@ -257,7 +257,7 @@ def test_gradient_accumulation_equals_the_full_batch_loss_scale(tmp_path):
     # different samples, so only the scale can be compared: each round contributes about half a full batch
     ratio = sum(g.norm() for g in acc) / sum(g.norm() for g in half)
     assert 0.2 < ratio < 5
-    with pytest.raises(ValueError, match="batch_gpu .* must divide"):
+    with pytest.raises(ValueError, match="--batch-gpu .* must divide"):
         distill(quiet(run_dir=str(tmp_path / "c"), batch=8, batch_gpu=3), tiny_teacher(), log=None)
 
 
@@ -356,8 +356,9 @@ def test_another_seed_gives_other_weights(tmp_path):
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
     distill(quiet(run_dir=str(tmp_path / "r"), iterations=1), tiny_teacher(), log=None)
-    with pytest.raises(ValueError, match="already holds checkpoint.pt.*resume"):
+    with pytest.raises(ValueError, match="already holds checkpoint.pt.*--resume.*--overwrite.*--run-dir") as err:
         distill(quiet(run_dir=str(tmp_path / "r"), iterations=1), tiny_teacher(), log=None)
+    assert "resume='auto'" not in str(err.value) and "overwrite=True" not in str(err.value)
     res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=1, overwrite=True), tiny_teacher(), log=None)
     assert res.iteration == 1
 
@@ -368,13 +369,89 @@ def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
     ckpt = run / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     torn = ckpt.read_bytes()
-    with pytest.raises(CheckpointError, match=r"corrupt.*checkpoint\.prev\.pt"):
+    with pytest.raises(CheckpointError, match=r"truncated.*checkpoint\.prev\.pt"):
         distill(quiet(run_dir=str(run), iterations=4, resume="auto"), tiny_teacher(), log=None)
     assert ckpt.read_bytes() == torn
-    # the previous good checkpoint resumes
+    # the previous good checkpoint resumes; the save that follows keeps it and sets the torn file aside
     res = distill(quiet(run_dir=str(run), iterations=4, resume=str(run / "checkpoint.prev.pt")), tiny_teacher(),
                   log=None)
     assert res.iteration == 4
+    assert load_checkpoint(run / "checkpoint.prev.pt", "distill")["iteration"] == 1
+    assert (run / "checkpoint.unreadable.pt").read_bytes() == torn
+    assert load_checkpoint(ckpt, "distill")["iteration"] == 4
+
+
+def test_resuming_a_finished_run_says_so_writes_nothing_and_extends_with_more_iterations(tmp_path):
+    run = tmp_path / "r"
+    distill(quiet(run_dir=str(run), iterations=3, checkpoint_every=1), tiny_teacher(), log=None)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()}
+    lines = []
+    res = distill(quiet(run_dir=str(run), iterations=3, resume="auto"), tiny_teacher(), log=lines.append)
+    assert res.iteration == 3 and res.summary["iterations_this_run"] == 0 and res.interrupted is None
+    assert len(lines) == 1 and "is complete (iteration 3 of 3)" in lines[0]
+    assert "--resume" in lines[0] and "--iterations 6" in lines[0] and "resuming at" not in lines[0]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir()} == before
+    # a larger --iterations continues the run exactly as a longer uninterrupted run
+    lines.clear()
+    extended = distill(quiet(run_dir=str(run), iterations=5, resume="auto"), tiny_teacher(), log=lines.append)
+    assert "resuming at iteration 3 of 5" in lines[0]
+    longer = distill(quiet(run_dir=str(tmp_path / "long"), iterations=5), tiny_teacher(), log=None)
+    assert extended.iteration == 5
+    for name in ("generator", "generator_ema", "fake"):
+        assert_bitwise(states(getattr(longer, name)), states(getattr(extended, name)))
+
+
+def test_teacher_path_is_stored_absolute_and_entry_points_unchanged(tmp_path, monkeypatch):
+    from sidfast.checkpoint import load_network, save_network
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    save_network("teacher.pt", tiny_teacher(), "test_train:build_tiny", {})
+    distill(quiet(run_dir="r", iterations=1, teacher="teacher.pt"), tiny_teacher(), log=None)
+    data = torch.load("r/checkpoint.pt", weights_only=True)
+    where = str((tmp_path / "a" / "teacher.pt").resolve())
+    assert data["teacher"] == where and data["config"]["teacher"] == where
+    monkeypatch.chdir(tmp_path / "b")
+    load_network(data["teacher"])  # another working directory still finds it
+    distill(quiet(run_dir="e", iterations=1, teacher="test_train:tiny_teacher"), tiny_teacher(), log=None)
+    assert torch.load("e/checkpoint.pt", weights_only=True)["teacher"] == "test_train:tiny_teacher"
+
+
+def test_plain_progress_lines_off_a_terminal(tmp_path, monkeypatch):
+    """Under pytest stderr is not a terminal: no bar, a log line per metrics record (at most one per interval)."""
+    from sidfast import runtime
+
+    monkeypatch.setattr(runtime.Progress, "interval_s", 0.0)
+    lines = []
+    distill(quiet(run_dir=str(tmp_path / "a"), iterations=4, log_every=2, progress=True), tiny_teacher(),
+            log=lines.append)
+    progress = [x for x in lines if x.startswith("iteration ")]
+    assert [x.split()[1] for x in progress] == ["2/4", "4/4"]
+    for word in ("kimg 0.0", "loss_g", "loss_fake", "img/s", "ETA"):
+        assert word in progress[0], word
+    monkeypatch.setattr(runtime.Progress, "interval_s", 3600.0)
+    lines.clear()
+    distill(quiet(run_dir=str(tmp_path / "b"), iterations=5, log_every=1), tiny_teacher(), log=lines.append)
+    assert [x.split()[1] for x in lines if x.startswith("iteration ")] == ["1/5", "5/5"]  # first, then the end
+    # on a terminal the bar shows the progress instead
+    monkeypatch.setattr(runtime.sys.stderr, "isatty", lambda: True, raising=False)
+    lines.clear()
+    distill(quiet(run_dir=str(tmp_path / "c"), iterations=2, log_every=1, progress=True), tiny_teacher(),
+            log=lines.append)
+    assert not [x for x in lines if x.startswith("iteration ")]
+
+
+def test_option_names_match_the_command_line():
+    from sidfast.cli import build_parser
+
+    distill_parser = build_parser()._subparsers._group_actions[0].choices["distill"]
+    flags = {s for action in distill_parser._actions for s in action.option_strings}
+    assert TrainConfig.option("batch_gpu") == "--batch-gpu"
+    for f in TrainConfig.fields():
+        assert TrainConfig.option(f.name) in flags, f.name
+    with pytest.raises(ValueError, match="no field 'batchgpu'"):
+        TrainConfig.option("batchgpu")
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
@@ -445,7 +522,7 @@ def test_device_errors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("engine", ["eager", "score_engine"])
+@pytest.mark.parametrize("engine", ["eager", "fused"])
 def test_cuda_run_is_a_device_switch(tmp_path, engine):
     res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, device="cuda", precision="bf16", engine=engine,
                         grid_size=4, teacher_steps=2), tiny_teacher(), log=None)
@@ -453,11 +530,11 @@ def test_cuda_run_is_a_device_switch(tmp_path, engine):
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
-def test_score_engine_path_matches_the_eager_path(tmp_path, num_classes):
-    """engine="score_engine" (sidfast.engine over frozen views) trains bitwise like two eager calls on CPU."""
+def test_fused_engine_path_matches_the_eager_path(tmp_path, num_classes):
+    """engine="fused" (sidfast.engine over frozen views) trains bitwise like two eager calls on CPU."""
     kw = dict(iterations=3, lr=1e-3)
     eager = distill(quiet(run_dir=str(tmp_path / "e"), **kw), tiny_teacher(num_classes), log=None)
-    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="score_engine", **kw), tiny_teacher(num_classes),
+    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="fused", **kw), tiny_teacher(num_classes),
                     log=None)
     for name in ("generator", "generator_ema", "fake"):
         a, b = states(getattr(eager, name)), states(getattr(fused, name))
@@ -469,7 +546,7 @@ def test_score_engine_path_matches_the_eager_path(tmp_path, num_classes):
 
 # ---------------- LoRA fake score and torch.compile options ----------------
 
-@pytest.mark.parametrize("engine", ["eager", "score_engine"])
+@pytest.mark.parametrize("engine", ["eager", "fused"])
 def test_lora_fake_score_trains_low_rank_factors_over_the_frozen_teacher(tmp_path, engine):
     teacher = tiny_teacher(3)
     before = states(teacher)
@@ -487,7 +564,7 @@ def test_lora_engine_path_matches_the_eager_lora_path(tmp_path):
     """One forward over [x_t; x_t] with the update on the fake half trains like two separate eager calls."""
     kw = dict(iterations=3, lr=1e-3, fake_score="lora", lora_rank=4)
     eager = distill(quiet(run_dir=str(tmp_path / "e"), **kw), tiny_teacher(3), log=None)
-    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="score_engine", **kw), tiny_teacher(3), log=None)
+    fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="fused", **kw), tiny_teacher(3), log=None)
     for name in ("generator", "fake"):
         a, b = states(getattr(eager, name)), states(getattr(fused, name))
         # a doubled batch may take another matmul blocking, and Adam (beta1 = 0) turns a rounding difference in a
@@ -508,7 +585,7 @@ def test_lora_run_resumes_bitwise_and_refuses_a_full_checkpoint(tmp_path):
     for name in ("generator", "generator_ema", "fake"):
         assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
     distill(quiet(run_dir=str(tmp_path / "plain"), iterations=1, checkpoint_every=1), tiny_teacher(), log=None)
-    with pytest.raises(CheckpointError, match="LoRA"), pytest.warns(UserWarning, match="fake_score"):
+    with pytest.raises(CheckpointError, match="LoRA"), pytest.warns(UserWarning, match="--fake-score"):
         distill(quiet(run_dir=str(tmp_path / "plain"), resume="auto", **kw), tiny_teacher(), log=None)
 
 
@@ -529,7 +606,7 @@ def test_compile_option_compiles_generator_and_score_networks(tmp_path, monkeypa
         return fn
 
     monkeypatch.setattr(torch, "compile", recording_compile)
-    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, compile=True, engine="score_engine"),
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, compile=True, engine="fused"),
                   tiny_teacher(), log=None)
     assert res.generator in compiled  # the generator (training forward and sampling)
     names = [getattr(f, "__name__", "") for f in compiled]

@@ -1,4 +1,5 @@
-"""SPEC section 7, Gaussian check: the real trainer distills an exact Gaussian teacher into a linear generator.
+"""Convergence: the real trainer (``sidfast.train.distill``) distills an exact Gaussian teacher into a linear
+generator.
 
 Data x0 ~ N(mu, Sigma) in 3 dimensions. The teacher is the exact denoiser of the noised data (VE coordinates):
 x0_hat = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu). The generator is linear, x_g = A z + b, so its samples are
@@ -10,7 +11,7 @@ starting from errors of about 1.2 and 0.9.
 
 The distillation runs in a child process without TRITON_INTERPRET (tests/conftest.py sets it for the session,
 which would route the 1,000 loss calls through the Triton interpreter, about 10x slower): the child uses the
-native CPU op, the path a CPU user runs. About 10 s on 2 cores.
+native CPU op, the path a CPU user runs, and imports sidfast from this checkout.
 """
 import json
 import os
@@ -45,7 +46,7 @@ class GaussianDenoiser(nn.Module):
     def forward(self, x, sigma, class_labels=None):
         c = self.cov()
         m = c + sigma.view(-1, 1, 1) ** 2 * torch.eye(c.shape[0], dtype=x.dtype)
-        # x0_hat = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu) (Tweedie for a Gaussian; SPEC section 7)
+        # x0_hat = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu) (Tweedie's formula for a Gaussian)
         return self.mean + torch.linalg.solve(m, (x - self.mean).unsqueeze(-1)).squeeze(-1) @ c.T
 
 
@@ -82,11 +83,12 @@ def run(run_dir: str, seed: int = 0, iterations: int = 500) -> dict:
     fake = result.fake.network
     return {"init": init, "ema": errors(result.generator_ema.network, mu, sigma),
             "raw": errors(result.generator.network, mu, sigma),
-            "fake_mean_err": float((fake.mean.detach() - mu).norm()), "iterations": result.iteration}
+            "fake_mean_err": float((fake.mean.detach() - mu).norm()), "iterations": result.iteration,
+            "sidfast": __import__("sidfast").__file__}
 
 
 def test_teacher_is_the_exact_gaussian_denoiser():
-    """The test's teacher agrees with SPEC section 7's score: eps* = s (Sigma + s^2 I)^-1 (x - mu), a = 1."""
+    """The test's teacher agrees with the Gaussian's exact score: eps* = s (Sigma + s^2 I)^-1 (x - mu)."""
     torch.manual_seed(0)
     mu, sigma = torch.tensor(MU, dtype=torch.float64), torch.tensor(SIGMA, dtype=torch.float64)
     den = GaussianDenoiser(mu, sigma).double()
@@ -99,11 +101,13 @@ def test_teacher_is_the_exact_gaussian_denoiser():
 
 def test_linear_generator_converges_to_the_gaussian(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.dirname(__file__), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, __file__, str(tmp_path / "run")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["sidfast"].startswith(root), res["sidfast"]  # the checkout under test, not an installed copy
     assert res["iterations"] == 500
     assert res["init"][0] > 1.0 and res["init"][1] > 0.5  # the generator starts far from the target
     mean_err, cov_err = res["ema"]
