@@ -1,4 +1,5 @@
-"""sidfast.lora: LoRA layers over shared weights, the split (teacher half / fake half) evaluation, frozen views."""
+"""sidfast.lora and sidfast.views: LoRA layers over shared weights, the split (teacher half / fake half) evaluation,
+frozen views."""
 import pytest
 import torch
 from torch import nn
@@ -6,8 +7,9 @@ from torch.func import functional_call
 
 from nets import SmallUNet, randomize_lora
 from sidfast.denoisers import EDMDenoiser
-from sidfast.lora import (LoRAConv2d, LoRAFakeScore, LoRALayer, LoRALinear, add_lora, frozen_view, lora_layers,
-                          lora_parameters, lora_state_dict, merge_lora, set_lora_mode, shares_storage)
+from sidfast.lora import (LoRAConv2d, LoRAFakeScore, LoRALayer, LoRALinear, add_lora, lora_layers, lora_parameters,
+                          lora_state_dict, merge_lora, set_lora_mode)
+from sidfast.views import frozen_view, same_storage, shares_storage
 
 RTOL = 1e-5
 
@@ -121,6 +123,8 @@ def test_frozen_view_shares_buffers_and_detects_replaced_storage():
     assert view[1].running_mean is net[1].running_mean
     net[0].weight.data = net[0].weight.data.clone()
     assert not shares_storage(view, net)
+    w = net[0].weight
+    assert same_storage([w], [w]) and not same_storage([w], [w.view(-1)]) and not same_storage([w], [])
     with pytest.raises(TypeError):
         frozen_view(lambda x: x)
 
