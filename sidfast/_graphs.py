@@ -13,18 +13,19 @@ inputs, outputs and gradients. A replay is correct only under rules that ``Graph
   With a shared memory pool, no graph is captured or replayed while any graph's backward is pending.
 - Every graph holds memory for a whole forward and backward (its own pool unless shared). At most
   ``max_graphs`` graphs are kept (default ``MAX_GRAPHS``), the least recently used dropped first; a dropped
-  graph's memory goes back to PyTorch's allocator once no pending backward holds it.
+  graph's memory goes back to PyTorch's caching allocator once no pending backward holds it.
 """
 from __future__ import annotations
 
 import collections
+import gc
 
 import torch
 from torch import nn
 
 from .views import StorageSnapshot
 
-MAX_GRAPHS = 8  # both phases x (train, eval) x two batch sizes (a smaller last micro-batch)
+MAX_GRAPHS = 8  # room for both phases, in train and eval state, at two batch sizes
 
 
 def _own_copy(grad: torch.Tensor) -> torch.Tensor:
@@ -189,8 +190,11 @@ class GraphCache:
                 self._grad_hooks = [p.register_hook(_own_copy) for p in self.trainable]
         graph = _Graph(replay)
         self._graphs[key] = graph
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+        if len(self._graphs) > self.max_graphs:
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+            # a graphed callable's state sits in classes, which only the cycle collector frees
+            gc.collect()
         return graph
 
 

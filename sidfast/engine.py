@@ -10,7 +10,7 @@ A SiD iteration (``docs/math.md``, "Published recipe") evaluates, per sample,
 Design:
 - The generator phase runs *frozen views* (``sidfast.views``): module trees whose parameters share the
   networks' storage but never require grad. Autograd then computes input gradients only, saves nothing for
-  weight gradients, and ``requires_grad`` is never toggled (which made compiled networks recompile).
+  weight gradients, and ``requires_grad`` is never toggled (toggling it makes compiled networks recompile).
   Optimizer steps update the shared storage in place, so views (and graphs captured over them) see new
   weights.
 - ``mode="full"`` (the published recipe): teacher and fake score are two networks, called one after the
@@ -23,7 +23,8 @@ Design:
   backward graphs, at most ``max_graphs`` kept), after ``torch.compile`` when ``compile=True``; a new batch
   size is captured anew (``recapture=True``) or refused with a ValueError (``recapture=False``). bf16
   autocast (``amp_dtype``) runs inside, with fp32 master weights; outputs come back in the input dtype, so
-  the loss math stays fp32.
+  the loss math stays fp32. A captured phase called again before the backward of its previous call raises
+  a RuntimeError: the replay would overwrite the activations that backward needs.
 
 Everything is in EDM coordinates (``sidfast.denoisers``): ``x_t = x0 + sigma * eps``, outputs are x0
 estimates.

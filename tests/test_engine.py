@@ -1,6 +1,7 @@
 """sidfast.engine.ScoreEngine against plain eager evaluation of the same networks (values and gradients).
 
-CPU tests run the eager engine (and torch.compile once, marked slow); the CUDA-graph tests at the end need a GPU.
+CPU tests run the eager engine (and torch.compile once, marked slow), and the graph cache with stand-ins for
+the CUDA calls; the CUDA-graph tests at the end need a GPU.
 """
 import contextlib
 import copy
@@ -68,7 +69,8 @@ def _fake_loss(engine, x0, sigma, noise):
 
 
 def _plain_fake(engine):
-    """The fake score as an ordinary network: itself in 'full' mode, the merged LoRA network in 'lora' mode."""
+    """The fake score as an ordinary network: itself in 'full' mode, the merged LoRA network in 'lora'
+    mode."""
     return merge_lora(engine.fake.net) if engine.mode == "lora" else engine.fake
 
 
@@ -253,8 +255,10 @@ def test_labels_and_keyword_conditioning(mode):
     with torch.no_grad():
         _close(y_real, teacher(x_t, sigma, labels, context=ctx))
         _close(y_fake, fake(x_t, sigma, labels, context=ctx))
-        _close(engine.fake_score_forward(x_t, sigma, labels, context=ctx), fake(x_t, sigma, labels, context=ctx))
-    assert not torch.allclose(y_real, engine.generator_terms(x, sigma, torch.eye(4)[[2, 2, 2]], noise, context=ctx)[0])
+        y_fake_only = engine.fake_score_forward(x_t, sigma, labels, context=ctx)
+        _close(y_fake_only, fake(x_t, sigma, labels, context=ctx))
+    other = engine.generator_terms(x, sigma, torch.eye(4)[[2, 2, 2]], noise, context=ctx)[0]
+    assert not torch.allclose(y_real, other)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -437,7 +441,8 @@ def _graphs_on_cpu(monkeypatch, capture):
 
 class _StandInGraphs:
     """Replaces torch.cuda.make_graphed_callables on CPU: records captures, returns the callable unchanged.
-    Exercises the engine's graph bookkeeping (keys, recapture, parameter surface, output copies) without a GPU."""
+    Exercises the engine's graph bookkeeping (keys, recapture, parameter surface, output copies) without a
+    GPU."""
 
     def __init__(self):
         self.captures = []
@@ -448,16 +453,19 @@ class _StandInGraphs:
 
 
 class _StaticGradGraphs:
-    """Replaces torch.cuda.make_graphed_callables on CPU with its replay semantics: outputs, input gradients and
-    parameter gradients come back as detached views of static buffers that the next replay overwrites, and a
-    backward reads the activations of the latest replay (a graph's static memory), not those of its own call."""
+    """Replaces torch.cuda.make_graphed_callables on CPU with its replay semantics: outputs, input gradients
+    and parameter gradients come back as detached views of static buffers that the next replay overwrites,
+    and a backward reads the activations of the latest replay (a graph's static memory), not those of its
+    own call."""
 
     def __init__(self):
-        self.made = []  # weak references to the graphed callables returned
+        self.made = []  # weak references to each capture's state (its Replay class)
         self.pools = []
 
     def __call__(self, callable_, sample, allow_unused_input=False, pool=None):
-        params = [p for p in callable_.parameters() if p.requires_grad] if isinstance(callable_, nn.Module) else []
+        params = []
+        if isinstance(callable_, nn.Module):
+            params = [p for p in callable_.parameters() if p.requires_grad]
         n_in = len(sample)
         static: dict = {}
 
@@ -486,20 +494,21 @@ class _StaticGradGraphs:
                 res = []
                 for x in xs:
                     res.append(buffer(("in", len(res)), got.pop(0)) if x.requires_grad else None)
-                return (*res, *(buffer(("param", i), g) if g is not None else None for i, g in enumerate(got)))
+                param_grads = (buffer(("param", i), g) if g is not None else None for i, g in enumerate(got))
+                return (*res, *param_grads)
 
         def graphed(*args):
             return Replay.apply(*args, *params)
 
-        self.made.append(weakref.ref(graphed))
+        self.made.append(weakref.ref(Replay))
         self.pools.append(pool)
         return graphed
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
-    """A replay's gradients live in static buffers: fake-score gradients accumulated over micro-batches, and an
-    input's .grad, must not alias them (the next replay would overwrite them)."""
+    """A replay's gradients live in static buffers: fake-score gradients accumulated over micro-batches, and
+    an input's .grad, must not alias them (the next replay would overwrite them)."""
     _graphs_on_cpu(monkeypatch, _StaticGradGraphs())
     graphed, G, z, noise, sigma = _setup(mode, batch=4)
     eager = copy.deepcopy(graphed)
@@ -519,7 +528,8 @@ def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
     xe = x_t[0].detach().requires_grad_()
     y_real, y_fake = eager.generator_terms(xe, sigma, None, torch.zeros_like(xe))
     sidfast.sid_generator_loss(y_real, y_fake, xe.detach()).backward()
-    torch.testing.assert_close(x_t[0].grad, xe.grad, rtol=1e-5, atol=1e-7)  # not overwritten by the 2nd replay
+    # not overwritten by the second replay
+    torch.testing.assert_close(x_t[0].grad, xe.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -528,7 +538,8 @@ def test_graph_bookkeeping_with_a_stand_in_capture(mode, monkeypatch):
     _graphs_on_cpu(monkeypatch, stand_in)
     engine, G, z, noise, sigma = _setup(mode, batch=4)
     x = G(z).detach()
-    ref = [t.detach() for t in engine.generator_terms(x, sigma, None, noise)]  # x needs no grad: eager, no capture
+    # x needs no grad: eager, no capture
+    ref = [t.detach() for t in engine.generator_terms(x, sigma, None, noise)]
     xg = x.clone().requires_grad_()
     y_real, y_fake = engine.generator_terms(xg, sigma, None, noise)
     assert len(stand_in.captures) == 1  # the same key replays
@@ -658,9 +669,13 @@ def test_the_graph_cache_keeps_the_most_recently_used_graphs(monkeypatch):
     call(3)
     call(4)  # a replay: 4 becomes the most recently used
     assert len(capture.made) == 2 and held() == [3, 4]
-    call(2)  # a third variant: 3 is dropped, and its graph freed
+    # the cache itself frees a dropped graph's state (held by a class, which only the cycle collector frees)
+    gc.disable()
+    try:
+        call(2)  # a third variant: 3 is dropped, and its graph freed
+    finally:
+        gc.enable()
     assert held() == [4, 2]
-    gc.collect()
     assert capture.made[1]() is None and capture.made[0]() is not None
     call(3)  # captured anew
     assert len(capture.made) == 4 and held() == [2, 3]
@@ -762,7 +777,8 @@ def test_graph_replays_draw_fresh_dropout_masks():
     engine, G, z, noise, sigma = _setup("full", device="cuda", dropout=0.3)
     engine.fake.train()
     x = G(z).detach()
-    outs = [engine.generator_terms(x.clone().requires_grad_(), sigma, None, noise)[1].detach() for _ in range(3)]
+    outs = [engine.generator_terms(x.clone().requires_grad_(), sigma, None, noise)[1].detach()
+            for _ in range(3)]
     assert any(k[0] == "generator" for k in engine._graphs)
     assert not torch.allclose(outs[1], outs[2])
 
