@@ -1,9 +1,10 @@
-"""A low-rank (LoRA) fake score over the frozen teacher's shared weights, and weight-sharing views.
+"""A low-rank (LoRA) fake score over the frozen teacher's shared weights.
 
-The SiD fake score starts as a copy of the teacher (SPEC section 5). Here it is instead the teacher's
-own weights, shared (never copied) and frozen, plus a trainable low-rank update on its ``nn.Linear`` and
-``nn.Conv2d`` layers (Hu et al. 2021, eq. 3: ``W' = W + (alpha / r) B A``, ``B`` zero-initialised so the
-fake score starts equal to the teacher). This removes a full network copy and its optimizer state.
+The SiD fake score starts as a copy of the teacher (``docs/math.md``, "Published recipe"). Here it is
+instead the teacher's own weights, shared (never copied) and frozen (``sidfast.views.frozen_view``), plus
+a trainable low-rank update on its ``nn.Linear`` and ``nn.Conv2d`` layers (Hu et al. 2021, eq. 3:
+``W' = W + (alpha / r) B A``, ``B`` zero-initialised so the fake score starts equal to the teacher).
+This removes a full network copy and its optimizer state.
 
 Every LoRA layer has a fixed ``mode``:
 
@@ -29,42 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .denoisers import Denoiser
+from .views import frozen_view
 
-MODES = ("on", "off", "split")
-
-
-def frozen_view(module: nn.Module) -> nn.Module:
-    """A copy of ``module``'s structure whose parameters share storage with ``module``'s but never need grad.
-
-    Every parameter ``p`` becomes ``nn.Parameter(p.detach(), requires_grad=False)`` (same storage, so in-place
-    optimizer updates of ``p`` are seen at once); buffers are the same tensors. Nothing is copied but Python
-    objects. Gradients flow through the view to its *inputs* only, with no parameter gradient computed, and
-    ``requires_grad`` is never toggled (which would make compiled code recompile).
-    Replacing a parameter's storage later (``p.data = ...``, ``module.to(...)``) breaks the sharing;
-    ``shares_storage`` detects it.
-    """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    memo: dict[int, object] = {}
-    for p in module.parameters():
-        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
-    for b in module.buffers():
-        memo[id(b)] = b
-    return copy.deepcopy(module, memo)
-
-
-def shares_storage(view: nn.Module, module: nn.Module) -> bool:
-    """Whether every parameter of ``view`` still lies on the storage of the matching parameter of ``module``."""
-    return same_storage(list(view.parameters()), list(module.parameters()))
-
-
-def same_storage(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    """Whether the tensors of ``a`` and ``b`` pair up on the same data with the same shapes."""
-    return len(a) == len(b) and all(x.data_ptr() == y.data_ptr() and x.shape == y.shape for x, y in zip(a, b))
+LORA_LAYER_MODES = ("on", "off", "split")
 
 
 class LoRALayer(nn.Module):
-    """Base of the LoRA wrappers: the (shared, frozen) ``base`` layer plus ``lora_A``, ``lora_B``, ``scale``."""
+    """Base of the LoRA wrappers: the (shared, frozen) ``base`` layer plus ``lora_A``, ``lora_B``,
+    ``scale``."""
 
     base: nn.Module
 
@@ -74,11 +47,12 @@ class LoRALayer(nn.Module):
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in LORA_LAYER_MODES:
+            raise ValueError(f"mode must be one of {LORA_LAYER_MODES}, got {mode!r}")
         self.base = base
         self.rank = rank
-        self.scale = float(alpha if alpha is not None else rank) / rank  # alpha / r (Hu et al. 2021, section 4.1)
+        # alpha / r (Hu et al. 2021, section 4.1)
+        self.scale = float(alpha if alpha is not None else rank) / rank
         self.dropout = float(dropout)
         self.mode = mode
 
@@ -169,15 +143,16 @@ def _default_target(name: str, module: nn.Module) -> bool:
 
 def add_lora(net: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
              targets: Callable[[str, nn.Module], bool] | None = None, mode: str = "on") -> nn.Module:
-    """A new module tree: ``net``'s weights shared and frozen (``frozen_view``) with LoRA on the targeted layers.
+    """A new module tree: ``net``'s weights shared and frozen (``frozen_view``), LoRA on the targeted layers.
 
     Args:
         net: the teacher (any nn.Module, e.g. a ``sidfast.denoisers.Denoiser``); it is not modified.
         rank: r (clamped per layer to the layer's smaller side); alpha: scale numerator (default r, scale 1).
         dropout: dropout on the LoRA branch's input, active in training mode (the shared base runs as in
             ``net``: keep the teacher in eval mode, its dropout cannot apply to the fake half only).
-        targets: ``(qualified_name, module) -> bool``; default every ``nn.Linear`` and ungrouped ``nn.Conv2d``.
-        mode: the LoRA layers' mode (``MODES``).
+        targets: ``(qualified_name, module) -> bool``; default every ``nn.Linear`` and ungrouped
+            ``nn.Conv2d``.
+        mode: the LoRA layers' mode (``LORA_LAYER_MODES``).
     Returns:
         the new tree; its only trainable parameters are the ``lora_A`` / ``lora_B`` of its LoRA layers.
     """
@@ -194,7 +169,8 @@ def add_lora(net: nn.Module, rank: int = 64, alpha: float | None = None, dropout
         elif isinstance(m, nn.Conv2d):
             wrapped = LoRAConv2d(m, rank, alpha, dropout, mode)
         else:
-            raise TypeError(f"LoRA target {name} is a {type(m).__name__}; only nn.Linear and nn.Conv2d are supported")
+            raise TypeError(f"LoRA target {name} is a {type(m).__name__}; only nn.Linear and nn.Conv2d are "
+                            "supported")
         parent_name, _, child = name.rpartition(".")
         setattr(view.get_submodule(parent_name) if parent_name else view, child, wrapped)
     return view
@@ -206,8 +182,8 @@ def lora_layers(module: nn.Module) -> Iterator[LoRALayer]:
 
 def set_lora_mode(module: nn.Module, mode: str) -> nn.Module:
     """Set every LoRA layer of ``module`` to ``mode``; returns ``module``."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in LORA_LAYER_MODES:
+        raise ValueError(f"mode must be one of {LORA_LAYER_MODES}, got {mode!r}")
     for m in lora_layers(module):
         m.mode = mode
     return module
@@ -240,13 +216,12 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return out
 
 
-
-
 class LoRAFakeScore(Denoiser):
     """The LoRA fake score as a Denoiser: ``add_lora(teacher)`` in mode "on".
 
     ``train(mode)`` switches only the LoRA layers (their dropout); the shared base network always runs in
-    eval mode, as the teacher does, so that one forward over [teacher half; fake half] treats both halves alike.
+    eval mode, as the teacher does, so that one forward over [teacher half; fake half] treats both halves
+    alike.
     """
 
     def __init__(self, teacher: Denoiser, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
@@ -279,5 +254,5 @@ class LoRAFakeScore(Denoiser):
         return lora_parameters(self.net)
 
 
-__all__ = ["LoRAFakeScore", "LoRALayer", "LoRALinear", "LoRAConv2d", "add_lora", "frozen_view", "shares_storage", "same_storage",
-           "lora_layers", "set_lora_mode", "lora_parameters", "lora_state_dict", "merge_lora", "MODES"]
+__all__ = ["LoRAFakeScore", "LoRALayer", "LoRALinear", "LoRAConv2d", "add_lora", "lora_layers",
+           "set_lora_mode", "lora_parameters", "lora_state_dict", "merge_lora", "LORA_LAYER_MODES"]

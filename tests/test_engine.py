@@ -1,8 +1,12 @@
 """sidfast.engine.ScoreEngine against plain eager evaluation of the same networks (values and gradients).
 
-CPU tests run the eager engine (and torch.compile once, marked slow); the CUDA-graph tests at the end need a GPU.
+CPU tests run the eager engine (and torch.compile once, marked slow), and the graph cache with stand-ins for
+the CUDA calls; the CUDA-graph tests at the end need a GPU.
 """
+import contextlib
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -55,8 +59,18 @@ def _setup(mode="full", seed=0, batch=3, device="cpu", label_dim=0, dropout=0.0,
     return engine, G, z, noise, sigma
 
 
+def _fake_loss(engine, x0, sigma, noise):
+    """The fake-score loss of the published recipe through ``fake_score_forward``: EDM weighting at
+    ``x_t = sg(x0) + sigma * noise``."""
+    x0 = x0.detach()
+    x_t = x0 + sigma.reshape(-1, 1, 1, 1) * noise
+    pred = engine.fake_score_forward(x_t, sigma)
+    return sidfast.fake_score_loss(pred, x0, noise, 1.0, sigma, prediction="x0", weighting="edm")
+
+
 def _plain_fake(engine):
-    """The fake score as an ordinary network: itself in 'full' mode, the merged LoRA network in 'lora' mode."""
+    """The fake score as an ordinary network: itself in 'full' mode, the merged LoRA network in 'lora'
+    mode."""
     return merge_lora(engine.fake.net) if engine.mode == "lora" else engine.fake
 
 
@@ -92,11 +106,11 @@ def test_generator_terms_equal_eager_values_and_gradients(mode):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_generator_loss_helper_and_input_gradient(mode):
+def test_generator_loss_and_input_gradient_equal_the_reference(mode):
     engine, G, z, noise, sigma = _setup(mode, batch=4)
     teacher, fake = engine.teacher, _plain_fake(engine)
     x_g = G(z).detach().requires_grad_()
-    loss = engine.generator_loss(x_g, sigma, None, noise, alpha=1.0)
+    loss = sidfast.sid_generator_loss(*engine.generator_terms(x_g, sigma, None, noise), x_g, 1.0)
     (g,) = torch.autograd.grad(loss, x_g)
     x_ref = x_g.detach().clone().requires_grad_()
     x_t = x_ref + sigma.reshape(-1, 1, 1, 1) * noise
@@ -111,7 +125,7 @@ def test_fake_score_forward_and_loss_equal_eager_with_parameter_gradients(mode):
     engine, G, z, noise, sigma = _setup(mode)
     x0 = G(z).detach()
     sig = R.edm_training_sigma(3, generator=torch.Generator().manual_seed(5))
-    loss = engine.fake_score_loss(x0, sig, None, noise)
+    loss = _fake_loss(engine, x0, sig, noise)
     loss.backward()
     grads = {n: p.grad for n, p in engine.fake.named_parameters() if p.grad is not None}
     trainable = {id(p) for p in engine.fake_parameters()}
@@ -154,7 +168,7 @@ def test_in_place_optimizer_steps_are_seen_by_the_generator_phase(mode):
     opt = torch.optim.Adam(engine.fake_parameters(), lr=1e-2)
     x0 = G(z).detach()
     before = engine.generator_terms(x0, sigma, None, noise)[1].detach()
-    engine.fake_score_loss(x0, sigma, None, noise).backward()
+    _fake_loss(engine, x0, sigma, noise).backward()
     opt.step()
     after = engine.generator_terms(x0, sigma, None, noise)[1].detach()
     assert not torch.allclose(before, after, atol=1e-5)
@@ -241,8 +255,10 @@ def test_labels_and_keyword_conditioning(mode):
     with torch.no_grad():
         _close(y_real, teacher(x_t, sigma, labels, context=ctx))
         _close(y_fake, fake(x_t, sigma, labels, context=ctx))
-        _close(engine.fake_score_forward(x_t, sigma, labels, context=ctx), fake(x_t, sigma, labels, context=ctx))
-    assert not torch.allclose(y_real, engine.generator_terms(x, sigma, torch.eye(4)[[2, 2, 2]], noise, context=ctx)[0])
+        y_fake_only = engine.fake_score_forward(x_t, sigma, labels, context=ctx)
+        _close(y_fake_only, fake(x_t, sigma, labels, context=ctx))
+    other = engine.generator_terms(x, sigma, torch.eye(4)[[2, 2, 2]], noise, context=ctx)[0]
+    assert not torch.allclose(y_real, other)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -376,25 +392,57 @@ def test_compiled_engine_equals_eager(mode):
         y_real, y_fake = eng.generator_terms(xg, sigma, None, noise)
         (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, xg), xg)
         eng.result = (y_real.detach(), y_fake.detach(), g)
-        eng.fake_score_loss(x, sigma, None, noise).backward()
+        _fake_loss(eng, x, sigma, noise).backward()
     for a, b in zip(engine.result, eager.result):
         _close(a, b)
     for pe, pc in zip(eager.fake_parameters(), engine.fake_parameters()):
         _close(pc.grad, pe.grad, rtol=1e-4)
 
 
-def test_scores_at_a_given_x_t_equal_generator_terms():
+def test_generator_terms_evaluate_at_x_g_plus_sigma_noise():
     engine, G, z, noise, sigma = _setup("lora")
     x = G(z).detach()
     a = engine.generator_terms(x, sigma, None, noise)
-    b = engine.scores(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma)
+    b = engine.generator_terms(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma, None, torch.zeros_like(x))
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
+# ---------- the graph cache on CPU, with stand-ins for the CUDA calls ----------
+
+class _DeviceGuard:
+    """Stands in for torch.cuda.device (which refuses CPU devices): records the device it is entered with."""
+
+    def __init__(self):
+        self.stack = []
+
+    @property
+    def current(self):
+        return self.stack[-1] if self.stack else None
+
+    @contextlib.contextmanager
+    def __call__(self, device):
+        self.stack.append(torch.device(device))
+        try:
+            yield
+        finally:
+            self.stack.pop()
+
+
+def _graphs_on_cpu(monkeypatch, capture):
+    """The engine's graph path for CPU inputs, with ``capture`` standing in for make_graphed_callables."""
+    guard = _DeviceGuard()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    monkeypatch.setattr(torch.cuda, "device", guard)
+    monkeypatch.setattr(ScoreEngine, "_use_graphs",
+                        lambda self, x: self.graphs is not False and torch.is_grad_enabled())
+    return guard
+
+
 class _StandInGraphs:
     """Replaces torch.cuda.make_graphed_callables on CPU: records captures, returns the callable unchanged.
-    Exercises the engine's graph bookkeeping (keys, recapture, parameter surface, output copies) without a GPU."""
+    Exercises the engine's graph bookkeeping (keys, recapture, parameter surface, output copies) without a
+    GPU."""
 
     def __init__(self):
         self.captures = []
@@ -405,11 +453,19 @@ class _StandInGraphs:
 
 
 class _StaticGradGraphs:
-    """Replaces torch.cuda.make_graphed_callables on CPU with its replay semantics: outputs, input gradients and
-    parameter gradients come back as detached views of static buffers that the next replay overwrites."""
+    """Replaces torch.cuda.make_graphed_callables on CPU with its replay semantics: outputs, input gradients
+    and parameter gradients come back as detached views of static buffers that the next replay overwrites,
+    and a backward reads the activations of the latest replay (a graph's static memory), not those of its
+    own call."""
+
+    def __init__(self):
+        self.made = []  # weak references to each capture's state (its Replay class)
+        self.pools = []
 
     def __call__(self, callable_, sample, allow_unused_input=False, pool=None):
-        params = [p for p in callable_.parameters() if p.requires_grad] if isinstance(callable_, nn.Module) else []
+        params = []
+        if isinstance(callable_, nn.Module):
+            params = [p for p in callable_.parameters() if p.requires_grad]
         n_in = len(sample)
         static: dict = {}
 
@@ -425,57 +481,65 @@ class _StaticGradGraphs:
                 xs = [a.detach().requires_grad_(a.requires_grad) for a in args[:n_in]]
                 with torch.enable_grad():
                     out = callable_(*xs)
-                ctx.xs, ctx.outs = xs, out if isinstance(out, tuple) else (out,)
-                outs = tuple(buffer(("out", i), o) for i, o in enumerate(ctx.outs))
-                return outs if isinstance(out, tuple) else outs[0]
+                outs = out if isinstance(out, tuple) else (out,)
+                static["saved"] = (xs, outs)
+                copies = tuple(buffer(("out", i), o) for i, o in enumerate(outs))
+                return copies if isinstance(out, tuple) else copies[0]
 
             @staticmethod
             def backward(ctx, *grads):
-                need = [x for x in ctx.xs if x.requires_grad] + params
-                got = list(torch.autograd.grad(ctx.outs, need, grads, allow_unused=True))
+                xs, outs = static["saved"]
+                need = [x for x in xs if x.requires_grad] + params
+                got = list(torch.autograd.grad(outs, need, grads, allow_unused=True, retain_graph=True))
                 res = []
-                for x in ctx.xs:
+                for x in xs:
                     res.append(buffer(("in", len(res)), got.pop(0)) if x.requires_grad else None)
-                return (*res, *(buffer(("param", i), g) if g is not None else None for i, g in enumerate(got)))
+                param_grads = (buffer(("param", i), g) if g is not None else None for i, g in enumerate(got))
+                return (*res, *param_grads)
 
-        return lambda *args: Replay.apply(*args, *params)
+        def graphed(*args):
+            return Replay.apply(*args, *params)
+
+        self.made.append(weakref.ref(Replay))
+        self.pools.append(pool)
+        return graphed
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
-    """A replay's gradients live in static buffers: fake-score gradients accumulated over micro-batches, and an
-    input's .grad, must not alias them (the next replay would overwrite them)."""
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", _StaticGradGraphs())
-    monkeypatch.setattr(ScoreEngine, "_use_graphs", lambda self, x: self.graphs is not False and torch.is_grad_enabled())
+    """A replay's gradients live in static buffers: fake-score gradients accumulated over micro-batches, and
+    an input's .grad, must not alias them (the next replay would overwrite them)."""
+    _graphs_on_cpu(monkeypatch, _StaticGradGraphs())
     graphed, G, z, noise, sigma = _setup(mode, batch=4)
     eager = copy.deepcopy(graphed)
     eager.graphs = False
     eager.refresh()
     x = G(z).detach()
     for eng in (graphed, eager):  # two micro-batches with different inputs, gradients accumulated
-        eng.fake_score_loss(x, sigma, None, noise).backward()
-        eng.fake_score_loss(x.flip(0), sigma, None, noise).backward()
-    assert graphed._graphs and not eager._graphs
+        _fake_loss(eng, x, sigma, noise).backward()
+        _fake_loss(eng, x.flip(0), sigma, noise).backward()
+    assert len(graphed._graphs) and not len(eager._graphs)
     for a, b in zip(graphed.fake_parameters(), eager.fake_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
     x_t = [(x + sigma.reshape(-1, 1, 1, 1) * noise * k).requires_grad_() for k in (1.0, 0.5)]
-    for xt in x_t:
-        y_real, y_fake = graphed.scores(xt, sigma)
+    for xt in x_t:  # generator_terms at x_g = x_t, noise 0: autograd reaches the leaf x_t
+        y_real, y_fake = graphed.generator_terms(xt, sigma, None, torch.zeros_like(xt))
         sidfast.sid_generator_loss(y_real, y_fake, xt.detach()).backward()
     xe = x_t[0].detach().requires_grad_()
-    y_real, y_fake = eager.scores(xe, sigma)
+    y_real, y_fake = eager.generator_terms(xe, sigma, None, torch.zeros_like(xe))
     sidfast.sid_generator_loss(y_real, y_fake, xe.detach()).backward()
-    torch.testing.assert_close(x_t[0].grad, xe.grad, rtol=1e-5, atol=1e-7)  # not overwritten by the 2nd replay
+    # not overwritten by the second replay
+    torch.testing.assert_close(x_t[0].grad, xe.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_graph_bookkeeping_with_a_stand_in_capture(mode, monkeypatch):
     stand_in = _StandInGraphs()
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", stand_in)
-    monkeypatch.setattr(ScoreEngine, "_use_graphs", lambda self, x: torch.is_grad_enabled())
+    _graphs_on_cpu(monkeypatch, stand_in)
     engine, G, z, noise, sigma = _setup(mode, batch=4)
     x = G(z).detach()
-    ref = [t.detach() for t in engine.generator_terms(x, sigma, None, noise)]  # x needs no grad: eager, no capture
+    # x needs no grad: eager, no capture
+    ref = [t.detach() for t in engine.generator_terms(x, sigma, None, noise)]
     xg = x.clone().requires_grad_()
     y_real, y_fake = engine.generator_terms(xg, sigma, None, noise)
     assert len(stand_in.captures) == 1  # the same key replays
@@ -486,20 +550,20 @@ def test_graph_bookkeeping_with_a_stand_in_capture(mode, monkeypatch):
     assert xg.grad is not None and all(p.grad is None for p in engine.teacher.parameters())
     engine.generator_terms(xg[:2], sigma[:2], None, noise[:2])  # new batch size: a new capture
     assert len(stand_in.captures) == 2
-    engine.fake_score_loss(x, sigma, None, noise).backward()
+    _fake_loss(engine, x, sigma, noise).backward()
     surface, sample = stand_in.captures[2]
     assert isinstance(surface, nn.Module) and surface.training == engine.fake.training
     assert {id(p) for p in surface.parameters()} == {id(p) for p in engine.fake.parameters()}
     assert all(p.grad is not None for p in engine.fake_parameters())
     engine.fake.eval()
-    engine.fake_score_loss(x, sigma, None, noise)
+    _fake_loss(engine, x, sigma, noise)
     assert len(stand_in.captures) == 4  # train/eval state is part of the key
     p = engine.fake_parameters()[0]
     p.data = p.data.clone()
     with pytest.raises(ValueError, match="refresh"):
-        engine.fake_score_loss(x, sigma, None, noise)
+        _fake_loss(engine, x, sigma, noise)
     engine.refresh()
-    engine.fake_score_loss(x, sigma, None, noise)
+    _fake_loss(engine, x, sigma, noise)
     strict, G, z, noise, sigma = _setup(mode, batch=4, recapture=False)
     strict.generator_terms(G(z), sigma, None, noise)
     with pytest.raises(ValueError, match="captured graph"):
@@ -508,11 +572,122 @@ def test_graph_bookkeeping_with_a_stand_in_capture(mode, monkeypatch):
     strict.generator_terms(G(z)[:2], sigma[:2], None, noise[:2])
 
 
+def test_capture_and_replay_run_under_the_inputs_device(monkeypatch):
+    """make_graphed_callables captures on the current CUDA device: networks on cuda:1 while cuda:0 is current
+    would be captured empty. Capture and replay must run under the inputs' device."""
+    seen = []
+    static = _StaticGradGraphs()
+
+    def capture(callable_, sample, **kw):
+        seen.append(("capture", guard.current))
+        replay = static(callable_, sample, **kw)
+
+        def recorded(*args):
+            seen.append(("replay", guard.current))
+            return replay(*args)
+
+        return recorded
+
+    guard = _graphs_on_cpu(monkeypatch, capture)
+    engine, G, z, noise, sigma = _setup("full", batch=2)
+    x = G(z).detach()
+    for _ in range(2):
+        xg = x.clone().requires_grad_()
+        sidfast.sid_generator_loss(*engine.generator_terms(xg, sigma, None, noise), xg).backward()
+        _fake_loss(engine, x, sigma, noise).backward()
+    assert [kind for kind, _ in seen] == ["capture", "replay", "capture", "replay", "replay", "replay"]
+    assert all(device == x.device for _, device in seen)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_replay_before_the_previous_backward_raises(mode, monkeypatch):
+    """A replay overwrites the activations that the previous replay saved for its backward (the stand-in's
+    backward, like a graph's, reads the latest replay's): evaluating a phase twice before the first backward
+    must raise, not return wrong gradients."""
+    _graphs_on_cpu(monkeypatch, _StaticGradGraphs())
+    engine, G, z, noise, sigma = _setup(mode, batch=4)
+    eager = copy.deepcopy(engine)
+    eager.graphs = False
+    eager.refresh()
+    x = G(z).detach()
+    grads = []
+    for eng in (engine, eager):
+        xg = x.clone().requires_grad_()
+        y_real, y_fake = eng.generator_terms(xg, sigma, None, noise)
+        if eng is engine:  # a second noise level before the first backward
+            with pytest.raises(RuntimeError, match="generator phase.*before the backward"):
+                eng.generator_terms(x.clone().requires_grad_(), sigma, None, 0.5 * noise)
+        sidfast.sid_generator_loss(y_real, y_fake, xg).backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)  # the first backward is intact
+    xg = x.clone().requires_grad_()
+    engine.generator_terms(xg, sigma, None, noise)  # outputs dropped unused: no backward pending
+    y = engine.generator_terms(xg, sigma, None, noise)
+    x_t = x + sigma.reshape(-1, 1, 1, 1) * noise
+    pred = engine.fake_score_forward(x_t, sigma)  # another graph, its own memory: no wait for y's backward
+    with pytest.raises(RuntimeError, match="fake phase.*before the backward"):
+        engine.fake_score_forward(x_t, sigma)
+    pred.sum().backward()
+    engine.fake_score_forward(x_t, sigma)
+    with pytest.raises(RuntimeError, match="generator phase"):
+        engine.generator_terms(xg, sigma, None, noise)
+    del y
+    engine.generator_terms(xg, sigma, None, noise)
+
+
+def test_a_shared_pool_waits_for_every_pending_backward(monkeypatch):
+    capture = _StaticGradGraphs()
+    _graphs_on_cpu(monkeypatch, capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "the shared pool")
+    for share_pool in (False, True):
+        engine, G, z, noise, sigma = _setup("full", batch=4, share_pool=share_pool)
+        x = G(z).detach()
+        pred = engine.fake_score_forward(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma)
+        xg = x.clone().requires_grad_()
+        if share_pool:  # the generator graph would reuse memory the fake graph's backward still needs
+            with pytest.raises(RuntimeError, match="shared pool"):
+                engine.generator_terms(xg, sigma, None, noise)
+            pred.sum().backward()
+        sidfast.sid_generator_loss(*engine.generator_terms(xg, sigma, None, noise), xg).backward()
+    assert capture.pools == [None, None, "the shared pool", "the shared pool"]
+
+
+def test_the_graph_cache_keeps_the_most_recently_used_graphs(monkeypatch):
+    capture = _StaticGradGraphs()
+    _graphs_on_cpu(monkeypatch, capture)
+    engine, G, z, noise, sigma = _setup("full", batch=4, max_graphs=2)
+    x = G(z).detach()
+
+    def call(b):
+        xg = x[:b].clone().requires_grad_()
+        sidfast.sid_generator_loss(*engine.generator_terms(xg, sigma[:b], None, noise[:b]), xg).backward()
+
+    def held():  # batch sizes of the graphs held, least recently used first
+        return [key[2][0][0][0] for key in engine._graphs]
+
+    call(4)
+    call(3)
+    call(4)  # a replay: 4 becomes the most recently used
+    assert len(capture.made) == 2 and held() == [3, 4]
+    # the cache itself frees a dropped graph's state (held by a class, which only the cycle collector frees)
+    gc.disable()
+    try:
+        call(2)  # a third variant: 3 is dropped, and its graph freed
+    finally:
+        gc.enable()
+    assert held() == [4, 2]
+    assert capture.made[1]() is None and capture.made[0]() is not None
+    call(3)  # captured anew
+    assert len(capture.made) == 4 and held() == [2, 3]
+    with pytest.raises(ValueError, match="max_graphs"):
+        ScoreEngine(engine.teacher, max_graphs=0)
+
+
 # ---------- CUDA graphs (GPU only) ----------
 
-def _gpu_pair(mode, **kw):
-    engine, G, z, noise, sigma = _setup(mode, device="cuda", **kw)
-    eager, *_ = _setup(mode, device="cuda", graphs=False)
+def _gpu_pair(mode, device="cuda", **kw):
+    engine, G, z, noise, sigma = _setup(mode, device=device, **kw)
+    eager, *_ = _setup(mode, device=device, graphs=False)
     return engine, eager, G, z, noise, sigma
 
 
@@ -532,7 +707,7 @@ def test_graphs_equal_eager_and_replay_sees_weight_updates(mode, compile_):
             y_real, y_fake = eng.generator_terms(xg, sigma, None, noise)
             (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, xg), xg)
             opt.zero_grad(set_to_none=True)
-            eng.fake_score_loss(x0, sigma, None, noise).backward()
+            _fake_loss(eng, x0, sigma, noise).backward()
             grads = [p.grad.clone() for p in eng.fake_parameters()]
             opt.step()  # in place: the captured graphs must see the new weights at the next replay
             results.append((y_real.detach(), y_fake.detach(), g, grads))
@@ -586,7 +761,7 @@ def test_shared_pool_iterations_equal_eager(mode):
         x0 = G(z).detach().flip(0) if it else G(z).detach()
         outs = []
         for eng in (engine, eager):
-            eng.fake_score_loss(x0, sigma, None, noise).backward()
+            _fake_loss(eng, x0, sigma, noise).backward()
             xg = x0.clone().requires_grad_()
             y_real, y_fake = eng.generator_terms(xg, sigma, None, noise)
             (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, xg), xg)
@@ -602,6 +777,46 @@ def test_graph_replays_draw_fresh_dropout_masks():
     engine, G, z, noise, sigma = _setup("full", device="cuda", dropout=0.3)
     engine.fake.train()
     x = G(z).detach()
-    outs = [engine.generator_terms(x.clone().requires_grad_(), sigma, None, noise)[1].detach() for _ in range(3)]
+    outs = [engine.generator_terms(x.clone().requires_grad_(), sigma, None, noise)[1].detach()
+            for _ in range(3)]
     assert any(k[0] == "generator" for k in engine._graphs)
     assert not torch.allclose(outs[1], outs[2])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_graphs_on_a_device_that_is_not_the_current_one(mode):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.cuda.set_device(0)
+    engine, eager, G, z, noise, sigma = _gpu_pair(mode, device="cuda:1")
+    for it in range(2):  # capture, then replay with other inputs
+        x0 = G(z).detach().flip(0) if it else G(z).detach()
+        outs = []
+        for eng in (engine, eager):
+            _fake_loss(eng, x0, sigma, noise).backward()
+            xg = x0.clone().requires_grad_()
+            y_real, y_fake = eng.generator_terms(xg, sigma, None, noise)
+            (g,) = torch.autograd.grad(sidfast.sid_generator_loss(y_real, y_fake, xg), xg)
+            outs.append((y_real, y_fake, g, [p.grad.clone() for p in eng.fake_parameters()]))
+        for a, b in zip(outs[0][:3], outs[1][:3]):
+            _close(a, b, 1e-4)
+        for a, b in zip(outs[0][3], outs[1][3]):
+            _close(a, b, 1e-3)
+    assert torch.cuda.current_device() == 0
+    assert len(engine._graphs) == 2 and all(key[2][0][2] == torch.device("cuda:1") for key in engine._graphs)
+
+
+@cuda
+def test_real_graphs_refuse_a_replay_before_the_backward_and_stay_bounded():
+    engine, G, z, noise, sigma = _setup("full", device="cuda", batch=4, max_graphs=1)
+    x = G(z).detach()
+    xg = x.clone().requires_grad_()
+    y_real, y_fake = engine.generator_terms(xg, sigma, None, noise)
+    with pytest.raises(RuntimeError, match="before the backward"):
+        engine.generator_terms(x.clone().requires_grad_(), sigma, None, noise)
+    sidfast.sid_generator_loss(y_real, y_fake, xg).backward()
+    engine.generator_terms(x.clone().requires_grad_(), sigma, None, noise)  # dropped unused: nothing pending
+    engine.generator_terms(x.clone().requires_grad_(), sigma, None, noise)
+    _fake_loss(engine, x, sigma, noise).backward()
+    assert [key[0] for key in engine._graphs] == ["fake"]

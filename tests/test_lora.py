@@ -1,4 +1,5 @@
-"""sidfast.lora: LoRA layers over shared weights, the split (teacher half / fake half) evaluation, frozen views."""
+"""sidfast.lora and sidfast.views: LoRA layers over shared weights, the split (teacher half / fake half)
+evaluation, frozen views."""
 import pytest
 import torch
 from torch import nn
@@ -6,8 +7,9 @@ from torch.func import functional_call
 
 from nets import SmallUNet, randomize_lora
 from sidfast.denoisers import EDMDenoiser
-from sidfast.lora import (LoRAConv2d, LoRAFakeScore, LoRALayer, LoRALinear, add_lora, frozen_view, lora_layers,
-                          lora_parameters, lora_state_dict, merge_lora, set_lora_mode, shares_storage)
+from sidfast.lora import (LoRAConv2d, LoRAFakeScore, LoRALayer, LoRALinear, add_lora, lora_layers,
+                          lora_parameters, lora_state_dict, merge_lora, set_lora_mode)
+from sidfast.views import frozen_view, same_storage, shares_storage
 
 RTOL = 1e-5
 
@@ -20,7 +22,8 @@ def _close(actual, expected, rtol=RTOL):
 # ---------- layers ----------
 
 CONVS = [dict(kernel_size=1), dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
-         dict(kernel_size=3, padding="same", dilation=2), dict(kernel_size=(3, 1), padding=(1, 0), bias=False)]
+         dict(kernel_size=3, padding="same", dilation=2),
+         dict(kernel_size=(3, 1), padding=(1, 0), bias=False)]
 
 
 @pytest.mark.parametrize("conv", CONVS, ids=str)
@@ -121,6 +124,8 @@ def test_frozen_view_shares_buffers_and_detects_replaced_storage():
     assert view[1].running_mean is net[1].running_mean
     net[0].weight.data = net[0].weight.data.clone()
     assert not shares_storage(view, net)
+    w = net[0].weight
+    assert same_storage([w], [w]) and not same_storage([w], [w.view(-1)]) and not same_storage([w], [])
     with pytest.raises(TypeError):
         frozen_view(lambda x: x)
 
@@ -139,10 +144,12 @@ def test_add_lora_leaves_the_teacher_alone_and_trains_only_lora_factors():
     n_layers = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in teacher.modules())
     assert len(list(lora_layers(fake))) == n_layers
     trainable = [p for p in fake.parameters() if p.requires_grad]
-    assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(fake)} and len(trainable) == 2 * n_layers
+    assert {id(p) for p in trainable} == {id(p) for p in lora_parameters(fake)}
+    assert len(trainable) == 2 * n_layers
     base = [p for n, p in fake.named_parameters() if not n.endswith(("lora_A", "lora_B"))]
     assert [p.data_ptr() for p in base] == [p.data_ptr() for p in teacher.parameters()]  # shared, not copied
-    assert set(lora_state_dict(fake)) == {n for n, _ in fake.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    factors = {n for n, _ in fake.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    assert set(lora_state_dict(fake)) == factors
 
 
 def test_split_network_equals_teacher_and_merged_network_with_input_gradients():
@@ -208,7 +215,8 @@ def test_lora_fake_score_keeps_the_shared_base_in_eval():
     assert fake.training and fake.name == "fake score"
     assert all(m.training for m in lora_layers(fake)) and not fake.net.network.drop.training
     x, sigma = torch.randn(2, 3, 8, 8), torch.ones(2)
-    torch.testing.assert_close(fake(x, sigma), teacher(x, sigma))  # B = 0: equal to the teacher, no base dropout
+    # B = 0: equal to the teacher, no base dropout
+    torch.testing.assert_close(fake(x, sigma), teacher(x, sigma))
     fake.eval()
     assert not any(m.training for m in fake.modules())
     with pytest.raises(TypeError, match="Denoiser"):
