@@ -46,10 +46,12 @@ class TrainConfig:
     loss_scale_fake: float = _f(1.0, "fake-score loss scale (published loss_scaling = 1)")
     ema_halflife_kimg: float = _f(500.0, "EMA half-life of the generator in thousands of images (0.5 Mimg)")
     ema_rampup_ratio: Optional[float] = _f(0.05, "EMA ramp-up: half-life <= ratio * images seen (none: off)")
-    precision: str = _f("fp32", "network precision: fp32, bf16 (autocast) or fp16 (autocast); fp32 losses")
+    precision: str = _f("fp32", "network precision: fp32, bf16 (autocast) or fp16 (autocast); fp32 losses",
+                        choices=PRECISIONS)
     seed: int = _f(0, "random seed; rank r of w processes seeds with seed * w + r as published")
     num_classes: Optional[int] = _f(None, "classes of a conditional teacher (default: read from the network)")
-    label_format: str = _f("auto", "class labels as onehot (EDM) or index (diffusers); auto picks by network")
+    label_format: str = _f("auto", "class labels as onehot (EDM) or index (diffusers); auto picks by network",
+                           choices=LABEL_FORMATS)
     image_shape: Optional[tuple] = _f(None, "generator output shape C H W (default: read from the network)")
     device: str = _f("auto", "device: auto, cpu, cuda or cuda:N (auto picks cuda when available)")
     checkpoint_every: int = _f(1000, "write checkpoint.pt every N iterations (0: only at the end and on signals)")
@@ -60,9 +62,11 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
     resume: Optional[str] = _f(None, "continue from this checkpoint ('auto': run_dir/checkpoint.pt)")
     overwrite: bool = _f(False, "start afresh even if run_dir already holds a checkpoint")
-    engine: str = _f("eager", "score networks: eager (plain calls) or score_engine (sidfast.engine, CUDA graphs)")
+    engine: str = _f("eager", "score networks: eager (plain calls) or score_engine (sidfast.engine, CUDA graphs)",
+                     choices=ENGINES)
     fake_score: str = _f("full", "fake score: full (published: a trainable copy of the teacher) or lora (a low-rank "
-                                 "update over the teacher's frozen, shared weights: no network copy)")
+                                 "update over the teacher's frozen, shared weights: no network copy)",
+                         choices=FAKE_SCORES)
     lora_rank: int = _f(64, "rank of the LoRA fake score's updates (with fake_score lora)")
     compile: bool = _f(False, "torch.compile the generator and, with engine score_engine, the score networks")
 
