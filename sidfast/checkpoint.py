@@ -335,6 +335,99 @@ def load_network(path) -> tuple[torch.nn.Module, dict]:
     return build_network(data, path).eval(), data.get("meta", {})
 
 
+# ---- teachers and generators from what the user has (``sidfast distill --teacher``, ``sidfast sample``) ----
+
+def _check_readable(path: Path, what: str) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise CheckpointError(f"{what} {str(path)!r} is not readable (check its permissions)")
+
+
+def _load_diffusers_teacher(path: Path, source: str):
+    from . import denoisers
+
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise CheckpointError(f"--teacher {source!r} is a directory, read as a diffusers model, but "
+                              "diffusers is not installed: pip install 'sidfast[diffusers]'") from None
+    try:
+        return denoisers.DiffusersDenoiser.from_pretrained(path, name="teacher")
+    except denoisers.MissingSchedulerConfig as exc:
+        looked_for = ", ".join(map(repr, exc.looked_for))
+        raise CheckpointError(f"--teacher {source!r}: no scheduler config to read the schedule and "
+                              f"prediction type from (looked for {looked_for}); save the scheduler the model "
+                              f"was trained with into it: scheduler.save_pretrained({source!r})") from None
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise CheckpointError(f"--teacher {source!r}: {exc}") from None
+
+
+def load_teacher(source: str):
+    """(denoiser, architecture or None) for ``--teacher``: network checkpoint, diffusers dir, module:function.
+
+    The architecture (``{"builder", "config"}``) is known for network checkpoints only. Errors are
+    ``CheckpointError`` naming ``--teacher``.
+    """
+    from . import denoisers
+
+    if not isinstance(source, str) or not source:
+        raise CheckpointError("--teacher is required: a sidfast checkpoint, a diffusers directory or "
+                              "module:function")
+    path = Path(source).expanduser()
+    if not path.exists() and ":" in source:  # module:function (import_entry_point says what is wrong with it)
+        try:
+            return denoisers.load_entry_point(source, name="teacher"), None
+        except (ImportError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"--teacher {source!r}: {exc}") from None
+    _check_readable(path, "--teacher")
+    if path.is_dir():
+        return _load_diffusers_teacher(path, source), None
+    data = load_checkpoint(path, "network")
+    return build_network(data, path).eval(), {"builder": data["builder"], "config": data["config"]}
+
+
+def _generator_network(data: dict, path, teacher: str | None):
+    """The untrained generator network: its recorded architecture, else a fresh copy of its teacher."""
+    arch = data.get("architecture")
+    if arch:
+        if teacher is not None:
+            raise CheckpointError(f"checkpoint {str(path)!r} records its generator's architecture; it needs "
+                                  "no --teacher")
+        try:
+            return import_entry_point(arch["builder"])(arch["config"])
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r}: cannot rebuild the generator with "
+                                  f"{arch.get('builder')!r} ({type(exc).__name__}: {exc})") from None
+    stored = data.get("teacher")
+    if teacher is None and not stored:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not say how to rebuild its generator (it was "
+                              "written by distill() without architecture= or config.teacher); give its "
+                              "teacher: sidfast sample --teacher PATH")
+    if teacher is None and not Path(stored).expanduser().exists() and ":" not in stored:
+        raise CheckpointError(f"checkpoint {str(path)!r} rebuilds its generator from its teacher {stored!r}, "
+                              "which does not exist here (a relative path is read from the current "
+                              "directory); give the teacher's location: sidfast sample --teacher PATH")
+    return load_teacher(teacher or stored)[0]
+
+
+def build_generator(data: dict, path, teacher: str | None = None) -> torch.nn.Module:
+    """The EMA generator (a Denoiser in eval mode) of a distillation checkpoint read by ``load_checkpoint``.
+
+    teacher: where the teacher is now, for checkpoints that rebuild the generator from their teacher (those
+    without a recorded architecture) when the teacher they name has moved.
+    """
+    from . import denoisers
+
+    net = denoisers.as_denoiser(_generator_network(data, path, teacher), name="generator")
+    try:
+        net.load_state_dict(data["generator_ema"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: generator weights do not fit the rebuilt network: "
+                              f"{str(exc)[:300]}") from None
+    return net.eval().requires_grad_(False)
+
+
 __all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "previous_path", "unreadable_path",
            "save_network", "load_network", "build_network", "import_entry_point", "kind_of", "save_distill",
-           "load_distill", "teacher_reference", "FORMATS", "VERSION"]
+           "load_distill", "teacher_reference", "load_teacher", "build_generator", "FORMATS", "VERSION"]

@@ -16,14 +16,14 @@ FAKE_SCORES = ("full", "lora")
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def _f(default, help: str, trajectory: bool = False):
+def _f(default, help: str, trajectory: bool = False, choices: tuple | None = None):
     """A field with its help line; ``trajectory``: changing it on resume makes the run differ from an
-    uninterrupted one (the trainer warns)."""
-    return field(default=default, metadata={"help": help, "trajectory": trajectory})
+    uninterrupted one (the trainer warns); ``choices``: the values the command line shows as {a,b}."""
+    return field(default=default, metadata={"help": help, "trajectory": trajectory, "choices": choices})
 
 
-def _t(default, help: str):
-    return _f(default, help, trajectory=True)
+def _t(default, help: str, choices: tuple | None = None):
+    return _f(default, help, trajectory=True, choices=choices)
 
 
 @dataclass
@@ -60,16 +60,19 @@ class TrainConfig:
     teacher: Optional[str] = _f(None, "teacher: sidfast checkpoint, local diffusers directory, or "
                                       "module:function")
     num_classes: Optional[int] = _t(None, "classes of a conditional teacher (default: read from the network)")
-    label_format: str = _t("auto", "class labels as onehot (EDM) or index (diffusers); auto picks by network")
+    label_format: str = _t("auto", "class labels as onehot (EDM) or index (diffusers); auto picks by network",
+                           choices=LABEL_FORMATS)
     image_shape: Optional[tuple] = _t(None, "generator output shape C H W (default: read from the network)")
     batch_gpu: Optional[int] = _t(None, "samples per process per forward pass; smaller than batch/world "
                                         "accumulates")
-    precision: str = _t("fp32", "network precision: fp32, bf16 (autocast) or fp16 (autocast); fp32 losses")
+    precision: str = _t("fp32", "network precision: fp32, bf16 (autocast) or fp16 (autocast); fp32 losses",
+                        choices=PRECISIONS)
     device: str = _f("auto", "device: auto, cpu, cuda or cuda:N (auto picks cuda when available)")
     engine: str = _t("eager", "score networks: eager (plain calls) or fused (sidfast.engine: one batched "
-                              "call, CUDA graphs)")
+                              "call, CUDA graphs)", choices=ENGINES)
     fake_score: str = _t("full", "fake score: full (published: a trainable copy of the teacher) or lora "
-                                 "(a low-rank update over the teacher's frozen, shared weights: no copy)")
+                                 "(a low-rank update over the teacher's frozen, shared weights: no copy)",
+                         choices=FAKE_SCORES)
     lora_rank: int = _t(64, "rank of the LoRA fake score's updates (with fake_score lora)")
     compile: bool = _f(False, "torch.compile the generator and, with engine fused, the score networks")
 

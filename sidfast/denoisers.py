@@ -18,7 +18,6 @@ No adapter syncs with the host in ``forward``, so all of them can be compiled an
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import numbers
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from . import predictions
+from .checkpoint import import_entry_point
 from .schedules import VPSchedule
 
 
@@ -163,6 +163,16 @@ class EDMDenoiser(Denoiser):
         return check_output(self.label(), out, x)
 
 
+class MissingSchedulerConfig(FileNotFoundError):
+    """A diffusers directory without a scheduler config; ``looked_for`` lists the paths tried, once each."""
+
+    def __init__(self, looked_for: list[str]):
+        self.looked_for = looked_for
+        super().__init__("no scheduler config to read the schedule and prediction type from (looked for "
+                         f"{', '.join(map(repr, looked_for))}); save the model's scheduler there or pass "
+                         "schedule= and prediction=")
+
+
 class DiffusersDenoiser(Denoiser):
     """A VP (DDPM) network in diffusers' calling convention, seen as an EDM denoiser.
 
@@ -253,10 +263,10 @@ class DiffusersDenoiser(Denoiser):
         if schedule is None or prediction is None:
             candidates = [root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
                           model_dir / "scheduler_config.json", model_dir.parent / "scheduler" / "scheduler_config.json"]
+            candidates = list(dict.fromkeys(candidates))  # a model directory at the root names some twice
             found = next((c for c in candidates if c.is_file()), None)
             if found is None:
-                raise FileNotFoundError("no scheduler config to read the schedule and prediction type from; looked "
-                                        f"for {[str(c) for c in candidates]}; pass schedule= and prediction=")
+                raise MissingSchedulerConfig([str(c) for c in candidates])
             sconf = json.loads(found.read_text())
             sched_name = sconf.get("_class_name")
             sched_cls = getattr(diffusers, sched_name, None) if isinstance(sched_name, str) else None
@@ -379,18 +389,12 @@ def load_entry_point(spec: str, *args, name: str | None = None, **kwargs) -> Den
     and return its network as a Denoiser (``as_denoiser``)."""
     if not isinstance(spec, str):
         raise TypeError(f"entry point must be a string 'module:function', got {type(spec).__name__}")
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"entry point must look like 'package.module:function', got {spec!r}")
     try:
-        module = importlib.import_module(module_name)
+        target = import_entry_point(spec)
     except ImportError as exc:
-        raise ImportError(f"entry point {spec!r}: cannot import module {module_name!r} ({exc})") from exc
-    target = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"entry point {spec!r}: {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
+        raise ImportError(f"entry point {spec!r}: cannot import module ({exc})") from exc
+    except AttributeError as exc:
+        raise ValueError(f"entry point {spec!r}: {exc}") from None
     if not callable(target):
         raise TypeError(f"entry point {spec!r} is a {type(target).__name__}, not callable")
     net = target(*args, **kwargs)
@@ -465,6 +469,6 @@ def draw_labels(n: int, num_classes: int, fmt: str, device, generator: torch.Gen
     return format_labels(idx, num_classes, fmt)
 
 
-__all__ = ["Denoiser", "EDMDenoiser", "DiffusersDenoiser", "FlowDenoiser", "as_denoiser", "load_entry_point",
-           "check_output", "sigma_per_sample", "infer_image_shape", "infer_num_classes", "format_labels",
-           "draw_labels"]
+__all__ = ["Denoiser", "EDMDenoiser", "DiffusersDenoiser", "FlowDenoiser", "MissingSchedulerConfig",
+           "as_denoiser", "load_entry_point", "check_output", "sigma_per_sample", "infer_image_shape",
+           "infer_num_classes", "format_labels", "draw_labels"]

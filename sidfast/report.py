@@ -32,8 +32,8 @@ def _atomic_write(path: Path, write) -> Path:
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, 3 or 1) uint8 (first channel when C is neither 1 nor 3)."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a tensor of shape (N, C, H, W), got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor of shape (N, C, H, W), got {got}")
     x = images.detach().float().cpu()
     if x.shape[1] not in (1, 3):
         x = x[:, :1]
@@ -50,11 +50,16 @@ def tile(images: torch.Tensor, cols: int | None = None, pad: int = 1) -> np.ndar
     canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, cols)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = arr[i]
+        top = pad + r * (h + pad)
+        left = pad + col * (w + pad)
+        canvas[top:top + h, left:left + w] = arr[i]
     return canvas
 
 
-def _imsave(path: Path, array: np.ndarray, scale: int = 1) -> Path:
+GRID_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}  # save_grid's formats, by the name's suffix
+
+
+def _imsave(path: Path, array: np.ndarray, scale: int = 1, fmt: str = "png") -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -64,20 +69,55 @@ def _imsave(path: Path, array: np.ndarray, scale: int = 1) -> Path:
         array = np.kron(array, np.ones((scale, scale, 1), dtype=np.uint8))
     img = array[..., 0] if array.shape[-1] == 1 else array
     kw = {"cmap": "gray", "vmin": 0, "vmax": 255} if img.ndim == 2 else {}
-    return _atomic_write(path, lambda tmp: mpimg.imsave(tmp, img, format="png", **kw))
+    return _atomic_write(path, lambda tmp: mpimg.imsave(tmp, img, format=fmt, **kw))
 
 
 def save_grid(images: torch.Tensor, path, cols: int | None = None, scale: int | None = None) -> Path:
-    """Write ``images`` (N, C, H, W) in [-1, 1] as one PNG grid; small images are upscaled to be visible."""
+    """Write ``images`` (N, C, H, W) in [-1, 1] as one grid image; small images are upscaled to be visible.
+
+    The format follows the suffix of ``path``: one of ``GRID_FORMATS`` (PNG or JPEG).
+    """
+    path = Path(path)
+    fmt = GRID_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"path {str(path)!r}: a grid is written as {', '.join(GRID_FORMATS)}; "
+                         f"got suffix {path.suffix!r}")
     h = images.shape[-1]
     scale = scale if scale is not None else max(1, 64 // max(h, 1))
-    return _imsave(Path(path), tile(images, cols), scale)
+    return _imsave(path, tile(images, cols), scale, fmt)
 
 
 def save_images(images: torch.Tensor, directory, start: int = 0) -> list[Path]:
     """Write each image as ``directory/000123.png``; returns the paths."""
     directory = Path(directory)
     return [_imsave(directory / f"{start + i:06d}.png", a) for i, a in enumerate(to_uint8(images))]
+
+
+def check_samples_path(path, name: str = "path") -> None:
+    """Raise ValueError (naming the argument ``name``) unless ``save_samples`` can write to ``path``:
+    a name with an image suffix (``GRID_FORMATS``) not a directory, or a name without a suffix not a file."""
+    path = Path(path)
+    if path.suffix.lower() in GRID_FORMATS:
+        if path.is_dir():
+            raise ValueError(f"{name} {str(path)!r} is a directory; an image name ({path.suffix}) writes "
+                             "one grid")
+    elif path.suffix:
+        raise ValueError(f"{name} {str(path)!r}: {path.suffix!r} is not an image suffix; give "
+                         f"{' or '.join(GRID_FORMATS)} for one grid, or a name without a suffix for a "
+                         "directory of PNGs")
+    elif path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} exists and is not a directory (use a .png name for a grid)")
+
+
+def save_samples(images: torch.Tensor, path) -> str:
+    """One grid (``save_grid``) for a name with an image suffix, else one PNG per image in the directory
+    ``path`` (``save_images``); returns what was written, in words."""
+    check_samples_path(path)
+    if Path(path).suffix:
+        save_grid(images, path)
+        return f"a grid of {len(images)} images to {path}"
+    save_images(images, path)
+    return f"{len(images)} images to {path}/"
 
 
 class MetricsLog:
@@ -157,5 +197,5 @@ def _fmt(v) -> str:
     return str(v)
 
 
-__all__ = ["save_grid", "save_images", "tile", "to_uint8", "MetricsLog", "read_metrics", "plot_losses",
-           "summary_table"]
+__all__ = ["GRID_FORMATS", "save_grid", "save_images", "save_samples", "check_samples_path", "tile",
+           "to_uint8", "MetricsLog", "read_metrics", "plot_losses", "summary_table"]

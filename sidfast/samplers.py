@@ -2,7 +2,10 @@
 
 ``edm_sample``: the deterministic probability-flow ODE solver of Karras et al. 2022 (Algorithm 1, no churn),
 Heun's second-order method or plain Euler, on the rho-schedule of ``reference.edm_sigma_steps``.
-``one_step_sample``: the SiD generator's single step, x_g = G(sigma_init * z, sigma_init) (SPEC section 5).
+``one_step_sample``: the SiD generator's single step, x_g = G(sigma_init * z, sigma_init) (Zhou et al. 2024,
+section 4; ``docs/math.md``, "Published recipe").
+``sample_images``: many images in batches, with seeded latents and class labels, by either sampler;
+``from_checkpoint``: the network and ``sample_images`` options of a sidfast checkpoint.
 The state is integrated in float64 as in EDM's ``edm_sampler``; the network runs in its own dtype.
 The sigma schedule is read to Python floats once, so the loop has no per-step host syncs.
 """
@@ -27,8 +30,9 @@ def _net_dtype(net) -> torch.dtype:
 
 
 @torch.no_grad()
-def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
-               rho: float = 7.0, method: str = "heun", class_labels: torch.Tensor | None = None) -> torch.Tensor:
+def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float = 0.002,
+               sigma_max: float = 80.0, rho: float = 7.0, method: str = "heun",
+               class_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from sigma_max to 0.
 
     Args:
@@ -43,7 +47,8 @@ def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float =
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError("noise must be a floating-point tensor")
     if noise.dim() < 2 or noise.shape[0] == 0:
-        raise ValueError(f"noise must have shape (batch, *features) with batch >= 1, got {tuple(noise.shape)}")
+        raise ValueError(f"noise must have shape (batch, *features) with batch >= 1, "
+                         f"got {tuple(noise.shape)}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     if not 0 < sigma_min < sigma_max:
@@ -59,7 +64,8 @@ def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float =
         x_next = x + (nxt - cur) * d
         if method == "heun" and nxt > 0:
             # second-order correction (Karras et al. 2022, Algorithm 1, lines 9-11)
-            d2 = (x_next - net(x_next.to(dtype), _sigma_batch(nxt, x, dtype), class_labels).to(torch.float64)) / nxt
+            d_next = net(x_next.to(dtype), _sigma_batch(nxt, x, dtype), class_labels).to(torch.float64)
+            d2 = (x_next - d_next) / nxt
             x_next = x + (nxt - cur) * (0.5 * d + 0.5 * d2)
         x = x_next
     return x.to(noise.dtype)
@@ -73,7 +79,7 @@ def num_evaluations(num_steps: int, method: str = "heun") -> int:
 @torch.no_grad()
 def one_step_sample(generator, noise: torch.Tensor, sigma_init: float = 2.5,
                     class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """SiD's one-step generator: x_g = G(sigma_init * z, sigma_init) (Zhou et al. 2024, section 4; SPEC section 5).
+    """SiD's one-step generator: x_g = G(sigma_init * z, sigma_init) (Zhou et al. 2024, section 4).
 
     noise: z ~ N(0, I), (B, *F). Returns (B, *F) in noise's dtype.
     """
@@ -86,4 +92,74 @@ def one_step_sample(generator, noise: torch.Tensor, sigma_init: float = 2.5,
     return generator(sigma_init * z, _sigma_batch(sigma_init, z, dtype), class_labels).to(noise.dtype)
 
 
-__all__ = ["edm_sample", "one_step_sample", "num_evaluations", "METHODS"]
+def class_labels_for(indices: torch.Tensor, num_classes: int, label_format: str = "onehot") -> torch.Tensor:
+    """Class indices (B,) in the network's label format: "onehot" (B, num_classes) float, or "index" (B,)."""
+    if label_format == "onehot":
+        return torch.nn.functional.one_hot(indices, num_classes).float()
+    if label_format == "index":
+        return indices
+    raise ValueError(f"label_format must be 'onehot' or 'index', got {label_format!r}")
+
+
+@torch.no_grad()
+def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: int = 18,
+                  num_classes: int = 0, label_format: str = "onehot", class_label: int | None = None,
+                  seed: int = 0, batch: int = 256, device="cpu") -> torch.Tensor:
+    """``num`` samples (num, *shape) on the CPU, ``batch`` per network call.
+
+    sigma_init: a SiD generator, sampled in one step (``one_step_sample``); None: a diffusion denoiser,
+        sampled with ``edm_sample`` (Heun, ``steps`` steps).
+    num_classes: 0 for an unconditional network; otherwise image i gets class ``class_label``, or i mod
+        num_classes when class_label is None, in ``label_format`` ("onehot" or "index").
+    The latents come from one CPU generator seeded with ``seed``, drawn batch after batch.
+    """
+    for name, value in (("num", num), ("steps", steps), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"argument {name} must be an integer >= 1, got {value!r}")
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise ValueError(f"argument class_label must be in [0, {num_classes}) for this network" if num_classes
+                         else "argument class_label given, but the network is unconditional")
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for start in range(0, num, batch):
+        n = min(batch, num - start)
+        z = torch.randn((n, *shape), generator=g).to(device)
+        labels = None
+        if num_classes:
+            idx = torch.full((n,), class_label) if class_label is not None else torch.arange(start, start + n)
+            labels = class_labels_for(idx.to(device) % num_classes, num_classes, label_format)
+        if sigma_init is not None:
+            x = one_step_sample(net, z, sigma_init, labels)
+        else:
+            x = edm_sample(net, z, steps, class_labels=labels)
+        outs.append(x.cpu())
+    return torch.cat(outs)
+
+
+def from_checkpoint(path, teacher: str | None = None):
+    """(network, keyword arguments of ``sample_images``) for a sidfast checkpoint: the EMA generator of a
+    distillation checkpoint (one step), or the network of a network checkpoint (a diffusion denoiser).
+
+    teacher: where the teacher of a distillation checkpoint is now (``checkpoint.build_generator``).
+    """
+    from . import checkpoint
+    from .denoisers import as_denoiser
+    from .train import infer_image_shape, infer_num_classes
+
+    data = checkpoint.load_checkpoint(path, ("distill", "network"))
+    if checkpoint.kind_of(data) == "distill":
+        net = checkpoint.build_generator(data, path, teacher=teacher)
+        return net, {"shape": tuple(data["image_shape"]), "sigma_init": float(data.get("sigma_init", 2.5)),
+                     "num_classes": int(data.get("num_classes") or 0),
+                     "label_format": data.get("label_format", "onehot")}
+    if teacher is not None:
+        raise ValueError("argument teacher is for distillation checkpoints; this is a network checkpoint")
+    net = as_denoiser(checkpoint.build_network(data, path)).eval()
+    shape = infer_image_shape(net)
+    if shape is None:
+        raise ValueError(f"checkpoint {str(path)!r}: cannot tell the image shape of its network")
+    return net, {"shape": shape, "num_classes": infer_num_classes(net)}
+
+
+__all__ = ["edm_sample", "one_step_sample", "sample_images", "from_checkpoint", "class_labels_for",
+           "num_evaluations", "METHODS"]

@@ -4,6 +4,7 @@ User errors must exit with status 2 and one ``sidfast <command>: error: ...`` li
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,22 @@ def test_distill_from_an_entry_point_then_sample(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000000.png", "000001.png", "000002.png"]
 
 
+def test_sample_out_is_decided_by_its_suffix(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_main(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", run, *SMALL], capsys)[0] == 0
+    ckpt = run / "checkpoint.pt"
+    for name in ("a.jpg", "b.JPEG", "c.png"):
+        code, _, err = run_main(["sample", ckpt, "--out", tmp_path / name, "--num", "3"], capsys)
+        assert code == 0, err
+        assert (tmp_path / name).is_file()  # one grid image, not a directory
+    assert (tmp_path / "a.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    user_error(["sample", ckpt, "--out", tmp_path / "a.txt"], capsys, "--out")
+    assert not (tmp_path / "a.txt").exists()
+    (tmp_path / "dir.png").mkdir()
+    user_error(["sample", ckpt, "--out", tmp_path / "dir.png"], capsys, "is a directory")
+
+
 def test_sample_reproduces_the_ema_generator(tmp_path, capsys):
     """sample rebuilds the generator from the checkpoint and draws x = G_ema(sigma_init z, sigma_init)."""
     from sidfast.report import to_uint8
@@ -106,6 +123,9 @@ def test_train_teacher_then_distill_then_sample(tmp_path, capsys):
                      "--class-label", "7"], capsys)[0] == 0
     assert run_main(["sample", teacher, "--out", tmp_path / "t.png", "--num", "4", "--steps", "2"], capsys)[0] == 0
     user_error(["sample", teacher, "--out", tmp_path / "t.png", "--class-label", "10"], capsys, "--class-label")
+    user_error(["sample", teacher, "--out", tmp_path / "t.png", "--teacher", teacher], capsys, "--teacher")
+    user_error(["sample", run / "checkpoint.pt", "--out", tmp_path / "t.png", "--teacher", teacher], capsys,
+               "needs no --teacher")
 
 
 def _tiny_diffusers_dir(path, scheduler="ddpm"):
@@ -138,9 +158,26 @@ def test_distill_a_tiny_random_diffusers_model(tmp_path, capsys):
     assert (run / "teacher.png").is_file() and (run / "student.png").is_file()
 
 
+def test_sample_finds_a_moved_teacher_with_the_teacher_option(tmp_path, capsys, monkeypatch):
+    """A checkpoint without an architecture rebuilds its generator from the teacher path it stored."""
+    monkeypatch.chdir(tmp_path)
+    _tiny_diffusers_dir(tmp_path / "tiny_flat")
+    assert run_main(["distill", "--teacher", "tiny_flat", "--run-dir", "run", *SMALL], capsys)[0] == 0
+    (tmp_path / "tiny_flat").rename(tmp_path / "moved")
+    sample = ["sample", "run/checkpoint.pt", "--out", "s.png", "--num", "2"]
+    err = user_error(sample, capsys, "does not exist")
+    assert "--teacher" in err and "teacher=" not in err.replace("--teacher", "")
+    code, _, err = run_main([*sample, "--teacher", "moved"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "s.png").is_file()
+
+
 def test_diffusers_teacher_errors(tmp_path, capsys):
-    user_error(["distill", "--teacher", _tiny_diffusers_dir(tmp_path / "bare", scheduler=None), *SMALL], capsys,
-               "no scheduler config")
+    err = user_error(["distill", "--teacher", _tiny_diffusers_dir(tmp_path / "bare", scheduler=None), *SMALL],
+                     capsys, "no scheduler config")
+    looked_for = re.findall(r"'([^']*scheduler_config\.json)'", err)
+    assert len(looked_for) == len(set(looked_for)) >= 2, err  # each path once
+    assert "schedule=" not in err and "prediction=" not in err and "save_pretrained" in err  # CLI words
     user_error(["distill", "--teacher", _tiny_diffusers_dir(tmp_path / "flow", scheduler="flow"), *SMALL], capsys,
                "cannot determine a VP schedule")
     (tmp_path / "empty").mkdir()
@@ -160,6 +197,22 @@ def test_help_lists_every_option_with_its_default(capsys):
         if f.name not in ("teacher", "resume"):
             assert "--" + f.name.replace("_", "-") in text, f.name
     assert "(default: 1e-05)" in text and "(default: 0.0 0.999)" in text
+
+
+def test_help_shows_one_default_per_option_and_the_choices(capsys):
+    from sidfast.train import TrainConfig
+
+    with pytest.raises(SystemExit):
+        cli.main(["distill", "--help"])
+    out = capsys.readouterr().out
+    entries = re.split(r"\n  (?=-)", out.split("SiD options", 1)[1])
+    assert len(entries) > 30
+    for entry in entries:
+        assert " ".join(entry.split()).count("(default:") <= 1, entry
+    with_choices = [f for f in TrainConfig.fields() if f.metadata.get("choices")]
+    assert len(with_choices) >= 4
+    for f in with_choices:
+        assert f"--{f.name.replace('_', '-')} {{{','.join(f.metadata['choices'])}}}" in out, f.name
 
 
 def test_config_file_and_command_line_precedence(tmp_path, capsys):
@@ -184,8 +237,9 @@ def test_resume_takes_the_checkpoint_options(tmp_path, capsys):
     code, _, err = run_main(["distill", "--resume", run / "checkpoint.pt", "--iterations", "4"], capsys)
     assert code == 0, err
     assert load_checkpoint(run / "checkpoint.pt", "distill")["iteration"] == 4
-    # without --resume an existing run is not overwritten
-    user_error(args, capsys, "already holds checkpoint.pt")
+    # without --resume an existing run is not overwritten; the error speaks command-line options
+    err = user_error(args, capsys, "already holds checkpoint.pt")
+    assert "--resume" in err and "--overwrite" in err and "resume=" not in err and "overwrite=" not in err
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -253,6 +307,24 @@ def test_usage_errors_exit_2(capsys):
     assert code == 2 and "COMMAND" in err
     code, _, err = run_main(["distill", "--no-such-flag"], capsys)
     assert code == 2 and "unrecognized arguments" in err
+
+
+def test_an_unknown_option_shows_the_command_usage_and_the_near_option(capsys):
+    code, _, err = run_main(["distill", "--batch-size", "8"], capsys)
+    assert code == 2
+    assert err.startswith("usage: sidfast distill") and "--sigma-init" in err  # distill's usage
+    assert "unrecognized arguments: --batch-size 8" in err and "did you mean --batch?" in err
+    code, _, err = run_main(["sample", "c.pt", "--out", "x.png", "--stepz", "4"], capsys)
+    assert code == 2 and err.startswith("usage: sidfast sample") and "did you mean --steps?" in err
+
+
+def test_demo_output_is_ignored_by_git():
+    root = os.path.dirname(TESTS)
+    if subprocess.run(["git", "-C", root, "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    default = cli.build_parser().parse_args(["demo"]).out
+    ignored = subprocess.run(["git", "-C", root, "check-ignore", "-q", f"{default}/report.json"])
+    assert ignored.returncode == 0, f"{default}/ is not in .gitignore"
 
 
 # ---------------- signals (a real process) ----------------

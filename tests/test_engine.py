@@ -379,7 +379,14 @@ def test_network_output_mismatch_names_the_network():
         engine.generator_terms(x, torch.ones(2), None, torch.randn_like(x))
 
 
+# torch.compile's default backend imports torch.utils.mkldnn, whose ScriptModules use torch's own deprecated
+# torch.jit.script_method: 14 DeprecationWarnings from torch, not from sidfast
+torch_compile_warnings = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
 @pytest.mark.slow
+@torch_compile_warnings
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_compiled_engine_equals_eager(mode):
     engine, G, z, noise, sigma = _setup(mode, compile=True, batch=2)
@@ -692,6 +699,7 @@ def _gpu_pair(mode, device="cuda", **kw):
 
 
 @cuda
+@torch_compile_warnings
 @pytest.mark.parametrize("compile_", [False, True])
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_graphs_equal_eager_and_replay_sees_weight_updates(mode, compile_):

@@ -2,7 +2,8 @@
 
 For x0 ~ N(mu, diag(v)) noised as x = x0 + sigma eps, the exact denoiser is
 D(x; sigma) = mu + v / (v + sigma^2) (x - mu), and the ODE dx/dsigma = (x - D)/sigma carries x from sigma_a
-to sigma_b as x_b - mu = sqrt((v + sigma_b^2) / (v + sigma_a^2)) (x_a - mu) (SPEC section 7).
+to sigma_b as x_b - mu = sqrt((v + sigma_b^2) / (v + sigma_a^2)) (x_a - mu)
+(each coordinate's marginal stays Gaussian with variance v + sigma^2 along the flow).
 """
 import math
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from sidfast import reference
-from sidfast.samplers import edm_sample, num_evaluations, one_step_sample
+from sidfast.samplers import edm_sample, num_evaluations, one_step_sample, sample_images
 
 
 class GaussianDenoiser(nn.Module):
@@ -150,6 +151,53 @@ def test_bad_noise():
         edm_sample(make(), torch.zeros(5))
     with pytest.raises(ValueError, match="sigma_init"):
         one_step_sample(make(), torch.zeros(2, 3, 4), 0.0)
+
+
+class LabelRecorder(nn.Module):
+    """A conditional Gaussian denoiser (make()'s) that records the class labels of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.gaussian = make(dtype=torch.float32)
+        self.labels = []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.labels.append(class_labels)
+        return self.gaussian(x, sigma)
+
+
+def _seeded_latents(seed, sizes, shape):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn((n, *shape), generator=g) for n in sizes]
+
+
+def test_sample_images_one_step_in_batches_with_cycling_one_hot_labels():
+    net = LabelRecorder()
+    out = sample_images(net, 5, (3, 4), sigma_init=2.5, num_classes=3, seed=7, batch=2)
+    zs = _seeded_latents(7, (2, 2, 1), (3, 4))  # one generator, drawn batch after batch
+    want = torch.cat([one_step_sample(net.gaussian, z, 2.5) for z in zs])
+    assert torch.equal(out, want) and out.device.type == "cpu"
+    assert torch.equal(torch.cat(net.labels), torch.eye(3)[[0, 1, 2, 0, 1]])
+
+
+def test_sample_images_heun_with_one_index_label():
+    net = LabelRecorder()
+    out = sample_images(net, 3, (3, 4), steps=4, num_classes=10, label_format="index", class_label=7, seed=1)
+    (z,) = _seeded_latents(1, (3,), (3, 4))
+    assert torch.equal(out, edm_sample(net.gaussian, z, 4))
+    assert len(net.labels) == num_evaluations(4)
+    assert all(torch.equal(y, torch.full((3,), 7)) for y in net.labels)
+    assert sample_images(net, 2, (3, 4), steps=2).shape == (2, 3, 4)  # unconditional: no labels
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num": 0}, "argument num"), ({"steps": 0}, "argument steps"), ({"batch": 0}, "argument batch"),
+    ({"num_classes": 10, "class_label": 10}, "argument class_label must be in"),
+    ({"class_label": 0}, "unconditional"), ({"num_classes": 3, "label_format": "text"}, "label_format"),
+])
+def test_sample_images_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample_images(make(dtype=torch.float32), **{"num": 2, "shape": (3, 4), **kwargs})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

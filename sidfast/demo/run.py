@@ -9,7 +9,7 @@ Steps (all seeded; on a CPU bitwise repeatable for a given thread count):
    (the teacher evaluated once at sigma_init = 2.5), each from the same number of samples;
 5. a report (``report.json`` and a printed table) and PNG grids (real, teacher, init, student) in ``out_dir``.
 
-Quality bars checked (issue 5): FD(student) <= 1.25 FD(teacher) and FD(init) >= 3 FD(student).
+Quality bars checked: FD(student) <= 1.25 FD(teacher) and FD(init) >= 3 FD(student).
 """
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ class DemoConfig:
                                                "emb_dim": 64, "num_classes": 0, "dropout": 0.0,
                                                "sigma_data": SIGMA_DATA})
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(iterations=2500))
-    # sidfast.train.TrainConfig options; the rest keep their published defaults (SPEC section 5). The published
-    # lr 1e-5 and EMA ramp-up 0.05 are tuned for ~400M images; the demo sees under 1M, so it uses a 30x larger lr
-    # and an EMA half-life of 10% of the images seen. sigma_max stays at the published 80.
+    # sidfast.train.TrainConfig options; the rest keep their published defaults (docs/math.md, "Published
+    # recipe"). The published lr 1e-5 and EMA ramp-up 0.05 are tuned for ~400M images; the demo sees under 1M,
+    # so it uses a 30x larger lr and an EMA half-life of 10% of the images seen. sigma_max stays at 80.
     sid: dict = field(default_factory=lambda: {"iterations": 3000, "batch": 256, "lr": 3e-4,
                                                "ema_halflife_kimg": 500.0, "ema_rampup_ratio": 0.1})
     teacher_steps: int = 18         # Heun steps of the teacher's sampler (2N - 1 network evaluations)
@@ -100,8 +100,8 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         seed: seeds the teacher, SiD and the evaluation noise.
         cache_dir: where the classifier is cached (default ``classifier.default_cache_dir()``).
-        threads: CPU threads during the demo. Default 1: these networks are small, and on a 2-core machine
-            shared with other work one thread measured 5x faster than two; None keeps torch's setting.
+        threads: CPU threads during the demo. Default 1: for networks this small, extra intra-op threads mostly
+            wait on each other, which on a busy machine makes them slower than one; None keeps torch's setting.
         config: overrides ``demo_config(quick, seed)`` entirely.
     Returns:
         dict with "passed" (both bars met), "fd" (teacher, student, init), "ratios", "times", "config", ...

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -43,8 +44,9 @@ def _lr_factor(step: int, cfg: TeacherConfig) -> float:
     return cfg.lr_final_ratio + (1 - cfg.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-def train_teacher(net: torch.nn.Module, images: torch.Tensor, cfg: TeacherConfig, labels: torch.Tensor | None = None,
-                  log=None, log_every: int = 500) -> tuple[torch.nn.Module, dict]:
+def train_teacher(net: torch.nn.Module, images: torch.Tensor, cfg: TeacherConfig,
+                  labels: torch.Tensor | None = None, log=None,
+                  log_every: int = 500) -> tuple[torch.nn.Module, dict]:
     """Train ``net`` (an EDM denoiser, on images' device) on images (N, 1, 8, 8) in [-1, 1].
 
     labels: (N,) ints for a class-conditional net, else None. Returns (EMA copy in eval mode, stats dict with
@@ -73,7 +75,7 @@ def train_teacher(net: torch.nn.Module, images: torch.Tensor, cfg: TeacherConfig
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        # EMA with warm-up, decay min(ema_decay, (1 + k) / (10 + k)), so the zero-output start fades out quickly
+        # EMA with warm-up, decay min(ema_decay, (1 + k) / (10 + k)): the zero-output start fades out quickly
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), net.parameters()):
@@ -83,4 +85,49 @@ def train_teacher(net: torch.nn.Module, images: torch.Tensor, cfg: TeacherConfig
     for be, b in zip(ema.buffers(), net.buffers()):
         be.copy_(b)
     seconds = time.perf_counter() - start
-    return ema, {"seconds": seconds, "final_loss": float(loss.detach()), "images_seen": cfg.iterations * cfg.batch}
+    return ema, {"seconds": seconds, "final_loss": float(loss.detach()),
+                 "images_seen": cfg.iterations * cfg.batch}
+
+
+def write_teacher(out, iterations: int | None = None, batch: int | None = None, lr: float | None = None,
+                  width: int | None = None, depth: int | None = None, dropout: float | None = None,
+                  conditional: bool = False, seed: int = 0, device="cpu", log=print) -> dict:
+    """``sidfast train-teacher``: the demo's teacher recipe (``demo_config``), with the options given changed,
+    trained on the digits and written to ``out`` as a network checkpoint (usable as ``distill --teacher``).
+
+    None keeps the demo's value; ``conditional`` trains a 10-class teacher. Returns the training stats.
+    """
+    from ..checkpoint import save_network
+    from . import digits
+    from .nets import build_denoiser, count_parameters
+    from .run import BUILDER, demo_config
+
+    for name, value, lo in (("iterations", iterations, 1), ("batch", batch, 1), ("width", width, 2),
+                            ("depth", depth, 1)):
+        if value is not None and value < lo:
+            raise ValueError(f"option {name} must be >= {lo}, got {value}")
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ValueError(f"option dropout must be in [0, 1), got {dropout}")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"option lr must be positive, got {lr}")
+    if Path(out).is_dir():
+        raise ValueError(f"option out {str(out)!r} is a directory; give a file name such as teacher.pt")
+
+    # the demo's network and schedule, with the options given
+    base = demo_config(quick=False, seed=seed)
+    net_changes = {"width": width, "depth": depth, "dropout": dropout}
+    config = {**base.net, **{k: v for k, v in net_changes.items() if v is not None}}
+    config["num_classes"] = digits.NUM_CLASSES if conditional else 0
+    run_changes = {"iterations": iterations, "batch": batch, "lr": lr}
+    cfg = replace(base.teacher, seed=seed, **{k: v for k, v in run_changes.items() if v is not None})
+
+    torch.manual_seed(seed)
+    images, labels = digits.load_digits_tensors(device=device)
+    net = build_denoiser(config).to(device)
+    ema, stats = train_teacher(net, images, cfg, labels=labels if conditional else None, log=log,
+                               log_every=max(1, cfg.iterations // 10))
+    save_network(out, ema, BUILDER, config,
+                 meta={"trainer": "sidfast train-teacher", "teacher_config": cfg.to_dict(), **stats})
+    log(f"wrote {out} ({count_parameters(ema):,} parameters, {stats['seconds']:.1f} s, "
+        f"final loss {stats['final_loss']:.4f})")
+    return stats
