@@ -4,14 +4,8 @@ import torch
 
 import sidfast
 from sidfast import reference as R
-from sidfast.ops import backend
 
-
-@pytest.fixture(autouse=True)
-def native_route():
-    """These tests check the native C++ route of the public API; tests/test_ops_*.py check the Triton route."""
-    with backend.cpu_route("native"):
-        yield
+pytestmark = pytest.mark.usefixtures("native_cpu_route")  # the native C++ route; tests/test_ops_*.py: Triton
 
 # (dtype, atol, rtol) relative to the loss scale: the op works in float32 (float64) whatever the input
 TOLERANCES = [(torch.float32, 1e-6, 1e-6), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 1.6e-2, 1.6e-2),
