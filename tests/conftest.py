@@ -18,6 +18,28 @@ if "TRITON_INTERPRET" not in os.environ:
 
 
 @pytest.fixture
+def sm90_compile_report():
+    """``report(op)``: benchmarks/compile_report.py --json for ``op`` (every kernel configuration compiled for
+    sm_90, no GPU needed), run in a fresh interpreter without TRITON_INTERPRET."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "compile_report.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def report(op: str) -> list[dict]:
+        proc = subprocess.run([sys.executable, str(script), "--json", op], capture_output=True, text=True, env=env,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    return report
+
+
+@pytest.fixture
 def native_cpu_route(monkeypatch):
     """CPU tensors take the native C++ op (or the PyTorch reference) even while the kernels are interpreted."""
     from sidfast.ops import backend
