@@ -197,12 +197,15 @@ def report(op: str, arch: int = 90) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("ops", nargs="*", choices=[[], *SPECS], default=list(SPECS), metavar="OP")
+    parser.add_argument("ops", nargs="*", metavar="OP", help=f"any of {', '.join(SPECS)} (default: all)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for sm_90")
     parser.add_argument("--json", action="store_true", help="print one JSON list")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
         parser.error("unset TRITON_INTERPRET: the kernels must be decorated for compilation")
+    unknown = [op for op in args.ops if op not in SPECS]
+    if unknown:
+        parser.error(f"unknown OP {', '.join(unknown)}: choose from {', '.join(SPECS)}")
     rows = [dict(op=op, **row) for op in (args.ops or list(SPECS)) for row in report(op, args.arch)]
     if args.json:
         print(json.dumps(rows))

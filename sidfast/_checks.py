@@ -21,7 +21,8 @@ def check_tensors(min_dim: int = 2, **named: torch.Tensor) -> None:
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         if t.dim() < min_dim:
-            raise ValueError(f"{name} must have shape (batch, *features) with rank >= {min_dim}, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape (batch, *features) with rank >= {min_dim}, "
+                             f"got {tuple(t.shape)}")
         if t.shape[0] == 0 or t.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
         if first is None:
@@ -29,7 +30,8 @@ def check_tensors(min_dim: int = 2, **named: torch.Tensor) -> None:
             first = t
             continue
         if t.shape != first.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape {tuple(first.shape)}")
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape "
+                             f"{tuple(first.shape)}")
         if t.dtype != first.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
         if t.device != first.device:

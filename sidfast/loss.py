@@ -3,8 +3,8 @@
 ``sid_generator_loss`` is a literal replacement for the published ``generator_loss`` arithmetic
 followed by the loop's ``loss.sum() / batch`` (``reduction="batchmean"``); the published loss scale
 (100) is ``loss_scale=``, folded into the fused kernels. All losses are float32 (float64 for float64
-inputs)
-and accumulate in float32 or wider whatever the input dtype; gradients come back in the input dtype.
+inputs) and accumulate in float32 or wider whatever the input dtype; gradients come back in the input
+dtype.
 """
 from __future__ import annotations
 

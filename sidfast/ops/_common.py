@@ -69,7 +69,8 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def finish_sum(part_ptr, counter_ptr, out_ptr, scale, n_programs, n_partials, r_iters, RBLOCK: tl.constexpr):
+    def finish_sum(part_ptr, counter_ptr, out_ptr, scale, n_programs, n_partials, r_iters,
+                   RBLOCK: tl.constexpr):
         """Called by every program after it stored its partial sums: the last program to arrive sums
         ``part_ptr[0:n_partials]`` in a fixed order (deterministic), writes ``sum * scale`` to ``out_ptr``
         and re-arms the counter. No host sync, no second launch. ``r_iters * RBLOCK >= n_partials``."""

@@ -173,7 +173,8 @@ if HAS_TRITON:
                 loss = tl.where(keep1 & m, loss, 0.0)
                 loss_acc += loss
                 if not REDUCE:
-                    tl.store(loss_ptr + base + cols, (loss * loss_scale).to(loss_ptr.dtype.element_ty), mask=m)
+                    scaled = (loss * loss_scale).to(loss_ptr.dtype.element_ty)
+                    tl.store(loss_ptr + base + cols, scaled, mask=m)
             late_nan = tl.max(bad2, 0) > 0
             if late_nan & keep1 & valid:  # a NaN first seen in pass 2: drop the whole sample after all
                 zero = tl.zeros((BLOCK,), ACC)
@@ -204,8 +205,8 @@ if HAS_TRITON:
         tl.store(bad_ptr + pid, tl.max(_isnan3(r, f, x), 0))
 
     @jit_with_loop_bounds("c_iters")
-    def _sid_sample_kernel(abs_ptr, bad_ptr, inv_w_ptr, sample_bad_ptr, N, C, c_iters, NORMALIZE: tl.constexpr,
-                           CBLOCK: tl.constexpr, ACC: tl.constexpr):
+    def _sid_sample_kernel(abs_ptr, bad_ptr, inv_w_ptr, sample_bad_ptr, N, C, c_iters,
+                           NORMALIZE: tl.constexpr, CBLOCK: tl.constexpr, ACC: tl.constexpr):
         """split plan, launch 2: one program per sample reduces its C chunk partials to 1/w and a NaN flag."""
         b = tl.program_id(0)
         abs_acc = tl.zeros((CBLOCK,), ACC)
@@ -265,12 +266,6 @@ def plan(B: int, N: int, elem_size: int, device: torch.device) -> dict:
     return dict(kind="split", BLOCK=SPLIT_BLOCK)
 
 
-def _scales(reduction: int, B: int, scale: float) -> tuple[float, float]:
-    """(gradient factor, loss factor): ``scale`` for "none" and "sum", ``scale / B`` for "batchmean"."""
-    factor = scale / B if reduction == 2 else scale
-    return factor, factor
-
-
 def sid_loss_triton_impl(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float,
                          normalize: bool, reduction: int, scale: float = 1.0, plan_: dict | None = None,
                          cache_counter: bool = True):
@@ -285,44 +280,50 @@ def sid_loss_triton_impl(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.
     ldt = loss_dtype(x.dtype)
     reduce = reduction != 0
     loss = x.new_empty((), dtype=ldt) if reduce else empty_outputs_like(r, f, x, dtype=ldt)
-    grad_scale, loss_scale = _scales(reduction, B, float(scale))
+    # the loss and the gradients are multiplied by scale, and divided by B for "batchmean"
+    factor = float(scale) / B if reduction == 2 else float(scale)
     p = plan_ or plan(B, N, x.element_size(), x.device)
-    common = dict(REDUCE=reduce, ACC=acc_type(x.dtype))
+    acc = acc_type(x.dtype)
     dev = x.device
     with backend.device_guard(dev):
         counter = backend.counter(dev, cached=cache_counter)
+        outs = (*grads, loss)
+        scalars = (alpha, factor, factor)  # alpha, grad_scale, loss_scale
         if p["kind"] == "tile":
             n_programs = backend.cdiv(B, p["ROWS"])
             part = torch.empty(B, dtype=ldt, device=dev)
             warps = p.get("num_warps", num_warps(p["ROWS"] * p["BLOCK_N"], x.element_size()))
-            _sid_tile_kernel[(n_programs,)](r, f, x, *grads, loss, part, counter, loss, B, N, alpha, grad_scale,
-                                            loss_scale, n_programs, reduce_iters(B), NORMALIZE=bool(normalize),
-                                            ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], RBLOCK=RBLOCK, **common,
+            _sid_tile_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, B, N, *scalars, n_programs,
+                                            reduce_iters(B), NORMALIZE=bool(normalize), REDUCE=reduce,
+                                            ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], ACC=acc, RBLOCK=RBLOCK,
                                             num_warps=warps)
         elif p["kind"] == "loop":
             n_programs = min(B, p["PROGRAMS"])
             part = torch.empty(B, dtype=ldt, device=dev)
             warps = p.get("num_warps", num_warps(p["BLOCK"], x.element_size()))
-            _sid_loop_kernel[(n_programs,)](r, f, x, *grads, loss, part, counter, loss, B, N, alpha, grad_scale,
-                                            loss_scale, n_programs, loop_bound(backend.cdiv(B, n_programs)),
-                                            loop_bound(backend.cdiv(N, p["BLOCK"])), reduce_iters(B), NORMALIZE=bool(normalize),
-                                            BLOCK=p["BLOCK"], RBLOCK=RBLOCK, **common, num_warps=warps)
+            sample_iters = loop_bound(backend.cdiv(B, n_programs))
+            col_iters = loop_bound(backend.cdiv(N, p["BLOCK"]))
+            _sid_loop_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, B, N, *scalars, n_programs,
+                                            sample_iters, col_iters, reduce_iters(B), NORMALIZE=bool(normalize),
+                                            REDUCE=reduce, BLOCK=p["BLOCK"], ACC=acc, RBLOCK=RBLOCK,
+                                            num_warps=warps)
         elif p["kind"] == "split":
             C = backend.cdiv(N, p["BLOCK"])
             n_programs = B * C
+            warps = p.get("num_warps", num_warps(p["BLOCK"], x.element_size()))
             abs_part = torch.empty(n_programs, dtype=ldt, device=dev)
             bad_part = torch.empty(n_programs, dtype=torch.int32, device=dev)
-            warps = p.get("num_warps", num_warps(p["BLOCK"], x.element_size()))
-            _sid_stats_kernel[(n_programs,)](r, f, x, abs_part, bad_part, N, C, BLOCK=p["BLOCK"], ACC=common["ACC"],
+            _sid_stats_kernel[(n_programs,)](r, f, x, abs_part, bad_part, N, C, BLOCK=p["BLOCK"], ACC=acc,
                                              num_warps=warps)
             inv_w = torch.empty(B, dtype=ldt, device=dev)
             sample_bad = torch.empty(B, dtype=torch.int32, device=dev)
-            _sid_sample_kernel[(B,)](abs_part, bad_part, inv_w, sample_bad, N, C, loop_bound(backend.cdiv(C, CBLOCK)),
-                                     NORMALIZE=bool(normalize), CBLOCK=CBLOCK, ACC=common["ACC"], num_warps=4)
+            _sid_sample_kernel[(B,)](abs_part, bad_part, inv_w, sample_bad, N, C,
+                                     loop_bound(backend.cdiv(C, CBLOCK)), NORMALIZE=bool(normalize),
+                                     CBLOCK=CBLOCK, ACC=acc, num_warps=4)
             part = torch.empty(n_programs, dtype=ldt, device=dev)
-            _sid_apply_kernel[(n_programs,)](r, f, x, *grads, loss, part, counter, loss, inv_w, sample_bad, N, C,
-                                             alpha, grad_scale, loss_scale, n_programs, reduce_iters(n_programs),
-                                             BLOCK=p["BLOCK"], RBLOCK=RBLOCK, **common, num_warps=warps)
+            _sid_apply_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, inv_w, sample_bad, N, C,
+                                             *scalars, n_programs, reduce_iters(n_programs), REDUCE=reduce,
+                                             BLOCK=p["BLOCK"], ACC=acc, RBLOCK=RBLOCK, num_warps=warps)
         else:
             raise ValueError(f"unknown sid_loss plan {p!r}")
     return (loss, *grads)
@@ -368,7 +369,8 @@ if HAS_TRITON:
                         scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Triton sid_loss (CUDA, or CPU under TRITON_INTERPRET=1): sidfast::sid_loss's outputs for
         ``scale * loss``."""
-        return sid_loss_triton_impl(y_real, y_fake, x_g, alpha, normalize, reduction, scale, cache_counter=False)
+        return sid_loss_triton_impl(y_real, y_fake, x_g, alpha, normalize, reduction, scale,
+                                    cache_counter=False)
 
     register("sidfast::sid_loss_triton")
 
