@@ -22,7 +22,8 @@ from ..schedules import broadcast
 from . import backend
 from ._common import acc_type, num_warps
 from ._layout import batch_major_dense, common_dense_layout, empty_outputs_like
-from ._philox import check_counter_range, draw_seed, layout_args, philox4x32, philox_normal, tile_shape  # noqa: F401
+from ._philox import philox4x32  # noqa: F401  (re-exported with philox_normal: the stream's reference)
+from ._philox import check_counter_range, draw_seed, layout_args, philox_normal, tile_shape
 from .backend import HAS_TRITON
 
 # ---------------------------------------------------------------------------------------------
