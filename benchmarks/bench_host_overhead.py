@@ -1,10 +1,10 @@
 """Host-side cost of the fused ops' Python routes, with every Triton launch replaced by a no-op.
 
 At CIFAR sizes the fused loss moves about 5 MB, 1.6 us of H100 bandwidth: its wall time is the host
-work around the launch (issue 3's 10x target leaves about 54 us for forward+backward). These
-benchmarks time that host work alone, on CPU tensors routed to the Triton wrappers, so they run on
-any machine (the outputs' allocations are CPU mallocs here, noisier than CUDA's caching allocator;
-"meta" tensors were tried and are slower, their shape functions run in Python): the public function forward+backward, and the forward through the custom-op dispatcher
+work around the launch. These benchmarks time that host work alone, on CPU tensors routed to the
+Triton wrappers, so they run on any machine (the outputs' allocations are CPU mallocs here, noisier
+than CUDA's caching allocator; "meta" tensors would be slower, their shape functions run in
+Python): the public function forward+backward, and the forward through the custom-op dispatcher
 (what torch.compile traces) against the direct launch the eager route uses. The numbers are the
 host's (this machine's CPU), not the GPU's; compare rows measured in one run.
 """
@@ -21,7 +21,7 @@ from sidfast.ops import sid_loss as S
 
 pytestmark = pytest.mark.skipif(not backend.HAS_TRITON, reason="needs triton (the routes under test)")
 
-CASE = ((64, 3, 32, 32), torch.float32)  # the smallest size of issue 3, where host time dominates
+CASE = ((64, 3, 32, 32), torch.float32)  # the smallest benchmark size (conftest.GPU_CASES): host time dominates
 
 
 class _NoLaunch:
@@ -33,8 +33,10 @@ class _NoLaunch:
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    for mod, names in ((S, ("_sid_tile_kernel", "_sid_loop_kernel", "_sid_stats_kernel", "_sid_apply_kernel")),
-                       (grad_scale, ("_scale_inplace_kernel",)), (Nz, ("_add_noise_kernel", "_scale_rows_kernel")),
+    for mod, names in ((S, ("_sid_tile_kernel", "_sid_loop_kernel", "_sid_stats_kernel", "_sid_sample_kernel",
+                            "_sid_apply_kernel")),
+                       (grad_scale, ("_scale_inplace_kernel",)),
+                       (Nz, ("_add_noise_kernel", "_noise_kernel", "_scale_rows_kernel")),
                        (F, ("_fake_score_kernel",))):
         for name in names:
             monkeypatch.setattr(mod, name, _NoLaunch())

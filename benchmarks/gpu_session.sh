@@ -5,6 +5,7 @@
 #
 # Stages (each installs the package first; ninja rebuilds only what changed while the machine stays warm):
 #   tests      the GPU-only tests (pytest -m gpu: compile, CUDA graphs, bf16, large sizes, native CUDA op)
+#   compile    register and spill report of every kernel configuration (benchmarks/compile_report.py)
 #   ops        the op benchmarks (pytest benchmarks/ --benchmark-only, without the whole-iteration ones) + table
 #   engine:C:B whole SiD iterations, bench_engine.py for config C at batch sizes B (comma-separated),
 #              e.g. engine:ddpm-cifar10:64  (the published eager loop side by side, fp32 and bf16). Each
@@ -40,6 +41,10 @@ for stage in "$@"; do
   case "$stage" in
     tests)
       $PY -m pytest tests -m gpu -q -p no:cacheprovider -rfEs --junitxml "$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
+      r=${PIPESTATUS[0]} ;;
+    compile)
+      $PY benchmarks/compile_report.py --arch "$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); print(10 * m + n)')" \
+        2>&1 | tee "$OUT/compile-report.txt"
       r=${PIPESTATUS[0]} ;;
     ops)
       $PY -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider -k "not sid_iteration" \

@@ -5,7 +5,6 @@ CPU-only machines, which would route every loss of the demo's thousands of itera
 interpreter (the kernels themselves are tested in tests/test_ops_*.py); `sidfast demo` outside pytest takes
 the native route anyway.
 """
-import contextlib
 import json
 import math
 import time
@@ -228,13 +227,8 @@ def test_classifier_features_separate_real_digits_from_noise(classifier_cache):
 # ---- the demo end to end ----
 
 @pytest.fixture
-def native_losses():
-    try:
-        from sidfast.ops.backend import cpu_route
-    except ImportError:  # no Triton routing in this build: CPU already takes the native route
-        cpu_route = None
-    with cpu_route("native") if cpu_route is not None else contextlib.nullcontext():
-        yield
+def native_losses(native_cpu_route):
+    """The demo's losses take the native C++ route for CPU tensors."""
 
 
 def test_demo_configs_are_explicit():

@@ -4,14 +4,8 @@ import torch
 
 import sidfast
 from sidfast import reference as R
-from sidfast.ops import backend
 
-
-@pytest.fixture(autouse=True)
-def native_route():
-    """These tests check the native C++ route of the public API; tests/test_ops_*.py check the Triton route."""
-    with backend.cpu_route("native"):
-        yield
+pytestmark = pytest.mark.usefixtures("native_cpu_route")  # the native C++ route; tests/test_ops_*.py: Triton
 
 # (dtype, atol, rtol) relative to the loss scale: the op works in float32 (float64) whatever the input
 TOLERANCES = [(torch.float32, 1e-6, 1e-6), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, 1.6e-2, 1.6e-2),
@@ -162,6 +156,30 @@ def test_bad_alpha(alpha, err):
         sidfast.sid_generator_loss(*_ok(), alpha=alpha)
     with pytest.raises(err, match="lam"):
         sidfast.sid_generator_loss_eps(*_ok(), lam=alpha)
+
+
+@pytest.mark.parametrize("loss_scale", [100.0, -0.5])
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_loss_scale_is_applied_to_values_and_gradients(loss_scale, reduction, normalize):
+    """The native route: loss_scale * L and its gradients, against the float64 reference times the scale."""
+    fast_fn = sidfast.sid_generator_loss if normalize else sidfast.sid_generator_loss_eps
+    ref_fn = R.sid_generator_loss if normalize else R.sid_generator_loss_eps
+    _check_against_reference(lambda *x, reduction: fast_fn(*x, reduction=reduction, loss_scale=loss_scale),
+                             lambda *x, reduction: loss_scale * ref_fn(*x, reduction=reduction),
+                             [t.double().detach().requires_grad_() for t in _inputs((3, 2, 4, 4), torch.float32)],
+                             reduction, 1e-12, 1e-12)
+
+
+@pytest.mark.parametrize("loss_scale, err", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                             ("100", TypeError), (True, TypeError)])
+def test_bad_loss_scale(loss_scale, err):
+    with pytest.raises(err, match="loss_scale"):
+        sidfast.sid_generator_loss(*_ok(), loss_scale=loss_scale)
+    with pytest.raises(err, match="loss_scale"):
+        sidfast.sid_generator_loss_eps(*_ok(), loss_scale=loss_scale)
+    with pytest.raises(err, match="loss_scale"):
+        sidfast.SiDGeneratorLoss(loss_scale=loss_scale)
 
 
 @pytest.mark.parametrize("reduction", ["mean", None, "Sum"])

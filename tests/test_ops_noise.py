@@ -214,9 +214,8 @@ def test_compile_fullgraph():
 
 
 @triton_route
-def test_kernels_compile_for_sm90_without_spills():
-    pytest.importorskip("triton.backends.nvidia")
-    report = backend.compile_report("sidfast.ops.noise")
+def test_kernels_compile_for_sm90_without_spills(sm90_compile_report):
+    report = sm90_compile_report("noise")
     bad = [r for r in report if r["spill_bytes"] > 0 or r["registers"] > 255]
     assert report and not bad, bad
 

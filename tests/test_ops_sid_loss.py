@@ -105,6 +105,47 @@ def test_nan_samples_are_dropped(plan, normalize, reduction):
                                                                       x_g.double()), **LOSS_TOL)
 
 
+@pytest.mark.parametrize("loss_scale", [100.0, -0.5])
+@pytest.mark.parametrize("reduction", sidfast.reference.REDUCTIONS)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_loss_scale_is_folded_into_values_and_gradients(plan, loss_scale, reduction, normalize):
+    """loss_scale * L with the gradients of loss_scale * L written by the forward, against loss_scale times the
+    float64 reference (the float32 tolerances of the unscaled tests, scaled)."""
+    y_real, y_fake, x_g = _inputs((3, 70), torch.float32, seed=4)
+    ref_loss, ref_grads, g = _reference(y_real, y_fake, x_g, 1.2, normalize, reduction)
+    ins = [t.detach().clone().requires_grad_() for t in (y_real, y_fake, x_g)]
+    fn = sidfast.sid_generator_loss if normalize else sidfast.sid_generator_loss_eps
+    loss = fn(*ins, 1.2, reduction, loss_scale=loss_scale)
+    grads = torch.autograd.grad(loss, ins, g.to(loss.dtype).contiguous())
+    torch.testing.assert_close(loss.double(), loss_scale * ref_loss, atol=abs(loss_scale) * LOSS_TOL["atol"],
+                               rtol=LOSS_TOL["rtol"])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), loss_scale * want, atol=abs(loss_scale) * 2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean"])
+def test_loss_scale_backward_with_grad_one_leaves_the_saved_gradients(reduction, monkeypatch):
+    """loss.backward() with the scale folded in: the in-place pass sees grad 1 and skips on the device, so
+    the gradients handed to autograd are the forward's, already scaled."""
+    y_real, y_fake, x_g = (t.requires_grad_() for t in _inputs((4, 3, 5), torch.float32, seed=5))
+    saved = []
+    real_scale = S.scale_saved_grads
+
+    def spy(ctx, grads, grad_loss):
+        saved.append([g.clone() for g in grads])
+        return real_scale(ctx, grads, grad_loss)
+
+    monkeypatch.setattr(S, "scale_saved_grads", spy)
+    loss = sidfast.sid_generator_loss(y_real, y_fake, x_g, reduction=reduction, loss_scale=100.0)
+    loss.backward()
+    for before, t in zip(saved[0], (y_real, y_fake, x_g)):
+        assert torch.equal(t.grad, before)
+    ref_loss, ref_grads, _ = _reference(y_real, y_fake, x_g, 1.2, True, reduction, g=100.0)
+    torch.testing.assert_close(loss.double(), 100.0 * ref_loss, atol=1e-3, rtol=1e-5)
+    for t, want in zip((y_real, y_fake, x_g), ref_grads):
+        torch.testing.assert_close(t.grad.double(), want, atol=2e-4, rtol=2e-5)
+
+
 def _layouts():
     base = torch.randn(4, 3, 6, 5, dtype=torch.float64)
     cl = base.to(memory_format=torch.channels_last)
@@ -221,9 +262,8 @@ def test_compile_fullgraph_matches_eager():
         assert backend_name.calls("torch.ops.sidfast.sid_loss_triton")
 
 
-def test_kernels_compile_for_sm90_without_spills():
-    pytest.importorskip("triton.backends.nvidia")
-    report = backend.compile_report("sidfast.ops.sid_loss")
+def test_kernels_compile_for_sm90_without_spills(sm90_compile_report):
+    report = sm90_compile_report("sid_loss") + sm90_compile_report("grad_scale")  # the loss and its backward
     assert len(report) > 10
     bad = [r for r in report if r["spill_bytes"] > 0 or r["registers"] > 255]
     assert not bad, bad

@@ -1,4 +1,4 @@
-"""The reference implementation against the SPEC's identities and the published arithmetic."""
+"""The reference implementation against the paper's identities (docs/math.md) and the published arithmetic."""
 import math
 
 import pytest
@@ -24,7 +24,7 @@ def _rand(*shape, dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("sched", SCHEDULES)
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 1.2])
 def test_denoised_loss_is_scaled_noise_space_loss(sched, alpha):
-    """SPEC section 3: d*(e - alpha d) = (s/a)^2 [<e_phi - e_psi, e_phi - eps> - alpha ||e_phi - e_psi||^2]."""
+    """docs/math.md, "SiD generator loss": d*(e - alpha d) = (s/a)^2 [<e_phi - e_psi, e_phi - eps> - alpha ||e_phi - e_psi||^2]."""
     schedule, t = SCHEDULES[sched]
     a, s = schedule.coefficients(t)
     x_g, eps = _rand(4, 3, 5, 5, seed=1), _rand(4, 3, 5, 5, seed=2)

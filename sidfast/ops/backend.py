@@ -1,19 +1,16 @@
 """Which implementation runs a fused op, and the launch helpers the Triton ops share.
 
-Routing rule (issue 3): CUDA tensors run the Triton kernels; CPU tensors run the Triton kernels
-under Triton's interpreter when ``TRITON_INTERPRET=1`` was set *before sidfast was imported*
-(that is how CI tests the kernels without a GPU); otherwise CPU tensors run the native C++ op
-(``sidfast::sid_loss``) or the plain PyTorch reference (ops without a native kernel).
+Routing rule: CUDA tensors run the Triton kernels; CPU tensors run the Triton kernels under
+Triton's interpreter when ``TRITON_INTERPRET=1`` was set *before sidfast was imported* (that is how
+the tests run the kernels without a GPU, tests/conftest.py); otherwise CPU tensors run the native
+C++ op (``sidfast::sid_loss``) or the plain PyTorch reference (ops without a native kernel).
 
 Triton decides interpreted vs compiled when a kernel is decorated, i.e. when the op module is
-imported, so ``INTERPRET`` is read once here. Kernels in interpreter mode keep their loops at
-``tl.constexpr`` trip counts: the Triton 3.6 interpreter cannot take runtime loop bounds under
-numpy >= 2.4.
+imported, so ``INTERPRET`` is read once here.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -26,29 +23,11 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     HAS_TRITON = False
 
-#: The kernels are decorated in interpreter mode (TRITON_INTERPRET=1 when sidfast was imported), as Triton reads it.
+#: The kernels are decorated in interpreter mode (TRITON_INTERPRET=1 when sidfast was imported).
 INTERPRET: bool = HAS_TRITON and bool(triton.knobs.runtime.interpret)
 
 _COUNTERS: dict = {}
 _SMS: dict = {}
-
-
-#: Where CPU tensors go while the kernels are interpreted: "triton" (the default under
-#: TRITON_INTERPRET=1) or "native"; set with ``cpu_route`` (tests of the native route use it).
-_CPU_ROUTE = "triton"
-
-
-@contextlib.contextmanager
-def cpu_route(route: str):
-    """Within the block, CPU tensors take ``route`` ("native" or "triton") under the interpreter."""
-    global _CPU_ROUTE
-    if route not in ("native", "triton"):
-        raise ValueError(f"route must be 'native' or 'triton', got {route!r}")
-    previous, _CPU_ROUTE = _CPU_ROUTE, route
-    try:
-        yield
-    finally:
-        _CPU_ROUTE = previous
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -57,7 +36,7 @@ def use_triton(t: torch.Tensor) -> bool:
         return False
     if t.device.type == "cuda":
         return True  # (interpreted kernels, if TRITON_INTERPRET=1, run CUDA tensors through host copies)
-    return t.device.type == "cpu" and INTERPRET and _CPU_ROUTE == "triton"
+    return t.device.type == "cpu" and INTERPRET
 
 
 def backend(t: torch.Tensor) -> str:
@@ -82,6 +61,24 @@ def launch_or_op(op, launch, *args):
     return op if is_traced(*(a for a in args if isinstance(a, torch.Tensor))) else launch
 
 
+def current_cuda_device() -> int:
+    """The current CUDA device index (the device Triton launches on)."""
+    return torch.cuda.current_device()
+
+
+def device_guard(device: torch.device):
+    """Context for launching kernels on ``device``'s tensors.
+
+    Triton launches on the current CUDA device and its current stream, whatever device the pointers
+    belong to; so kernels for cuda:1 tensors switch the current device first. The switch is entered
+    only when the devices differ (a device switch costs a driver call; the usual single-GPU call
+    pays one integer comparison).
+    """
+    if device.type != "cuda" or device.index is None or device.index == current_cuda_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 for the interpreter), cached: no query per call."""
     if device.type != "cuda":
@@ -100,13 +97,32 @@ def l2_bytes(device: torch.device) -> int:
     return int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
 
 
-def counter(device: torch.device) -> torch.Tensor:
+def capturing(device: torch.device) -> bool:
+    """True while the current stream of CUDA ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def counter(device: torch.device, cached: bool = True) -> torch.Tensor:
     """A zeroed int32 semaphore for "the last program finishes the reduction" (single-launch reductions).
 
-    The kernel that uses it resets it to zero, so one buffer per (device, stream) serves every
-    launch on that stream; launches on one stream never overlap. Create it (call the op once)
-    before capturing a CUDA graph, as with any warm-up.
+    The kernel that uses it resets it to zero, so in eager mode one buffer per (device, stream) serves
+    every launch on that stream: launches on one stream never overlap. The stream is the current
+    stream of ``device``, the one the launch runs on inside ``device_guard(device)``.
+
+    A fresh zeroed buffer is returned instead (``torch.zeros``, one memset) when ``cached`` is False
+    or the stream is being captured into a CUDA graph: a buffer cached during capture would come
+    from that graph's private memory pool and its zero-fill would be recorded in that graph only, so
+    a second graph (or an eager call) could find it in use or non-zero. Under capture the memset
+    becomes part of the graph and the buffer belongs to it.
+
+    The custom ops (the torch.compile route) always pass ``cached=False``: with
+    ``mode="reduce-overhead"`` their eager warm-up runs allocate from the CUDA-graph trees' pool,
+    whose allocator state is checkpointed and restored between recordings, so a cached buffer
+    created there could be handed out again while still in use. A fresh buffer per call is owned
+    by the compiled graph like any temporary; the cost is one memset per call.
     """
+    if not cached or capturing(device):
+        return torch.zeros(1, dtype=torch.int32, device=device)
     key = (device.type, device.index, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0)
     buf = _COUNTERS.get(key)
     if buf is None:
@@ -120,96 +136,3 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def finish_sum(part_ptr, counter_ptr, out_ptr, scale, n_programs, n_partials, R_ITERS: tl.constexpr,
-                   RBLOCK: tl.constexpr):
-        """Called by every program after it stored its partial sums: the last program to arrive sums
-        ``part_ptr[0:n_partials]`` in a fixed order (deterministic), writes ``sum * scale`` to ``out_ptr``
-        and re-arms the counter. No host sync, no second launch. ``R_ITERS * RBLOCK >= n_partials``."""
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-        if arrived == n_programs - 1:
-            acc = tl.zeros((RBLOCK,), out_ptr.dtype.element_ty)
-            for i in range(R_ITERS):
-                idx = i * RBLOCK + tl.arange(0, RBLOCK)
-                acc += tl.load(part_ptr + idx, mask=idx < n_partials, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr, tl.sum(acc, 0) * scale)
-            tl.atomic_xchg(counter_ptr, 0)
-
-
-RBLOCK = 1024
-
-
-def reduce_args(n_partials: int) -> dict:
-    """Constexpr arguments of ``finish_sum`` for ``n_partials`` partial sums."""
-    rblock = min(RBLOCK, next_pow2(max(n_partials, 16)))
-    return dict(R_ITERS=cdiv(n_partials, rblock), RBLOCK=rblock)
-
-
-def compile_for_gpu(kernel, args: dict, constexprs: dict, num_warps: int = 4, arch: int = 90,
-                    divisible: tuple = ()) -> dict:
-    """Compile a Triton kernel for an NVIDIA GPU on a machine without one (a development check).
-
-    ``args`` maps every runtime argument to a Triton type ("*bf16", "i32", "fp32", ...), ``constexprs``
-    the compile-time ones; ``divisible`` names arguments to specialise as multiples of 16 (what the JIT
-    does at run time for such values, enabling vector loads). Returns the cubin's register count, its
-    local-memory (spill) bytes and the PTX. Needs kernels decorated without TRITON_INTERPRET.
-    """
-    import inspect
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature = {n: ("constexpr" if n in constexprs else args[n]) for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs), attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(compiled.asm["cubin"])
-        fh.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", fh.name], capture_output=True, text=True, check=True).stdout
-    fields = dict(kv.split(":") for line in usage.splitlines() if "REG:" in line for kv in line.split() if ":" in kv)
-    return dict(registers=int(fields["REG"]), spill_bytes=int(fields.get("LOCAL", 0)), ptx=compiled.asm["ptx"],
-                ttgir=compiled.asm["ttgir"])
-
-
-TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def compile_report(module: str, arch: int = 90, timeout: float = 600) -> list[dict]:
-    """Compile every kernel configuration ``module.compile_specs()`` lists for an NVIDIA ``arch``, in a
-    fresh interpreter without TRITON_INTERPRET (so it works from an interpreted test session, and
-    without a GPU). Returns one dict per spec: name, registers, spill_bytes."""
-    import json
-    import subprocess
-    import sys
-
-    code = ("import json, importlib\n"
-            "from sidfast.ops import backend\n"
-            f"mod = importlib.import_module({module!r})\n"
-            "out = []\n"
-            "for spec in mod.compile_specs():\n"
-            "    r = backend.compile_for_gpu(spec['kernel'], spec['args'], spec['constexprs'], spec['num_warps'],"
-            f" {arch}, spec.get('divisible', ()))\n"
-            "    out.append(dict(name=spec['name'], registers=r['registers'], spill_bytes=r['spill_bytes']))\n"
-            "print('REPORT' + json.dumps(out))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"compiling {module}'s kernels for sm_{arch} failed:\n{proc.stderr[-4000:]}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
-    return json.loads(line[len("REPORT"):])
-
-
-if __name__ == "__main__":  # python -m sidfast.ops.backend: register use of every kernel on sm_90
-    for mod in ("sidfast.ops.sid_loss", "sidfast.ops.noise", "sidfast.ops.fake_score_loss", "sidfast.ops.grad_scale"):
-        for row in compile_report(mod):
-            print(f"{row['name']:60s} registers {row['registers']:4d}  spill bytes {row['spill_bytes']}")

@@ -25,24 +25,36 @@ from __future__ import annotations
 import torch
 
 from . import backend
+from ._common import loop_bound, num_warps
 from ._layout import batch_major_dense
 from .backend import HAS_TRITON
 
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+SCALE_BLOCK = 4096  # elements per program and step
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+
 if HAS_TRITON:
-    import triton
     import triton.language as tl
 
-    @triton.jit
-    def _scale_inplace_kernel(g_ptr, applied_ptr, t0_ptr, t1_ptr, t2_ptr, n, NUM: tl.constexpr, ITERS: tl.constexpr,
-                              NPROG: tl.constexpr, BLOCK: tl.constexpr):
+    from ._common import jit_with_loop_bounds
+
+    @jit_with_loop_bounds("iters")
+    def _scale_inplace_kernel(g_ptr, applied_ptr, t0_ptr, t1_ptr, t2_ptr, n, iters, nprog, NUM: tl.constexpr,
+                              BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         acc_ty = t0_ptr.dtype.element_ty if t0_ptr.dtype.element_ty == tl.float64 else tl.float32
         g = tl.load(g_ptr).to(acc_ty)
         if pid == 0:
             tl.store(applied_ptr, g)
         if g != 1.0:  # device-side branch: loss.backward() (grad 1) costs one scalar load per program
-            for i in range(ITERS):
-                offs = (i * NPROG + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            for i in range(iters):
+                offs = (i * nprog + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
                 mask = offs < n
                 v = tl.load(t0_ptr + offs, mask=mask)
                 tl.store(t0_ptr + offs, (v.to(acc_ty) * g).to(t0_ptr.dtype.element_ty), mask=mask)
@@ -53,8 +65,10 @@ if HAS_TRITON:
                     v = tl.load(t2_ptr + offs, mask=mask)
                     tl.store(t2_ptr + offs, (v.to(acc_ty) * g).to(t2_ptr.dtype.element_ty), mask=mask)
 
-SCALE_BLOCK = 4096
 
+# ---------------------------------------------------------------------------------------------
+# Host launch
+# ---------------------------------------------------------------------------------------------
 
 def scale_inplace(grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor) -> torch.Tensor:
     """Multiply 1 to 3 dense tensors of equal numel by the 0-dim ``grad_loss`` in place (skipped on the
@@ -65,10 +79,16 @@ def scale_inplace(grads: tuple[torch.Tensor, ...], grad_loss: torch.Tensor) -> t
     blocks = backend.cdiv(n, SCALE_BLOCK)
     nprog = max(1, min(blocks, 8 * backend.num_sms(t0.device)))
     ts = tuple(grads) + (t0,) * (3 - len(grads))
-    _scale_inplace_kernel[(nprog,)](grad_loss, applied, *ts, n, NUM=len(grads), ITERS=backend.cdiv(blocks, nprog),
-                                    NPROG=nprog, BLOCK=SCALE_BLOCK, num_warps=8)
+    with backend.device_guard(t0.device):
+        _scale_inplace_kernel[(nprog,)](grad_loss, applied, *ts, n, loop_bound(backend.cdiv(blocks, nprog)), nprog,
+                                        NUM=len(grads), BLOCK=SCALE_BLOCK,
+                                        num_warps=num_warps(SCALE_BLOCK, t0.element_size()))
     return applied
 
+
+# ---------------------------------------------------------------------------------------------
+# Backward rules (used by the ops' autograd and their autograd.Functions)
+# ---------------------------------------------------------------------------------------------
 
 def out_of_place(grads, grad_loss):
     return tuple((g * grad_loss).to(g.dtype) for g in grads)
@@ -87,16 +107,3 @@ def scale_saved_grads(ctx, grads: tuple[torch.Tensor, ...], grad_loss: torch.Ten
         return out_of_place(grads, grad_loss)
     ctx.sidfast_applied = scale_inplace(grads, grad_loss.detach())
     return tuple(grads)
-
-
-def compile_specs() -> list[dict]:
-    """Representative kernel configurations for ``backend.compile_report`` (GPU compile checks)."""
-    specs = []
-    for dt in ("fp32", "bf16", "fp64"):
-        for num in (1, 3):
-            args = dict(g_ptr="*fp32", applied_ptr="*" + ("fp64" if dt == "fp64" else "fp32"), n="i32",
-                        **{f"t{i}_ptr": "*" + dt for i in range(3)})
-            specs.append(dict(name=f"scale_inplace {dt} x{num}", kernel=_scale_inplace_kernel, args=args,
-                              constexprs=dict(NUM=num, ITERS=4, NPROG=1056, BLOCK=SCALE_BLOCK), num_warps=8,
-                              divisible=("t0_ptr", "t1_ptr", "t2_ptr", "n")))
-    return specs

@@ -1,14 +1,17 @@
-"""The SiD generator loss with its three gradients computed in the forward pass (SPEC section 3).
+"""The SiD generator loss with its three gradients computed in the forward pass.
 
-``sidfast::sid_loss`` (native C++, CPU) and ``sidfast::sid_loss_triton`` (Triton: CUDA, or CPU under
-``TRITON_INTERPRET=1``) share one schema, one fake and one autograd formula: they return
-``(loss, grad_real, grad_fake, grad_x)`` and backward only scales the stored gradients by
-``grad_output`` (no host sync, so a step can be captured in a CUDA graph). ``sid_loss`` (what
+Math: Zhou et al. 2024, eqs. 9-10 and ``sidfast/reference.py: sid_generator_loss`` (docs/math.md,
+"SiD generator loss"). ``sidfast::sid_loss`` (native C++, CPU; csrc/cpu/sid_loss.cpp) and
+``sidfast::sid_loss_triton`` (Triton: CUDA, or CPU under ``TRITON_INTERPRET=1``) share one fake and
+one autograd formula: they return ``(loss, grad_real, grad_fake, grad_x)`` and backward only scales
+the stored gradients by ``grad_output`` (no host sync, so a step can be captured in a CUDA graph).
+The Triton op also takes a constant ``scale`` folded into the loss and its gradients (the published
+loss scale), so that ``loss.backward()`` needs no scaling pass at all. ``sid_loss`` (what
 ``sidfast.loss`` calls) wraps the Triton op in ``SiDLossFunction``, whose backward scales the
-private gradients in place when it can (see ``grad_scale``). Reductions: code 0
-"none" (per-element fp32 loss, unscaled gradients), 1 "sum", 2 "batchmean" (0-dim loss, gradients
-scaled by 1 or 1/B). Samples with a NaN in any input are dropped by a mask: zero loss, zero
-gradients, and "batchmean" still divides by the full batch.
+private gradients in place when it can (see ``grad_scale``). Reductions: code 0 "none"
+(per-element fp32 loss), 1 "sum", 2 "batchmean" (0-dim loss, gradients scaled by 1 or 1/B). Samples
+with a NaN in any input are dropped by a mask: zero loss, zero gradients, and "batchmean" still
+divides by the full batch.
 
 Triton design. Per sample, the loss needs the normalizer ``w = max(mean|x_g - y_real|, 1e-5)``
 before any gradient can be written, so the minimum is one pass that reads all three inputs when a
@@ -25,12 +28,14 @@ the host from shapes only (no sync):
   device-side branch that rewrites that sample's outputs as zeros (rare path, no host involvement).
 * ``split`` (larger N, small batch, e.g. 16 x 65536): samples are cut into chunks so every SM
   works: a stats kernel writes per-chunk |x_g - y_real| sums and NaN flags (reading all three
-  inputs), an apply kernel reduces its sample's chunk partials and writes its chunk. Two launches;
-  the apply kernel's reads hit L2 when the batch is small enough (16 x 65536 bf16 is 6 MB).
+  inputs), a per-sample kernel reduces them once to 1/w and the sample's NaN flag, and an apply
+  kernel writes each chunk. The apply kernel's reads hit L2 when the batch is small enough
+  (16 x 65536 bf16 is 6 MB).
 
-The plan constants below are first guesses from register counts (``backend.compile_report``) and
-bandwidth arithmetic, not measurements; ``PLAN_OVERRIDE`` and benchmarks/bench_sid_loss.py's plan
-benchmark exist to tune them on the target GPU.
+Loop trip counts are runtime arguments (``_common.jit_with_loop_bounds``): one compiled kernel per
+plan and block size serves every batch and feature size. The plan constants are first guesses from
+register counts (benchmarks/compile_report.py) and bandwidth arithmetic; ``PLAN_OVERRIDE`` and
+benchmarks/bench_sid_loss.py's plan benchmark exist to tune them on the target GPU.
 
 Scalar losses are reduced in the same launch: each program stores a per-sample (or per-chunk)
 partial sum, and the last program to arrive (an atomic counter) adds them in a fixed order, so
@@ -43,45 +48,24 @@ import torch
 from .. import _native  # noqa: F401  (loads sidfast._C, which defines the sidfast::sid_loss schema)
 from .. import reference
 from . import backend
+from ._common import REDUCTION_CODES, RBLOCK, acc_type, loop_bound, loss_dtype, num_warps, reduce_iters
 from ._layout import common_dense_layout, empty_outputs_like
 from .backend import HAS_TRITON
 from .grad_scale import out_of_place, scale_saved_grads
 
-REDUCTION_CODES = {"none": 0, "sum": 1, "batchmean": 2}
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
 
+TILE_MAX_N = 8192      # samples up to this many features live in registers (tile plan)
+TILE_ELEMS = 4096      # elements per program in the tile plan (ROWS * BLOCK_N), when N is small
+LOOP_BYTES = 16384     # bytes per input and iteration in the loop plan (4096 float32, 8192 bfloat16)
+SPLIT_BLOCK = 2048     # elements per program in the split plan
+CBLOCK = 256           # chunk partials the split plan's per-sample kernel reduces per step
+L2_FRACTION = 0.6      # share of L2 the loop plan's samples in flight may occupy
 
-def loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The loss is float32 for half, bfloat16 and float32 inputs, float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def sid_loss_fake(y_real, y_fake, x_g, alpha: float, normalize: bool, reduction: int):
-    """Shapes, dtypes and layouts of sid_loss's outputs, for FakeTensor tracing (torch.compile, export)."""
-    grads = tuple(empty_outputs_like(y_real, y_fake, x_g) for _ in range(3))
-    ldt = loss_dtype(x_g.dtype)
-    loss = empty_outputs_like(y_real, y_fake, x_g, dtype=ldt) if reduction == 0 else x_g.new_empty((), dtype=ldt)
-    return (loss, *grads)
-
-
-def sid_loss_setup_context(ctx, inputs, output):
-    _, grad_real, grad_fake, grad_x = output
-    ctx.save_for_backward(grad_real, grad_fake, grad_x)
-    ctx.mark_non_differentiable(grad_real, grad_fake, grad_x)
-
-
-def sid_loss_backward(ctx, grad_loss, *unused):
-    """Scale the gradients the forward pass computed: elementwise for "none", by a 0-dim tensor otherwise."""
-    return (*out_of_place(ctx.saved_tensors, grad_loss), None, None, None)
-
-
-def register(op_name: str) -> None:
-    """Attach the shared fake and autograd formulas to an op with sid_loss's schema."""
-    torch.library.register_fake(op_name)(sid_loss_fake)
-    torch.library.register_autograd(op_name, sid_loss_backward, setup_context=sid_loss_setup_context)
-
-
-register("sidfast::sid_loss")
-
+#: Set to a dict like ``{"kind": "split", "BLOCK": 16}`` to force a plan (tests, tuning benchmarks).
+PLAN_OVERRIDE: dict | None = None
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -91,16 +75,17 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .backend import finish_sum
+    from ._common import finish_sum, jit_with_loop_bounds
 
     @triton.jit
     def _sid_terms(r, f, x, alpha, inv_w, g):
-        """Per element: loss and the three gradients (SPEC section 3), the gradients times g = scale / w."""
+        """Per element: loss and the three gradients, the gradients times g = scale / w."""
         d = r - f
         e = r - x
         # L = (f_phi - f_psi) * ((f_phi - x_g) - alpha (f_phi - f_psi)) / w (Zhou et al. 2024, eq. 9, denoised form)
         loss = d * (e - alpha * d) * inv_w
-        # dL/df_phi = e + (1 - 2 alpha) d, dL/df_psi = 2 alpha d - e, dL/dx_g = -d (SPEC section 3)
+        # dL/df_phi = e + (1 - 2 alpha) d, dL/df_psi = 2 alpha d - e, dL/dx_g = -d, each over w with w held
+        # constant (sidfast/reference.py: sid_gradients)
         return loss, (e + (1.0 - 2.0 * alpha) * d) * g, (2.0 * alpha * d - e) * g, -d * g
 
     @triton.jit
@@ -108,10 +93,26 @@ if HAS_TRITON:
         return ((r != r) | (f != f) | (x != x)).to(tl.int32)
 
     @triton.jit
+    def _inv_w(abs_sum, N, NORMALIZE: tl.constexpr):
+        """1 / w from a sample's sum |x_g - f_phi|: w = mean |x_g - f_phi| clipped at 1e-5, a constant
+        (Zhou et al. 2024, eq. 10 normalizer); 1 without normalization."""
+        if NORMALIZE:
+            return 1.0 / tl.maximum(abs_sum / N, 1e-5)
+        else:
+            return 1.0
+
+    @triton.jit
+    def _store_grads(gr_ptr, gf_ptr, gx_ptr, offs, gr, gf, gx, keep, mask):
+        """Store the three gradients, zero where ``keep`` is false (dropped NaN samples)."""
+        tl.store(gr_ptr + offs, tl.where(keep, gr, 0.0).to(gr_ptr.dtype.element_ty), mask=mask)
+        tl.store(gf_ptr + offs, tl.where(keep, gf, 0.0).to(gf_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + offs, tl.where(keep, gx, 0.0).to(gx_ptr.dtype.element_ty), mask=mask)
+
+    @jit_with_loop_bounds("r_iters")
     def _sid_tile_kernel(r_ptr, f_ptr, x_ptr, gr_ptr, gf_ptr, gx_ptr, loss_ptr, part_ptr, counter_ptr, out_ptr,
-                         B, N, alpha, grad_scale, loss_scale, n_programs,
+                         B, N, alpha, grad_scale, loss_scale, n_programs, r_iters,
                          NORMALIZE: tl.constexpr, REDUCE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ACC: tl.constexpr, R_ITERS: tl.constexpr, RBLOCK: tl.constexpr):
+                         ACC: tl.constexpr, RBLOCK: tl.constexpr):
         """ROWS whole samples per program, held in registers: one read, one write."""
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
@@ -122,57 +123,45 @@ if HAS_TRITON:
         r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-        keep = tl.max(_isnan3(r, f, x), axis=1) == 0
-        if NORMALIZE:
-            # w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (Zhou et al. 2024, eq. 10 normalizer)
-            w = tl.maximum(tl.sum(tl.abs(x - r), axis=1) / N, 1e-5)
-        else:
-            w = tl.full((ROWS,), 1.0, ACC)
-        inv_w = 1.0 / w
-        loss, gr, gf, gx = _sid_terms(r, f, x, alpha, inv_w[:, None], (grad_scale * inv_w)[:, None])
-        k = keep[:, None]
-        tl.store(gr_ptr + offs, tl.where(k, gr, 0.0).to(gr_ptr.dtype.element_ty), mask=mask)
-        tl.store(gf_ptr + offs, tl.where(k, gf, 0.0).to(gf_ptr.dtype.element_ty), mask=mask)
-        tl.store(gx_ptr + offs, tl.where(k, gx, 0.0).to(gx_ptr.dtype.element_ty), mask=mask)
-        loss = tl.where(k & mask, loss, 0.0)
+        keep = tl.max(_isnan3(r, f, x), axis=1, keep_dims=True) == 0
+        inv_w = _inv_w(tl.sum(tl.abs(x - r), axis=1, keep_dims=True), N, NORMALIZE)
+        loss, gr, gf, gx = _sid_terms(r, f, x, alpha, inv_w, grad_scale * inv_w)
+        _store_grads(gr_ptr, gf_ptr, gx_ptr, offs, gr, gf, gx, keep, mask)
+        loss = tl.where(keep & mask, loss, 0.0)
         if REDUCE:
             tl.store(part_ptr + rows, tl.sum(loss, axis=1), mask=row_ok)
-            finish_sum(part_ptr, counter_ptr, out_ptr, loss_scale, n_programs, B, R_ITERS, RBLOCK)
+            finish_sum(part_ptr, counter_ptr, out_ptr, loss_scale, n_programs, B, r_iters, RBLOCK)
         else:
-            tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+            tl.store(loss_ptr + offs, (loss * loss_scale).to(loss_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @jit_with_loop_bounds("sample_iters", "col_iters", "r_iters")
     def _sid_loop_kernel(r_ptr, f_ptr, x_ptr, gr_ptr, gf_ptr, gx_ptr, loss_ptr, part_ptr, counter_ptr, out_ptr,
-                         B, N, alpha, grad_scale, loss_scale, n_programs,
-                         NORMALIZE: tl.constexpr, REDUCE: tl.constexpr, SAMPLE_ITERS: tl.constexpr,
-                         COL_ITERS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                         R_ITERS: tl.constexpr, RBLOCK: tl.constexpr):
+                         B, N, alpha, grad_scale, loss_scale, n_programs, sample_iters, col_iters, r_iters,
+                         NORMALIZE: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                         RBLOCK: tl.constexpr):
         """Persistent programs, one sample at a time: pass 1 (x_g, y_real) -> w; pass 2 writes everything."""
         pid = tl.program_id(0)
         cols0 = tl.arange(0, BLOCK)
-        for si in range(SAMPLE_ITERS):
+        for si in range(sample_iters):
             b = pid + si * n_programs
             valid = b < B
             base = b.to(tl.int64) * N
             bad1 = tl.zeros((BLOCK,), tl.int32)
-            if NORMALIZE:
-                abs_acc = tl.zeros((BLOCK,), ACC)
-                for ci in range(COL_ITERS):
+            abs_acc = tl.zeros((BLOCK,), ACC)
+            if NORMALIZE:  # pass 1
+                for ci in range(col_iters):
                     cols = ci * BLOCK + cols0
                     m = (cols < N) & valid
                     r = tl.load(r_ptr + base + cols, mask=m, other=0.0).to(ACC)
                     x = tl.load(x_ptr + base + cols, mask=m, other=0.0).to(ACC)
                     abs_acc += tl.abs(x - r)
                     bad1 = bad1 | ((r != r) | (x != x)).to(tl.int32)
-                # w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (Zhou et al. 2024, eq. 10 normalizer)
-                inv_w = 1.0 / tl.maximum(tl.sum(abs_acc, 0) / N, 1e-5)
-            else:
-                inv_w = 1.0
+            inv_w = _inv_w(tl.sum(abs_acc, 0), N, NORMALIZE)
             keep1 = tl.max(bad1, 0) == 0
             g = grad_scale * inv_w
             loss_acc = tl.zeros((BLOCK,), ACC)
             bad2 = tl.zeros((BLOCK,), tl.int32)
-            for ci in range(COL_ITERS):
+            for ci in range(col_iters):  # pass 2
                 cols = ci * BLOCK + cols0
                 m = (cols < N) & valid
                 r = tl.load(r_ptr + base + cols, mask=m, other=0.0).to(ACC)
@@ -180,29 +169,26 @@ if HAS_TRITON:
                 x = tl.load(x_ptr + base + cols, mask=m, other=0.0).to(ACC)
                 bad2 = bad2 | _isnan3(r, f, x)
                 loss, gr, gf, gx = _sid_terms(r, f, x, alpha, inv_w, g)
-                tl.store(gr_ptr + base + cols, tl.where(keep1, gr, 0.0).to(gr_ptr.dtype.element_ty), mask=m)
-                tl.store(gf_ptr + base + cols, tl.where(keep1, gf, 0.0).to(gf_ptr.dtype.element_ty), mask=m)
-                tl.store(gx_ptr + base + cols, tl.where(keep1, gx, 0.0).to(gx_ptr.dtype.element_ty), mask=m)
+                _store_grads(gr_ptr, gf_ptr, gx_ptr, base + cols, gr, gf, gx, keep1, m)
                 loss = tl.where(keep1 & m, loss, 0.0)
                 loss_acc += loss
                 if not REDUCE:
-                    tl.store(loss_ptr + base + cols, loss.to(loss_ptr.dtype.element_ty), mask=m)
+                    scaled = (loss * loss_scale).to(loss_ptr.dtype.element_ty)
+                    tl.store(loss_ptr + base + cols, scaled, mask=m)
             late_nan = tl.max(bad2, 0) > 0
             if late_nan & keep1 & valid:  # a NaN first seen in pass 2: drop the whole sample after all
                 zero = tl.zeros((BLOCK,), ACC)
-                for ci in range(COL_ITERS):
+                for ci in range(col_iters):
                     cols = ci * BLOCK + cols0
                     m = cols < N
-                    tl.store(gr_ptr + base + cols, zero.to(gr_ptr.dtype.element_ty), mask=m)
-                    tl.store(gf_ptr + base + cols, zero.to(gf_ptr.dtype.element_ty), mask=m)
-                    tl.store(gx_ptr + base + cols, zero.to(gx_ptr.dtype.element_ty), mask=m)
+                    _store_grads(gr_ptr, gf_ptr, gx_ptr, base + cols, zero, zero, zero, True, m)
                     if not REDUCE:
                         tl.store(loss_ptr + base + cols, zero.to(loss_ptr.dtype.element_ty), mask=m)
             if REDUCE:
                 part = tl.where(late_nan, 0.0, tl.sum(loss_acc, 0))
                 tl.store(part_ptr + b, part.to(part_ptr.dtype.element_ty), mask=valid)
         if REDUCE:
-            finish_sum(part_ptr, counter_ptr, out_ptr, loss_scale, n_programs, B, R_ITERS, RBLOCK)
+            finish_sum(part_ptr, counter_ptr, out_ptr, loss_scale, n_programs, B, r_iters, RBLOCK)
 
     @triton.jit
     def _sid_stats_kernel(r_ptr, f_ptr, x_ptr, abs_ptr, bad_ptr, N, C, BLOCK: tl.constexpr, ACC: tl.constexpr):
@@ -218,27 +204,30 @@ if HAS_TRITON:
         tl.store(abs_ptr + pid, tl.sum(tl.abs(x - r), 0))
         tl.store(bad_ptr + pid, tl.max(_isnan3(r, f, x), 0))
 
-    @triton.jit
-    def _sid_apply_kernel(r_ptr, f_ptr, x_ptr, gr_ptr, gf_ptr, gx_ptr, loss_ptr, part_ptr, counter_ptr, out_ptr,
-                          abs_ptr, bad_ptr, N, C, alpha, grad_scale, loss_scale, n_programs,
-                          NORMALIZE: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr, C_ITERS: tl.constexpr,
-                          CBLOCK: tl.constexpr, ACC: tl.constexpr, R_ITERS: tl.constexpr, RBLOCK: tl.constexpr):
-        """split plan, launch 2: reduce the sample's chunk partials to w and the NaN flag, write one chunk."""
-        pid = tl.program_id(0)
-        b = pid // C
+    @jit_with_loop_bounds("c_iters")
+    def _sid_sample_kernel(abs_ptr, bad_ptr, inv_w_ptr, sample_bad_ptr, N, C, c_iters,
+                           NORMALIZE: tl.constexpr, CBLOCK: tl.constexpr, ACC: tl.constexpr):
+        """split plan, launch 2: one program per sample reduces its C chunk partials to 1/w and a NaN flag."""
+        b = tl.program_id(0)
         abs_acc = tl.zeros((CBLOCK,), ACC)
         bad = tl.zeros((CBLOCK,), tl.int32)
-        for ci in range(C_ITERS):
+        for ci in range(c_iters):
             j = ci * CBLOCK + tl.arange(0, CBLOCK)
             jm = j < C
             abs_acc += tl.load(abs_ptr + b * C + j, mask=jm, other=0.0)
             bad = tl.maximum(bad, tl.load(bad_ptr + b * C + j, mask=jm, other=0))
-        keep = tl.max(bad, 0) == 0
-        if NORMALIZE:
-            # w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (Zhou et al. 2024, eq. 10 normalizer)
-            inv_w = 1.0 / tl.maximum(tl.sum(abs_acc, 0) / N, 1e-5)
-        else:
-            inv_w = 1.0
+        tl.store(inv_w_ptr + b, _inv_w(tl.sum(abs_acc, 0), N, NORMALIZE))
+        tl.store(sample_bad_ptr + b, tl.max(bad, 0))
+
+    @jit_with_loop_bounds("r_iters")
+    def _sid_apply_kernel(r_ptr, f_ptr, x_ptr, gr_ptr, gf_ptr, gx_ptr, loss_ptr, part_ptr, counter_ptr, out_ptr,
+                          inv_w_ptr, sample_bad_ptr, N, C, alpha, grad_scale, loss_scale, n_programs, r_iters,
+                          REDUCE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, RBLOCK: tl.constexpr):
+        """split plan, launch 3: write one chunk with its sample's 1/w and NaN flag."""
+        pid = tl.program_id(0)
+        b = pid // C
+        inv_w = tl.load(inv_w_ptr + b)
+        keep = tl.load(sample_bad_ptr + b) == 0
         cols = (pid % C) * BLOCK + tl.arange(0, BLOCK)
         m = cols < N
         offs = b.to(tl.int64) * N + cols
@@ -246,30 +235,18 @@ if HAS_TRITON:
         f = tl.load(f_ptr + offs, mask=m, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC)
         loss, gr, gf, gx = _sid_terms(r, f, x, alpha, inv_w, grad_scale * inv_w)
-        tl.store(gr_ptr + offs, tl.where(keep, gr, 0.0).to(gr_ptr.dtype.element_ty), mask=m)
-        tl.store(gf_ptr + offs, tl.where(keep, gf, 0.0).to(gf_ptr.dtype.element_ty), mask=m)
-        tl.store(gx_ptr + offs, tl.where(keep, gx, 0.0).to(gx_ptr.dtype.element_ty), mask=m)
+        _store_grads(gr_ptr, gf_ptr, gx_ptr, offs, gr, gf, gx, keep, m)
         loss = tl.where(keep & m, loss, 0.0)
         if REDUCE:
             tl.store(part_ptr + pid, tl.sum(loss, 0))
-            finish_sum(part_ptr, counter_ptr, out_ptr, loss_scale, n_programs, n_programs, R_ITERS, RBLOCK)
+            finish_sum(part_ptr, counter_ptr, out_ptr, loss_scale, n_programs, n_programs, r_iters, RBLOCK)
         else:
-            tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=m)
+            tl.store(loss_ptr + offs, (loss * loss_scale).to(loss_ptr.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side: plan, launch, custom op
+# Host launch
 # ---------------------------------------------------------------------------------------------
-
-TILE_MAX_N = 8192      # samples up to this many features live in registers (tile plan)
-TILE_ELEMS = 4096      # elements per program in the tile plan (ROWS * BLOCK_N), when N is small
-LOOP_BYTES = 16384     # bytes per input and iteration in the loop plan (4096 float32, 8192 bfloat16)
-SPLIT_BLOCK = 2048     # elements per program in the split plan
-L2_FRACTION = 0.6      # share of L2 the loop plan's samples in flight may occupy
-
-#: Set to a dict like ``{"kind": "split", "BLOCK": 16}`` to force a plan (tests, tuning benchmarks).
-PLAN_OVERRIDE: dict | None = None
-
 
 def plan(B: int, N: int, elem_size: int, device: torch.device) -> dict:
     """Kernel plan and block sizes for a (B, N) problem, from shapes only (see the module docstring)."""
@@ -289,14 +266,11 @@ def plan(B: int, N: int, elem_size: int, device: torch.device) -> dict:
     return dict(kind="split", BLOCK=SPLIT_BLOCK)
 
 
-def _num_warps(elems: int, elem_size: int = 4) -> int:
-    """32 bytes per thread and input (8 float32 or 16 bfloat16 values), 4 to 32 warps."""
-    return max(4, min(32, elems * elem_size // 1024))
-
-
 def sid_loss_triton_impl(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float,
-                         normalize: bool, reduction: int, plan_: dict | None = None):
-    """Launch the Triton kernels; returns (loss, grad_real, grad_fake, grad_x) like the native op."""
+                         normalize: bool, reduction: int, scale: float = 1.0, plan_: dict | None = None,
+                         cache_counter: bool = True):
+    """Launch the Triton kernels; returns (scale * loss, grad_real, grad_fake, grad_x) with the gradients of
+    ``scale * loss`` (the native op's outputs for scale 1). ``cache_counter``: see ``backend.counter``."""
     r, f, x = common_dense_layout(y_real, y_fake, x_g)
     B = x.shape[0]
     N = x.numel() // B
@@ -306,57 +280,104 @@ def sid_loss_triton_impl(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.
     ldt = loss_dtype(x.dtype)
     reduce = reduction != 0
     loss = x.new_empty((), dtype=ldt) if reduce else empty_outputs_like(r, f, x, dtype=ldt)
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    grad_scale = 1.0 / B if reduction == 2 else 1.0
+    # the loss and the gradients are multiplied by scale, and divided by B for "batchmean"
+    factor = float(scale) / B if reduction == 2 else float(scale)
     p = plan_ or plan(B, N, x.element_size(), x.device)
-    counter = backend.counter(x.device)
-    common = dict(NORMALIZE=bool(normalize), REDUCE=reduce, ACC=acc)
-    if p["kind"] == "tile":
-        n_programs = backend.cdiv(B, p["ROWS"])
-        part = torch.empty(B, dtype=ldt, device=x.device)
-        _sid_tile_kernel[(n_programs,)](r, f, x, *grads, loss, part, counter, loss, B, N, alpha, grad_scale,
-                                        grad_scale, n_programs, ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"],
-                                        **backend.reduce_args(B), **common,
-                                        num_warps=p.get("num_warps",
-                                                        _num_warps(p["ROWS"] * p["BLOCK_N"], x.element_size())))
-    elif p["kind"] == "loop":
-        n_programs = min(B, p["PROGRAMS"])
-        part = torch.empty(B, dtype=ldt, device=x.device)
-        _sid_loop_kernel[(n_programs,)](r, f, x, *grads, loss, part, counter, loss, B, N, alpha, grad_scale,
-                                        grad_scale, n_programs, SAMPLE_ITERS=backend.cdiv(B, n_programs),
-                                        COL_ITERS=backend.cdiv(N, p["BLOCK"]), BLOCK=p["BLOCK"],
-                                        **backend.reduce_args(B), **common,
-                                        num_warps=p.get("num_warps", _num_warps(p["BLOCK"], x.element_size())))
-    elif p["kind"] == "split":
-        C = backend.cdiv(N, p["BLOCK"])
-        n_programs = B * C
-        abs_part = torch.empty(n_programs, dtype=ldt, device=x.device)
-        bad_part = torch.empty(n_programs, dtype=torch.int32, device=x.device)
-        num_warps = p.get("num_warps", _num_warps(p["BLOCK"], x.element_size()))
-        _sid_stats_kernel[(n_programs,)](r, f, x, abs_part, bad_part, N, C, BLOCK=p["BLOCK"], ACC=acc,
-                                         num_warps=num_warps)
-        part = torch.empty(n_programs, dtype=ldt, device=x.device)
-        cblock = min(1024, backend.next_pow2(max(C, 16)))
-        _sid_apply_kernel[(n_programs,)](r, f, x, *grads, loss, part, counter, loss, abs_part, bad_part, N, C,
-                                         alpha, grad_scale, grad_scale, n_programs, BLOCK=p["BLOCK"],
-                                         C_ITERS=backend.cdiv(C, cblock), CBLOCK=cblock,
-                                         **backend.reduce_args(n_programs), **common, num_warps=num_warps)
-    else:
-        raise ValueError(f"unknown sid_loss plan {p!r}")
+    acc = acc_type(x.dtype)
+    dev = x.device
+    with backend.device_guard(dev):
+        counter = backend.counter(dev, cached=cache_counter)
+        outs = (*grads, loss)
+        scalars = (alpha, factor, factor)  # alpha, grad_scale, loss_scale
+        if p["kind"] == "tile":
+            n_programs = backend.cdiv(B, p["ROWS"])
+            part = torch.empty(B, dtype=ldt, device=dev)
+            warps = p.get("num_warps", num_warps(p["ROWS"] * p["BLOCK_N"], x.element_size()))
+            _sid_tile_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, B, N, *scalars, n_programs,
+                                            reduce_iters(B), NORMALIZE=bool(normalize), REDUCE=reduce,
+                                            ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], ACC=acc, RBLOCK=RBLOCK,
+                                            num_warps=warps)
+        elif p["kind"] == "loop":
+            n_programs = min(B, p["PROGRAMS"])
+            part = torch.empty(B, dtype=ldt, device=dev)
+            warps = p.get("num_warps", num_warps(p["BLOCK"], x.element_size()))
+            sample_iters = loop_bound(backend.cdiv(B, n_programs))
+            col_iters = loop_bound(backend.cdiv(N, p["BLOCK"]))
+            _sid_loop_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, B, N, *scalars, n_programs,
+                                            sample_iters, col_iters, reduce_iters(B), NORMALIZE=bool(normalize),
+                                            REDUCE=reduce, BLOCK=p["BLOCK"], ACC=acc, RBLOCK=RBLOCK,
+                                            num_warps=warps)
+        elif p["kind"] == "split":
+            C = backend.cdiv(N, p["BLOCK"])
+            n_programs = B * C
+            warps = p.get("num_warps", num_warps(p["BLOCK"], x.element_size()))
+            abs_part = torch.empty(n_programs, dtype=ldt, device=dev)
+            bad_part = torch.empty(n_programs, dtype=torch.int32, device=dev)
+            _sid_stats_kernel[(n_programs,)](r, f, x, abs_part, bad_part, N, C, BLOCK=p["BLOCK"], ACC=acc,
+                                             num_warps=warps)
+            inv_w = torch.empty(B, dtype=ldt, device=dev)
+            sample_bad = torch.empty(B, dtype=torch.int32, device=dev)
+            _sid_sample_kernel[(B,)](abs_part, bad_part, inv_w, sample_bad, N, C,
+                                     loop_bound(backend.cdiv(C, CBLOCK)), NORMALIZE=bool(normalize),
+                                     CBLOCK=CBLOCK, ACC=acc, num_warps=4)
+            part = torch.empty(n_programs, dtype=ldt, device=dev)
+            _sid_apply_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, inv_w, sample_bad, N, C,
+                                             *scalars, n_programs, reduce_iters(n_programs), REDUCE=reduce,
+                                             BLOCK=p["BLOCK"], ACC=acc, RBLOCK=RBLOCK, num_warps=warps)
+        else:
+            raise ValueError(f"unknown sid_loss plan {p!r}")
     return (loss, *grads)
 
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (fake, autograd): the torch.compile route, and the native op's registration
+# ---------------------------------------------------------------------------------------------
+
+def sid_loss_fake(y_real, y_fake, x_g, alpha: float, normalize: bool, reduction: int, scale: float = 1.0):
+    """Shapes, dtypes and layouts of sid_loss's outputs, for FakeTensor tracing (torch.compile, export)."""
+    grads = tuple(empty_outputs_like(y_real, y_fake, x_g) for _ in range(3))
+    ldt = loss_dtype(x_g.dtype)
+    loss = empty_outputs_like(y_real, y_fake, x_g, dtype=ldt) if reduction == 0 else x_g.new_empty((), dtype=ldt)
+    return (loss, *grads)
+
+
+def sid_loss_setup_context(ctx, inputs, output):
+    _, grad_real, grad_fake, grad_x = output
+    ctx.save_for_backward(grad_real, grad_fake, grad_x)
+    ctx.mark_non_differentiable(grad_real, grad_fake, grad_x)
+    ctx.n_args = len(inputs) - 3
+
+
+def sid_loss_backward(ctx, grad_loss, *unused):
+    """Scale the gradients the forward pass computed: elementwise for "none", by a 0-dim tensor otherwise."""
+    return (*out_of_place(ctx.saved_tensors, grad_loss), *([None] * ctx.n_args))
+
+
+def register(op_name: str) -> None:
+    """Attach the shared fake and autograd formulas to an op with sid_loss's schema."""
+    torch.library.register_fake(op_name)(sid_loss_fake)
+    torch.library.register_autograd(op_name, sid_loss_backward, setup_context=sid_loss_setup_context)
+
+
+register("sidfast::sid_loss")
 
 if HAS_TRITON:
 
     @torch.library.custom_op("sidfast::sid_loss_triton", mutates_args=())
     def sid_loss_triton(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float,
-                        normalize: bool, reduction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor]:
-        """Triton sid_loss (CUDA, or CPU under TRITON_INTERPRET=1); same schema and outputs as sidfast::sid_loss."""
-        return sid_loss_triton_impl(y_real, y_fake, x_g, alpha, normalize, reduction)
+                        normalize: bool, reduction: int,
+                        scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Triton sid_loss (CUDA, or CPU under TRITON_INTERPRET=1): sidfast::sid_loss's outputs for
+        ``scale * loss``."""
+        return sid_loss_triton_impl(y_real, y_fake, x_g, alpha, normalize, reduction, scale,
+                                    cache_counter=False)
 
     register("sidfast::sid_loss_triton")
 
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function: the eager route
+# ---------------------------------------------------------------------------------------------
 
 class SiDLossFunction(torch.autograd.Function):
     """The loss of ``sidfast::sid_loss_triton`` with its gradients kept private, so that backward may scale
@@ -365,66 +386,37 @@ class SiDLossFunction(torch.autograd.Function):
     kernels directly (``backend.launch_or_op``)."""
 
     @staticmethod
-    def forward(ctx, y_real, y_fake, x_g, alpha: float, normalize: bool, reduction: int):
+    def forward(ctx, y_real, y_fake, x_g, alpha: float, normalize: bool, reduction: int, scale: float):
         run = backend.launch_or_op(torch.ops.sidfast.sid_loss_triton, sid_loss_triton_impl, y_real, y_fake, x_g)
-        loss, *grads = run(y_real, y_fake, x_g, alpha, normalize, reduction)
+        loss, *grads = run(y_real, y_fake, x_g, alpha, normalize, reduction, scale)
         ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (*scale_saved_grads(ctx, ctx.saved_tensors, grad_loss), None, None, None)
+        return (*scale_saved_grads(ctx, ctx.saved_tensors, grad_loss), None, None, None, None)
 
+
+# ---------------------------------------------------------------------------------------------
+# Public route
+# ---------------------------------------------------------------------------------------------
 
 def sid_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float, normalize: bool,
-             reduction: str) -> torch.Tensor:
-    """The differentiable loss; arguments are assumed validated (see ``sidfast.loss``).
+             reduction: str, scale: float = 1.0) -> torch.Tensor:
+    """``scale`` times the differentiable loss; arguments are assumed validated (see ``sidfast.loss``).
 
-    Dispatch: Triton op for CUDA tensors and for CPU tensors under TRITON_INTERPRET=1, the native op
-    for other CPU tensors and for CUDA tensors without triton when the extension was built with CUDA
-    (csrc/cuda/sid_loss.cu), the plain PyTorch reference elsewhere.
+    Dispatch: Triton op for CUDA tensors and for CPU tensors under TRITON_INTERPRET=1 (``scale`` folded
+    into the kernels), the native op for other CPU tensors and for CUDA tensors without triton when the
+    extension was built with CUDA (csrc/cuda/sid_loss.cu), the plain PyTorch reference elsewhere; these
+    two multiply by ``scale`` afterwards (autograd scales their gradients in backward).
     """
     code = REDUCTION_CODES[reduction]
     if backend.use_triton(x_g):
-        return SiDLossFunction.apply(y_real, y_fake, x_g, float(alpha), bool(normalize), code)
+        return SiDLossFunction.apply(y_real, y_fake, x_g, float(alpha), bool(normalize), code, float(scale))
     if x_g.device.type == "cpu" or (x_g.device.type == "cuda" and _native.WITH_CUDA):
-        return torch.ops.sidfast.sid_loss(y_real, y_fake, x_g, float(alpha), bool(normalize), code)[0]
-    if normalize:
-        return reference.sid_generator_loss(y_real, y_fake, x_g, alpha, reduction)
-    return reference.sid_generator_loss_eps(y_real, y_fake, x_g, alpha, reduction)
-
-
-def compile_specs() -> list[dict]:
-    """Representative kernel configurations for ``backend.compile_report`` (GPU compile checks)."""
-    specs = []
-    div = ("r_ptr", "f_ptr", "x_ptr", "gr_ptr", "gf_ptr", "gx_ptr", "loss_ptr", "N")
-    for dt in (torch.float32, torch.bfloat16, torch.float64):
-        t = "*" + backend.TRITON_TYPES[dt]
-        lt = "*fp64" if dt == torch.float64 else "*fp32"
-        acc = tl.float64 if dt == torch.float64 else tl.float32
-        io = dict(r_ptr=t, f_ptr=t, x_ptr=t, gr_ptr=t, gf_ptr=t, gx_ptr=t, loss_ptr=lt, part_ptr=lt,
-                  counter_ptr="*i32", out_ptr=lt, B="i32", N="i32", alpha="fp32", grad_scale="fp32",
-                  loss_scale="fp32", n_programs="i32")
-        for normalize in (True, False):
-            for reduce in (True, False):
-                flags = dict(NORMALIZE=normalize, REDUCE=reduce, ACC=acc, R_ITERS=1, RBLOCK=1024)
-                tag = f"{backend.TRITON_TYPES[dt]} normalize={normalize} reduce={reduce}"
-                for n in (16, 8192):
-                    p = plan(64, n, 4, torch.device("cpu"))
-                    specs.append(dict(name=f"sid tile N={n} {tag}", kernel=_sid_tile_kernel, args=io,
-                                      constexprs=dict(ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], **flags),
-                                      num_warps=_num_warps(p["ROWS"] * p["BLOCK_N"], dt.itemsize), divisible=div))
-                block = LOOP_BYTES // dt.itemsize
-                specs.append(dict(name=f"sid loop {tag}", kernel=_sid_loop_kernel, args=io,
-                                  constexprs=dict(SAMPLE_ITERS=2, COL_ITERS=65536 // block, BLOCK=block, **flags),
-                                  num_warps=_num_warps(block, dt.itemsize), divisible=div))
-                specs.append(dict(name=f"sid split-apply {tag}", kernel=_sid_apply_kernel,
-                                  args={**{k: v for k, v in io.items() if k != "B"}, "abs_ptr": lt, "bad_ptr": "*i32",
-                                        "C": "i32"},
-                                  constexprs=dict(BLOCK=SPLIT_BLOCK, C_ITERS=1, CBLOCK=32, **flags),
-                                  num_warps=_num_warps(SPLIT_BLOCK, dt.itemsize), divisible=div))
-        specs.append(dict(name=f"sid split-stats {backend.TRITON_TYPES[dt]}", kernel=_sid_stats_kernel,
-                          args=dict(r_ptr=t, f_ptr=t, x_ptr=t, abs_ptr=lt, bad_ptr="*i32", N="i32", C="i32"),
-                          constexprs=dict(BLOCK=SPLIT_BLOCK, ACC=acc), num_warps=_num_warps(SPLIT_BLOCK, dt.itemsize),
-                          divisible=div[:3] + ("N",)))
-    return specs
+        loss = torch.ops.sidfast.sid_loss(y_real, y_fake, x_g, float(alpha), bool(normalize), code)[0]
+    elif normalize:
+        loss = reference.sid_generator_loss(y_real, y_fake, x_g, alpha, reduction)
+    else:
+        loss = reference.sid_generator_loss_eps(y_real, y_fake, x_g, alpha, reduction)
+    return loss if scale == 1.0 else loss * scale

@@ -1,0 +1,72 @@
+"""Argument checks shared by the public losses and ops: each error names the argument at fault."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .reference import REDUCTIONS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensors(min_dim: int = 2, **named: torch.Tensor) -> None:
+    """Raise TypeError/ValueError naming the argument unless all tensors share shape, dtype and device."""
+    first_name = None
+    first = None
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dim() < min_dim:
+            raise ValueError(f"{name} must have shape (batch, *features) with rank >= {min_dim}, "
+                             f"got {tuple(t.shape)}")
+        if t.shape[0] == 0 or t.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+        if first is None:
+            first_name = name
+            first = t
+            continue
+        if t.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape "
+                             f"{tuple(first.shape)}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_real(name: str, value, positive: bool = False) -> float:
+    """A finite real number (bools refused); ``positive`` also refuses values <= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be finite{' and positive' if positive else ''}, got {value}")
+    return value
+
+
+def check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def per_sample(name: str, c, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample coefficient as a contiguous (B,) tensor on ``x``'s device: a number becomes a float32
+    tensor, a floating-point tensor with one entry per sample ((B,) or (B, 1, ..., 1)) is reshaped."""
+    B = x.shape[0]
+    if isinstance(c, numbers.Real) and not isinstance(c, bool):
+        return torch.full((B,), float(c), device=x.device, dtype=torch.float32)
+    if not isinstance(c, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape (B,) or a number, got {type(c).__name__}")
+    if not c.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {c.dtype}")
+    if c.numel() != B or (c.dim() > 1 and any(d != 1 for d in c.shape[1:])):
+        raise ValueError(f"{name} must have one entry per sample ({B}), got shape {tuple(c.shape)}")
+    if c.device != x.device:
+        raise ValueError(f"{name} is on {c.device} but the data is on {x.device}")
+    c = c.reshape(-1)
+    return c if c.is_contiguous() else c.contiguous()
