@@ -1,10 +1,10 @@
-"""The published SiD iteration, step by step in eager PyTorch (SPEC section 5): the baseline of bench_engine.py.
+"""The published SiD iteration, step by step in eager PyTorch (``docs/math.md``, "Published recipe"): the baseline of bench_engine.py.
 
 Three full networks of one architecture: the teacher (frozen, eval), the fake score and the one-step
 generator (copies of the teacher, dropout 0.13 active). One iteration:
-  (1) fake-score update on fresh generator samples, no gradient into G (SPEC section 4);
+  (1) fake-score update on fresh generator samples, no gradient into G ("Fake-score loss");
   (2) generator update with the SiD loss, gradients into G directly and through both score networks
-      (SPEC section 3), ``requires_grad`` of the fake score toggled off as the published loop does;
+      ("SiD generator loss"), ``requires_grad`` of the fake score toggled off as the published loop does;
   then the EMA of G. Adam lr 1e-5, betas (0, 0.999), eps 1e-8; loss scales 1 (fake) and 100 (G);
   gradients nan_to_num'ed before each step. ``precision="bf16"`` wraps the network calls in bf16
   autocast (fp32 weights and loss), the counterpart of the published fp16 mode.

@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- commands ----
 
 def _device(spec: str):
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     try:
         return resolve_device(spec)

@@ -167,6 +167,18 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
+    def split_batch(self, world: int) -> tuple[int, int, int]:
+        """(samples per process, samples per forward pass, micro-batches per update) over ``world`` processes."""
+        if self.batch % world:
+            raise ValueError(f"{self.option('batch')} ({self.batch}) must be divisible by the number of "
+                             f"processes ({world})")
+        per_process = self.batch // world
+        per_pass = min(self.batch_gpu or per_process, per_process)
+        if per_process % per_pass:
+            raise ValueError(f"{self.option('batch_gpu')} ({per_pass}) must divide the per-process batch "
+                             f"({per_process} = {self.option('batch')} {self.batch} / {world} processes)")
+        return per_process, per_pass, per_process // per_pass
+
     # ---- validation ----
     def validate(self) -> "TrainConfig":
         """Coerce types and check ranges; raises TypeError/ValueError naming the option. Returns self."""

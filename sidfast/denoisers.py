@@ -1,11 +1,11 @@
 """One denoiser interface for teacher, fake score and generator, with adapters for what users have.
 
 Every denoiser is an ``nn.Module`` called as ``forward(x, sigma, class_labels=None, **cond) -> x0_hat``
-in EDM / variance-exploding coordinates (SPEC section 1, a = 1, s = sigma): ``x = x0 + sigma * eps``,
+in EDM / variance-exploding coordinates (``docs/math.md``, "Forward process and schedules": a = 1, s = sigma): ``x = x0 + sigma * eps``,
 ``sigma`` a ``(B,)`` tensor (a number, a 0-d tensor or ``(B, 1, ..., 1)`` also accepted), the output
 the denoised estimate with the shape, dtype and device of ``x``.
 
-Adapters (SPEC section 2 conversions, via ``sidfast.predictions``):
+Adapters (the conversions of ``docs/math.md``, "Predictions", via ``sidfast.predictions``):
 
 - ``EDMDenoiser(net)``: any EDM-style module ``net(x, sigma, class_labels) -> x0`` (the published SiD
   teachers), called unchanged.
@@ -176,7 +176,7 @@ class MissingSchedulerConfig(FileNotFoundError):
 class DiffusersDenoiser(Denoiser):
     """A VP (DDPM) network in diffusers' calling convention, seen as an EDM denoiser.
 
-    VE -> VP (SPEC section 1): ``abar = 1 / (1 + sigma^2)``, ``a = sqrt(abar)``, ``s = a * sigma``,
+    VE -> VP (``docs/math.md``, "Forward process and schedules"): ``abar = 1 / (1 + sigma^2)``, ``a = sqrt(abar)``, ``s = a * sigma``,
     ``x_vp = a * x``; the timestep is the continuous ``t`` with ``alphas_cumprod[t] = abar``, found by
     linear interpolation in log-sigma between table entries (exact at the table's sigmas) and clamped to
     the table's range. The output (eps, v or x0) becomes ``x0_hat`` through ``predictions.to_x0``.
@@ -323,7 +323,7 @@ class FlowDenoiser(Denoiser):
     VE -> flow: ``t = sigma / (1 + sigma)``, ``x_flow = x / (1 + sigma)``; the model is called as
     ``model(x_flow, t * time_scale, **cond)`` (``time_arg`` names the time keyword for models whose second
     positional parameter is not the time, e.g. SD3's ``timestep``), ``.sample`` unwrapped if present, and
-    ``x0_hat = x_flow - t * pred`` (SPEC section 2, flow row).
+    ``x0_hat = x_flow - t * pred`` (``docs/math.md``, "Predictions", flow row).
     """
 
     def __init__(self, model, time_scale: float = 1000.0, time_arg: str | None = None, name: str | None = None):
@@ -458,7 +458,11 @@ def infer_num_classes(net) -> int:
 
 def format_labels(idx: torch.Tensor, num_classes: int, fmt: str) -> torch.Tensor:
     """Class indices ``idx`` (n,) as the network takes them: (n, K) one-hot float (EDM) or the indices."""
-    return nn.functional.one_hot(idx, num_classes).float() if fmt == "onehot" else idx
+    if fmt == "onehot":
+        return nn.functional.one_hot(idx, num_classes).float()
+    if fmt == "index":
+        return idx
+    raise ValueError(f"label_format must be 'onehot' or 'index', got {fmt!r}")
 
 
 def draw_labels(n: int, num_classes: int, fmt: str, device, generator: torch.Generator | None = None):

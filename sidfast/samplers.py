@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .denoisers import format_labels
 
 METHODS = ("heun", "euler")
 
@@ -92,23 +93,15 @@ def one_step_sample(generator, noise: torch.Tensor, sigma_init: float = 2.5,
     return generator(sigma_init * z, _sigma_batch(sigma_init, z, dtype), class_labels).to(noise.dtype)
 
 
-def class_labels_for(indices: torch.Tensor, num_classes: int, label_format: str = "onehot") -> torch.Tensor:
-    """Class indices (B,) in the network's label format: "onehot" (B, num_classes) float, or "index" (B,)."""
-    if label_format == "onehot":
-        return torch.nn.functional.one_hot(indices, num_classes).float()
-    if label_format == "index":
-        return indices
-    raise ValueError(f"label_format must be 'onehot' or 'index', got {label_format!r}")
-
-
 @torch.no_grad()
 def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: int = 18,
                   num_classes: int = 0, label_format: str = "onehot", class_label: int | None = None,
-                  seed: int = 0, batch: int = 256, device="cpu") -> torch.Tensor:
+                  seed: int = 0, batch: int = 256, device="cpu", sigma_min: float = 0.002,
+                  sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """``num`` samples (num, *shape) on the CPU, ``batch`` per network call.
 
     sigma_init: a SiD generator, sampled in one step (``one_step_sample``); None: a diffusion denoiser,
-        sampled with ``edm_sample`` (Heun, ``steps`` steps).
+        sampled with ``edm_sample`` (Heun, ``steps`` steps from sigma_max to sigma_min on the rho schedule).
     num_classes: 0 for an unconditional network; otherwise image i gets class ``class_label``, or i mod
         num_classes when class_label is None, in ``label_format`` ("onehot" or "index").
     The latents come from one CPU generator seeded with ``seed``, drawn batch after batch.
@@ -127,11 +120,11 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
         labels = None
         if num_classes:
             idx = torch.full((n,), class_label) if class_label is not None else torch.arange(start, start + n)
-            labels = class_labels_for(idx.to(device) % num_classes, num_classes, label_format)
+            labels = format_labels(idx.to(device) % num_classes, num_classes, label_format)
         if sigma_init is not None:
             x = one_step_sample(net, z, sigma_init, labels)
         else:
-            x = edm_sample(net, z, steps, class_labels=labels)
+            x = edm_sample(net, z, steps, sigma_min, sigma_max, rho, class_labels=labels)
         outs.append(x.cpu())
     return torch.cat(outs)
 
@@ -144,7 +137,7 @@ def from_checkpoint(path, teacher: str | None = None):
     """
     from . import checkpoint
     from .denoisers import as_denoiser
-    from .train import infer_image_shape, infer_num_classes
+    from .denoisers import infer_image_shape, infer_num_classes
 
     data = checkpoint.load_checkpoint(path, ("distill", "network"))
     if checkpoint.kind_of(data) == "distill":
@@ -161,5 +154,5 @@ def from_checkpoint(path, teacher: str | None = None):
     return net, {"shape": shape, "num_classes": infer_num_classes(net)}
 
 
-__all__ = ["edm_sample", "one_step_sample", "sample_images", "from_checkpoint", "class_labels_for",
+__all__ = ["edm_sample", "one_step_sample", "sample_images", "from_checkpoint",
            "num_evaluations", "METHODS"]

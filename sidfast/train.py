@@ -5,24 +5,12 @@ the fake score takes an EDM denoising step on fresh generator samples x_g = G(si
 without gradient ("Fake-score loss"); the generator takes a step on the SiD loss of new fresh samples, with
 gradients into its own parameters only ("SiD generator loss"); the EMA of the generator follows EDM's formula.
 Gradients are summed over ``batch_gpu`` micro-batches, scaled by loss_scale / batch, and nan_to_num'd.
-
-``distill(config, teacher, generator=None, fake=None, callbacks=(), architecture=None, log=print)``:
-``teacher``/``generator``/``fake`` are denoisers ``forward(x, sigma, class_labels=None) -> x0_hat`` in EDM
-coordinates, or anything ``sidfast.denoisers.as_denoiser`` wraps; generator and fake score default to
-copies of the teacher, which is frozen in place. ``callbacks``: ``cb(state) -> bool | None`` after every
-iteration (keys: iteration, nimg, loss_g, loss_fake, generator, generator_ema, fake, teacher, rank,
-world_size); True stops the run like a signal does. ``architecture``: ``{"builder": "module:function",
-"config": {...}}`` that rebuilds the generator for ``sidfast sample``. ``log``: where rank 0's lines go
-(None: silent).
-
-Plumbing lives elsewhere: devices, processes, seeds, signals and the console in ``sidfast.runtime``; the
-checkpoint format in ``sidfast.checkpoint`` (``save_distill``/``load_distill``); network introspection in
-``sidfast.denoisers``. A resumed CPU run reproduces the uninterrupted one bitwise.
+Plumbing lives in ``runtime`` (devices, processes, seeds, signals, console), ``networks`` (the three networks),
+``checkpoint`` (``save_distill``/``load_distill``) and ``updates`` (EMA, gradient sanitizing).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import time
@@ -36,44 +24,13 @@ from torch import nn
 from . import reference, runtime
 from .checkpoint import load_checkpoint, load_distill, save_distill, teacher_reference
 from .config import CHECKPOINT_NAME, PRECISIONS, TrainConfig
-from .denoisers import (DiffusersDenoiser, as_denoiser, draw_labels, format_labels, infer_image_shape,
-                        infer_num_classes)
-from .lora import LoRAFakeScore
+from .denoisers import draw_labels
 from .loss import fake_score_loss, sid_generator_loss
+from .networks import build_networks
+from .report import save_grid
 from .runtime import resolve_device, seed_everything
 from .schedules import broadcast
-
-
-def ema_beta(nimg: int, batch: int, halflife_kimg: float, rampup_ratio: float | None) -> float:
-    """EDM's EMA decay per iteration (Karras et al. 2022, training_loop.py): a half-life in images,
-    ramped up."""
-    halflife = halflife_kimg * 1000
-    if rampup_ratio is not None:
-        halflife = min(halflife, nimg * rampup_ratio)
-    return 0.5 ** (batch / max(halflife, 1e-8))
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
-    """ema <- net + beta * (ema - net) for parameters (published arithmetic: ``net.lerp(ema, beta)``, here as
-    multi-tensor kernels); buffers copied."""
-    ema_params = list(ema.parameters())
-    net_params = [p.detach() for p in net.parameters()]
-    if ema_params:
-        torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
-    for ema_buffer, buffer in zip(ema.buffers(), net.buffers()):
-        ema_buffer.copy_(buffer)
-
-
-def _nan_to_num_(tensors: list) -> None:
-    for t in tensors:
-        torch.nan_to_num(t, nan=0.0, posinf=1e5, neginf=-1e5, out=t)
-
-
-def sanitize_grads(params, kernel: Callable | None = None) -> None:
-    """Published: grad <- nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5), in place. ``kernel``: the same
-    operation compiled (``torch.compile(_nan_to_num_)``: a few fused kernels instead of one per parameter)."""
-    (kernel or _nan_to_num_)([p.grad for p in params if p.grad is not None])
+from .updates import _nan_to_num_, ema_beta, sanitize_grads, update_ema
 
 
 @dataclass
@@ -113,9 +70,17 @@ class _Trainer:
                              f"afresh, or choose another {cfg.option('run_dir')}")
         # read before any network is touched, so that a bad file costs nothing
         self.state = load_checkpoint(self.resume_path, "distill") if self.resume_path else None
-        self._build_networks(teacher, generator, fake)
-        self._read_data_shape()
-        self._split_batch()
+        nets = build_networks(cfg, teacher, generator, fake, self.device)
+        self.teacher = nets.teacher
+        self.generator = nets.generator
+        self.generator_ema = nets.generator_ema
+        self.fake = nets.fake
+        self.image_shape = nets.image_shape
+        self.num_classes = nets.num_classes
+        self.label_format = nets.label_format
+        self.g_params = nets.trainable(self.generator)
+        self.fake_params = nets.trainable(self.fake)
+        self.batch_rank, self.batch_gpu, self.rounds = cfg.split_batch(self.dist.world)
 
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA
         adam = dict(betas=cfg.betas, eps=cfg.optimizer_eps, **fused)
@@ -128,59 +93,6 @@ class _Trainer:
             self.iteration, self.nimg = load_distill(self.state, self.resume_path, cfg, self.networks(),
                                                      self.optimizers(), self.dist, self.device)
         self._wrap_networks()
-
-    def _build_networks(self, teacher, generator, fake) -> None:
-        """Teacher frozen in eval; generator and fake score trainable (copies of the teacher by default)."""
-        cfg = self.cfg
-        self.teacher = as_denoiser(teacher, name="teacher").to(self.device).eval().requires_grad_(False)
-        gen = copy.deepcopy(self.teacher) if generator is None else as_denoiser(generator, name="generator")
-        if gen.name == "teacher":
-            gen.name = "generator"
-        self.generator = gen.to(self.device).train().requires_grad_(True)
-        if cfg.fake_score == "lora":
-            if fake is not None:
-                raise ValueError(f"{cfg.option('fake_score')} lora builds the fake score from the teacher's "
-                                 f"weights; pass no fake network or use {cfg.option('fake_score')} full")
-            # the teacher's own frozen weights plus trainable low-rank updates (sidfast.lora): no network copy
-            self.fake = LoRAFakeScore(self.teacher, rank=cfg.lora_rank).train()
-        else:
-            score = copy.deepcopy(self.teacher) if fake is None else as_denoiser(fake, name="fake score")
-            if score.name == "teacher":
-                score.name = "fake score"
-            self.fake = score.to(self.device).train().requires_grad_(True)
-        for net, name in ((self.generator, "generator"), (self.fake, "fake score")):
-            if not any(p.requires_grad for p in net.parameters()):
-                raise ValueError(f"the {name} has no parameters to train")
-        self.generator_ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
-        self.g_params = [p for p in self.generator.parameters() if p.requires_grad]
-        self.fake_params = [p for p in self.fake.parameters() if p.requires_grad]
-
-    def _read_data_shape(self) -> None:
-        cfg = self.cfg
-        shape = cfg.image_shape or infer_image_shape(self.teacher) or infer_image_shape(self.generator)
-        if shape is None:
-            raise ValueError("cannot determine the image shape from the teacher (no image_shape, "
-                             "img_resolution or diffusers sample_size); pass "
-                             f"{cfg.option('image_shape')} C H W")
-        self.image_shape = tuple(shape)
-        self.num_classes = cfg.num_classes if cfg.num_classes is not None else infer_num_classes(self.teacher)
-        self.label_format = cfg.label_format
-        if self.label_format == "auto":
-            self.label_format = "index" if isinstance(self.teacher, DiffusersDenoiser) else "onehot"
-
-    def _split_batch(self) -> None:
-        cfg = self.cfg
-        world = self.dist.world
-        if cfg.batch % world:
-            raise ValueError(f"{cfg.option('batch')} ({cfg.batch}) must be divisible by the number of "
-                             f"processes ({world})")
-        self.batch_rank = cfg.batch // world
-        self.batch_gpu = min(cfg.batch_gpu or self.batch_rank, self.batch_rank)
-        if self.batch_rank % self.batch_gpu:
-            raise ValueError(f"{cfg.option('batch_gpu')} ({self.batch_gpu}) must divide the per-process "
-                             f"batch ({self.batch_rank} = {cfg.option('batch')} {cfg.batch} / {world} "
-                             "processes)")
-        self.rounds = self.batch_rank // self.batch_gpu
 
     def _wrap_networks(self) -> None:
         """The score engine, DDP wrappers and torch.compile around the networks the optimizers update."""
@@ -307,42 +219,39 @@ class _Trainer:
         asked = [bool(cb(state)) for cb in self.callbacks]  # every callback runs
         return "callback" if any(asked) else None
 
-    # ---- sample grids (rank 0) ----
-    def _grid_inputs(self):
-        n = self.cfg.grid_size
-        grid_rng = torch.Generator().manual_seed(self.cfg.seed + 20240)  # the same latents in every grid
-        z = torch.randn((n, *self.image_shape), generator=grid_rng)
-        labels = None
-        if self.num_classes:
-            labels = format_labels(torch.arange(n) % self.num_classes, self.num_classes, self.label_format)
-            labels = labels.to(self.device)
-        return z.to(self.device), labels
+    # ---- sample grids (rank 0): the same latents and labels in every grid ----
+    def _grid(self, net, one_step: bool):
+        from .samplers import sample_images
+
+        cfg = self.cfg
+        return sample_images(net, cfg.grid_size, self.image_shape, cfg.sigma_init if one_step else None,
+                             1 if one_step else cfg.teacher_steps, self.num_classes, self.label_format,
+                             seed=cfg.seed + 20240,
+                             batch=cfg.grid_size, device=self.device, sigma_min=cfg.sigma_min,
+                             sigma_max=cfg.sigma_max, rho=cfg.rho)
 
     def write_student_grid(self, name: str) -> None:
         if self.rank0 and self.cfg.grid_size:
-            from .report import save_grid
-            from .samplers import one_step_sample
-
-            z, labels = self._grid_inputs()
-            x = one_step_sample(self.generator_ema, z, self.cfg.sigma_init, labels)
-            save_grid(x, self.run_dir / name)
+            save_grid(self._grid(self.generator_ema, one_step=True), self.run_dir / name)
 
     def write_teacher_grid(self) -> None:
-        cfg = self.cfg
         path = self.run_dir / "teacher.png"
-        if self.rank0 and cfg.grid_size and cfg.teacher_steps and not path.exists():
-            from .report import save_grid
-            from .samplers import edm_sample
-
-            z, labels = self._grid_inputs()
-            x = edm_sample(self.teacher, z, cfg.teacher_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho,
-                           class_labels=labels)
-            save_grid(x, path)
+        if self.rank0 and self.cfg.grid_size and self.cfg.teacher_steps and not path.exists():
+            save_grid(self._grid(self.teacher, one_step=False), path)
 
 
 def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(),
             architecture: dict | None = None, log: Callable[[str], None] | None = print) -> DistillResult:
-    """Run SiD from ``teacher``; see the module docstring for the arguments."""
+    """Run SiD from ``teacher``; a resumed CPU run reproduces the uninterrupted one bitwise.
+
+    ``teacher``/``generator``/``fake``: denoisers ``forward(x, sigma, class_labels=None) -> x0_hat`` in EDM
+    coordinates, or anything ``sidfast.denoisers.as_denoiser`` wraps; generator and fake score default to
+    copies of the teacher, which is frozen in place. ``callbacks``: ``cb(state) -> bool | None`` after every
+    iteration (keys: iteration, nimg, loss_g, loss_fake, generator, generator_ema, fake, teacher, rank,
+    world_size); True stops the run like a signal does. ``architecture``: ``{"builder": "module:function",
+    "config": {...}}`` that rebuilds the generator for ``sidfast sample``. ``log``: where rank 0's lines go
+    (None: silent).
+    """
     from .report import MetricsLog, plot_losses, read_metrics, summary_table
 
     if not isinstance(config, TrainConfig):

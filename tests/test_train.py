@@ -12,7 +12,8 @@ from torch import nn
 from published import published_generator_loss
 from sidfast import reference
 from sidfast.checkpoint import CheckpointError, load_checkpoint
-from sidfast.train import (TrainConfig, distill, ema_beta, sanitize_grads, seed_everything)
+from sidfast.runtime import seed_everything
+from sidfast.train import TrainConfig, distill, ema_beta, sanitize_grads
 
 SHAPE = (1, 4, 4)
 
@@ -510,7 +511,7 @@ def test_image_shape_must_be_known(tmp_path):
 
 
 def test_device_errors():
-    from sidfast.train import resolve_device
+    from sidfast.runtime import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="not a device name"):

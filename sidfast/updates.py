@@ -1,0 +1,43 @@
+"""The parameter updates of the published SiD loop besides Adam: the generator's EMA (Karras et al. 2022,
+EDM) and nan_to_num of the gradients (``docs/math.md``, "Published recipe")."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def ema_beta(nimg: int, batch: int, halflife_kimg: float, rampup_ratio: float | None) -> float:
+    """EDM's EMA decay per iteration (Karras et al. 2022, training_loop.py): a half-life in images,
+    ramped up."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
+    """ema <- net + beta * (ema - net) for parameters (published arithmetic: ``net.lerp(ema, beta)``, here as
+    multi-tensor kernels); buffers copied."""
+    ema_params = list(ema.parameters())
+    net_params = [p.detach() for p in net.parameters()]
+    if ema_params:
+        torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
+    for ema_buffer, buffer in zip(ema.buffers(), net.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def _nan_to_num_(tensors: list) -> None:
+    for t in tensors:
+        torch.nan_to_num(t, nan=0.0, posinf=1e5, neginf=-1e5, out=t)
+
+
+def sanitize_grads(params, kernel: Callable | None = None) -> None:
+    """Published: grad <- nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5), in place. ``kernel``: the same
+    operation compiled (``torch.compile(_nan_to_num_)``: a few fused kernels instead of one per parameter)."""
+    (kernel or _nan_to_num_)([p.grad for p in params if p.grad is not None])
+
+
+__all__ = ["ema_beta", "update_ema", "sanitize_grads"]
