@@ -1,4 +1,5 @@
-"""The published SiD iteration, step by step in eager PyTorch (``docs/math.md``, "Published recipe"): the baseline of bench_engine.py.
+"""The published SiD iteration, step by step in eager PyTorch (``docs/math.md``, "Published recipe"):
+the baseline of bench_engine.py.
 
 Three full networks of one architecture: the teacher (frozen, eval), the fake score and the one-step
 generator (copies of the teacher, dropout 0.13 active). One iteration:
