@@ -54,19 +54,24 @@ def check_reduction(reduction) -> str:
     return reduction
 
 
-def per_sample(name: str, c, x: torch.Tensor) -> torch.Tensor:
-    """A per-sample coefficient as a contiguous (B,) tensor on ``x``'s device: a number becomes a float32
-    tensor, a floating-point tensor with one entry per sample ((B,) or (B, 1, ..., 1)) is reshaped."""
+def per_sample(name: str, c, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A per-sample coefficient as a contiguous (B,) tensor on ``x``'s device: a number becomes a tensor of
+    ``dtype`` (default float32), a floating-point tensor with one entry per sample ((B,) or (B, 1, ..., 1))
+    is reshaped, a 0-d tensor is the same value for every sample; tensors are cast to ``dtype`` when given."""
     B = x.shape[0]
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
-        return torch.full((B,), float(c), device=x.device, dtype=torch.float32)
+        return torch.full((B,), float(c), device=x.device, dtype=dtype or torch.float32)
     if not isinstance(c, torch.Tensor):
         raise TypeError(f"{name} must be a tensor of shape (B,) or a number, got {type(c).__name__}")
     if not c.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {c.dtype}")
-    if c.numel() != B or (c.dim() > 1 and any(d != 1 for d in c.shape[1:])):
-        raise ValueError(f"{name} must have one entry per sample ({B}), got shape {tuple(c.shape)}")
     if c.device != x.device:
         raise ValueError(f"{name} is on {c.device} but the data is on {x.device}")
+    if c.dim() == 0:
+        c = c.expand(B)
+    if c.numel() != B or (c.dim() > 1 and any(d != 1 for d in c.shape[1:])):
+        raise ValueError(f"{name} must have one entry per sample ({B}), got shape {tuple(c.shape)}")
     c = c.reshape(-1)
+    if dtype is not None:
+        c = c.to(dtype)
     return c if c.is_contiguous() else c.contiguous()

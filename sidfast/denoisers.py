@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from . import predictions
+from ._checks import per_sample
 from .checkpoint import import_entry_point
-from .schedules import VPSchedule
+from .schedules import VPSchedule, broadcast
 
 
 def _name_of(net) -> str:
@@ -40,21 +41,7 @@ def sigma_per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
 
     Accepts a real number, a 0-d tensor, a ``(B,)`` tensor or one of shape ``(B, 1, ..., 1)``.
     """
-    acc = torch.promote_types(x.dtype, torch.float32)
-    if isinstance(sigma, numbers.Real) and not isinstance(sigma, bool):
-        return torch.full((x.shape[0],), float(sigma), dtype=acc, device=x.device)
-    if not isinstance(sigma, torch.Tensor):
-        raise TypeError(f"sigma must be a tensor of shape (B,) or a number, got {type(sigma).__name__}")
-    if not sigma.is_floating_point():
-        raise TypeError(f"sigma must be floating point, got {sigma.dtype}")
-    if sigma.device != x.device:
-        raise ValueError(f"sigma is on {sigma.device} but x is on {x.device}")
-    if sigma.dim() == 0:
-        return sigma.to(acc).expand(x.shape[0])
-    if sigma.shape[0] != x.shape[0] or any(d != 1 for d in sigma.shape[1:]):
-        raise ValueError(f"sigma must have shape (B,) or (B, 1, ..., 1) with B = {x.shape[0]}, "
-                         f"got {tuple(sigma.shape)}")
-    return sigma.reshape(x.shape[0]).to(acc)
+    return per_sample("sigma", sigma, x, dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def _autocast_dtype(device: torch.device):
@@ -306,7 +293,7 @@ class DiffusersDenoiser(Denoiser):
         sig = sigma_per_sample(sigma, x)
         a = torch.rsqrt(1 + sig * sig)  # sqrt(abar), abar = 1 / (1 + sigma^2)
         s = a * sig  # sqrt(1 - abar)
-        x_vp = x * a.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        x_vp = x * broadcast(a, x).to(x.dtype)
         if class_labels is not None:
             cond = dict(cond, class_labels=class_labels)
         out = _unwrap(self.unet(x_vp, self.timesteps(sig), **cond))
@@ -346,7 +333,7 @@ class FlowDenoiser(Denoiser):
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
         sig = sigma_per_sample(sigma, x)
         t = sig / (1 + sig)
-        x_flow = x / (1 + sig).reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        x_flow = x / broadcast(1 + sig, x).to(x.dtype)
         if class_labels is not None:
             cond = dict(cond, class_labels=class_labels)
         time = t * self.time_scale
