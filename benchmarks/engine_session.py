@@ -8,7 +8,8 @@ Each (batch, variant) of ``--plan`` runs in its own process. All start at once a
 cores). Once every variant is warm, has failed, or has run out of compile time (the budget less a few
 seconds per entry), each process in ``--plan`` order times its iterations alone on an idle machine
 (bench_engine.time_iterations) and exits, so that host times are not inflated by another process's
-compilation and the last variants (batch 256) find the memory of the earlier ones freed. Every entry of the plan gets a row in ``<out>.jsonl`` as soon as it is known, a
+compilation and the last variants (batch 256) find the memory of the earlier ones freed. Every entry
+of the plan gets a row in ``<out>.jsonl`` as soon as it is known, a
 measurement or the reason there is none (``error``: OOM, the exception, "compile + warmup over N s",
 "out of time"), and the table ``<out>.md`` is rewritten after each row.
 """
@@ -89,7 +90,8 @@ class Variant:
         self.batch = batch
         self.variant = variant
         self.row = dict(variant=variant, config=args.config, batch=batch)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--variant", variant, "--batch", str(batch),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--variant", variant,
+               "--batch", str(batch),
                "--config", args.config, "--device", args.device, "--iters", str(args.iters),
                "--warmup", str(args.warmup)] + (["--no-compile"] if args.no_compile else []) + \
             (["--tf32"] if args.tf32 else [])
@@ -97,7 +99,8 @@ class Variant:
         self.log_path = log_dir / f"engine-{args.config}-{batch}-{variant}.log"
         self.log = open(self.log_path, "w")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
