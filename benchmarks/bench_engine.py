@@ -76,44 +76,67 @@ def measure(variant: str, config: str, batch: int, device, iters: int = 10, warm
             compile: bool = True) -> dict:
     """images/s and peak memory of ``iters`` iterations after ``warmup`` (compilation and capture excluded)."""
     device = torch.device(device)
+    row = dict(variant=variant, config=config, batch=batch)
+    runner = None
+    try:
+        runner = prepare(row, device, warmup, compile)
+        time_iterations(runner, row, device, iters)
+    except Exception as exc:  # one failing variant must not lose the other rows of a run
+        record_error(row, exc)
+    finally:
+        del runner
+        release(device)
+    return row
+
+
+def prepare(row: dict, device, warmup: int = 3, compile: bool = True):
+    """The runner of ``row``'s variant, config and batch, after ``warmup`` iterations (compilation and graph
+    capture); their time goes to ``row["warmup_s"]``."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    row = dict(variant=variant, config=config, batch=batch)
-    runner = None
-    try:
-        t0 = time.perf_counter()
-        runner = make_runner(variant, config, batch, device, compile)
-        for _ in range(warmup):
-            runner.step()
-        _sync(device)
-        row["warmup_s"] = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            runner.step()
-        _sync(device)
-        dt = (time.perf_counter() - t0) / iters
-        row.update(ms_per_iter=dt * 1e3, images_per_s=batch / dt)
-        if device.type == "cuda":
-            row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-            row.update(host_vs_gpu(runner, device, iters))
-    except torch.OutOfMemoryError:
-        row["error"] = "OOM"
-    except Exception as exc:  # one failing variant must not lose the other rows of a run
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        import traceback
+    t0 = time.perf_counter()
+    runner = make_runner(row["variant"], row["config"], row["batch"], device, compile)
+    for _ in range(warmup):
+        runner.step()
+    _sync(device)
+    row["warmup_s"] = time.perf_counter() - t0
+    return runner
 
-        traceback.print_exc()
-    finally:
-        del runner
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        torch._dynamo.reset()
-    return row
+
+def time_iterations(runner, row: dict, device, iters: int = 10) -> None:
+    """ms per iteration, images/s, peak memory and host vs GPU time of ``iters`` iterations, into ``row``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        runner.step()
+    _sync(device)
+    dt = (time.perf_counter() - t0) / iters
+    row.update(ms_per_iter=dt * 1e3, images_per_s=row["batch"] / dt)
+    if device.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        row.update(host_vs_gpu(runner, device, iters))
+
+
+def record_error(row: dict, exc: BaseException) -> None:
+    """``row["error"]``: "OOM", or the exception's type and first line (the traceback goes to stderr)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        row["error"] = "OOM"
+        return
+    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    import traceback
+
+    traceback.print_exception(exc)
+
+
+def release(device) -> None:
+    """Free what a finished variant left behind (cached blocks, compiled code)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
 
 
 def host_vs_gpu(runner, device, iters: int) -> dict:
@@ -138,18 +161,19 @@ def render(rows: list[dict], device_name: str) -> str:
     lines = [f"# SiD iteration: sidfast engine vs the published loop ({device_name})", "",
              "images/s = generator images per iteration / iteration time (fake-score update + generator update + "
              "EMA); peak = torch.cuda.max_memory_allocated over the timed iterations; host ms = host time to issue "
-             "one iteration from an idle GPU, GPU ms = that iteration's CUDA-event time (medians).", ""]
+             "one iteration from an idle GPU, GPU ms = that iteration's CUDA-event time (medians); host/GPU above "
+             "about 20% at batch 16..64 is where a native capture-and-replay executor would pay.", ""]
     for config in dict.fromkeys(r["config"] for r in rows):
         lines += [f"## {config}", "",
-                  "| batch | variant | images/s | peak GiB | vs published-fp32 | vs published-bf16 | host ms | GPU ms |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| batch | variant | images/s | peak GiB | vs published-fp32 | vs published-bf16 | host ms | GPU ms "
+                  "| host/GPU |", "|---|---|---|---|---|---|---|---|---|"]
         for batch in sorted({r["batch"] for r in rows if r["config"] == config}):
             sel = {r["variant"]: r for r in rows if r["config"] == config and r["batch"] == batch}
             base32 = sel.get("published-fp32", {}).get("images_per_s")
             base16 = sel.get("published-bf16", {}).get("images_per_s")
             for variant, r in sel.items():
                 if "error" in r:
-                    lines.append(f"| {batch} | {variant} | {r['error']} | - | - | - | - | - |")
+                    lines.append(f"| {batch} | {variant} | {r['error']} | - | - | - | - | - | - |")
                     continue
                 ips = r["images_per_s"]
                 peak = f"{r['peak_mib'] / 1024:.2f}" if "peak_mib" in r else "-"
@@ -157,7 +181,8 @@ def render(rows: list[dict], device_name: str) -> str:
                 s16 = f"{ips / base16:.2f}x" if base16 else "-"
                 host = f"{r['host_ms']:.2f}" if "host_ms" in r else "-"
                 gpu = f"{r['gpu_ms']:.2f}" if "gpu_ms" in r else "-"
-                lines.append(f"| {batch} | {variant} | {ips:.1f} | {peak} | {s32} | {s16} | {host} | {gpu} |")
+                ratio = f"{r['host_ms'] / r['gpu_ms']:.0%}" if r.get("gpu_ms") and "host_ms" in r else "-"
+                lines.append(f"| {batch} | {variant} | {ips:.1f} | {peak} | {s32} | {s16} | {host} | {gpu} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 
