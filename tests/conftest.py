@@ -5,6 +5,8 @@ Triton's interpreter runs sidfast's Triton kernels on CPU tensors (sidfast/ops/b
 set here, before pytest imports any test module. Machines with a CUDA device run the compiled kernels.
 Consequence: in a CPU-only test session, sidfast's public losses route CPU tensors through the
 Triton kernels (interpreted); tests of the native C++ route use the ``native_cpu_route`` fixture.
+
+Shared helpers (device, markers such as ``requires_cuda``, test networks, tolerances) live in utils.py.
 """
 import os
 
@@ -47,11 +49,3 @@ def native_cpu_route(monkeypatch):
     triton_route = backend.use_triton
     monkeypatch.setattr(backend, "use_triton", lambda t: t.device.type != "cpu" and triton_route(t))
 
-
-def pytest_collection_modifyitems(config, items):
-    """Mark the GPU-only tests (those skipped for want of a CUDA device) ``gpu``, so that on a GPU machine
-    ``pytest tests -m gpu`` runs exactly them."""
-    for item in items:
-        if any(str(m.kwargs.get("reason", "")).startswith("needs a ") and
-               any(w in str(m.kwargs.get("reason", "")) for w in ("CUDA", "GPU")) for m in item.iter_markers("skipif")):
-            item.add_marker(pytest.mark.gpu)

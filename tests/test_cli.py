@@ -15,6 +15,7 @@ import torch
 
 from sidfast import cli
 from sidfast.checkpoint import load_checkpoint
+from utils import tiny_diffusers_unet
 
 TESTS = os.path.dirname(__file__)
 SMALL = ["--iterations", "2", "--batch", "4", "--log-every", "1", "--grid-size", "4", "--teacher-steps", "2",
@@ -130,11 +131,7 @@ def test_train_teacher_then_distill_then_sample(tmp_path, capsys):
 
 def _tiny_diffusers_dir(path, scheduler="ddpm"):
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+    unet = tiny_diffusers_unet()
     if scheduler == "ddpm":
         sched = diffusers.DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
         diffusers.DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)

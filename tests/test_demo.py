@@ -18,6 +18,7 @@ from sidfast.demo.digits import IMAGE_SHAPE, load_digits_tensors, split
 from sidfast.demo.frechet import feature_statistics, frechet_distance, frechet_distance_features
 from sidfast.demo.nets import DigitsDenoiser, build_denoiser
 from sidfast.demo.teacher import TeacherConfig, train_teacher
+from utils import requires_cuda
 
 
 # ---- data ----
@@ -291,7 +292,7 @@ def test_demo_bad_arguments(tmp_path):
         run_mod.run_demo(out_dir=tmp_path, device="tpu", log=None)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 def test_demo_uses_the_gpu(tmp_path, classifier_cache):
     cfg = run_mod.demo_config(True)
     cfg.teacher.iterations, cfg.sid = 50, {**cfg.sid, "iterations": 5}

@@ -13,14 +13,13 @@ import torch
 from torch import nn
 
 import sidfast
-from nets import SmallUNet, randomize_lora
 from sidfast import reference as R
 from sidfast.denoisers import EDMDenoiser
 from sidfast.engine import ScoreEngine
 from sidfast.lora import LoRAFakeScore, LoRALayer, merge_lora
+from utils import SmallUNet, randomize_lora, requires_cuda, tiny_diffusers_unet
 
 RTOL = 1e-5
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _close(actual, expected, rtol=RTOL):
@@ -298,15 +297,10 @@ def test_channels_last_gives_the_same_result(mode):
 
 
 def test_diffusers_teacher_in_both_modes():
-    diffusers = pytest.importorskip("diffusers")
     from sidfast.denoisers import DiffusersDenoiser
     from sidfast.schedules import VPSchedule
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    unet = tiny_diffusers_unet()
     teacher = DiffusersDenoiser(unet, VPSchedule.linear(), "eps")
     x, noise, sigma = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([0.3, 3.0])
     for mode in ("full", "lora"):
@@ -698,7 +692,7 @@ def _gpu_pair(mode, device="cuda", **kw):
     return engine, eager, G, z, noise, sigma
 
 
-@cuda
+@requires_cuda
 @torch_compile_warnings
 @pytest.mark.parametrize("compile_", [False, True])
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -728,7 +722,7 @@ def test_graphs_equal_eager_and_replay_sees_weight_updates(mode, compile_):
     assert any(k[0] == "generator" for k in engine._graphs) and any(k[0] == "fake" for k in engine._graphs)
 
 
-@cuda
+@requires_cuda
 def test_graphs_batch_size_change_recaptures_or_raises():
     engine, G, z, noise, sigma = _setup("full", device="cuda", batch=4)
     x = G(z).detach().requires_grad_()
@@ -741,7 +735,7 @@ def test_graphs_batch_size_change_recaptures_or_raises():
         strict.generator_terms(x[:2], sigma[:2], None, noise[:2])
 
 
-@cuda
+@requires_cuda
 def test_graphs_with_bf16_autocast_and_channels_last():
     engine, eager, G, z, noise, sigma = _gpu_pair("lora", amp_dtype=torch.bfloat16, channels_last=True)
     eager.amp_dtype = torch.bfloat16
@@ -757,7 +751,7 @@ def test_graphs_with_bf16_autocast_and_channels_last():
         _close(a, b, 3e-2)
 
 
-@cuda
+@requires_cuda
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_shared_pool_iterations_equal_eager(mode):
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -780,7 +774,7 @@ def test_shared_pool_iterations_equal_eager(mode):
             _close(a, b, 1e-3)
 
 
-@cuda
+@requires_cuda
 def test_graph_replays_draw_fresh_dropout_masks():
     engine, G, z, noise, sigma = _setup("full", device="cuda", dropout=0.3)
     engine.fake.train()

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from nets import SmallUNet, randomize_lora
 from sidfast.denoisers import EDMDenoiser
 from sidfast.lora import (LoRAConv2d, LoRAFakeScore, LoRALayer, LoRALinear, add_lora, lora_layers,
                           lora_parameters, lora_state_dict, merge_lora, set_lora_mode)
 from sidfast.views import frozen_view, same_storage, shares_storage
+from utils import SmallUNet, randomize_lora, tiny_diffusers_unet
 
 RTOL = 1e-5
 
@@ -236,15 +236,10 @@ def test_lora_fake_score_keeps_the_shared_base_in_eval():
 
 def test_lora_on_a_diffusers_unet_split_equals_teacher_and_merged():
     """diffusers' U-Net layers are batch-first, so the split evaluation is exact there too."""
-    diffusers = pytest.importorskip("diffusers")
     from sidfast.denoisers import DiffusersDenoiser
     from sidfast.schedules import VPSchedule
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    unet = tiny_diffusers_unet()
     teacher = DiffusersDenoiser(unet, VPSchedule.linear(), "eps").eval()
     fake = randomize_lora(add_lora(teacher, rank=4))
     split = set_lora_mode(frozen_view(fake), "split")

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 from tracing import RecordingBackend
+from utils import DEVICE, requires_cuda, triton_route
 
 import sidfast
 from sidfast import reference
@@ -13,10 +14,6 @@ from sidfast.ops import fake_score_loss as F
 from sidfast.ops import noise as Nz
 from sidfast.schedules import EDMSchedule, FlowSchedule, VPSchedule
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-triton_route = pytest.mark.skipif(not backend.use_triton(torch.empty(0, device=DEVICE)),
-                                  reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 before sidfast is imported")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytestmark = triton_route
 
 PREDICTIONS = list(F.PREDICTION_CODES)
@@ -239,7 +236,7 @@ def test_kernels_compile_for_sm90_without_spills(sm90_compile_report):
 
 # ---- GPU only ----------------------------------------------------------------------------------
 
-@gpu
+@requires_cuda
 @pytest.mark.parametrize("shape, dtype", [((256, 4, 128, 128), torch.bfloat16), ((64, 3, 32, 32), torch.float32)])
 @pytest.mark.parametrize("prediction, weighting", [("x0", "edm"), ("eps", "min_snr_eps"), ("v", "v")])
 def test_gpu_large_seed_mode_against_float64(shape, dtype, prediction, weighting):
@@ -253,7 +250,7 @@ def test_gpu_large_seed_mode_against_float64(shape, dtype, prediction, weighting
     _close(grad, want_grad, 1e-2 if dtype == torch.bfloat16 else 1e-5, 1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-@gpu
+@requires_cuda
 def test_gpu_cuda_graph_fake_score_step():
     x0 = torch.randn(8, 3, 16, 16, device="cuda")
     pred = torch.randn(8, 3, 16, 16, device="cuda", requires_grad=True)

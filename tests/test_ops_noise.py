@@ -3,16 +3,13 @@ semantics, explicit noise against reference.add_noise, layouts, autograd, tracin
 import pytest
 import torch
 from tracing import RecordingBackend
+from utils import DEVICE, requires_cuda, triton_route
 
 from sidfast import reference
 from sidfast.ops import backend
 from sidfast.ops import noise as Nz
 from sidfast.ops._layout import empty_outputs_like
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-triton_route = pytest.mark.skipif(not backend.use_triton(torch.empty(0, device=DEVICE)),
-                                  reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 before sidfast is imported")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 SHAPES = [(3, 5), (2, 3, 7, 5), (1, 1, 1, 1), (5, 4, 3, 2, 1), (4, 3, 16, 16)]
 DTYPES = [(torch.float32, 1e-6, 1e-6), (torch.float16, 1e-3, 1e-3)]
@@ -222,7 +219,7 @@ def test_kernels_compile_for_sm90_without_spills(sm90_compile_report):
 
 # ---- GPU only ----------------------------------------------------------------------------------
 
-@gpu
+@requires_cuda
 @pytest.mark.parametrize("shape, dtype", [((256, 4, 128, 128), torch.bfloat16), ((512, 3, 64, 64), torch.float32),
                                           ((16, 4, 64, 64), torch.bfloat16)])
 def test_gpu_large_against_reference(shape, dtype):
@@ -237,7 +234,7 @@ def test_gpu_large_against_reference(shape, dtype):
     assert abs(e.mean()) < 5 / e.numel() ** 0.5 and abs(e.var() - 1) < 1e-2
 
 
-@gpu
+@requires_cuda
 def test_gpu_cuda_graph_replay_draws_new_noise():
     x0 = torch.randn(8, 3, 32, 32, device="cuda")
     a, s = _coeffs(8)

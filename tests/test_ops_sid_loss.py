@@ -4,16 +4,13 @@ import pytest
 import torch
 from published import published_batchmean
 from tracing import RecordingBackend
+from utils import DEVICE, requires_cuda, triton_route
 
 import sidfast
 from sidfast import reference
 from sidfast.ops import backend
 from sidfast.ops import sid_loss as S
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-triton_route = pytest.mark.skipif(not backend.use_triton(torch.empty(0, device=DEVICE)),
-                                  reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 before sidfast is imported")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytestmark = triton_route
 
 SHAPES = [(3, 5), (2, 3, 7, 5), (1, 1, 1, 1), (5, 4, 3, 2, 1), (4, 3, 8, 8)]
@@ -271,7 +268,7 @@ def test_kernels_compile_for_sm90_without_spills(sm90_compile_report):
 
 # ---- GPU only ----------------------------------------------------------------------------------
 
-@gpu
+@requires_cuda
 @pytest.mark.parametrize("shape, dtype", [((16, 4, 64, 64), torch.bfloat16), ((64, 3, 32, 32), torch.float32),
                                           ((16, 4, 128, 128), torch.bfloat16), ((256, 4, 128, 128), torch.bfloat16),
                                           ((512, 3, 64, 64), torch.float32), ((8, 4, 64, 64), torch.float16)])
@@ -287,7 +284,7 @@ def test_gpu_large_against_float64(shape, dtype, reduction):
         torch.testing.assert_close(got.double(), want, **tol)
 
 
-@gpu
+@requires_cuda
 @pytest.mark.parametrize("kind", ["tile", "loop", "split"])
 def test_gpu_each_plan(monkeypatch, kind):
     p = {"tile": None, "loop": dict(kind="loop", BLOCK=2048, PROGRAMS=37), "split": dict(kind="split", BLOCK=2048)}
@@ -301,7 +298,7 @@ def test_gpu_each_plan(monkeypatch, kind):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
-@gpu
+@requires_cuda
 def test_gpu_cuda_graph_capture_and_replay():
     y_real, y_fake, x_g = (t.requires_grad_() for t in _inputs((16, 3, 32, 32), torch.float32, seed=11))
     static = [t.detach().clone() for t in (y_real, y_fake, x_g)]

@@ -6,6 +6,7 @@ from torch.library import opcheck
 import sidfast
 from sidfast import _native
 from sidfast import reference as R
+from utils import requires_cuda
 
 
 def _args(shape=(3, 2, 4, 4), dtype=torch.float32, layout=torch.contiguous_format):
@@ -113,8 +114,7 @@ def test_version_exported():
 
 # ---- the CUDA kernel of the native op (csrc/cuda/sid_loss.cu): only where the extension has CUDA ----
 
-needs_native_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _native.WITH_CUDA),
-                                       reason="needs a GPU and sidfast._C built with CUDA")
+needs_native_cuda = requires_cuda(condition=_native.WITH_CUDA, reason="needs a GPU and sidfast._C built with CUDA")
 
 
 @needs_native_cuda

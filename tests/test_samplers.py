@@ -13,9 +13,10 @@ from torch import nn
 
 from sidfast import reference
 from sidfast.samplers import edm_sample, num_evaluations, one_step_sample, sample_images
+from utils import requires_cuda
 
 
-class GaussianDenoiser(nn.Module):
+class DiagonalGaussianDenoiser(nn.Module):
     """Exact D(x; sigma) for x0 ~ N(mu, diag(var)); counts its calls; records the sigmas it saw."""
 
     def __init__(self, mu: torch.Tensor, var: torch.Tensor):
@@ -40,7 +41,7 @@ def make(shape=(3, 4), dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(shape, generator=g, dtype=dtype)
     var = torch.rand(shape, generator=g, dtype=dtype) * 0.8 + 0.05
-    return GaussianDenoiser(mu, var)
+    return DiagonalGaussianDenoiser(mu, var)
 
 
 def _exact_endpoint(net, z, num_steps):
@@ -200,7 +201,7 @@ def test_sample_images_bad_arguments(kwargs, match):
         sample_images(make(dtype=torch.float32), **{"num": 2, "shape": (3, 4), **kwargs})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 def test_sampler_on_cuda_matches_cpu():
     net = make(dtype=torch.float32)
     z = torch.randn(64, 3, 4)

@@ -6,6 +6,8 @@ import torch
 from sidfast import schedules
 from sidfast.schedules import EDMSchedule, FlowSchedule, VPSchedule, broadcast, log_snr
 
+from utils import rounding_bound
+
 
 def test_edm_and_flow_coefficients():
     t = torch.tensor([0.002, 0.5, 80.0])
@@ -49,7 +51,10 @@ def test_vp_from_diffusers():
     t = torch.tensor([3, 400, 999])
     a, s = vp.coefficients(t)
     ours = broadcast(a, x0) * x0 + broadcast(s, x0) * eps
-    torch.testing.assert_close(ours, sched.add_noise(x0, eps, t), rtol=1e-5, atol=1e-5)
+    # as for v in test_predictions: 2 roundings per diffusers coefficient, 1 per ours, then products and sum
+    magnitude = broadcast(a, x0) * x0.abs() + broadcast(s, x0) * eps.abs()
+    error = (ours - sched.add_noise(x0, eps, t)).abs()
+    assert bool((error <= rounding_bound(torch.float32, magnitude, 6)).all())
 
 
 @pytest.mark.parametrize("bad, err", [(torch.tensor([0.5]), ValueError), (torch.tensor([[0.5, 0.4]]), ValueError),

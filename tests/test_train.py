@@ -14,6 +14,7 @@ from sidfast import reference
 from sidfast.checkpoint import CheckpointError, load_checkpoint
 from sidfast.runtime import seed_everything
 from sidfast.train import TrainConfig, distill, ema_beta, sanitize_grads
+from utils import requires_cuda
 
 SHAPE = (1, 4, 4)
 
@@ -522,7 +523,7 @@ def test_device_errors():
         assert resolve_device("auto").type == "cpu"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 @pytest.mark.parametrize("engine", ["eager", "fused"])
 def test_cuda_run_is_a_device_switch(tmp_path, engine):
     res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, device="cuda", precision="bf16", engine=engine,

@@ -1,0 +1,130 @@
+"""Scaffolding shared by the test modules: the device and skip markers, the test networks, and the rounding
+tolerances that fp32 comparisons derive from the computation (so that they hold on any CPU and kernel set).
+
+``pytest`` puts ``tests/`` on the import path (``pythonpath`` in pyproject.toml): ``from utils import ...``.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sidfast.ops import backend
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+# ---------- markers ----------
+
+def requires_cuda(test=None, *, condition=True, reason="needs a CUDA device"):
+    """Mark a test ``gpu`` (``pytest -m gpu`` selects it) and skip it unless CUDA is present and ``condition``
+    holds. Use as ``@requires_cuda`` or ``@requires_cuda(condition=..., reason=...)``."""
+
+    def mark(obj):
+        obj = pytest.mark.skipif(not (HAS_CUDA and condition), reason=reason)(obj)
+        return pytest.mark.gpu(obj)
+
+    return mark if test is None else mark(test)
+
+
+# Triton kernels run on CUDA, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, conftest.py).
+triton_route = pytest.mark.skipif(not backend.use_triton(torch.empty(0, device=DEVICE)),
+                                  reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 before sidfast is imported")
+
+
+# ---------- rounding tolerances ----------
+
+def unit_roundoff(dtype) -> float:
+    """u = 2^-p for a p-bit significand: every correctly rounded operation has relative error at most u."""
+    return torch.finfo(dtype).eps / 2
+
+
+def rounding_bound(dtype, magnitude, operations=1):
+    """Bound on the accumulated rounding error of ``operations`` chained roundings in ``dtype`` on values of size
+    ``magnitude``: gamma_n * magnitude with gamma_n = n u / (1 - n u) (Higham, Accuracy and Stability of
+    Numerical Algorithms, 2nd ed., lemma 3.1). For a sum or dot product of n terms, ``magnitude`` is the sum
+    of the |terms| and the bound holds for any summation order, blocking or fused multiply-add (eq. 3.5),
+    i.e. for every kernel a CPU or GPU may pick. ``magnitude`` may be a number or a tensor (elementwise)."""
+    n_u = operations * unit_roundoff(dtype)
+    if n_u >= 1:
+        raise ValueError(f"{operations} roundings in {dtype} have no error bound (n u >= 1)")
+    return n_u / (1 - n_u) * magnitude
+
+
+# Bound on how much the test networks (a few convolutions, GroupNorm, attention, SiLU) grow rounding: their
+# error in a floating-point dtype is at most NETWORK_ERROR_GROWTH unit roundoffs of their largest output. A
+# float32 tiny diffusers U-Net is within ~30 u of its float64 evaluation, and a 1-ulp change of its input moves
+# its output by ~1 u; 1e6 leaves four orders of magnitude. Used with float64 only: 1e6 u64 = 1.1e-10.
+NETWORK_ERROR_GROWTH = 1e6
+
+
+def float64_network_tolerance(reference: torch.Tensor) -> dict:
+    """``assert_close`` tolerances for two float64 evaluations of the same network whose inputs or kernels
+    differ by rounding only (NETWORK_ERROR_GROWTH u64 of the largest value); a wrong formula is off at O(1)."""
+    if reference.dtype != torch.float64:
+        raise TypeError(f"float64_network_tolerance needs a float64 reference, got {reference.dtype}")
+    return dict(atol=rounding_bound(torch.float64, reference.abs().max().item(), NETWORK_ERROR_GROWTH), rtol=0.0)
+
+
+# ---------- test networks (EDM calling convention ``net(x, sigma, class_labels) -> x0``) ----------
+
+class SmallUNet(nn.Module):
+    """A miniature U-Net: time embedding (Linear), convolutions with stride/padding, a token-mixing Linear on
+    (B, HW, C) tokens like an attention projection, optional labels, dropout and keyword conditioning, and
+    EDM preconditioning so its input gradient is nontrivial."""
+
+    def __init__(self, channels=3, hidden=8, label_dim=0, dropout=0.0, cond_dim=0):
+        super().__init__()
+        self.emb = nn.Linear(1, hidden)
+        self.label = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
+        self.cond = nn.Linear(cond_dim, hidden) if cond_dim else None
+        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.down = nn.Conv2d(hidden, hidden, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2)
+        self.proj = nn.Linear(hidden, hidden)
+        self.conv_out = nn.Conv2d(hidden, channels, 1)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, sigma, class_labels=None, context=None):
+        sigma = sigma.reshape(-1, 1).to(torch.float32)
+        c_in = 1 / (sigma ** 2 + 0.25).sqrt()
+        c_skip = 0.25 / (sigma ** 2 + 0.25)
+        c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
+        e = F.silu(self.emb(sigma.log() / 4))
+        if self.label is not None and class_labels is not None:
+            e = e + self.label(class_labels.to(e.dtype))
+        if self.cond is not None and context is not None:
+            e = e + self.cond(context)
+        h = F.silu(self.conv_in(x * c_in.reshape(-1, 1, 1, 1).to(x.dtype)) + e[:, :, None, None])
+        h = self.drop(h)
+        d = F.silu(self.down(h))
+        d = d + self.mid(d)
+        tokens = d.flatten(2).transpose(1, 2)
+        tokens = tokens + self.proj(tokens)
+        d = tokens.transpose(1, 2).reshape(d.shape)
+        u = F.interpolate(d, scale_factor=2.0) + h
+        out = self.conv_out(F.silu(u))
+        return c_skip.reshape(-1, 1, 1, 1) * x + c_out.reshape(-1, 1, 1, 1) * out.to(x.dtype)
+
+
+def randomize_lora(module, seed=0, std=0.05):
+    """Give every LoRA B a nonzero value so the fake score differs from the teacher."""
+    from sidfast.lora import lora_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_layers(module):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
+    return module
+
+
+def tiny_diffusers_unet(sample_size=8, channels=3, seed=0, **kw):
+    """A diffusers ``UNet2DModel`` small enough for CPU tests (two levels, one attention level), seeded.
+    Skips the calling test when diffusers is not installed; ``kw`` overrides or extends the config."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    config = dict(sample_size=sample_size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                  layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    config.update(kw)
+    return diffusers.UNet2DModel(**config)
