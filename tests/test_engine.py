@@ -809,7 +809,7 @@ def test_graphs_on_a_device_that_is_not_the_current_one(mode):
     assert len(engine._graphs) == 2 and all(key[2][0][2] == torch.device("cuda:1") for key in engine._graphs)
 
 
-@cuda
+@requires_cuda
 def test_real_graphs_refuse_a_replay_before_the_backward_and_stay_bounded():
     engine, G, z, noise, sigma = _setup("full", device="cuda", batch=4, max_graphs=1)
     x = G(z).detach()
