@@ -785,7 +785,7 @@ def test_graph_replays_draw_fresh_dropout_masks():
     assert not torch.allclose(outs[1], outs[2])
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+@requires_cuda(condition=torch.cuda.device_count() >= 2, reason="needs a second CUDA device")
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_graphs_on_a_device_that_is_not_the_current_one(mode):
     torch.backends.cuda.matmul.allow_tf32 = False

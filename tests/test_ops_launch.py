@@ -12,12 +12,9 @@ from sidfast.ops import fake_score_loss as F
 from sidfast.ops import noise as Nz
 from sidfast.ops import sid_loss as S
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-triton_route = pytest.mark.skipif(
-    not backend.use_triton(torch.empty(0, device=DEVICE)),
-    reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 before sidfast is imported")
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a GPU pair (CUDA devices 0 and 1)")
+from utils import DEVICE, requires_cuda, triton_route
+
+two_gpus = requires_cuda(condition=torch.cuda.device_count() >= 2, reason="needs a GPU pair (CUDA devices 0 and 1)")
 
 KERNELS = ((S, ("_sid_tile_kernel", "_sid_loop_kernel", "_sid_stats_kernel", "_sid_sample_kernel",
                 "_sid_apply_kernel")),
@@ -203,7 +200,7 @@ def test_elementwise_ops_specialization_does_not_depend_on_batch_or_features(rec
     assert len(_specializations(recorded_launches)) == len(names) == 4
 
 
-@gpu
+@requires_cuda
 def test_gpu_one_compiled_variant_across_batch_and_feature_sizes(monkeypatch):
     """Count compiled kernels: shapes with one plan and alignment (N a multiple of 16, B > 1) reuse one."""
     device = torch.device("cuda", torch.cuda.current_device())
