@@ -20,7 +20,7 @@ _compiled = torch.compile(reference.sida_generator_loss, dynamic=False) if GPU e
 
 
 def published(y_real, y_fake, y, y_D, alpha=1.0):
-    """The published generator_share_encoder_loss arithmetic (sida_loss_edm2.py) and the loop's sums / batch."""
+    """The published generator_share_encoder_loss arithmetic (sida_loss_edm2.py), the loop's sums / batch."""
     batch = y.shape[0]
     nan_mask = (torch.isnan(y).flatten(1).any(1) | torch.isnan(y_real).flatten(1).any(1)
                 | torch.isnan(y_fake).flatten(1).any(1) | torch.isnan(y_D).flatten(1).any(1))

@@ -64,8 +64,8 @@ def sid_loss_specs() -> list[dict]:
         t, lt = _types(dt)
         acc = acc_type(dt)
         io = dict(r_ptr=t, f_ptr=t, x_ptr=t, gr_ptr=t, gf_ptr=t, gx_ptr=t, loss_ptr=lt, part_ptr=lt,
-                  counter_ptr="*i32", out_ptr=lt, drop_ptr="*i32", inv_w_ptr=lt, B="i32", N="i32", alpha="fp32",
-                  grad_scale="fp32", loss_scale="fp32", n_programs="i32", r_iters="i32")
+                  counter_ptr="*i32", out_ptr=lt, drop_ptr="*i32", inv_w_ptr=lt, B="i32", N="i32",
+                  alpha="fp32", grad_scale="fp32", loss_scale="fp32", n_programs="i32", r_iters="i32")
         # the SiD variants, and SiDA's (normalized, batchmean, per-sample drop flags and 1/w)
         variants = [(n, r, False) for n in (True, False) for r in (True, False)] + [(True, True, True)]
         for normalize, reduce, per_sample in variants:
@@ -74,7 +74,8 @@ def sid_loss_specs() -> list[dict]:
                 p = S.plan(64, n, 4, torch.device("cpu"))
                 specs.append(dict(name=f"sid tile N={n} {tag}", kernel=S._sid_tile_kernel, args=io,
                                   constexprs=dict(ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], NORMALIZE=normalize,
-                                                  REDUCE=reduce, ACC=acc, RBLOCK=RBLOCK, PER_SAMPLE=per_sample),
+                                                  REDUCE=reduce, ACC=acc, RBLOCK=RBLOCK,
+                                                  PER_SAMPLE=per_sample),
                                   num_warps=num_warps(p["ROWS"] * p["BLOCK_N"], dt.itemsize), divisible=div))
             block = S.LOOP_BYTES // dt.itemsize
             specs.append(dict(name=f"sid loop {tag}", kernel=S._sid_loop_kernel,
@@ -88,14 +89,16 @@ def sid_loss_specs() -> list[dict]:
             if not per_sample:
                 specs.append(dict(name=f"sid split-apply {TRITON_TYPES[dt]} reduce={normalize}",
                                   kernel=S._sid_apply_kernel, args=apply_args,
-                                  constexprs=dict(BLOCK=S.SPLIT_BLOCK, REDUCE=normalize, ACC=acc, RBLOCK=RBLOCK),
+                                  constexprs=dict(BLOCK=S.SPLIT_BLOCK, REDUCE=normalize, ACC=acc,
+                                                  RBLOCK=RBLOCK),
                                   num_warps=num_warps(S.SPLIT_BLOCK, dt.itemsize), divisible=div))
             specs.append(dict(name=f"sid split-sample {TRITON_TYPES[dt]} normalize={normalize} "
                                    f"per_sample={per_sample}",
                               kernel=S._sid_sample_kernel,
                               args=dict(abs_ptr=lt, bad_ptr="*i32", inv_w_ptr=lt, sample_bad_ptr="*i32", N="i32",
                                         C="i32", c_iters="i32"),
-                              constexprs=dict(NORMALIZE=normalize, CBLOCK=S.CBLOCK, ACC=acc, PER_SAMPLE=per_sample),
+                              constexprs=dict(NORMALIZE=normalize, CBLOCK=S.CBLOCK, ACC=acc,
+                                              PER_SAMPLE=per_sample),
                               num_warps=4))
         specs.append(dict(name=f"sid split-stats {TRITON_TYPES[dt]}", kernel=S._sid_stats_kernel,
                           args=dict(r_ptr=t, f_ptr=t, x_ptr=t, abs_ptr=lt, bad_ptr="*i32", N="i32", C="i32"),

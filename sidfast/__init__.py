@@ -6,5 +6,5 @@ from .schedules import EDMSchedule, FlowSchedule, VPSchedule
 
 __version__ = "0.1.0"
 __all__ = ["predictions", "reference", "schedules", "sid_generator_loss", "sid_generator_loss_eps",
-           "fake_score_loss", "sida_generator_loss", "sida_discriminator_loss", "SiDGeneratorLoss", "FakeScoreLoss",
-           "EDMSchedule", "VPSchedule", "FlowSchedule"]
+           "fake_score_loss", "sida_generator_loss", "sida_discriminator_loss", "SiDGeneratorLoss",
+           "FakeScoreLoss", "EDMSchedule", "VPSchedule", "FlowSchedule"]

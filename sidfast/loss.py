@@ -92,8 +92,8 @@ def _check_logits(name: str, logits: torch.Tensor, x: torch.Tensor, x_name: str)
     """Logits of any shape with the batch first: a float tensor with ``x``'s batch size and device."""
     check_tensors(min_dim=1, **{name: logits})
     if logits.shape[0] != x.shape[0]:
-        raise ValueError(f"{name} has batch size {logits.shape[0]} (shape {tuple(logits.shape)}) but {x_name} has "
-                         f"{x.shape[0]}")
+        raise ValueError(f"{name} has batch size {logits.shape[0]} (shape {tuple(logits.shape)}) but "
+                         f"{x_name} has {x.shape[0]}")
     if logits.device != x.device:
         raise ValueError(f"{name} is on {logits.device} but {x_name} is on {x.device}")
 
@@ -121,8 +121,9 @@ def sida_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.T
     return _sida_op.sida_generator_loss(y_real, y_fake, x_g, logits, alpha)
 
 
-def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma, sigma_data: float = 0.5,
-                            *, x_g: torch.Tensor | None = None, y_fake: torch.Tensor | None = None) -> torch.Tensor:
+def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma,
+                            sigma_data: float = 0.5, *, x_g: torch.Tensor | None = None,
+                            y_fake: torch.Tensor | None = None) -> torch.Tensor:
     """SiDA discriminator loss L_D (Zhou et al., ICLR 2025; docs/math.md, "SiDA losses"), the published
     arithmetic: (1/B) sum_i lambda(sigma_i) (BCE(D_real, 1) + BCE(D_fake, 0)) / 2, each BCE one mean over the
     whole micro-batch, lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2.
@@ -135,8 +136,8 @@ def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor
         x_g, y_fake: optionally the step's generated sample and the fake score's x0 estimate of it, (B, *F):
             samples with a NaN there are dropped too, as the published step does.
     Returns:
-        0-dim float32 (float64 for float64 logits or sigma). Dropped samples contribute zero; L_D still divides
-        by the full B and each BCE mean covers the kept samples' logits only.
+        0-dim float32 (float64 for float64 logits or sigma). Dropped samples contribute zero; L_D still
+        divides by the full B and each BCE mean covers the kept samples' logits only.
     """
     check_tensors(min_dim=1, logits_real=logits_real, logits_fake=logits_fake)
     sigma = per_sample("sigma", sigma, logits_real)
@@ -146,7 +147,8 @@ def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor
         check_tensors(**samples)
         name = next(iter(samples))
         _check_logits("logits_real", logits_real, samples[name], name)
-    return reference.sida_discriminator_loss(logits_real, logits_fake, sigma, sigma_data, x_g=x_g, y_fake=y_fake)
+    return reference.sida_discriminator_loss(logits_real, logits_fake, sigma, sigma_data, x_g=x_g,
+                                             y_fake=y_fake)
 
 
 class SiDGeneratorLoss:

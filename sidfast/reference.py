@@ -41,8 +41,8 @@ def _zero_rows(keep: torch.Tensor, *tensors: torch.Tensor):
 
 
 def sid_normalizer(y_real: torch.Tensor, x_g: torch.Tensor) -> torch.Tensor:
-    """(B,) w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (docs/math.md, "SiD generator loss");
-    computed in float32 as published, float64 inputs keep float64."""
+    """(B,) w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (docs/math.md, "SiD generator
+    loss"); computed in float32 as published, float64 inputs keep float64."""
     with torch.no_grad():
         acc = torch.promote_types(x_g.dtype, torch.float32)
         return (x_g - y_real).abs().to(acc).mean(dim=list(range(1, x_g.dim()))).clip(min=1e-5)
@@ -116,9 +116,9 @@ def bce_mean(logits: torch.Tensor, target: float, keep: torch.Tensor) -> torch.T
 
 def sida_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, logits: torch.Tensor,
                         alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiDA generator losses (L_sid, L_gan), the published ``generator_share_encoder_loss`` arithmetic followed
-    by the loop's sums over the micro-batch divided by B (Zhou et al., ICLR 2025, "Adversarial Score identity
-    Distillation"; docs/math.md, "SiDA losses").
+    """SiDA generator losses (L_sid, L_gan), the published ``generator_share_encoder_loss`` arithmetic
+    followed by the loop's sums over the micro-batch divided by B (Zhou et al., ICLR 2025, "Adversarial
+    Score identity Distillation"; docs/math.md, "SiDA losses").
 
     y_real, y_fake, x_g: as ``sid_generator_loss``; logits: the fake score encoder's logits at the same x_t,
     (B, *P). A sample with a NaN in any of the four is dropped from both losses; both still divide by the full

@@ -1,9 +1,10 @@
-"""SiDA losses: sidfast.reference and the drop-ins (Triton route, interpreted on CPU; native CPU route) against a
-plain-PyTorch transcription of the published arithmetic, values and gradients, NaN rows, dtypes, bad inputs.
+"""SiDA losses: sidfast.reference and the drop-ins (Triton route, interpreted on CPU; native CPU route)
+against a plain-PyTorch transcription of the published arithmetic: values and gradients, NaN rows, dtypes,
+bad inputs.
 
-Tolerances come from the computation: a float sum of n terms is within about n * eps * sum|terms| of the exact
-sum, and a per-sample normalizer w = mean|x_g - f_phi| over N features carries a relative error of about N * eps.
-Every comparison is against the transcription evaluated in float64 on the same inputs.
+Tolerances come from the computation: a float sum of n terms is within about n * eps * sum|terms| of the
+exact sum, and a per-sample normalizer w = mean|x_g - f_phi| over N features carries a relative error of
+about N * eps. Every comparison is against the transcription evaluated in float64 on the same inputs.
 """
 import pytest
 import torch
@@ -20,9 +21,9 @@ PLANS = {"tile": None, "loop": dict(kind="loop", BLOCK=16, PROGRAMS=2), "split":
 SHAPES = [((4, 3, 4, 4), (4, 1, 2, 2)), ((5, 7), (5,)), ((3, 2, 5, 3), (3, 1, 3, 3)), ((1, 1, 1, 1), (1, 4))]
 
 
-# ---- the published arithmetic (SiD@sida: sida_training/sida_loss.py, sida_training_edm2/sida_loss_edm2.py and
-# ---- the loop's sums / batch_gpu_total), boolean-mask NaN drop; float32 casts widened for float64 inputs and
-# ---- flatten(start_dim=1) written as _rows so that logits of shape (B,) work too
+# ---- the published arithmetic (SiD@sida: sida_training/sida_loss.py, sida_training_edm2/sida_loss_edm2.py
+# ---- and the loop's sums / batch_gpu_total), boolean-mask NaN drop; float32 casts widened for float64
+# ---- inputs and flatten(start_dim=1) written as _rows so that logits of shape (B,) work too
 
 def _rows(t):
     return t.reshape(t.shape[0], -1)
@@ -70,7 +71,7 @@ def published_discriminator(logit_real, logit_fake, sigma, sigma_data=0.5, y=Non
 # ---- helpers
 
 def _data(shape, lshape, dtype, seed=0, nan=()):
-    """y_real, y_fake, x_g, logits (logits spread past the +-10 clamp); ``nan``: (tensor index, sample) pairs."""
+    """y_real, y_fake, x_g, logits (spread past the +-10 clamp); ``nan``: (tensor index, sample) pairs."""
     g = torch.Generator().manual_seed(seed)
     ts = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
     ts.append(torch.randn(lshape, generator=g, dtype=torch.float64) * 8)
@@ -118,8 +119,8 @@ def _check_generator(fn, ins, alpha, dtype):
         assert got.dtype == dtype
         assert not torch.isnan(got).any()
         _within(got, want, mag, N + 16, dtype)
-    # the logits' gradient is c * sigmoid(-l) with c = N * sum_i(1/w_i) / (B P K); sigmoid(-l) = 1 - sigmoid(l)
-    # comes out of a float subtraction, so its absolute error is about eps * c
+    # the logits' gradient is c * sigmoid(-l) with c = N * sum_i(1/w_i) / (B P K); sigmoid(-l) =
+    # 1 - sigmoid(l) comes out of a float subtraction, so its absolute error is about eps * c
     c = wts[1] * N * torch.where(keep, 1 / w.flatten(), 0.0).sum() / (B * P * max(K, 1))
     assert not torch.isnan(grads[3]).any()
     _within(grads[3], ref_grads[3], ref_grads[3].abs() + c, K + N + 16, dtype)
@@ -199,7 +200,8 @@ def test_gan_term_is_n_b_times_mean_inverse_normalizer():
     x_g = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     logits = torch.tensor([[0.0], [20.0]], dtype=torch.float64)
     _, gan = sidfast.sida_generator_loss(y_real, y_real, x_g, logits)
-    b = (torch.nn.functional.softplus(torch.tensor(0.0)) + torch.nn.functional.softplus(torch.tensor(-10.0))) / 2
+    softplus = torch.nn.functional.softplus
+    b = (softplus(torch.tensor(0.0)) + softplus(torch.tensor(-10.0))) / 2
     w = torch.tensor([1.5, 0.5])  # mean |x_g - y_real| per sample
     torch.testing.assert_close(gan.float(), (2 * b * (1 / w).sum() / 2).float(), rtol=1e-6, atol=0)
 
@@ -234,7 +236,8 @@ def test_discriminator_matches_published(lshape, dtype, nan, api):
     ins = [t.to(DEVICE, dtype) for t in (real, fake, sigma)]
     fn = reference.sida_discriminator_loss if api == "reference" else sidfast.sida_discriminator_loss
     loss, grads = _grads(lambda r, f: fn(r, f, ins[2]), ins[:2])
-    want, want_grads = _grads(lambda r, f: published_discriminator(r, f, ins[2].double()), [t.double() for t in ins[:2]])
+    want, want_grads = _grads(lambda r, f: published_discriminator(r, f, ins[2].double()),
+                              [t.double() for t in ins[:2]])
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.shape == ()
     K = int((~reference.nan_rows(*ins[:2])).sum())
     P = ins[0][0].numel()

@@ -152,8 +152,9 @@ if HAS_TRITON:
     @jit_with_loop_bounds("sample_iters", "col_iters", "r_iters")
     def _sid_loop_kernel(r_ptr, f_ptr, x_ptr, gr_ptr, gf_ptr, gx_ptr, loss_ptr, part_ptr, counter_ptr, out_ptr,
                          drop_ptr, inv_w_ptr, B, N, alpha, grad_scale, loss_scale, n_programs, sample_iters,
-                         col_iters, r_iters, NORMALIZE: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr,
-                         ACC: tl.constexpr, RBLOCK: tl.constexpr, PER_SAMPLE: tl.constexpr):
+                         col_iters, r_iters, NORMALIZE: tl.constexpr, REDUCE: tl.constexpr,
+                         BLOCK: tl.constexpr, ACC: tl.constexpr, RBLOCK: tl.constexpr,
+                         PER_SAMPLE: tl.constexpr):
         """Persistent programs, one sample at a time: pass 1 (x_g, y_real) -> w; pass 2 writes everything."""
         pid = tl.program_id(0)
         cols0 = tl.arange(0, BLOCK)
@@ -228,7 +229,7 @@ if HAS_TRITON:
                            NORMALIZE: tl.constexpr, CBLOCK: tl.constexpr, ACC: tl.constexpr,
                            PER_SAMPLE: tl.constexpr):
         """split plan, launch 2: one program per sample reduces its C chunk partials to 1/w and a NaN flag.
-        PER_SAMPLE: ``sample_bad_ptr`` arrives holding the caller's drop flags, and dropped samples get 1/w = 0."""
+        PER_SAMPLE: ``sample_bad_ptr`` holds the caller's drop flags on entry; dropped samples get 1/w = 0."""
         b = tl.program_id(0)
         abs_acc = tl.zeros((CBLOCK,), ACC)
         bad = tl.zeros((CBLOCK,), tl.int32)
@@ -329,9 +330,9 @@ def sid_loss_triton_impl(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.
             part = torch.empty(B, dtype=ldt, device=dev)
             warps = p.get("num_warps", num_warps(p["ROWS"] * p["BLOCK_N"], x.element_size()))
             _sid_tile_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, *extras, B, N, *scalars,
-                                            n_programs, reduce_iters(B), NORMALIZE=bool(normalize), REDUCE=reduce,
-                                            ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], ACC=acc, RBLOCK=RBLOCK,
-                                            PER_SAMPLE=per_sample, num_warps=warps)
+                                            n_programs, reduce_iters(B), NORMALIZE=bool(normalize),
+                                            REDUCE=reduce, ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], ACC=acc,
+                                            RBLOCK=RBLOCK, PER_SAMPLE=per_sample, num_warps=warps)
         elif p["kind"] == "loop":
             n_programs = min(B, p["PROGRAMS"])
             part = torch.empty(B, dtype=ldt, device=dev)
@@ -340,8 +341,8 @@ def sid_loss_triton_impl(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.
             col_iters = loop_bound(backend.cdiv(N, p["BLOCK"]))
             _sid_loop_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, *extras, B, N, *scalars,
                                             n_programs, sample_iters, col_iters, reduce_iters(B),
-                                            NORMALIZE=bool(normalize), REDUCE=reduce, BLOCK=p["BLOCK"], ACC=acc,
-                                            RBLOCK=RBLOCK, PER_SAMPLE=per_sample, num_warps=warps)
+                                            NORMALIZE=bool(normalize), REDUCE=reduce, BLOCK=p["BLOCK"],
+                                            ACC=acc, RBLOCK=RBLOCK, PER_SAMPLE=per_sample, num_warps=warps)
         elif p["kind"] == "split":
             C = backend.cdiv(N, p["BLOCK"])
             n_programs = B * C

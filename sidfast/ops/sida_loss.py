@@ -7,10 +7,10 @@ write it, with the final per-sample drop flags, in the same pass as the SiD loss
 b, the batch-mean BCE of the clamped logits, is a few PyTorch ops on the small logits tensor, and autograd
 carries L_gan's gradient to the logits only (w is a constant).
 
-Routes: the Triton kernels for CUDA tensors and for CPU tensors under TRITON_INTERPRET=1 (eager; a torch.compile
-trace takes the plain reference, which compiles), the native op ``sidfast::sid_loss`` elsewhere on CPU (and
-on CUDA without triton when the extension has CUDA) with 1/w from one PyTorch reduction over (x_g, y_real),
-and the plain reference on other devices.
+Routes: the Triton kernels for CUDA tensors and for CPU tensors under TRITON_INTERPRET=1 (eager; a
+torch.compile trace takes the plain reference, which compiles), the native op ``sidfast::sid_loss``
+elsewhere on CPU (and on CUDA without triton when the extension has CUDA) with 1/w from one PyTorch
+reduction over (x_g, y_real), and the plain reference on other devices.
 """
 from __future__ import annotations
 
