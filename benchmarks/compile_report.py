@@ -64,34 +64,42 @@ def sid_loss_specs() -> list[dict]:
         t, lt = _types(dt)
         acc = acc_type(dt)
         io = dict(r_ptr=t, f_ptr=t, x_ptr=t, gr_ptr=t, gf_ptr=t, gx_ptr=t, loss_ptr=lt, part_ptr=lt,
-                  counter_ptr="*i32", out_ptr=lt, B="i32", N="i32", alpha="fp32", grad_scale="fp32",
-                  loss_scale="fp32", n_programs="i32", r_iters="i32")
-        for normalize in (True, False):
-            for reduce in (True, False):
-                tag = f"{TRITON_TYPES[dt]} normalize={normalize} reduce={reduce}"
-                for n in (16, 8192):
-                    p = S.plan(64, n, 4, torch.device("cpu"))
-                    specs.append(dict(name=f"sid tile N={n} {tag}", kernel=S._sid_tile_kernel, args=io,
-                                      constexprs=dict(ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], NORMALIZE=normalize,
-                                                      REDUCE=reduce, ACC=acc, RBLOCK=RBLOCK),
-                                      num_warps=num_warps(p["ROWS"] * p["BLOCK_N"], dt.itemsize), divisible=div))
-                block = S.LOOP_BYTES // dt.itemsize
-                specs.append(dict(name=f"sid loop {tag}", kernel=S._sid_loop_kernel,
-                                  args=dict(io, sample_iters="i32", col_iters="i32"),
-                                  constexprs=dict(BLOCK=block, NORMALIZE=normalize, REDUCE=reduce, ACC=acc,
-                                                  RBLOCK=RBLOCK),
-                                  num_warps=num_warps(block, dt.itemsize), divisible=div))
-            apply_args = {k: v for k, v in io.items() if k != "B"}
+                  counter_ptr="*i32", out_ptr=lt, drop_ptr="*i32", inv_w_ptr=lt, B="i32", N="i32",
+                  alpha="fp32", grad_scale="fp32", loss_scale="fp32", n_programs="i32", r_iters="i32")
+        # the SiD variants, and SiDA's (normalized, batchmean, per-sample drop flags and 1/w)
+        variants = [(n, r, False) for n in (True, False) for r in (True, False)] + [(True, True, True)]
+        for normalize, reduce, per_sample in variants:
+            tag = f"{TRITON_TYPES[dt]} normalize={normalize} reduce={reduce} per_sample={per_sample}"
+            for n in (16, 8192):
+                p = S.plan(64, n, 4, torch.device("cpu"))
+                specs.append(dict(name=f"sid tile N={n} {tag}", kernel=S._sid_tile_kernel, args=io,
+                                  constexprs=dict(ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], NORMALIZE=normalize,
+                                                  REDUCE=reduce, ACC=acc, RBLOCK=RBLOCK,
+                                                  PER_SAMPLE=per_sample),
+                                  num_warps=num_warps(p["ROWS"] * p["BLOCK_N"], dt.itemsize), divisible=div))
+            block = S.LOOP_BYTES // dt.itemsize
+            specs.append(dict(name=f"sid loop {tag}", kernel=S._sid_loop_kernel,
+                              args=dict(io, sample_iters="i32", col_iters="i32"),
+                              constexprs=dict(BLOCK=block, NORMALIZE=normalize, REDUCE=reduce, ACC=acc,
+                                              RBLOCK=RBLOCK, PER_SAMPLE=per_sample),
+                              num_warps=num_warps(block, dt.itemsize), divisible=div))
+        for normalize, per_sample in ((True, False), (False, False), (True, True)):
+            apply_args = {k: v for k, v in io.items() if k not in ("B", "drop_ptr")}
             apply_args.update(inv_w_ptr=lt, sample_bad_ptr="*i32", C="i32")
-            specs.append(dict(name=f"sid split-apply {TRITON_TYPES[dt]} reduce={normalize}",
-                              kernel=S._sid_apply_kernel, args=apply_args,
-                              constexprs=dict(BLOCK=S.SPLIT_BLOCK, REDUCE=normalize, ACC=acc, RBLOCK=RBLOCK),
-                              num_warps=num_warps(S.SPLIT_BLOCK, dt.itemsize), divisible=div))
-            specs.append(dict(name=f"sid split-sample {TRITON_TYPES[dt]} normalize={normalize}",
+            if not per_sample:
+                specs.append(dict(name=f"sid split-apply {TRITON_TYPES[dt]} reduce={normalize}",
+                                  kernel=S._sid_apply_kernel, args=apply_args,
+                                  constexprs=dict(BLOCK=S.SPLIT_BLOCK, REDUCE=normalize, ACC=acc,
+                                                  RBLOCK=RBLOCK),
+                                  num_warps=num_warps(S.SPLIT_BLOCK, dt.itemsize), divisible=div))
+            specs.append(dict(name=f"sid split-sample {TRITON_TYPES[dt]} normalize={normalize} "
+                                   f"per_sample={per_sample}",
                               kernel=S._sid_sample_kernel,
                               args=dict(abs_ptr=lt, bad_ptr="*i32", inv_w_ptr=lt, sample_bad_ptr="*i32", N="i32",
                                         C="i32", c_iters="i32"),
-                              constexprs=dict(NORMALIZE=normalize, CBLOCK=S.CBLOCK, ACC=acc), num_warps=4))
+                              constexprs=dict(NORMALIZE=normalize, CBLOCK=S.CBLOCK, ACC=acc,
+                                              PER_SAMPLE=per_sample),
+                              num_warps=4))
         specs.append(dict(name=f"sid split-stats {TRITON_TYPES[dt]}", kernel=S._sid_stats_kernel,
                           args=dict(r_ptr=t, f_ptr=t, x_ptr=t, abs_ptr=lt, bad_ptr="*i32", N="i32", C="i32"),
                           constexprs=dict(BLOCK=S.SPLIT_BLOCK, ACC=acc),

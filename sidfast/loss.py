@@ -14,11 +14,13 @@ from . import reference
 from ._checks import FLOAT_DTYPES, check_real, check_reduction, check_tensors, per_sample
 from .ops import fake_score_loss as _fake_op
 from .ops import sid_loss as _sid_op
+from .ops import sida_loss as _sida_op
 
 REDUCTIONS = reference.REDUCTIONS
 WEIGHTINGS = reference.WEIGHTINGS
-__all__ = ["sid_generator_loss", "sid_generator_loss_eps", "fake_score_loss", "SiDGeneratorLoss", "FakeScoreLoss",
-           "check_tensors", "check_real", "check_reduction", "FLOAT_DTYPES"]
+__all__ = ["sid_generator_loss", "sid_generator_loss_eps", "fake_score_loss", "sida_generator_loss",
+           "sida_discriminator_loss", "SiDGeneratorLoss", "FakeScoreLoss", "check_tensors", "check_real",
+           "check_reduction", "FLOAT_DTYPES"]
 
 
 def sid_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float = 1.2,
@@ -84,6 +86,69 @@ def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a
     gamma = check_real("gamma", gamma, positive=True)
     return _fake_op.fake_score_loss(pred, x0, noise, a, s, prediction, weighting, sigma_data, gamma,
                                     check_reduction(reduction))
+
+
+def _check_logits(name: str, logits: torch.Tensor, x: torch.Tensor, x_name: str) -> None:
+    """Logits of any shape with the batch first: a float tensor with ``x``'s batch size and device."""
+    check_tensors(min_dim=1, **{name: logits})
+    if logits.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} has batch size {logits.shape[0]} (shape {tuple(logits.shape)}) but "
+                         f"{x_name} has {x.shape[0]}")
+    if logits.device != x.device:
+        raise ValueError(f"{name} is on {logits.device} but {x_name} is on {x.device}")
+
+
+def sida_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, logits: torch.Tensor,
+                        alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiDA generator losses (L_sid, L_gan) (Zhou et al., ICLR 2025, "Adversarial Score identity
+    Distillation"; docs/math.md, "SiDA losses"), the published arithmetic.
+
+    Args:
+        y_real, y_fake, x_g: as ``sid_generator_loss``, (B, *F).
+        logits: the fake score encoder's discriminator logits at the same x_t, any shape (B, *P), any float
+            dtype. They are clamped to [-10, 10] inside L_gan, whose gradient reaches only them.
+        alpha: weight of the ||f_phi - f_psi||^2 term (1 in the published SiDA runs).
+    Returns:
+        (L_sid, L_gan), 0-dim float32 tensors (float64 for float64 inputs): L_sid = (1/B) sum_i l_i, the
+        batchmean SiD loss; L_gan = (1/B) sum_i N * b / w_i with b = BCE(clamp(logits, -10, 10), 1) averaged
+        over the whole micro-batch. A sample with a NaN in any input is dropped from both (both still divide
+        by the full B; b averages the kept samples). The caller applies the loss scales, e.g.
+        ``0.5 * 100 * L_sid + 0.5 * 0.01 * L_gan`` as published.
+    """
+    check_tensors(y_real=y_real, y_fake=y_fake, x_g=x_g)
+    _check_logits("logits", logits, x_g, "x_g")
+    alpha = check_real("alpha", alpha)
+    return _sida_op.sida_generator_loss(y_real, y_fake, x_g, logits, alpha)
+
+
+def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma,
+                            sigma_data: float = 0.5, *, x_g: torch.Tensor | None = None,
+                            y_fake: torch.Tensor | None = None) -> torch.Tensor:
+    """SiDA discriminator loss L_D (Zhou et al., ICLR 2025; docs/math.md, "SiDA losses"), the published
+    arithmetic: (1/B) sum_i lambda(sigma_i) (BCE(D_real, 1) + BCE(D_fake, 0)) / 2, each BCE one mean over the
+    whole micro-batch, lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2.
+
+    Args:
+        logits_real, logits_fake: the encoder's logits on noised real and generated samples (the same noise),
+            equal shapes (B, *P) with the batch first, not clamped.
+        sigma: the per-sample noise levels, a (B,) or (B, 1, ..., 1) tensor, or a number.
+        sigma_data: the data standard deviation in lambda (0.5 published).
+        x_g, y_fake: optionally the step's generated sample and the fake score's x0 estimate of it, (B, *F):
+            samples with a NaN there are dropped too, as the published step does.
+    Returns:
+        0-dim float32 (float64 for float64 logits or sigma). Dropped samples contribute zero; L_D still
+        divides by the full B and each BCE mean covers the kept samples' logits only.
+    """
+    check_tensors(min_dim=1, logits_real=logits_real, logits_fake=logits_fake)
+    sigma = per_sample("sigma", sigma, logits_real)
+    sigma_data = check_real("sigma_data", sigma_data, positive=True)
+    samples = {name: t for name, t in (("x_g", x_g), ("y_fake", y_fake)) if t is not None}
+    if samples:
+        check_tensors(**samples)
+        name = next(iter(samples))
+        _check_logits("logits_real", logits_real, samples[name], name)
+    return reference.sida_discriminator_loss(logits_real, logits_fake, sigma, sigma_data, x_g=x_g,
+                                             y_fake=y_fake)
 
 
 class SiDGeneratorLoss:

@@ -23,7 +23,7 @@ def nan_rows(*tensors: torch.Tensor) -> torch.Tensor:
     """(B,) bool: samples where any of ``tensors`` holds a NaN (the published code drops these)."""
     mask = torch.zeros(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
-        mask = mask | torch.isnan(t).flatten(1).any(1)
+        mask = mask | torch.isnan(t).reshape(t.shape[0], -1).any(1)
     return mask
 
 
@@ -40,6 +40,14 @@ def _zero_rows(keep: torch.Tensor, *tensors: torch.Tensor):
     return [torch.where(broadcast(keep, t), t, torch.zeros((), dtype=t.dtype, device=t.device)) for t in tensors]
 
 
+def sid_normalizer(y_real: torch.Tensor, x_g: torch.Tensor) -> torch.Tensor:
+    """(B,) w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (docs/math.md, "SiD generator
+    loss"); computed in float32 as published, float64 inputs keep float64."""
+    with torch.no_grad():
+        acc = torch.promote_types(x_g.dtype, torch.float32)
+        return (x_g - y_real).abs().to(acc).mean(dim=list(range(1, x_g.dim()))).clip(min=1e-5)
+
+
 def sid_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float = 1.2,
                        reduction: str = "batchmean") -> torch.Tensor:
     """SiD generator loss in denoised space, the published ``generator_loss`` arithmetic.
@@ -50,12 +58,7 @@ def sid_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Te
     """
     keep = ~nan_rows(y_real, y_fake, x_g)
     y_real, y_fake, x_g = _zero_rows(keep, y_real, y_fake, x_g)
-    dims = list(range(1, x_g.dim()))
-    with torch.no_grad():
-        # w = mean |x_g - f_phi| per sample, clipped at 1e-5, a constant (docs/math.md, "SiD generator loss");
-        # computed in float32 as published, float64 inputs keep float64
-        acc = torch.promote_types(x_g.dtype, torch.float32)
-        w = (x_g - y_real).abs().to(acc).mean(dim=dims, keepdim=True).clip(min=1e-5)
+    w = broadcast(sid_normalizer(y_real, x_g), x_g)
     # L = (f_phi - f_psi) * ((f_phi - x_g) - alpha (f_phi - f_psi)) / w (Zhou et al. 2024, section 4)
     loss = (y_real - y_fake) * ((y_real - x_g) - alpha * (y_real - y_fake)) / w
     return reduce(loss, reduction)
@@ -92,6 +95,69 @@ def sid_gradients(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor,
     else:
         w = 1.0
     return (e + (1 - 2 * alpha) * d) / w, (-e + 2 * alpha * d) / w, -d / w
+
+
+# ---- SiDA: the SiD loss plus a GAN term from the fake score's encoder: docs/math.md, "SiDA losses" ----
+
+def bce_mean(logits: torch.Tensor, target: float, keep: torch.Tensor) -> torch.Tensor:
+    """BCEWithLogits(logits, target) averaged over every logit of the kept samples: one scalar for the batch.
+
+    logits: (B, *P); keep: (B,) bool. Float32 or wider. Dropped rows are zeroed before the loss, so neither
+    the value nor the gradient carries their NaNs; with no sample kept the mean is 0 (it only ever
+    multiplies a sum over kept samples, which is then empty).
+    """
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    (logits,) = _zero_rows(keep, logits.to(acc))
+    per_logit = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.full_like(logits, float(target)), reduction="none")
+    kept_logits = keep.sum() * (logits.numel() // logits.shape[0])
+    return torch.where(broadcast(keep, per_logit), per_logit, 0.0).sum() / kept_logits.clamp(min=1)
+
+
+def sida_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, logits: torch.Tensor,
+                        alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiDA generator losses (L_sid, L_gan), the published ``generator_share_encoder_loss`` arithmetic
+    followed by the loop's sums over the micro-batch divided by B (Zhou et al., ICLR 2025, "Adversarial
+    Score identity Distillation"; docs/math.md, "SiDA losses").
+
+    y_real, y_fake, x_g: as ``sid_generator_loss``; logits: the fake score encoder's logits at the same x_t,
+    (B, *P). A sample with a NaN in any of the four is dropped from both losses; both still divide by the full
+    B, and b averages the logits of the kept samples only.
+    """
+    keep = ~nan_rows(y_real, y_fake, x_g, logits)
+    y_real, y_fake, x_g = _zero_rows(keep, y_real, y_fake, x_g)
+    # L_sid = (1/B) sum_i l_i, the SiD loss with alpha (Zhou et al. 2024, section 4)
+    loss_sid = sid_generator_loss(y_real, y_fake, x_g, alpha, "batchmean")
+    # b = BCE(clamp(D, -10, 10), 1), one mean over the kept samples' logits (SiDA, G step)
+    b = bce_mean(logits.clamp(-10, 10), 1.0, keep)
+    # L_gan = (1/B) sum_i N * b / w_i, w_i the SiD normalizer held constant (SiDA, G step)
+    inv_w = torch.where(keep, 1.0 / sid_normalizer(y_real, x_g), 0.0)
+    n_features = x_g.numel() // x_g.shape[0]
+    loss_gan = n_features * b * inv_w.sum() / x_g.shape[0]
+    return loss_sid, loss_gan
+
+
+def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, sigma: torch.Tensor,
+                            sigma_data: float = 0.5, x_g: torch.Tensor | None = None,
+                            y_fake: torch.Tensor | None = None) -> torch.Tensor:
+    """SiDA discriminator loss L_D, the published ``fakescore_discriminator_share_encoder_loss`` arithmetic
+    followed by the loop's sum over the micro-batch divided by B (Zhou et al., ICLR 2025; docs/math.md,
+    "SiDA losses").
+
+    logits_real, logits_fake: the encoder's logits on noised real and generated samples, (B, *P), not clamped;
+    sigma: (B,) noise levels (or (B, 1, ..., 1)); x_g, y_fake: optionally, the step's generated sample and the
+    fake score's x0 estimate of it, (B, *F). A sample with a NaN in any of these is dropped: L_D still divides
+    by the full B, and each BCE mean covers the kept samples' logits only.
+    """
+    keep = ~nan_rows(logits_real, logits_fake, *(t for t in (x_g, y_fake) if t is not None))
+    sigma = sigma.reshape(-1)
+    acc = torch.promote_types(torch.promote_types(logits_real.dtype, sigma.dtype), torch.float32)
+    sigma = sigma.to(acc)
+    # lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Table 1), as SiDA weights L_D
+    lam = torch.where(keep, (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2, 0.0)
+    # L_D = (1/B) sum_i lambda_i (BCE(D_real, 1) + BCE(D_fake, 0)) / 2, each BCE one batch mean (SiDA, D step)
+    bce = (bce_mean(logits_real, 1.0, keep) + bce_mean(logits_fake, 0.0, keep)) / 2
+    return (lam * bce).sum() / logits_real.shape[0]
 
 
 # ---- fake-score (denoising score matching) loss: docs/math.md, "Fake-score loss" ----

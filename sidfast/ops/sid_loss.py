@@ -37,6 +37,10 @@ plan and block size serves every batch and feature size. The plan constants are 
 register counts (benchmarks/compile_report.py) and bandwidth arithmetic; ``PLAN_OVERRIDE`` and
 benchmarks/bench_sid_loss.py's plan benchmark exist to tune them on the target GPU.
 
+SiDA (``sidfast/ops/sida_loss.py``) reuses these kernels with ``PER_SAMPLE``: they also read a per-sample
+drop flag (a NaN in the discriminator logits) and write each sample's final flag and 1/w, which is all
+the GAN term needs from the data, so it costs no second pass.
+
 Scalar losses are reduced in the same launch: each program stores a per-sample (or per-chunk)
 partial sum, and the last program to arrive (an atomic counter) adds them in a fixed order, so
 results are deterministic and no torch.sum launch follows. Accumulation is fp32 (fp64 for fp64).
@@ -108,11 +112,17 @@ if HAS_TRITON:
         tl.store(gf_ptr + offs, tl.where(keep, gf, 0.0).to(gf_ptr.dtype.element_ty), mask=mask)
         tl.store(gx_ptr + offs, tl.where(keep, gx, 0.0).to(gx_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _store_per_sample(drop_ptr, inv_w_ptr, idx, keep, inv_w, mask):
+        """SiDA's extras: each sample's drop flag (1 dropped) and 1/w (0 when dropped)."""
+        tl.store(drop_ptr + idx, tl.where(keep, 0, 1), mask=mask)
+        tl.store(inv_w_ptr + idx, tl.where(keep, inv_w, 0.0).to(inv_w_ptr.dtype.element_ty), mask=mask)
+
     @jit_with_loop_bounds("r_iters")
     def _sid_tile_kernel(r_ptr, f_ptr, x_ptr, gr_ptr, gf_ptr, gx_ptr, loss_ptr, part_ptr, counter_ptr, out_ptr,
-                         B, N, alpha, grad_scale, loss_scale, n_programs, r_iters,
+                         drop_ptr, inv_w_ptr, B, N, alpha, grad_scale, loss_scale, n_programs, r_iters,
                          NORMALIZE: tl.constexpr, REDUCE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ACC: tl.constexpr, RBLOCK: tl.constexpr):
+                         ACC: tl.constexpr, RBLOCK: tl.constexpr, PER_SAMPLE: tl.constexpr):
         """ROWS whole samples per program, held in registers: one read, one write."""
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
@@ -124,9 +134,14 @@ if HAS_TRITON:
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(ACC)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
         keep = tl.max(_isnan3(r, f, x), axis=1, keep_dims=True) == 0
+        if PER_SAMPLE:
+            keep = keep & (tl.load(drop_ptr + rows, mask=row_ok, other=0)[:, None] == 0)
         inv_w = _inv_w(tl.sum(tl.abs(x - r), axis=1, keep_dims=True), N, NORMALIZE)
         loss, gr, gf, gx = _sid_terms(r, f, x, alpha, inv_w, grad_scale * inv_w)
         _store_grads(gr_ptr, gf_ptr, gx_ptr, offs, gr, gf, gx, keep, mask)
+        if PER_SAMPLE:
+            _store_per_sample(drop_ptr, inv_w_ptr, rows, tl.sum(keep.to(tl.int32), axis=1) > 0,
+                              tl.sum(tl.where(keep, inv_w, 0.0), axis=1), row_ok)
         loss = tl.where(keep & mask, loss, 0.0)
         if REDUCE:
             tl.store(part_ptr + rows, tl.sum(loss, axis=1), mask=row_ok)
@@ -136,9 +151,10 @@ if HAS_TRITON:
 
     @jit_with_loop_bounds("sample_iters", "col_iters", "r_iters")
     def _sid_loop_kernel(r_ptr, f_ptr, x_ptr, gr_ptr, gf_ptr, gx_ptr, loss_ptr, part_ptr, counter_ptr, out_ptr,
-                         B, N, alpha, grad_scale, loss_scale, n_programs, sample_iters, col_iters, r_iters,
-                         NORMALIZE: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                         RBLOCK: tl.constexpr):
+                         drop_ptr, inv_w_ptr, B, N, alpha, grad_scale, loss_scale, n_programs, sample_iters,
+                         col_iters, r_iters, NORMALIZE: tl.constexpr, REDUCE: tl.constexpr,
+                         BLOCK: tl.constexpr, ACC: tl.constexpr, RBLOCK: tl.constexpr,
+                         PER_SAMPLE: tl.constexpr):
         """Persistent programs, one sample at a time: pass 1 (x_g, y_real) -> w; pass 2 writes everything."""
         pid = tl.program_id(0)
         cols0 = tl.arange(0, BLOCK)
@@ -158,6 +174,8 @@ if HAS_TRITON:
                     bad1 = bad1 | ((r != r) | (x != x)).to(tl.int32)
             inv_w = _inv_w(tl.sum(abs_acc, 0), N, NORMALIZE)
             keep1 = tl.max(bad1, 0) == 0
+            if PER_SAMPLE:
+                keep1 = keep1 & (tl.load(drop_ptr + b, mask=valid, other=0) == 0)
             g = grad_scale * inv_w
             loss_acc = tl.zeros((BLOCK,), ACC)
             bad2 = tl.zeros((BLOCK,), tl.int32)
@@ -184,6 +202,8 @@ if HAS_TRITON:
                     _store_grads(gr_ptr, gf_ptr, gx_ptr, base + cols, zero, zero, zero, True, m)
                     if not REDUCE:
                         tl.store(loss_ptr + base + cols, zero.to(loss_ptr.dtype.element_ty), mask=m)
+            if PER_SAMPLE:
+                _store_per_sample(drop_ptr, inv_w_ptr, b, keep1 & (late_nan == 0), inv_w, valid)
             if REDUCE:
                 part = tl.where(late_nan, 0.0, tl.sum(loss_acc, 0))
                 tl.store(part_ptr + b, part.to(part_ptr.dtype.element_ty), mask=valid)
@@ -206,8 +226,10 @@ if HAS_TRITON:
 
     @jit_with_loop_bounds("c_iters")
     def _sid_sample_kernel(abs_ptr, bad_ptr, inv_w_ptr, sample_bad_ptr, N, C, c_iters,
-                           NORMALIZE: tl.constexpr, CBLOCK: tl.constexpr, ACC: tl.constexpr):
-        """split plan, launch 2: one program per sample reduces its C chunk partials to 1/w and a NaN flag."""
+                           NORMALIZE: tl.constexpr, CBLOCK: tl.constexpr, ACC: tl.constexpr,
+                           PER_SAMPLE: tl.constexpr):
+        """split plan, launch 2: one program per sample reduces its C chunk partials to 1/w and a NaN flag.
+        PER_SAMPLE: ``sample_bad_ptr`` holds the caller's drop flags on entry; dropped samples get 1/w = 0."""
         b = tl.program_id(0)
         abs_acc = tl.zeros((CBLOCK,), ACC)
         bad = tl.zeros((CBLOCK,), tl.int32)
@@ -216,8 +238,13 @@ if HAS_TRITON:
             jm = j < C
             abs_acc += tl.load(abs_ptr + b * C + j, mask=jm, other=0.0)
             bad = tl.maximum(bad, tl.load(bad_ptr + b * C + j, mask=jm, other=0))
-        tl.store(inv_w_ptr + b, _inv_w(tl.sum(abs_acc, 0), N, NORMALIZE))
-        tl.store(sample_bad_ptr + b, tl.max(bad, 0))
+        inv_w = _inv_w(tl.sum(abs_acc, 0), N, NORMALIZE)
+        sample_bad = tl.max(bad, 0)
+        if PER_SAMPLE:
+            sample_bad = tl.maximum(sample_bad, tl.load(sample_bad_ptr + b))
+            inv_w = tl.where(sample_bad == 0, inv_w, 0.0)
+        tl.store(inv_w_ptr + b, inv_w)
+        tl.store(sample_bad_ptr + b, sample_bad)
 
     @jit_with_loop_bounds("r_iters")
     def _sid_apply_kernel(r_ptr, f_ptr, x_ptr, gr_ptr, gf_ptr, gx_ptr, loss_ptr, part_ptr, counter_ptr, out_ptr,
@@ -268,9 +295,15 @@ def plan(B: int, N: int, elem_size: int, device: torch.device) -> dict:
 
 def sid_loss_triton_impl(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alpha: float,
                          normalize: bool, reduction: int, scale: float = 1.0, plan_: dict | None = None,
-                         cache_counter: bool = True):
+                         cache_counter: bool = True, drop: torch.Tensor | None = None,
+                         inv_w_out: torch.Tensor | None = None):
     """Launch the Triton kernels; returns (scale * loss, grad_real, grad_fake, grad_x) with the gradients of
-    ``scale * loss`` (the native op's outputs for scale 1). ``cache_counter``: see ``backend.counter``."""
+    ``scale * loss`` (the native op's outputs for scale 1). ``cache_counter``: see ``backend.counter``.
+
+    SiDA's extras (``sidfast/ops/sida_loss.py``), both or neither: ``drop``, a contiguous (B,) int32 tensor of
+    per-sample flags, is read (1 drops the sample as a NaN would) and overwritten with the final flags
+    (NaN samples included); ``inv_w_out``, a (B,) tensor of the loss dtype, receives each sample's 1/w, 0 for
+    dropped samples."""
     r, f, x = common_dense_layout(y_real, y_fake, x_g)
     B = x.shape[0]
     N = x.numel() // B
@@ -285,28 +318,31 @@ def sid_loss_triton_impl(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.
     p = plan_ or plan(B, N, x.element_size(), x.device)
     acc = acc_type(x.dtype)
     dev = x.device
+    per_sample = drop is not None
     with backend.device_guard(dev):
         counter = backend.counter(dev, cached=cache_counter)
+        # without SiDA's extras the kernels never touch these pointers: any tensors of the right types
+        extras = (drop, inv_w_out) if per_sample else (counter, loss)
         outs = (*grads, loss)
         scalars = (alpha, factor, factor)  # alpha, grad_scale, loss_scale
         if p["kind"] == "tile":
             n_programs = backend.cdiv(B, p["ROWS"])
             part = torch.empty(B, dtype=ldt, device=dev)
             warps = p.get("num_warps", num_warps(p["ROWS"] * p["BLOCK_N"], x.element_size()))
-            _sid_tile_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, B, N, *scalars, n_programs,
-                                            reduce_iters(B), NORMALIZE=bool(normalize), REDUCE=reduce,
-                                            ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], ACC=acc, RBLOCK=RBLOCK,
-                                            num_warps=warps)
+            _sid_tile_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, *extras, B, N, *scalars,
+                                            n_programs, reduce_iters(B), NORMALIZE=bool(normalize),
+                                            REDUCE=reduce, ROWS=p["ROWS"], BLOCK_N=p["BLOCK_N"], ACC=acc,
+                                            RBLOCK=RBLOCK, PER_SAMPLE=per_sample, num_warps=warps)
         elif p["kind"] == "loop":
             n_programs = min(B, p["PROGRAMS"])
             part = torch.empty(B, dtype=ldt, device=dev)
             warps = p.get("num_warps", num_warps(p["BLOCK"], x.element_size()))
             sample_iters = loop_bound(backend.cdiv(B, n_programs))
             col_iters = loop_bound(backend.cdiv(N, p["BLOCK"]))
-            _sid_loop_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, B, N, *scalars, n_programs,
-                                            sample_iters, col_iters, reduce_iters(B), NORMALIZE=bool(normalize),
-                                            REDUCE=reduce, BLOCK=p["BLOCK"], ACC=acc, RBLOCK=RBLOCK,
-                                            num_warps=warps)
+            _sid_loop_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, *extras, B, N, *scalars,
+                                            n_programs, sample_iters, col_iters, reduce_iters(B),
+                                            NORMALIZE=bool(normalize), REDUCE=reduce, BLOCK=p["BLOCK"],
+                                            ACC=acc, RBLOCK=RBLOCK, PER_SAMPLE=per_sample, num_warps=warps)
         elif p["kind"] == "split":
             C = backend.cdiv(N, p["BLOCK"])
             n_programs = B * C
@@ -315,11 +351,11 @@ def sid_loss_triton_impl(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.
             bad_part = torch.empty(n_programs, dtype=torch.int32, device=dev)
             _sid_stats_kernel[(n_programs,)](r, f, x, abs_part, bad_part, N, C, BLOCK=p["BLOCK"], ACC=acc,
                                              num_warps=warps)
-            inv_w = torch.empty(B, dtype=ldt, device=dev)
-            sample_bad = torch.empty(B, dtype=torch.int32, device=dev)
+            inv_w = inv_w_out if per_sample else torch.empty(B, dtype=ldt, device=dev)
+            sample_bad = drop if per_sample else torch.empty(B, dtype=torch.int32, device=dev)
             _sid_sample_kernel[(B,)](abs_part, bad_part, inv_w, sample_bad, N, C,
                                      loop_bound(backend.cdiv(C, CBLOCK)), NORMALIZE=bool(normalize),
-                                     CBLOCK=CBLOCK, ACC=acc, num_warps=4)
+                                     CBLOCK=CBLOCK, ACC=acc, PER_SAMPLE=per_sample, num_warps=4)
             part = torch.empty(n_programs, dtype=ldt, device=dev)
             _sid_apply_kernel[(n_programs,)](r, f, x, *outs, part, counter, loss, inv_w, sample_bad, N, C,
                                              *scalars, n_programs, reduce_iters(n_programs), REDUCE=reduce,
