@@ -14,8 +14,9 @@ def load_digits_tensors(device=None, dtype: torch.dtype = torch.float32) -> tupl
     """All 1,797 digits: images (N, 1, 8, 8) in [-1, 1] (pixel values 0..16 mapped by v / 8 - 1), labels (N,) int64."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency of the demo
-        raise ImportError("the sidfast demo needs scikit-learn (pip install scikit-learn)") from exc
+    except ImportError as exc:  # scikit-learn comes with the demo extra
+        raise ImportError("the sidfast demo needs scikit-learn: pip install 'sidfast[demo]' "
+                          "(or pip install scikit-learn)") from exc
     data = load_digits()
     images = torch.as_tensor(data.images, dtype=torch.float64).div(8.0).sub(1.0)
     images = images.reshape(-1, *IMAGE_SHAPE).to(device=device, dtype=dtype)
