@@ -13,6 +13,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LABEL_FORMATS = ("auto", "onehot", "index")
 ENGINES = ("eager", "fused")
 FAKE_SCORES = ("full", "lora")
+NOISES = ("auto", "kernel", "torch")
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -74,6 +75,10 @@ class TrainConfig:
                                  "(a low-rank update over the teacher's frozen, shared weights: no copy)",
                          choices=FAKE_SCORES)
     lora_rank: int = _t(64, "rank of the LoRA fake score's updates (with fake_score lora)")
+    noise: str = _t("auto", "eps of both updates: kernel (drawn inside the fused noising kernel from a seed "
+                            "of torch's RNG; the fake-score loss regenerates it, nothing stored), torch "
+                            "(torch.randn, the published draw) or auto (kernel where sidfast's Triton "
+                            "kernels run, e.g. CUDA; torch elsewhere)", choices=NOISES)
     compile: bool = _f(False, "torch.compile the generator and, with engine fused, the score networks")
 
     # outputs
@@ -258,7 +263,7 @@ class TrainConfig:
                 raise ValueError(f"option image_shape must be positive integers, got {self.image_shape!r}")
             self.image_shape = shape
         for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES),
-                              ("fake_score", FAKE_SCORES)):
+                              ("fake_score", FAKE_SCORES), ("noise", NOISES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"option {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("run_dir", "device"):

@@ -25,6 +25,11 @@ Design:
   autocast (``amp_dtype``) runs inside, with fp32 master weights; outputs come back in the input dtype, so
   the loss math stays fp32. A captured phase called again before the backward of its previous call raises
   a RuntimeError: the replay would overwrite the activations that backward needs.
+- Noise: ``generator_terms(..., noise=None)`` draws eps inside the ``add_noise`` kernel
+  (``sidfast.ops.noise``: Philox from a seed tensor, no eps in memory). The noising runs eagerly *before*
+  the captured graph, whose input is x_t: every call draws a new seed from torch's generator, so every
+  replay sees fresh noise, and the graph holds no random state of its own (a seed drawn inside a graph
+  would repeat on every replay unless its generator were registered with the graph).
 
 Everything is in EDM coordinates (``sidfast.denoisers``): ``x_t = x0 + sigma * eps``, outputs are x0
 estimates.
@@ -41,6 +46,7 @@ from . import loss as _loss
 from ._graphs import MAX_GRAPHS, GraphCache
 from .denoisers import Denoiser, as_denoiser, sigma_per_sample
 from .lora import LoRAFakeScore, lora_parameters, set_lora_mode
+from .ops.noise import add_noise
 from .schedules import broadcast
 from .views import FrozenMirror, frozen_view, same_storage
 
@@ -49,6 +55,16 @@ MODES = ("full", "lora")
 
 def _double(t):
     return torch.cat([t, t], 0) if isinstance(t, torch.Tensor) else t
+
+
+def edm_noised(x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor | None = None):
+    """``(x_t, seed)`` with x_t = x + sigma * eps (EDM coordinates: a = 1; docs/math.md, "Forward process and
+    schedules"), gradients reaching ``x``. ``noise``: eps itself (seed None), or None to draw eps inside
+    the ``add_noise`` kernel from a seed of torch's generator (the (1,) tensor returned regenerates it:
+    ``sidfast.ops.noise.regenerate_noise`` or the fake-score loss's ``seed=``)."""
+    if noise is None:
+        return add_noise(x, 1.0, sigma)
+    return x + broadcast(sigma, x).to(x.dtype) * noise, None
 
 
 class ScoreEngine:
@@ -139,19 +155,20 @@ class ScoreEngine:
         Args:
             x_g: generator sample (B, *F), normally carrying G's autograd graph.
             sigma: (B,) noise levels (``reference.generator_sigma`` in the published recipe).
-            labels: class labels in the networks' format, or None; noise: eps (B, *F), required.
+            labels: class labels in the networks' format, or None.
+            noise: eps (B, *F) in x_g's dtype, or None to draw eps inside the noising kernel
+                (``sidfast.ops.noise.add_noise``, seeded from torch's default generator on x_g's device;
+                off the Triton route the same Philox stream is computed in PyTorch).
             cond: further conditioning tensors (B, ...) passed to both networks by keyword.
         Returns:
             (y_real, y_fake), each (B, *F) in x_g's dtype; their backward reaches x_g through x_t, and neither
             network's parameters receive gradients.
         """
-        if noise is None:
-            raise ValueError("noise is required: x_t = x_g + sigma * noise")
-        _loss.check_tensors(x_g=x_g, noise=noise)
+        if noise is not None:
+            _loss.check_tensors(x_g=x_g, noise=noise)
         sig = self._check_inputs(x_g, sigma, labels, cond, "x_g")
-        # x_t = x_g + sigma eps (EDM coordinates: a = 1)
-        x_t = self._layout(x_g + broadcast(sig, x_g).to(x_g.dtype) * noise)
-        return self._evaluate("generator", x_t, sig, labels, cond)
+        x_t, _ = edm_noised(x_g, sig, noise)
+        return self._evaluate("generator", self._layout(x_t), sig, labels, cond)
 
     def fake_score_forward(self, x_t: torch.Tensor, sigma, labels=None, **cond) -> torch.Tensor:
         """The fake score's x0 estimate at ``x_t`` (B, *F), with gradients into its trainable parameters."""
@@ -276,4 +293,4 @@ class ScoreEngine:
         return fn(*args)
 
 
-__all__ = ["ScoreEngine", "MODES"]
+__all__ = ["ScoreEngine", "MODES", "edm_noised"]

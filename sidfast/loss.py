@@ -59,24 +59,33 @@ def sid_generator_loss_eps(eps_real: torch.Tensor, eps_fake: torch.Tensor, eps: 
     return _sid_op.sid_loss(eps_real, eps_fake, eps, lam, False, check_reduction(reduction), loss_scale)
 
 
-def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a, s, prediction: str = "x0",
-                    weighting: str = "edm", sigma_data: float = 0.5, gamma: float = 5.0,
-                    reduction: str = "batchmean") -> torch.Tensor:
+def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | None, a, s,
+                    prediction: str = "x0", weighting: str = "edm", sigma_data: float = 0.5,
+                    gamma: float = 5.0, reduction: str = "batchmean", seed: torch.Tensor | None = None,
+                    offset: int = 0) -> torch.Tensor:
     """Fake-score denoising loss on generator samples (docs/math.md, "Fake-score loss").
 
     Args:
         pred: the fake score's output at x_t = a*x0 + s*noise, in its ``prediction`` space, (B, *F).
-        x0: the detached generator sample, (B, *F); noise: the eps used, (B, *F).
+        x0: the detached generator sample, (B, *F); noise: the eps used, (B, *F), or None with ``seed``.
         a, s: per-sample schedule coefficients, (B,) tensors or numbers (EDM: a=1, s=sigma).
         prediction: "x0", "eps", "v" or "flow" (diffusers names accepted).
         weighting: "edm" (x0 error weighted (sigma^2+sd^2)/(sigma sd)^2), plain MSE in "x0", "eps", "v" or
             "flow" space, or "min_snr_eps" / "min_snr_v" (min(SNR, gamma)/SNR or /(SNR+1)).
+        seed, offset: instead of ``noise``, the seed that ``sidfast.ops.noise.add_noise`` returned for x_t
+            (and the offset it was given): eps is regenerated from them inside the fused kernel, never stored.
     Returns:
         float32 (float64 for float64 inputs), (B, *F) for "none", else a scalar.
     """
     from . import predictions
 
-    check_tensors(pred=pred, x0=x0, noise=noise)
+    if (noise is None) == (seed is None):
+        raise ValueError("give exactly one of noise (a tensor) and seed (from sidfast.ops.noise.add_noise)")
+    check_tensors(pred=pred, x0=x0, **({"noise": noise} if noise is not None else {}))
+    if seed is not None and (not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64
+                             or seed.shape != (1,) or seed.device != x0.device):
+        raise ValueError("seed must be the (1,) int64 tensor that sidfast.ops.noise.add_noise returned, on "
+                         f"x0's device ({x0.device})")
     a = per_sample("a", a, x0)
     s = per_sample("s", s, x0)
     prediction = predictions.canonical(prediction)
@@ -85,7 +94,7 @@ def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a
     sigma_data = check_real("sigma_data", sigma_data, positive=True)
     gamma = check_real("gamma", gamma, positive=True)
     return _fake_op.fake_score_loss(pred, x0, noise, a, s, prediction, weighting, sigma_data, gamma,
-                                    check_reduction(reduction))
+                                    check_reduction(reduction), seed=seed, offset=offset)
 
 
 def _check_logits(name: str, logits: torch.Tensor, x: torch.Tensor, x_name: str) -> None:

@@ -5,6 +5,9 @@ the fake score takes an EDM denoising step on fresh generator samples x_g = G(si
 without gradient ("Fake-score loss"); the generator takes a step on the SiD loss of new fresh samples, with
 gradients into its own parameters only ("SiD generator loss"); the EMA of the generator follows EDM's formula.
 Gradients are summed over ``batch_gpu`` micro-batches, scaled by loss_scale / batch, and nan_to_num'd.
+The noise eps of both updates comes from ``torch.randn`` or from the fused noising kernel (option ``noise``;
+``sidfast.ops.noise``): the kernel draws it from a seed taken from torch's RNG, so runs stay reproducible,
+and the fused fake-score loss regenerates it from that seed instead of storing it.
 Plumbing lives in ``runtime`` (devices, processes, seeds, signals, console), ``networks`` (the three networks),
 ``checkpoint`` (``save_distill``/``load_distill``) and ``updates`` (EMA, gradient sanitizing).
 """
@@ -25,12 +28,22 @@ from . import reference, runtime
 from .checkpoint import load_checkpoint, load_distill, save_distill, teacher_reference
 from .config import CHECKPOINT_NAME, PRECISIONS, TrainConfig
 from .denoisers import draw_labels
+from .engine import edm_noised
 from .loss import fake_score_loss, sid_generator_loss
 from .networks import build_networks
+from .ops import backend
 from .report import save_grid
 from .runtime import resolve_device, seed_everything
 from .schedules import broadcast
 from .updates import _nan_to_num_, ema_beta, sanitize_grads, update_ema
+
+
+def noise_source(option: str, x: torch.Tensor) -> str:
+    """Where the trainer's eps for data like ``x`` comes from under option ``noise``: "kernel" (the fused
+    noising kernel's Philox stream; its PyTorch reference off the Triton route) or "torch" (torch.randn)."""
+    if option == "kernel" or (option == "auto" and backend.use_triton(x)):
+        return "kernel"
+    return "torch"
 
 
 @dataclass
@@ -153,15 +166,16 @@ class _Trainer:
 
     def _accumulate(self, params, optimizer, ddp_net, loss_scale, micro_batch_loss) -> torch.Tensor:
         """One optimizer step on ``rounds`` micro-batches; each backpropagates loss * loss_scale / rounds into
-        ``params`` only (the score networks pass input gradients), DDP averaging on the last. Returns the mean
-        loss (detached)."""
+        ``params`` only (the score networks pass input gradients), DDP averaging on the last.
+        ``micro_batch_loss(scale)`` returns (loss, scale * loss to backpropagate). Returns the mean loss
+        (detached)."""
         optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for r in range(self.rounds):
             defer_sync = self.dist.enabled and r < self.rounds - 1
             with ddp_net.no_sync() if defer_sync else contextlib.nullcontext():
-                loss = micro_batch_loss()
-                (loss * (loss_scale / self.rounds)).backward(inputs=params)
+                loss, scaled = micro_batch_loss(loss_scale / self.rounds)
+                scaled.backward(inputs=params)
                 total = total + loss.detach() / self.rounds
         sanitize_grads(params, self.nan_to_num)
         optimizer.step()
@@ -175,14 +189,16 @@ class _Trainer:
             x_g = net(self.cfg.sigma_init * z, sigma, labels)
         return x_g.float(), labels
 
-    def _fake_score_loss(self) -> torch.Tensor:
-        """EDM's denoising loss of the fake score at fresh samples (``docs/math.md``, "Fake-score loss")."""
+    def _fake_score_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """EDM's denoising loss of the fake score at fresh samples (``docs/math.md``, "Fake-score loss"):
+        (loss, scale * loss)."""
         cfg = self.cfg
         with torch.no_grad():
             x_g, labels = self._generate(self.generator_sample)
         sigma = reference.edm_training_sigma(self.batch_gpu, cfg.p_mean, cfg.p_std, device=self.device)
-        noise = torch.randn_like(x_g)
-        x_t = x_g + broadcast(sigma, x_g) * noise
+        # kernel noise: the loss regenerates eps from the seed that drew it
+        noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
+        x_t, seed = edm_noised(x_g, sigma, noise)
         if self.engine is not None and not self.dist.enabled:
             pred = self.engine.fake_score_forward(x_t, sigma, labels)
         else:  # DDP: the wrapper's hooks average the fake score's gradients
@@ -193,24 +209,30 @@ class _Trainer:
         keep = broadcast(~reference.nan_rows(pred, x_g), x_g)
         pred = torch.where(keep, pred, 0.0)
         x0 = torch.where(keep, x_g, 0.0)
-        return fake_score_loss(pred, x0, noise, 1.0, sigma, prediction="x0", weighting="edm",
-                               sigma_data=cfg.sigma_data, reduction="batchmean")
+        loss = fake_score_loss(pred, x0, noise, 1.0, sigma, prediction="x0", weighting="edm",
+                               sigma_data=cfg.sigma_data, reduction="batchmean", seed=seed)
+        return loss, loss * scale
 
-    def _generator_loss(self) -> torch.Tensor:
-        """The SiD loss of fresh samples (``docs/math.md``, "SiD generator loss"), fp32."""
+    def _generator_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SiD loss of fresh samples (``docs/math.md``, "SiD generator loss"), fp32: (loss, scale * loss),
+        the scale folded into the fused loss so that backward needs no scaling pass."""
         cfg = self.cfg
         x_g, labels = self._generate(self.generator_train)
         sigma = reference.generator_sigma(self.batch_gpu, cfg.tmax, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                                           device=self.device)
-        noise = torch.randn_like(x_g)
+        noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
         if self.engine is not None:
             y_real, y_fake = self.engine.generator_terms(x_g, sigma, labels, noise=noise)
         else:
-            x_t = x_g + broadcast(sigma, x_g) * noise
+            x_t, _ = edm_noised(x_g, sigma, noise)
             with runtime.autocast(self.device, cfg.precision):
                 y_real = self.teacher(x_t, sigma, labels)
                 y_fake = self.fake(x_t, sigma, labels)
-        return sid_generator_loss(y_real.float(), y_fake.float(), x_g, cfg.alpha, reduction="batchmean")
+        scaled = sid_generator_loss(y_real.float(), y_fake.float(), x_g, cfg.alpha, reduction="batchmean",
+                                    loss_scale=scale)
+        # the reported loss: the scale divided back out of the 0-dim result (the unscaled loss within float32
+        # rounding; no pass over the data)
+        return scaled.detach() / scale, scaled
 
     def run_callbacks(self, loss_g, loss_fake) -> str | None:
         state = {"iteration": self.iteration, "nimg": self.nimg, "loss_g": loss_g, "loss_fake": loss_fake,

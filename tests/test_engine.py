@@ -17,6 +17,7 @@ from sidfast import reference as R
 from sidfast.denoisers import EDMDenoiser
 from sidfast.engine import ScoreEngine
 from sidfast.lora import LoRAFakeScore, LoRALayer, merge_lora
+from sidfast.ops.noise import draw_seed, regenerate_noise
 from utils import SmallUNet, randomize_lora, requires_cuda, tiny_diffusers_unet
 
 RTOL = 1e-5
@@ -340,8 +341,8 @@ def test_argument_errors():
         ScoreEngine(net, graphs="yes")
     engine = ScoreEngine(net)
     x, sigma = torch.randn(2, 3, 8, 8), torch.ones(2)
-    with pytest.raises(ValueError, match="noise"):
-        engine.generator_terms(x, sigma, None)
+    with pytest.raises(TypeError, match="noise must be a torch.Tensor"):
+        engine.generator_terms(x, sigma, None, 0.5)
     with pytest.raises(ValueError, match="shape"):
         engine.generator_terms(x, sigma, None, torch.randn(2, 3, 8, 4))
     with pytest.raises(ValueError, match="sigma"):
@@ -409,7 +410,33 @@ def test_generator_terms_evaluate_at_x_g_plus_sigma_noise():
         torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
-# ---------- the graph cache on CPU, with stand-ins for the CUDA calls ----------
+def _seeds(seed, n, device="cpu"):
+    """The seeds that the next ``n`` in-kernel noise draws take after ``torch.manual_seed(seed)``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [draw_seed(device) for _ in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_generator_terms_without_noise_draw_it_in_the_kernel(mode):
+    """noise=None: x_t = x_g + sigma * eps with eps drawn inside add_noise's kernel; equal (values and G's
+    gradients) to passing that eps (``regenerate_noise`` of the seed drawn), since both round sigma * eps and
+    the sum once and a = 1 passes x_g and its gradient through exactly."""
+    engine, G, z, _, sigma = _setup(mode)
+    (seed,) = _seeds(11, 1)
+    eps = regenerate_noise(seed, z.shape)
+    results = []
+    for noise in (None, eps):
+        G.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        x_g = G(z)
+        y_real, y_fake = engine.generator_terms(x_g, sigma, None, noise)
+        sidfast.sid_generator_loss(y_real, y_fake, x_g).backward()
+        results.append((y_real, y_fake, *[p.grad for p in G.parameters()]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 
 class _DeviceGuard:
     """Stands in for torch.cuda.device (which refuses CPU devices): records the device it is entered with."""
@@ -531,6 +558,35 @@ def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
     sidfast.sid_generator_loss(y_real, y_fake, xe.detach()).backward()
     # not overwritten by the second replay
     torch.testing.assert_close(x_t[0].grad, xe.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_graph_replays_see_fresh_kernel_noise(mode, monkeypatch):
+    """The noise is drawn before the captured graph, from a new seed on every call: consecutive replays of one
+    graph evaluate different noise, each equal to the eager engine given that call's eps explicitly."""
+    _graphs_on_cpu(monkeypatch, _StaticGradGraphs())
+    graphed, G, z, _, sigma = _setup(mode, batch=4)
+    eager = copy.deepcopy(graphed)
+    eager.graphs = False
+    eager.refresh()
+    x = G(z).detach()
+    seeds = _seeds(5, 3)
+    torch.manual_seed(5)
+    replays = []
+    for _ in seeds:
+        xg = x.clone().requires_grad_()
+        y_real, y_fake = graphed.generator_terms(xg, sigma)
+        sidfast.sid_generator_loss(y_real, y_fake, xg).backward()  # before the next replay, as the rules ask
+        replays.append((y_real, y_fake, xg.grad))
+    assert len(graphed._graphs) == 1  # one capture, three replays
+    for (y_real, y_fake, grad), seed in zip(replays, seeds):
+        xe = x.clone().requires_grad_()
+        want = eager.generator_terms(xe, sigma, None, regenerate_noise(seed, x.shape))
+        sidfast.sid_generator_loss(*want, xe).backward()
+        for got, ref in zip((y_real, y_fake, grad), (*want, xe.grad)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for first, second in zip(replays, replays[1:]):
+        assert not torch.allclose(first[0], second[0])
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -187,7 +187,8 @@ def _published_iteration(teacher, G, fake, cfg, opt_g, opt_f, num_classes):
 
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_first_iteration_matches_the_published_loop(tmp_path, num_classes):
-    cfg = quiet(run_dir=str(tmp_path / "r"), iterations=1, batch=6, lr=1e-3)
+    # noise "torch": the published torch.randn draws (tests/test_train_noise.py covers the kernel's noise)
+    cfg = quiet(run_dir=str(tmp_path / "r"), iterations=1, batch=6, lr=1e-3, noise="torch")
     seen = {}
 
     def grab(state):
@@ -616,3 +617,130 @@ def test_compile_option_compiles_generator_and_score_networks(tmp_path, monkeypa
     compiled.clear()
     distill(quiet(run_dir=str(tmp_path / "e"), iterations=1, compile=True), tiny_teacher(), log=None)
     assert sum(isinstance(f, nn.Module) for f in compiled) == 3  # G (train), G (sampling), fake score
+
+
+# ---------------- noise sources (option noise) and the folded generator loss scale ----------------
+
+def test_noise_option_picks_the_kernel_on_the_triton_route_only(monkeypatch):
+    from sidfast.ops import backend
+    from sidfast.train import noise_source
+
+    x = torch.zeros(2, 3)
+    for triton_route in (True, False):
+        monkeypatch.setattr(backend, "use_triton", lambda t, on=triton_route: on)
+        assert noise_source("auto", x) == ("kernel" if triton_route else "torch")
+        assert noise_source("kernel", x) == "kernel" and noise_source("torch", x) == "torch"
+    assert TrainConfig().noise == "auto"
+    with pytest.raises(ValueError, match="option noise must be one of auto, kernel, torch, got 'philox'"):
+        TrainConfig(noise="philox").validate()
+
+
+def _differ(net_a, net_b) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(net_a.parameters(), net_b.parameters()))
+
+
+def _philox_randn_like(drawn):
+    """torch.randn_like's stand-in: the kernel's eps for the seed that the kernel route draws at the same
+    point of torch's RNG stream (``sidfast.ops.noise``: draw_seed, regenerate_noise)."""
+    from sidfast.ops.noise import draw_seed, regenerate_noise
+
+    def randn_like(x, **_):
+        seed = draw_seed(x.device)
+        drawn.append(seed)
+        return regenerate_noise(seed, x.shape).to(x.dtype)
+
+    return randn_like
+
+
+@pytest.mark.parametrize("engine", ["eager", "fused"])
+def test_kernel_noise_iterations_equal_torch_noise_iterations_fed_the_same_eps(tmp_path, monkeypatch, engine):
+    """noise kernel (x_t noised in-kernel, the fake-score loss regenerating eps from the seed) trains exactly
+    like the torch.randn path fed the kernel's eps: both compute x_g + sigma * eps with one rounding of the
+    product and one of the sum (a = 1 is exact), and the networks and losses see the same tensors."""
+    kw = dict(iterations=2, lr=1e-3, engine=engine, batch=8, batch_gpu=4)
+    kernel = distill(quiet(run_dir=str(tmp_path / "k"), noise="kernel", **kw), tiny_teacher(3), log=None)
+    drawn = []
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn_like", _philox_randn_like(drawn))
+        fed = distill(quiet(run_dir=str(tmp_path / "f"), noise="torch", **kw), tiny_teacher(3), log=None)
+    assert len(drawn) == 2 * 2 * 2  # iterations x phases x micro-batches
+    plain = distill(quiet(run_dir=str(tmp_path / "t"), noise="torch", **kw), tiny_teacher(3), log=None)
+    for name in ("generator", "generator_ema", "fake"):
+        assert_bitwise(states(getattr(kernel, name)), states(getattr(fed, name)))
+    # the option is in effect: torch.randn's own noise trains other weights
+    assert _differ(kernel.generator, plain.generator)
+
+
+def test_kernel_noise_runs_are_reproducible_and_resume_bitwise(tmp_path):
+    kw = dict(iterations=5, lr=1e-3, noise="kernel", checkpoint_every=2, log_every=2)
+    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), tiny_teacher(), log=None)
+    again = distill(quiet(run_dir=str(tmp_path / "again"), **kw), tiny_teacher(), log=None)
+    other = distill(quiet(run_dir=str(tmp_path / "other"), seed=1, **kw), tiny_teacher(), log=None)
+
+    def interrupt(state):
+        if state["iteration"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), tiny_teacher(), callbacks=[interrupt],
+                   log=None)
+    assert part.iteration == 3
+    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), tiny_teacher(), log=None)
+    for name in ("generator", "generator_ema", "fake"):
+        assert_bitwise(states(getattr(full, name)), states(getattr(again, name)))
+        assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
+    assert _differ(full.generator, other.generator)
+
+
+def test_default_noise_on_the_native_cpu_route_is_torch_randn(tmp_path, native_cpu_route):
+    kw = dict(iterations=2, lr=1e-3)
+    auto = distill(quiet(run_dir=str(tmp_path / "a"), **kw), tiny_teacher(), log=None)
+    plain = distill(quiet(run_dir=str(tmp_path / "t"), noise="torch", **kw), tiny_teacher(), log=None)
+    kernel = distill(quiet(run_dir=str(tmp_path / "k"), noise="kernel", **kw), tiny_teacher(), log=None)
+    for name in ("generator", "generator_ema", "fake"):
+        assert_bitwise(states(getattr(auto, name)), states(getattr(plain, name)))
+    # off the Triton route, noise kernel is the same Philox stream computed in PyTorch: other draws
+    assert _differ(kernel.generator, plain.generator)
+
+
+@pytest.mark.parametrize("route", ["native", "triton"])
+def test_folded_generator_loss_scale_gives_the_unfolded_gradients(tmp_path, monkeypatch, request, route):
+    """loss_scale_g / rounds passed into the fused generator loss gives the gradients of scaling its result
+    (bitwise on the native CPU route, where the op multiplies its result the same way; within float32
+    rounding of the gradients on the Triton route, where the scale enters the kernel's gradient factor), and
+    the reported loss_g is the unscaled mean within float32 rounding."""
+    import sidfast.train as train_module
+    from sidfast.loss import sid_generator_loss
+
+    if route == "native":
+        request.getfixturevalue("native_cpu_route")
+    kw = dict(iterations=1, batch=8, batch_gpu=4, lr=1e-3, noise="torch")
+    seen = {}
+
+    def grab(state):
+        seen[state["generator"]] = [p.grad.clone() for p in state["generator"].parameters()]
+
+    folded = distill(quiet(run_dir=str(tmp_path / "f"), **kw), tiny_teacher(), callbacks=[grab], log=None)
+    unscaled = []
+
+    scales = []
+
+    def unfolded(y_real, y_fake, x_g, alpha, reduction, loss_scale):
+        loss = sid_generator_loss(y_real, y_fake, x_g, alpha, reduction)
+        unscaled.append(loss.detach())
+        scales.append(loss_scale)
+        return loss * loss_scale
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "sid_generator_loss", unfolded)
+        plain = distill(quiet(run_dir=str(tmp_path / "u"), **kw), tiny_teacher(), callbacks=[grab], log=None)
+    assert scales == [100.0 / 2] * 2  # the trainer hands loss_scale_g / rounds to the loss
+    for a, b in zip(seen[folded.generator], seen[plain.generator]):
+        if route == "native":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    assert any(g.abs().sum() > 0 for g in seen[folded.generator])
+    exact = sum(float(u) for u in unscaled) / 2
+    # per micro-batch: the scale applied and divided back (a few float32 roundings), then the mean of two
+    bound = 8 * 2.0 ** -24 * sum(abs(float(u)) for u in unscaled)
+    assert abs(folded.last["loss_g"] - exact) <= bound

@@ -10,9 +10,12 @@ captured CUDA graph draws a fresh seed on every replay (torch's Philox offset ad
 
 ``torch.ops.sidfast.add_noise`` is a custom op with a fake (torch.compile traces it) and autograd:
 ``d x_t / d x0 = a`` per sample (gradients for a, s or an explicit noise are not provided: the
-public function refuses inputs that would need them).
+public function refuses inputs that would need them). With ``a`` the number 1 (EDM coordinates) the
+eager backward hands the incoming gradient through instead of launching a scaling pass.
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -171,15 +174,18 @@ class AddNoiseFunction(torch.autograd.Function):
     through the op and its fake (``backend.launch_or_op``)."""
 
     @staticmethod
-    def forward(ctx, x0, a, s, noise, seed, offset: int):
+    def forward(ctx, x0, a, s, noise, seed, offset: int, unit_a: bool = False):
         run = backend.launch_or_op(torch.ops.sidfast.add_noise, add_noise_triton_impl, x0, a, s, noise, seed)
         ctx.save_for_backward(a)
         ctx.x0_dtype = x0.dtype
+        ctx.unit_a = unit_a
         return run(x0, a, s, noise, seed, offset)
 
     @staticmethod
     def backward(ctx, grad):
-        return _backward(ctx, grad)
+        if ctx.unit_a and grad.dtype == ctx.x0_dtype:  # d x_t / d x0 = 1: nothing to compute
+            return grad, None, None, None, None, None, None
+        return (*_backward(ctx, grad), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +224,7 @@ def add_noise(x0: torch.Tensor, a, s, noise: torch.Tensor | None = None, generat
         raise TypeError(f"x0 must be a floating-point torch.Tensor, got {type(x0).__name__}")
     if x0.dim() < 1 or x0.numel() == 0:
         raise ValueError(f"x0 must have shape (batch, *features) and be non-empty, got {tuple(x0.shape)}")
+    unit_a = isinstance(a, numbers.Real) and not isinstance(a, bool) and float(a) == 1.0
     a = per_sample("a", a, x0)
     s = per_sample("s", s, x0)
     if noise is not None:
@@ -232,7 +239,7 @@ def add_noise(x0: torch.Tensor, a, s, noise: torch.Tensor | None = None, generat
         raise ValueError("add_noise differentiates with respect to x0 only; detach a, s and noise")
     seed = None if noise is not None else draw_seed(x0.device, generator)
     if HAS_TRITON and backend.use_triton(x0):
-        return AddNoiseFunction.apply(x0, a, s, noise, seed, int(offset)), seed
+        return AddNoiseFunction.apply(x0, a, s, noise, seed, int(offset), unit_a), seed
     eps = noise if noise is not None else philox_normal(seed, x0.shape, offset)
     acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
     x_t = reference.add_noise(x0.to(acc), a.to(acc), s.to(acc), eps.to(acc)).to(x0.dtype)
