@@ -160,6 +160,20 @@ def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor
     return (lam * bce).sum() / logits_real.shape[0]
 
 
+# ---- guidance (SiD-LSG): docs/math.md, "Guidance (SiD-LSG)" ----
+
+def cfg_combine(f_uncond: torch.Tensor, f_cond: torch.Tensor, k) -> torch.Tensor:
+    """Classifier-free guidance at scale k: f^k = f(x_t, none) + k * (f(x_t, c) - f(x_t, none)).
+
+    f_uncond, f_cond: one network's outputs at the same x_t and sigma without and with the condition, in any
+    prediction space (x0, eps, v, flow): each is affine in the others with coefficients that depend only on
+    x_t and sigma, so guiding one guides them all (classifier-free guidance, Ho & Salimans 2022, with their
+    w = k - 1; applied to both score networks of SiD by Zhou et al., ICLR 2025, "Guided Score identity
+    Distillation").
+    """
+    return f_uncond + k * (f_cond - f_uncond)
+
+
 # ---- fake-score (denoising score matching) loss: docs/math.md, "Fake-score loss" ----
 
 WEIGHTINGS = ("edm", "x0", "eps", "v", "flow", "min_snr_eps", "min_snr_v")
@@ -213,6 +227,28 @@ def edm_training_sigma(batch: int, p_mean: float = -1.2, p_std: float = 1.2, dev
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,) sigmas with ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1)."""
     return torch.exp(torch.randn(batch, device=device, generator=generator) * p_std + p_mean)
+
+
+def generator_step_sigmas(steps: int, sigma_init: float = 2.5, spacing: str = "linear") -> list[float]:
+    """The K noise levels sigma_0 = sigma_init > ... > sigma_{K-1} > 0 of a few-step generator (Zhou et al.
+    2025, "Few-Step Diffusion via Score identity Distillation"; docs/math.md, "Few-step generator").
+
+    "linear": sigma_k = sigma_init * (K - k) / K; "flow": linear in the flow time t = sigma / (1 + sigma),
+    t_k = t_init * (K - k) / K. sigma_0 is sigma_init exactly, so one step is the one-step generator.
+    """
+    levels = []
+    for k in range(steps):
+        frac = (steps - k) / steps
+        if k == 0:
+            levels.append(float(sigma_init))
+        elif spacing == "linear":
+            levels.append(sigma_init * frac)
+        elif spacing == "flow":
+            t = sigma_init / (1 + sigma_init) * frac
+            levels.append(t / (1 - t))
+        else:
+            raise ValueError(f"spacing must be 'linear' or 'flow', got {spacing!r}")
+    return levels
 
 
 def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
