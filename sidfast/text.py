@@ -1,20 +1,25 @@
 """Prompts and the text-encoder embeddings that condition text-to-image teachers.
 
-- ``read_prompts(path)``: one prompt per line of a text file (blank lines skipped); ``draw_prompts`` picks a batch.
-- ``TextConditioner``: the pipeline's frozen tokenizer(s) and text encoder(s), turning a batch of prompts into the
-  keywords the teacher's adapter takes (``den(x, sigma, **cond.condition(prompts))``), with the null
+- ``read_prompts(path)``: one prompt per line of a text file (blank lines skipped); ``draw_prompts`` picks a
+  batch.
+- ``TextConditioner``: the pipeline's frozen tokenizer(s) and text encoder(s), turning a batch of prompts into
+  the keywords the teacher's adapter takes (``den(x, sigma, **cond.condition(prompts))``), with the null
   (empty-prompt) condition for classifier-free guidance (``cond.null_condition(batch)``). Embeddings are
   computed without gradients, cast to the teacher's dtype, and kept per prompt in an LRU cache, so a prompt
   that comes back is not encoded again.
 
-What each pipeline feeds its denoiser (as diffusers' pipelines compute it in ``encode_prompt``):
+What each pipeline kind feeds its denoiser, as diffusers' pipelines compute it in ``encode_prompt``
+(``docs/teachers.md`` has the table):
 
-| kind   | pipeline                    | encoders                 | keywords                                           |
-|--------|-----------------------------|--------------------------|----------------------------------------------------|
-| "sd"   | StableDiffusionPipeline     | CLIP                     | ``encoder_hidden_states``: the last layer          |
-| "sdxl" | StableDiffusionXLPipeline   | CLIP-L, CLIP-G (+ proj.) | ``encoder_hidden_states``: both penultimate layers concatenated; ``added_cond_kwargs``: ``text_embeds`` (CLIP-G's projection), ``time_ids`` (original size, crop corner, target size) |
-| "sd3"  | StableDiffusion3Pipeline    | CLIP-L, CLIP-G, T5       | ``encoder_hidden_states``: the CLIPs' penultimate layers concatenated, zero-padded to T5's width, then T5's tokens; ``pooled_projections``: both CLIP projections |
-| "flux" | FluxPipeline                | CLIP-L, T5               | ``encoder_hidden_states``: T5's tokens; ``pooled_projections``: CLIP's pooled output |
+- "sd" (StableDiffusionPipeline, one CLIP): ``encoder_hidden_states``, CLIP's last layer.
+- "sdxl" (StableDiffusionXLPipeline, CLIP-L and CLIP-G with projection): ``encoder_hidden_states``, both
+  penultimate layers concatenated; ``added_cond_kwargs``: ``text_embeds`` (CLIP-G's projection) and
+  ``time_ids`` (original size, crop corner, target size).
+- "sd3" (StableDiffusion3Pipeline, CLIP-L, CLIP-G, T5): ``encoder_hidden_states``, the CLIPs' penultimate
+  layers concatenated and zero-padded to T5's width, followed by T5's tokens; ``pooled_projections``, both
+  CLIP projections concatenated.
+- "flux" (FluxPipeline, CLIP-L and T5): ``encoder_hidden_states``, T5's tokens; ``pooled_projections``,
+  CLIP's pooled output.
 """
 from __future__ import annotations
 
@@ -46,7 +51,8 @@ def read_prompts(path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
-        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start})") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} holds no prompt (it is empty or only blank lines)")
@@ -87,8 +93,8 @@ class TextConditioner:
             ``force_zeros_for_empty_prompt``).
     """
 
-    def __init__(self, kind: str, tokenizers, encoders, dtype: torch.dtype | None = None, cache_size: int = 1024,
-                 t5_length: int | None = None, image_size: tuple | None = None,
+    def __init__(self, kind: str, tokenizers, encoders, dtype: torch.dtype | None = None,
+                 cache_size: int = 1024, t5_length: int | None = None, image_size: tuple | None = None,
                  joint_attention_dim: int | None = None, zero_null: bool = False):
         kinds = {k for k, _ in PIPELINES.values()}
         if kind not in kinds:
