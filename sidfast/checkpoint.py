@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pickle
 import tempfile
@@ -344,28 +345,64 @@ def _check_readable(path: Path, what: str) -> None:
         raise CheckpointError(f"{what} {str(path)!r} is not readable (check its permissions)")
 
 
-def _load_diffusers_teacher(path: Path, source: str):
-    from . import denoisers
+def _pipeline_index(path: Path) -> dict:
+    index = path / "model_index.json"
+    return json.loads(index.read_text()) if index.is_file() else {}
+
+
+def _load_diffusers_teacher(path: Path, source: str, with_conditioner: bool, guidance):
+    """(denoiser, TextConditioner or None) of a diffusers model or pipeline directory."""
+    from . import denoisers, text
 
     try:
         import diffusers  # noqa: F401
     except ImportError:
         raise CheckpointError(f"--teacher {source!r} is a directory, read as a diffusers model, but "
                               "diffusers is not installed: pip install 'sidfast[diffusers]'") from None
+    index = _pipeline_index(path)
+    pipeline = index.get("_class_name")
+    is_text = pipeline in text.PIPELINES
+    if not is_text and any(k.startswith("text_encoder") for k in index):
+        raise CheckpointError(f"--teacher {source!r}: pipeline class {pipeline!r} is not supported; sidfast "
+                              f"reads the text-to-image pipelines {', '.join(text.PIPELINES)}")
+    if is_text and not with_conditioner:
+        raise CheckpointError(f"--teacher {source!r} is a text-to-image pipeline ({pipeline}), which needs "
+                              "prompts; this command distills class-conditional and unconditional teachers "
+                              "only (from Python: load_teacher(path, with_conditioner=True))")
+    model_config = path / "config.json"
+    model_class = json.loads(model_config.read_text()).get("_class_name") if model_config.is_file() else None
+    flow = "transformer" in index or model_class in denoisers.FLOW_MODELS
     try:
-        return denoisers.DiffusersDenoiser.from_pretrained(path, name="teacher")
+        if flow:
+            scheduler = index.get("scheduler") or [None, None]
+            if scheduler[1] is not None and "FlowMatch" not in str(scheduler[1]):
+                raise ValueError(f"its transformer comes with scheduler {scheduler[1]}, not a flow-matching "
+                                 "scheduler; sidfast reads transformers trained by flow matching")
+            den = denoisers.FlowDenoiser.from_pretrained(path, guidance=guidance, name="teacher")
+        else:
+            den = denoisers.DiffusersDenoiser.from_pretrained(path, name="teacher")
+        conditioner = None
+        if is_text:
+            dtype = next(iter(den.parameters())).dtype
+            conditioner = text.TextConditioner.from_pretrained(path, torch_dtype=dtype)
     except denoisers.MissingSchedulerConfig as exc:
         looked_for = ", ".join(map(repr, exc.looked_for))
         raise CheckpointError(f"--teacher {source!r}: no scheduler config to read the schedule and "
                               f"prediction type from (looked for {looked_for}); save the scheduler the model "
                               f"was trained with into it: scheduler.save_pretrained({source!r})") from None
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as exc:
         raise CheckpointError(f"--teacher {source!r}: {exc}") from None
+    return den, conditioner
 
 
-def load_teacher(source: str):
+def load_teacher(source: str, with_conditioner: bool = False, guidance: float | None = None):
     """(denoiser, architecture or None) for ``--teacher``: network checkpoint, diffusers dir, module:function.
 
+    A diffusers directory is a model directory or a pipeline directory (``model_index.json``): ``unet/`` with
+    a VP scheduler (``DiffusersDenoiser``) or ``transformer/`` with a flow-matching one (``FlowDenoiser``;
+    ``guidance`` is the scale a guidance-distilled FLUX embeds). A text-to-image pipeline
+    (``sidfast.text.PIPELINES``) also needs its text side: with ``with_conditioner`` the result is
+    (denoiser, architecture, ``TextConditioner`` or None), and without it such a pipeline is an error.
     The architecture (``{"builder", "config"}``) is known for network checkpoints only. Errors are
     ``CheckpointError`` naming ``--teacher``.
     """
@@ -375,16 +412,22 @@ def load_teacher(source: str):
         raise CheckpointError("--teacher is required: a sidfast checkpoint, a diffusers directory or "
                               "module:function")
     path = Path(source).expanduser()
+    conditioner = None
+    architecture = None
     if not path.exists() and ":" in source:  # module:function (import_entry_point says what is wrong with it)
         try:
-            return denoisers.load_entry_point(source, name="teacher"), None
+            den = denoisers.load_entry_point(source, name="teacher")
         except (ImportError, ValueError, TypeError) as exc:
             raise CheckpointError(f"--teacher {source!r}: {exc}") from None
-    _check_readable(path, "--teacher")
-    if path.is_dir():
-        return _load_diffusers_teacher(path, source), None
-    data = load_checkpoint(path, "network")
-    return build_network(data, path).eval(), {"builder": data["builder"], "config": data["config"]}
+    else:
+        _check_readable(path, "--teacher")
+        if path.is_dir():
+            den, conditioner = _load_diffusers_teacher(path, source, with_conditioner, guidance)
+        else:
+            data = load_checkpoint(path, "network")
+            den = build_network(data, path).eval()
+            architecture = {"builder": data["builder"], "config": data["config"]}
+    return (den, architecture, conditioner) if with_conditioner else (den, architecture)
 
 
 def _generator_network(data: dict, path, teacher: str | None):

@@ -13,7 +13,11 @@ Adapters (the conversions of ``docs/math.md``, "Predictions", via ``sidfast.pred
   (any ``unet(x_vp, timesteps, **kw).sample``) trained on a VP schedule with eps, v or x0 targets.
 - ``FlowDenoiser(model)``: flow-matching models predicting ``eps - x0`` at ``(1 - t) x0 + t eps``.
 
-Class labels are passed in the network's own format (one-hot for EDM networks, indices for diffusers).
+Class labels are passed in the network's own format (``Denoiser.label_format``: one-hot for EDM networks,
+indices for diffusers); ``Denoiser.labels(idx)`` makes them from class indices and ``null_condition(batch)``
+gives the keywords of the unconditional (null-label) call that classifier-free guidance needs. Text-conditioned
+teachers take their prompt embeddings through ``**cond`` (``sidfast.text.TextConditioner`` computes them and
+their null, empty-prompt, condition).
 No adapter syncs with the host in ``forward``, so all of them can be compiled and captured in CUDA graphs.
 """
 from __future__ import annotations
@@ -104,6 +108,34 @@ class Denoiser(nn.Module):
         inner = _name_of(self.network)
         return f"{self.name} ({inner})" if self.name else inner
 
+    label_format = "onehot"
+
+    @property
+    def num_classes(self) -> int:
+        """Classes a label may name (0 for an unconditional or text-conditioned network)."""
+        return infer_num_classes(self.network)
+
+    def labels(self, idx: torch.Tensor) -> torch.Tensor:
+        """Class indices ``idx`` (B,) in this network's label format; a ValueError for an index out of range."""
+        if not self.num_classes:
+            raise ValueError(f"{self.label()} is not class-conditional: it takes no class labels")
+        return format_labels(idx, self.num_classes, self.label_format)
+
+    def null_labels(self, batch: int, device=None) -> torch.Tensor:
+        """The labels that mean "no class" (B of them), for the unconditional call of guidance."""
+        raise ValueError(self._no_guidance())
+
+    def null_condition(self, batch: int, device=None) -> dict:
+        """Keywords of the unconditional call: ``den(x, sigma, **den.null_condition(B))``."""
+        return {"class_labels": self.null_labels(batch, device)}
+
+    def _no_guidance(self) -> str:
+        config = getattr(self.network, "config", None)
+        if getattr(config, "cross_attention_dim", None) or getattr(config, "joint_attention_dim", None):
+            return (f"{self.label()} is text-conditioned: its null condition is the empty prompt's embedding "
+                    "(sidfast.text.TextConditioner.null_condition)")
+        return f"{self.label()} is unconditional: classifier-free guidance needs a conditional teacher"
+
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -141,6 +173,23 @@ class EDMDenoiser(Denoiser):
     def network(self):
         return self.net if "net" in self._modules else self._fn
 
+    def null_labels(self, batch: int, device=None) -> torch.Tensor:
+        """All-zero one-hot labels: what EDM's label dropout feeds the network for a dropped label.
+
+        A network that says it was trained without label dropout (``label_dropout == 0``) has never seen them,
+        so it has no unconditional model to guide with: that is a ValueError.
+        """
+        classes = self.num_classes
+        if not classes:
+            raise ValueError(self._no_guidance())
+        for module in _modules_of(self.network):
+            dropout = getattr(module, "label_dropout", None)
+            if isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and dropout == 0:
+                raise ValueError(f"{self.label()} was trained without label dropout (label_dropout=0): its "
+                                 "all-zero label is no unconditional model, so classifier-free guidance is "
+                                 "impossible with it")
+        return torch.zeros(batch, classes, device=device)
+
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
         net = self.network
         if class_labels is not None or self._takes_labels:
@@ -175,10 +224,16 @@ class DiffusersDenoiser(Denoiser):
         schedule: the ``VPSchedule`` the network was trained on.
         prediction: "eps", "v" or "x0" (diffusers' "epsilon", "v_prediction", "sample" accepted).
         learned_variance: the network outputs ``2 * C`` channels (mean, variance); keep the first ``C``.
+        null_class: for a class-conditional network (``num_class_embeds``) trained with label dropout, the
+            index it was given for a dropped label; it must be the last embedding, so the network has
+            ``num_class_embeds - 1`` classes. Without it all ``num_class_embeds`` are classes and guidance is
+            impossible.
     """
 
+    label_format = "index"
+
     def __init__(self, unet, schedule: VPSchedule, prediction: str, learned_variance: bool = False,
-                 name: str | None = None):
+                 null_class: int | None = None, name: str | None = None):
         super().__init__(name)
         if not callable(unet):
             raise TypeError(f"unet must be an nn.Module or a callable, got {type(unet).__name__}")
@@ -194,6 +249,15 @@ class DiffusersDenoiser(Denoiser):
         self.unet = unet
         self.schedule = schedule
         self.learned_variance = bool(learned_variance)
+        embeds = getattr(config, "num_class_embeds", None)
+        if null_class is not None:
+            if not embeds:
+                raise ValueError(f"null_class={null_class!r} for {_name_of(unet)}, which has no class embedding "
+                                 "(num_class_embeds is not set)")
+            if isinstance(null_class, bool) or not isinstance(null_class, int) or null_class != embeds - 1:
+                raise ValueError(f"null_class must be the last class embedding, {embeds - 1} (num_class_embeds "
+                                 f"{embeds} = classes + the null class), got {null_class!r}")
+        self.null_class = null_class
         ac = schedule.alphas_cumprod
         log_sigma = 0.5 * (torch.log1p(-ac) - torch.log(ac))  # log sqrt((1 - abar) / abar), rising in t
         if not bool((log_sigma[1:] > log_sigma[:-1]).all()):
@@ -211,10 +275,25 @@ class DiffusersDenoiser(Denoiser):
     def network(self):
         return self.unet
 
+    @property
+    def num_classes(self) -> int:
+        embeds = infer_num_classes(self.unet)
+        return embeds - 1 if self.null_class is not None else embeds
+
+    def null_labels(self, batch: int, device=None) -> torch.Tensor:
+        """``null_class`` for every sample (the index the network was trained with for a dropped label)."""
+        if self.null_class is None:
+            if infer_num_classes(self.unet):
+                raise ValueError(f"{self.label()} has no null class: classifier-free guidance needs a network "
+                                 "trained with label dropout; pass null_class= (its index for a dropped label, "
+                                 "the last class embedding) if it was, otherwise guidance is impossible with it")
+            raise ValueError(self._no_guidance())
+        return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
+
     @classmethod
     def from_pretrained(cls, path, prediction: str | None = None, schedule: VPSchedule | None = None,
                         subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
-                        name: str | None = None) -> "DiffusersDenoiser":
+                        null_class: int | None = None, name: str | None = None) -> "DiffusersDenoiser":
         """Load a local directory written by diffusers' ``save_pretrained``.
 
         Accepted layouts: a pipeline directory (``model_index.json``, ``unet/``, ``scheduler/``), or a model
@@ -277,7 +356,8 @@ class DiffusersDenoiser(Denoiser):
         variance = getattr(getattr(scheduler, "config", None), "variance_type", None)
         kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
         unet = model_cls.from_pretrained(str(model_dir), **kw)
-        return cls(unet, schedule, prediction, learned_variance=variance in ("learned", "learned_range"), name=name)
+        return cls(unet, schedule, prediction, learned_variance=variance in ("learned", "learned_range"),
+                   null_class=null_class, name=name)
 
     def timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
         """Continuous timesteps ``t`` (B,) float32 with ``sigma_t = sigma``, clamped to the table's range."""
@@ -304,6 +384,42 @@ class DiffusersDenoiser(Denoiser):
         return predictions.to_x0(out, x_vp, a, s, self.prediction).to(x.dtype)
 
 
+# How diffusers' flow-matching transformers are called: the time keyword, the scale of the time they take (SD3's
+# pipeline passes sigma * 1000; FLUX's passes sigma and the model multiplies by 1000 inside), and whether the
+# latents are packed into 2x2 patches outside the model (FLUX's pipeline does that in ``_pack_latents``).
+FLOW_MODELS = {
+    "SD3Transformer2DModel": {"time_arg": "timestep", "time_scale": 1000.0, "pack": False},
+    "FluxTransformer2DModel": {"time_arg": "timestep", "time_scale": 1.0, "pack": True},
+}
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): FLUX's 2x2 patch tokens, in ``FluxPipeline._pack_latents``'s order."""
+    b, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX latents need an even height and width to pack into 2x2 patches, got {h}x{w}")
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of ``pack_latents``: (B, H/2 * W/2, 4C) -> (B, C, H, W)."""
+    b, n, d = tokens.shape
+    if n != (height // 2) * (width // 2) or d % 4:
+        raise ValueError(f"cannot unpack {n} tokens of width {d} into a {height}x{width} latent")
+    x = tokens.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """FLUX's (H/2 * W/2, 3) rotary position ids of the packed tokens: (0, row, column) per token."""
+    rows = torch.arange(height // 2, device=device, dtype=dtype)
+    cols = torch.arange(width // 2, device=device, dtype=dtype)
+    ids = torch.stack([torch.zeros(height // 2, width // 2, device=device, dtype=dtype),
+                       rows[:, None].expand(-1, width // 2), cols[None, :].expand(height // 2, -1)], dim=-1)
+    return ids.reshape(-1, 3)
+
+
 class FlowDenoiser(Denoiser):
     """A flow-matching network (predicts ``eps - x0`` at ``x_flow = (1 - t) x0 + t eps``) as an EDM denoiser.
 
@@ -311,12 +427,22 @@ class FlowDenoiser(Denoiser):
     ``model(x_flow, t * time_scale, **cond)`` (``time_arg`` names the time keyword for models whose second
     positional parameter is not the time, e.g. SD3's ``timestep``), ``.sample`` unwrapped if present, and
     ``x0_hat = x_flow - t * pred`` (``docs/math.md``, "Predictions", flow row).
+
+    diffusers' ``SD3Transformer2DModel`` and ``FluxTransformer2DModel`` get their calling convention from
+    ``FLOW_MODELS`` (explicit arguments override it). SD3 takes ``encoder_hidden_states`` and
+    ``pooled_projections`` in ``cond``. FLUX takes the same; the adapter packs ``x_flow`` into 2x2 patch tokens
+    and unpacks the output, so callers see (B, C, H, W) latents, and supplies ``img_ids`` and ``txt_ids``
+    (all zeros, one row per text token) unless ``cond`` has them. A guidance-distilled FLUX
+    (``guidance_embeds``) also embeds a guidance scale: ``guidance`` here, or a (B,) ``guidance`` in ``cond``.
     """
 
-    def __init__(self, model, time_scale: float = 1000.0, time_arg: str | None = None, name: str | None = None):
+    def __init__(self, model, time_scale: float | None = None, time_arg: str | None = None,
+                 guidance: float | None = None, pack: bool | None = None, name: str | None = None):
         super().__init__(name)
         if not callable(model):
             raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+        known = FLOW_MODELS.get(type(model).__name__, {}) if _is_diffusers_model(model) else {}
+        time_scale = known.get("time_scale", 1000.0) if time_scale is None else time_scale
         if isinstance(time_scale, bool) or not isinstance(time_scale, numbers.Real) or not time_scale > 0:
             raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
         if isinstance(model, nn.Module):
@@ -324,11 +450,63 @@ class FlowDenoiser(Denoiser):
         else:
             self._fn = model
         self.time_scale = float(time_scale)
-        self.time_arg = time_arg
+        self.time_arg = known.get("time_arg") if time_arg is None else time_arg
+        self.pack = bool(known.get("pack", False) if pack is None else pack)
+        self.embeds_guidance = bool(getattr(getattr(model, "config", None), "guidance_embeds", False))
+        if guidance is not None:
+            if not self.embeds_guidance:
+                raise ValueError(f"guidance={guidance!r} for {_name_of(model)}, which embeds no guidance scale "
+                                 "(config.guidance_embeds is not set)")
+            if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+                raise ValueError(f"guidance must be a number, got {guidance!r}")
+        self.guidance = None if guidance is None else float(guidance)
 
     @property
     def network(self):
         return self.model if "model" in self._modules else self._fn
+
+    @classmethod
+    def from_pretrained(cls, path, subfolder: str | None = None, torch_dtype: torch.dtype | None = None,
+                        guidance: float | None = None, name: str | None = None) -> "FlowDenoiser":
+        """Load a diffusers flow-matching model saved with ``save_pretrained``: a model directory, or a pipeline
+        directory whose ``transformer/`` (or ``subfolder``) holds it."""
+        import diffusers
+
+        root = Path(path)
+        model_dir = root / subfolder if subfolder else root
+        if subfolder is None and not (root / "config.json").is_file():
+            model_dir = root / "transformer"
+        config = model_dir / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"no model config: {str(config)!r} does not exist")
+        class_name = json.loads(config.read_text()).get("_class_name")
+        model_cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+        if model_cls is None or not hasattr(model_cls, "from_pretrained"):
+            raise ValueError(f"{str(config)!r} names model class {class_name!r}, which diffusers does not have")
+        kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        return cls(model_cls.from_pretrained(str(model_dir), **kw), guidance=guidance, name=name)
+
+    def _packed_inputs(self, x_flow: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict]:
+        """FLUX's token inputs: the packed latents, and the position ids and guidance ``cond`` lacks."""
+        channels = getattr(getattr(self.network, "config", None), "in_channels", None)
+        if channels is not None and 4 * x_flow.shape[1] != channels:
+            raise ValueError(f"{self.label()} takes {channels} channels per packed 2x2 token, i.e. latents of "
+                             f"{channels // 4} channels; got {x_flow.shape[1]}")
+        cond = dict(cond)
+        if "img_ids" not in cond:
+            cond["img_ids"] = latent_image_ids(x_flow.shape[2], x_flow.shape[3], x_flow.device, x_flow.dtype)
+        if "txt_ids" not in cond:
+            context = cond.get("encoder_hidden_states")
+            if context is None:
+                raise ValueError(f"{self.label()} needs encoder_hidden_states (the prompt embeddings)")
+            cond["txt_ids"] = torch.zeros(context.shape[1], 3, device=x_flow.device, dtype=x_flow.dtype)
+        if self.embeds_guidance and "guidance" not in cond:
+            if self.guidance is None:
+                raise ValueError(f"{self.label()} is guidance-distilled (guidance_embeds): give the guidance "
+                                 "scale it embeds, FlowDenoiser(..., guidance=3.5) or guidance= in the call")
+            cond["guidance"] = torch.full((x_flow.shape[0],), self.guidance, device=x_flow.device,
+                                          dtype=torch.float32)
+        return pack_latents(x_flow), cond
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
         sig = sigma_per_sample(sigma, x)
@@ -337,11 +515,17 @@ class FlowDenoiser(Denoiser):
         if class_labels is not None:
             cond = dict(cond, class_labels=class_labels)
         time = t * self.time_scale
+        hidden = x_flow
+        if self.pack:
+            hidden, cond = self._packed_inputs(x_flow, cond)
         if self.time_arg is None:
-            out = self.network(x_flow, time, **cond)
+            out = self.network(hidden, time, **cond)
         else:
-            out = self.network(x_flow, **{self.time_arg: time}, **cond)
-        out = check_output(self.label(), _unwrap(out), x)
+            out = self.network(hidden, **{self.time_arg: time}, **cond)
+        out = _unwrap(out)
+        if self.pack and isinstance(out, torch.Tensor) and out.dim() == 3:
+            out = unpack_latents(out, x.shape[2], x.shape[3])
+        out = check_output(self.label(), out, x)
         return predictions.to_x0(out, x_flow, 1 - t, t, "flow").to(x.dtype)
 
 
@@ -443,8 +627,18 @@ def infer_num_classes(net) -> int:
     return 0
 
 
-def format_labels(idx: torch.Tensor, num_classes: int, fmt: str) -> torch.Tensor:
-    """Class indices ``idx`` (n,) as the network takes them: (n, K) one-hot float (EDM) or the indices."""
+def format_labels(idx: torch.Tensor, num_classes: int, fmt: str, check: bool = True) -> torch.Tensor:
+    """Class indices ``idx`` (n,) as the network takes them: (n, K) one-hot float (EDM) or the indices.
+
+    ``check`` raises a ValueError for an index outside ``[0, num_classes)`` (a host sync on a GPU tensor).
+    """
+    if check:
+        if not isinstance(idx, torch.Tensor) or idx.dtype.is_floating_point or idx.dtype.is_complex:
+            raise TypeError(f"class labels must be an integer tensor of class indices, got {idx!r}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_classes):
+            bad = idx[(idx < 0) | (idx >= num_classes)].flatten()[0].item()
+            raise ValueError(f"class label {bad} is out of range: the network has {num_classes} classes "
+                             f"(0 to {num_classes - 1})")
     if fmt == "onehot":
         return nn.functional.one_hot(idx, num_classes).float()
     if fmt == "index":
@@ -457,9 +651,10 @@ def draw_labels(n: int, num_classes: int, fmt: str, device, generator: torch.Gen
     if not num_classes:
         return None
     idx = torch.randint(num_classes, (n,), device=device, generator=generator)
-    return format_labels(idx, num_classes, fmt)
+    return format_labels(idx, num_classes, fmt, check=False)  # in range by construction, no host sync
 
 
-__all__ = ["Denoiser", "EDMDenoiser", "DiffusersDenoiser", "FlowDenoiser", "MissingSchedulerConfig",
+__all__ = ["Denoiser", "EDMDenoiser", "DiffusersDenoiser", "FlowDenoiser", "MissingSchedulerConfig", "FLOW_MODELS",
+           "pack_latents", "unpack_latents", "latent_image_ids",
            "as_denoiser", "load_entry_point", "check_output", "sigma_per_sample", "infer_image_shape",
            "infer_num_classes", "format_labels", "draw_labels"]

@@ -25,6 +25,7 @@ class OneConvEDM(nn.Module):
         super().__init__()
         self.f = nn.Conv2d(channels, channels, 1)
         self.emb = nn.Linear(label_dim, channels) if label_dim else None
+        self.label_dim = label_dim
 
     def forward(self, x, sigma, class_labels=None):
         sigma = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
@@ -446,3 +447,67 @@ def test_load_entry_point(tmp_path, monkeypatch):
         load_entry_point("my_nets:NOT_CALLABLE")
     with pytest.raises(ValueError, match="None"):
         load_entry_point("my_nets:nothing")
+
+
+# ---------- class labels and the null condition of guidance ----------
+
+def test_edm_labels_and_null_labels_are_one_hot_and_zeros():
+    den = EDMDenoiser(OneConvEDM(3, label_dim=4))
+    assert den.num_classes == 4 and den.label_format == "onehot"
+    torch.testing.assert_close(den.labels(torch.tensor([1, 3])), torch.eye(4)[[1, 3]])
+    null = den.null_condition(2)
+    assert set(null) == {"class_labels"} and torch.equal(null["class_labels"], torch.zeros(2, 4))
+    x, sigma = torch.randn(2, 3, 4, 4), torch.tensor([0.3, 7.0])
+    # the null label is what EDM's label dropout feeds for a dropped label: an all-zero one-hot vector
+    torch.testing.assert_close(den(x, sigma, **null), den.net(x, sigma, torch.zeros(2, 4)), rtol=0, atol=0)
+    assert not torch.allclose(den(x, sigma, **null), den(x, sigma, den.labels(torch.tensor([1, 3]))))
+    with pytest.raises(ValueError, match="class label 4 is out of range.*4 classes"):
+        den.labels(torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="class label -1"):
+        den.labels(torch.tensor([-1]))
+    with pytest.raises(TypeError, match="integer"):
+        den.labels(torch.tensor([1.0]))
+
+
+def test_edm_null_labels_refused_without_label_dropout_and_on_unconditional_networks():
+    net = OneConvEDM(3, label_dim=4)
+    net.label_dropout = 0
+    with pytest.raises(ValueError, match="without label dropout.*impossible"):
+        EDMDenoiser(net).null_condition(2)
+    net.label_dropout = 0.1
+    assert EDMDenoiser(net).null_labels(2).shape == (2, 4)
+    with pytest.raises(ValueError, match="unconditional.*conditional teacher"):
+        EDMDenoiser(OneConvEDM(3)).null_condition(2)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        EDMDenoiser(OneConvEDM(3)).labels(torch.tensor([0]))
+
+
+def test_diffusers_null_class_is_the_last_embedding():
+    unet = tiny_diffusers_unet(num_class_embeds=5).double()
+    den = DiffusersDenoiser(unet, VPSchedule.linear(), "eps", null_class=4)
+    assert den.num_classes == 4 and den.label_format == "index"
+    assert torch.equal(den.null_labels(3), torch.full((3,), 4))
+    assert torch.equal(den.labels(torch.tensor([0, 3])), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="class label 4 is out of range"):
+        den.labels(torch.tensor([4]))  # the null class is no class a sample may be drawn from
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    sigma = torch.tensor([0.5, 2.0, 9.0], dtype=torch.float64)
+    with torch.no_grad():
+        out = den(x, sigma, **den.null_condition(3))
+        ref = den(x, sigma, torch.full((3,), 4))
+        cond = den(x, sigma, den.labels(torch.tensor([0, 1, 2])))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert not torch.allclose(out, cond)
+
+
+def test_diffusers_null_class_errors():
+    unet = tiny_diffusers_unet(num_class_embeds=5)
+    with pytest.raises(ValueError, match="no null class.*label dropout.*impossible"):
+        DiffusersDenoiser(unet, VPSchedule.linear(), "eps").null_condition(2)
+    assert DiffusersDenoiser(unet, VPSchedule.linear(), "eps").num_classes == 5
+    with pytest.raises(ValueError, match="last class embedding, 4"):
+        DiffusersDenoiser(unet, VPSchedule.linear(), "eps", null_class=0)
+    with pytest.raises(ValueError, match="no class embedding"):
+        DiffusersDenoiser(tiny_diffusers_unet(), VPSchedule.linear(), "eps", null_class=0)
+    with pytest.raises(ValueError, match="unconditional"):
+        DiffusersDenoiser(tiny_diffusers_unet(), VPSchedule.linear(), "eps").null_condition(2)
