@@ -76,7 +76,7 @@ class LoRALayer(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        return getattr(self.base, "bias", None)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -124,7 +124,8 @@ class LoRALinear(LoRALayer):
 
 class LoRAConv2d(LoRALayer):
     """``nn.Conv2d`` plus ``scale * B A``: A a conv with the base's kernel, stride, padding and dilation to r
-    channels, B a 1x1 conv back to the output channels (zeros). Grouped convolutions are not wrapped."""
+    channels, B a 1x1 conv back to the output channels (zeros). Grouped or padded-otherwise convolutions
+    take ``LoRAWeight``."""
 
     def __init__(self, base: nn.Conv2d, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
                  mode: str = "on"):
@@ -175,9 +176,9 @@ class LoRAWeight(LoRALayer):
             raise TypeError(f"LoRAWeight needs a module with a weight parameter of 2 or more dimensions, got "
                             f"{type(base).__name__}")
         if dropout:
-            raise ValueError(f"dropout must be 0 for a {type(base).__name__} layer: the update is merged into "
-                             "its weight, so there is no low-rank branch input to drop (only nn.Linear and "
-                             "nn.Conv2d layers take LoRA dropout)")
+            raise ValueError(f"dropout must be 0 for a {type(base).__name__} layer: the update is merged "
+                             "into its weight, so there is no low-rank branch input to drop (only "
+                             "nn.Linear and nn.Conv2d layers take LoRA dropout)")
         super().__init__(base, rank, alpha, dropout, mode)
         fan_in = w[0].numel()
         r = min(rank, fan_in, w.shape[0])
@@ -224,8 +225,8 @@ def _wrap(name: str, module: nn.Module, rank: int, alpha: float | None, dropout:
         return fast(module, rank, alpha, dropout, mode)
     w = getattr(module, "weight", None)
     if not isinstance(w, nn.Parameter) or w.dim() < 2:
-        raise TypeError(f"LoRA target {name} is a {type(module).__name__}, which holds no weight parameter of "
-                        "2 or more dimensions")
+        raise TypeError(f"LoRA target {name} is a {type(module).__name__}, which holds no weight parameter "
+                        "of 2 or more dimensions")
     return LoRAWeight(module, rank, alpha, dropout, mode)
 
 
@@ -311,8 +312,8 @@ def merge_lora(module: nn.Module) -> nn.Module:
 
 
 class LoRADenoiser(Denoiser):
-    """A Denoiser that is ``add_lora(net)`` in mode "on": ``net``'s weights shared and frozen, the LoRA factors
-    its only trainable parameters (``lora_parameters()``).
+    """A Denoiser that is ``add_lora(net)`` in mode "on": ``net``'s weights shared and frozen, the LoRA
+    factors its only trainable parameters (``lora_parameters()``).
 
     ``requires_grad_`` reaches the factors only: the shared weights are ``net``'s, and an optimizer stepping
     them would change ``net``. ``train(mode)`` switches the LoRA layers (their dropout) and, when

@@ -177,8 +177,9 @@ def _sd3():
 def _flux():
     diffusers = pytest.importorskip("diffusers")
     flux = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
-                                            pooled_projection_dim=6, axes_dims_rope=(2, 2, 4))
+                                            attention_head_dim=8, num_attention_heads=2,
+                                            joint_attention_dim=12, pooled_projection_dim=6,
+                                            axes_dims_rope=(2, 2, 4))
     # ids are per token, shared by the batch: not doubled (_double only doubles batch-first tensors)
     cond = dict(encoder_hidden_states=torch.randn(2, 5, 12), pooled_projections=torch.randn(2, 6),
                 img_ids=torch.randn(16, 3), txt_ids=torch.randn(5, 3))
