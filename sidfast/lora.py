@@ -51,7 +51,7 @@ LORA_LAYER_MODES = ("on", "off", "split")
 
 class LoRALayer(nn.Module):
     """Base of the LoRA wrappers: the (shared, frozen) ``base`` layer plus ``lora_A``, ``lora_B``,
-    ``scale``."""
+    ``scale``; other attributes are read from ``base``."""
 
     base: nn.Module
 
@@ -70,13 +70,15 @@ class LoRALayer(nn.Module):
         self.dropout = float(dropout)
         self.mode = mode
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.base, "bias", None)
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks are the base layer's (``weight``, ``in_features``, ...): the network
+        around it may read them, as EDM's ``SongUNet`` reads ``map_label.in_features``."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError

@@ -70,6 +70,7 @@ class MatmulLinear(nn.Module):
 
     def __init__(self, cin, cout):
         super().__init__()
+        self.in_features = cin
         self.weight = nn.Parameter(torch.randn(cout, cin) / math.sqrt(cin))
         self.bias = nn.Parameter(torch.randn(cout) * 0.1)
 
@@ -99,7 +100,8 @@ class SelfAttention(nn.Module):
 
 
 class EDMStyleNet(nn.Module):
-    """``net(x, sigma, class_labels) -> x0`` with EDM preconditioning, built from the layer classes above."""
+    """``net(x, sigma, class_labels) -> x0`` with EDM preconditioning, built from the layer classes above; it
+    reads a layer's attribute (``label.in_features``) as EDM's networks do."""
 
     def __init__(self, channels=3, hidden=6, label_dim=4):
         super().__init__()
@@ -119,7 +121,7 @@ class EDMStyleNet(nn.Module):
         c_in = 1 / (sigma ** 2 + 0.25).sqrt()
         c_skip = 0.25 / (sigma ** 2 + 0.25)
         c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
-        e = F.silu(self.emb(sigma.log() / 4) + self.label(class_labels.to(x.dtype)))
+        e = F.silu(self.emb(sigma.log() / 4) + self.label(class_labels.to(x.dtype) * math.sqrt(self.label.in_features)))
         h = F.silu(self.conv_in(x * c_in.reshape(-1, 1, 1, 1)) + e[:, :, None, None])
         d = F.silu(self.down_fused(F.silu(self.down(h))))
         d = d + self.proj(self.attn(d).flatten(2).transpose(1, 2)).transpose(1, 2).reshape(d.shape)
