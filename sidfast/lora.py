@@ -165,6 +165,12 @@ def _split_batch(args: tuple, kwargs: dict, n: int, h: int):
             for part in (0, 1)]
 
 
+def _matrix_weight(module: nn.Module) -> nn.Parameter | None:
+    """``module.weight`` if it is a parameter of 2 or more dimensions, else None."""
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, nn.Parameter) and w.dim() >= 2 else None
+
+
 class LoRAWeight(LoRALayer):
     """Any module holding a ``weight`` (out, ...) that its forward uses as a linear map or convolution, run
     with ``W + scale * B A``: A (r, weight[0].numel()) Kaiming-uniform, B (out, r) zeros, ``B A`` reshaped
@@ -173,8 +179,8 @@ class LoRAWeight(LoRALayer):
 
     def __init__(self, base: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
                  mode: str = "on"):
-        w = getattr(base, "weight", None)
-        if not isinstance(w, nn.Parameter) or w.dim() < 2:
+        w = _matrix_weight(base)
+        if w is None:
             raise TypeError(f"LoRAWeight needs a module with a weight parameter of 2 or more dimensions, got "
                             f"{type(base).__name__}")
         if dropout:
@@ -225,8 +231,7 @@ def _wrap(name: str, module: nn.Module, rank: int, alpha: float | None, dropout:
     fast = _fast_class(module)
     if fast is not None:
         return fast(module, rank, alpha, dropout, mode)
-    w = getattr(module, "weight", None)
-    if not isinstance(w, nn.Parameter) or w.dim() < 2:
+    if _matrix_weight(module) is None:
         raise TypeError(f"LoRA target {name} is a {type(module).__name__}, which holds no weight parameter "
                         "of 2 or more dimensions")
     return LoRAWeight(module, rank, alpha, dropout, mode)
