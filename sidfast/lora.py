@@ -1,22 +1,35 @@
-"""A low-rank (LoRA) fake score over the frozen teacher's shared weights.
+"""Low-rank (LoRA) networks over a frozen network's shared weights: the LoRA fake score and generator.
 
 The SiD fake score starts as a copy of the teacher (``docs/math.md``, "Published recipe"). Here it is
 instead the teacher's own weights, shared (never copied) and frozen (``sidfast.views.frozen_view``), plus
-a trainable low-rank update on its ``nn.Linear`` and ``nn.Conv2d`` layers (Hu et al. 2021, eq. 3:
-``W' = W + (alpha / r) B A``, ``B`` zero-initialised so the fake score starts equal to the teacher).
-This removes a full network copy and its optimizer state.
+a trainable low-rank update of every layer's ``weight`` (Hu et al. 2021, eq. 3: ``W' = W + (alpha / r) B A``,
+``B`` zero-initialised so the fake score starts equal to the teacher). This removes a full network copy
+and its optimizer state. The same construction over the generator's network is the LoRA generator.
+
+Which layers: any module holding a ``weight`` parameter of two or more dimensions that its forward uses
+linearly (a matmul or a convolution), whatever its class: ``nn.Linear`` / ``nn.Conv2d``, the ``Linear``
+and ``Conv2d`` classes of EDM's ``SongUNet`` / ``DhariwalUNet`` (with resampling fused around the
+convolution), diffusers' U-Nets and DiT transformers. Two wrappers:
+
+- ``LoRALinear`` / ``LoRAConv2d`` (``nn.Linear`` and ungrouped zero-padded ``nn.Conv2d``): the update is a
+  low-rank path on the layer's input, ``y = W x + scale B (A x)``, which never forms ``B A``; its backward
+  gives the factors' gradients without the (out x in) weight gradient.
+- ``LoRAWeight`` (every other such module): the module's own forward runs with its ``weight`` swapped for
+  ``W + scale B A`` (``torch.func.functional_call``), so the update goes exactly where the module uses its
+  weight, after any resampling, cast or transpose it applies first.
 
 Every LoRA layer has a fixed ``mode``:
 
-- ``"on"``: ``y = W x + (alpha/r) B A x`` (the fake score alone);
-- ``"off"``: ``y = W x`` (the teacher);
-- ``"split"``: the batch is ``[teacher half; fake half]``; ``W x`` is computed once over the whole doubled
-  batch and the low-rank delta only over the fake half, then added to that half. One forward of the
-  shared network thus evaluates teacher and fake score together.
+- ``"on"``: the layer with ``W + scale B A`` (the fake score alone);
+- ``"off"``: the layer with ``W`` (the teacher);
+- ``"split"``: the batch is ``[teacher half; fake half]``: the teacher half sees ``W``, the fake half
+  ``W + scale B A``, in one call of the shared network. ``LoRALinear`` / ``LoRAConv2d`` compute ``W x``
+  once over the doubled batch and add the low-rank path to the fake half; ``LoRAWeight`` calls the module
+  once per half (the second with the swapped weight), the same work as the two networks apart.
 
 Modes are fixed per module tree (``set_lora_mode``) rather than switched per call, so compiled code
 and captured CUDA graphs never see a mode change. Layer inputs are assumed batch-first (true of
-convolutions and of the linear layers in diffusers' and EDM's U-Nets); ``merge_lora`` gives a plain
+convolutions and of the linear layers in diffusers' and EDM's networks); ``merge_lora`` gives a plain
 network with the merged weights to check that assumption on a new architecture.
 """
 from __future__ import annotations
@@ -28,6 +41,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .denoisers import Denoiser
 from .views import frozen_view
@@ -37,7 +51,7 @@ LORA_LAYER_MODES = ("on", "off", "split")
 
 class LoRALayer(nn.Module):
     """Base of the LoRA wrappers: the (shared, frozen) ``base`` layer plus ``lora_A``, ``lora_B``,
-    ``scale``."""
+    ``scale``; other attributes are read from ``base``."""
 
     base: nn.Module
 
@@ -56,13 +70,15 @@ class LoRALayer(nn.Module):
         self.dropout = float(dropout)
         self.mode = mode
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks are the base layer's (``weight``, ``in_features``, ...): the network
+        around it may read them, as EDM's ``SongUNet`` reads ``map_label.in_features``."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -110,7 +126,8 @@ class LoRALinear(LoRALayer):
 
 class LoRAConv2d(LoRALayer):
     """``nn.Conv2d`` plus ``scale * B A``: A a conv with the base's kernel, stride, padding and dilation to r
-    channels, B a 1x1 conv back to the output channels (zeros). Grouped convolutions are not wrapped."""
+    channels, B a 1x1 conv back to the output channels (zeros). Grouped or padded-otherwise convolutions
+    take ``LoRAWeight``."""
 
     def __init__(self, base: nn.Conv2d, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
                  mode: str = "on"):
@@ -136,9 +153,95 @@ class LoRAConv2d(LoRALayer):
         return self.scale * torch.einsum("or,rikl->oikl", self.lora_B[:, :, 0, 0], self.lora_A)
 
 
-def _default_target(name: str, module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
-                                            and module.padding_mode == "zeros")
+def _split_batch(args: tuple, kwargs: dict, n: int, h: int):
+    """(teacher-half, fake-half) copies of a call's arguments: tensors with batch ``n`` split at ``h``,
+    anything else passed to both halves."""
+    def half(v, part):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+            return v[:h] if part == 0 else v[h:]
+        return v
+
+    return [(tuple(half(v, part) for v in args), {k: half(v, part) for k, v in kwargs.items()})
+            for part in (0, 1)]
+
+
+def _matrix_weight(module: nn.Module) -> nn.Parameter | None:
+    """``module.weight`` if it is a parameter of 2 or more dimensions, else None."""
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, nn.Parameter) and w.dim() >= 2 else None
+
+
+class LoRAWeight(LoRALayer):
+    """Any module holding a ``weight`` (out, ...) that its forward uses as a linear map or convolution, run
+    with ``W + scale * B A``: A (r, weight[0].numel()) Kaiming-uniform, B (out, r) zeros, ``B A`` reshaped
+    to the weight's shape. The module's own forward does the rest (its stride, padding, groups, resampling,
+    bias, casts), so the update is exact for any such class."""
+
+    def __init__(self, base: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
+                 mode: str = "on"):
+        w = _matrix_weight(base)
+        if w is None:
+            raise TypeError(f"LoRAWeight needs a module with a weight parameter of 2 or more dimensions, got "
+                            f"{type(base).__name__}")
+        if dropout:
+            raise ValueError(f"dropout must be 0 for a {type(base).__name__} layer: the update is merged "
+                             "into its weight, so there is no low-rank branch input to drop (only "
+                             "nn.Linear and nn.Conv2d layers take LoRA dropout)")
+        super().__init__(base, rank, alpha, dropout, mode)
+        fan_in = w[0].numel()
+        r = min(rank, fan_in, w.shape[0])
+        self.lora_A = nn.Parameter(torch.empty(r, fan_in, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.scale * (self.lora_B @ self.lora_A)).reshape(self.base.weight.shape)
+
+    def _merged(self, args: tuple, kwargs: dict):
+        w = self.base.weight
+        return functional_call(self.base, {"weight": w + self.delta_weight().to(w.dtype)}, args, kwargs)
+
+    def forward(self, *args, **kwargs):
+        if self.mode == "off":
+            return self.base(*args, **kwargs)
+        if self.mode == "on":
+            return self._merged(args, kwargs)
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] % 2:
+            raise ValueError("LoRA split mode needs a doubled batch [teacher; fake] as the first argument, "
+                             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        teacher, fake = _split_batch(args, kwargs, x.shape[0], x.shape[0] // 2)
+        return torch.cat([self.base(*teacher[0], **teacher[1]), self._merged(*fake)], 0)
+
+
+def _fast_class(module: nn.Module):
+    """``LoRALinear`` / ``LoRAConv2d`` for an ``nn.Linear`` / ungrouped zero-padded ``nn.Conv2d`` whose class
+    keeps the stock forward (a subclass may resample or rescale around it), else None."""
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return LoRALinear
+    if (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
+            and type(module)._conv_forward is nn.Conv2d._conv_forward and module.groups == 1
+            and module.padding_mode == "zeros"):
+        return LoRAConv2d
+    return None
+
+
+def _wrap(name: str, module: nn.Module, rank: int, alpha: float | None, dropout: float,
+          mode: str) -> LoRALayer:
+    fast = _fast_class(module)
+    if fast is not None:
+        return fast(module, rank, alpha, dropout, mode)
+    if _matrix_weight(module) is None:
+        raise TypeError(f"LoRA target {name} is a {type(module).__name__}, which holds no weight parameter "
+                        "of 2 or more dimensions")
+    return LoRAWeight(module, rank, alpha, dropout, mode)
+
+
+def default_target(name: str, module: nn.Module) -> bool:
+    """Every module holding its own ``weight`` parameter of two or more dimensions, except embeddings (a
+    table lookup, not a linear map of the input)."""
+    w = module._parameters.get("weight")
+    return w is not None and w.dim() >= 2 and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
 
 
 def add_lora(net: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
@@ -146,31 +249,30 @@ def add_lora(net: nn.Module, rank: int = 64, alpha: float | None = None, dropout
     """A new module tree: ``net``'s weights shared and frozen (``frozen_view``), LoRA on the targeted layers.
 
     Args:
-        net: the teacher (any nn.Module, e.g. a ``sidfast.denoisers.Denoiser``); it is not modified.
+        net: the network (any nn.Module, e.g. a ``sidfast.denoisers.Denoiser``); it is not modified.
         rank: r (clamped per layer to the layer's smaller side); alpha: scale numerator (default r, scale 1).
         dropout: dropout on the LoRA branch's input, active in training mode (the shared base runs as in
-            ``net``: keep the teacher in eval mode, its dropout cannot apply to the fake half only).
-        targets: ``(qualified_name, module) -> bool``; default every ``nn.Linear`` and ungrouped
-            ``nn.Conv2d``.
+            ``net``: keep the teacher in eval mode, its dropout cannot apply to the fake half only). Only
+            ``nn.Linear`` / ``nn.Conv2d`` layers have a branch input; with other targets it must be 0.
+        targets: ``(qualified_name, module) -> bool``; default ``default_target`` (every module holding a
+            weight of 2 or more dimensions, embeddings aside).
         mode: the LoRA layers' mode (``LORA_LAYER_MODES``).
     Returns:
         the new tree; its only trainable parameters are the ``lora_A`` / ``lora_B`` of its LoRA layers.
     """
     if any(isinstance(m, LoRALayer) for m in net.modules()):
         raise ValueError("net already holds LoRA layers")
-    targets = targets or _default_target
+    targets = targets or default_target
     view = frozen_view(net)
     chosen = [(name, m) for name, m in view.named_modules() if name and targets(name, m)]
     if not chosen:
         raise ValueError("no layer of net matched the LoRA targets")
+    for (outer, _), (inner, _) in zip(chosen, chosen[1:]):
+        if inner.startswith(outer + "."):
+            # the split mode calls an outer layer once per half, so its inner layers would see one half only
+            raise ValueError(f"LoRA targets {outer} and {inner} are nested: target one of them")
     for name, m in chosen:
-        if isinstance(m, nn.Linear):
-            wrapped = LoRALinear(m, rank, alpha, dropout, mode)
-        elif isinstance(m, nn.Conv2d):
-            wrapped = LoRAConv2d(m, rank, alpha, dropout, mode)
-        else:
-            raise TypeError(f"LoRA target {name} is a {type(m).__name__}; only nn.Linear and nn.Conv2d are "
-                            "supported")
+        wrapped = _wrap(name, m, rank, alpha, dropout, mode)
         parent_name, _, child = name.rpartition(".")
         setattr(view.get_submodule(parent_name) if parent_name else view, child, wrapped)
     return view
@@ -216,20 +318,24 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return out
 
 
-class LoRAFakeScore(Denoiser):
-    """The LoRA fake score as a Denoiser: ``add_lora(teacher)`` in mode "on".
+class LoRADenoiser(Denoiser):
+    """A Denoiser that is ``add_lora(net)`` in mode "on": ``net``'s weights shared and frozen, the LoRA
+    factors its only trainable parameters (``lora_parameters()``).
 
-    ``train(mode)`` switches only the LoRA layers (their dropout); the shared base network always runs in
-    eval mode, as the teacher does, so that one forward over [teacher half; fake half] treats both halves
-    alike.
+    ``requires_grad_`` reaches the factors only: the shared weights are ``net``'s, and an optimizer stepping
+    them would change ``net``. ``train(mode)`` switches the LoRA layers (their dropout) and, when
+    ``base_trains``, the shared base's modules (its dropout) too.
     """
 
-    def __init__(self, teacher: Denoiser, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
-                 targets: Callable[[str, nn.Module], bool] | None = None, name: str | None = "fake score"):
+    base_trains = True
+
+    def __init__(self, net: Denoiser, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
+                 targets: Callable[[str, nn.Module], bool] | None = None, name: str | None = None,
+                 what: str = "net"):
         super().__init__(name)
-        if not isinstance(teacher, Denoiser):
-            raise TypeError(f"teacher must be a sidfast.denoisers.Denoiser, got {type(teacher).__name__}")
-        self.net = add_lora(teacher, rank, alpha, dropout, targets, mode="on")
+        if not isinstance(net, Denoiser):
+            raise TypeError(f"{what} must be a sidfast.denoisers.Denoiser, got {type(net).__name__}")
+        self.net = add_lora(net, rank, alpha, dropout, targets, mode="on")
         self.net.name = name
         self.train(True)
 
@@ -240,11 +346,16 @@ class LoRAFakeScore(Denoiser):
     def label(self) -> str:
         return self.net.label()
 
-    def train(self, mode: bool = True) -> "LoRAFakeScore":
+    def train(self, mode: bool = True) -> "LoRADenoiser":
         self.training = bool(mode)
-        self.net.train(False)
+        self.net.train(bool(mode) and self.base_trains)
         for m in lora_layers(self.net):
             m.training = bool(mode)
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> "LoRADenoiser":
+        for p in lora_parameters(self.net):
+            p.requires_grad_(requires_grad)
         return self
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
@@ -254,5 +365,32 @@ class LoRAFakeScore(Denoiser):
         return lora_parameters(self.net)
 
 
-__all__ = ["LoRAFakeScore", "LoRALayer", "LoRALinear", "LoRAConv2d", "add_lora", "lora_layers",
-           "set_lora_mode", "lora_parameters", "lora_state_dict", "merge_lora", "LORA_LAYER_MODES"]
+class LoRAFakeScore(LoRADenoiser):
+    """The LoRA fake score: ``LoRADenoiser`` over the teacher.
+
+    Its shared base network always runs in eval mode, as the teacher does, so that one forward over
+    [teacher half; fake half] treats both halves alike; ``train(mode)`` switches only the LoRA layers.
+    """
+
+    base_trains = False
+
+    def __init__(self, teacher: Denoiser, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
+                 targets: Callable[[str, nn.Module], bool] | None = None, name: str | None = "fake score"):
+        super().__init__(teacher, rank, alpha, dropout, targets, name, what="teacher")
+
+
+class LoRAGenerator(LoRADenoiser):
+    """A LoRA generator: ``LoRADenoiser`` over the network SiD initialises the generator from (the teacher),
+    sharing its frozen weights; an option to the full trainable copy. Its base runs in train mode when
+    the generator does, as the full generator's would (its dropout acts)."""
+
+    base_trains = True
+
+    def __init__(self, net: Denoiser, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
+                 targets: Callable[[str, nn.Module], bool] | None = None, name: str | None = "generator"):
+        super().__init__(net, rank, alpha, dropout, targets, name)
+
+
+__all__ = ["LoRADenoiser", "LoRAFakeScore", "LoRAGenerator", "LoRALayer", "LoRALinear", "LoRAConv2d",
+           "LoRAWeight", "add_lora", "default_target", "lora_layers", "set_lora_mode", "lora_parameters",
+           "lora_state_dict", "merge_lora", "LORA_LAYER_MODES"]

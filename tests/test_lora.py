@@ -202,7 +202,7 @@ def test_add_lora_targets_and_errors():
         add_lora(teacher, targets=lambda name, m: False)
     with pytest.raises(ValueError, match="already"):
         add_lora(only_linear)
-    with pytest.raises(TypeError, match="only nn.Linear"):
+    with pytest.raises(TypeError, match="net.drop is a Dropout, which holds no weight"):
         add_lora(teacher, targets=lambda name, m: isinstance(m, nn.Dropout))
     with pytest.raises(ValueError, match="mode"):
         set_lora_mode(only_linear, "half")
@@ -248,3 +248,13 @@ def test_lora_on_a_diffusers_unet_split_equals_teacher_and_merged():
         y = split(torch.cat([x, x]), torch.cat([sigma, sigma]))
         _close(y[:2], teacher(x, sigma))
         _close(y[2:], merge_lora(fake)(x, sigma))
+
+
+def test_lora_fake_score_requires_grad_reaches_only_the_factors():
+    """An optimizer over ``parameters()`` after ``requires_grad_(True)`` must not step the teacher's weights."""
+    teacher = EDMDenoiser(SmallUNet()).eval()
+    fake = LoRAFakeScore(teacher, rank=2)
+    fake.requires_grad_(True)
+    assert {id(p) for p in fake.parameters() if p.requires_grad} == {id(p) for p in fake.lora_parameters()}
+    fake.requires_grad_(False)
+    assert not any(p.requires_grad for p in fake.parameters())
