@@ -16,13 +16,19 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 # ---------- markers ----------
 
+def cuda_marks(condition=True, reason="needs a CUDA device"):
+    """The marks of ``requires_cuda`` as a list, for a parameter: ``pytest.param("cuda", marks=cuda_marks())``."""
+    return [pytest.mark.skipif(not (HAS_CUDA and condition), reason=reason), pytest.mark.gpu]
+
+
 def requires_cuda(test=None, *, condition=True, reason="needs a CUDA device"):
     """Mark a test ``gpu`` (``pytest -m gpu`` selects it) and skip it unless CUDA is present and ``condition``
     holds. Use as ``@requires_cuda`` or ``@requires_cuda(condition=..., reason=...)``."""
 
     def mark(obj):
-        obj = pytest.mark.skipif(not (HAS_CUDA and condition), reason=reason)(obj)
-        return pytest.mark.gpu(obj)
+        for m in cuda_marks(condition, reason):
+            obj = m(obj)
+        return obj
 
     return mark if test is None else mark(test)
 
@@ -64,6 +70,27 @@ def float64_network_tolerance(reference: torch.Tensor) -> dict:
     if reference.dtype != torch.float64:
         raise TypeError(f"float64_network_tolerance needs a float64 reference, got {reference.dtype}")
     return dict(atol=rounding_bound(torch.float64, reference.abs().max().item(), NETWORK_ERROR_GROWTH), rtol=0.0)
+
+
+def sid_loss_magnitudes(y_real, y_fake, x_g, alpha, normalize=True):
+    """Float64 magnitudes of the SiD generator loss and its gradients, per element, for ``rounding_bound``.
+
+    With d = y_real - y_fake, e = y_real - x_g and w the normalizer (1 without normalization), the loss
+    l = d (e - alpha d) / w and the gradients (e + (1 - 2 alpha) d) / w, (2 alpha d - e) / w, -d / w
+    (sidfast/reference.py: sid_gradients) are products and quotients of sums. Rounding compounds relative
+    errors through products and quotients and leaves a sum's error relative to the sum of its operands'
+    magnitudes, so an evaluation with k roundings on the way is within rounding_bound(dtype, m, k) of the
+    exact value, m the same expression with every operand replaced by its magnitude: returns
+    (|d| (|e| + |alpha| |d|) / w, (|e| + (1 + 2 |alpha|) |d|) / w), zero in samples with a NaN."""
+    from sidfast import reference
+
+    r, f, x = (t.detach().to(torch.float64) for t in (y_real, y_fake, x_g))
+    keep = reference.broadcast(~reference.nan_rows(r, f, x), x)
+    r, f, x = (torch.where(keep, t, 0.0) for t in (r, f, x))
+    w = reference.broadcast(reference.sid_normalizer(r, x), x) if normalize else 1.0
+    d = (r - f).abs()
+    e = (r - x).abs()
+    return d * (e + abs(alpha) * d) / w, (e + (1 + 2 * abs(alpha)) * d) / w
 
 
 # ---------- test networks (EDM calling convention ``net(x, sigma, class_labels) -> x0``) ----------
