@@ -203,12 +203,19 @@ def test_first_iteration_matches_the_published_loop(tmp_path, num_classes):
     opt_f = torch.optim.Adam(fake.parameters(), lr=1e-3, betas=(0.0, 0.999), eps=1e-8)
     seed_everything(cfg.seed)
     grads_g, grads_f = _published_iteration(teacher, G, fake, cfg, opt_g, opt_f, num_classes)
-    # the fused loss sums in another order than the published arithmetic: compare at float32 accuracy of the whole
+    # Both sides run the same network kernels on the same batch; only the loss differs, whose fused sum and
+    # normalizer w (a mean over N = 16 features) round in another order: a relative error of about N * 2^-24 in
+    # the loss gradient, carried linearly through the networks' backward. 1e-4 of each tensor's scale is 100x that.
     for a, b in list(zip(seen["f"], grads_f)) + list(zip(seen["g"], grads_g)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
     assert any(g.abs().sum() > 0 for g in grads_g)
-    for a, b in zip(res.generator.network.parameters(), G.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Adam's first step (beta1 = 0) moves each weight by lr * g / (|g| + eps): a gradient difference dg moves it by
+    # at most lr * |dg| / eps (capped at 2 lr), plus the rounding of p - step in float32.
+    lr = 1e-3  # cfg.lr
+    eps = 1e-8  # Adam's eps
+    for a, b, ga, gb in zip(res.generator.network.parameters(), G.parameters(), seen["g"], grads_g):
+        bound = torch.clamp(lr * (ga - gb).abs() / eps, max=2 * lr) + 4 * 2.0 ** -24 * b.abs() + 1e-12
+        assert bool(((a - b).abs() <= bound).all()), float(((a - b).abs() - bound).max())
     # EMA after the first update equals G (EDM: half-life ramps from 0 images)
     assert_bitwise(states(res.generator_ema), states(res.generator))
 
