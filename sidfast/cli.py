@@ -1,9 +1,10 @@
-"""The ``sidfast`` command: demo, train-teacher, distill, sample.
+"""The ``sidfast`` command: demo, train-teacher, distill, sample, plan.
 
     sidfast demo [--quick] [--out DIR] [--device auto|cpu|cuda]
     sidfast train-teacher --out teacher.pt [--iterations N] [--conditional] ...
     sidfast distill --teacher SRC [--config cfg.yaml|json] [--resume [CKPT]] [--<option> VALUE ...]
     sidfast sample CKPT --out grid.png|grid.jpg|DIR [--num N] [--steps K] [--teacher SRC]
+    sidfast plan --teacher SRC|--model NAME [--resolution PX] [--gpus N] [--gpu-memory 80GB] ... | --table
 
 ``--teacher`` accepts a sidfast network checkpoint (``train-teacher`` writes one), a local diffusers
 directory (``save_pretrained`` of a ``UNet2DModel`` with its scheduler config), or ``module:function``
@@ -165,7 +166,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the teacher ({TEACHER_HELP}) of a distillation checkpoint that names no "
                         "architecture (default: the path it stored)")
     _device_arg(m)
+    add_plan_command(sub)
     return p
+
+
+def add_plan_command(sub) -> None:
+    from .plan import KINDS, KNOWN_MODELS, PRECISIONS, SHARDINGS
+
+    n = _command(sub, "plan", cmd_plan, "predict the per-GPU memory of a distill run before renting GPUs",
+                 "Weights, gradients, Adam and EMA counted exactly; activations measured on the meta device "
+                 "(docs/plan.md). Give --teacher or --model, or --table for the published models.")
+    source = n.add_mutually_exclusive_group(required=True)
+    source.add_argument("--teacher", help=TEACHER_HELP)
+    source.add_argument("--model", choices=list(KNOWN_MODELS),
+                        help="a published model, built without weights")
+    source.add_argument("--table", action="store_true", help="the README table of the published models")
+    n.add_argument("--resolution", type=int,
+                   help="pixels per side (default: the teacher's; required with --model)")
+    n.add_argument("--batch", type=int, default=1, help="samples per GPU (default: 1)")
+    n.add_argument("--gpus", type=int, default=1, help="GPUs of the run (default: 1)")
+    n.add_argument("--gpu-memory", default="80GiB",
+                   help="memory of one GPU, e.g. 80GB, 141GiB (default: 80GiB)")
+    n.add_argument("--margin", type=float, default=0.1,
+                   help="fraction of GPU memory kept free (default: 0.1)")
+    n.add_argument("--sharding", choices=SHARDINGS, default="ddp", help="(default: ddp)")
+    n.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                   help="fp32; bf16: fp32 weights under bf16 autocast; bf16-params: FSDP2 mixed precision "
+                        "(default: bf16)")
+    n.add_argument("--fake-score", choices=KINDS, default="full", help="(default: full)")
+    n.add_argument("--generator", choices=KINDS, default="full", help="(default: full)")
+    n.add_argument("--lora-rank", type=int, default=64, help="(default: 64)")
+    n.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    n.add_argument("--no-shard-teacher", dest="shard_teacher", action="store_false",
+                   help="replicate the frozen teacher under FSDP")
+    n.add_argument("--measure-device", default="meta", help="where activations are measured (default: meta)")
 
 
 # ---- commands ----
@@ -234,6 +268,26 @@ def cmd_sample(args) -> int:
     except ValueError as exc:
         raise UserError(_cli_message(exc)) from None
     print("wrote " + report.save_samples(images, args.out))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .checkpoint import load_teacher
+    from .plan import plan_memory, predictions_table
+
+    if args.table:
+        print(predictions_table())
+        return 0
+    teacher = load_teacher(args.teacher)[0] if args.teacher else None
+    try:
+        plan = plan_memory(teacher, model=args.model, resolution=args.resolution, batch=args.batch,
+                           gpus=args.gpus, sharding=args.sharding, precision=args.precision,
+                           fake_score=args.fake_score, generator=args.generator, lora_rank=args.lora_rank,
+                           checkpointing=args.checkpointing, gpu_memory=args.gpu_memory, margin=args.margin,
+                           shard_teacher=args.shard_teacher, measure_device=args.measure_device)
+    except ValueError as exc:
+        raise UserError(_cli_message(exc)) from None
+    print(plan.format())
     return 0
 
 
