@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import _default_target, add_lora, lora_parameters
+from .lora import add_lora, lora_parameters
 
 GIB = 1024 ** 3
 PRECISIONS = ("fp32", "bf16", "bf16-params")
@@ -119,20 +119,9 @@ class KnownDenoiser(nn.Module):
 # ---- static bytes: weights, gradients, Adam, EMA ----
 
 def lora_parameter_shapes(net: nn.Module, rank: int) -> list[tuple]:
-    """The shapes of the ``lora_A``/``lora_B`` factors ``sidfast.lora.add_lora(net, rank)`` creates (every
-    ``nn.Linear`` and ungrouped zero-padded ``nn.Conv2d``; rank clamped to the layer's smaller side)."""
-    shapes = []
-    for name, m in net.named_modules():
-        if not name or not _default_target(name, m):
-            continue
-        if isinstance(m, nn.Linear):
-            r = min(rank, m.in_features, m.out_features)
-            shapes += [(r, m.in_features), (m.out_features, r)]
-        else:
-            kh, kw = m.kernel_size
-            r = min(rank, m.in_channels * kh * kw, m.out_channels)
-            shapes += [(r, m.in_channels, kh, kw), (m.out_channels, r, 1, 1)]
-    return shapes
+    """The shapes of the ``lora_A``/``lora_B`` factors ``sidfast.lora.add_lora(net, rank)`` creates, read off
+    the layers it builds (on the meta device for the published models: no memory is allocated)."""
+    return [tuple(p.shape) for p in lora_parameters(add_lora(net, rank))]
 
 
 def shard_numel(shape, gpus: int, sharding: str) -> int:
