@@ -14,6 +14,8 @@ LABEL_FORMATS = ("auto", "onehot", "index")
 ENGINES = ("eager", "fused")
 FAKE_SCORES = ("full", "lora")
 NOISES = ("auto", "kernel", "torch")
+METHODS = ("sid", "sida", "sid2a")
+ADVERSARIAL = ("sida", "sid2a")  # the methods that train on real images with the fake score's encoder as D
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -33,6 +35,9 @@ class TrainConfig:
     recipe")."""
 
     # recipe
+    method: str = _t("sid", "sid (data-free SiD), sida (SiD plus a GAN on real images, the fake score's encoder "
+                            "as discriminator; needs --data) or sid2a (sida from a SiD generator; needs "
+                            "--init-generator)", choices=METHODS)
     iterations: int = _f(1_580_000, "SiD iterations to run (published CIFAR-10: ~1.58M at batch 256, "
                                     "~400M images)")
     batch: int = _t(256, "generator samples per update, summed over all processes (published: 256 on "
@@ -42,7 +47,9 @@ class TrainConfig:
     fake_lr: Optional[float] = _t(None, "Adam learning rate of the fake score (default: same as lr)")
     betas: tuple = _t((0.0, 0.999), "Adam betas of both optimizers (published: 0 0.999)")
     adam_eps: Optional[float] = _t(None, "Adam epsilon (default: 1e-8, or 1e-6 with fp16 as published)")
-    alpha: float = _t(1.2, "SiD alpha, weight of the ||f_phi - f_psi||^2 term (published: 1.2; 1.0 on AFHQ)")
+    alpha: Optional[float] = _t(None, "SiD alpha, weight of the ||f_phi - f_psi||^2 term (default: the "
+                                      "method's published value, 1.2 for sid (1.0 on AFHQ), 1.0 for sida and "
+                                      "sid2a)")
     sigma_init: float = _t(2.5, "generator input noise level: x_g = G(sigma_init * z, sigma_init)")
     tmax: int = _t(800, "generator-loss noise levels use t ~ U(0, tmax/1000) on EDM's rho schedule (1..1000)")
     sigma_min: float = _t(0.002, "smallest sigma of the rho schedule")
@@ -56,6 +63,26 @@ class TrainConfig:
     ema_halflife_kimg: float = _t(500.0, "EMA half-life of the generator in thousands of images (0.5 Mimg)")
     ema_rampup_ratio: Optional[float] = _t(0.05, "EMA ramp-up: half-life <= ratio * images seen (none: off)")
     seed: int = _t(0, "random seed; rank r of w processes seeds with seed * w + r as published")
+
+    # SiDA and SiD2A (Zhou et al., ICLR 2025, "Adversarial Score identity Distillation")
+    data: Optional[str] = _t(None, "sida/sid2a: real images: a folder, dataset.zip (EDM/StyleGAN layout), "
+                                   ".npz/.npy or .pt file (docs/data.md)")
+    augment_p: float = _t(0.0, "sida/sid2a: EDM augmentation probability of real and generated images in the "
+                               "fake-score step (published: 0.12 CIFAR-10, 0.15 FFHQ/AFHQ, 0 ImageNet 64); "
+                               "needs a fake score that takes augment_labels (EDM's augment_dim=9)")
+    disc_layer: Optional[str] = _t(None, "sida/sid2a: the fake score's module whose output gives the "
+                                         "discriminator logits, dotted path (path:input for its input) (default: "
+                                         "the family's encoder end, e.g. EDM's last lowest-resolution enc block)")
+    init_generator: Optional[str] = _t(None, "sid2a: a sidfast distill checkpoint of a SiD run; its EMA "
+                                             "generator initialises G and G's EMA (published SiD2A)")
+    gan_start_kimg: float = _t(200.0, "sida/sid2a: the GAN term joins the generator loss once more than this "
+                                      "many thousand images were seen (published: 200)")
+    g_start_kimg: float = _t(100.0, "sida/sid2a: the generator optimizer steps only once more than this many "
+                                    "thousand images were seen (published: 100)")
+    loss_scale_gan: float = _t(0.01, "sida/sid2a: scale of the generator's GAN loss (published "
+                                     "loss_scaling_G_gan = 0.01)")
+    loss_scale_d: float = _t(1.0, "sida/sid2a: scale of the discriminator loss (published: 1 for EDM networks, "
+                                  "100 for EDM2)")
 
     # networks & performance
     teacher: Optional[str] = _f(None, "teacher: sidfast checkpoint, local diffusers directory, or "
@@ -219,7 +246,7 @@ class TrainConfig:
         num("lr", float, 0, lo_open=True)
         num("fake_lr", float, 0, lo_open=True, optional=True)
         num("adam_eps", float, 0, lo_open=True, optional=True)
-        num("alpha", float)
+        num("alpha", float, optional=True)
         num("sigma_init", float, 0, lo_open=True)
         num("tmax", int, 1, 1000)
         num("sigma_min", float, 0, lo_open=True)
@@ -237,6 +264,11 @@ class TrainConfig:
         num("seed", int, 0)
         num("num_classes", int, 0, optional=True)
         num("lora_rank", int, 1)
+        num("augment_p", float, 0, 1)
+        num("gan_start_kimg", float, 0)
+        num("g_start_kimg", float, 0)
+        num("loss_scale_gan", float, 0, lo_open=True)
+        num("loss_scale_d", float, 0, lo_open=True)
         for name in ("checkpoint_every", "log_every", "sample_every", "grid_size", "teacher_steps"):
             num(name, int, 0)
         if self.log_every < 1:
@@ -263,13 +295,14 @@ class TrainConfig:
                 raise ValueError(f"option image_shape must be positive integers, got {self.image_shape!r}")
             self.image_shape = shape
         for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES),
-                              ("fake_score", FAKE_SCORES), ("noise", NOISES)):
+                              ("fake_score", FAKE_SCORES), ("noise", NOISES),
+                              ("method", METHODS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"option {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("run_dir", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"option {name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("teacher", "resume"):
+        for name in ("teacher", "resume", "data", "disc_layer", "init_generator"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"option {name} must be a string, got {v!r}")
@@ -281,6 +314,35 @@ class TrainConfig:
                 raise ValueError(f"option {name} must be true or false, got {v!r}")
             setattr(self, name, v)
         return self
+
+    def check_method(self) -> None:
+        """Options that belong to one method, checked when a run starts (not in ``validate``, so that a config
+        file and the command line may each give part of them); whether sida has real images is checked by
+        the trainer, since ``distill(data=...)`` may give them instead of ``data``."""
+        if self.method == "sid2a" and self.init_generator is None:
+            raise ValueError(f"{self.option('method')} sid2a starts from a SiD generator: pass "
+                             f"{self.option('init_generator')} CKPT (a sidfast distill checkpoint)")
+        if self.init_generator is not None and self.method != "sid2a":
+            raise ValueError(f"{self.option('init_generator')} initialises the generator of "
+                             f"{self.option('method')} sid2a; this run is {self.option('method')} {self.method}")
+        if self.method == "sid":
+            given = [self.option(n) for n in ("data", "disc_layer") if getattr(self, n) is not None]
+            given += [self.option("augment_p")] if self.augment_p else []
+            if given:
+                raise ValueError(f"{', '.join(given)} belong to {self.option('method')} sida or sid2a "
+                                 "(SiD is data-free)")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the method trains on real images with the fake score's encoder as discriminator."""
+        return self.method in ADVERSARIAL
+
+    @property
+    def sid_alpha(self) -> float:
+        """alpha of the SiD loss: the option, else the method's published value (SiD 1.2, SiDA 1.0)."""
+        if self.alpha is not None:
+            return self.alpha
+        return 1.0 if self.adversarial else 1.2
 
     @property
     def optimizer_eps(self) -> float:

@@ -298,9 +298,10 @@ class DiscriminatorTap:
 class DiscriminatorPass(nn.Module):
     """The fake network's discriminator-step forward as one module call: ``(f_psi(x_t), D_fake, D_real)``.
 
-    ``forward(x_t, sigma, labels, x_real_t, real_labels=None, **cond)``: one full forward at the noised
-    generated images ``x_t`` (the fake-score loss's ``f_psi`` and ``D_fake``) and one encoder-only forward
-    at the real images noised with the same ``sigma`` (``D_real``; ``real_labels`` default ``labels``).
+    ``forward(x_t, sigma, labels, x_real_t, real_labels=None, real_cond=None, **cond)``: one full forward at
+    the noised generated images ``x_t`` (the fake-score loss's ``f_psi`` and ``D_fake``) and one encoder-only
+    forward at the real images noised with the same ``sigma`` (``D_real``; ``real_labels`` default ``labels``,
+    ``real_cond`` default ``cond``: the real images' own conditioning, e.g. their augment_labels).
     One call per backward, so the module can be wrapped in DistributedDataParallel (which expects one
     forward per backward) or captured as one CUDA graph; its parameters are the fake network's.
     """
@@ -312,10 +313,12 @@ class DiscriminatorPass(nn.Module):
         self.tap = tap
         self.net = tap.denoiser
 
-    def forward(self, x_t: torch.Tensor, sigma, labels, x_real_t: torch.Tensor, real_labels=None, **cond):
+    def forward(self, x_t: torch.Tensor, sigma, labels, x_real_t: torch.Tensor, real_labels=None,
+                real_cond: dict | None = None, **cond):
         y_fake, d_fake = self.tap.forward_with_logits(x_t, sigma, labels, **cond)
         real_labels = labels if real_labels is None else real_labels
-        d_real = self.tap.encoder_logits(x_real_t, sigma, real_labels, **cond)
+        real_cond = cond if real_cond is None else real_cond
+        d_real = self.tap.encoder_logits(x_real_t, sigma, real_labels, **real_cond)
         return y_fake, d_fake, d_real
 
 

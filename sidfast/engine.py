@@ -25,6 +25,12 @@ Design:
   autocast (``amp_dtype``) runs inside, with fp32 master weights; outputs come back in the input dtype, so
   the loss math stays fp32. A captured phase called again before the backward of its previous call raises
   a RuntimeError: the replay would overwrite the activations that backward needs.
+- SiDA (``attach_discriminator``): the discriminator's logits are read off the fake score's encoder by a
+  ``sidfast.discriminator.DiscriminatorTap`` inside each phase's function, so they come back as outputs
+  of the same forward (and of the same compiled function or captured graph): ``generator_terms_with_logits``
+  adds the logits D at x_t to (y_real, y_fake) (the tap on the fake's frozen view, or on the fake half of
+  the LoRA split batch), ``fake_score_with_logits`` returns ``(f_psi(x_t), D_fake, D_real)``, D_real from
+  an encoder-only forward at the noised real images.
 - Noise: ``generator_terms(..., noise=None)`` draws eps inside the ``add_noise`` kernel
   (``sidfast.ops.noise``: Philox from a seed tensor, no eps in memory). The noising runs eagerly *before*
   the captured graph, whose input is x_t: every call draws a new seed from torch's generator, so every
@@ -45,6 +51,7 @@ from torch import nn
 from . import loss as _loss
 from ._graphs import MAX_GRAPHS, GraphCache
 from .denoisers import Denoiser, as_denoiser, sigma_per_sample
+from .discriminator import DiscriminatorTap
 from .lora import LoRAFakeScore, lora_parameters, set_lora_mode
 from .ops.noise import add_noise
 from .schedules import broadcast
@@ -139,6 +146,7 @@ class ScoreEngine:
                                  "this teacher's")
         self.fake: Denoiser = fake
         self._graphs: GraphCache | None = None
+        self._tap: DiscriminatorTap | None = None
         self.refresh()
 
     @classmethod
@@ -175,6 +183,67 @@ class ScoreEngine:
         sig = self._check_inputs(x_t, sigma, labels, cond, "x_t")
         return self._evaluate("fake", self._layout(x_t), sig, labels, cond)
 
+    # ---- SiDA: the discriminator logits from the fake score's encoder ----
+
+    def attach_discriminator(self, layer: str | None = None) -> DiscriminatorTap:
+        """Read SiDA's discriminator logits off the fake score at ``layer`` (a ``--disc-layer`` path; None: the
+        family default, ``sidfast.discriminator.default_layer``). Returns the tap on the fake score."""
+        if self._tap is not None:
+            self._tap.remove()
+        self._tap = DiscriminatorTap(self.fake, layer)
+        self.refresh()
+        return self._tap
+
+    def generator_terms_with_logits(self, x_g: torch.Tensor, sigma, labels=None,
+                                    noise: torch.Tensor | None = None, **cond):
+        """``generator_terms`` plus the discriminator logits of the same fake-score forward at x_t:
+        (y_real, y_fake, logits), the logits' backward reaching x_g only (``attach_discriminator`` first)."""
+        self._need_tap()
+        if noise is not None:
+            _loss.check_tensors(x_g=x_g, noise=noise)
+        sig = self._check_inputs(x_g, sigma, labels, cond, "x_g")
+        x_t, _ = edm_noised(x_g, sig, noise)
+        return self._evaluate("generator", self._layout(x_t), sig, labels, cond, logits=True)
+
+    def fake_score_with_logits(self, x_t: torch.Tensor, x_real_t: torch.Tensor, sigma, labels=None,
+                               real_cond: dict | None = None, **cond):
+        """SiDA's fake-score step: ``(f_psi(x_t), D_fake, D_real)``, f_psi and D_fake from one forward at the
+        noised generated images ``x_t``, D_real from an encoder-only forward at the noised real images
+        ``x_real_t`` (same ``sigma`` and ``labels``; ``real_cond``: their own conditioning, default
+        ``cond``), with gradients into the fake score's trainable parameters."""
+        self._need_tap()
+        sig = self._check_inputs(x_t, sigma, labels, cond, "x_t")
+        real_cond = dict(cond if real_cond is None else real_cond)
+        _loss.check_tensors(x_t=x_t, x_real_t=x_real_t)
+        self._check_inputs(x_real_t, sig, labels, real_cond, "x_real_t")
+        real = (self._layout(x_real_t), real_cond)
+        return self._evaluate("fake", self._layout(x_t), sig, labels, cond, logits=True, real=real)
+
+    def _need_tap(self) -> None:
+        if self._tap is None:
+            raise RuntimeError("no discriminator: call engine.attach_discriminator(layer) first")
+
+    def _with_logits(self, phase: str, run, has_labels: bool, n_cond: int, real_names: tuple[str, ...]):
+        """``run`` returning the tap's logits as well: the generator phase's (y_real, y_fake, D) through the
+        tap on the fake's frozen view; the fake phase's (f_psi, D_fake, D_real), whose arguments after
+        ``run``'s are x_real_t and the real images' conditioning tensors (``real_names``)."""
+        tap = self._tap if phase == "fake" else self._view_tap
+        n_args = 2 + has_labels + n_cond  # x_t, sigma, [labels], *cond
+
+        def run_with_logits(*args):
+            with tap.capture() as out:
+                y = run(*args[:n_args])
+            if phase == "generator":
+                return (*y, out.logits)
+            x_real_t = args[n_args]
+            labels = args[2] if has_labels else None
+            real_cond = dict(zip(real_names, args[n_args + 1:]))
+            with self._autocast(x_real_t.device):
+                d_real = tap.encoder_logits(x_real_t, args[1], labels, **real_cond)
+            return y, out.logits, d_real
+
+        return run_with_logits
+
     def fake_parameters(self) -> list[nn.Parameter]:
         """The parameters the fake-score optimizer updates (all of the fake in 'full', the LoRA factors in
         'lora')."""
@@ -193,6 +262,8 @@ class ScoreEngine:
             tree = self.fake.net
             split = set_lora_mode(frozen_view(tree), "split")
             self._mirrors = [FrozenMirror(tree, split, "fake score", base=self.teacher)]
+        # the fake's mirror is the last one in both modes; in 'lora' the tap keeps the split batch's fake half
+        self._view_tap = self._tap.on(self._mirrors[-1].view) if self._tap is not None else None
         self._functions: dict = {}
         if self._graphs is not None:
             self._graphs.clear()
@@ -245,11 +316,13 @@ class ScoreEngine:
 
     # ---- the two phases ----
 
-    def _function(self, phase: str, names: tuple[str, ...], has_labels: bool):
+    def _function(self, phase: str, names: tuple[str, ...], has_labels: bool, logits: bool = False,
+                  real_names: tuple[str, ...] = ()):
         """The phase as a pure tensor function ``f(x_t, sigma, [labels], *cond)`` (compiled if asked):
         "fake": the fake score's x0 estimate, with parameter gradients;
-        "generator": (y_real, y_fake) over the frozen views, with input gradients only."""
-        key = (phase, names, has_labels)
+        "generator": (y_real, y_fake) over the frozen views, with input gradients only;
+        ``logits``: with the discriminator logits as well (``_with_logits``)."""
+        key = (phase, names, has_labels, logits, real_names)
         fn = self._functions.get(key)
         if fn is not None:
             return fn
@@ -270,11 +343,12 @@ class ScoreEngine:
                                     **{k: _double(v) for k, v in cond.items()})
                 return y[: x_t.shape[0]], y[x_t.shape[0]:]
 
-        fn = torch.compile(run, dynamic=False) if self.compile else run
+        fn = self._with_logits(phase, run, has_labels, len(names), real_names) if logits else run
+        fn = torch.compile(fn, dynamic=False) if self.compile else fn
         self._functions[key] = fn
         return fn
 
-    def _evaluate(self, phase: str, x_t, sig, labels, cond):
+    def _evaluate(self, phase: str, x_t, sig, labels, cond, logits: bool = False, real=None):
         names = tuple(sorted(cond))
         has_labels = labels is not None
         if phase == "generator":
@@ -285,11 +359,19 @@ class ScoreEngine:
             state = (self.fake.training,)
             self._graphs.check_fake_storage()
         args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(cond[k] for k in names)
-        fn = self._function(phase, names, has_labels)
+        variant = (names, has_labels, state, self.amp_dtype)
+        real_names = ()
+        if real is not None:  # SiDA's fake phase: the noised real images and their conditioning follow
+            x_real_t, real_cond = real
+            real_names = tuple(sorted(real_cond))
+            args += (x_real_t,) + tuple(real_cond[k] for k in real_names)
+        if logits:
+            variant += ("logits", real_names)
+        fn = self._function(phase, names, has_labels, logits, real_names)
         if self._use_graphs(x_t) and (phase == "fake" or x_t.requires_grad):
             if not all(isinstance(a, torch.Tensor) for a in args):
                 raise ValueError("CUDA graphs need tensor conditioning; pass graphs=False for other values")
-            return self._graphs.run(phase, (names, has_labels, state, self.amp_dtype), fn, args)
+            return self._graphs.run(phase, variant, fn, args)
         return fn(*args)
 
 

@@ -67,4 +67,17 @@ def build_networks(cfg: TrainConfig, teacher, generator, fake, device: torch.dev
                        image_shape=tuple(shape), num_classes=num_classes, label_format=label_format)
 
 
-__all__ = ["SiDNetworks", "build_networks"]
+def init_from_sid(generator: nn.Module, generator_ema: nn.Module, data: dict, path) -> None:
+    """SiD2A's start (Zhou et al., ICLR 2025): G and its EMA both take the EMA generator of a SiD run, the
+    distill checkpoint ``data`` read from ``path`` (``--init-generator``), as the published loop loads them."""
+    from .checkpoint import CheckpointError
+
+    try:
+        generator.load_state_dict(data["generator_ema"])
+        generator_ema.load_state_dict(data["generator_ema"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"--init-generator {str(path)!r}: its generator does not fit this teacher's "
+                              f"network (another teacher or architecture?): {str(exc).strip()[:300]}") from None
+
+
+__all__ = ["SiDNetworks", "build_networks", "init_from_sid"]

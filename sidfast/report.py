@@ -154,8 +154,12 @@ def read_metrics(path) -> list[dict]:
     return out
 
 
-def plot_losses(records: list[dict], path, keys=("loss_g", "loss_fake")) -> Path | None:
-    """Loss curves (one panel per key, against the iteration) as a PNG; None when there is nothing to plot."""
+LOSS_KEYS = ("loss_g", "loss_fake", "loss_gan", "loss_d", "logit_real", "logit_fake")
+
+
+def plot_losses(records: list[dict], path, keys=LOSS_KEYS) -> Path | None:
+    """Loss curves (one panel per key, against the iteration) as a PNG; None when there is nothing to plot.
+    Keys no record holds get no panel (a SiD run has no GAN loss, discriminator loss or logits)."""
     series = {k: [(r["iteration"], r[k]) for r in records if k in r and "iteration" in r] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
@@ -198,4 +202,4 @@ def _fmt(v) -> str:
 
 
 __all__ = ["GRID_FORMATS", "save_grid", "save_images", "save_samples", "check_samples_path", "tile",
-           "to_uint8", "MetricsLog", "read_metrics", "plot_losses", "summary_table"]
+           "to_uint8", "MetricsLog", "read_metrics", "plot_losses", "summary_table", "LOSS_KEYS"]

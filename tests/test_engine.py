@@ -878,3 +878,59 @@ def test_real_graphs_refuse_a_replay_before_the_backward_and_stay_bounded():
     engine.generator_terms(x.clone().requires_grad_(), sigma, None, noise)
     _fake_loss(engine, x, sigma, noise).backward()
     assert [key[0] for key in engine._graphs] == ["fake"]
+
+
+# ---- SiDA: the discriminator logits with f_psi, in both phases ----
+
+def _tap_layer(engine):
+    return "down"  # SmallUNet's strided convolution: the end of its encoder
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("graphed", [False, True])
+def test_logits_come_with_f_psi_in_both_phases(mode, graphed, monkeypatch):
+    from sidfast.discriminator import DiscriminatorPass, DiscriminatorTap
+
+    if graphed:
+        _graphs_on_cpu(monkeypatch, _StaticGradGraphs())
+    engine, G, z, noise, sigma = _setup(mode, batch=4)
+    engine.attach_discriminator(_tap_layer(engine))
+    plain = copy.deepcopy(_plain_fake(engine))
+    tap = DiscriminatorTap(plain, _tap_layer(engine))
+    x = G(z).detach()
+    # generator phase: (y_real, y_fake, D) at x_t, gradients to x_g only
+    xg = x.clone().requires_grad_()
+    y_real, y_fake, logits = engine.generator_terms_with_logits(xg, sigma, None, noise)
+    (logits.sum() + y_fake.sum()).backward()
+    xe = x.clone().requires_grad_()
+    x_t = xe + sigma.reshape(-1, 1, 1, 1) * noise
+    want_y, want_d = tap.forward_with_logits(x_t, sigma)
+    (want_d.sum() + want_y.sum()).backward()
+    assert logits.shape == (4, 1, 4, 4)
+    _close(y_real, engine.teacher(x_t, sigma).detach())
+    _close(y_fake, want_y.detach())
+    _close(logits, want_d.detach())
+    _close(xg.grad, xe.grad)
+    assert all(p.grad is None for p in engine.fake.parameters())
+    # fake phase: (f_psi, D_fake, D_real) with gradients into the fake score's trainable parameters
+    plain.zero_grad(set_to_none=True)
+    real_t = torch.randn_like(x)
+    got = engine.fake_score_with_logits(x_t.detach(), real_t, sigma)
+    sum(t.square().sum() for t in got).backward()
+    want = DiscriminatorPass(tap)(x_t.detach(), sigma, None, real_t)
+    for a, b in zip(got, want):
+        _close(a, b.detach())
+    if mode == "full":  # the merged LoRA network has no trainable factors to compare with
+        sum(t.square().sum() for t in want).backward()
+        for p, q in zip(engine.fake_parameters(), plain.parameters()):
+            _close(p.grad, q.grad, rtol=1e-4)
+    else:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in engine.fake_parameters())
+    if graphed:
+        assert any(k[1][-2] == "logits" for k in engine._graphs)
+
+
+def test_logits_need_an_attached_discriminator():
+    engine, G, z, noise, sigma = _setup("full")
+    with pytest.raises(RuntimeError, match="attach_discriminator"):
+        engine.generator_terms_with_logits(G(z), sigma, None, noise)

@@ -72,7 +72,7 @@ def assert_bitwise(a, b):
 
 def test_defaults_are_the_published_recipe():
     c = TrainConfig()
-    assert (c.lr, c.betas, c.optimizer_eps, c.alpha, c.sigma_init, c.tmax) == (1e-5, (0.0, 0.999), 1e-8, 1.2, 2.5, 800)
+    assert (c.lr, c.betas, c.optimizer_eps, c.sid_alpha, c.sigma_init, c.tmax) == (1e-5, (0.0, 0.999), 1e-8, 1.2, 2.5, 800)
     assert (c.loss_scale_g, c.loss_scale_fake, c.ema_halflife_kimg, c.ema_rampup_ratio) == (100.0, 1.0, 500.0, 0.05)
     assert (c.p_mean, c.p_std, c.sigma_data, c.sigma_min, c.sigma_max, c.rho) == (-1.2, 1.2, 0.5, 0.002, 80.0, 7.0)
     assert c.batch == 256 and c.precision == "fp32" and c.fake_lr is None
@@ -177,7 +177,7 @@ def _published_iteration(teacher, G, fake, cfg, opt_g, opt_f, num_classes):
     sigma = reference.generator_sigma(B, cfg.tmax)
     n = torch.randn_like(images) * sigma.view(-1, 1, 1, 1)
     y_real, y_fake = teacher(images + n, sigma, c), fake(images + n, sigma, c)
-    loss_g = published_generator_loss(y_real, y_fake, images, cfg.alpha).sum().mul(cfg.loss_scale_g / B)
+    loss_g = published_generator_loss(y_real, y_fake, images, cfg.sid_alpha).sum().mul(cfg.loss_scale_g / B)
     grads_g = torch.autograd.grad(loss_g, list(G.parameters()))
     for p, g in zip(G.parameters(), grads_g):
         p.grad = g
