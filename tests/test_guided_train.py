@@ -339,3 +339,8 @@ def test_new_options_are_trajectory_options_with_command_line_names():
         quiet(gen_steps=0).validate()
     with pytest.raises(ValueError, match="renoise"):
         quiet(renoise="sometimes").validate()
+
+
+def conditional_teacher():
+    """Entry point of a class-conditional test teacher (``test_guided_train:conditional_teacher``)."""
+    return CondMLP()
