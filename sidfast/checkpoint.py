@@ -14,8 +14,8 @@
 - Distillation checkpoints (``kind="distill"``): ``save_distill`` / ``load_distill`` below, one file holding
   the generator, its EMA, the fake score (only its LoRA factors with ``fake_score="lora"``), both optimizers,
   every rank's RNG state, the config, and what ``sidfast sample`` needs to rebuild the generator
-  (``architecture`` or ``teacher``, ``image_shape``, ``num_classes``, ``label_format``, ``sigma_init``, and the
-  few-step generator's ``gen_steps``, ``step_spacing`` and ``renoise``).
+  (``architecture`` or ``teacher``, ``image_shape``, ``num_classes``, ``label_format``, ``sigma_init``,
+  and the few-step generator's ``gen_steps``, ``step_spacing`` and ``renoise``).
 """
 from __future__ import annotations
 
@@ -240,7 +240,8 @@ def save_distill(path, config: TrainConfig, networks: dict, optimizers: dict, it
     """Write a distillation checkpoint from rank 0; every rank calls it (their RNG states are gathered).
 
     ``networks``: generator, generator_ema, fake; ``optimizers``: opt_g, opt_fake; ``meta``: architecture,
-    image_shape, num_classes, label_format, gen_steps, step_spacing, renoise, last (stored as given). Returns the path on rank 0, else None.
+    image_shape, num_classes, label_format, gen_steps, step_spacing, renoise, last (stored as given). Returns
+    the path on rank 0, else None.
     """
     rngs = runtime.all_gather(dist, runtime.rng_state(device))
     written = None

@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
     m.add_argument("--seed", type=int, default=0, help="random seed of the latents (default: 0)")
     m.add_argument("--steps", type=int, default=None,
-                   help="generator steps of a distillation checkpoint (default: the K it was trained with) or "
-                        "Heun steps of a teacher checkpoint (default: 18)")
+                   help="generator steps of a distillation checkpoint (default: the K it was trained "
+                        "with) or Heun steps of a teacher checkpoint (default: 18)")
     m.add_argument("--class-label", type=int, default=None, help="one class for all images (default: cycle)")
     m.add_argument("--batch", type=int, default=256, help="images per forward pass (default: 256)")
     m.add_argument("--teacher", default=None,

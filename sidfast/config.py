@@ -63,9 +63,9 @@ class TrainConfig:
 
     # guidance, conditioning and the few-step generator (docs/math.md, "Guidance (SiD-LSG)", "Few-step
     # generator")
-    guidance: str = _t("none", "SiD-LSG guidance: none, lsg (k1=k2=k4=K), long (teacher only, K > 1), short (fake "
-                               "score while trained only, K < 1), zero (Zero-CFG), anti (fake score in the "
-                               "generator loss, K < 0); K is --cfg", choices=GUIDANCE_PRESETS)
+    guidance: str = _t("none", "SiD-LSG guidance: none, lsg (k1=k2=k4=K), long (teacher only, K > 1), short "
+                               "(fake score while trained only, K < 1), zero (Zero-CFG), anti (fake score in "
+                               "the generator loss, K < 0); K is --cfg", choices=GUIDANCE_PRESETS)
     cfg: Optional[float] = _t(None, "the guidance scale K of --guidance (published LSG: 1.5, 2, 3, 4.5)")
     cfg_fake_train: Optional[float] = _t(None, "k1: guidance of the fake score while it is trained (default: "
                                                "from --guidance)")
@@ -84,7 +84,8 @@ class TrainConfig:
                                "z) or ddim", choices=RENOISES)
     generator_weighting: str = _t("auto", "per-sample weight of the SiD loss: sid (1/w, published SiD), 1-t "
                                           "(1 - sigma/(1+sigma), SiD-DiT's default); auto: 1-t for "
-                                          "flow-matching teachers, sid otherwise", choices=GENERATOR_WEIGHTINGS)
+                                          "flow-matching teachers, sid otherwise",
+                           choices=GENERATOR_WEIGHTINGS)
     flow_logit_mean: float = _t(0.0, "flow-matching teachers' fake-score loss: logit(t) = ln sigma ~ "
                                      "N(mean, std^2) (SD3's logit-normal: 0)")
     flow_logit_std: float = _t(1.0, "flow-matching teachers' fake-score loss: standard deviation of logit(t) "
@@ -325,8 +326,9 @@ class TrainConfig:
         return self
 
     def guidance_scales(self):
-        """SiD-LSG's (k1, k2 = k3, k4) from ``guidance`` at scale ``cfg``, then the explicit ``cfg_fake_train``,
-        ``cfg_fake`` and ``cfg_teacher`` over them (``sidfast.guidance.GuidanceScales``)."""
+        """SiD-LSG's (k1, k2 = k3, k4) from ``guidance`` at scale ``cfg``, then the explicit
+        ``cfg_fake_train``, ``cfg_fake`` and ``cfg_teacher`` over them
+        (``sidfast.guidance.GuidanceScales``)."""
         from .guidance import PRESETS, GuidanceScales
 
         name = self.guidance

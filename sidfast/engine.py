@@ -161,8 +161,8 @@ class ScoreEngine:
             noise: eps (B, *F) in x_g's dtype, or None to draw eps inside the noising kernel
                 (``sidfast.ops.noise.add_noise``, seeded from torch's default generator on x_g's device;
                 off the Triton route the same Philox stream is computed in PyTorch).
-            scale_real, scale_fake: guidance scales of the teacher (k4) and of the fake score (k2) (``docs/math.md``,
-                "Guidance (SiD-LSG)"); 1 is the plain conditional call.
+            scale_real, scale_fake: guidance scales of the teacher (k4) and of the fake score (k2)
+                (``docs/math.md``, "Guidance (SiD-LSG)"); 1 is the plain conditional call.
             null_labels, null_cond: the unconditional labels and keyword tensors (1 or B rows), needed when a
                 scale is not 1.
             cond: further conditioning tensors (B, ...) passed to both networks by keyword.
@@ -182,13 +182,13 @@ class ScoreEngine:
 
     def fake_score_forward(self, x_t: torch.Tensor, sigma, labels=None, scale: float = 1.0, null_labels=None,
                            null_cond: dict | None = None, **cond) -> torch.Tensor:
-        """The fake score's x0 estimate at ``x_t`` (B, *F), with gradients into its trainable parameters; guided at
-        ``scale`` (k1) with the unconditional ``null_labels``/``null_cond`` when it is not 1."""
+        """The fake score's x0 estimate at ``x_t`` (B, *F), with gradients into its trainable parameters;
+        guided at ``scale`` (k1) with the unconditional ``null_labels``/``null_cond`` when it is not 1."""
         sig = self._check_inputs(x_t, sigma, labels, cond, "x_t")
         if float(scale) == 1.0:
             return self._evaluate("fake", self._layout(x_t), sig, labels, cond)
-        return self._evaluate_guided("fake", self._layout(x_t), sig, labels, cond, (float(scale),), null_labels,
-                                     null_cond)
+        return self._evaluate_guided("fake", self._layout(x_t), sig, labels, cond, (float(scale),),
+                                     null_labels, null_cond)
 
     def fake_parameters(self) -> list[nn.Parameter]:
         """The parameters the fake-score optimizer updates (all of the fake in 'full', the LoRA factors in
@@ -291,9 +291,10 @@ class ScoreEngine:
 
     def _guided_function(self, phase: str, names: tuple[str, ...], has_labels: bool, scales: tuple):
         """The guided phase as a pure tensor function ``f(x_t, sigma, [labels], *cond, [null_labels],
-        *null_cond)`` (compiled if asked). "fake": ``guidance.guided`` of the fake score at scales[0]; "generator"
-        in mode "full": ``guided`` of each frozen view (teacher at scales[0], fake score at scales[1]); in mode
-        "lora": ONE forward of the shared network over the rows each half needs (``_lora_rows``)."""
+        *null_cond)`` (compiled if asked). "fake": ``guidance.guided`` of the fake score at scales[0];
+        "generator" in mode "full": ``guided`` of each frozen view (teacher at scales[0], fake score at
+        scales[1]); in mode "lora": ONE forward of the shared network over the rows each half needs
+        (``_lora_guided``)."""
         key = ("guided", phase, names, has_labels, scales)
         fn = self._functions.get(key)
         if fn is not None:

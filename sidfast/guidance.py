@@ -241,7 +241,7 @@ def stack_conditions(conds: list):
 
 
 def call(denoiser, x, sigma, cond):
-    """``denoiser(x, sigma[, labels], **keywords)`` for a condition in ``guided``'s form (None: no condition)."""
+    """``denoiser(x, sigma[, labels], **keywords)`` for a condition in ``guided``'s form (None: none)."""
     return _call(denoiser, x, sigma, cond)
 
 

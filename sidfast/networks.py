@@ -70,11 +70,12 @@ def build_networks(cfg: TrainConfig, teacher, generator, fake, device: torch.dev
 
 
 def _set_null_class(teacher: Denoiser, cfg: TrainConfig) -> None:
-    """Give an index-label (diffusers) teacher the null class of ``cfg``, checked as ``DiffusersDenoiser`` does;
-    the generator and fake score, copies of the teacher, inherit it."""
+    """Give an index-label (diffusers) teacher the null class of ``cfg``, checked as ``DiffusersDenoiser``
+    does; the generator and fake score, copies of the teacher, inherit it."""
     if not isinstance(teacher, DiffusersDenoiser):
-        raise ValueError(f"{cfg.option('null_class')} is for diffusers teachers with class embeddings (index "
-                         f"labels); {teacher.label()} takes one-hot labels whose null label is a row of zeros")
+        raise ValueError(f"{cfg.option('null_class')} is for diffusers teachers with class embeddings "
+                         f"(index labels); {teacher.label()} takes one-hot labels whose null label is a row "
+                         "of zeros")
     embeds = infer_num_classes(teacher.unet)
     if teacher.null_class is not None and teacher.null_class != cfg.null_class:
         raise ValueError(f"{cfg.option('null_class')} {cfg.null_class} differs from the teacher's null class "
@@ -86,13 +87,13 @@ def _set_null_class(teacher: Denoiser, cfg: TrainConfig) -> None:
 
 
 def _num_classes(teacher: Denoiser, cfg: TrainConfig) -> int:
-    """The classes labels are drawn from: the teacher's, or ``cfg.num_classes`` if it names no more of them."""
+    """The classes labels are drawn from: the teacher's, or ``cfg.num_classes`` if it names no more."""
     own = teacher.num_classes if isinstance(teacher, Denoiser) else infer_num_classes(teacher)
     if cfg.num_classes is None:
         return own
     if own and cfg.num_classes > own:
-        raise ValueError(f"{cfg.option('num_classes')} {cfg.num_classes} exceeds the teacher's {own} classes: "
-                         f"labels {own} to {cfg.num_classes - 1} would be out of range")
+        raise ValueError(f"{cfg.option('num_classes')} {cfg.num_classes} exceeds the teacher's {own} "
+                         f"classes: labels {own} to {cfg.num_classes - 1} would be out of range")
     return cfg.num_classes
 
 

@@ -68,7 +68,8 @@ def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float =
         x_next = x + (nxt - cur) * d
         if method == "heun" and nxt > 0:
             # second-order correction (Karras et al. 2022, Algorithm 1, lines 9-11)
-            d_next = net(x_next.to(dtype), _sigma_batch(nxt, x, dtype), class_labels, **cond).to(torch.float64)
+            d_next = net(x_next.to(dtype), _sigma_batch(nxt, x, dtype), class_labels, **cond)
+            d_next = d_next.to(torch.float64)
             d2 = (x_next - d_next) / nxt
             x_next = x + (nxt - cur) * (0.5 * d + 0.5 * d2)
         x = x_next
@@ -93,7 +94,8 @@ def one_step_sample(generator, noise: torch.Tensor, sigma_init: float = 2.5,
         raise ValueError(f"sigma_init must be positive, got {sigma_init}")
     dtype = _net_dtype(generator)
     z = noise.to(dtype)
-    return generator(sigma_init * z, _sigma_batch(sigma_init, z, dtype), class_labels, **(cond or {})).to(noise.dtype)
+    x_g = generator(sigma_init * z, _sigma_batch(sigma_init, z, dtype), class_labels, **(cond or {}))
+    return x_g.to(noise.dtype)
 
 
 @torch.no_grad()
@@ -105,8 +107,9 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
     """``num`` samples (num, *shape) on the CPU, ``batch`` per network call.
 
     sigma_init: a SiD generator, sampled in ``gen_steps`` steps (1: ``one_step_sample``; K: all K steps of
-        ``sidfast.generator.sample`` at the levels ``generator_sigmas(K, sigma_init, step_spacing)``, fresh noise
-        from a generator seeded with ``seed + 1`` on ``device``); None: a diffusion denoiser, sampled with
+        ``sidfast.generator.sample`` at the levels ``generator_sigmas(K, sigma_init, step_spacing)``, fresh
+        noise from a generator seeded with ``seed + 1`` on ``device``); None: a diffusion denoiser, sampled
+        with
         ``edm_sample`` (Heun, ``steps`` steps from sigma_max to sigma_min on the rho schedule).
     cond: keyword conditioning of every call (e.g. prompt embeddings), ``batch`` rows (so ``num <= batch``).
     num_classes: 0 for an unconditional network; otherwise image i gets class ``class_label``, or i mod
@@ -120,7 +123,8 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
         raise ValueError(f"argument class_label must be in [0, {num_classes}) for this network" if num_classes
                          else "argument class_label given, but the network is unconditional")
     if cond and num > batch:
-        raise ValueError(f"argument cond holds one batch of conditions: num ({num}) must be at most batch ({batch})")
+        raise ValueError(f"argument cond holds one batch of conditions: num ({num}) must be at most batch "
+                         f"({batch})")
     g = torch.Generator().manual_seed(seed)
     levels = None
     fresh = None
@@ -151,7 +155,8 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
 
 def from_checkpoint(path, teacher: str | None = None):
     """(network, keyword arguments of ``sample_images``) for a sidfast checkpoint: the EMA generator of a
-    distillation checkpoint (the K generator steps it was trained with), or the network of a network checkpoint (a diffusion denoiser).
+    distillation checkpoint (the K generator steps it was trained with), or the network of a network
+    checkpoint (a diffusion denoiser).
 
     teacher: where the teacher of a distillation checkpoint is now (``checkpoint.build_generator``).
     """

@@ -166,7 +166,7 @@ class _Trainer:
     # ---- one iteration ----
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        # The number of generator steps of this iteration's samples, the same in both phases and on every rank.
+        # The generator steps of this iteration's samples, the same in both phases and on every rank.
         self.k_star = draw_k_star(cfg.gen_steps, self.iteration, cfg.seed)
         # Update the fake score.
         self.generator.eval()
@@ -203,9 +203,9 @@ class _Trainer:
         return total
 
     def _generate(self, net, net_no_grad=None, dropout: float = 0.0):
-        """Generator samples of k* steps (``generator.rollout``; k* = 1: x_g = G(sigma_init z, sigma_init)) with
-        their labels and keyword conditions; ``dropout``: probability of the null condition per sample, applied
-        before generating so that a dropped sample is generated and denoised without its condition."""
+        """Generator samples of k* steps (``generator.rollout``; k* = 1: x_g = G(sigma_init z, sigma_init))
+        with their labels and keyword conditions; ``dropout``: probability of the null condition per sample,
+        applied before generating so that a dropped sample is generated and denoised without its condition."""
         z = torch.randn((self.batch_gpu, *self.image_shape), device=self.device)
         labels, cond = self._conditions(self.batch_gpu)
         if dropout:
@@ -238,8 +238,9 @@ class _Trainer:
             return guidance.guided(self.fake_train, x_t, sigma, _joined(labels, cond), self.null, k1)
 
     def _fake_sigma(self) -> torch.Tensor:
-        """Noise levels of the fake-score loss: EDM's ln sigma ~ N(p_mean, p_std^2); for flow-matching teachers
-        the logit-normal t of their training (Esser et al. 2024, SD3), i.e. ln sigma = logit(t) ~ N(mean, std^2)."""
+        """Noise levels of the fake-score loss: EDM's ln sigma ~ N(p_mean, p_std^2); for flow-matching
+        teachers the logit-normal t of their training (Esser et al. 2024, SD3), i.e. ln sigma = logit(t) ~
+        N(mean, std^2)."""
         cfg = self.cfg
         if self.flow:
             return reference.edm_training_sigma(self.batch_gpu, cfg.flow_logit_mean, cfg.flow_logit_std,
@@ -462,15 +463,16 @@ class _Conditioning:
             raise ValueError(f"a text conditioner was given, but {teacher.label()} takes no text embeddings "
                              "(no cross_attention_dim or joint_attention_dim in its config)")
         if text and conditioner is None:
-            raise ValueError(f"{teacher.label()} is text-conditioned, but no text encoder was given: load the "
-                             f"teacher from its pipeline directory with the text encoders ({cfg.option('teacher')} "
-                             "PIPELINE_DIR), or pass distill(..., conditioner=TextConditioner(...))")
+            raise ValueError(f"{teacher.label()} is text-conditioned, but no text encoder was given: load "
+                             "the teacher from its pipeline directory with the text encoders "
+                             f"({cfg.option('teacher')} PIPELINE_DIR), or pass "
+                             "distill(..., conditioner=TextConditioner(...))")
         if conditioner is not None and cfg.prompts is None:
             raise ValueError(f"{teacher.label()} is a text-to-image teacher: give its prompts, "
                              f"{cfg.option('prompts')} FILE (one prompt per line)")
         if conditioner is None and cfg.prompts is not None:
-            raise ValueError(f"{cfg.option('prompts')} is for text-to-image teachers; {teacher.label()} takes no "
-                             "prompts")
+            raise ValueError(f"{cfg.option('prompts')} is for text-to-image teachers; {teacher.label()} "
+                             "takes no prompts")
         self.conditioner = None
         self.prompts = None
         self.null = None

@@ -362,11 +362,12 @@ def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
 
 def test_guidance_and_few_step_options_map_onto_the_config(tmp_path):
     parser = cli.build_parser()
-    args = parser.parse_args(["distill", "--teacher", "t", "--guidance", "lsg", "--cfg", "2", "--cfg-fake-train",
-                              "1.5", "--cfg-fake", "-1", "--cfg-teacher", "3", "--gen-steps", "4", "--prompts",
-                              str(tmp_path / "p.txt")])
+    args = parser.parse_args(["distill", "--teacher", "t", "--guidance", "lsg", "--cfg", "2",
+                              "--cfg-fake-train", "1.5", "--cfg-fake", "-1", "--cfg-teacher", "3",
+                              "--gen-steps", "4", "--prompts", str(tmp_path / "p.txt")])
     cfg = cli.config_from_args(args)
-    assert (cfg.guidance, cfg.cfg, cfg.cfg_fake_train, cfg.cfg_fake, cfg.cfg_teacher) == ("lsg", 2, 1.5, -1, 3)
+    assert (cfg.guidance, cfg.cfg) == ("lsg", 2)
+    assert (cfg.cfg_fake_train, cfg.cfg_fake, cfg.cfg_teacher) == (1.5, -1, 3)
     assert cfg.gen_steps == 4 and cfg.prompts == str(tmp_path / "p.txt")
     scales = cfg.guidance_scales()
     assert (scales.k1, scales.k2, scales.k3, scales.k4) == (1.5, -1, -1, 3)
@@ -376,8 +377,9 @@ def test_guided_few_step_distill_then_sample_runs_its_steps(tmp_path, capsys, mo
     from sidfast import samplers
 
     run = tmp_path / "run"
-    code, _, err = run_main(["distill", "--teacher", "test_guided_train:conditional_teacher", "--run-dir", run,
-                             "--guidance", "lsg", "--cfg", "2", "--gen-steps", "4", *SMALL], capsys)
+    code, _, err = run_main(["distill", "--teacher", "test_guided_train:conditional_teacher",
+                             "--run-dir", run, "--guidance", "lsg", "--cfg", "2", "--gen-steps", "4", *SMALL],
+                            capsys)
     assert code == 0, err
     calls = []
     real = samplers.from_checkpoint
@@ -404,7 +406,8 @@ def test_guidance_and_prompt_errors(tmp_path, capsys):
     user_error([*teacher, "--guidance", "lsg"], capsys, "option --guidance lsg needs its scale: option --cfg")
     user_error([*teacher, "--guidance", "zero", "--cfg", "2"], capsys, "option --cfg is the scale")
     user_error([*teacher, "--guidance", "fancy"], capsys, "option --guidance must be one of")
-    user_error([*teacher, "--guidance", "lsg", "--cfg", "2"], capsys, "--guidance needs a conditional teacher")
+    user_error([*teacher, "--guidance", "lsg", "--cfg", "2"], capsys,
+               "--guidance needs a conditional teacher")
     user_error([*teacher, "--gen-steps", "0"], capsys, "option --gen-steps must be >= 1")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")

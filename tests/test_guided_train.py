@@ -51,6 +51,11 @@ def conditional_nets(seed=0):
     return teacher, copy.deepcopy(teacher), copy.deepcopy(teacher)
 
 
+def conditional_teacher():
+    """Entry point of a class-conditional test teacher (``test_guided_train:conditional_teacher``)."""
+    return CondMLP()
+
+
 # ---------------- k = 1 and K = 1 are plain SiD ----------------
 
 @pytest.mark.parametrize("engine,fake_score", [("eager", "full"), ("fused", "full"), ("fused", "lora")])
@@ -89,7 +94,8 @@ def test_lsg_evaluations_are_the_guided_two_call_formula(tmp_path, monkeypatch, 
         x_t, sigma, labels = x2[:batch], sigma2[:batch], labels2[batch:]
         with torch.no_grad():
             stacked = guidance.guided(EDMDenoiser(net), x_t, sigma, labels, null, 2.0)
-            two_calls = reference.cfg_combine(net(x_t, sigma, null.expand(batch, -1)), net(x_t, sigma, labels), 2.0)
+            unconditional = net(x_t, sigma, null.expand(batch, -1))
+            two_calls = reference.cfg_combine(unconditional, net(x_t, sigma, labels), 2.0)
         torch.testing.assert_close(stacked, two_calls)  # float32, one stacked forward vs two
         return stacked, labels
 
@@ -121,7 +127,8 @@ def test_lsg_evaluations_are_the_guided_two_call_formula(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-@pytest.mark.parametrize("scale_real,scale_fake", [(2.0, 2.0), (1.0, 0.0), (3.0, 1.0), (1.0, -1.0), (0.0, 1.5)])
+@pytest.mark.parametrize("scale_real,scale_fake",
+                         [(2.0, 2.0), (1.0, 0.0), (3.0, 1.0), (1.0, -1.0), (0.0, 1.5)])
 def test_engine_guided_terms_equal_the_eager_guided_computation(mode, scale_real, scale_fake):
     torch.manual_seed(0)
     teacher = EDMDenoiser(CondMLP(seed=1).double())
@@ -183,7 +190,8 @@ def test_guidance_errors_name_the_options(tmp_path):
         distill(quiet(run_dir=str(tmp_path / "b"), num_classes=5), tiny_teacher(CLASSES), log=None)
     with pytest.raises(ValueError, match="--null-class.*diffusers"):
         distill(quiet(run_dir=str(tmp_path / "c"), null_class=2), tiny_teacher(CLASSES), log=None)
-    assert quiet(guidance="lsg", cfg=2, cfg_fake=-1).guidance_scales() == guidance.GuidanceScales(2, -1, -1, 2)
+    scales = quiet(guidance="lsg", cfg=2, cfg_fake=-1).guidance_scales()
+    assert scales == guidance.GuidanceScales(2, -1, -1, 2)
 
 
 def test_guidance_of_a_teacher_without_label_dropout_is_refused(tmp_path):
@@ -254,8 +262,13 @@ def test_grid_of_a_few_step_student_uses_its_steps(tmp_path, monkeypatch):
 
     seen = []
     real = samplers.sample_images
-    monkeypatch.setattr(samplers, "sample_images", lambda *a, **kw: seen.append(kw["gen_steps"]) or real(*a, **kw))
-    distill(quiet(run_dir=str(tmp_path / "r"), iterations=1, gen_steps=3, grid_size=4), tiny_teacher(), log=None)
+    def recorded(*a, **kw):
+        seen.append(kw["gen_steps"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(samplers, "sample_images", recorded)
+    distill(quiet(run_dir=str(tmp_path / "r"), iterations=1, gen_steps=3, grid_size=4), tiny_teacher(),
+            log=None)
     assert seen and set(seen) == {3}
 
 
@@ -326,7 +339,8 @@ def test_weighted_sid_loss_with_one_over_w_is_the_sid_loss():
     got = weighted_sid_loss(y_real, y_fake, x_g, 1.0, 1 / (1 + sigma), 1.0)
     keep = torch.tensor([True, False, True, True])
     d = y_real - y_fake
-    per = (d * (y_fake - x_g)).flatten(1).sum(1) / (1 + sigma)  # SiD-DiT: d (f_psi - x_g) (1 - t) at alpha = 1
+    # SiD-DiT's generator term at alpha = 1: d (f_psi - x_g) (1 - t)
+    per = (d * (y_fake - x_g)).flatten(1).sum(1) / (1 + sigma)
     torch.testing.assert_close(got, per[keep].sum() / 4, rtol=1e-12, atol=0)
 
 
@@ -341,6 +355,13 @@ def test_new_options_are_trajectory_options_with_command_line_names():
         quiet(renoise="sometimes").validate()
 
 
-def conditional_teacher():
-    """Entry point of a class-conditional test teacher (``test_guided_train:conditional_teacher``)."""
-    return CondMLP()
+def test_guided_few_step_run_resumes_bitwise(tmp_path):
+    """k* is a function of (seed, iteration) and condition dropout draws from the saved RNG streams."""
+    kw = dict(iterations=5, lr=1e-3, guidance="lsg", cfg=2, gen_steps=3, checkpoint_every=2)
+    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), CondMLP(), log=None)
+    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), CondMLP(),
+                   callbacks=[lambda s: s["iteration"] == 2], log=None)
+    assert part.iteration == 2
+    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), CondMLP(), log=None)
+    for name in ("generator", "generator_ema", "fake"):
+        assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
