@@ -14,7 +14,8 @@
 - Distillation checkpoints (``kind="distill"``): ``save_distill`` / ``load_distill`` below, one file holding
   the generator, its EMA, the fake score (only its LoRA factors with ``fake_score="lora"``), both optimizers,
   every rank's RNG state, the config, and what ``sidfast sample`` needs to rebuild the generator
-  (``architecture`` or ``teacher``, ``image_shape``, ``num_classes``, ``label_format``, ``sigma_init``).
+  (``architecture`` or ``teacher``, ``image_shape``, ``num_classes``, ``label_format``, ``sigma_init``,
+  and the few-step generator's ``gen_steps``, ``step_spacing`` and ``renoise``).
 """
 from __future__ import annotations
 
@@ -239,7 +240,8 @@ def save_distill(path, config: TrainConfig, networks: dict, optimizers: dict, it
     """Write a distillation checkpoint from rank 0; every rank calls it (their RNG states are gathered).
 
     ``networks``: generator, generator_ema, fake; ``optimizers``: opt_g, opt_fake; ``meta``: architecture,
-    image_shape, num_classes, label_format, last (stored as given). Returns the path on rank 0, else None.
+    image_shape, num_classes, label_format, gen_steps, step_spacing, renoise, last (stored as given). Returns
+    the path on rank 0, else None.
     """
     rngs = runtime.all_gather(dist, runtime.rng_state(device))
     written = None
@@ -367,8 +369,8 @@ def _load_diffusers_teacher(path: Path, source: str, with_conditioner: bool, gui
                               f"reads the text-to-image pipelines {', '.join(text.PIPELINES)}")
     if is_text and not with_conditioner:
         raise CheckpointError(f"--teacher {source!r} is a text-to-image pipeline ({pipeline}), which needs "
-                              "prompts; this command distills class-conditional and unconditional teachers "
-                              "only (from Python: load_teacher(path, with_conditioner=True))")
+                              "prompts and its text encoders (sidfast distill --prompts FILE; from Python: "
+                              "load_teacher(path, with_conditioner=True))")
     model_config = path / "config.json"
     model_class = json.loads(model_config.read_text()).get("_class_name") if model_config.is_file() else None
     flow = "transformer" in index or model_class in denoisers.FLOW_MODELS

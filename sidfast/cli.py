@@ -7,8 +7,11 @@
     sidfast plan --teacher SRC|--model NAME [--resolution PX] [--gpus N] [--gpu-memory 80GB] ... | --table
 
 ``--teacher`` accepts a sidfast network checkpoint (``train-teacher`` writes one), a local diffusers
-directory (``save_pretrained`` of a ``UNet2DModel`` with its scheduler config), or ``module:function``
-returning an EDM-style module ``net(x, sigma, class_labels) -> x0``. Options: defaults < the
+directory (``save_pretrained`` of a ``UNet2DModel`` with its scheduler config, or a text-to-image pipeline
+with its text encoders, distilled from the prompts of ``--prompts FILE``), or ``module:function``
+returning an EDM-style module ``net(x, sigma, class_labels) -> x0``. Guidance: ``--guidance
+lsg|long|short|zero|anti --cfg K`` (scales overridden by ``--cfg-fake-train``, ``--cfg-fake``,
+``--cfg-teacher``); a few-step generator: ``--gen-steps K``. Options: defaults < the
 checkpoint's options when resuming < ``--config`` file < command line. User errors print one line
 ``sidfast <command>: error: ...`` and exit 2; a run stopped by SIGINT/SIGTERM saves and exits 130/143.
 """
@@ -159,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "without a suffix for a directory of PNGs, one per image")
     m.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
     m.add_argument("--seed", type=int, default=0, help="random seed of the latents (default: 0)")
-    m.add_argument("--steps", type=int, default=18, help="Heun steps for a teacher checkpoint (default: 18)")
+    m.add_argument("--steps", type=int, default=None,
+                   help="generator steps of a distillation checkpoint (default: the K it was trained "
+                        "with) or Heun steps of a teacher checkpoint (default: 18)")
     m.add_argument("--class-label", type=int, default=None, help="one class for all images (default: cycle)")
     m.add_argument("--batch", type=int, default=256, help="images per forward pass (default: 256)")
     m.add_argument("--teacher", default=None,
@@ -243,9 +248,9 @@ def cmd_distill(args) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise UserError(_cli_message(exc)) from None
     _device(cfg.device)
-    teacher, architecture = load_teacher(cfg.teacher)
+    teacher, architecture, conditioner = load_teacher(cfg.teacher, with_conditioner=True)
     try:
-        result = distill(cfg, teacher, architecture=architecture)
+        result = distill(cfg, teacher, architecture=architecture, conditioner=conditioner)
     except ValueError as exc:
         raise UserError(str(exc) if isinstance(exc, CheckpointError) else _cli_message(exc)) from None
     if result.interrupted:
@@ -262,7 +267,12 @@ def cmd_sample(args) -> int:
         report.check_samples_path(args.out, name="--out")
         net, options = samplers.from_checkpoint(args.checkpoint, teacher=args.teacher)
         device = _device(args.device)
-        images = samplers.sample_images(net.to(device), args.num, steps=args.steps, seed=args.seed,
+        steps = 18
+        if args.steps is not None and "gen_steps" in options:
+            options["gen_steps"] = args.steps
+        elif args.steps is not None:
+            steps = args.steps
+        images = samplers.sample_images(net.to(device), args.num, steps=steps, seed=args.seed,
                                         class_label=args.class_label, batch=args.batch, device=device,
                                         **options)
     except ValueError as exc:

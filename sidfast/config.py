@@ -16,6 +16,10 @@ FAKE_SCORES = ("full", "lora")
 NOISES = ("auto", "kernel", "torch")
 METHODS = ("sid", "sida", "sid2a")
 ADVERSARIAL = ("sida", "sid2a")  # the methods that train on real images with the fake score's encoder as D
+GUIDANCE_PRESETS = ("none", "lsg", "long", "short", "zero", "anti")
+STEP_SPACINGS = ("linear", "flow")
+RENOISES = ("fresh", "fixed", "ddim")
+GENERATOR_WEIGHTINGS = ("auto", "sid", "1-t")
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -83,6 +87,36 @@ class TrainConfig:
                                      "loss_scaling_G_gan = 0.01)")
     loss_scale_d: float = _t(1.0, "sida/sid2a: scale of the discriminator loss (published: 1 for EDM networks, "
                                   "100 for EDM2)")
+
+    # guidance, conditioning and the few-step generator (docs/math.md, "Guidance (SiD-LSG)", "Few-step
+    # generator")
+    guidance: str = _t("none", "SiD-LSG guidance: none, lsg (k1=k2=k4=K), long (teacher only, K > 1), short "
+                               "(fake score while trained only, K < 1), zero (Zero-CFG), anti (fake score in "
+                               "the generator loss, K < 0); K is --cfg", choices=GUIDANCE_PRESETS)
+    cfg: Optional[float] = _t(None, "the guidance scale K of --guidance (published LSG: 1.5, 2, 3, 4.5)")
+    cfg_fake_train: Optional[float] = _t(None, "k1: guidance of the fake score while it is trained (default: "
+                                               "from --guidance)")
+    cfg_fake: Optional[float] = _t(None, "k2 = k3: guidance of the fake score inside the generator loss "
+                                         "(default: from --guidance)")
+    cfg_teacher: Optional[float] = _t(None, "k4: guidance of the teacher inside the generator loss (default: "
+                                            "from --guidance)")
+    null_class: Optional[int] = _t(None, "index-label (diffusers) teachers: the class index trained as 'no "
+                                         "label', needed for guidance (default: none)")
+    prompts: Optional[str] = _t(None, "text file of prompts, one per line, for a text-to-image teacher "
+                                      "(default: none)")
+    gen_steps: int = _t(1, "generator steps K: each iteration trains k* ~ U{1..K} steps, sampling runs K")
+    step_spacing: str = _t("linear", "noise levels of the K generator steps: linear in sigma, or flow "
+                                     "(linear in t = sigma / (1 + sigma))", choices=STEP_SPACINGS)
+    renoise: str = _t("fresh", "noise that re-noises each generator step's input: fresh, fixed (the first "
+                               "z) or ddim", choices=RENOISES)
+    generator_weighting: str = _t("auto", "per-sample weight of the SiD loss: sid (1/w, published SiD), 1-t "
+                                          "(1 - sigma/(1+sigma), SiD-DiT's default); auto: 1-t for "
+                                          "flow-matching teachers, sid otherwise",
+                           choices=GENERATOR_WEIGHTINGS)
+    flow_logit_mean: float = _t(0.0, "flow-matching teachers' fake-score loss: logit(t) = ln sigma ~ "
+                                     "N(mean, std^2) (SD3's logit-normal: 0)")
+    flow_logit_std: float = _t(1.0, "flow-matching teachers' fake-score loss: standard deviation of logit(t) "
+                                    "(SD3's logit-normal: 1)")
 
     # networks & performance
     teacher: Optional[str] = _f(None, "teacher: sidfast checkpoint, local diffusers directory, or "
@@ -269,6 +303,12 @@ class TrainConfig:
         num("g_start_kimg", float, 0)
         num("loss_scale_gan", float, 0, lo_open=True)
         num("loss_scale_d", float, 0, lo_open=True)
+        for name in ("cfg", "cfg_fake_train", "cfg_fake", "cfg_teacher"):
+            num(name, float, optional=True)
+        num("null_class", int, 0, optional=True)
+        num("gen_steps", int, 1)
+        num("flow_logit_mean", float)
+        num("flow_logit_std", float, 0, lo_open=True)
         for name in ("checkpoint_every", "log_every", "sample_every", "grid_size", "teacher_steps"):
             num(name, int, 0)
         if self.log_every < 1:
@@ -295,14 +335,16 @@ class TrainConfig:
                 raise ValueError(f"option image_shape must be positive integers, got {self.image_shape!r}")
             self.image_shape = shape
         for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES),
-                              ("fake_score", FAKE_SCORES), ("noise", NOISES),
-                              ("method", METHODS)):
+                              ("fake_score", FAKE_SCORES), ("noise", NOISES), ("method", METHODS),
+                              ("guidance", GUIDANCE_PRESETS), ("step_spacing", STEP_SPACINGS),
+                              ("renoise", RENOISES), ("generator_weighting", GENERATOR_WEIGHTINGS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"option {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("run_dir", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"option {name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("teacher", "resume", "data", "disc_layer", "init_generator"):
+        self.guidance_scales()
+        for name in ("teacher", "resume", "data", "disc_layer", "init_generator", "prompts"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"option {name} must be a string, got {v!r}")
@@ -343,6 +385,30 @@ class TrainConfig:
         if self.alpha is not None:
             return self.alpha
         return 1.0 if self.adversarial else 1.2
+
+    def guidance_scales(self):
+        """SiD-LSG's (k1, k2 = k3, k4) from ``guidance`` at scale ``cfg``, then the explicit
+        ``cfg_fake_train``, ``cfg_fake`` and ``cfg_teacher`` over them
+        (``sidfast.guidance.GuidanceScales``)."""
+        from .guidance import PRESETS, GuidanceScales
+
+        name = self.guidance
+        takes_scale = name not in ("none", "zero")
+        if takes_scale and self.cfg is None:
+            raise ValueError(f"option guidance {name} needs its scale: option cfg K")
+        if not takes_scale and self.cfg is not None:
+            raise ValueError(f"option cfg is the scale of option guidance lsg, long, short or anti; guidance "
+                             f"{name} takes none")
+        if name not in PRESETS:
+            raise ValueError(f"option guidance must be one of {', '.join(GUIDANCE_PRESETS)}, got {name!r}")
+        try:
+            base = GuidanceScales.preset(name, self.cfg if takes_scale else None)
+        except ValueError as exc:
+            raise ValueError(f"option guidance {name} with option cfg {self.cfg}: {exc}") from None
+        k1 = base.k1 if self.cfg_fake_train is None else self.cfg_fake_train
+        k2 = base.k2 if self.cfg_fake is None else self.cfg_fake
+        k4 = base.k4 if self.cfg_teacher is None else self.cfg_teacher
+        return GuidanceScales(k1=k1, k2=k2, k4=k4)
 
     @property
     def optimizer_eps(self) -> float:

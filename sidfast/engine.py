@@ -48,6 +48,7 @@ import copy
 import torch
 from torch import nn
 
+from . import guidance, reference
 from . import loss as _loss
 from ._graphs import MAX_GRAPHS, GraphCache
 from .denoisers import Denoiser, as_denoiser, sigma_per_sample
@@ -157,7 +158,8 @@ class ScoreEngine:
     # ---- public API ----
 
     def generator_terms(self, x_g: torch.Tensor, sigma, labels=None, noise: torch.Tensor | None = None,
-                        **cond):
+                        scale_real: float = 1.0, scale_fake: float = 1.0, null_labels=None,
+                        null_cond: dict | None = None, **cond):
         """Teacher and fake-score x0 estimates at ``x_t = x_g + sigma * noise`` for the generator update.
 
         Args:
@@ -167,6 +169,10 @@ class ScoreEngine:
             noise: eps (B, *F) in x_g's dtype, or None to draw eps inside the noising kernel
                 (``sidfast.ops.noise.add_noise``, seeded from torch's default generator on x_g's device;
                 off the Triton route the same Philox stream is computed in PyTorch).
+            scale_real, scale_fake: guidance scales of the teacher (k4) and of the fake score (k2)
+                (``docs/math.md``, "Guidance (SiD-LSG)"); 1 is the plain conditional call.
+            null_labels, null_cond: the unconditional labels and keyword tensors (1 or B rows), needed when a
+                scale is not 1.
             cond: further conditioning tensors (B, ...) passed to both networks by keyword.
         Returns:
             (y_real, y_fake), each (B, *F) in x_g's dtype; their backward reaches x_g through x_t, and neither
@@ -176,12 +182,21 @@ class ScoreEngine:
             _loss.check_tensors(x_g=x_g, noise=noise)
         sig = self._check_inputs(x_g, sigma, labels, cond, "x_g")
         x_t, _ = edm_noised(x_g, sig, noise)
-        return self._evaluate("generator", self._layout(x_t), sig, labels, cond)
+        scales = (float(scale_real), float(scale_fake))
+        if scales == (1.0, 1.0):
+            return self._evaluate("generator", self._layout(x_t), sig, labels, cond)
+        return self._evaluate_guided("generator", self._layout(x_t), sig, labels, cond, scales, null_labels,
+                                     null_cond)
 
-    def fake_score_forward(self, x_t: torch.Tensor, sigma, labels=None, **cond) -> torch.Tensor:
-        """The fake score's x0 estimate at ``x_t`` (B, *F), with gradients into its trainable parameters."""
+    def fake_score_forward(self, x_t: torch.Tensor, sigma, labels=None, scale: float = 1.0, null_labels=None,
+                           null_cond: dict | None = None, **cond) -> torch.Tensor:
+        """The fake score's x0 estimate at ``x_t`` (B, *F), with gradients into its trainable parameters;
+        guided at ``scale`` (k1) with the unconditional ``null_labels``/``null_cond`` when it is not 1."""
         sig = self._check_inputs(x_t, sigma, labels, cond, "x_t")
-        return self._evaluate("fake", self._layout(x_t), sig, labels, cond)
+        if float(scale) == 1.0:
+            return self._evaluate("fake", self._layout(x_t), sig, labels, cond)
+        return self._evaluate_guided("fake", self._layout(x_t), sig, labels, cond, (float(scale),),
+                                     null_labels, null_cond)
 
     # ---- SiDA: the discriminator logits from the fake score's encoder ----
 
@@ -348,6 +363,71 @@ class ScoreEngine:
         self._functions[key] = fn
         return fn
 
+    def _guided_function(self, phase: str, names: tuple[str, ...], has_labels: bool, scales: tuple):
+        """The guided phase as a pure tensor function ``f(x_t, sigma, [labels], *cond, [null_labels],
+        *null_cond)`` (compiled if asked). "fake": ``guidance.guided`` of the fake score at scales[0];
+        "generator" in mode "full": ``guided`` of each frozen view (teacher at scales[0], fake score at
+        scales[1]); in mode "lora": ONE forward of the shared network over the rows each half needs
+        (``_lora_guided``)."""
+        key = ("guided", phase, names, has_labels, scales)
+        fn = self._functions.get(key)
+        if fn is not None:
+            return fn
+        fake = self.fake
+        mirrors = self._mirrors
+        count = len(names) + has_labels
+
+        def conditions(rest):
+            cond = _as_condition(names, has_labels, rest[:count])
+            null = _as_condition(names, has_labels, rest[count:])
+            return cond, null
+
+        def run(x_t, sigma, *rest):
+            cond, null = conditions(rest)
+            with self._autocast(x_t.device):
+                if phase == "fake":
+                    return guidance.guided(fake, x_t, sigma, cond, null, scales[0])
+                if self.mode == "full":
+                    return (guidance.guided(mirrors[0].view, x_t, sigma, cond, null, scales[0]),
+                            guidance.guided(mirrors[1].view, x_t, sigma, cond, null, scales[1]))
+                return _lora_guided(mirrors[0].view, x_t, sigma, cond, null, scales)
+
+        fn = torch.compile(run, dynamic=False) if self.compile else run
+        self._functions[key] = fn
+        return fn
+
+    def _evaluate_guided(self, phase: str, x_t, sig, labels, cond, scales: tuple, null_labels, null_cond):
+        """``_evaluate`` for guided scales: the null condition travels as further tensor arguments."""
+        names = tuple(sorted(cond))
+        has_labels = labels is not None
+        if not has_labels and not names:
+            raise ValueError(f"guidance at scale {scales} needs a conditional network: no labels and no "
+                             "conditioning were given (an unconditional network cannot be guided)")
+        null_cond = dict(null_cond or {})
+        if has_labels and null_labels is None:
+            raise ValueError("guidance needs null_labels, the unconditional labels of the networks")
+        missing = [k for k in names if k not in null_cond]
+        if missing:
+            raise ValueError(f"guidance needs null_cond entries for the conditioning {missing}")
+        batch = x_t.shape[0]
+        nulls = ((null_labels,) if has_labels else ()) + tuple(null_cond[k] for k in names)
+        nulls = tuple(n.expand(batch, *n.shape[1:]) if n.shape[0] == 1 else n for n in nulls)
+        if phase == "generator":
+            for mirror in self._mirrors:
+                mirror.check()
+            state = tuple(hash(mirror.sync_training()) for mirror in self._mirrors)
+        else:
+            state = (self.fake.training,)
+            self._graphs.check_fake_storage()
+        args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(cond[k] for k in names) + nulls
+        fn = self._guided_function(phase, names, has_labels, scales)
+        if self._use_graphs(x_t) and (phase == "fake" or x_t.requires_grad):
+            if not all(isinstance(a, torch.Tensor) for a in args):
+                raise ValueError("CUDA graphs need tensor conditioning; pass graphs=False for other values")
+            return self._graphs.run(phase, ("guided", scales, names, has_labels, state, self.amp_dtype), fn,
+                                    args)
+        return fn(*args)
+
     def _evaluate(self, phase: str, x_t, sig, labels, cond, logits: bool = False, real=None):
         names = tuple(sorted(cond))
         has_labels = labels is not None
@@ -373,6 +453,51 @@ class ScoreEngine:
                 raise ValueError("CUDA graphs need tensor conditioning; pass graphs=False for other values")
             return self._graphs.run(phase, variant, fn, args)
         return fn(*args)
+
+
+def _as_condition(names: tuple, has_labels: bool, tensors: tuple):
+    """The condition ``guidance.guided`` takes: the labels tensor alone, or a dict of keyword tensors (the
+    labels under "class_labels")."""
+    if not names:
+        return tensors[0] if has_labels else None
+    cond = dict(zip(names, tensors[1:] if has_labels else tensors))
+    if has_labels:
+        cond["class_labels"] = tensors[0]
+    return cond
+
+
+def _half_rows(scale: float) -> int:
+    """Condition blocks one network's half needs: 1 at k = 1 (cond) or k = 0 (null), else 2 ([null; cond])."""
+    return 1 if scale in (0.0, 1.0) else 2
+
+
+def _lora_guided(view, x_t, sigma, cond, null, scales: tuple):
+    """Teacher guided at scales[0] and LoRA fake score at scales[1] in ONE forward of the split-mode tree:
+    the batch is [teacher blocks; fake blocks], each half [null; cond] (or the one block its scale needs, when
+    both halves need one) so that the two halves have equal size."""
+    batch = x_t.shape[0]
+    blocks = max(_half_rows(k) for k in scales)
+    null_full = guidance.expand_null(cond, null, batch)
+
+    def half(k):
+        if blocks == 1:
+            return [null_full if k == 0 else cond]
+        return [null_full, cond]
+
+    parts = half(scales[0]) + half(scales[1])
+    stacked = guidance.stack_conditions(parts)
+    n = len(parts)
+    sig = sigma.repeat(n) if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 else sigma
+    y = guidance.call(view, x_t.repeat(n, *([1] * (x_t.dim() - 1))), sig, stacked)
+    out = []
+    for i, k in enumerate(scales):
+        if blocks == 1:
+            out.append(y[i * batch:(i + 1) * batch])
+            continue
+        f_null = y[2 * i * batch:(2 * i + 1) * batch]
+        f_cond = y[(2 * i + 1) * batch:(2 * i + 2) * batch]
+        out.append(f_cond if k == 1 else f_null if k == 0 else reference.cfg_combine(f_null, f_cond, k))
+    return tuple(out)
 
 
 __all__ = ["ScoreEngine", "MODES", "edm_noised"]

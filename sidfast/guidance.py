@@ -229,6 +229,22 @@ def _need_condition(cond, null_cond, scale: float) -> None:
                          "prompt's embedding)")
 
 
+def expand_null(cond, null_cond, batch: int):
+    """``null_cond`` in ``cond``'s form with ``batch`` rows (non-tensor entries of a dict ``cond`` kept)."""
+    return _rebuild(cond, _null_items(cond, null_cond, batch))
+
+
+def stack_conditions(conds: list):
+    """The conditions ``conds`` (all of one form) concatenated along the batch, for one stacked forward."""
+    items = [_tensor_items(c, "cond") for c in conds]
+    return _rebuild(conds[0], {k: torch.cat([i[k] for i in items], 0) for k in items[0]})
+
+
+def call(denoiser, x, sigma, cond):
+    """``denoiser(x, sigma[, labels], **keywords)`` for a condition in ``guided``'s form (None: none)."""
+    return _call(denoiser, x, sigma, cond)
+
+
 # ---- guided evaluation and condition dropout ----
 
 def guided(denoiser, x: torch.Tensor, sigma, cond, null_cond, scale: float) -> torch.Tensor:
@@ -303,4 +319,5 @@ def null_labels(num_classes: int, label_format: str, device=None,
     raise ValueError(f"label_format must be 'onehot' or 'index', got {label_format!r}")
 
 
-__all__ = ["GuidanceScales", "PRESETS", "CONDITION_DROPOUT", "guided", "drop_condition", "null_labels"]
+__all__ = ["GuidanceScales", "PRESETS", "CONDITION_DROPOUT", "guided", "drop_condition", "null_labels",
+           "expand_null", "stack_conditions", "call"]

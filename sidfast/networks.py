@@ -44,6 +44,8 @@ def _trainable_copy(net, teacher: Denoiser, name: str, device) -> Denoiser:
 def build_networks(cfg: TrainConfig, teacher, generator, fake, device: torch.device) -> SiDNetworks:
     """The run's networks on ``device``; ``generator``/``fake`` None: copies of the teacher."""
     teacher = as_denoiser(teacher, name="teacher").to(device).eval().requires_grad_(False)
+    if cfg.null_class is not None:
+        _set_null_class(teacher, cfg)
     generator = _trainable_copy(generator, teacher, "generator", device)
     if cfg.fake_score == "lora":
         if fake is not None:
@@ -58,7 +60,7 @@ def build_networks(cfg: TrainConfig, teacher, generator, fake, device: torch.dev
     if shape is None:
         raise ValueError("cannot determine the image shape from the teacher (no image_shape, img_resolution or "
                          f"diffusers sample_size); pass {cfg.option('image_shape')} C H W")
-    num_classes = cfg.num_classes if cfg.num_classes is not None else infer_num_classes(teacher)
+    num_classes = _num_classes(teacher, cfg)
     label_format = cfg.label_format
     if label_format == "auto":
         label_format = "index" if isinstance(teacher, DiffusersDenoiser) else "onehot"
@@ -78,6 +80,34 @@ def init_from_sid(generator: nn.Module, generator_ema: nn.Module, data: dict, pa
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"--init-generator {str(path)!r}: its generator does not fit this teacher's "
                               f"network (another teacher or architecture?): {str(exc).strip()[:300]}") from None
+
+
+def _set_null_class(teacher: Denoiser, cfg: TrainConfig) -> None:
+    """Give an index-label (diffusers) teacher the null class of ``cfg``, checked as ``DiffusersDenoiser``
+    does; the generator and fake score, copies of the teacher, inherit it."""
+    if not isinstance(teacher, DiffusersDenoiser):
+        raise ValueError(f"{cfg.option('null_class')} is for diffusers teachers with class embeddings "
+                         f"(index labels); {teacher.label()} takes one-hot labels whose null label is a row "
+                         "of zeros")
+    embeds = infer_num_classes(teacher.unet)
+    if teacher.null_class is not None and teacher.null_class != cfg.null_class:
+        raise ValueError(f"{cfg.option('null_class')} {cfg.null_class} differs from the teacher's null class "
+                         f"{teacher.null_class}")
+    if not embeds or cfg.null_class != embeds - 1:
+        raise ValueError(f"{cfg.option('null_class')} must be the teacher's last class embedding "
+                         f"({embeds - 1 if embeds else 'it has none'}), got {cfg.null_class}")
+    teacher.null_class = cfg.null_class
+
+
+def _num_classes(teacher: Denoiser, cfg: TrainConfig) -> int:
+    """The classes labels are drawn from: the teacher's, or ``cfg.num_classes`` if it names no more."""
+    own = teacher.num_classes if isinstance(teacher, Denoiser) else infer_num_classes(teacher)
+    if cfg.num_classes is None:
+        return own
+    if own and cfg.num_classes > own:
+        raise ValueError(f"{cfg.option('num_classes')} {cfg.num_classes} exceeds the teacher's {own} "
+                         f"classes: labels {own} to {cfg.num_classes - 1} would be out of range")
+    return cfg.num_classes
 
 
 __all__ = ["SiDNetworks", "build_networks", "init_from_sid"]

@@ -3,7 +3,8 @@
 ``edm_sample``: the deterministic probability-flow ODE solver of Karras et al. 2022 (Algorithm 1, no churn),
 Heun's second-order method or plain Euler, on the rho-schedule of ``reference.edm_sigma_steps``.
 ``one_step_sample``: the SiD generator's single step, x_g = G(sigma_init * z, sigma_init) (Zhou et al. 2024,
-section 4; ``docs/math.md``, "Published recipe").
+section 4; ``docs/math.md``, "Published recipe"); a few-step generator runs its K steps
+(``sidfast.generator.sample``; ``docs/math.md``, "Few-step generator").
 ``sample_images``: many images in batches, with seeded latents and class labels, by either sampler;
 ``from_checkpoint``: the network and ``sample_images`` options of a sidfast checkpoint.
 The state is integrated in float64 as in EDM's ``edm_sampler``; the network runs in its own dtype.
@@ -33,7 +34,7 @@ def _net_dtype(net) -> torch.dtype:
 @torch.no_grad()
 def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float = 0.002,
                sigma_max: float = 80.0, rho: float = 7.0, method: str = "heun",
-               class_labels: torch.Tensor | None = None) -> torch.Tensor:
+               class_labels: torch.Tensor | None = None, cond: dict | None = None) -> torch.Tensor:
     """Integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from sigma_max to 0.
 
     Args:
@@ -42,6 +43,7 @@ def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float =
         num_steps: N sigmas sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min, then 0.
             Heun uses 2N - 1 network evaluations (Euler on the last step to 0), Euler N.
         method: "heun" (Karras et al. 2022, Algorithm 1) or "euler".
+        cond: further conditioning passed to ``net`` by keyword (e.g. prompt embeddings), B rows.
     Returns:
         samples (B, *F) in noise's dtype.
     """
@@ -57,15 +59,17 @@ def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float =
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     dtype = _net_dtype(net)
+    cond = cond or {}
     steps = reference.edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).tolist()  # CPU, once
     x = noise.to(torch.float64) * steps[0]
     for cur, nxt in zip(steps[:-1], steps[1:]):
         # Euler step: d = (x - D(x; sigma)) / sigma (Karras et al. 2022, Algorithm 1, lines 6-8)
-        d = (x - net(x.to(dtype), _sigma_batch(cur, x, dtype), class_labels).to(torch.float64)) / cur
+        d = (x - net(x.to(dtype), _sigma_batch(cur, x, dtype), class_labels, **cond).to(torch.float64)) / cur
         x_next = x + (nxt - cur) * d
         if method == "heun" and nxt > 0:
             # second-order correction (Karras et al. 2022, Algorithm 1, lines 9-11)
-            d_next = net(x_next.to(dtype), _sigma_batch(nxt, x, dtype), class_labels).to(torch.float64)
+            d_next = net(x_next.to(dtype), _sigma_batch(nxt, x, dtype), class_labels, **cond)
+            d_next = d_next.to(torch.float64)
             d2 = (x_next - d_next) / nxt
             x_next = x + (nxt - cur) * (0.5 * d + 0.5 * d2)
         x = x_next
@@ -79,10 +83,10 @@ def num_evaluations(num_steps: int, method: str = "heun") -> int:
 
 @torch.no_grad()
 def one_step_sample(generator, noise: torch.Tensor, sigma_init: float = 2.5,
-                    class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                    class_labels: torch.Tensor | None = None, cond: dict | None = None) -> torch.Tensor:
     """SiD's one-step generator: x_g = G(sigma_init * z, sigma_init) (Zhou et al. 2024, section 4).
 
-    noise: z ~ N(0, I), (B, *F). Returns (B, *F) in noise's dtype.
+    noise: z ~ N(0, I), (B, *F); cond: further keyword conditioning of G. Returns (B, *F) in noise's dtype.
     """
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError("noise must be a floating-point tensor")
@@ -90,29 +94,45 @@ def one_step_sample(generator, noise: torch.Tensor, sigma_init: float = 2.5,
         raise ValueError(f"sigma_init must be positive, got {sigma_init}")
     dtype = _net_dtype(generator)
     z = noise.to(dtype)
-    return generator(sigma_init * z, _sigma_batch(sigma_init, z, dtype), class_labels).to(noise.dtype)
+    x_g = generator(sigma_init * z, _sigma_batch(sigma_init, z, dtype), class_labels, **(cond or {}))
+    return x_g.to(noise.dtype)
 
 
 @torch.no_grad()
 def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: int = 18,
                   num_classes: int = 0, label_format: str = "onehot", class_label: int | None = None,
                   seed: int = 0, batch: int = 256, device="cpu", sigma_min: float = 0.002,
-                  sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+                  sigma_max: float = 80.0, rho: float = 7.0, gen_steps: int = 1, step_spacing: str = "linear",
+                  renoise: str = "fresh", cond: dict | None = None) -> torch.Tensor:
     """``num`` samples (num, *shape) on the CPU, ``batch`` per network call.
 
-    sigma_init: a SiD generator, sampled in one step (``one_step_sample``); None: a diffusion denoiser,
-        sampled with ``edm_sample`` (Heun, ``steps`` steps from sigma_max to sigma_min on the rho schedule).
+    sigma_init: a SiD generator, sampled in ``gen_steps`` steps (1: ``one_step_sample``; K: all K steps of
+        ``sidfast.generator.sample`` at the levels ``generator_sigmas(K, sigma_init, step_spacing)``, fresh
+        noise from a generator seeded with ``seed + 1`` on ``device``); None: a diffusion denoiser, sampled
+        with
+        ``edm_sample`` (Heun, ``steps`` steps from sigma_max to sigma_min on the rho schedule).
+    cond: keyword conditioning of every call (e.g. prompt embeddings), ``batch`` rows (so ``num <= batch``).
     num_classes: 0 for an unconditional network; otherwise image i gets class ``class_label``, or i mod
         num_classes when class_label is None, in ``label_format`` ("onehot" or "index").
     The latents come from one CPU generator seeded with ``seed``, drawn batch after batch.
     """
-    for name, value in (("num", num), ("steps", steps), ("batch", batch)):
+    for name, value in (("num", num), ("steps", steps), ("batch", batch), ("gen_steps", gen_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"argument {name} must be an integer >= 1, got {value!r}")
     if class_label is not None and not 0 <= class_label < num_classes:
         raise ValueError(f"argument class_label must be in [0, {num_classes}) for this network" if num_classes
                          else "argument class_label given, but the network is unconditional")
+    if cond and num > batch:
+        raise ValueError(f"argument cond holds one batch of conditions: num ({num}) must be at most batch "
+                         f"({batch})")
     g = torch.Generator().manual_seed(seed)
+    levels = None
+    fresh = None
+    if sigma_init is not None and gen_steps > 1:
+        from .generator import generator_sigmas
+
+        levels = generator_sigmas(gen_steps, sigma_init, step_spacing)
+        fresh = torch.Generator(device=device).manual_seed(seed + 1)
     outs = []
     for start in range(0, num, batch):
         n = min(batch, num - start)
@@ -121,17 +141,22 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
         if num_classes:
             idx = torch.full((n,), class_label) if class_label is not None else torch.arange(start, start + n)
             labels = format_labels(idx.to(device) % num_classes, num_classes, label_format)
-        if sigma_init is not None:
-            x = one_step_sample(net, z, sigma_init, labels)
+        if levels is not None:
+            from .generator import sample
+
+            x = sample(net, z.to(_net_dtype(net)), labels, levels, renoise, fresh, cond=cond).to(z.dtype)
+        elif sigma_init is not None:
+            x = one_step_sample(net, z, sigma_init, labels, cond=cond)
         else:
-            x = edm_sample(net, z, steps, sigma_min, sigma_max, rho, class_labels=labels)
+            x = edm_sample(net, z, steps, sigma_min, sigma_max, rho, class_labels=labels, cond=cond)
         outs.append(x.cpu())
     return torch.cat(outs)
 
 
 def from_checkpoint(path, teacher: str | None = None):
     """(network, keyword arguments of ``sample_images``) for a sidfast checkpoint: the EMA generator of a
-    distillation checkpoint (one step), or the network of a network checkpoint (a diffusion denoiser).
+    distillation checkpoint (the K generator steps it was trained with), or the network of a network
+    checkpoint (a diffusion denoiser).
 
     teacher: where the teacher of a distillation checkpoint is now (``checkpoint.build_generator``).
     """
@@ -142,9 +167,13 @@ def from_checkpoint(path, teacher: str | None = None):
     data = checkpoint.load_checkpoint(path, ("distill", "network"))
     if checkpoint.kind_of(data) == "distill":
         net = checkpoint.build_generator(data, path, teacher=teacher)
+        config = data.get("config") or {}
         return net, {"shape": tuple(data["image_shape"]), "sigma_init": float(data.get("sigma_init", 2.5)),
                      "num_classes": int(data.get("num_classes") or 0),
-                     "label_format": data.get("label_format", "onehot")}
+                     "label_format": data.get("label_format", "onehot"),
+                     "gen_steps": int(data.get("gen_steps", config.get("gen_steps", 1))),
+                     "step_spacing": data.get("step_spacing", config.get("step_spacing", "linear")),
+                     "renoise": data.get("renoise", config.get("renoise", "fresh"))}
     if teacher is not None:
         raise ValueError("argument teacher is for distillation checkpoints; this is a network checkpoint")
     net = as_denoiser(checkpoint.build_network(data, path)).eval()

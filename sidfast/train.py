@@ -29,14 +29,15 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import reference, runtime
+from . import guidance, reference, runtime
 from .augment import AugmentPipe
 from .checkpoint import CheckpointError, load_checkpoint, load_distill, save_distill, teacher_reference
 from .config import CHECKPOINT_NAME, PRECISIONS, TrainConfig
 from .data import RealData
-from .denoisers import _modules_of, draw_labels, format_labels
+from .denoisers import FlowDenoiser, _modules_of, draw_labels, format_labels
 from .discriminator import DiscriminatorPass, DiscriminatorTap
 from .engine import edm_noised
+from .generator import draw_k_star, generator_sigmas, rollout
 from .loss import fake_score_loss, sid_generator_loss, sida_discriminator_loss, sida_generator_loss
 from .networks import build_networks, init_from_sid
 from .ops import backend
@@ -93,7 +94,8 @@ def takes_augment_labels(net: nn.Module) -> bool:
 class _Trainer:
     """The networks, optimizers and counters of one SiD run, and its iteration (``step``)."""
 
-    def __init__(self, cfg: TrainConfig, teacher, generator, fake, callbacks, architecture, data=None):
+    def __init__(self, cfg: TrainConfig, teacher, generator, fake, callbacks, architecture, data=None,
+                 conditioner=None):
         cfg.validate()
         cfg.check_method()
         self.cfg = cfg
@@ -123,6 +125,7 @@ class _Trainer:
         self.num_classes = nets.num_classes
         self.label_format = nets.label_format
         self.g_params = nets.trainable(self.generator)
+        self._setup_recipe(conditioner)
         self.fake_params = nets.trainable(self.fake)
         self.batch_rank, self.batch_gpu, self.rounds = cfg.split_batch(self.dist.world)
         if init is not None:
@@ -224,6 +227,28 @@ class _Trainer:
                              "augment_dim=9); use 0")
         return AugmentPipe(cfg.augment_p)
 
+    def _setup_recipe(self, conditioner) -> None:
+        """Guidance scales, conditions, the few-step generator's levels and the teacher's loss conventions."""
+        cfg = self.cfg
+        self.scales = cfg.guidance_scales()
+        self.sigmas = generator_sigmas(cfg.gen_steps, cfg.sigma_init, cfg.step_spacing)
+        self.k_star = 1
+        # flow-matching teachers: velocity loss for the fake score, SiD-DiT's 1 - t weighting by default
+        self.flow = isinstance(self.teacher, FlowDenoiser)
+        weighting = cfg.generator_weighting
+        self.weighting = ("1-t" if self.flow else "sid") if weighting == "auto" else weighting
+        setup = _Conditioning(cfg, self.teacher, conditioner, self.num_classes, self.label_format,
+                              self.scales, self.device)
+        self.conditioner = setup.conditioner
+        self.prompts = setup.prompts
+        self.null = setup.null
+        if cfg.adversarial:  # SiDA's published recipe: EDM teachers, class labels at most, no guidance
+            unsupported = [what for what, on in (("guidance", self.scales.active), ("text prompts", self.prompts),
+                                                 ("a flow-matching teacher", self.flow)) if on]
+            if unsupported:
+                raise ValueError(f"{cfg.option('method')} {cfg.method} does not combine with "
+                                 f"{', '.join(unsupported)} yet; use {cfg.option('method')} sid for them")
+
     def networks(self) -> dict:
         return {"generator": self.generator, "generator_ema": self.generator_ema, "fake": self.fake}
 
@@ -234,12 +259,15 @@ class _Trainer:
         return save_distill(self.ckpt_path, self.cfg, self.networks(), self.optimizers(), self.iteration,
                             self.nimg, self.dist, self.device, architecture=self.architecture,
                             image_shape=list(self.image_shape), num_classes=self.num_classes,
-                            label_format=self.label_format, last=last,
+                            label_format=self.label_format, gen_steps=self.cfg.gen_steps,
+                            step_spacing=self.cfg.step_spacing, renoise=self.cfg.renoise, last=last,
                             **({"real_data": self.real_data.state_dict()} if self.real_data else {}))
 
     # ---- one iteration ----
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
+        # The generator steps of this iteration's samples, the same in both phases and on every rank.
+        self.k_star = draw_k_star(cfg.gen_steps, self.iteration, cfg.seed)
         # Update the fake score.
         self.generator.eval()
         self.fake.train()
@@ -288,56 +316,114 @@ class _Trainer:
             optimizer.step()
         return total
 
-    def _generate(self, net, labels=None):
+    def _generate(self, net, net_no_grad=None, dropout: float = 0.0, labels=None):
+        """Generator samples of k* steps (``generator.rollout``; k* = 1: x_g = G(sigma_init z, sigma_init))
+        with their labels and keyword conditions; ``dropout``: probability of the null condition per sample,
+        applied before generating so that a dropped sample is generated and denoised without its condition;
+        ``labels``: the class labels to generate for (SiDA: the real batch's), else drawn."""
         z = torch.randn((self.batch_gpu, *self.image_shape), device=self.device)
         if labels is None:
-            labels = draw_labels(self.batch_gpu, self.num_classes, self.label_format, self.device)
-        sigma = torch.full((self.batch_gpu,), self.cfg.sigma_init, device=self.device)
+            labels, cond = self._conditions(self.batch_gpu)
+        else:
+            cond = {}
+        if dropout:
+            labels, cond = _split(guidance.drop_condition(_joined(labels, cond), self.null, dropout))
         with runtime.autocast(self.device, self.cfg.precision):
-            x_g = net(self.cfg.sigma_init * z, sigma, labels)
-        return x_g.float(), labels
+            x_g = rollout(net, z, labels, self.sigmas, self.k_star, self.cfg.renoise, G_no_grad=net_no_grad,
+                          cond=cond)
+        return x_g.float(), labels, cond
+
+    def _conditions(self, batch: int) -> tuple:
+        """(class labels or None, keyword conditions) of ``batch`` samples: uniform labels, or prompts drawn
+        from the prompt file and embedded by the text encoders (cached per prompt)."""
+        labels = draw_labels(batch, self.num_classes, self.label_format, self.device)
+        if self.conditioner is None:
+            return labels, {}
+        from .text import draw_prompts
+
+        return labels, _to_device(self.conditioner.condition(draw_prompts(self.prompts, batch)), self.device)
+
+    def _fake_prediction(self, x_t, sigma, labels, cond) -> torch.Tensor:
+        """The fake score at x_t, guided at k1 (``guidance.guided``), with gradients into its parameters."""
+        cfg = self.cfg
+        k1 = self.scales.k1
+        if self.engine is not None and not self.dist.enabled:
+            null_labels, null_cond = _split(self.null)
+            return self.engine.fake_score_forward(x_t, sigma, labels, scale=k1, null_labels=null_labels,
+                                                  null_cond=null_cond, **cond)
+        # DDP: the wrapper's hooks average the fake score's gradients
+        with runtime.autocast(self.device, cfg.precision):
+            return guidance.guided(self.fake_train, x_t, sigma, _joined(labels, cond), self.null, k1)
+
+    def _fake_sigma(self) -> torch.Tensor:
+        """Noise levels of the fake-score loss: EDM's ln sigma ~ N(p_mean, p_std^2); for flow-matching
+        teachers the logit-normal t of their training (Esser et al. 2024, SD3), i.e. ln sigma = logit(t) ~
+        N(mean, std^2)."""
+        cfg = self.cfg
+        if self.flow:
+            return reference.edm_training_sigma(self.batch_gpu, cfg.flow_logit_mean, cfg.flow_logit_std,
+                                                device=self.device)
+        return reference.edm_training_sigma(self.batch_gpu, cfg.p_mean, cfg.p_std, device=self.device)
+
+    def _denoising_loss(self, pred, x0, noise, sigma, seed) -> torch.Tensor:
+        """EDM's weighted x0 loss, or for flow-matching teachers the velocity MSE at t = sigma / (1 + sigma)
+        (``docs/math.md``, "Fake-score loss" and "Predictions", flow row)."""
+        if self.flow:
+            return fake_score_loss(pred, x0, noise, 1 / (1 + sigma), sigma / (1 + sigma), prediction="x0",
+                                   weighting="flow", reduction="batchmean", seed=seed)
+        return fake_score_loss(pred, x0, noise, 1.0, sigma, prediction="x0", weighting="edm",
+                               sigma_data=self.cfg.sigma_data, reduction="batchmean", seed=seed)
+
+    def _score_terms(self, x_g, sigma, labels, cond, noise) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher (guided at k4) and fake score (at k2) at x_t = x_g + sigma * eps, input gradients only."""
+        k2 = self.scales.k2
+        k4 = self.scales.k4
+        if self.engine is not None:
+            null_labels, null_cond = _split(self.null)
+            return self.engine.generator_terms(x_g, sigma, labels, noise=noise, scale_real=k4, scale_fake=k2,
+                                               null_labels=null_labels, null_cond=null_cond, **cond)
+        x_t, _ = edm_noised(x_g, sigma, noise)
+        joined = _joined(labels, cond)
+        with runtime.autocast(self.device, self.cfg.precision):
+            y_real = guidance.guided(self.teacher, x_t, sigma, joined, self.null, k4)
+            y_fake = guidance.guided(self.fake, x_t, sigma, joined, self.null, k2)
+        return y_real, y_fake
+
+    def _sid_loss(self, y_real, y_fake, x_g, sigma, scale: float) -> torch.Tensor:
+        """scale times the SiD loss, weighted per sample by 1/w (the fused loss) or by 1 - t."""
+        if self.weighting == "sid":
+            return sid_generator_loss(y_real, y_fake, x_g, self.cfg.sid_alpha, reduction="batchmean",
+                                      loss_scale=scale)
+        return weighted_sid_loss(y_real, y_fake, x_g, self.cfg.sid_alpha, 1 / (1 + sigma), scale)
 
     def _fake_score_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """EDM's denoising loss of the fake score at fresh samples (``docs/math.md``, "Fake-score loss"):
         (loss, scale * loss)."""
         cfg = self.cfg
         with torch.no_grad():
-            x_g, labels = self._generate(self.generator_sample)
-        sigma = reference.edm_training_sigma(self.batch_gpu, cfg.p_mean, cfg.p_std, device=self.device)
+            x_g, labels, cond = self._generate(self.generator_sample, dropout=self.scales.condition_dropout)
+        sigma = self._fake_sigma()
         # kernel noise: the loss regenerates eps from the seed that drew it
         noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
         x_t, seed = edm_noised(x_g, sigma, noise)
-        if self.engine is not None and not self.dist.enabled:
-            pred = self.engine.fake_score_forward(x_t, sigma, labels)
-        else:  # DDP: the wrapper's hooks average the fake score's gradients
-            with runtime.autocast(self.device, cfg.precision):
-                pred = self.fake_train(x_t, sigma, labels)
-        pred = pred.float()
+        pred = self._fake_prediction(x_t, sigma, labels, cond).float()
         # published: samples with NaN in x_g or the prediction are dropped from the loss
         keep = broadcast(~reference.nan_rows(pred, x_g), x_g)
         pred = torch.where(keep, pred, 0.0)
         x0 = torch.where(keep, x_g, 0.0)
-        loss = fake_score_loss(pred, x0, noise, 1.0, sigma, prediction="x0", weighting="edm",
-                               sigma_data=cfg.sigma_data, reduction="batchmean", seed=seed)
+        loss = self._denoising_loss(pred, x0, noise, sigma, seed)
         return loss, loss * scale
 
     def _generator_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The SiD loss of fresh samples (``docs/math.md``, "SiD generator loss"), fp32: (loss, scale * loss),
         the scale folded into the fused loss so that backward needs no scaling pass."""
         cfg = self.cfg
-        x_g, labels = self._generate(self.generator_train)
+        x_g, labels, cond = self._generate(self.generator_train, self.generator_sample)
         sigma = reference.generator_sigma(self.batch_gpu, cfg.tmax, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                                           device=self.device)
         noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
-        if self.engine is not None:
-            y_real, y_fake = self.engine.generator_terms(x_g, sigma, labels, noise=noise)
-        else:
-            x_t, _ = edm_noised(x_g, sigma, noise)
-            with runtime.autocast(self.device, cfg.precision):
-                y_real = self.teacher(x_t, sigma, labels)
-                y_fake = self.fake(x_t, sigma, labels)
-        scaled = sid_generator_loss(y_real.float(), y_fake.float(), x_g, cfg.sid_alpha, reduction="batchmean",
-                                    loss_scale=scale)
+        y_real, y_fake = self._score_terms(x_g, sigma, labels, cond, noise)
+        scaled = self._sid_loss(y_real.float(), y_fake.float(), x_g, sigma, scale)
         # the reported loss: the scale divided back out of the 0-dim result (the unscaled loss within float32
         # rounding; no pass over the data)
         return scaled.detach() / scale, scaled
@@ -366,10 +452,11 @@ class _Trainer:
         cfg = self.cfg
         real, labels = self._real_batch()
         with torch.no_grad():  # published: the generator draws for the real batch's labels
-            x_g, labels = self._generate(self.generator_sample, labels)
+            x_g, labels, gen_cond = self._generate(self.generator_sample, labels=labels)
         sigma = reference.edm_training_sigma(self.batch_gpu, cfg.p_mean, cfg.p_std, device=self.device)
         # the published order: augment x_g, draw the noise, augment the real images
         x_g, cond = self._augmented(x_g)
+        cond = {**gen_cond, **cond}
         noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
         x_t, seed = edm_noised(x_g, sigma, noise)
         eps = noise if noise is not None else regenerate_noise(seed, x_g.shape).to(x_g.dtype)
@@ -396,7 +483,7 @@ class _Trainer:
         (L_sid, scale * loss), loss = loss_scale_g L_sid, mixed with loss_scale_gan L_gan once more than
         gan_start_kimg thousand images were seen."""
         cfg = self.cfg
-        x_g, labels = self._generate(self.generator_train)
+        x_g, labels, _ = self._generate(self.generator_train, self.generator_sample)
         sigma = reference.generator_sigma(self.batch_gpu, cfg.tmax, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                                           device=self.device)
         noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
@@ -439,11 +526,16 @@ class _Trainer:
         from .samplers import sample_images
 
         cfg = self.cfg
+        cond = None
+        if self.conditioner is not None:  # the first prompts of the file, cycled, in every grid
+            prompts = [self.prompts[i % len(self.prompts)] for i in range(cfg.grid_size)]
+            cond = _to_device(self.conditioner.condition(prompts), self.device)
         return sample_images(net, cfg.grid_size, self.image_shape, cfg.sigma_init if one_step else None,
                              1 if one_step else cfg.teacher_steps, self.num_classes, self.label_format,
                              seed=cfg.seed + 20240,
                              batch=cfg.grid_size, device=self.device, sigma_min=cfg.sigma_min,
-                             sigma_max=cfg.sigma_max, rho=cfg.rho)
+                             sigma_max=cfg.sigma_max, rho=cfg.rho, gen_steps=cfg.gen_steps,
+                             step_spacing=cfg.step_spacing, renoise=cfg.renoise, cond=cond)
 
     def write_student_grid(self, name: str) -> None:
         if self.rank0 and self.cfg.grid_size:
@@ -457,7 +549,7 @@ class _Trainer:
 
 def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(),
             architecture: dict | None = None, log: Callable[[str], None] | None = print,
-            data=None) -> DistillResult:
+            data=None, conditioner=None) -> DistillResult:
     """Run SiD (or SiDA, SiD2A: ``config.method``) from ``teacher``; a resumed CPU run reproduces the
     uninterrupted one bitwise.
 
@@ -469,6 +561,8 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     "config": {...}}`` that rebuilds the generator for ``sidfast sample``. ``log``: where rank 0's lines go
     (None: silent). ``data``: SiDA's real images, anything ``sidfast.data.open_images`` reads (a path, an
     image tensor or array, a torch Dataset); default ``config.data``.
+    ``conditioner``: the ``sidfast.text.TextConditioner`` of a text-to-image teacher
+    (``checkpoint.load_teacher(..., with_conditioner=True)``); its prompts come from ``config.prompts``.
     """
     from .report import MetricsLog, plot_losses, read_metrics, summary_table
 
@@ -476,7 +570,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
         raise TypeError(f"config must be a sidfast.train.TrainConfig, got {type(config).__name__}")
     # a teacher given as a path is stored absolute, so that the checkpoint works from any directory
     cfg = dataclasses.replace(config, teacher=teacher_reference(config.teacher)).validate()
-    trainer = _Trainer(cfg, teacher, generator, fake, callbacks, architecture, data)
+    trainer = _Trainer(cfg, teacher, generator, fake, callbacks, architecture, data, conditioner)
     say = log if (log is not None and trainer.rank0) else None
     start_iteration = trainer.iteration
     start_time = time.perf_counter()
@@ -564,6 +658,96 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
             stopped = f" (stopped by {interrupted})" if interrupted else ""
             say(summary_table(rows, f"{METHOD_NAMES[cfg.method]} distillation" + stopped))
     return result
+
+
+class _Conditioning:
+    """What the run conditions on, checked once: the text conditioner and prompts of a text-to-image teacher,
+    and the null condition that guidance and condition dropout need (``guidance.guided``'s form)."""
+
+    def __init__(self, cfg: TrainConfig, teacher, conditioner, num_classes: int, label_format: str, scales,
+                 device: torch.device):
+        text = _text_conditioned(teacher)
+        if conditioner is not None and not text:
+            raise ValueError(f"a text conditioner was given, but {teacher.label()} takes no text embeddings "
+                             "(no cross_attention_dim or joint_attention_dim in its config)")
+        if text and conditioner is None:
+            raise ValueError(f"{teacher.label()} is text-conditioned, but no text encoder was given: load "
+                             "the teacher from its pipeline directory with the text encoders "
+                             f"({cfg.option('teacher')} PIPELINE_DIR), or pass "
+                             "distill(..., conditioner=TextConditioner(...))")
+        if conditioner is not None and cfg.prompts is None:
+            raise ValueError(f"{teacher.label()} is a text-to-image teacher: give its prompts, "
+                             f"{cfg.option('prompts')} FILE (one prompt per line)")
+        if conditioner is None and cfg.prompts is not None:
+            raise ValueError(f"{cfg.option('prompts')} is for text-to-image teachers; {teacher.label()} "
+                             "takes no prompts")
+        self.conditioner = None
+        self.prompts = None
+        self.null = None
+        if conditioner is not None:
+            from .text import read_prompts
+
+            self.prompts = read_prompts(cfg.prompts)
+            self.conditioner = conditioner.to(device)
+            self.null = _to_device(conditioner.null_condition(1), device)
+            return
+        if not (scales.active or scales.condition_dropout):
+            return
+        if not num_classes:
+            raise ValueError(f"{cfg.option('guidance')} needs a conditional teacher: {teacher.label()} is "
+                             "unconditional (no classes, no text), so there is no unconditional/conditional "
+                             "pair to guide between")
+        try:
+            teacher.null_labels(1, device)  # the adapter's checks: label dropout, a null class
+        except ValueError as exc:
+            raise ValueError(f"{cfg.option('guidance')}: {exc}") from None
+        null_index = getattr(teacher, "null_class", None) if label_format == "index" else None
+        self.null = guidance.null_labels(num_classes, label_format, device, null_index=null_index)
+
+
+def _text_conditioned(teacher) -> bool:
+    """Whether the teacher's network takes text embeddings (diffusers' cross- or joint-attention width)."""
+    config = getattr(getattr(teacher, "network", None), "config", None)
+    return bool(getattr(config, "cross_attention_dim", None) or getattr(config, "joint_attention_dim", None))
+
+
+def _to_device(cond, device):
+    if isinstance(cond, dict):
+        return {k: _to_device(v, device) for k, v in cond.items()}
+    return cond.to(device) if isinstance(cond, torch.Tensor) else cond
+
+
+def _joined(labels, cond: dict):
+    """The condition in ``guidance.guided``'s form: the labels alone, or the keywords with the labels as
+    "class_labels"."""
+    if not cond:
+        return labels
+    joined = dict(cond)
+    if labels is not None:
+        joined["class_labels"] = labels
+    return joined
+
+
+def _split(joined) -> tuple:
+    """(labels, keyword conditions) of a condition in ``guidance.guided``'s form."""
+    if isinstance(joined, dict):
+        cond = dict(joined)
+        return cond.pop("class_labels", None), cond
+    return joined, {}
+
+
+def weighted_sid_loss(y_real, y_fake, x_g, alpha: float, weight: torch.Tensor, loss_scale: float):
+    """loss_scale / B * sum_i weight_i * sum_pixels d * ((f_phi - x_g) - alpha d), d = f_phi - f_psi: the SiD
+    loss with a per-sample weight in place of 1/w (SiD-DiT's 1 - t; ``docs/math.md``, "SiD generator loss").
+    Plain PyTorch: a few passes over the data where the fused loss (weight 1/w) makes one. Samples with a NaN
+    contribute zero, as in ``reference.sid_generator_loss``."""
+    keep = broadcast(~reference.nan_rows(y_real, y_fake, x_g), x_g)
+    y_real = torch.where(keep, y_real, 0.0)
+    y_fake = torch.where(keep, y_fake, 0.0)
+    x_g = torch.where(keep, x_g, 0.0)
+    d = y_real - y_fake
+    per_sample = (d * ((y_real - x_g) - alpha * d)).flatten(1).sum(1)
+    return loss_scale * (weight.detach().to(per_sample.dtype) * per_sample).sum() / x_g.shape[0]
 
 
 def _result(trainer: _Trainer, cfg: TrainConfig, seconds: float, start_iteration: int, last: dict,

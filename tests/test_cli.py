@@ -356,3 +356,59 @@ def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
     assert load_checkpoint(run / "checkpoint.pt", "distill")["iteration"] == stopped + 2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["iterations"] == stopped + 2 and summary["iterations_this_run"] == 2
+
+
+# ---------------- guidance, prompts and few-step generators ----------------
+
+def test_guidance_and_few_step_options_map_onto_the_config(tmp_path):
+    parser = cli.build_parser()
+    args = parser.parse_args(["distill", "--teacher", "t", "--guidance", "lsg", "--cfg", "2",
+                              "--cfg-fake-train", "1.5", "--cfg-fake", "-1", "--cfg-teacher", "3",
+                              "--gen-steps", "4", "--prompts", str(tmp_path / "p.txt")])
+    cfg = cli.config_from_args(args)
+    assert (cfg.guidance, cfg.cfg) == ("lsg", 2)
+    assert (cfg.cfg_fake_train, cfg.cfg_fake, cfg.cfg_teacher) == (1.5, -1, 3)
+    assert cfg.gen_steps == 4 and cfg.prompts == str(tmp_path / "p.txt")
+    scales = cfg.guidance_scales()
+    assert (scales.k1, scales.k2, scales.k3, scales.k4) == (1.5, -1, -1, 3)
+
+
+def test_guided_few_step_distill_then_sample_runs_its_steps(tmp_path, capsys, monkeypatch):
+    from sidfast import samplers
+
+    run = tmp_path / "run"
+    code, _, err = run_main(["distill", "--teacher", "test_guided_train:conditional_teacher",
+                             "--run-dir", run, "--guidance", "lsg", "--cfg", "2", "--gen-steps", "4", *SMALL],
+                            capsys)
+    assert code == 0, err
+    calls = []
+    real = samplers.from_checkpoint
+
+    def counted(*a, **kw):
+        net, options = real(*a, **kw)
+        net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+        return net, options
+
+    monkeypatch.setattr(samplers, "from_checkpoint", counted)
+    images = {}
+    for steps in (None, 4, 1):
+        extra = [] if steps is None else ["--steps", steps]
+        calls.clear()
+        out = tmp_path / f"s{steps}.png"
+        assert run_main(["sample", run / "checkpoint.pt", "--out", out, "--num", "3", *extra], capsys)[0] == 0
+        assert calls == [3] * (steps or 4)  # default: the 4 steps the student was trained with
+        images[steps] = out.read_bytes()
+    assert images[None] == images[4] and images[1] != images[4]
+
+
+def test_guidance_and_prompt_errors(tmp_path, capsys):
+    teacher = ["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", tmp_path / "r"]
+    user_error([*teacher, "--guidance", "lsg"], capsys, "option --guidance lsg needs its scale: option --cfg")
+    user_error([*teacher, "--guidance", "zero", "--cfg", "2"], capsys, "option --cfg is the scale")
+    user_error([*teacher, "--guidance", "fancy"], capsys, "option --guidance must be one of")
+    user_error([*teacher, "--guidance", "lsg", "--cfg", "2"], capsys,
+               "--guidance needs a conditional teacher")
+    user_error([*teacher, "--gen-steps", "0"], capsys, "option --gen-steps must be >= 1")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    user_error([*teacher, "--prompts", prompts], capsys, "--prompts is for text-to-image teachers")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nets import randomize_lora
+from utils import randomize_lora
 from sidfast.denoisers import DiffusersDenoiser, EDMDenoiser, FlowDenoiser
 from sidfast.engine import ScoreEngine
 from sidfast.lora import (LoRAConv2d, LoRAGenerator, LoRALayer, LoRALinear, LoRAWeight, add_lora,
