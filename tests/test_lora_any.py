@@ -182,10 +182,9 @@ def _flux():
                                             attention_head_dim=8, num_attention_heads=2,
                                             joint_attention_dim=12, pooled_projection_dim=6,
                                             axes_dims_rope=(2, 2, 4))
-    # ids are per token, shared by the batch: not doubled (_double only doubles batch-first tensors)
-    cond = dict(encoder_hidden_states=torch.randn(2, 5, 12), pooled_projections=torch.randn(2, 6),
-                img_ids=torch.randn(16, 3), txt_ids=torch.randn(5, 3))
-    return FlowDenoiser(flux, time_scale=1.0, time_arg="timestep"), torch.randn(2, 16, 4), cond
+    # the adapter packs (B, 1, 8, 8) latents into 16 tokens of 2x2 patches and supplies the per-token ids
+    cond = dict(encoder_hidden_states=torch.randn(2, 5, 12), pooled_projections=torch.randn(2, 6))
+    return FlowDenoiser(flux, time_scale=1.0, time_arg="timestep"), torch.randn(2, 1, 8, 8), cond
 
 
 FAMILIES = {"edm": _edm, "unet2d": _unet2d, "unet2d_condition": _unet2d_condition, "dit": _dit, "sd3": _sd3,
