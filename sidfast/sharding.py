@@ -11,6 +11,7 @@ forward and for the input-gradient backward and never reduce-scattered. A LoRA f
 modules (``sidfast.lora``); it is sharded as one network, the LoRA factors with the block they adapt (one
 all-gather per block, their gradients reduce-scattered like any other), and the teacher is the same sharded
 network with its LoRA layers off (``LoRAOff``), so that the teacher's weights exist once, sharded.
+Sharding happens in place: a teacher or generator module handed to ``distill`` comes back sharded.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ SINGLE_BLOCKS = ("mid_block",)
 
 
 def shard_blocks(net: nn.Module) -> list[nn.Module]:
-    """The blocks of ``net`` that are sharded (and checkpointed) one by one, outermost first found."""
+    """The blocks of ``net`` that are sharded (and checkpointed) one by one, in module order; a block inside
+    another block is not listed again."""
     blocks = []
     inside = set()
     for name, module in net.named_modules():
@@ -67,10 +69,9 @@ def fully_shard_network(net: nn.Module, precision: str = "fp32") -> nn.Module:
     """``fully_shard`` each block of ``net``, then ``net`` itself, over all ranks; ``precision`` "bf16":
     parameters all-gathered and computed in bf16, gradients reduced in fp32 (``MixedPrecisionPolicy``).
     ``net`` is changed in place (its parameters become DTensor shards) and returned."""
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    import torch.distributed as dist
 
     device_type = next(net.parameters()).device.type
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
