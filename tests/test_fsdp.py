@@ -484,3 +484,22 @@ def test_torchrun_launch_with_fsdp(tmp_path):
     data = read_distill(run / "checkpoint.dcp")
     assert (data["world_size"], data["iteration"], data["nimg"]) == (2, 3, 24)
     assert (run / "student.png").is_file() and (run / "teacher.png").is_file()
+
+
+def test_fsdp_in_one_process_keeps_the_previous_checkpoint_and_resumes(tmp_path):
+    """Without torchrun --fsdp makes a process group of one (and ends it); each save keeps the one it
+    replaces as checkpoint.prev.dcp."""
+    from test_train import tiny_teacher
+
+    from sidfast.checkpoint import read_distill
+    from sidfast.train import distill
+
+    run = tmp_path / "run"
+    first = distill(_cfg(str(run), fsdp=True, iterations=3, checkpoint_every=2), tiny_teacher(num_classes=3),
+                    log=None)
+    assert first.checkpoint == run / "checkpoint.dcp" and not dist.is_initialized()
+    assert read_distill(run / "checkpoint.dcp")["iteration"] == 3
+    assert read_distill(run / "checkpoint.prev.dcp")["iteration"] == 2
+    resumed = distill(_cfg(str(run), fsdp=True, resume="auto"), tiny_teacher(num_classes=3), log=None)
+    assert (resumed.iteration, resumed.nimg) == (4, 32)
+    assert read_distill(run / "checkpoint.prev.dcp")["iteration"] == 3
