@@ -76,8 +76,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from defaults < resumed checkpoint < --config file < explicit options."""
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .config import CHECKPOINT_NAME, TrainConfig
+    from .checkpoint import CheckpointError, distill_checkpoint_in, read_distill
+    from .config import TrainConfig
 
     explicit = {f.name: getattr(args, f.name) for f in TrainConfig.fields()
                 if hasattr(args, f.name) and f.name not in ("teacher", "resume")}
@@ -88,9 +88,9 @@ def config_from_args(args: argparse.Namespace):
             run_dir = explicit.get("run_dir")
             if run_dir is None and getattr(args, "config", None):
                 run_dir = TrainConfig.from_file(args.config).run_dir
-            resume = str(Path(run_dir or cfg.run_dir) / CHECKPOINT_NAME)
+            resume = str(distill_checkpoint_in(run_dir or cfg.run_dir, bool(explicit.get("fsdp", False))))
         try:
-            saved = load_checkpoint(resume, "distill")
+            saved = read_distill(resume)
         except CheckpointError as exc:
             raise UserError(f"--resume: {exc}") from None
         known = {f.name for f in TrainConfig.fields()}

@@ -20,7 +20,9 @@ GUIDANCE_PRESETS = ("none", "lsg", "long", "short", "zero", "anti")
 STEP_SPACINGS = ("linear", "flow")
 RENOISES = ("fresh", "fixed", "ddim")
 GENERATOR_WEIGHTINGS = ("auto", "sid", "1-t")
+FSDP_PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_NAME = "checkpoint.pt"
+SHARDED_CHECKPOINT_NAME = "checkpoint.dcp"  # a directory: torch.distributed.checkpoint shards + meta.pt
 
 
 def _f(default, help: str, trajectory: bool = False, choices: tuple | None = None):
@@ -141,6 +143,14 @@ class TrainConfig:
                             "(torch.randn, the published draw) or auto (kernel where sidfast's Triton "
                             "kernels run, e.g. CUDA; torch elsewhere)", choices=NOISES)
     compile: bool = _f(False, "torch.compile the generator and, with engine fused, the score networks")
+    fsdp: bool = _f(False, "shard the generator, its EMA, the fake score and the teacher over the processes "
+                           "with FSDP2 (per block); checkpoints become checkpoint.dcp directories that "
+                           "resume at any number of processes (default: DDP, a full copy per process)")
+    fsdp_precision: str = _t("fp32", "with fsdp: bf16 all-gathers and computes in bf16 parameters and "
+                                     "reduces gradients in fp32 (MixedPrecisionPolicy); fp32 keeps fp32",
+                             choices=FSDP_PRECISIONS)
+    activation_checkpointing: bool = _f(False, "recompute each network block's activations in backward "
+                                               "instead of keeping them (less memory, one more forward)")
 
     # outputs
     run_dir: str = _f("runs/sid", "output directory: checkpoint.pt, metrics.jsonl, PNG grids, losses.png")
@@ -337,7 +347,8 @@ class TrainConfig:
         for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES),
                               ("fake_score", FAKE_SCORES), ("noise", NOISES), ("method", METHODS),
                               ("guidance", GUIDANCE_PRESETS), ("step_spacing", STEP_SPACINGS),
-                              ("renoise", RENOISES), ("generator_weighting", GENERATOR_WEIGHTINGS)):
+                              ("renoise", RENOISES), ("generator_weighting", GENERATOR_WEIGHTINGS),
+                              ("fsdp_precision", FSDP_PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"option {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("run_dir", "device"):
@@ -348,13 +359,20 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"option {name} must be a string, got {v!r}")
-        for name in ("progress", "overwrite", "compile"):
+        for name in ("progress", "overwrite", "compile", "fsdp", "activation_checkpointing"):
             v = getattr(self, name)
             if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
                 v = v.lower() in ("true", "yes", "1")
             if not isinstance(v, bool):
                 raise ValueError(f"option {name} must be true or false, got {v!r}")
             setattr(self, name, v)
+        if self.fsdp and self.engine != "eager":
+            raise ValueError(f"{self.option('engine')} {self.engine} evaluates the score networks over "
+                             f"frozen views of unsharded weights; with {self.option('fsdp')} use "
+                             f"{self.option('engine')} eager")
+        if self.fsdp_precision != "fp32" and not self.fsdp:
+            raise ValueError(f"{self.option('fsdp_precision')} {self.fsdp_precision} needs "
+                             f"{self.option('fsdp')}; without it use {self.option('precision')}")
         return self
 
     def check_method(self) -> None:

@@ -60,18 +60,28 @@ class Dist:
         return self.world > 1
 
 
-def init_distributed(device_spec: str) -> Dist:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1), or the one the caller initialized."""
+def init_distributed(device_spec: str, group_always: bool = False) -> Dist:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1), or the one the caller initialized.
+
+    ``group_always``: a single process gets a process group of one too (FSDP shards over a device mesh, which
+    needs one)."""
     import torch.distributed as dist
 
     if not dist.is_available():
+        if group_always:
+            raise RuntimeError("this torch build has no torch.distributed; --fsdp needs it")
         return Dist()
     owned = False
     if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return Dist()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            if not group_always:
+                return Dist()
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1)
+            control = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
+            return Dist(owned=True, control=control)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
             torch.cuda.set_device(resolve_device(device_spec, local_rank))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")

@@ -31,8 +31,9 @@ from torch import nn
 
 from . import guidance, reference, runtime
 from .augment import AugmentPipe
-from .checkpoint import CheckpointError, load_checkpoint, load_distill, save_distill, teacher_reference
-from .config import CHECKPOINT_NAME, PRECISIONS, TrainConfig
+from .checkpoint import (CheckpointError, distill_checkpoint_in, load_checkpoint, load_distill, read_distill,
+                         save_distill, teacher_reference)
+from .config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
 from .data import RealData
 from .denoisers import FlowDenoiser, _modules_of, draw_labels, format_labels
 from .discriminator import DiscriminatorPass, DiscriminatorTap
@@ -44,6 +45,7 @@ from .ops import backend
 from .ops.noise import regenerate_noise
 from .report import save_grid
 from .runtime import resolve_device, seed_everything
+from .sharding import LoRAOff, checkpoint_blocks, fully_shard_network
 from .schedules import broadcast
 from .updates import _nan_to_num_, ema_beta, sanitize_grads, update_ema
 
@@ -101,20 +103,22 @@ class _Trainer:
         self.cfg = cfg
         self.callbacks = list(callbacks or ())
         self.architecture = architecture
-        self.dist = runtime.init_distributed(cfg.device)
+        self.dist = runtime.init_distributed(cfg.device, group_always=cfg.fsdp)
         self.rank0 = self.dist.rank == 0
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt_path = self.run_dir / CHECKPOINT_NAME
+        self.ckpt_path = self.run_dir / (SHARDED_CHECKPOINT_NAME if cfg.fsdp else CHECKPOINT_NAME)
         self.resume_path = None
+        held = [name for name in (CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME) if (self.run_dir / name).exists()]
         if cfg.resume is not None:
-            self.resume_path = self.ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
-        elif self.ckpt_path.exists() and not cfg.overwrite:
-            raise ValueError(f"run directory {str(self.run_dir)!r} already holds {CHECKPOINT_NAME}; pass "
+            self.resume_path = (distill_checkpoint_in(self.run_dir, cfg.fsdp) if cfg.resume == "auto"
+                                else Path(cfg.resume))
+        elif held and not cfg.overwrite:
+            raise ValueError(f"run directory {str(self.run_dir)!r} already holds {held[0]}; pass "
                              f"{cfg.option('resume')} to continue it, {cfg.option('overwrite')} to start "
                              f"afresh, or choose another {cfg.option('run_dir')}")
         # read before any network is touched, so that a bad file costs nothing
-        self.state = load_checkpoint(self.resume_path, "distill") if self.resume_path else None
+        self.state = read_distill(self.resume_path) if self.resume_path else None
         init = self._read_init_generator() if self.state is None else None
         nets = build_networks(cfg, teacher, generator, fake, self.device)
         self.teacher = nets.teacher
@@ -124,6 +128,7 @@ class _Trainer:
         self.image_shape = nets.image_shape
         self.num_classes = nets.num_classes
         self.label_format = nets.label_format
+        self._shard_networks()
         self.g_params = nets.trainable(self.generator)
         self._setup_recipe(conditioner)
         self.fake_params = nets.trainable(self.fake)
@@ -142,12 +147,27 @@ class _Trainer:
         self.iteration = 0
         self.nimg = 0
         seed_everything(cfg.seed, self.dist.rank, self.dist.world)
+        # before DDP copies rank 0's weights to every rank; under FSDP into the shards (DCP reads each rank's
+        # part, whatever the number of processes that wrote the checkpoint)
         if self.state is not None:
             self.iteration, self.nimg = load_distill(self.state, self.resume_path, cfg, self.networks(),
                                                      self.optimizers(), self.dist, self.device)
             if self.real_data is not None and self.state.get("real_data") is not None:
                 self.real_data.load_state_dict(self.state["real_data"])
         self._wrap_networks()
+
+    def _shard_networks(self) -> None:
+        """Activation checkpointing per block, and FSDP sharding (in place: each network's parameters become
+        this rank's shards, so before the optimizers take them)."""
+        cfg = self.cfg
+        if cfg.activation_checkpointing:
+            for net in self._distinct_networks():
+                checkpoint_blocks(net)
+        if cfg.fsdp:
+            if cfg.fake_score == "lora":  # the teacher's weights live once, sharded, in the fake score
+                self.teacher = LoRAOff(self.fake)
+            for net in self._distinct_networks():
+                fully_shard_network(net, cfg.fsdp_precision)
 
     def _wrap_networks(self) -> None:
         """The score engine, DDP wrappers and torch.compile around the networks the optimizers update."""
@@ -164,7 +184,7 @@ class _Trainer:
         self.fake_train = self.fake
         if cfg.adversarial:
             self._wrap_discriminator()
-        if self.dist.enabled:
+        if self.dist.enabled and not cfg.fsdp:
             self.generator_train = runtime.ddp(self.generator, self.device)
             self.fake_train = runtime.ddp(self.fake_train, self.device)
         self.generator_sample = self.generator
@@ -244,10 +264,16 @@ class _Trainer:
         self.null = setup.null
         if cfg.adversarial:  # SiDA's published recipe: EDM teachers, class labels at most, no guidance
             unsupported = [what for what, on in (("guidance", self.scales.active), ("text prompts", self.prompts),
-                                                 ("a flow-matching teacher", self.flow)) if on]
+                                                 ("a flow-matching teacher", self.flow),
+                                                 (cfg.option("fsdp"), cfg.fsdp)) if on]
             if unsupported:
                 raise ValueError(f"{cfg.option('method')} {cfg.method} does not combine with "
                                  f"{', '.join(unsupported)} yet; use {cfg.option('method')} sid for them")
+
+    def _distinct_networks(self) -> list[nn.Module]:
+        """The networks that own their weights: a LoRA fake score holds the teacher's."""
+        nets = [self.generator, self.generator_ema, self.fake]
+        return nets if isinstance(self.teacher, LoRAOff) else nets + [self.teacher]
 
     def networks(self) -> dict:
         return {"generator": self.generator, "generator_ema": self.generator_ema, "fake": self.fake}
@@ -305,6 +331,15 @@ class _Trainer:
         total = torch.zeros((), device=self.device)
         for r in range(self.rounds):
             defer_sync = self.dist.enabled and r < self.rounds - 1
+            if self.cfg.fsdp:
+                # gradients reach FSDP's all-gathered copies of the parameters, not the shards in ``params``,
+                # so backward goes into every trainable weight on its path: in the generator's update also
+                # the fake score's, which its own update clears with zero_grad before it accumulates
+                ddp_net.set_requires_gradient_sync(not defer_sync)
+                loss, scaled = micro_batch_loss(loss_scale / self.rounds)
+                scaled.backward()
+                total = total + loss.detach() / self.rounds
+                continue
             with ddp_net.no_sync() if defer_sync else contextlib.nullcontext():
                 loss, scaled = micro_batch_loss(loss_scale / self.rounds)
                 scaled.backward(inputs=params)
@@ -537,14 +572,20 @@ class _Trainer:
                              sigma_max=cfg.sigma_max, rho=cfg.rho, gen_steps=cfg.gen_steps,
                              step_spacing=cfg.step_spacing, renoise=cfg.renoise, cond=cond)
 
+    # (sharded networks run their forward on every rank: each holds a part of the weights)
     def write_student_grid(self, name: str) -> None:
-        if self.rank0 and self.cfg.grid_size:
-            save_grid(self._grid(self.generator_ema, one_step=True), self.run_dir / name)
+        if (self.rank0 or self.cfg.fsdp) and self.cfg.grid_size:
+            grid = self._grid(self.generator_ema, one_step=True)
+            if self.rank0:
+                save_grid(grid, self.run_dir / name)
 
     def write_teacher_grid(self) -> None:
         path = self.run_dir / "teacher.png"
-        if self.rank0 and self.cfg.grid_size and self.cfg.teacher_steps and not path.exists():
-            save_grid(self._grid(self.teacher, one_step=False), path)
+        exists = runtime.all_gather(self.dist, path.exists())[0]  # rank 0 decides for all
+        if (self.rank0 or self.cfg.fsdp) and self.cfg.grid_size and self.cfg.teacher_steps and not exists:
+            grid = self._grid(self.teacher, one_step=False)
+            if self.rank0:
+                save_grid(grid, path)
 
 
 def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(),
@@ -593,8 +634,9 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         if not resumed:
             (trainer.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            trainer.write_teacher_grid()
-            trainer.write_student_grid("student_init.png")
+    if not resumed:  # every rank: sharded networks sample together
+        trainer.write_teacher_grid()
+        trainer.write_student_grid("student_init.png")
     if say:
         say(f"sidfast distill: {trainer.dist.world} process(es) on {trainer.device}, batch {cfg.batch} "
             f"({trainer.batch_gpu} x {trainer.rounds} per process), image {trainer.image_shape}, classes "
@@ -641,6 +683,9 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                     checkpoint = trainer.save(last)
                 window.start += time.perf_counter() - upkeep
             checkpoint = trainer.save(last)
+            # every rank, before the process group ends: sharded networks sample together
+            if interrupted is None:
+                trainer.write_student_grid("student.png")
     finally:
         progress.close()
         runtime.shutdown(trainer.dist)
@@ -649,8 +694,6 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     seconds = time.perf_counter() - start_time
     result = _result(trainer, cfg, seconds, start_iteration, last, checkpoint, interrupted)
     if trainer.rank0:
-        if interrupted is None:
-            trainer.write_student_grid("student.png")
         plot_losses(read_metrics(metrics.path), trainer.run_dir / "losses.png")
         (trainer.run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
         if say:

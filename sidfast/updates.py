@@ -21,12 +21,18 @@ def ema_beta(nimg: int, batch: int, halflife_kimg: float, rampup_ratio: float | 
 def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
     """ema <- net + beta * (ema - net) for parameters (published arithmetic: ``net.lerp(ema, beta)``, here as
     multi-tensor kernels); buffers copied."""
-    ema_params = list(ema.parameters())
-    net_params = [p.detach() for p in net.parameters()]
+    ema_params = [_local(p) for p in ema.parameters()]
+    net_params = [_local(p.detach()) for p in net.parameters()]
     if ema_params:
         torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
     for ema_buffer, buffer in zip(ema.buffers(), net.buffers()):
         ema_buffer.copy_(buffer)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter sharded by FSDP2 (a DTensor; foreach kernels take plain tensors; the
+    shard is a view, so an in-place update reaches the parameter), or ``t`` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _nan_to_num_(tensors: list) -> None:
@@ -37,7 +43,7 @@ def _nan_to_num_(tensors: list) -> None:
 def sanitize_grads(params, kernel: Callable | None = None) -> None:
     """Published: grad <- nan_to_num(grad, nan=0, posinf=1e5, neginf=-1e5), in place. ``kernel``: the same
     operation compiled (``torch.compile(_nan_to_num_)``: a few fused kernels instead of one per parameter)."""
-    (kernel or _nan_to_num_)([p.grad for p in params if p.grad is not None])
+    (kernel or _nan_to_num_)([_local(p.grad) for p in params if p.grad is not None])
 
 
 __all__ = ["ema_beta", "update_ema", "sanitize_grads"]

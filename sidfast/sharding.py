@@ -1,0 +1,124 @@
+"""FSDP2 sharding of the SiD networks (``torch.distributed.fsdp.fully_shard``) and activation checkpointing.
+
+Each network is sharded block by block, then at its root: a block's parameters are all-gathered just before
+its forward (and again before its backward) and freed after, so a rank holds 1/N of every network plus one
+block's full weights at a time. The natural blocks are found by name (``shard_blocks``): the down/up/mid
+blocks of diffusers U-Nets, the transformer blocks of diffusers DiTs, the ``enc``/``dec`` blocks of EDM's
+``SongUNet``/``DhariwalUNet``; any other network is sharded per top-level child.
+
+The frozen teacher is sharded too: its parameters need no gradient, so its blocks are all-gathered for the
+forward and for the input-gradient backward and never reduce-scattered. A LoRA fake score holds the teacher's
+modules (``sidfast.lora``); it is sharded as one network, the LoRA factors with the block they adapt (one
+all-gather per block, their gradients reduce-scattered like any other), and the teacher is the same sharded
+network with its LoRA layers off (``LoRAOff``), so that the teacher's weights exist once, sharded.
+Sharding happens in place: a teacher or generator module handed to ``distill`` comes back sharded.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .denoisers import Denoiser
+from .lora import LoRAFakeScore, set_lora_mode
+
+# containers whose children are a network's blocks: diffusers U-Nets, diffusers DiTs (SD3, FLUX, PixArt),
+# EDM's SongUNet/DhariwalUNet, and the common ``blocks``/``layers`` lists
+BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "enc", "dec",
+               "blocks", "layers")
+SINGLE_BLOCKS = ("mid_block",)
+
+
+def shard_blocks(net: nn.Module) -> list[nn.Module]:
+    """The blocks of ``net`` that are sharded (and checkpointed) one by one, in module order; a block inside
+    another block is not listed again."""
+    blocks = []
+    inside = set()
+    for name, module in net.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside) or not name:
+            continue
+        leaf = name.rpartition(".")[2]
+        if leaf in BLOCK_LISTS and isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            children = [c for c in module.children() if any(True for _ in c.parameters())]
+            blocks.extend(children)
+            inside.add(name)
+        elif leaf in SINGLE_BLOCKS and any(True for _ in module.parameters()):
+            blocks.append(module)
+            inside.add(name)
+    if blocks:
+        return blocks
+    # no known container: the top-level children of the innermost network that hold parameters
+    inner = net
+    while True:
+        children = [c for c in inner.children() if any(True for _ in c.parameters())]
+        if len(children) != 1:
+            return children
+        inner = children[0]
+
+
+def checkpoint_blocks(net: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them (``torch.utils.checkpoint``
+    semantics, random state preserved so dropout draws the same masks; the module tree is unchanged, so state
+    dict keys stay the same)."""
+    from torch.distributed._composable import checkpoint
+
+    for block in shard_blocks(net):
+        checkpoint(block)
+
+
+def fully_shard_network(net: nn.Module, precision: str = "fp32") -> nn.Module:
+    """``fully_shard`` each block of ``net``, then ``net`` itself, over all ranks; ``precision`` "bf16":
+    parameters all-gathered and computed in bf16, gradients reduced in fp32 (``MixedPrecisionPolicy``).
+    ``net`` is changed in place (its parameters become DTensor shards) and returned."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device_type = next(net.parameters()).device.type
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy()
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in shard_blocks(net):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(net, mesh=mesh, mp_policy=policy)
+    return net
+
+
+class LoRAOff(Denoiser):
+    """The teacher as a LoRA fake score with its LoRA layers off: the teacher's own (sharded) weights,
+    evaluated with the fake score's network."""
+
+    def __init__(self, fake: LoRAFakeScore):
+        super().__init__("teacher")
+        # held outside the module tree: the teacher owns no parameters of its own
+        self.__dict__["fake"] = fake
+
+    @property
+    def network(self) -> nn.Module:
+        return self.fake.network
+
+    @property
+    def label_format(self) -> str:
+        return self.fake.net.label_format
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
+        set_lora_mode(self.fake, "off")
+        try:
+            return self.fake(x, sigma, class_labels, **cond)
+        finally:
+            set_lora_mode(self.fake, "on")
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds of ``tensors`` (the local shard of a DTensor, all of a plain tensor)."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+__all__ = ["shard_blocks", "checkpoint_blocks", "fully_shard_network", "LoRAOff", "local_bytes",
+           "BLOCK_LISTS"]
