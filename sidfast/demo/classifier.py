@@ -166,3 +166,16 @@ def extract_features(model: DigitClassifier, images: torch.Tensor, batch: int = 
     for i in range(0, images.shape[0], batch):
         out.append(model.features(images[i:i + batch].detach().float().cpu().clamp(-1, 1)))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def label_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 1024) -> float:
+    """Fraction of images (N, 1, 8, 8) on any device, values clipped to [-1, 1], that the classifier assigns to
+    the requested class ``labels`` (N,) ints: how well a conditional generator honours its labels."""
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) must have one row each")
+    hits = 0
+    for i in range(0, images.shape[0], batch):
+        x = images[i:i + batch].detach().float().cpu().clamp(-1, 1)
+        hits += int((model(x).argmax(1) == labels[i:i + batch].cpu()).sum())
+    return hits / images.shape[0]

@@ -90,9 +90,17 @@ def _timed(fn, device):
     return out, time.perf_counter() - start
 
 
+METHODS = ("sid", "sida")
+
+
 def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", seed: int = 0,
-             cache_dir=None, threads: int | None = 1, config: DemoConfig | None = None, log=print) -> dict:
+             cache_dir=None, threads: int | None = 1, config=None, log=print, method: str = "sid",
+             conditional: bool = False, gen_steps: int = 1, seeds: int | None = None) -> dict:
     """Run the demo and return its report (also written to ``out_dir/report.json``).
+
+    ``method="sida"``, ``conditional`` or ``gen_steps > 1`` (one at a time) run a comparison of students side
+    by side over several seeds instead (``compare.py``; ``seeds``: how many, default 3, quick 1); so does a
+    ``config`` that is a ``compare.ComparisonConfig``. The arguments below are those of the SiD demo.
 
     Args:
         quick: the short CI configuration (``demo_config(True)``).
@@ -106,17 +114,44 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
     Returns:
         dict with "passed" (both bars met), "fd" (teacher, student, init), "ratios", "times", "config", ...
     """
+    from . import compare
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if isinstance(gen_steps, bool) or not isinstance(gen_steps, int) or gen_steps < 1:
+        raise ValueError(f"gen_steps must be a positive integer, got {gen_steps!r}")
+    chosen = [name for name, on in (("method sida", method == "sida"), ("conditional", conditional),
+                                    ("gen_steps", gen_steps > 1)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one comparison at a time, got {' and '.join(chosen)}")
+    if isinstance(config, compare.ComparisonConfig) or chosen:
+        mode = "custom"
+        if config is None:
+            demo = "sida" if method == "sida" else ("conditional" if conditional else "gen-steps")
+            config = compare.comparison_config(demo, quick, seed, seeds, gen_steps if gen_steps > 1 else 4)
+            mode = "quick" if quick else "full"
+        elif not isinstance(config, compare.ComparisonConfig):
+            raise TypeError(f"config must be a ComparisonConfig for {chosen[0]}, got {type(config).__name__}")
+        return compare.run_comparison(config, out_dir, device, cache_dir, threads, mode, log)
+    if seeds is not None:
+        raise ValueError("seeds is for the comparisons (method sida, conditional, gen_steps > 1); the SiD demo "
+                         "runs one seed")
+    return _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
+
+
+def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log) -> dict:
+    """The SiD demo: teacher against one-step student, one seed."""
     from ..report import save_grid, summary_table
     from ..samplers import edm_sample, num_evaluations, one_step_sample
     from ..train import TrainConfig, distill, resolve_device
 
     say = log if log is not None else (lambda *_: None)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     if config is not None and not isinstance(config, DemoConfig):
-        raise TypeError(f"config must be a DemoConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a DemoConfig or a ComparisonConfig, got {type(config).__name__}")
     cfg = config if config is not None else demo_config(quick, seed)
     dev = resolve_device(device)
     out = Path(out_dir)
