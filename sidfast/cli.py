@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true",
                    help="the short CI version (under 3 minutes on 2 CPU cores; one seed)")
     d.add_argument("--method", choices=("sid", "sida"), default="sid",
-                   help="sida: SiD and SiDA students side by side, the real digits as SiDA's data (default: sid)")
+                   help="sida: SiD and SiDA students side by side, the real digits as SiDA's data "
+                        "(default: sid)")
     d.add_argument("--conditional", action="store_true",
                    help="a class-conditional teacher distilled with and without SiD-LSG guidance, compared "
                         "by FD and label accuracy")
@@ -137,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds of a comparison (--method sida, --conditional, --gen-steps; default: 3, "
                         "--quick 1)")
     d.add_argument("--out", default="sidfast-demo", help="output directory (default: sidfast-demo)")
-    d.add_argument("--seed", type=int, default=0, help="random seed of the whole demo (default: 0)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="random seed of the whole demo; a comparison's seeds are SEED, SEED+1, ... "
+                        "(default: 0)")
     d.add_argument("--cache-dir", default=None,
                    help="where the digit classifier is cached (default: $SIDFAST_CACHE or ~/.cache/sidfast)")
     _device_arg(d)
@@ -197,8 +200,9 @@ def cmd_demo(args) -> int:
         raise UserError(f"--gen-steps must be >= 1, got {args.gen_steps}")
     if args.seeds is not None and args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
-    chosen = [name for name, on in (("--method sida", args.method == "sida"), ("--conditional", args.conditional),
-                                    (f"--gen-steps {args.gen_steps}", args.gen_steps > 1)) if on]
+    comparisons = (("--method sida", args.method == "sida"), ("--conditional", args.conditional),
+                   (f"--gen-steps {args.gen_steps}", args.gen_steps > 1))
+    chosen = [name for name, on in comparisons if on]
     if len(chosen) > 1:
         raise UserError(f"choose one comparison at a time, got {' and '.join(chosen)}")
     if args.seeds is not None and not chosen:

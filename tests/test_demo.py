@@ -1,4 +1,5 @@
-"""The embedded demo: data, denoiser, Frechet distance, the cached digit classifier, and the quick demo end to end.
+"""The embedded demo: data, denoiser, Frechet distance, the cached digit classifier, the quick demo end to
+end, and the side-by-side comparisons (report format, bars, conditional teacher, tiny end-to-end runs).
 
 The end-to-end runs take the native CPU route for sidfast's losses: conftest.py sets TRITON_INTERPRET=1 on
 CPU-only machines, which would route every loss of the demo's thousands of iterations through Triton's
@@ -12,8 +13,12 @@ import time
 import pytest
 import torch
 
+from sidfast import cli
+from sidfast.config import TrainConfig
 from sidfast.demo import classifier as clf_mod
+from sidfast.demo import compare, summary
 from sidfast.demo import run as run_mod
+from sidfast.demo.compare import StudentSpec
 from sidfast.demo.digits import IMAGE_SHAPE, load_digits_tensors, split
 from sidfast.demo.frechet import feature_statistics, frechet_distance, frechet_distance_features
 from sidfast.demo.nets import DigitsDenoiser, build_denoiser
@@ -63,7 +68,8 @@ def test_conditional_denoiser_accepts_indices_and_onehot():
 
 
 def test_build_denoiser_from_cli_style_config():
-    cfg = {"image_shape": [1, 8, 8], "width": 32, "depth": 2, "num_classes": 0, "dropout": 0.1, "sigma_data": 0.5}
+    cfg = {"image_shape": [1, 8, 8], "width": 32, "depth": 2, "num_classes": 0, "dropout": 0.1,
+           "sigma_data": 0.5}
     net = build_denoiser(cfg)
     assert net.image_shape == (1, 8, 8) and net.num_classes == 0
 
@@ -116,9 +122,11 @@ def test_frechet_distance_of_identical_sets_is_zero():
 def test_frechet_distance_closed_forms():
     d = 6
     g = torch.Generator().manual_seed(1)
-    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    mu1 = torch.randn(d, generator=g, dtype=torch.float64)
+    mu2 = torch.randn(d, generator=g, dtype=torch.float64)
     # commuting (diagonal) covariances: FD = |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    a, b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1, torch.rand(d, generator=g, dtype=torch.float64) + 0.1
+    a = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
     expected = float((mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum())
     assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected, rel=1e-10)
     # scaled covariance S2 = c^2 S1: FD = |dmu|^2 + (1 - c)^2 tr(S1), for a dense S1
@@ -221,7 +229,8 @@ def test_classifier_features_separate_real_digits_from_noise(classifier_cache):
     x, _ = load_digits_tensors()
     f_real = clf_mod.extract_features(model, x)
     half = frechet_distance_features(f_real[::2], f_real[1::2])
-    noise = frechet_distance_features(f_real, clf_mod.extract_features(model, torch.rand(1797, *IMAGE_SHAPE) * 2 - 1))
+    uniform = torch.rand(1797, *IMAGE_SHAPE) * 2 - 1
+    noise = frechet_distance_features(f_real, clf_mod.extract_features(model, uniform))
     assert noise > 20 * half
 
 
@@ -253,9 +262,11 @@ def _check_report(report, out):
 
 @pytest.mark.slow
 def test_quick_demo_meets_the_quality_bars(tmp_path, classifier_cache, native_losses):
-    """The CI demo: the one-step student within 1.25x the 18-step teacher's FD, and >= 3x better than at init."""
+    """The CI demo: the one-step student within 1.25x the 18-step teacher's FD, and >= 3x better than at
+    init."""
     out = tmp_path / "demo"
-    report = run_mod.run_demo(quick=True, out_dir=out, device="cpu", seed=0, cache_dir=classifier_cache[0], log=None)
+    report = run_mod.run_demo(quick=True, out_dir=out, device="cpu", seed=0, cache_dir=classifier_cache[0],
+                              log=None)
     _check_report(report, out)
     assert report["mode"] == "quick"
     assert report["fd"]["student"] <= run_mod.STUDENT_RATIO_BAR * report["fd"]["teacher"], report["fd"]
@@ -270,8 +281,8 @@ def test_tiny_demo_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cac
     cfg.teacher.iterations, cfg.teacher.batch, cfg.teacher.warmup = 40, 64, 5
     cfg.sid = {**cfg.sid, "iterations": 6, "batch": 16}
     cfg.eval_samples, cfg.grid_size = 200, 16
-    reports = [run_mod.run_demo(out_dir=tmp_path / f"d{i}", device="cpu", cache_dir=classifier_cache[0], config=cfg,
-                                log=None) for i in range(2)]
+    reports = [run_mod.run_demo(out_dir=tmp_path / f"d{i}", device="cpu", cache_dir=classifier_cache[0],
+                                config=cfg, log=None) for i in range(2)]
     for i, r in enumerate(reports):
         _check_report(r, tmp_path / f"d{i}")
         assert r["mode"] == "custom" and r["sid"]["iterations"] == 6
@@ -302,10 +313,6 @@ def test_demo_uses_the_gpu(tmp_path, classifier_cache):
 
 # ---- comparisons: the multi-seed report and its bars (synthetic numbers) ----
 
-from sidfast import cli  # noqa: E402
-from sidfast.config import TrainConfig  # noqa: E402
-from sidfast.demo import compare, summary  # noqa: E402
-from sidfast.demo.compare import StudentSpec  # noqa: E402
 
 
 def _stats(*values):
@@ -347,14 +354,18 @@ def test_conditional_bars_compare_best_student_with_teacher_at_its_best_guidance
           "lsg:1.5": _stats(9, 9), "lsg:2": _stats(9.5, 9.5)}
     acc = {"teacher cfg 1": _stats(0.8, 0.8), "teacher cfg 2": _stats(0.9, 0.9), "k=1": _stats(0.1, 0.1),
            "lsg:1.5": _stats(0.9, 0.92), "lsg:2": _stats(0.99, 0.99)}
-    bars = summary.conditional_bars(fd, acc, ["teacher cfg 1", "teacher cfg 2"], ["lsg:1.5", "lsg:2"], 10, 900)
-    assert "lsg:1.5" in bars["accuracy_vs_teacher"]["what"] and "teacher cfg 2" in bars["fd_vs_teacher"]["what"]
-    assert bars["accuracy_vs_teacher"]["value"] == pytest.approx(0.91) and bars["accuracy_vs_teacher"]["passed"]
+    teachers = ["teacher cfg 1", "teacher cfg 2"]
+    students = ["lsg:1.5", "lsg:2"]
+    bars = summary.conditional_bars(fd, acc, teachers, students, 10, 900)
+    assert "lsg:1.5" in bars["accuracy_vs_teacher"]["what"]
+    assert "teacher cfg 2" in bars["fd_vs_teacher"]["what"]
+    assert bars["accuracy_vs_teacher"]["value"] == pytest.approx(0.91)
+    assert bars["accuracy_vs_teacher"]["passed"]
     assert bars["fd_vs_teacher"]["value"] == pytest.approx(9 / 8) and bars["fd_vs_teacher"]["passed"]
     acc["lsg:1.5"] = _stats(0.85, 0.85)  # below the teacher's accuracy at its best guidance (0.9)
     fd["lsg:1.5"] = _stats(10.5, 10.5)   # and beyond 1.25x its FD, while still the best student
     fd["lsg:2"] = _stats(11, 11)
-    bars = summary.conditional_bars(fd, acc, ["teacher cfg 1", "teacher cfg 2"], ["lsg:1.5", "lsg:2"], 10, 900)
+    bars = summary.conditional_bars(fd, acc, teachers, students, 10, 900)
     assert not bars["accuracy_vs_teacher"]["passed"] and not bars["fd_vs_teacher"]["passed"]
 
 
@@ -372,7 +383,8 @@ def test_markdown_report_lists_every_seed_and_bar():
     bars = summary.conditional_bars(fd, acc, ["teacher cfg 1"], ["k=1"], 5.0, 900)
     text = summary.markdown("title", fd, acc, {"k=1": _stats(1.0, 2.0, 3.0)}, bars)
     assert "| teacher cfg 1 | 11.000 ± 1.000 | 10.000, 12.000, 11.000 | 0.850 ± 0.050 |" in text
-    assert "| k=1 | 21.000 ± 1.000 | 20.000, 21.000, 22.000 | 0.600 ± 0.100 | 0.500, 0.600, 0.700 | 2.0 |" in text
+    row = "| k=1 | 21.000 ± 1.000 | 20.000, 21.000, 22.000 | 0.600 ± 0.100 | 0.500, 0.600, 0.700 | 2.0 |"
+    assert row in text
     assert text.count("FAILED") == 2 and "| time: " in text and text.count("| ok |") == 1
 
 
@@ -389,7 +401,8 @@ def test_a_failed_bar_is_exit_1_and_comparison_options_reach_the_demo(tmp_path, 
     base = ["demo", "--out", str(tmp_path / "d"), "--device", "cpu"]
     assert cli.main(base + ["--method", "sida", "--seeds", "4"]) == 1
     assert cli.main(base + ["--gen-steps", "4", "--quick"]) == 0
-    assert (seen[0]["method"], seen[0]["seeds"], seen[1]["gen_steps"], seen[1]["quick"]) == ("sida", 4, 4, True)
+    assert (seen[0]["method"], seen[0]["seeds"]) == ("sida", 4)
+    assert (seen[1]["gen_steps"], seen[1]["quick"]) == (4, True)
     for args, match in ((["--method", "sida", "--conditional"], "one comparison at a time"),
                         (["--gen-steps", "0"], "--gen-steps must be >= 1"),
                         (["--seeds", "3"], "--seeds is for the comparisons"),
@@ -439,7 +452,8 @@ def test_label_dropout_trains_the_null_label():
         torch.manual_seed(0)
         net = DigitsDenoiser(width=32, depth=1, emb_dim=16, num_classes=10)
         before = net.net.embed_label.weight.detach().clone()
-        ema, _ = train_teacher(net, x, TeacherConfig(iterations=5, batch=32, warmup=1, label_dropout=p), labels=y)
+        cfg = TeacherConfig(iterations=5, batch=32, warmup=1, label_dropout=p)
+        ema, _ = train_teacher(net, x, cfg, labels=y)
         return before, ema.net.embed_label.weight
 
     before, after = label_weights(1.0)  # every label null: the label embedding gets no gradient
@@ -468,7 +482,8 @@ def test_guided_teacher_combines_the_conditional_and_null_outputs():
 def test_label_accuracy_of_the_classifier(classifier_cache):
     _, model, _ = classifier_cache
     x, y = load_digits_tensors()
-    assert clf_mod.label_accuracy(model, x, y, batch=500) == pytest.approx(clf_mod.evaluate_accuracy(model, x, y))
+    expected = clf_mod.evaluate_accuracy(model, x, y)
+    assert clf_mod.label_accuracy(model, x, y, batch=500) == pytest.approx(expected)
     assert clf_mod.label_accuracy(model, x, y) > 0.95
     assert clf_mod.label_accuracy(model, x, (y + 1) % 10) < 0.05
     with pytest.raises(ValueError, match="labels"):
@@ -533,7 +548,8 @@ def _check_comparison(report, out, teachers, students, seeds, accuracy):
             assert (out / "runs" / compare._safe(name) / f"seed{seed}" / "metrics.jsonl").is_file()
 
 
-def test_multi_seed_comparison_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cache, native_losses):
+def test_multi_seed_comparison_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cache,
+                                                                     native_losses):
     """The runner with two plain-SiD students under the SiDA comparison's names: report, bars, files, and the
     same numbers twice."""
     cfg = _tiny(compare.comparison_config("sida", True))
@@ -553,7 +569,8 @@ def test_conditional_comparison_end_to_end(tmp_path, classifier_cache, native_lo
     cfg.students = [StudentSpec("k=1")]
     cfg.bar_students = ["k=1"]
     cfg.teacher_guidance = [1.0, 2.0]
-    report = run_mod.run_demo(out_dir=tmp_path, device="cpu", cache_dir=classifier_cache[0], config=cfg, log=None)
+    report = run_mod.run_demo(out_dir=tmp_path, device="cpu", cache_dir=classifier_cache[0], config=cfg,
+                              log=None)
     _check_comparison(report, tmp_path, ["teacher cfg 1", "teacher cfg 2"], ["k=1"], [0, 1], accuracy=True)
     assert report["mode"] == "custom" and report["teacher"]["guidance"] == {"teacher cfg 1": 1.0,
                                                                            "teacher cfg 2": 2.0}

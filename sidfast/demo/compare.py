@@ -92,7 +92,8 @@ class ComparisonConfig:
         needed = {"sida": ("sid", "sida"), "gen-steps": ("1-step",), "conditional": tuple(self.bar_students)}
         missing = [n for n in needed[self.demo] if n not in names]
         if missing or (self.demo == "conditional" and not self.bar_students):
-            raise ValueError(f"the {self.demo} comparison's bars need the students {missing or 'bar_students'}")
+            raise ValueError(f"the {self.demo} comparison's bars need the students "
+                             f"{missing or 'bar_students'}")
         if self.demo == "gen-steps" and not any(s.steps > 1 for s in self.students):
             raise ValueError("the gen-steps comparison needs a student with generator_steps > 1")
         return self
@@ -107,11 +108,11 @@ def comparison_config(demo: str, quick: bool, seed: int = 0, seeds: int | None =
     """The full or quick configuration of comparison ``demo``: 3 seeds (quick: 1) from ``seed`` unless
     ``seeds`` says how many.
 
-    Budgets, from the SiD demo's cost on the 2-core CPU (one thread: about 50 ms per iteration at batch 256,
-    30 ms at 128, the teacher's 2500 steps about 30 s): SiDA adds an encoder pass over real images to each
-    fake-score step, guidance doubles the batch through teacher and fake score, and a K-step student runs on
-    average (K + 1) / 2 generator steps per sample, so each comparison's iterations are chosen to keep all
-    its seeds within its time limit.
+    Budgets, from the SiD demo's cost on the 2-core CPU with one thread (about 40 ms per iteration at batch
+    128 and 60 ms at 256, the teacher's 1200 steps 15-30 s, one Heun sampling of 2000 images about 1 s):
+    SiDA adds an encoder pass over real images to each fake-score step, guidance doubles the batch through
+    teacher and fake score, and a K-step student runs on average (K + 1) / 2 generator steps per sample; the
+    iterations are chosen so that all seeds of a comparison fit its time limit with room for a busy machine.
     """
     if demo not in DEMOS:
         raise ValueError(f"demo must be one of {', '.join(DEMOS)}, got {demo!r}")
@@ -128,9 +129,13 @@ def comparison_config(demo: str, quick: bool, seed: int = 0, seeds: int | None =
     if demo == "sida":
         # SiDA's published alpha is 1.0 (SiD's 1.2); no augmentation: digits are neither flip- nor
         # rotation-invariant and an 8x8 grid leaves no room to translate
+        # SiDA's published schedule starts the generator's updates after 100k images and the GAN term after
+        # 200k: the quick budget (128k images) and the full one (512k) leave the GAN term little or no time
+        # unless the trainer's options for those thresholds scale them down
         sida = {"method": "sida", "alpha": 1.0, "augment_p": 0.0}
         cfg.students = [StudentSpec("sid"), StudentSpec("sida", sida, real_data=True)]
-        cfg.sid = {**cfg.sid, "iterations": 2000} if not quick else {**cfg.sid, "iterations": 600, "batch": 128}
+        budget = {"iterations": 1000, "batch": 128} if quick else {"iterations": 2000}
+        cfg.sid = {**cfg.sid, **budget}
     elif demo == "conditional":
         cfg.net = {**cfg.net, "num_classes": NUM_CLASSES}
         cfg.teacher = dataclasses.replace(cfg.teacher, label_dropout=LABEL_DROPOUT)
@@ -139,11 +144,13 @@ def comparison_config(demo: str, quick: bool, seed: int = 0, seeds: int | None =
         cfg.students = [StudentSpec("k=1")] + [StudentSpec(f"lsg:{k:g}", {"guidance": f"lsg:{k:g}"})
                                                for k in scales]
         cfg.bar_students = [f"lsg:{k:g}" for k in scales]
-        cfg.sid = {**cfg.sid, "iterations": 2000, "batch": 128} if not quick else \
-            {**cfg.sid, "iterations": 400, "batch": 128}
+        budget = {"iterations": 600, "batch": 128} if quick else {"iterations": 1500, "batch": 128}
+        cfg.sid = {**cfg.sid, **budget}
     else:
-        cfg.students = [StudentSpec("1-step"), StudentSpec(f"{gen_steps}-step", {"generator_steps": gen_steps})]
-        cfg.sid = {**cfg.sid, "iterations": 2000} if not quick else {**cfg.sid, "iterations": 500, "batch": 128}
+        many = StudentSpec(f"{gen_steps}-step", {"generator_steps": gen_steps})
+        cfg.students = [StudentSpec("1-step"), many]
+        budget = {"iterations": 800, "batch": 128} if quick else {"iterations": 1500}
+        cfg.sid = {**cfg.sid, **budget}
     return cfg.validate()
 
 
@@ -180,7 +187,8 @@ def _train(cfg: ComparisonConfig, student: StudentSpec, seed: int, teacher, run_
 
     options = {**cfg.sid, **student.options, "run_dir": str(run_dir), "device": str(dev), "seed": seed,
                "overwrite": True, "teacher_steps": 0, "grid_size": 0, "progress": False,
-               "checkpoint_every": 0, "sample_every": 0, "log_every": max(1, int(cfg.sid["iterations"]) // 10)}
+               "checkpoint_every": 0, "sample_every": 0,
+               "log_every": max(1, int(cfg.sid["iterations"]) // 10)}
     if student.real_data:
         options["data"] = str(data)
     train_cfg = TrainConfig.from_dict(options)
@@ -239,8 +247,8 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     runs = {}
     with _threads(threads if dev.type == "cpu" else None):
         # 1. the metric's feature space
-        (clf, clf_accuracy, cached), t_clf = _timed(lambda: clf_mod.load_or_train_classifier(cache_dir, log=say),
-                                                     dev)
+        (clf, clf_accuracy, cached), t_clf = _timed(
+            lambda: clf_mod.load_or_train_classifier(cache_dir, log=say), dev)
         images, labels = load_digits_tensors()
         real_stats = feature_statistics(clf_mod.extract_features(clf, images))
         data = _save_npz(out / "digits.npz", images) if any(s.real_data for s in cfg.students) else None
@@ -285,7 +293,8 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
                 x = _student_samples(student, result.generator_ema, z, onehot, sigma_init, seed)
                 evaluate(student.name, x, requested)
                 train_seconds.setdefault(student.name, []).append(result.seconds)
-                runs[student.name] = {"options": train_cfg.to_dict(), "iterations": result.iteration,
+                options = {k: v for k, v in train_cfg.to_dict().items() if k not in ("seed", "run_dir")}
+                runs[student.name] = {"options": options, "iterations": result.iteration,
                                       "images": result.nimg, "steps": student.steps}
                 say(f"seed {seed}: {student.name} FD {fd[student.name][-1]:.3f}"
                     + (f", label accuracy {accuracy[student.name][-1]:.3f}" if conditional else "")
@@ -306,6 +315,7 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     else:
         many = next(s.name for s in cfg.students if s.steps > 1)
         bars = summary.steps_bars(fd_s, "1-step", many, total, cfg.time_limit)
+    with_labels = " and labels (balanced, i mod 10)" if conditional else ""
     report = {
         "demo": cfg.demo, "mode": mode, "passed": all(b["passed"] for b in bars.values()),
         "device": str(dev), "threads": torch.get_num_threads() if threads is None else threads,
@@ -313,16 +323,16 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
         "seconds": {"classifier": 0.0 if cached else t_clf, "teacher": tstats["seconds"],
                     "students": sec_s, "total": total, "limit": cfg.time_limit},
         "students": runs,
-        "classifier": {"held_out_accuracy": clf_accuracy, "cached": cached, "feature_dim": clf_mod.FEATURE_DIM,
-                       "recipe_hash": clf_mod.recipe_hash()},
+        "classifier": {"held_out_accuracy": clf_accuracy, "cached": cached,
+                       "feature_dim": clf_mod.FEATURE_DIM, "recipe_hash": clf_mod.recipe_hash()},
         "teacher": {"parameters": count_parameters(teacher), "final_loss": tstats["final_loss"],
                     "images_seen": tstats["images_seen"], "guidance": teachers},
         "config": cfg.to_dict(),
-        "notes": (f"Frechet distances in the {clf_mod.FEATURE_DIM}-d penultimate features of the cached digit "
-                  f"classifier, each from {cfg.eval_samples} samples against all 1,797 digits; per seed the "
-                  f"same latents{' and labels (balanced, i mod 10)' if conditional else ''} for teacher and "
-                  f"students. Teacher: EDM Heun, {cfg.teacher_steps} steps. Spread: sample standard deviation "
-                  "over seeds. Students distilled from the one teacher with "
+        "notes": (f"Frechet distances in the {clf_mod.FEATURE_DIM}-d penultimate features of the cached "
+                  f"digit classifier, each from {cfg.eval_samples} samples against all 1,797 digits; per "
+                  f"seed the same latents{with_labels} for teacher and students. Teacher: EDM Heun, "
+                  f"{cfg.teacher_steps} steps. Spread: sample standard deviation over seeds. "
+                  "Students distilled from the one teacher with "
                   f"{cfg.sid['iterations']} iterations of batch {cfg.sid['batch']} each."
                   + (" Conditional bars: the teacher at its guidance of lowest mean FD against the guided "
                      "student of lowest mean FD; label accuracy is the classifier's agreement with the "

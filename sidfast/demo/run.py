@@ -48,7 +48,7 @@ class DemoConfig:
     sid: dict = field(default_factory=lambda: {"iterations": 3000, "batch": 256, "lr": 3e-4,
                                                "ema_halflife_kimg": 500.0, "ema_rampup_ratio": 0.1})
     teacher_steps: int = 18         # Heun steps of the teacher's sampler (2N - 1 network evaluations)
-    eval_samples: int = 2000        # generated samples per Frechet distance (the reference is all 1,797 digits)
+    eval_samples: int = 2000        # generated samples per Frechet distance (reference: all 1,797 digits)
     grid_size: int = 64
 
     def to_dict(self) -> dict:
@@ -108,8 +108,9 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         seed: seeds the teacher, SiD and the evaluation noise.
         cache_dir: where the classifier is cached (default ``classifier.default_cache_dir()``).
-        threads: CPU threads during the demo. Default 1: for networks this small, extra intra-op threads mostly
-            wait on each other, which on a busy machine makes them slower than one; None keeps torch's setting.
+        threads: CPU threads during the demo. Default 1: for networks this small, extra intra-op threads
+            mostly wait on each other, which on a busy machine makes them slower than one; None keeps
+            torch's setting.
         config: overrides ``demo_config(quick, seed)`` entirely.
     Returns:
         dict with "passed" (both bars met), "fd" (teacher, student, init), "ratios", "times", "config", ...
@@ -136,8 +137,8 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
             raise TypeError(f"config must be a ComparisonConfig for {chosen[0]}, got {type(config).__name__}")
         return compare.run_comparison(config, out_dir, device, cache_dir, threads, mode, log)
     if seeds is not None:
-        raise ValueError("seeds is for the comparisons (method sida, conditional, gen_steps > 1); the SiD demo "
-                         "runs one seed")
+        raise ValueError("seeds is for the comparisons (method sida, conditional, gen_steps > 1); the SiD "
+                         "demo runs one seed")
     return _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
 
 
@@ -161,7 +162,8 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
     t_start = time.perf_counter()
     with _threads(threads if dev.type == "cpu" else None):
         # 1. the metric's feature space
-        (clf, accuracy, cached), t_clf = _timed(lambda: clf_mod.load_or_train_classifier(cache_dir, log=say), dev)
+        (clf, accuracy, cached), t_clf = _timed(
+            lambda: clf_mod.load_or_train_classifier(cache_dir, log=say), dev)
         how = "cached" if cached else f"trained in {t_clf:.1f} s"
         say(f"digit classifier: held-out accuracy {accuracy:.4f} ({how})")
         images, _ = load_digits_tensors()
@@ -197,9 +199,10 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
             f"generator at init (one step) FD {fd_init:.3f}")
 
         # 3. SiD
-        train_cfg = TrainConfig.from_dict({**cfg.sid, "run_dir": str(out / "sid"), "device": str(dev), "seed": seed,
-                                           "overwrite": True, "teacher_steps": cfg.teacher_steps,
-                                           "grid_size": cfg.grid_size, "progress": not quick,
+        train_cfg = TrainConfig.from_dict({**cfg.sid, "run_dir": str(out / "sid"), "device": str(dev),
+                                           "seed": seed, "overwrite": True,
+                                           "teacher_steps": cfg.teacher_steps, "grid_size": cfg.grid_size,
+                                           "progress": not quick,
                                            "checkpoint_every": 0, "sample_every": 0,
                                            "log_every": max(1, int(cfg.sid["iterations"]) // 20)})
         result = distill(train_cfg, teacher, architecture={"builder": BUILDER, "config": cfg.net}, log=say)
@@ -239,10 +242,12 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         "sid": {"iterations": result.iteration, "images": result.nimg, "loss_g": result.last.get("loss_g"),
                 "loss_fake": result.last.get("loss_fake"), "run_dir": str(result.run_dir)},
         "config": {**cfg.to_dict(), "sid": train_cfg.to_dict()},
-        "notes": ("Frechet distances in the 64-d penultimate features of the cached digit classifier, each from "
-                  f"{cfg.eval_samples} generated samples against all 1,797 digits; teacher: EDM Heun sampler, "
-                  f"{cfg.teacher_steps} steps ({nfe} evaluations), sigma_max {sampler['sigma_max']}; student and init: "
-                  f"one evaluation at sigma_init {sigma_init}. SiD learning rate {train_cfg.lr} (published CIFAR "
+        "notes": ("Frechet distances in the 64-d penultimate features of the cached digit classifier, each "
+                  f"from {cfg.eval_samples} generated samples against all 1,797 digits; teacher: EDM Heun "
+                  f"sampler, {cfg.teacher_steps} steps ({nfe} evaluations), sigma_max "
+                  f"{sampler['sigma_max']}; "
+                  f"student and init: one evaluation at sigma_init {sigma_init}. SiD learning rate "
+                  f"{train_cfg.lr} (published CIFAR "
                   "1e-5 is for ~400M images; the demo sees far fewer)."),
     }
     _write_json(out / "report.json", report)

@@ -91,7 +91,8 @@ def markdown(title: str, fd: dict, accuracy: dict, seconds: dict, bars: dict) ->
     """The result table (one row per teacher or student: FD mean ± std, per seed; label accuracy; training
     seconds) and the bar table, in Markdown."""
     acc_cols = bool(accuracy)
-    head = "| | FD (mean ± std) | FD per seed |" + (" label accuracy | accuracy per seed |" if acc_cols else "")
+    head = "| | FD (mean ± std) | FD per seed |"
+    head += " label accuracy | accuracy per seed |" if acc_cols else ""
     head += " training s (mean) |"
     lines = [f"### {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, summary in fd.items():

@@ -30,7 +30,7 @@ class TeacherConfig:
     p_mean: float = -1.2        # ln sigma ~ N(p_mean, p_std^2) (EDM, Table 1)
     p_std: float = 1.2
     sigma_data: float = 0.5
-    label_dropout: float = 0.0  # a conditional net: probability of the null label (a zero one-hot row) per image
+    label_dropout: float = 0.0  # conditional nets: probability of the null label (a zero one-hot row)
     seed: int = 0
 
     def to_dict(self) -> dict:
