@@ -287,8 +287,9 @@ def test_demo_delegates_to_the_demo_package(tmp_path, capsys, monkeypatch):
 
     seen = {}
 
-    def fake_run_demo(quick, out_dir, device, seed, cache_dir):
+    def fake_run_demo(quick, out_dir, device, seed, cache_dir, method, conditional, gen_steps, seeds):
         seen.update(quick=quick, out_dir=out_dir, device=device, seed=seed, cache_dir=cache_dir)
+        assert (method, conditional, gen_steps, seeds) == ("sid", False, 1, None)  # the SiD demo by default
         return {"passed": False}
 
     monkeypatch.setattr(sidfast.demo, "run_demo", fake_run_demo)

@@ -1,4 +1,5 @@
-"""The embedded demo: data, denoiser, Frechet distance, the cached digit classifier, and the quick demo end to end.
+"""The embedded demo: data, denoiser, Frechet distance, the cached digit classifier, the quick demo end to
+end, and the side-by-side comparisons (report format, bars, conditional teacher, tiny end-to-end runs).
 
 The end-to-end runs take the native CPU route for sidfast's losses: conftest.py sets TRITON_INTERPRET=1 on
 CPU-only machines, which would route every loss of the demo's thousands of iterations through Triton's
@@ -12,8 +13,12 @@ import time
 import pytest
 import torch
 
+from sidfast import cli
+from sidfast.config import TrainConfig
 from sidfast.demo import classifier as clf_mod
+from sidfast.demo import compare, summary
 from sidfast.demo import run as run_mod
+from sidfast.demo.compare import StudentSpec
 from sidfast.demo.digits import IMAGE_SHAPE, load_digits_tensors, split
 from sidfast.demo.frechet import feature_statistics, frechet_distance, frechet_distance_features
 from sidfast.demo.nets import DigitsDenoiser, build_denoiser
@@ -63,7 +68,8 @@ def test_conditional_denoiser_accepts_indices_and_onehot():
 
 
 def test_build_denoiser_from_cli_style_config():
-    cfg = {"image_shape": [1, 8, 8], "width": 32, "depth": 2, "num_classes": 0, "dropout": 0.1, "sigma_data": 0.5}
+    cfg = {"image_shape": [1, 8, 8], "width": 32, "depth": 2, "num_classes": 0, "dropout": 0.1,
+           "sigma_data": 0.5}
     net = build_denoiser(cfg)
     assert net.image_shape == (1, 8, 8) and net.num_classes == 0
 
@@ -116,9 +122,11 @@ def test_frechet_distance_of_identical_sets_is_zero():
 def test_frechet_distance_closed_forms():
     d = 6
     g = torch.Generator().manual_seed(1)
-    mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    mu1 = torch.randn(d, generator=g, dtype=torch.float64)
+    mu2 = torch.randn(d, generator=g, dtype=torch.float64)
     # commuting (diagonal) covariances: FD = |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    a, b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1, torch.rand(d, generator=g, dtype=torch.float64) + 0.1
+    a = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
     expected = float((mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum())
     assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected, rel=1e-10)
     # scaled covariance S2 = c^2 S1: FD = |dmu|^2 + (1 - c)^2 tr(S1), for a dense S1
@@ -221,7 +229,8 @@ def test_classifier_features_separate_real_digits_from_noise(classifier_cache):
     x, _ = load_digits_tensors()
     f_real = clf_mod.extract_features(model, x)
     half = frechet_distance_features(f_real[::2], f_real[1::2])
-    noise = frechet_distance_features(f_real, clf_mod.extract_features(model, torch.rand(1797, *IMAGE_SHAPE) * 2 - 1))
+    uniform = torch.rand(1797, *IMAGE_SHAPE) * 2 - 1
+    noise = frechet_distance_features(f_real, clf_mod.extract_features(model, uniform))
     assert noise > 20 * half
 
 
@@ -253,9 +262,11 @@ def _check_report(report, out):
 
 @pytest.mark.slow
 def test_quick_demo_meets_the_quality_bars(tmp_path, classifier_cache, native_losses):
-    """The CI demo: the one-step student within 1.25x the 18-step teacher's FD, and >= 3x better than at init."""
+    """The CI demo: the one-step student within 1.25x the 18-step teacher's FD, and >= 3x better than at
+    init."""
     out = tmp_path / "demo"
-    report = run_mod.run_demo(quick=True, out_dir=out, device="cpu", seed=0, cache_dir=classifier_cache[0], log=None)
+    report = run_mod.run_demo(quick=True, out_dir=out, device="cpu", seed=0, cache_dir=classifier_cache[0],
+                              log=None)
     _check_report(report, out)
     assert report["mode"] == "quick"
     assert report["fd"]["student"] <= run_mod.STUDENT_RATIO_BAR * report["fd"]["teacher"], report["fd"]
@@ -270,8 +281,8 @@ def test_tiny_demo_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cac
     cfg.teacher.iterations, cfg.teacher.batch, cfg.teacher.warmup = 40, 64, 5
     cfg.sid = {**cfg.sid, "iterations": 6, "batch": 16}
     cfg.eval_samples, cfg.grid_size = 200, 16
-    reports = [run_mod.run_demo(out_dir=tmp_path / f"d{i}", device="cpu", cache_dir=classifier_cache[0], config=cfg,
-                                log=None) for i in range(2)]
+    reports = [run_mod.run_demo(out_dir=tmp_path / f"d{i}", device="cpu", cache_dir=classifier_cache[0],
+                                config=cfg, log=None) for i in range(2)]
     for i, r in enumerate(reports):
         _check_report(r, tmp_path / f"d{i}")
         assert r["mode"] == "custom" and r["sid"]["iterations"] == 6
@@ -298,3 +309,315 @@ def test_demo_uses_the_gpu(tmp_path, classifier_cache):
     cfg.teacher.iterations, cfg.sid = 50, {**cfg.sid, "iterations": 5}
     r = run_mod.run_demo(out_dir=tmp_path, device="cuda", cache_dir=classifier_cache[0], config=cfg, log=None)
     assert r["device"].startswith("cuda")
+
+
+# ---- comparisons: the multi-seed report and its bars (synthetic numbers) ----
+
+
+
+def _stats(*values):
+    return summary.summarize(values)
+
+
+def test_summarize_mean_spread_and_bad_input():
+    s = summary.summarize([1.0, 2.0, 4.0])
+    assert s["per_seed"] == [1.0, 2.0, 4.0] and s["mean"] == pytest.approx(7 / 3)
+    assert s["std"] == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert (s["min"], s["max"]) == (1.0, 4.0)
+    assert summary.summarize([3.5])["std"] == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        summary.summarize([])
+    with pytest.raises(ValueError, match="finite"):
+        summary.summarize([1.0, float("nan")])
+
+
+def test_sida_bars_on_synthetic_numbers():
+    fd = {"teacher": _stats(10, 12), "sid": _stats(11, 13), "sida": _stats(9, 10)}
+    bars = summary.sida_bars(fd, seconds=100, time_limit=1200)
+    assert all(b["passed"] for b in bars.values())
+    assert bars["sida_vs_teacher"]["value"] == pytest.approx(9.5 / 11)
+    assert bars["sida_vs_sid"]["value"] == pytest.approx(9.5 / 12)
+    # below the SiD student but not below the teacher: one bar fails
+    fd["sida"] = _stats(11.5, 11.5)
+    bars = summary.sida_bars(fd, seconds=100, time_limit=1200)
+    assert not bars["sida_vs_teacher"]["passed"] and bars["sida_vs_sid"]["passed"]
+    # equal is not below; too slow fails the time bar
+    fd["sida"] = _stats(11, 11)
+    assert not summary.sida_bars(fd, 100, 1200)["sida_vs_teacher"]["passed"]
+    assert not summary.sida_bars(fd, 1201, 1200)["time"]["passed"]
+    with pytest.raises(ValueError, match="sida"):
+        summary.sida_bars({"teacher": fd["teacher"], "sid": fd["sid"]}, 1, 2)
+
+
+def test_conditional_bars_compare_best_student_with_teacher_at_its_best_guidance():
+    fd = {"teacher cfg 1": _stats(10, 10), "teacher cfg 2": _stats(8, 8), "k=1": _stats(30, 30),
+          "lsg:1.5": _stats(9, 9), "lsg:2": _stats(9.5, 9.5)}
+    acc = {"teacher cfg 1": _stats(0.8, 0.8), "teacher cfg 2": _stats(0.9, 0.9), "k=1": _stats(0.1, 0.1),
+           "lsg:1.5": _stats(0.9, 0.92), "lsg:2": _stats(0.99, 0.99)}
+    teachers = ["teacher cfg 1", "teacher cfg 2"]
+    students = ["lsg:1.5", "lsg:2"]
+    bars = summary.conditional_bars(fd, acc, teachers, students, 10, 900)
+    assert "lsg:1.5" in bars["accuracy_vs_teacher"]["what"]
+    assert "teacher cfg 2" in bars["fd_vs_teacher"]["what"]
+    assert bars["accuracy_vs_teacher"]["value"] == pytest.approx(0.91)
+    assert bars["accuracy_vs_teacher"]["passed"]
+    assert bars["fd_vs_teacher"]["value"] == pytest.approx(9 / 8) and bars["fd_vs_teacher"]["passed"]
+    acc["lsg:1.5"] = _stats(0.85, 0.85)  # below the teacher's accuracy at its best guidance (0.9)
+    fd["lsg:1.5"] = _stats(10.5, 10.5)   # and beyond 1.25x its FD, while still the best student
+    fd["lsg:2"] = _stats(11, 11)
+    bars = summary.conditional_bars(fd, acc, teachers, students, 10, 900)
+    assert not bars["accuracy_vs_teacher"]["passed"] and not bars["fd_vs_teacher"]["passed"]
+
+
+def test_steps_bars_on_synthetic_numbers():
+    fd = {"teacher": _stats(10), "1-step": _stats(12, 14), "4-step": _stats(11, 12)}
+    assert summary.steps_bars(fd, "1-step", "4-step", 10, 900)["steps_vs_one_step"]["passed"]
+    fd["4-step"] = _stats(13, 13)
+    bar = summary.steps_bars(fd, "1-step", "4-step", 10, 900)["steps_vs_one_step"]
+    assert not bar["passed"] and bar["value"] == pytest.approx(1.0) and bar["bar"] == "< 1"
+
+
+def test_markdown_report_lists_every_seed_and_bar():
+    fd = {"teacher cfg 1": _stats(10.0, 12.0, 11.0), "k=1": _stats(20.0, 21.0, 22.0)}
+    acc = {"teacher cfg 1": _stats(0.9, 0.8, 0.85), "k=1": _stats(0.5, 0.6, 0.7)}
+    bars = summary.conditional_bars(fd, acc, ["teacher cfg 1"], ["k=1"], 5.0, 900)
+    text = summary.markdown("title", fd, acc, {"k=1": _stats(1.0, 2.0, 3.0)}, bars)
+    assert "| teacher cfg 1 | 11.000 ± 1.000 | 10.000, 12.000, 11.000 | 0.850 ± 0.050 |" in text
+    row = "| k=1 | 21.000 ± 1.000 | 20.000, 21.000, 22.000 | 0.600 ± 0.100 | 0.500, 0.600, 0.700 | 2.0 |"
+    assert row in text
+    assert text.count("FAILED") == 2 and "| time: " in text and text.count("| ok |") == 1
+
+
+def test_a_failed_bar_is_exit_1_and_comparison_options_reach_the_demo(tmp_path, capsys, monkeypatch):
+    import sidfast.demo
+
+    seen = []
+
+    def fake_run_demo(**kw):
+        seen.append(kw)
+        return {"passed": len(seen) > 1}
+
+    monkeypatch.setattr(sidfast.demo, "run_demo", fake_run_demo)
+    base = ["demo", "--out", str(tmp_path / "d"), "--device", "cpu"]
+    assert cli.main(base + ["--method", "sida", "--seeds", "4"]) == 1
+    assert cli.main(base + ["--gen-steps", "4", "--quick"]) == 0
+    assert (seen[0]["method"], seen[0]["seeds"]) == ("sida", 4)
+    assert (seen[1]["gen_steps"], seen[1]["quick"]) == (4, True)
+    for args, match in ((["--method", "sida", "--conditional"], "one comparison at a time"),
+                        (["--gen-steps", "0"], "--gen-steps must be >= 1"),
+                        (["--seeds", "3"], "--seeds is for the comparisons"),
+                        (["--conditional", "--seeds", "0"], "--seeds must be >= 1")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(base + args)
+        assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_comparison_configs_full_and_quick():
+    for demo in compare.DEMOS:
+        full = compare.comparison_config(demo, False, seed=5)
+        quick = compare.comparison_config(demo, True, seed=5)
+        assert full.seeds == [5, 6, 7] and quick.seeds == [5]
+        assert quick.sid["iterations"] * quick.sid["batch"] < full.sid["iterations"] * full.sid["batch"]
+        assert quick.time_limit == 180 and full.time_limit == (1200 if demo == "sida" else 900)
+        json.dumps(full.to_dict())
+    sida = compare.comparison_config("sida", False)
+    assert [s.name for s in sida.students] == ["sid", "sida"] and sida.students[1].real_data
+    assert sida.students[1].options["method"] == "sida" and sida.students[1].options["alpha"] == 1.0
+    cond = compare.comparison_config("conditional", False)
+    assert cond.net["num_classes"] == 10 and cond.teacher.label_dropout == compare.LABEL_DROPOUT
+    assert cond.bar_students and all(s.options["guidance"].startswith("lsg:") for s in cond.students[1:])
+    steps = compare.comparison_config("gen-steps", False, gen_steps=3)
+    assert [s.steps for s in steps.students] == [1, 3]
+    assert compare.comparison_config("sida", True, seeds=2).seeds == [0, 1]
+    with pytest.raises(ValueError, match="gen_steps"):
+        compare.comparison_config("gen-steps", False, gen_steps=1)
+    with pytest.raises(ValueError, match="demo"):
+        compare.comparison_config("dmd", False)
+    bad = compare.comparison_config("sida", True)
+    bad.seeds = [1, 1]
+    with pytest.raises(ValueError, match="seeds"):
+        bad.validate()
+    bad = compare.comparison_config("sida", True)
+    bad.students = bad.students[:1]
+    with pytest.raises(ValueError, match="sida"):
+        bad.validate()
+
+
+# ---- the conditional teacher ----
+
+def test_label_dropout_trains_the_null_label():
+    x, y = load_digits_tensors()
+
+    def label_weights(p):
+        torch.manual_seed(0)
+        net = DigitsDenoiser(width=32, depth=1, emb_dim=16, num_classes=10)
+        before = net.net.embed_label.weight.detach().clone()
+        cfg = TeacherConfig(iterations=5, batch=32, warmup=1, label_dropout=p)
+        ema, _ = train_teacher(net, x, cfg, labels=y)
+        return before, ema.net.embed_label.weight
+
+    before, after = label_weights(1.0)  # every label null: the label embedding gets no gradient
+    assert torch.equal(before, after)
+    before, after = label_weights(0.1)
+    assert not torch.equal(before, after)
+    with pytest.raises(ValueError, match="label_dropout"):
+        train_teacher(DigitsDenoiser(width=8, depth=1, emb_dim=8), x, TeacherConfig(label_dropout=0.1))
+    with pytest.raises(ValueError, match="label_dropout"):
+        train_teacher(DigitsDenoiser(width=8, depth=1, emb_dim=8, num_classes=10), x,
+                      TeacherConfig(label_dropout=1.5), labels=y)
+
+
+def test_guided_teacher_combines_the_conditional_and_null_outputs():
+    torch.manual_seed(0)
+    net = DigitsDenoiser(width=32, depth=1, emb_dim=16, num_classes=10)
+    torch.nn.init.normal_(net.net.fc_out.weight, std=0.1)
+    x, s = torch.randn(6, *IMAGE_SHAPE), torch.full((6,), 1.3)
+    labels = torch.nn.functional.one_hot(torch.arange(6) % 10, 10).float()
+    cond = net(x, s, labels)
+    uncond = net(x, s, torch.zeros(6, 10))
+    torch.testing.assert_close(compare.GuidedTeacher(net, 2.0, 10)(x, s, labels), 2 * cond - uncond)
+    torch.testing.assert_close(compare.GuidedTeacher(net, 0.0, 10)(x, s, labels), uncond)
+
+
+def test_label_accuracy_of_the_classifier(classifier_cache):
+    _, model, _ = classifier_cache
+    x, y = load_digits_tensors()
+    expected = clf_mod.evaluate_accuracy(model, x, y)
+    assert clf_mod.label_accuracy(model, x, y, batch=500) == pytest.approx(expected)
+    assert clf_mod.label_accuracy(model, x, y) > 0.95
+    assert clf_mod.label_accuracy(model, x, (y + 1) % 10) < 0.05
+    with pytest.raises(ValueError, match="labels"):
+        clf_mod.label_accuracy(model, x, y[:5])
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as the demo runs: on a busy 2-core machine two threads of these small networks
+    wait on each other far longer than they compute."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_conditional_teacher_honours_labels(classifier_cache, one_thread):
+    """After a short training (a few seconds), the teacher's samples at requested labels are classified as
+    those labels far above chance (0.1; about 0.7 measured)."""
+    from sidfast.samplers import edm_sample
+
+    _, model, _ = classifier_cache
+    x, y = load_digits_tensors()
+    torch.manual_seed(0)
+    net = DigitsDenoiser(width=128, depth=2, emb_dim=32, num_classes=10)
+    ema, _ = train_teacher(net, x, TeacherConfig(iterations=600, batch=128, warmup=20, label_dropout=0.1),
+                           labels=y)
+    requested = torch.arange(300) % 10
+    z = torch.randn(300, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(1))
+    onehot = torch.nn.functional.one_hot(requested, 10).float()
+    samples = edm_sample(ema, z, 18, class_labels=onehot)
+    assert clf_mod.label_accuracy(model, samples, requested) > 0.4
+
+
+# ---- comparisons end to end (tiny budgets) ----
+
+def _tiny(cfg, seeds=2):
+    cfg.seeds = list(range(seeds))
+    cfg.net = {**cfg.net, "width": 32, "depth": 1, "emb_dim": 16}
+    cfg.teacher.iterations, cfg.teacher.batch, cfg.teacher.warmup = 40, 64, 5
+    cfg.sid = {**cfg.sid, "iterations": 4, "batch": 16}
+    cfg.eval_samples, cfg.grid_size = 200, 16
+    return cfg
+
+
+def _check_comparison(report, out, teachers, students, seeds, accuracy):
+    assert json.loads((out / "report.json").read_text())["fd"] == report["fd"]
+    assert list(report["fd"]) == teachers + students and report["seeds"] == seeds
+    for name, s in report["fd"].items():
+        assert len(s["per_seed"]) == len(seeds) and all(math.isfinite(v) and v > 0 for v in s["per_seed"])
+        assert s["mean"] == pytest.approx(sum(s["per_seed"]) / len(seeds))
+    assert (set(report["accuracy"]) == set(teachers + students)) if accuracy else report["accuracy"] == {}
+    assert set(report["seconds"]["students"]) == set(students)
+    assert report["passed"] == all(b["passed"] for b in report["bars"].values())
+    assert "time" in report["bars"] and report["seconds"]["total"] <= report["bars"]["time"]["value"] + 1e-6
+    text = (out / "report.md").read_text()
+    assert all(f"| {name} |" in text for name in teachers + students)
+    for name in ("real.png", "teacher.pt") + tuple(f"student_{compare._safe(n)}.png" for n in students):
+        assert (out / name).is_file(), name
+    for name in students:
+        for seed in seeds:
+            assert (out / "runs" / compare._safe(name) / f"seed{seed}" / "metrics.jsonl").is_file()
+
+
+def test_multi_seed_comparison_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cache,
+                                                                     native_losses):
+    """The runner with two plain-SiD students under the SiDA comparison's names: report, bars, files, and the
+    same numbers twice."""
+    cfg = _tiny(compare.comparison_config("sida", True))
+    cfg.students = [StudentSpec("sid"), StudentSpec("sida", {"alpha": 1.0})]
+    reports = [compare.run_comparison(cfg, tmp_path / f"c{i}", "cpu", classifier_cache[0], log=None)
+               for i in range(2)]
+    for i, r in enumerate(reports):
+        _check_comparison(r, tmp_path / f"c{i}", ["teacher"], ["sid", "sida"], [0, 1], accuracy=False)
+        assert set(r["bars"]) == {"sida_vs_teacher", "sida_vs_sid", "time"}
+        assert r["students"]["sida"]["options"]["alpha"] == 1.0 and r["students"]["sid"]["images"] == 4 * 16
+    assert reports[0]["fd"] == reports[1]["fd"]
+
+
+def test_conditional_comparison_end_to_end(tmp_path, classifier_cache, native_losses):
+    """A conditional teacher sampled at two guidance scales and an unguided conditional student, two seeds."""
+    cfg = _tiny(compare.comparison_config("conditional", True))
+    cfg.students = [StudentSpec("k=1")]
+    cfg.bar_students = ["k=1"]
+    cfg.teacher_guidance = [1.0, 2.0]
+    report = run_mod.run_demo(out_dir=tmp_path, device="cpu", cache_dir=classifier_cache[0], config=cfg,
+                              log=None)
+    _check_comparison(report, tmp_path, ["teacher cfg 1", "teacher cfg 2"], ["k=1"], [0, 1], accuracy=True)
+    assert report["mode"] == "custom" and report["teacher"]["guidance"] == {"teacher cfg 1": 1.0,
+                                                                           "teacher cfg 2": 2.0}
+    assert all(0 <= v <= 1 for s in report["accuracy"].values() for v in s["per_seed"])
+    assert set(report["bars"]) == {"accuracy_vs_teacher", "fd_vs_teacher", "time"}
+
+
+def _has_options(*names):
+    known = {f.name for f in TrainConfig.fields()}
+    missing = [n for n in names if n not in known]
+    return pytest.mark.skipif(bool(missing), reason=f"the trainer has no option {', '.join(missing)} yet")
+
+
+@_has_options("method", "data", "augment_p")
+def test_sida_comparison_end_to_end(tmp_path, classifier_cache, native_losses):
+    cfg = _tiny(compare.comparison_config("sida", True), seeds=1)
+    report = compare.run_comparison(cfg, tmp_path, "cpu", classifier_cache[0], log=None)
+    _check_comparison(report, tmp_path, ["teacher"], ["sid", "sida"], [0], accuracy=False)
+    assert report["students"]["sida"]["options"]["method"] == "sida"
+    assert report["students"]["sida"]["options"]["data"] == str(tmp_path / "digits.npz")
+
+
+@_has_options("guidance")
+def test_guided_conditional_comparison_end_to_end(tmp_path, classifier_cache, native_losses):
+    cfg = _tiny(compare.comparison_config("conditional", True), seeds=1)
+    report = compare.run_comparison(cfg, tmp_path, "cpu", classifier_cache[0], log=None)
+    names = [s.name for s in cfg.students]
+    _check_comparison(report, tmp_path, [f"teacher cfg {k:g}" for k in cfg.teacher_guidance], names, [0],
+                      accuracy=True)
+
+
+@_has_options("generator_steps")
+def test_gen_steps_comparison_end_to_end(tmp_path, classifier_cache, native_losses):
+    cfg = _tiny(compare.comparison_config("gen-steps", True, gen_steps=3), seeds=1)
+    report = compare.run_comparison(cfg, tmp_path, "cpu", classifier_cache[0], log=None)
+    _check_comparison(report, tmp_path, ["teacher"], ["1-step", "3-step"], [0], accuracy=False)
+    assert report["students"]["3-step"]["steps"] == 3
+
+
+def test_comparison_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="one comparison at a time"):
+        run_mod.run_demo(out_dir=tmp_path, method="sida", conditional=True, log=None)
+    with pytest.raises(ValueError, match="method"):
+        run_mod.run_demo(out_dir=tmp_path, method="dmd", log=None)
+    with pytest.raises(ValueError, match="seeds"):
+        run_mod.run_demo(out_dir=tmp_path, seeds=3, log=None)
+    with pytest.raises(TypeError, match="ComparisonConfig"):
+        run_mod.run_demo(out_dir=tmp_path, conditional=True, config=run_mod.demo_config(True), log=None)
+    with pytest.raises(TypeError, match="ComparisonConfig"):
+        compare.run_comparison(run_mod.demo_config(True), tmp_path, log=None)

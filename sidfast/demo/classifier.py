@@ -36,14 +36,16 @@ def default_cache_dir() -> Path:
 
 
 class DigitClassifier(nn.Module):
-    """conv3x3-ReLU x2 (8x8) -> maxpool (4x4) -> conv3x3-ReLU -> flatten -> fc-ReLU (features) -> fc (10 logits)."""
+    """conv3x3-ReLU x2 (8x8) -> maxpool (4x4) -> conv3x3-ReLU -> flatten -> fc-ReLU (features) -> fc (10
+    logits)."""
 
     def __init__(self, channels=RECIPE["channels"], feature_dim: int = FEATURE_DIM, num_classes: int = 10):
         super().__init__()
         c1, c2 = channels
         self.body = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(c2 * 16, feature_dim), nn.ReLU())
+            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c1, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.Flatten(),
+            nn.Linear(c2 * 16, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +79,8 @@ def train_classifier(recipe: dict = RECIPE, log=None) -> tuple[DigitClassifier, 
     model = DigitClassifier(recipe["channels"], recipe["feature_dim"])
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     steps_per_epoch = (tx.shape[0] + recipe["batch"] - 1) // recipe["batch"]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe["lr"], total_steps=recipe["epochs"] * steps_per_epoch)
+    total_steps = recipe["epochs"] * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe["lr"], total_steps=total_steps)
     model.train()
     for _ in range(recipe["epochs"]):
         perm = torch.randperm(tx.shape[0], generator=g)
@@ -137,10 +140,12 @@ def _load_cached(path: Path, recipe: dict) -> tuple[DigitClassifier, float] | No
     return model, accuracy
 
 
-def load_or_train_classifier(cache_dir=None, recipe: dict = RECIPE, log=None) -> tuple[DigitClassifier, float, bool]:
+def load_or_train_classifier(cache_dir=None, recipe: dict = RECIPE,
+                             log=None) -> tuple[DigitClassifier, float, bool]:
     """(classifier in eval mode on CPU, held-out accuracy, whether it came from the cache).
 
-    The cache file ``digit_classifier_<recipe hash>.pt`` lives in ``cache_dir`` (default ``default_cache_dir()``).
+    The cache file ``digit_classifier_<recipe hash>.pt`` lives in ``cache_dir`` (default
+    ``default_cache_dir()``).
     A corrupt or mismatching file is replaced; an unwritable cache directory only costs a warning.
     """
     path = _cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), recipe)
@@ -161,8 +166,23 @@ def load_or_train_classifier(cache_dir=None, recipe: dict = RECIPE, log=None) ->
 
 @torch.no_grad()
 def extract_features(model: DigitClassifier, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """Features (N, FEATURE_DIM) float32 on CPU of images (N, 1, 8, 8) on any device; values clipped to [-1, 1]."""
+    """Features (N, FEATURE_DIM) float32 on CPU of images (N, 1, 8, 8) on any device; values clipped to
+    [-1, 1]."""
     out = []
     for i in range(0, images.shape[0], batch):
         out.append(model.features(images[i:i + batch].detach().float().cpu().clamp(-1, 1)))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def label_accuracy(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor,
+                   batch: int = 1024) -> float:
+    """Fraction of images (N, 1, 8, 8) on any device, values clipped to [-1, 1], that the classifier assigns
+    to the requested class ``labels`` (N,) ints: how well a conditional generator honours its labels."""
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) must have one row each")
+    hits = 0
+    for i in range(0, images.shape[0], batch):
+        x = images[i:i + batch].detach().float().cpu().clamp(-1, 1)
+        hits += int((model(x).argmax(1) == labels[i:i + batch].cpu()).sum())
+    return hits / images.shape[0]

@@ -11,7 +11,8 @@ SIGMA_DATA = 0.5
 
 
 def load_digits_tensors(device=None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1,797 digits: images (N, 1, 8, 8) in [-1, 1] (pixel values 0..16 mapped by v / 8 - 1), labels (N,) int64."""
+    """All 1,797 digits: images (N, 1, 8, 8) in [-1, 1] (pixel values 0..16 mapped by v / 8 - 1), labels (N,)
+    int64."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # scikit-learn comes with the demo extra
@@ -25,7 +26,8 @@ def load_digits_tensors(device=None, dtype: torch.dtype = torch.float32) -> tupl
 
 
 def split(images: torch.Tensor, labels: torch.Tensor, held_out: float = 0.2, seed: int = 0):
-    """A fixed random split: ((train_x, train_y), (test_x, test_y)), ``held_out`` of the images in the test part."""
+    """A fixed random split: ((train_x, train_y), (test_x, test_y)), ``held_out`` of the images in the test
+    part."""
     if not 0.0 < held_out < 1.0:
         raise ValueError(f"held_out must lie in (0, 1), got {held_out}")
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed)).to(images.device)

@@ -14,7 +14,8 @@ import torch
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean (D,), unbiased covariance (D, D)) in float64 of features (N, D), N >= 2."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
-        raise ValueError(f"features must be a 2-D tensor (N, D), got {getattr(features, 'shape', type(features))}")
+        got = getattr(features, "shape", type(features))
+        raise ValueError(f"features must be a 2-D tensor (N, D), got {got}")
     if features.shape[0] < 2:
         raise ValueError(f"features needs at least 2 rows to estimate a covariance, got {features.shape[0]}")
     f = features.detach().to(torch.float64)
@@ -26,20 +27,24 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a symmetric PSD matrix via eigh (negative round-off eigenvalues clipped to 0)."""
+    """Symmetric square root of a symmetric PSD matrix via eigh (negative round-off eigenvalues clipped to
+    0)."""
     vals, vecs = torch.linalg.eigh(0.5 * (m + m.T))
     return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
 
 
-def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
+                     sigma2: torch.Tensor) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2); mu (D,), sigma (D, D) symmetric PSD."""
     mu1, mu2 = mu1.to(torch.float64), mu2.to(torch.float64)
     sigma1, sigma2 = sigma1.to(torch.float64), sigma2.to(torch.float64)
     if mu1.shape != mu2.shape or mu1.dim() != 1:
-        raise ValueError(f"mu1 and mu2 must be vectors of one length, got {tuple(mu1.shape)} and {tuple(mu2.shape)}")
+        raise ValueError(f"mu1 and mu2 must be vectors of one length, got {tuple(mu1.shape)} and "
+                         f"{tuple(mu2.shape)}")
     d = mu1.shape[0]
     if sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"sigma1 and sigma2 must be ({d}, {d}), got {tuple(sigma1.shape)} and {tuple(sigma2.shape)}")
+        raise ValueError(f"sigma1 and sigma2 must be ({d}, {d}), got {tuple(sigma1.shape)} and "
+                         f"{tuple(sigma2.shape)}")
     root1 = _sqrt_psd(sigma1)
     inner = root1 @ sigma2 @ root1
     vals = torch.linalg.eigvalsh(0.5 * (inner + inner.T)).clamp(min=0)

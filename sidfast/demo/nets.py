@@ -15,7 +15,8 @@ from torch import nn
 
 class FourierEmbedding(nn.Module):
     """Sinusoidal features of the scalar c_noise = ln(sigma)/4, (B,) -> (B, dim), frequencies geometric in
-    [min_freq, max_freq] (Vaswani et al. 2017, eq. 5; c_noise spans about [-2, 1.2] for sigma in [0.002, 80])."""
+    [min_freq, max_freq] (Vaswani et al. 2017, eq. 5; c_noise spans about [-2, 1.2] for sigma in
+    [0.002, 80])."""
 
     def __init__(self, dim: int, min_freq: float = 0.5, max_freq: float = 32.0):
         super().__init__()
@@ -44,7 +45,9 @@ class ResidualBlock(nn.Module):
 
 
 class DigitsMLP(nn.Module):
-    """The raw network F(c_in x, c_noise, labels) of EDM, on flattened images: (B, C, H, W) -> (B, C, H, W)."""
+    """The raw network F(c_in x, c_noise, labels) of EDM, on flattened images: (B, C, H, W) -> (B, C, H, W).
+
+    Its encoder, for SiDA's discriminator (``sidfast.discriminator``), ends at the last residual block."""
 
     def __init__(self, image_shape=(1, 8, 8), width: int = 256, depth: int = 3, emb_dim: int = 64,
                  num_classes: int = 0, dropout: float = 0.0):
@@ -78,7 +81,8 @@ class DigitsMLP(nn.Module):
 class DigitsDenoiser(nn.Module):
     """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, eq. 7 and Table 1).
 
-    x: (B, 1, 8, 8); sigma: (B,) tensor or number; class_labels: (B, num_classes) one-hot or (B,) ints, or None.
+    x: (B, 1, 8, 8); sigma: (B,) tensor or number; class_labels: (B, num_classes) one-hot (a zero row is the
+    null label of guidance) or (B,) ints, or None.
     Returns the x0 estimate (B, 1, 8, 8) in x's dtype.
     """
 

@@ -48,7 +48,7 @@ class DemoConfig:
     sid: dict = field(default_factory=lambda: {"iterations": 3000, "batch": 256, "lr": 3e-4,
                                                "ema_halflife_kimg": 500.0, "ema_rampup_ratio": 0.1})
     teacher_steps: int = 18         # Heun steps of the teacher's sampler (2N - 1 network evaluations)
-    eval_samples: int = 2000        # generated samples per Frechet distance (the reference is all 1,797 digits)
+    eval_samples: int = 2000        # generated samples per Frechet distance (reference: all 1,797 digits)
     grid_size: int = 64
 
     def to_dict(self) -> dict:
@@ -90,9 +90,17 @@ def _timed(fn, device):
     return out, time.perf_counter() - start
 
 
+METHODS = ("sid", "sida")
+
+
 def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", seed: int = 0,
-             cache_dir=None, threads: int | None = 1, config: DemoConfig | None = None, log=print) -> dict:
+             cache_dir=None, threads: int | None = 1, config=None, log=print, method: str = "sid",
+             conditional: bool = False, gen_steps: int = 1, seeds: int | None = None) -> dict:
     """Run the demo and return its report (also written to ``out_dir/report.json``).
+
+    ``method="sida"``, ``conditional`` or ``gen_steps > 1`` (one at a time) run a comparison of students side
+    by side over several seeds instead (``compare.py``; ``seeds``: how many, default 3, quick 1); so does a
+    ``config`` that is a ``compare.ComparisonConfig``. The arguments below are those of the SiD demo.
 
     Args:
         quick: the short CI configuration (``demo_config(True)``).
@@ -100,23 +108,51 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         seed: seeds the teacher, SiD and the evaluation noise.
         cache_dir: where the classifier is cached (default ``classifier.default_cache_dir()``).
-        threads: CPU threads during the demo. Default 1: for networks this small, extra intra-op threads mostly
-            wait on each other, which on a busy machine makes them slower than one; None keeps torch's setting.
+        threads: CPU threads during the demo. Default 1: for networks this small, extra intra-op threads
+            mostly wait on each other, which on a busy machine makes them slower than one; None keeps
+            torch's setting.
         config: overrides ``demo_config(quick, seed)`` entirely.
     Returns:
         dict with "passed" (both bars met), "fd" (teacher, student, init), "ratios", "times", "config", ...
     """
+    from . import compare
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if isinstance(gen_steps, bool) or not isinstance(gen_steps, int) or gen_steps < 1:
+        raise ValueError(f"gen_steps must be a positive integer, got {gen_steps!r}")
+    chosen = [name for name, on in (("method sida", method == "sida"), ("conditional", conditional),
+                                    ("gen_steps", gen_steps > 1)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one comparison at a time, got {' and '.join(chosen)}")
+    if isinstance(config, compare.ComparisonConfig) or chosen:
+        mode = "custom"
+        if config is None:
+            demo = "sida" if method == "sida" else ("conditional" if conditional else "gen-steps")
+            config = compare.comparison_config(demo, quick, seed, seeds, gen_steps if gen_steps > 1 else 4)
+            mode = "quick" if quick else "full"
+        elif not isinstance(config, compare.ComparisonConfig):
+            raise TypeError(f"config must be a ComparisonConfig for {chosen[0]}, got {type(config).__name__}")
+        return compare.run_comparison(config, out_dir, device, cache_dir, threads, mode, log)
+    if seeds is not None:
+        raise ValueError("seeds is for the comparisons (method sida, conditional, gen_steps > 1); the SiD "
+                         "demo runs one seed")
+    return _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
+
+
+def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log) -> dict:
+    """The SiD demo: teacher against one-step student, one seed."""
     from ..report import save_grid, summary_table
     from ..samplers import edm_sample, num_evaluations, one_step_sample
     from ..train import TrainConfig, distill, resolve_device
 
     say = log if log is not None else (lambda *_: None)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     if config is not None and not isinstance(config, DemoConfig):
-        raise TypeError(f"config must be a DemoConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a DemoConfig or a ComparisonConfig, got {type(config).__name__}")
     cfg = config if config is not None else demo_config(quick, seed)
     dev = resolve_device(device)
     out = Path(out_dir)
@@ -126,7 +162,8 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
     t_start = time.perf_counter()
     with _threads(threads if dev.type == "cpu" else None):
         # 1. the metric's feature space
-        (clf, accuracy, cached), t_clf = _timed(lambda: clf_mod.load_or_train_classifier(cache_dir, log=say), dev)
+        (clf, accuracy, cached), t_clf = _timed(
+            lambda: clf_mod.load_or_train_classifier(cache_dir, log=say), dev)
         how = "cached" if cached else f"trained in {t_clf:.1f} s"
         say(f"digit classifier: held-out accuracy {accuracy:.4f} ({how})")
         images, _ = load_digits_tensors()
@@ -162,9 +199,10 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
             f"generator at init (one step) FD {fd_init:.3f}")
 
         # 3. SiD
-        train_cfg = TrainConfig.from_dict({**cfg.sid, "run_dir": str(out / "sid"), "device": str(dev), "seed": seed,
-                                           "overwrite": True, "teacher_steps": cfg.teacher_steps,
-                                           "grid_size": cfg.grid_size, "progress": not quick,
+        train_cfg = TrainConfig.from_dict({**cfg.sid, "run_dir": str(out / "sid"), "device": str(dev),
+                                           "seed": seed, "overwrite": True,
+                                           "teacher_steps": cfg.teacher_steps, "grid_size": cfg.grid_size,
+                                           "progress": not quick,
                                            "checkpoint_every": 0, "sample_every": 0,
                                            "log_every": max(1, int(cfg.sid["iterations"]) // 20)})
         result = distill(train_cfg, teacher, architecture={"builder": BUILDER, "config": cfg.net}, log=say)
@@ -204,10 +242,12 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
         "sid": {"iterations": result.iteration, "images": result.nimg, "loss_g": result.last.get("loss_g"),
                 "loss_fake": result.last.get("loss_fake"), "run_dir": str(result.run_dir)},
         "config": {**cfg.to_dict(), "sid": train_cfg.to_dict()},
-        "notes": ("Frechet distances in the 64-d penultimate features of the cached digit classifier, each from "
-                  f"{cfg.eval_samples} generated samples against all 1,797 digits; teacher: EDM Heun sampler, "
-                  f"{cfg.teacher_steps} steps ({nfe} evaluations), sigma_max {sampler['sigma_max']}; student and init: "
-                  f"one evaluation at sigma_init {sigma_init}. SiD learning rate {train_cfg.lr} (published CIFAR "
+        "notes": ("Frechet distances in the 64-d penultimate features of the cached digit classifier, each "
+                  f"from {cfg.eval_samples} generated samples against all 1,797 digits; teacher: EDM Heun "
+                  f"sampler, {cfg.teacher_steps} steps ({nfe} evaluations), sigma_max "
+                  f"{sampler['sigma_max']}; "
+                  f"student and init: one evaluation at sigma_init {sigma_init}. SiD learning rate "
+                  f"{train_cfg.lr} (published CIFAR "
                   "1e-5 is for ~400M images; the demo sees far fewer)."),
     }
     _write_json(out / "report.json", report)

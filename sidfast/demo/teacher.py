@@ -30,6 +30,7 @@ class TeacherConfig:
     p_mean: float = -1.2        # ln sigma ~ N(p_mean, p_std^2) (EDM, Table 1)
     p_std: float = 1.2
     sigma_data: float = 0.5
+    label_dropout: float = 0.0  # conditional nets: probability of the null label (a zero one-hot row)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -49,11 +50,18 @@ def train_teacher(net: torch.nn.Module, images: torch.Tensor, cfg: TeacherConfig
                   log_every: int = 500) -> tuple[torch.nn.Module, dict]:
     """Train ``net`` (an EDM denoiser, on images' device) on images (N, 1, 8, 8) in [-1, 1].
 
-    labels: (N,) ints for a class-conditional net, else None. Returns (EMA copy in eval mode, stats dict with
+    labels: (N,) ints for a class-conditional net, else None; with ``cfg.label_dropout`` each image's label is
+    replaced by the null label with that probability, so that the net also learns its unconditional output
+    (classifier-free guidance, Ho & Salimans 2022). Returns (EMA copy in eval mode, stats dict with
     the last batch's loss, seconds, images seen). ``net`` itself is left in its last (non-EMA) state.
     """
     if cfg.iterations < 1 or cfg.batch < 1:
         raise ValueError("iterations and batch must be positive")
+    if not 0 <= cfg.label_dropout <= 1:
+        raise ValueError(f"label_dropout must be in [0, 1], got {cfg.label_dropout}")
+    num_classes = getattr(net, "num_classes", 0)
+    if cfg.label_dropout and (labels is None or not num_classes):
+        raise ValueError("label_dropout needs a class-conditional net and labels")
     device = images.device
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -66,6 +74,10 @@ def train_teacher(net: torch.nn.Module, images: torch.Tensor, cfg: TeacherConfig
         idx = torch.randint(0, n, (cfg.batch,), generator=g, device=device)
         x0 = images[idx]
         y = labels[idx] if labels is not None else None
+        if cfg.label_dropout:
+            # the null label is a row of zeros, the unconditional input of guidance (guidance.null_labels)
+            keep = torch.rand(cfg.batch, generator=g, device=device) >= cfg.label_dropout
+            y = torch.nn.functional.one_hot(y, num_classes).float() * keep[:, None]
         sigma = reference.edm_training_sigma(cfg.batch, cfg.p_mean, cfg.p_std, device=device, generator=g)
         noise = torch.randn(x0.shape, generator=g, device=device)
         pred = net(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, y)
