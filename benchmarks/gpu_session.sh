@@ -18,8 +18,8 @@
 #              torch's), the CPU ops only, said in device.json and BUILD-WITHOUT-CUDA in the log
 #   build-any  the build already there if it imports (a warm machine), else the CPU ops only: the engine runs
 #              the Triton kernels and needs no CUDA extension, and the CPU build is the quicker one
-#   tests      every test file of the ops, the losses, the engine and LoRA (test_train: -k "cuda or gpu or
-#              engine") IN FULL on CUDA, side by side, each under its own time limit; one line per file in
+#   tests      every test file of the ops, the SiD and SiDA losses, the kernel noise, the engine, LoRA and
+#              the discriminator taps (test_train: -k "cuda or gpu or engine") IN FULL on CUDA, side by side, each under its own time limit; one line per file in
 #              tests.tsv as each finishes
 #   ops        the op benchmarks (fused losses and noising vs eager and torch.compile, bandwidth vs copy)
 #   plans      the sid_loss kernel-plan sweep and the host-overhead benchmarks
@@ -86,7 +86,8 @@ exec > >(tee -a "$OUT/session.log") 2>&1
 # "name|pytest arguments"; the largest two are split over three xdist workers where xdist is installed.
 TEST_PLAN=()
 for f in tests/test_ops_*.py; do TEST_PLAN+=("$f|"); done
-TEST_PLAN+=("tests/test_loss.py|" "tests/test_engine.py|" "tests/test_lora.py|"
+TEST_PLAN+=("tests/test_loss.py|" "tests/test_sida_loss.py|" "tests/test_kernel_noise.py|" "tests/test_engine.py|"
+            "tests/test_lora.py|" "tests/test_lora_any.py|" "tests/test_discriminator.py|"
             "tests/test_train.py|-k cuda or gpu or engine")
 [ -n "${SIDFAST_TESTS:-}" ] && IFS=';' read -r -a TEST_PLAN <<<"$SIDFAST_TESTS"  # e.g. a CPU dry run's subset
 BUILD_S=${BUILD_S:-240}      # most one build may take
