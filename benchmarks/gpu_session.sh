@@ -19,8 +19,8 @@
 #   build-any  the build already there if it imports (a warm machine), else the CPU ops only: the engine runs
 #              the Triton kernels and needs no CUDA extension, and the CPU build is the quicker one
 #   tests      every test file of the ops, the SiD and SiDA losses, the kernel noise, the engine, LoRA and
-#              the discriminator taps (test_train: -k "cuda or gpu or engine") IN FULL on CUDA, side by side, each under its own time limit; one line per file in
-#              tests.tsv as each finishes
+#              the discriminator taps (test_train: -k "cuda or gpu or engine") IN FULL on CUDA, side by
+#              side, each under its own time limit; one line per file in tests.tsv as each finishes
 #   ops        the op benchmarks (fused losses and noising vs eager and torch.compile, bandwidth vs copy)
 #   plans      the sid_loss kernel-plan sweep and the host-overhead benchmarks
 #   compile    register and spill report of every kernel configuration (compile_report.py)
