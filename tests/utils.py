@@ -72,6 +72,14 @@ def float64_network_tolerance(reference: torch.Tensor) -> dict:
     return dict(atol=rounding_bound(torch.float64, reference.abs().max().item(), NETWORK_ERROR_GROWTH), rtol=0.0)
 
 
+def assert_float64_close(actual: torch.Tensor, expected: torch.Tensor):
+    """Two float64 evaluations of the same networks by different computations (another batching, kernel or
+    summation order; fused against eager): equal within ``float64_network_tolerance(expected)``."""
+    if actual.dtype != torch.float64:
+        raise TypeError(f"assert_float64_close needs float64 values, got {actual.dtype}")
+    torch.testing.assert_close(actual, expected, **float64_network_tolerance(expected))
+
+
 def sid_loss_magnitudes(y_real, y_fake, x_g, alpha, normalize=True):
     """Float64 magnitudes of the SiD generator loss and its gradients, per element, for ``rounding_bound``.
 
@@ -113,7 +121,7 @@ class SmallUNet(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, sigma, class_labels=None, context=None):
-        sigma = sigma.reshape(-1, 1).to(torch.float32)
+        sigma = sigma.reshape(-1, 1).to(self.emb.weight.dtype)
         c_in = 1 / (sigma ** 2 + 0.25).sqrt()
         c_skip = 0.25 / (sigma ** 2 + 0.25)
         c_out = sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
