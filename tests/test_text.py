@@ -179,8 +179,10 @@ def test_conditioner_sdxl_recipe_and_zero_null():
         ids = cond.tokenizers[0](["a cat"], padding="max_length", max_length=8, return_tensors="pt").input_ids
         hidden_l = cond.encoders[0](ids, output_hidden_states=True).hidden_states[-2]
         out_g = cond.encoders[1](ids, output_hidden_states=True)
-    torch.testing.assert_close(out["encoder_hidden_states"], torch.cat([hidden_l, out_g.hidden_states[-2]], -1))
-    torch.testing.assert_close(out["added_cond_kwargs"]["text_embeds"], out_g.text_embeds)
+    # the same encoders on the same tokens: the conditioner's recipe, bit for bit
+    torch.testing.assert_close(out["encoder_hidden_states"], torch.cat([hidden_l, out_g.hidden_states[-2]], -1),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(out["added_cond_kwargs"]["text_embeds"], out_g.text_embeds, rtol=0, atol=0)
     assert out["added_cond_kwargs"]["time_ids"].tolist() == [[64, 48, 0, 0, 64, 48]]
     null = cond.null_condition(2)
     assert not null["encoder_hidden_states"].any() and not null["added_cond_kwargs"]["text_embeds"].any()
