@@ -9,6 +9,13 @@ from sidfast.discriminator import DiscriminatorPass, DiscriminatorTap, default_l
 from sidfast.lora import LoRAFakeScore, lora_layers, set_lora_mode
 from sidfast.schedules import VPSchedule
 from sidfast.views import frozen_view
+from utils import assert_float64_close
+
+# The networks and inputs are float64 wherever the adapter allows it (the logits keep the activation's dtype
+# when it is at least float32, sidfast/discriminator.py: logits_of): the tap's logits and a hand computation
+# of the same activation run different kernels and batchings, and agree within float64_network_tolerance on
+# any CPU.
+F64 = torch.float64
 
 # ---- stand-ins ----
 
@@ -57,7 +64,7 @@ class TinyEDMUNet(nn.Module):
         self.out = nn.Conv2d(width, ch, 3, 1, 1)
 
     def embed(self, c_noise, labels):
-        freqs = torch.arange(1, self.emb_dim // 2 + 1, dtype=torch.float32)
+        freqs = torch.arange(1, self.emb_dim // 2 + 1, dtype=c_noise.dtype)
         emb = torch.cat([torch.cos(c_noise[:, None] * freqs), torch.sin(c_noise[:, None] * freqs)], 1)
         return emb + self.label(labels) if self.label is not None else emb
 
@@ -105,9 +112,9 @@ class TinyPrecond(nn.Module):
         return sd ** 2 / (s ** 2 + sd ** 2) * x + s * sd / (s ** 2 + sd ** 2).sqrt() * f
 
 
-def edm_denoiser(seed=0, **kw):
+def edm_denoiser(seed=0, dtype=F64, **kw):
     torch.manual_seed(seed)
-    return EDMDenoiser(TinyPrecond(**kw))
+    return EDMDenoiser(TinyPrecond(**kw).to(dtype))
 
 
 def edm_encoder_by_hand(net: TinyPrecond, x, sigma, labels=None, upto=None):
@@ -123,16 +130,11 @@ def edm_encoder_by_hand(net: TinyPrecond, x, sigma, labels=None, upto=None):
 
 
 def channel_mean(a):
-    return a.double().mean(dim=1, keepdim=True)
+    return a.mean(dim=1, keepdim=True)
 
 
-def assert_close(actual, expected):
-    """fp32 forwards of a few small layers compared in float64: a bound of a few hundred ulps of the values'
-    magnitude, far from any difference of layer or reduction."""
-    expected = expected.double()
-    tol = 256 * torch.finfo(torch.float32).eps * max(1.0, expected.abs().max().item())
-    assert actual.shape == expected.shape
-    assert (actual.double() - expected).abs().max().item() <= tol
+def randn(*shape, requires_grad=False):
+    return torch.randn(*shape, dtype=F64, requires_grad=requires_grad)
 
 
 def count_calls(modules):
@@ -153,20 +155,23 @@ def test_edm_default_tap_is_last_lowest_resolution_entry():
     tap = DiscriminatorTap(den)
     assert tap.layer == "net.model.enc.8x8_block1"
     assert default_layer(den) == tap.layer
-    x = torch.randn(3, 3, 32, 32)
-    sigma = torch.tensor([0.5, 2.0, 10.0])
+    x = randn(3, 3, 32, 32)
+    sigma = torch.tensor([0.5, 2.0, 10.0], dtype=F64)
     y, logits = tap.forward_with_logits(x, sigma)
     assert logits.shape == (3, 1, 8, 8)
-    assert logits.dtype == torch.float32
+    assert logits.dtype == F64  # "at least float32": a float64 activation keeps its precision
     assert torch.equal(y, den(x, sigma))
-    assert_close(logits, channel_mean(edm_encoder_by_hand(den.net, x, sigma)))
+    assert_float64_close(logits, channel_mean(edm_encoder_by_hand(den.net, x, sigma)))
+    # a float32 network's logits are float32
+    tap32 = DiscriminatorTap(edm_denoiser(dtype=torch.float32))
+    assert tap32.encoder_logits(x.float(), sigma.float()).dtype == torch.float32
 
 
 def test_edm_encoder_only_runs_no_decoder_and_matches_full_forward():
     den = edm_denoiser()
     tap = DiscriminatorTap(den)
-    x = torch.randn(2, 3, 32, 32)
-    sigma = torch.tensor([1.0, 3.0])
+    x = randn(2, 3, 32, 32)
+    sigma = torch.tensor([1.0, 3.0], dtype=F64)
     _, full = tap.forward_with_logits(x, sigma)
     calls = den.net.model.decoder_calls()
     out_calls, handles = count_calls([den.net.model.out])
@@ -185,8 +190,8 @@ def test_edm_encoder_only_runs_no_decoder_and_matches_full_forward():
 def test_edm_gradients_reach_encoder_parameters_and_input():
     den = edm_denoiser()
     tap = DiscriminatorTap(den)
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    sigma = torch.tensor([1.0, 3.0])
+    x = randn(2, 3, 32, 32, requires_grad=True)
+    sigma = torch.tensor([1.0, 3.0], dtype=F64)
     tap.encoder_logits(x, sigma).square().sum().backward()
     enc = den.net.model.enc
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
@@ -202,12 +207,12 @@ def test_edm_gradients_reach_encoder_parameters_and_input():
 def test_capture_context_records_and_rejects_a_missing_tap():
     den = edm_denoiser()
     tap = DiscriminatorTap(den)
-    x = torch.randn(2, 3, 32, 32)
-    sigma = torch.tensor([1.0, 3.0])
+    x = randn(2, 3, 32, 32)
+    sigma = torch.tensor([1.0, 3.0], dtype=F64)
     with tap.capture() as out:
         y = den(x, sigma)
     assert torch.equal(y, den(x, sigma))
-    assert_close(out.logits, channel_mean(edm_encoder_by_hand(den.net, x, sigma)))
+    assert_float64_close(out.logits, channel_mean(edm_encoder_by_hand(den.net, x, sigma)))
     with pytest.raises(RuntimeError, match="did not run"):
         with tap.capture():
             pass
@@ -215,16 +220,16 @@ def test_capture_context_records_and_rejects_a_missing_tap():
 
 def test_user_named_layer_output_and_input():
     den = edm_denoiser()
-    x = torch.randn(2, 3, 32, 32)
-    sigma = torch.tensor([1.0, 3.0])
+    x = randn(2, 3, 32, 32)
+    sigma = torch.tensor([1.0, 3.0], dtype=F64)
     tap = DiscriminatorTap(den, "model.enc.16x16_block0")  # relative to the EDMPrecond inside
     assert tap.layer == "net.model.enc.16x16_block0"
     logits = tap.encoder_logits(x, sigma)
     assert logits.shape == (2, 1, 16, 16)
-    assert_close(logits, channel_mean(edm_encoder_by_hand(den.net, x, sigma, upto="16x16_block0")))
+    assert_float64_close(logits, channel_mean(edm_encoder_by_hand(den.net, x, sigma, upto="16x16_block0")))
     # ":input" taps what goes into the module: the previous entry's output
     tap_in = DiscriminatorTap(den, "net.model.enc.8x8_down:input")
-    assert_close(tap_in.encoder_logits(x, sigma), logits)
+    assert_float64_close(tap_in.encoder_logits(x, sigma), logits)
 
 
 @pytest.mark.parametrize("layer, hint", [("model.enc.8x8_blok1", "model.enc.8x8_block1"),
@@ -289,15 +294,15 @@ def test_discriminator_pass_is_one_call_for_the_fake_step():
     tap = DiscriminatorTap(den)
     step = DiscriminatorPass(tap)
     assert {id(p) for p in step.parameters()} == {id(p) for p in den.parameters()}
-    x_t = torch.randn(2, 3, 32, 32)
-    x_real_t = torch.randn(2, 3, 32, 32)
-    sigma = torch.tensor([1.0, 3.0])
+    x_t = randn(2, 3, 32, 32)
+    x_real_t = randn(2, 3, 32, 32)
+    sigma = torch.tensor([1.0, 3.0], dtype=F64)
     calls = den.net.model.decoder_calls()
     y, d_fake, d_real = step(x_t, sigma, None, x_real_t)
     assert den.net.model.decoder_calls() == calls + len(den.net.model.dec)  # the decoder ran once, for x_t
     assert torch.equal(y, den(x_t, sigma))
-    assert_close(d_fake, channel_mean(edm_encoder_by_hand(den.net, x_t, sigma)))
-    assert_close(d_real, channel_mean(edm_encoder_by_hand(den.net, x_real_t, sigma)))
+    assert_float64_close(d_fake, channel_mean(edm_encoder_by_hand(den.net, x_t, sigma)))
+    assert_float64_close(d_real, channel_mean(edm_encoder_by_hand(den.net, x_real_t, sigma)))
     (y.sum() + d_fake.sum() + d_real.sum()).backward()
     assert all(p.grad is not None for p in den.parameters())
     with pytest.raises(ValueError, match="split-mode"):
@@ -324,13 +329,13 @@ def test_lora_split_batch_returns_the_fake_half():
     split = set_lora_mode(frozen_view(fake.net), "split")
     split_tap = fake_tap.on(split)
     assert split_tap.split and split_tap.layer == "net.model.enc.8x8_block1"
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    sigma = torch.tensor([1.0, 3.0])
+    x = randn(2, 3, 32, 32, requires_grad=True)
+    sigma = torch.tensor([1.0, 3.0], dtype=F64)
     y, logits = split_tap.forward_with_logits(torch.cat([x, x]), torch.cat([sigma, sigma]))
     assert logits.shape == (2, 1, 8, 8)
     _, fake_logits = fake_tap.forward_with_logits(x, sigma)
     teacher_logits = DiscriminatorTap(teacher).encoder_logits(x, sigma)
-    assert_close(logits, fake_logits)
+    assert_float64_close(logits, fake_logits)
     # the halves differ, so the test can tell them apart
     assert (fake_logits - teacher_logits).abs().max() > 1e-3
     # the generator step: gradients to the input only, none to the shared or LoRA weights
@@ -338,13 +343,13 @@ def test_lora_split_batch_returns_the_fake_half():
     assert x.grad.abs().sum() > 0
     assert all(p.grad is None for p in fake.parameters())
     with pytest.raises(ValueError, match="doubled batch"):
-        split_tap.encoder_logits(torch.randn(3, 3, 32, 32), torch.ones(3))
+        split_tap.encoder_logits(randn(3, 3, 32, 32), torch.ones(3))
 
 
 def test_encoder_only_pass_trains_the_lora_factors():
     _, fake = lora_fake()
     tap = DiscriminatorTap(fake)
-    tap.encoder_logits(torch.randn(2, 3, 32, 32), torch.tensor([1.0, 3.0])).sum().backward()
+    tap.encoder_logits(randn(2, 3, 32, 32), torch.tensor([1.0, 3.0], dtype=F64)).sum().backward()
     enc_factors = [p for n, p in fake.named_parameters() if ".enc." in n and n.endswith("lora_A")]
     dec_factors = [p for n, p in fake.named_parameters() if ".dec." in n and n.endswith("lora_A")]
     assert enc_factors and all(p.grad is not None and p.grad.abs().sum() > 0 for p in enc_factors)
@@ -355,8 +360,8 @@ def test_a_frozen_view_copied_after_the_tap_does_not_record_into_it():
     den = edm_denoiser()
     tap = DiscriminatorTap(den)
     view = frozen_view(den)  # deepcopy: the hook is copied along, and must stay inert on the copy
-    x = torch.randn(2, 3, 32, 32)
-    sigma = torch.tensor([1.0, 3.0])
+    x = randn(2, 3, 32, 32)
+    sigma = torch.tensor([1.0, 3.0], dtype=F64)
     with pytest.raises(RuntimeError, match="did not run"):
         with tap.capture():
             view(x, sigma)
@@ -375,7 +380,7 @@ def tiny_unet2d(seed=0):
                                  block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4,
                                  attention_head_dim=4,
                                  down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")).to(F64)
 
 
 def tiny_unet2d_condition(seed=0):
@@ -385,7 +390,7 @@ def tiny_unet2d_condition(seed=0):
                                           block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
                                           cross_attention_dim=8, attention_head_dim=2,
                                           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).to(F64)
 
 
 def unet_encoder_by_hand(den: DiffusersDenoiser, x, sigma, **cond):
@@ -405,17 +410,17 @@ def unet_encoder_by_hand(den: DiffusersDenoiser, x, sigma, **cond):
 @pytest.mark.parametrize("kind", ["UNet2DModel", "UNet2DConditionModel"])
 def test_diffusers_unets(kind):
     unet = tiny_unet2d() if kind == "UNet2DModel" else tiny_unet2d_condition()
-    cond = {} if kind == "UNet2DModel" else {"encoder_hidden_states": torch.randn(2, 3, 8)}
+    cond = {} if kind == "UNet2DModel" else {"encoder_hidden_states": randn(2, 3, 8)}
     den = DiffusersDenoiser(unet, VPSchedule.linear(), "eps")
     tap = DiscriminatorTap(den)
     assert tap.layer == f"unet.down_blocks.{len(unet.down_blocks) - 1}"
-    x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    sigma = torch.tensor([0.7, 4.0])
+    x = randn(2, 3, 16, 16, requires_grad=True)
+    sigma = torch.tensor([0.7, 4.0], dtype=F64)
     y, logits = tap.forward_with_logits(x, sigma, **cond)
     lowest = 16 // 2 ** (len(unet.down_blocks) - 1)
     assert logits.shape == (2, 1, lowest, lowest)
     assert torch.equal(y, den(x, sigma, **cond))
-    assert_close(logits, channel_mean(unet_encoder_by_hand(den, x, sigma, **cond)))
+    assert_float64_close(logits, channel_mean(unet_encoder_by_hand(den, x, sigma, **cond)))
 
     counter, handles = count_calls([unet.mid_block, *unet.up_blocks, unet.conv_out])
     enc_only = tap.encoder_logits(x, sigma, **cond)
@@ -443,19 +448,19 @@ def test_dit_transformer():
     torch.manual_seed(0)
     dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                           out_channels=4, num_layers=2, sample_size=8, patch_size=2,
-                                          num_embeds_ada_norm=10).eval()
+                                          num_embeds_ada_norm=10).eval().to(F64)
     den = DiffusersDenoiser(dit, VPSchedule.linear(), "eps")
     tap = DiscriminatorTap(den)
     assert tap.layer == "unet.proj_out_2:input"
-    x = torch.randn(2, 4, 8, 8, requires_grad=True)
-    sigma = torch.tensor([0.7, 4.0])
+    x = randn(2, 4, 8, 8, requires_grad=True)
+    sigma = torch.tensor([0.7, 4.0], dtype=F64)
     labels = torch.tensor([1, 7])
     y, logits = tap.forward_with_logits(x, sigma, labels)
     tokens = (8 // 2) ** 2
     assert logits.shape == (2, 1, 16)  # pooled over the tokens: one logit per hidden feature
     hidden = proj_input(dit.proj_out_2, lambda: den(x, sigma, labels))
     assert hidden.shape == (2, tokens, 16)
-    assert_close(logits, channel_mean(hidden))
+    assert_float64_close(logits, channel_mean(hidden))
     counter, handles = count_calls([dit.proj_out_2])
     enc_only = tap.encoder_logits(x, sigma, labels)
     assert counter["calls"] == 0 and torch.equal(enc_only, logits)
@@ -473,18 +478,18 @@ def test_sd3_transformer():
     sd3 = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                           caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-                                          pos_embed_max_size=8).eval()
+                                          pos_embed_max_size=8).eval().to(F64)
     den = FlowDenoiser(sd3, time_arg="timestep")
-    cond = {"encoder_hidden_states": torch.randn(2, 3, 16), "pooled_projections": torch.randn(2, 8)}
+    cond = {"encoder_hidden_states": randn(2, 3, 16), "pooled_projections": randn(2, 8)}
     tap = DiscriminatorTap(den)
     assert tap.layer == "model.proj_out:input"
-    x = torch.randn(2, 4, 8, 8)
-    sigma = torch.tensor([0.7, 4.0])
+    x = randn(2, 4, 8, 8)
+    sigma = torch.tensor([0.7, 4.0], dtype=F64)
     y, logits = tap.forward_with_logits(x, sigma, **cond)
     assert logits.shape == (2, 1, 16)
     # the input of proj_out is norm_out's output: the last block's hidden states after the final norm
     hidden = proj_input(sd3.proj_out, lambda: den(x, sigma, **cond))
-    assert_close(logits, channel_mean(hidden))
+    assert_float64_close(logits, channel_mean(hidden))
     counter, handles = count_calls([sd3.proj_out])
     assert torch.equal(tap.encoder_logits(x, sigma, **cond), logits)
     assert counter["calls"] == 0
@@ -506,15 +511,8 @@ def test_demo_digits_mlp():
     sigma = torch.tensor([0.2, 1.0, 5.0])
     labels = F.one_hot(torch.tensor([0, 4, 9]), 10).float()
     y, logits = tap.forward_with_logits(x, sigma, labels)
-    assert logits.shape == (3, 1)
+    assert logits.shape == (3, 1) and logits.dtype == torch.float32
     mlp = den.net.net
-    sd = den.net.sigma_data
-    s = sigma.reshape(-1, 1, 1, 1)
-    emb = F.silu(mlp.embed_noise(sigma.log() / 4) + mlp.embed_label(labels))
-    h = mlp.fc_in((x / (sd ** 2 + s ** 2).sqrt()).flatten(1))
-    for block in mlp.blocks:
-        h = block(h, emb)
-    assert_close(logits, channel_mean(h))
     counter, handles = count_calls([mlp.norm_out, mlp.fc_out])
     enc_only = tap.encoder_logits(x, sigma, labels)
     assert counter["calls"] == 0 and torch.equal(enc_only, logits)
@@ -523,6 +521,21 @@ def test_demo_digits_mlp():
     enc_only.sum().backward()
     assert x.grad.abs().sum() > 0 and mlp.fc_in.weight.grad is not None and mlp.fc_out.weight.grad is None
 
+    # The values: DigitsDenoiser computes in float32 whatever its weights' dtype (sidfast/demo/nets.py casts
+    # the MLP's input), so the tap records a float64 copy of its MLP, called on the preconditioned input, and
+    # the last block's output computed by hand must match it.
+    mlp = mlp.double()
+    x_in = (x.detach().double() / (den.net.sigma_data ** 2 + sigma.double() ** 2).sqrt()[:, None, None, None])
+    c_noise = sigma.double().log() / 4
+    with torch.no_grad():
+        with tap.capture() as out:
+            mlp(x_in, c_noise, labels.double())
+        emb = F.silu(mlp.embed_noise(c_noise) + mlp.embed_label(labels.double()))
+        h = mlp.fc_in(x_in.flatten(1))
+        for block in mlp.blocks:
+            h = block(h, emb)
+    assert_float64_close(out.logits, channel_mean(h))
+
 
 # ---- torch.compile ----
 
@@ -530,8 +543,8 @@ def test_demo_digits_mlp():
 def test_compiled_callers_match_eager():
     den = edm_denoiser()
     tap = DiscriminatorTap(den)
-    x = torch.randn(2, 3, 32, 32)
-    sigma = torch.tensor([1.0, 3.0])
+    x = randn(2, 3, 32, 32)
+    sigma = torch.tensor([1.0, 3.0], dtype=F64)
     y_ref, full_ref = tap.forward_with_logits(x, sigma)
     enc_ref = tap.encoder_logits(x, sigma)
     torch._dynamo.reset()
@@ -541,11 +554,11 @@ def test_compiled_callers_match_eager():
     calls = den.net.model.decoder_calls()
     y, logits = full(x, sigma)
     assert den.net.model.decoder_calls() == calls + len(den.net.model.dec)
-    assert_close(y, y_ref)
-    assert_close(logits, full_ref)
-    assert_close(enc(x, sigma), enc_ref)
+    assert_float64_close(y, y_ref)
+    assert_float64_close(logits, full_ref)
+    assert_float64_close(enc(x, sigma), enc_ref)
     assert den.net.model.decoder_calls() == calls + len(den.net.model.dec)
     # alternating the two compiled callers keeps each one's behaviour (the hook's flags are guarded)
     assert full(x, sigma)[0].shape == x.shape
-    assert_close(enc(x, sigma), enc_ref)
+    assert_float64_close(enc(x, sigma), enc_ref)
     torch._dynamo.reset()
