@@ -76,7 +76,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from defaults < resumed checkpoint < --config file < explicit options."""
-    from .checkpoint import CheckpointError, distill_checkpoint_in, read_distill
+    from .checkpoint import CheckpointError
+    from .run_checkpoint import distill_checkpoint_in, read_distill
     from .config import TrainConfig
 
     explicit = {f.name: getattr(args, f.name) for f in TrainConfig.fields()
@@ -267,7 +268,8 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .checkpoint import CheckpointError, load_teacher
+    from .checkpoint import CheckpointError
+    from .loading import load_teacher
     from .train import distill
 
     try:
@@ -309,7 +311,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .checkpoint import load_teacher
+    from .loading import load_teacher
     from .plan import plan_memory, predictions_table
 
     if args.table:

@@ -421,7 +421,7 @@ def plan_memory(teacher=None, *, model: str | None = None, resolution: int | Non
     """Predict the per-GPU memory of a SiD run.
 
     Args:
-        teacher: a ``Denoiser`` (what ``sidfast.checkpoint.load_teacher`` returns), or None with ``model``.
+        teacher: a ``Denoiser`` (what ``sidfast.loading.load_teacher`` returns), or None with ``model``.
         model: a published model by name (``KNOWN_MODELS``), built on the meta device.
         resolution: pixels per side (known models: required; a local teacher: default its own image size).
         batch: samples per GPU per micro-batch. gpus: GPUs the run uses. sharding: "fsdp" (FSDP2: weights,
