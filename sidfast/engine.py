@@ -47,6 +47,7 @@ from torch import nn
 
 from . import loss as _loss
 from . import runtime
+from ._checks import check_rows
 from ._graphs import MAX_GRAPHS, GraphCache
 from ._guided_eval import guided_function, null_arguments
 from .denoisers import Denoiser, as_denoiser, sigma_per_sample
@@ -291,19 +292,7 @@ class ScoreEngine:
     def _check_inputs(self, x: torch.Tensor, sigma, labels, cond, what: str):
         _loss.check_tensors(**{what: x})
         sig = sigma_per_sample(sigma, x)
-        if labels is not None:
-            if not isinstance(labels, torch.Tensor):
-                raise TypeError(f"labels must be a tensor or None, got {type(labels).__name__}")
-            if labels.dim() == 0 or labels.shape[0] != x.shape[0]:
-                raise ValueError(f"labels must have one row per sample ({x.shape[0]}), got shape "
-                                 f"{tuple(labels.shape)}")
-            if labels.device != x.device:
-                raise ValueError(f"labels are on {labels.device} but {what} is on {x.device}")
-        if self.mode == "lora":
-            for k, v in cond.items():
-                if isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != x.shape[0]):
-                    raise ValueError(f"conditioning {k} must have one row per sample ({x.shape[0]}) to be "
-                                     f"doubled in mode 'lora', got shape {tuple(v.shape)}")
+        check_rows(x, labels, cond, what, doubled=self.mode == "lora")
         return sig
 
     # ---- the two phases ----
