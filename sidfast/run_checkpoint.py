@@ -173,6 +173,20 @@ def distill_checkpoint_in(run_dir, sharded: bool) -> Path:
     return Path(run_dir) / names[0]
 
 
+def resume_source(config: TrainConfig, run_dir) -> Path | None:
+    """The checkpoint a run continues from (option ``resume``; "auto": ``distill_checkpoint_in``), or None
+    for a fresh start; a fresh start refuses a run directory that holds a checkpoint unless ``overwrite``."""
+    run_dir = Path(run_dir)
+    held = [name for name in (CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME) if (run_dir / name).exists()]
+    if config.resume is not None:
+        return distill_checkpoint_in(run_dir, config.fsdp) if config.resume == "auto" else Path(config.resume)
+    if held and not config.overwrite:
+        raise ValueError(f"run directory {str(run_dir)!r} already holds {held[0]}; pass "
+                         f"{config.option('resume')} to continue it, {config.option('overwrite')} to start "
+                         f"afresh, or choose another {config.option('run_dir')}")
+    return None
+
+
 def read_distill(path) -> dict:
     """``load_checkpoint(path, "distill")`` for a checkpoint file, or the ``meta.pt`` of a sharded checkpoint
     directory (then ``data["sharded"]`` is True and the tensors stay on disk until ``load_distill``)."""
@@ -268,5 +282,5 @@ def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-__all__ = ["save_distill", "load_distill", "read_distill", "distill_checkpoint_in", "teacher_reference",
-           "META_NAME"]
+__all__ = ["save_distill", "load_distill", "read_distill", "distill_checkpoint_in", "resume_source",
+           "teacher_reference", "META_NAME"]

@@ -30,7 +30,7 @@ from .config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainC
 from .networks import build_networks
 from .phases import SiDPhases
 from .report import save_grid
-from .run_checkpoint import distill_checkpoint_in, load_distill, read_distill, save_distill, teacher_reference
+from .run_checkpoint import load_distill, read_distill, resume_source, save_distill, teacher_reference
 from .runtime import resolve_device, seed_everything
 from .sharding import shard_run
 from .sida import SIDA_METRICS, SiDAPhases, read_init_generator
@@ -69,15 +69,7 @@ class _Trainer:
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_path = self.run_dir / (SHARDED_CHECKPOINT_NAME if cfg.fsdp else CHECKPOINT_NAME)
-        self.resume_path = None
-        held = [name for name in (CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME) if (self.run_dir / name).exists()]
-        if cfg.resume is not None:
-            self.resume_path = (distill_checkpoint_in(self.run_dir, cfg.fsdp) if cfg.resume == "auto"
-                                else Path(cfg.resume))
-        elif held and not cfg.overwrite:
-            raise ValueError(f"run directory {str(self.run_dir)!r} already holds {held[0]}; pass "
-                             f"{cfg.option('resume')} to continue it, {cfg.option('overwrite')} to start "
-                             f"afresh, or choose another {cfg.option('run_dir')}")
+        self.resume_path = resume_source(cfg, self.run_dir)
         # read before any network is touched, so that a bad file costs nothing
         self.state = read_distill(self.resume_path) if self.resume_path else None
         init = read_init_generator(cfg) if self.state is None else None
