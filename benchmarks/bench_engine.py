@@ -43,7 +43,8 @@ class TrainerSiD:
 
     def __init__(self, config: str, batch: int, device, fake_score: str = "full", precision: str = "bf16",
                  compile: bool = True, noise: str = "auto"):
-        from sidfast.train import TrainConfig, _Trainer, noise_source
+        from sidfast.phases import noise_source
+        from sidfast.train import TrainConfig, _Trainer
 
         teacher, fake, G = make_networks(config, torch.device(device))
         if fake_score == "lora":

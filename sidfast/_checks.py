@@ -75,3 +75,22 @@ def per_sample(name: str, c, x: torch.Tensor, dtype: torch.dtype | None = None) 
     if dtype is not None:
         c = c.to(dtype)
     return c if c.is_contiguous() else c.contiguous()
+
+
+def check_rows(x: torch.Tensor, labels, cond: dict, what: str, doubled: bool = False) -> None:
+    """Raise unless ``labels`` (a tensor or None) has one row per sample of ``x`` (named ``what``) on its
+    device, and with ``doubled`` (the score engine's mode "lora", which doubles the batch) every conditioning
+    tensor too."""
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor or None, got {type(labels).__name__}")
+        if labels.dim() == 0 or labels.shape[0] != x.shape[0]:
+            raise ValueError(f"labels must have one row per sample ({x.shape[0]}), got shape "
+                             f"{tuple(labels.shape)}")
+        if labels.device != x.device:
+            raise ValueError(f"labels are on {labels.device} but {what} is on {x.device}")
+    if doubled:
+        for k, v in cond.items():
+            if isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != x.shape[0]):
+                raise ValueError(f"conditioning {k} must have one row per sample ({x.shape[0]}) to be "
+                                 f"doubled in mode 'lora', got shape {tuple(v.shape)}")

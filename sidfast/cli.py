@@ -21,7 +21,8 @@ import argparse
 import difflib
 import re
 import sys
-from pathlib import Path
+
+from .distill_options import add_train_options, config_from_args, option_name
 
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143, "callback": 1}
@@ -35,79 +36,24 @@ class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _cli_message(exc: Exception) -> str:
     """A library message in command-line words: ``option lr`` -> ``option --lr``, ``argument num`` ->
     ``argument --num``, ``resume='auto' (--resume)`` -> ``--resume``."""
     text = re.sub(r"\b\w+=\S+ \((--[\w-]+)\)", r"\1", str(exc))
-    return re.sub(r"\b(option|argument) (\w+)", lambda m: f"{m[1]} {_option(m[2])}", text)
+    return re.sub(r"\b(option|argument) (\w+)", lambda m: f"{m[1]} {option_name(m[2])}", text)
 
 
-# ---- distill's options: one per TrainConfig field ----
+# ---- the parser: one function per command ----
 
-def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One command-line option per ``TrainConfig`` field (values are checked by ``TrainConfig.validate``)."""
-    from .config import TrainConfig
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sidfast", description="Score identity Distillation (SiD): one-step "
+                                "generators from diffusion models.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add_command in (_demo_parser, _train_teacher_parser, _distill_parser, _sample_parser, _plan_parser):
+        add_command(sub)
+    return p
 
-    group = parser.add_argument_group("SiD options (defaults: the published recipe)")
-    for f in TrainConfig.fields():
-        if f.name in ("teacher", "resume"):
-            continue
-        default = f.default
-        help_ = f.metadata["help"]
-        if "(default:" not in help_:  # fields whose default is decided later say so in their help
-            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-            help_ = f"{help_} (default: {shown})"
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
-        choices = f.metadata.get("choices")
-        if isinstance(default, bool):
-            group.add_argument(_option(f.name), action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "betas":
-            group.add_argument(_option(f.name), nargs=2, metavar=("BETA1", "BETA2"), **kw)
-        elif f.name == "image_shape":
-            group.add_argument(_option(f.name), nargs="+", metavar="N", **kw)
-        else:  # choices are shown, not enforced here: TrainConfig.validate checks file and command line alike
-            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
-            group.add_argument(_option(f.name), metavar=metavar, **kw)
-
-
-def config_from_args(args: argparse.Namespace):
-    """TrainConfig from defaults < resumed checkpoint < --config file < explicit options."""
-    from .checkpoint import CheckpointError, distill_checkpoint_in, read_distill
-    from .config import TrainConfig
-
-    explicit = {f.name: getattr(args, f.name) for f in TrainConfig.fields()
-                if hasattr(args, f.name) and f.name not in ("teacher", "resume")}
-    cfg = TrainConfig()
-    resume = getattr(args, "resume", None)
-    if resume is not None:
-        if resume == "auto":
-            run_dir = explicit.get("run_dir")
-            if run_dir is None and getattr(args, "config", None):
-                run_dir = TrainConfig.from_file(args.config).run_dir
-            resume = str(distill_checkpoint_in(run_dir or cfg.run_dir, bool(explicit.get("fsdp", False))))
-        try:
-            saved = read_distill(resume)
-        except CheckpointError as exc:
-            raise UserError(f"--resume: {exc}") from None
-        known = {f.name for f in TrainConfig.fields()}
-        cfg = TrainConfig.from_dict({k: v for k, v in saved.get("config", {}).items() if k in known})
-        cfg = cfg.replace(overwrite=False)
-        del saved
-    if getattr(args, "config", None):
-        cfg = TrainConfig.from_file(args.config, base=cfg)
-    cfg = TrainConfig.from_dict(explicit, base=cfg)
-    if getattr(args, "teacher", None):
-        cfg = cfg.replace(teacher=args.teacher)
-    if resume is not None:
-        cfg = cfg.replace(resume=str(resume))
-    return cfg
-
-
-# ---- the parser ----
 
 def _command(sub, name: str, handler, help_: str, description: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=description)
@@ -119,12 +65,7 @@ def _device_arg(parser):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sidfast", description="Score identity Distillation (SiD): one-step "
-                                "generators from diffusion models.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _demo_parser(sub) -> None:
     d = _command(sub, "demo", cmd_demo,
                  "train a digits teacher, distill it, compare teacher and one-step student",
                  "The embedded demo: scikit-learn's 8x8 digits, no download.")
@@ -149,16 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the digit classifier is cached (default: $SIDFAST_CACHE or ~/.cache/sidfast)")
     _device_arg(d)
 
+
+def _train_teacher_parser(sub) -> None:
     t = _command(sub, "train-teacher", cmd_train_teacher, "train a small EDM teacher on the bundled digits",
                  "Train the demo's EDM-preconditioned MLP on scikit-learn's 8x8 digits and write a sidfast "
                  "network checkpoint usable as distill --teacher.")
     t.add_argument("--out", required=True, help="checkpoint file to write, e.g. teacher.pt")
     for name, kind, what in TEACHER_OPTIONS:
-        t.add_argument(_option(name), type=kind, default=None, help=f"{what} (default: the demo's)")
+        t.add_argument(option_name(name), type=kind, default=None, help=f"{what} (default: the demo's)")
     t.add_argument("--conditional", action="store_true", help="class-conditional teacher (10 classes)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _device_arg(t)
 
+
+def _distill_parser(sub) -> None:
     s = _command(sub, "distill", cmd_distill, "distill a teacher into a one-step generator with SiD",
                  "Run SiD. Under torchrun every process runs this command; rank 0 writes.")
     s.add_argument("--teacher", help=f"{TEACHER_HELP} (default when resuming: the checkpoint's)")
@@ -167,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run (default CKPT: RUN_DIR/checkpoint.pt)")
     add_train_options(s)
 
+
+def _sample_parser(sub) -> None:
     m = _command(sub, "sample", cmd_sample, "write images from a distillation or teacher checkpoint",
                  "One-step samples from a distillation checkpoint (its EMA generator) or multi-step EDM Heun "
                  "samples from a network checkpoint.")
@@ -184,43 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the teacher ({TEACHER_HELP}) of a distillation checkpoint that names no "
                         "architecture (default: the path it stored)")
     _device_arg(m)
-    add_plan_command(sub)
-    return p
 
 
-def add_plan_command(sub) -> None:
-    from .plan import KINDS, KNOWN_MODELS, PRECISIONS, SHARDINGS
+def _plan_parser(sub) -> None:
+    from .plan import add_plan_arguments
 
     n = _command(sub, "plan", cmd_plan, "predict the per-GPU memory of a distill run before renting GPUs",
                  "Weights, gradients, Adam and EMA counted exactly; activations measured on the meta device "
                  "(docs/plan.md). Give --teacher or --model, or --table for the published models.")
-    source = n.add_mutually_exclusive_group(required=True)
-    source.add_argument("--teacher", help=TEACHER_HELP)
-    source.add_argument("--model", choices=list(KNOWN_MODELS),
-                        help="a published model, built without weights")
-    source.add_argument("--table", action="store_true", help="the README table of the published models")
-    n.add_argument("--resolution", type=int,
-                   help="pixels per side (default: the teacher's; required with --model)")
-    n.add_argument("--batch", type=int, default=1, help="samples per GPU (default: 1)")
-    n.add_argument("--gpus", type=int, default=1, help="GPUs of the run (default: 1)")
-    n.add_argument("--gpu-memory", default="80GiB",
-                   help="memory of one GPU, e.g. 80GB, 141GiB (default: 80GiB)")
-    n.add_argument("--margin", type=float, default=0.1,
-                   help="fraction of GPU memory kept free (default: 0.1)")
-    n.add_argument("--sharding", choices=SHARDINGS, default="ddp", help="(default: ddp)")
-    n.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                   help="fp32; bf16: fp32 weights under bf16 autocast; bf16-params: FSDP2 mixed precision "
-                        "(default: bf16)")
-    n.add_argument("--fake-score", choices=KINDS, default="full", help="(default: full)")
-    n.add_argument("--generator", choices=KINDS, default="full", help="(default: full)")
-    n.add_argument("--lora-rank", type=int, default=64, help="(default: 64)")
-    n.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
-    n.add_argument("--no-shard-teacher", dest="shard_teacher", action="store_false",
-                   help="replicate the frozen teacher under FSDP")
-    n.add_argument("--measure-device", default="meta", help="where activations are measured (default: meta)")
+    add_plan_arguments(n, TEACHER_HELP)
 
 
 # ---- commands ----
+
+def _user_error(exc: Exception) -> UserError:
+    """A library error for the command line: a checkpoint's message as it is (it names its option), any
+    other in command-line words."""
+    from .checkpoint import CheckpointError
+
+    return UserError(str(exc) if isinstance(exc, CheckpointError) else _cli_message(exc))
+
 
 def _device(spec: str):
     from .runtime import resolve_device
@@ -267,19 +197,19 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .checkpoint import CheckpointError, load_teacher
+    from .loading import load_teacher
     from .train import distill
 
     try:
         cfg = config_from_args(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise UserError(_cli_message(exc)) from None
+        raise _user_error(exc) from None
     _device(cfg.device)
     teacher, architecture, conditioner = load_teacher(cfg.teacher, with_conditioner=True)
     try:
         result = distill(cfg, teacher, architecture=architecture, conditioner=conditioner)
     except ValueError as exc:
-        raise UserError(str(exc) if isinstance(exc, CheckpointError) else _cli_message(exc)) from None
+        raise _user_error(exc) from None
     if result.interrupted:
         print(f"stopped by {result.interrupted} at iteration {result.iteration}; resume with: "
               f"sidfast distill --resume --run-dir {cfg.run_dir}", file=sys.stderr)
@@ -309,22 +239,14 @@ def cmd_sample(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .checkpoint import load_teacher
-    from .plan import plan_memory, predictions_table
+    from .loading import load_teacher
+    from .plan import plan_from_args
 
-    if args.table:
-        print(predictions_table())
-        return 0
     teacher = load_teacher(args.teacher)[0] if args.teacher else None
     try:
-        plan = plan_memory(teacher, model=args.model, resolution=args.resolution, batch=args.batch,
-                           gpus=args.gpus, sharding=args.sharding, precision=args.precision,
-                           fake_score=args.fake_score, generator=args.generator, lora_rank=args.lora_rank,
-                           checkpointing=args.checkpointing, gpu_memory=args.gpu_memory, margin=args.margin,
-                           shard_teacher=args.shard_teacher, measure_device=args.measure_device)
+        print(plan_from_args(args, teacher))
     except ValueError as exc:
         raise UserError(_cli_message(exc)) from None
-    print(plan.format())
     return 0
 
 

@@ -322,6 +322,30 @@ class DiscriminatorPass(nn.Module):
         return y_fake, d_fake, d_real
 
 
+def with_logits(run, tap: DiscriminatorTap, fake_phase: bool, has_labels: bool, n_cond: int,
+                real_names: tuple[str, ...], autocast):
+    """A score-engine phase function ``run(x_t, sigma, [labels], *cond)`` that returns ``tap``'s logits as
+    well, read off the same forward: the generator phase's (y_real, y_fake, D) (``tap`` on the fake score's
+    frozen view); the fake phase's (f_psi, D_fake, D_real), whose arguments after ``run``'s are x_real_t and
+    the real images' conditioning tensors (``real_names``), D_real from an encoder-only forward under
+    ``autocast(device)``."""
+    n_args = 2 + has_labels + n_cond  # x_t, sigma, [labels], *cond
+
+    def run_with_logits(*args):
+        with tap.capture() as out:
+            y = run(*args[:n_args])
+        if not fake_phase:
+            return (*y, out.logits)
+        x_real_t = args[n_args]
+        labels = args[2] if has_labels else None
+        real_cond = dict(zip(real_names, args[n_args + 1:]))
+        with autocast(x_real_t.device):
+            d_real = tap.encoder_logits(x_real_t, args[1], labels, **real_cond)
+        return y, out.logits, d_real
+
+    return run_with_logits
+
+
 class _CaptureContext:
     def __init__(self, tap: DiscriminatorTap):
         self.tap = tap
@@ -337,4 +361,4 @@ class _CaptureContext:
         return False
 
 
-__all__ = ["DiscriminatorTap", "DiscriminatorPass", "Capture", "default_layer", "logits_of"]
+__all__ = ["DiscriminatorTap", "DiscriminatorPass", "Capture", "default_layer", "logits_of", "with_logits"]

@@ -25,12 +25,10 @@ Design:
   autocast (``amp_dtype``) runs inside, with fp32 master weights; outputs come back in the input dtype, so
   the loss math stays fp32. A captured phase called again before the backward of its previous call raises
   a RuntimeError: the replay would overwrite the activations that backward needs.
-- SiDA (``attach_discriminator``): the discriminator's logits are read off the fake score's encoder by a
-  ``sidfast.discriminator.DiscriminatorTap`` inside each phase's function, so they come back as outputs
-  of the same forward (and of the same compiled function or captured graph): ``generator_terms_with_logits``
-  adds the logits D at x_t to (y_real, y_fake) (the tap on the fake's frozen view, or on the fake half of
-  the LoRA split batch), ``fake_score_with_logits`` returns ``(f_psi(x_t), D_fake, D_real)``, D_real from
-  an encoder-only forward at the noised real images.
+- SiDA (``attach_discriminator``): ``generator_terms_with_logits`` and ``fake_score_with_logits`` also return
+  the discriminator logits, read off the fake score's encoder inside the same forward, compiled function and
+  captured graph (``sidfast.discriminator.with_logits``).
+- Guidance (scales other than 1): ``sidfast._guided_eval``, compiled and captured the same way.
 - Noise: ``generator_terms(..., noise=None)`` draws eps inside the ``add_noise`` kernel
   (``sidfast.ops.noise``: Philox from a seed tensor, no eps in memory). The noising runs eagerly *before*
   the captured graph, whose input is x_t: every call draws a new seed from torch's generator, so every
@@ -42,17 +40,18 @@ estimates.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 from torch import nn
 
-from . import guidance, reference
 from . import loss as _loss
+from . import runtime
+from ._checks import check_rows
 from ._graphs import MAX_GRAPHS, GraphCache
+from ._guided_eval import guided_function, null_arguments
 from .denoisers import Denoiser, as_denoiser, sigma_per_sample
-from .discriminator import DiscriminatorTap
+from .discriminator import DiscriminatorTap, with_logits
 from .lora import LoRAFakeScore, lora_parameters, set_lora_mode
 from .ops.noise import add_noise
 from .schedules import broadcast
@@ -178,15 +177,11 @@ class ScoreEngine:
             (y_real, y_fake), each (B, *F) in x_g's dtype; their backward reaches x_g through x_t, and neither
             network's parameters receive gradients.
         """
-        if noise is not None:
-            _loss.check_tensors(x_g=x_g, noise=noise)
-        sig = self._check_inputs(x_g, sigma, labels, cond, "x_g")
-        x_t, _ = edm_noised(x_g, sig, noise)
+        x_t, sig = self._noised(x_g, sigma, labels, noise, cond)
         scales = (float(scale_real), float(scale_fake))
         if scales == (1.0, 1.0):
-            return self._evaluate("generator", self._layout(x_t), sig, labels, cond)
-        return self._evaluate_guided("generator", self._layout(x_t), sig, labels, cond, scales, null_labels,
-                                     null_cond)
+            return self._evaluate("generator", x_t, sig, labels, cond)
+        return self._evaluate_guided("generator", x_t, sig, labels, cond, scales, null_labels, null_cond)
 
     def fake_score_forward(self, x_t: torch.Tensor, sigma, labels=None, scale: float = 1.0, null_labels=None,
                            null_cond: dict | None = None, **cond) -> torch.Tensor:
@@ -214,11 +209,8 @@ class ScoreEngine:
         """``generator_terms`` plus the discriminator logits of the same fake-score forward at x_t:
         (y_real, y_fake, logits), the logits' backward reaching x_g only (``attach_discriminator`` first)."""
         self._need_tap()
-        if noise is not None:
-            _loss.check_tensors(x_g=x_g, noise=noise)
-        sig = self._check_inputs(x_g, sigma, labels, cond, "x_g")
-        x_t, _ = edm_noised(x_g, sig, noise)
-        return self._evaluate("generator", self._layout(x_t), sig, labels, cond, logits=True)
+        x_t, sig = self._noised(x_g, sigma, labels, noise, cond)
+        return self._evaluate("generator", x_t, sig, labels, cond, logits=True)
 
     def fake_score_with_logits(self, x_t: torch.Tensor, x_real_t: torch.Tensor, sigma, labels=None,
                                real_cond: dict | None = None, **cond):
@@ -237,27 +229,6 @@ class ScoreEngine:
     def _need_tap(self) -> None:
         if self._tap is None:
             raise RuntimeError("no discriminator: call engine.attach_discriminator(layer) first")
-
-    def _with_logits(self, phase: str, run, has_labels: bool, n_cond: int, real_names: tuple[str, ...]):
-        """``run`` returning the tap's logits as well: the generator phase's (y_real, y_fake, D) through the
-        tap on the fake's frozen view; the fake phase's (f_psi, D_fake, D_real), whose arguments after
-        ``run``'s are x_real_t and the real images' conditioning tensors (``real_names``)."""
-        tap = self._tap if phase == "fake" else self._view_tap
-        n_args = 2 + has_labels + n_cond  # x_t, sigma, [labels], *cond
-
-        def run_with_logits(*args):
-            with tap.capture() as out:
-                y = run(*args[:n_args])
-            if phase == "generator":
-                return (*y, out.logits)
-            x_real_t = args[n_args]
-            labels = args[2] if has_labels else None
-            real_cond = dict(zip(real_names, args[n_args + 1:]))
-            with self._autocast(x_real_t.device):
-                d_real = tap.encoder_logits(x_real_t, args[1], labels, **real_cond)
-            return y, out.logits, d_real
-
-        return run_with_logits
 
     def fake_parameters(self) -> list[nn.Parameter]:
         """The parameters the fake-score optimizer updates (all of the fake in 'full', the LoRA factors in
@@ -292,9 +263,16 @@ class ScoreEngine:
     # ---- inputs ----
 
     def _autocast(self, device: torch.device):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.amp_dtype, cache_enabled=False)
+        return runtime.autocast(device, self.amp_dtype, cache_enabled=False)  # no weight cache: graph capture
+
+    def _noised(self, x_g: torch.Tensor, sigma, labels, noise, cond: dict):
+        """The generator phase's checked inputs: (x_t = x_g + sigma * eps in the engine's layout, sigma per
+        sample)."""
+        if noise is not None:
+            _loss.check_tensors(x_g=x_g, noise=noise)
+        sig = self._check_inputs(x_g, sigma, labels, cond, "x_g")
+        x_t, _ = edm_noised(x_g, sig, noise)
+        return self._layout(x_t), sig
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
@@ -314,19 +292,7 @@ class ScoreEngine:
     def _check_inputs(self, x: torch.Tensor, sigma, labels, cond, what: str):
         _loss.check_tensors(**{what: x})
         sig = sigma_per_sample(sigma, x)
-        if labels is not None:
-            if not isinstance(labels, torch.Tensor):
-                raise TypeError(f"labels must be a tensor or None, got {type(labels).__name__}")
-            if labels.dim() == 0 or labels.shape[0] != x.shape[0]:
-                raise ValueError(f"labels must have one row per sample ({x.shape[0]}), got shape "
-                                 f"{tuple(labels.shape)}")
-            if labels.device != x.device:
-                raise ValueError(f"labels are on {labels.device} but {what} is on {x.device}")
-        if self.mode == "lora":
-            for k, v in cond.items():
-                if isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape[0] != x.shape[0]):
-                    raise ValueError(f"conditioning {k} must have one row per sample ({x.shape[0]}) to be "
-                                     f"doubled in mode 'lora', got shape {tuple(v.shape)}")
+        check_rows(x, labels, cond, what, doubled=self.mode == "lora")
         return sig
 
     # ---- the two phases ----
@@ -336,7 +302,7 @@ class ScoreEngine:
         """The phase as a pure tensor function ``f(x_t, sigma, [labels], *cond)`` (compiled if asked):
         "fake": the fake score's x0 estimate, with parameter gradients;
         "generator": (y_real, y_fake) over the frozen views, with input gradients only;
-        ``logits``: with the discriminator logits as well (``_with_logits``)."""
+        ``logits``: with the discriminator logits as well (``discriminator.with_logits``)."""
         key = (phase, names, has_labels, logits, real_names)
         fn = self._functions.get(key)
         if fn is not None:
@@ -358,86 +324,18 @@ class ScoreEngine:
                                     **{k: _double(v) for k, v in cond.items()})
                 return y[: x_t.shape[0]], y[x_t.shape[0]:]
 
-        fn = self._with_logits(phase, run, has_labels, len(names), real_names) if logits else run
+        fn = run
+        if logits:
+            tap = self._tap if phase == "fake" else self._view_tap
+            fn = with_logits(run, tap, phase == "fake", has_labels, len(names), real_names, self._autocast)
         fn = torch.compile(fn, dynamic=False) if self.compile else fn
         self._functions[key] = fn
         return fn
 
-    def _guided_function(self, phase: str, names: tuple[str, ...], has_labels: bool, scales: tuple):
-        """The guided phase as a pure tensor function ``f(x_t, sigma, [labels], *cond, [null_labels],
-        *null_cond)`` (compiled if asked). "fake": ``guidance.guided`` of the fake score at scales[0];
-        "generator" in mode "full": ``guided`` of each frozen view (teacher at scales[0], fake score at
-        scales[1]); in mode "lora": ONE forward of the shared network over the rows each half needs
-        (``_lora_guided``)."""
-        key = ("guided", phase, names, has_labels, scales)
-        fn = self._functions.get(key)
-        if fn is not None:
-            return fn
-        fake = self.fake
-        mirrors = self._mirrors
-        count = len(names) + has_labels
-
-        def conditions(rest):
-            cond = _as_condition(names, has_labels, rest[:count])
-            null = _as_condition(names, has_labels, rest[count:])
-            return cond, null
-
-        def run(x_t, sigma, *rest):
-            cond, null = conditions(rest)
-            with self._autocast(x_t.device):
-                if phase == "fake":
-                    return guidance.guided(fake, x_t, sigma, cond, null, scales[0])
-                if self.mode == "full":
-                    return (guidance.guided(mirrors[0].view, x_t, sigma, cond, null, scales[0]),
-                            guidance.guided(mirrors[1].view, x_t, sigma, cond, null, scales[1]))
-                return _lora_guided(mirrors[0].view, x_t, sigma, cond, null, scales)
-
-        fn = torch.compile(run, dynamic=False) if self.compile else run
-        self._functions[key] = fn
-        return fn
-
-    def _evaluate_guided(self, phase: str, x_t, sig, labels, cond, scales: tuple, null_labels, null_cond):
-        """``_evaluate`` for guided scales: the null condition travels as further tensor arguments."""
-        names = tuple(sorted(cond))
-        has_labels = labels is not None
-        if not has_labels and not names:
-            raise ValueError(f"guidance at scale {scales} needs a conditional network: no labels and no "
-                             "conditioning were given (an unconditional network cannot be guided)")
-        null_cond = dict(null_cond or {})
-        if has_labels and null_labels is None:
-            raise ValueError("guidance needs null_labels, the unconditional labels of the networks")
-        missing = [k for k in names if k not in null_cond]
-        if missing:
-            raise ValueError(f"guidance needs null_cond entries for the conditioning {missing}")
-        batch = x_t.shape[0]
-        nulls = ((null_labels,) if has_labels else ()) + tuple(null_cond[k] for k in names)
-        nulls = tuple(n.expand(batch, *n.shape[1:]) if n.shape[0] == 1 else n for n in nulls)
-        if phase == "generator":
-            for mirror in self._mirrors:
-                mirror.check()
-            state = tuple(hash(mirror.sync_training()) for mirror in self._mirrors)
-        else:
-            state = (self.fake.training,)
-            self._graphs.check_fake_storage()
-        args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(cond[k] for k in names) + nulls
-        fn = self._guided_function(phase, names, has_labels, scales)
-        if self._use_graphs(x_t) and (phase == "fake" or x_t.requires_grad):
-            if not all(isinstance(a, torch.Tensor) for a in args):
-                raise ValueError("CUDA graphs need tensor conditioning; pass graphs=False for other values")
-            return self._graphs.run(phase, ("guided", scales, names, has_labels, state, self.amp_dtype), fn,
-                                    args)
-        return fn(*args)
-
     def _evaluate(self, phase: str, x_t, sig, labels, cond, logits: bool = False, real=None):
         names = tuple(sorted(cond))
         has_labels = labels is not None
-        if phase == "generator":
-            for mirror in self._mirrors:
-                mirror.check()
-            state = tuple(hash(mirror.sync_training()) for mirror in self._mirrors)
-        else:
-            state = (self.fake.training,)
-            self._graphs.check_fake_storage()
+        state = self._phase_state(phase)
         args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(cond[k] for k in names)
         variant = (names, has_labels, state, self.amp_dtype)
         real_names = ()
@@ -448,56 +346,41 @@ class ScoreEngine:
         if logits:
             variant += ("logits", real_names)
         fn = self._function(phase, names, has_labels, logits, real_names)
+        return self._run(phase, variant, fn, args)
+
+    def _evaluate_guided(self, phase: str, x_t, sig, labels, cond, scales: tuple, null_labels, null_cond):
+        """``_evaluate`` for guided scales (``sidfast._guided_eval``): the null condition travels as further
+        tensor arguments."""
+        names = tuple(sorted(cond))
+        has_labels = labels is not None
+        nulls = null_arguments(x_t, names, has_labels, scales, null_labels, null_cond)
+        state = self._phase_state(phase)
+        args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(cond[k] for k in names) + nulls
+        key = ("guided", phase, names, has_labels, scales)
+        if key not in self._functions:
+            fn = guided_function(self, phase, names, has_labels, scales)
+            self._functions[key] = torch.compile(fn, dynamic=False) if self.compile else fn
+        return self._run(phase, ("guided", scales, names, has_labels, state, self.amp_dtype),
+                         self._functions[key], args)
+
+    def _phase_state(self, phase: str) -> tuple:
+        """The train/eval state a phase's graph is captured for, after checking that the networks' storage is
+        still the one its views and graphs were built over."""
+        if phase == "generator":
+            for mirror in self._mirrors:
+                mirror.check()
+            return tuple(hash(mirror.sync_training()) for mirror in self._mirrors)
+        self._graphs.check_fake_storage()
+        return (self.fake.training,)
+
+    def _run(self, phase: str, variant: tuple, fn, args: tuple):
+        """``fn(*args)``, through a captured CUDA graph where graphs apply."""
+        x_t = args[0]
         if self._use_graphs(x_t) and (phase == "fake" or x_t.requires_grad):
             if not all(isinstance(a, torch.Tensor) for a in args):
                 raise ValueError("CUDA graphs need tensor conditioning; pass graphs=False for other values")
             return self._graphs.run(phase, variant, fn, args)
         return fn(*args)
-
-
-def _as_condition(names: tuple, has_labels: bool, tensors: tuple):
-    """The condition ``guidance.guided`` takes: the labels tensor alone, or a dict of keyword tensors (the
-    labels under "class_labels")."""
-    if not names:
-        return tensors[0] if has_labels else None
-    cond = dict(zip(names, tensors[1:] if has_labels else tensors))
-    if has_labels:
-        cond["class_labels"] = tensors[0]
-    return cond
-
-
-def _half_rows(scale: float) -> int:
-    """Condition blocks one network's half needs: 1 at k = 1 (cond) or k = 0 (null), else 2 ([null; cond])."""
-    return 1 if scale in (0.0, 1.0) else 2
-
-
-def _lora_guided(view, x_t, sigma, cond, null, scales: tuple):
-    """Teacher guided at scales[0] and LoRA fake score at scales[1] in ONE forward of the split-mode tree:
-    the batch is [teacher blocks; fake blocks], each half [null; cond] (or the one block its scale needs, when
-    both halves need one) so that the two halves have equal size."""
-    batch = x_t.shape[0]
-    blocks = max(_half_rows(k) for k in scales)
-    null_full = guidance.expand_null(cond, null, batch)
-
-    def half(k):
-        if blocks == 1:
-            return [null_full if k == 0 else cond]
-        return [null_full, cond]
-
-    parts = half(scales[0]) + half(scales[1])
-    stacked = guidance.stack_conditions(parts)
-    n = len(parts)
-    sig = sigma.repeat(n) if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 else sigma
-    y = guidance.call(view, x_t.repeat(n, *([1] * (x_t.dim() - 1))), sig, stacked)
-    out = []
-    for i, k in enumerate(scales):
-        if blocks == 1:
-            out.append(y[i * batch:(i + 1) * batch])
-            continue
-        f_null = y[2 * i * batch:(2 * i + 1) * batch]
-        f_cond = y[(2 * i + 1) * batch:(2 * i + 2) * batch]
-        out.append(f_cond if k == 1 else f_null if k == 0 else reference.cfg_combine(f_null, f_cond, k))
-    return tuple(out)
 
 
 __all__ = ["ScoreEngine", "MODES", "edm_noised"]

@@ -421,7 +421,7 @@ def plan_memory(teacher=None, *, model: str | None = None, resolution: int | Non
     """Predict the per-GPU memory of a SiD run.
 
     Args:
-        teacher: a ``Denoiser`` (what ``sidfast.checkpoint.load_teacher`` returns), or None with ``model``.
+        teacher: a ``Denoiser`` (what ``sidfast.loading.load_teacher`` returns), or None with ``model``.
         model: a published model by name (``KNOWN_MODELS``), built on the meta device.
         resolution: pixels per side (known models: required; a local teacher: default its own image size).
         batch: samples per GPU per micro-batch. gpus: GPUs the run uses. sharding: "fsdp" (FSDP2: weights,
@@ -543,6 +543,45 @@ def predictions_table(models=tuple(KNOWN_MODELS), resolutions=(512, 1024), gpus:
     return "\n".join(rows)
 
 
+def add_plan_arguments(parser, teacher_help: str) -> None:
+    """The options of ``sidfast plan`` (``teacher_help``: what ``--teacher`` accepts)."""
+    add = parser.add_argument
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--teacher", help=teacher_help)
+    source.add_argument("--model", choices=list(KNOWN_MODELS),
+                        help="a published model, built without weights")
+    source.add_argument("--table", action="store_true", help="the README table of the published models")
+    add("--resolution", type=int, help="pixels per side (default: the teacher's; required with --model)")
+    add("--batch", type=int, default=1, help="samples per GPU (default: 1)")
+    add("--gpus", type=int, default=1, help="GPUs of the run (default: 1)")
+    add("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GB, 141GiB (default: 80GiB)")
+    add("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (default: 0.1)")
+    add("--sharding", choices=SHARDINGS, default="ddp", help="(default: ddp)")
+    add("--precision", choices=PRECISIONS, default="bf16",
+        help="fp32; bf16: fp32 weights under bf16 autocast; bf16-params: FSDP2 mixed precision "
+             "(default: bf16)")
+    add("--fake-score", choices=KINDS, default="full", help="(default: full)")
+    add("--generator", choices=KINDS, default="full", help="(default: full)")
+    add("--lora-rank", type=int, default=64, help="(default: 64)")
+    add("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    add("--no-shard-teacher", dest="shard_teacher", action="store_false",
+        help="replicate the frozen teacher under FSDP")
+    add("--measure-device", default="meta", help="where activations are measured (default: meta)")
+
+
+def plan_from_args(args, teacher=None) -> str:
+    """The text ``sidfast plan`` prints for its parsed options: the plan of ``teacher`` (loaded from
+    ``--teacher``) or ``--model``, or the table of the published models (``--table``)."""
+    if args.table:
+        return predictions_table()
+    plan = plan_memory(teacher, model=args.model, resolution=args.resolution, batch=args.batch,
+                       gpus=args.gpus, sharding=args.sharding, precision=args.precision,
+                       fake_score=args.fake_score, generator=args.generator, lora_rank=args.lora_rank,
+                       checkpointing=args.checkpointing, gpu_memory=args.gpu_memory, margin=args.margin,
+                       shard_teacher=args.shard_teacher, measure_device=args.measure_device)
+    return plan.format()
+
+
 def _max_batch(plan: MemoryPlan) -> int:
     best = None
     for phase, (_, per_sample) in plan.activations.items():
@@ -573,4 +612,4 @@ def _check(model, teacher, sharding, precision, fake_score, generator, batch, gp
 
 __all__ = ["plan_memory", "MemoryPlan", "NetworkMemory", "KNOWN_MODELS", "KnownDenoiser", "ActivationMeter",
            "count_saved", "checkpoint_units", "lora_parameter_shapes", "shard_numel", "parse_memory",
-           "predictions_table", "PRECISIONS", "SHARDINGS"]
+           "predictions_table", "add_plan_arguments", "plan_from_args", "PRECISIONS", "SHARDINGS"]

@@ -64,6 +64,20 @@ def sid_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Te
     return reduce(loss, reduction)
 
 
+def weighted_sid_loss(y_real, y_fake, x_g, alpha: float, weight: torch.Tensor, loss_scale: float):
+    """loss_scale / B * sum_i weight_i * sum_pixels d * ((f_phi - x_g) - alpha d), d = f_phi - f_psi: the SiD
+    loss with a per-sample weight in place of 1/w (SiD-DiT's 1 - t; docs/math.md, "SiD generator loss").
+    A few passes over the data where the fused loss (weight 1/w) makes one. Samples with a NaN contribute
+    zero, as in ``sid_generator_loss``."""
+    keep = broadcast(~nan_rows(y_real, y_fake, x_g), x_g)
+    y_real = torch.where(keep, y_real, 0.0)
+    y_fake = torch.where(keep, y_fake, 0.0)
+    x_g = torch.where(keep, x_g, 0.0)
+    d = y_real - y_fake
+    per_sample = (d * ((y_real - x_g) - alpha * d)).flatten(1).sum(1)
+    return loss_scale * (weight.detach().to(per_sample.dtype) * per_sample).sum() / x_g.shape[0]
+
+
 def sid_generator_loss_eps(eps_real: torch.Tensor, eps_fake: torch.Tensor, eps: torch.Tensor, lam: float = 1.2,
                            reduction: str = "batchmean") -> torch.Tensor:
     """SiD generator loss in noise space: <e_phi - e_psi, e_phi - eps> - lam ||e_phi - e_psi||^2.

@@ -165,12 +165,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context of ``precision`` ("fp32": none) on ``device``."""
-    dtype = AUTOCAST_DTYPES[precision]
+def autocast(device: torch.device, precision, cache_enabled: bool | None = None):
+    """The autocast context of ``precision`` on ``device``: "fp32", "bf16", "fp16" or a dtype (None, "fp32":
+    no autocast). ``cache_enabled`` False: no cache of cast weights, which CUDA-graph capture needs (None:
+    torch's default)."""
+    dtype = AUTOCAST_DTYPES[precision] if isinstance(precision, str) else precision
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 # ---- stop requests ----

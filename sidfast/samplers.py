@@ -158,15 +158,15 @@ def from_checkpoint(path, teacher: str | None = None):
     distillation checkpoint (the K generator steps it was trained with), or the network of a network
     checkpoint (a diffusion denoiser).
 
-    teacher: where the teacher of a distillation checkpoint is now (``checkpoint.build_generator``).
+    teacher: where the teacher of a distillation checkpoint is now (``loading.build_generator``).
     """
-    from . import checkpoint
+    from . import checkpoint, loading
     from .denoisers import as_denoiser
     from .denoisers import infer_image_shape, infer_num_classes
 
     data = checkpoint.load_checkpoint(path, ("distill", "network"))
     if checkpoint.kind_of(data) == "distill":
-        net = checkpoint.build_generator(data, path, teacher=teacher)
+        net = loading.build_generator(data, path, teacher=teacher)
         config = data.get("config") or {}
         return net, {"shape": tuple(data["image_shape"]), "sigma_init": float(data.get("sigma_init", 2.5)),
                      "num_classes": int(data.get("num_classes") or 0),

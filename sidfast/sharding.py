@@ -84,6 +84,30 @@ def fully_shard_network(net: nn.Module, precision: str = "fp32") -> nn.Module:
     return net
 
 
+def shard_run(cfg, teacher: nn.Module, generator: nn.Module, generator_ema: nn.Module,
+              fake: nn.Module) -> nn.Module:
+    """Activation checkpointing per block (option ``activation_checkpointing``) and FSDP sharding (``fsdp``)
+    of a run's networks, in place: each network's parameters become this rank's shards, so this comes before
+    the optimizers take them. Returns the teacher: under FSDP with a LoRA fake score, the fake score with its
+    LoRA layers off (``LoRAOff``), so that the teacher's weights exist once, sharded."""
+    if cfg.activation_checkpointing:
+        for net in distinct_networks(teacher, generator, generator_ema, fake):
+            checkpoint_blocks(net)
+    if cfg.fsdp:
+        if cfg.fake_score == "lora":
+            teacher = LoRAOff(fake)
+        for net in distinct_networks(teacher, generator, generator_ema, fake):
+            fully_shard_network(net, cfg.fsdp_precision)
+    return teacher
+
+
+def distinct_networks(teacher: nn.Module, generator: nn.Module, generator_ema: nn.Module,
+                      fake: nn.Module) -> list[nn.Module]:
+    """The networks that own their weights: a LoRA fake score holds the teacher's (``LoRAOff``)."""
+    nets = [generator, generator_ema, fake]
+    return nets if isinstance(teacher, LoRAOff) else nets + [teacher]
+
+
 class LoRAOff(Denoiser):
     """The teacher as a LoRA fake score with its LoRA layers off: the teacher's own (sharded) weights,
     evaluated with the fake score's network."""
@@ -120,5 +144,5 @@ def local_bytes(tensors) -> int:
     return total
 
 
-__all__ = ["shard_blocks", "checkpoint_blocks", "fully_shard_network", "LoRAOff", "local_bytes",
-           "BLOCK_LISTS"]
+__all__ = ["shard_blocks", "checkpoint_blocks", "fully_shard_network", "shard_run", "distinct_networks",
+           "LoRAOff", "local_bytes", "BLOCK_LISTS"]

@@ -361,7 +361,7 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
         _spawn(_killed_in_save, 2, tmp_path, "kill")
     run = tmp_path / "killed"
     assert (run / ".checkpoint.dcp.tmp").is_dir()  # the unfinished save, never renamed into place
-    from sidfast.checkpoint import read_distill
+    from sidfast.run_checkpoint import read_distill
 
     data = read_distill(run / "checkpoint.dcp")
     assert data["iteration"] == 2 and data["world_size"] == 2
@@ -479,7 +479,7 @@ def test_torchrun_launch_with_fsdp(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("SiD distillation") == 1
-    from sidfast.checkpoint import read_distill
+    from sidfast.run_checkpoint import read_distill
 
     data = read_distill(run / "checkpoint.dcp")
     assert (data["world_size"], data["iteration"], data["nimg"]) == (2, 3, 24)
@@ -491,7 +491,7 @@ def test_fsdp_in_one_process_keeps_the_previous_checkpoint_and_resumes(tmp_path)
     replaces as checkpoint.prev.dcp."""
     from test_train import tiny_teacher
 
-    from sidfast.checkpoint import read_distill
+    from sidfast.run_checkpoint import read_distill
     from sidfast.train import distill
 
     run = tmp_path / "run"

@@ -12,9 +12,10 @@ from sidfast.denoisers import DiffusersDenoiser, EDMDenoiser, FlowDenoiser
 from sidfast.engine import ScoreEngine
 from sidfast.generator import draw_k_star
 from sidfast.lora import LoRAFakeScore
+from sidfast.reference import weighted_sid_loss
 from sidfast.samplers import sample_images
 from sidfast.schedules import VPSchedule
-from sidfast.train import TrainConfig, distill, weighted_sid_loss
+from sidfast.train import TrainConfig, distill
 from test_train import assert_bitwise, quiet, states, tiny_teacher
 from utils import assert_float64_close, float64_network_tolerance, randomize_lora
 
@@ -78,7 +79,7 @@ def _record_calls(module, name, calls):
 def test_lsg_evaluations_are_the_guided_two_call_formula(tmp_path, monkeypatch, engine):
     """At LSG k = 2 the fake score in its step (k1) and teacher (k4) and fake score (k2) in the generator step
     are guidance.guided: one stacked forward over [null; cond] that equals f(none) + k (f(c) - f(none))."""
-    import sidfast.train as train
+    import sidfast.phases as phases
 
     teacher, G, fake = conditional_nets()
     calls = []
@@ -105,8 +106,8 @@ def test_lsg_evaluations_are_the_guided_two_call_formula(tmp_path, monkeypatch, 
         assert_float64_close(stacked64, two_calls)
         return stacked, labels
 
-    real_fake_loss = train.fake_score_loss
-    real_sid_loss = train.sid_generator_loss
+    real_fake_loss = phases.fake_score_loss
+    real_sid_loss = phases.sid_generator_loss
     dropped = []
 
     def fake_loss(pred, *args, **kw):
@@ -124,8 +125,8 @@ def test_lsg_evaluations_are_the_guided_two_call_formula(tmp_path, monkeypatch, 
         checked["generator step"] += 1
         return real_sid_loss(y_real, y_fake, x_g, *args, **kw)
 
-    monkeypatch.setattr(train, "fake_score_loss", fake_loss)
-    monkeypatch.setattr(train, "sid_generator_loss", sid_loss)
+    monkeypatch.setattr(phases, "fake_score_loss", fake_loss)
+    monkeypatch.setattr(phases, "sid_generator_loss", sid_loss)
     distill(quiet(run_dir=str(tmp_path / "r"), iterations=4, lr=1e-3, engine=engine, guidance="lsg", cfg=2),
             teacher, G, fake, log=None)
     assert checked == {"fake step": 4, "generator step": 4}
@@ -312,19 +313,19 @@ def test_text_teacher_trains_with_prompts_guidance_and_few_steps(tmp_path):
 def test_flow_teacher_trains_with_the_velocity_loss_and_one_minus_t_weighting(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    import sidfast.train as train
+    import sidfast.phases as phases
     from test_text import conditioner, sd3_transformer
 
     seen = {}
-    real_loss = train.fake_score_loss
+    real_loss = phases.fake_score_loss
 
     def fake_loss(pred, x0, noise, a, s, **kw):
         seen.update(kw)
         torch.testing.assert_close(a + s, torch.ones_like(a))  # flow coordinates: a = 1 - t, s = t
         return real_loss(pred, x0, noise, a, s, **kw)
 
-    monkeypatch.setattr(train, "fake_score_loss", fake_loss)
-    monkeypatch.setattr(train, "sid_generator_loss", lambda *a, **k: pytest.fail("the 1/w loss was used"))
+    monkeypatch.setattr(phases, "fake_score_loss", fake_loss)
+    monkeypatch.setattr(phases, "sid_generator_loss", lambda *a, **k: pytest.fail("the 1/w loss was used"))
     teacher = FlowDenoiser(sd3_transformer().float())
     res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, batch=2, lr=1e-4, guidance="lsg", cfg=1.5,
                         prompts=str(_prompt_file(tmp_path)), step_spacing="flow"), teacher,

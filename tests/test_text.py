@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sidfast import predictions
-from sidfast.checkpoint import CheckpointError, load_teacher
+from sidfast.checkpoint import CheckpointError
+from sidfast.loading import load_teacher
 from sidfast.denoisers import (DiffusersDenoiser, FlowDenoiser, latent_image_ids, pack_latents,
                                unpack_latents)
 from sidfast.schedules import VPSchedule

@@ -630,7 +630,7 @@ def test_compile_option_compiles_generator_and_score_networks(tmp_path, monkeypa
 
 def test_noise_option_picks_the_kernel_on_the_triton_route_only(monkeypatch):
     from sidfast.ops import backend
-    from sidfast.train import noise_source
+    from sidfast.phases import noise_source
 
     x = torch.zeros(2, 3)
     for triton_route in (True, False):
@@ -715,7 +715,7 @@ def test_folded_generator_loss_scale_gives_the_unfolded_gradients(tmp_path, monk
     (bitwise on the native CPU route, where the op multiplies its result the same way; within float32
     rounding of the gradients on the Triton route, where the scale enters the kernel's gradient factor), and
     the reported loss_g is the unscaled mean within float32 rounding."""
-    import sidfast.train as train_module
+    import sidfast.phases as phases_module
     from sidfast.loss import sid_generator_loss
 
     if route == "native":
@@ -738,7 +738,7 @@ def test_folded_generator_loss_scale_gives_the_unfolded_gradients(tmp_path, monk
         return loss * loss_scale
 
     with monkeypatch.context() as m:
-        m.setattr(train_module, "sid_generator_loss", unfolded)
+        m.setattr(phases_module, "sid_generator_loss", unfolded)
         plain = distill(quiet(run_dir=str(tmp_path / "u"), **kw), tiny_teacher(), callbacks=[grab], log=None)
     assert scales == [100.0 / 2] * 2  # the trainer hands loss_scale_g / rounds to the loss
     for a, b in zip(seen[folded.generator], seen[plain.generator]):

@@ -1,0 +1,99 @@
+"""The score engine's guided phases: ``guidance.guided`` evaluations as pure tensor functions, which the
+engine compiles and captures like its plain phases (``sidfast.engine.ScoreEngine``, scales other than 1).
+
+The null condition travels as further tensor arguments after the condition's, so that one compiled function
+or captured graph serves every batch. In mode "full" each network is guided on its own (teacher at k4, fake
+score at k2 in the generator phase; fake score at k1 in its own phase); in mode "lora" the generator phase is
+ONE forward of the shared network over the rows each half needs (``lora_guided``).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import guidance, reference
+
+
+def null_arguments(x_t: torch.Tensor, names: tuple, has_labels: bool, scales: tuple, null_labels,
+                   null_cond: dict | None) -> tuple:
+    """The null condition's tensors in argument order (labels first, then the keyword tensors of ``names``),
+    each expanded to the batch; raises ValueError when guidance has nothing to guide between."""
+    if not has_labels and not names:
+        raise ValueError(f"guidance at scale {scales} needs a conditional network: no labels and no "
+                         "conditioning were given (an unconditional network cannot be guided)")
+    null_cond = dict(null_cond or {})
+    if has_labels and null_labels is None:
+        raise ValueError("guidance needs null_labels, the unconditional labels of the networks")
+    missing = [k for k in names if k not in null_cond]
+    if missing:
+        raise ValueError(f"guidance needs null_cond entries for the conditioning {missing}")
+    batch = x_t.shape[0]
+    nulls = ((null_labels,) if has_labels else ()) + tuple(null_cond[k] for k in names)
+    return tuple(n.expand(batch, *n.shape[1:]) if n.shape[0] == 1 else n for n in nulls)
+
+
+def guided_function(engine, phase: str, names: tuple[str, ...], has_labels: bool, scales: tuple):
+    """The guided phase of ``engine`` as a pure tensor function ``f(x_t, sigma, [labels], *cond,
+    [null_labels], *null_cond)``. "fake": ``guidance.guided`` of the fake score at scales[0]; "generator" in
+    mode "full": ``guided`` of each frozen view (teacher at scales[0], fake score at scales[1]); in mode
+    "lora": ``lora_guided``."""
+    fake = engine.fake
+    mirrors = engine._mirrors
+    count = len(names) + has_labels
+
+    def run(x_t, sigma, *rest):
+        cond = as_condition(names, has_labels, rest[:count])
+        null = as_condition(names, has_labels, rest[count:])
+        with engine._autocast(x_t.device):
+            if phase == "fake":
+                return guidance.guided(fake, x_t, sigma, cond, null, scales[0])
+            if engine.mode == "full":
+                return (guidance.guided(mirrors[0].view, x_t, sigma, cond, null, scales[0]),
+                        guidance.guided(mirrors[1].view, x_t, sigma, cond, null, scales[1]))
+            return lora_guided(mirrors[0].view, x_t, sigma, cond, null, scales)
+
+    return run
+
+
+def as_condition(names: tuple, has_labels: bool, tensors: tuple):
+    """The condition ``guidance.guided`` takes: the labels tensor alone, or a dict of keyword tensors (the
+    labels under "class_labels")."""
+    if not names:
+        return tensors[0] if has_labels else None
+    cond = dict(zip(names, tensors[1:] if has_labels else tensors))
+    if has_labels:
+        cond["class_labels"] = tensors[0]
+    return cond
+
+
+def _half_rows(scale: float) -> int:
+    """Condition blocks one network's half needs: 1 at k = 1 (cond) or k = 0 (null), else 2 ([null; cond])."""
+    return 1 if scale in (0.0, 1.0) else 2
+
+
+def lora_guided(view, x_t, sigma, cond, null, scales: tuple):
+    """Teacher guided at scales[0] and LoRA fake score at scales[1] in ONE forward of the split-mode tree:
+    the batch is [teacher blocks; fake blocks], each half [null; cond] (or the one block its scale needs, when
+    both halves need one) so that the two halves have equal size."""
+    batch = x_t.shape[0]
+    blocks = max(_half_rows(k) for k in scales)
+    null_full = guidance.expand_null(cond, null, batch)
+
+    def half(k):
+        if blocks == 1:
+            return [null_full if k == 0 else cond]
+        return [null_full, cond]
+
+    parts = half(scales[0]) + half(scales[1])
+    stacked = guidance.stack_conditions(parts)
+    n = len(parts)
+    sig = sigma.repeat(n) if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 else sigma
+    y = guidance.call(view, x_t.repeat(n, *([1] * (x_t.dim() - 1))), sig, stacked)
+    out = []
+    for i, k in enumerate(scales):
+        if blocks == 1:
+            out.append(y[i * batch:(i + 1) * batch])
+            continue
+        f_null = y[2 * i * batch:(2 * i + 1) * batch]
+        f_cond = y[(2 * i + 1) * batch:(2 * i + 2) * batch]
+        out.append(f_cond if k == 1 else f_null if k == 0 else reference.cfg_combine(f_null, f_cond, k))
+    return tuple(out)

@@ -1,0 +1,75 @@
+"""The options of ``sidfast distill``: one command-line option per ``TrainConfig`` field, and the
+``TrainConfig`` they make (defaults < the resumed checkpoint's options < ``--config`` file < command line).
+"""
+from __future__ import annotations
+
+import argparse
+
+from .checkpoint import CheckpointError
+from .config import TrainConfig
+
+
+def option_name(name: str) -> str:
+    """The command-line spelling of a field or argument: ``batch_gpu`` -> ``--batch-gpu``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One command-line option per ``TrainConfig`` field (values are checked by ``TrainConfig.validate``)."""
+    group = parser.add_argument_group("SiD options (defaults: the published recipe)")
+    for f in TrainConfig.fields():
+        if f.name in ("teacher", "resume"):
+            continue
+        default = f.default
+        help_ = f.metadata["help"]
+        if "(default:" not in help_:  # fields whose default is decided later say so in their help
+            shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+            help_ = f"{help_} (default: {shown})"
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_)
+        choices = f.metadata.get("choices")
+        if isinstance(default, bool):
+            group.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "betas":
+            group.add_argument(option_name(f.name), nargs=2, metavar=("BETA1", "BETA2"), **kw)
+        elif f.name == "image_shape":
+            group.add_argument(option_name(f.name), nargs="+", metavar="N", **kw)
+        else:  # choices are shown, not enforced here: TrainConfig.validate checks file and command line alike
+            metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
+            group.add_argument(option_name(f.name), metavar=metavar, **kw)
+
+
+def config_from_args(args: argparse.Namespace):
+    """TrainConfig from defaults < resumed checkpoint < --config file < explicit options."""
+    from .checkpoint import CheckpointError
+    from .run_checkpoint import distill_checkpoint_in, read_distill
+    from .config import TrainConfig
+
+    explicit = {f.name: getattr(args, f.name) for f in TrainConfig.fields()
+                if hasattr(args, f.name) and f.name not in ("teacher", "resume")}
+    cfg = TrainConfig()
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        if resume == "auto":
+            run_dir = explicit.get("run_dir")
+            if run_dir is None and getattr(args, "config", None):
+                run_dir = TrainConfig.from_file(args.config).run_dir
+            resume = str(distill_checkpoint_in(run_dir or cfg.run_dir, bool(explicit.get("fsdp", False))))
+        try:
+            saved = read_distill(resume)
+        except CheckpointError as exc:
+            raise CheckpointError(f"--resume: {exc}") from None
+        known = {f.name for f in TrainConfig.fields()}
+        cfg = TrainConfig.from_dict({k: v for k, v in saved.get("config", {}).items() if k in known})
+        cfg = cfg.replace(overwrite=False)
+        del saved
+    if getattr(args, "config", None):
+        cfg = TrainConfig.from_file(args.config, base=cfg)
+    cfg = TrainConfig.from_dict(explicit, base=cfg)
+    if getattr(args, "teacher", None):
+        cfg = cfg.replace(teacher=args.teacher)
+    if resume is not None:
+        cfg = cfg.replace(resume=str(resume))
+    return cfg
+
+
+__all__ = ["add_train_options", "config_from_args", "option_name"]

@@ -1,0 +1,286 @@
+"""Distillation checkpoints: the state of a SiD run, saved by every rank and restored into its networks.
+
+- A checkpoint file (``kind="distill"`` of ``sidfast.checkpoint``, written atomically by rank 0 with the
+  previous one kept): ``save_distill`` / ``load_distill``, one file holding the generator, its EMA, the fake
+  score (only its LoRA factors with ``fake_score="lora"``), both optimizers, every rank's RNG state, the
+  config, and what ``sidfast sample`` needs to rebuild the generator (``architecture`` or ``teacher``,
+  ``image_shape``, ``num_classes``, ``label_format``, ``sigma_init``, and the few-step generator's
+  ``gen_steps``, ``step_spacing`` and ``renoise``).
+- Sharded checkpoints (runs with ``fsdp``): a directory ``checkpoint.dcp`` written by every rank with
+  ``torch.distributed.checkpoint`` (DCP: each rank its shards, rank 0 the index) plus ``meta.pt`` (the same
+  file as above without tensors of the networks: counters, config, every rank's RNG state). Written into a
+  temporary directory, fsynced, then renamed into place, the previous one kept as ``checkpoint.prev.dcp``;
+  DCP reshards on load, so a run resumes at any number of processes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import runtime
+from .checkpoint import (FORMATS, VERSION, CheckpointError, _fsync_dir, _what_to_do, atomic_save,
+                         load_checkpoint, previous_path)
+from .config import CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, TrainConfig
+
+
+def teacher_reference(spec: str | None) -> str | None:
+    """How a checkpoint names its teacher: an absolute path for a file or directory that exists (so the
+    checkpoint can be sampled from any working directory), an entry point ``module:function`` unchanged."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _fake_state(fake: torch.nn.Module, config: TrainConfig) -> dict:
+    """What a checkpoint keeps of the fake score: all of it, or only the LoRA factors (the rest is the
+    teacher)."""
+    from .lora import lora_state_dict
+
+    return lora_state_dict(fake) if config.fake_score == "lora" else fake.state_dict()
+
+
+def _load_fake(fake: torch.nn.Module, state: dict, config: TrainConfig) -> None:
+    if config.fake_score != "lora":
+        fake.load_state_dict(state)
+        return
+    missing, unexpected = fake.load_state_dict(state, strict=False)
+    lora_missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
+    if unexpected or lora_missing or not state:
+        raise ValueError(f"the checkpoint's fake score is not a LoRA fake score of this teacher and rank "
+                         f"(missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def save_distill(path, config: TrainConfig, networks: dict, optimizers: dict, iteration: int, nimg: int,
+                 dist: runtime.Dist, device: torch.device, **meta) -> Path | None:
+    """Write a distillation checkpoint from rank 0; every rank calls it (their RNG states are gathered).
+
+    ``networks``: generator, generator_ema, fake; ``optimizers``: opt_g, opt_fake; ``meta``: architecture,
+    image_shape, num_classes, label_format, gen_steps, step_spacing, renoise, last (stored as given). Returns
+    the path on rank 0, else None.
+    """
+    rngs = runtime.all_gather(dist, runtime.rng_state(device))
+    if config.fsdp:
+        return _save_sharded(path, config, networks, optimizers, iteration, nimg, rngs, dist, **meta)
+    written = None
+    if dist.rank == 0:
+        data = {"format": FORMATS["distill"], "version": VERSION, "iteration": iteration, "nimg": nimg,
+                "world_size": dist.world, "config": config.to_dict(), "rng": rngs,
+                "generator": networks["generator"].state_dict(),
+                "generator_ema": networks["generator_ema"].state_dict(),
+                "fake": _fake_state(networks["fake"], config),
+                "opt_g": optimizers["opt_g"].state_dict(), "opt_fake": optimizers["opt_fake"].state_dict(),
+                "teacher": teacher_reference(config.teacher), "sigma_init": config.sigma_init, **meta}
+        written = atomic_save(data, path)
+    runtime.barrier(dist)
+    return written
+
+
+def load_distill(data: dict, path, config: TrainConfig, networks: dict, optimizers: dict,
+                 dist: runtime.Dist, device: torch.device) -> tuple[int, int]:
+    """Restore a distillation checkpoint read by ``load_checkpoint(path, "distill")`` into ``networks`` and
+    ``optimizers`` (as in ``save_distill``) and this rank's random streams; returns (iteration, nimg).
+
+    Options that change the run's trajectory and differ from the checkpoint's are warned about. A checkpoint
+    written by another number of processes re-seeds the streams from seed + iteration.
+    """
+    old = data.get("config", {})
+    changed = [TrainConfig.option(name) for name in TrainConfig.trajectory_options()
+               if name in old and _plain(old[name]) != _plain(getattr(config, name))]
+    if changed and dist.rank == 0:
+        warnings.warn(f"resuming {str(path)!r} with changed options {', '.join(changed)}: the run will not "
+                      "match an uninterrupted one", stacklevel=3)
+    if data.get("sharded"):
+        _load_sharded(path, config, networks, optimizers)
+    else:
+        _load_full(data, path, config, networks, optimizers)
+    iteration = int(data["iteration"])
+    states = data.get("rng") or []
+    if int(data.get("world_size", 1)) == dist.world and len(states) == dist.world:
+        runtime.set_rng_state(states[dist.rank], device)
+    else:
+        # weights, optimizer states and the counters (iteration, nimg; the trainer draws its samples, it reads
+        # no data set) continue exactly; the per-rank random streams cannot, there are more or fewer of them
+        if dist.rank == 0:
+            warnings.warn(f"checkpoint {str(path)!r} was written by {data.get('world_size')} process(es), "
+                          f"this run has {dist.world}: weights, optimizer states and counters continue; "
+                          f"the random streams are re-seeded from seed + iteration, so the run goes on "
+                          f"with other draws than an uninterrupted one", stacklevel=3)
+        runtime.seed_everything(config.seed + iteration, dist.rank, dist.world)
+    return iteration, int(data["nimg"])
+
+
+def _load_full(data: dict, path, config: TrainConfig, networks: dict, optimizers: dict) -> None:
+    if config.fsdp:
+        _load_full_into_shards(data, path, config, networks, optimizers)
+        return
+    try:
+        networks["generator"].load_state_dict(data["generator"])
+        networks["generator_ema"].load_state_dict(data["generator_ema"])
+        _load_fake(networks["fake"], data["fake"], config)
+        optimizers["opt_g"].load_state_dict(data["opt_g"])
+        optimizers["opt_fake"].load_state_dict(data["opt_fake"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit these networks (another teacher or "
+                              f"architecture?): {str(exc).strip()[:400]}") from None
+
+
+def _by_name(net: torch.nn.Module, optim_state: dict) -> dict:
+    """A ``torch.optim`` state dict (parameters numbered in the optimizer's order: the network's trainable
+    parameters) keyed by parameter names instead, as ``set_state_dict`` takes it."""
+    names = [name for name, p in net.named_parameters() if p.requires_grad]
+    groups = [{**group, "params": [names[i] for i in group["params"]]}
+              for group in optim_state["param_groups"]]
+    return {"state": {names[i]: state for i, state in optim_state["state"].items()}, "param_groups": groups}
+
+
+def _load_full_into_shards(data: dict, path, config: TrainConfig, networks: dict, optimizers: dict) -> None:
+    """A checkpoint file of an unsharded run into FSDP-sharded networks: each rank keeps its part."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    full = StateDictOptions(full_state_dict=True)
+    try:
+        set_state_dict(networks["generator"], optimizers["opt_g"], model_state_dict=data["generator"],
+                       optim_state_dict=_by_name(networks["generator"], data["opt_g"]), options=full)
+        set_model_state_dict(networks["generator_ema"], data["generator_ema"], options=full)
+        lora = config.fake_score == "lora"
+        set_state_dict(networks["fake"], optimizers["opt_fake"], model_state_dict=data["fake"],
+                       optim_state_dict=_by_name(networks["fake"], data["opt_fake"]),
+                       options=StateDictOptions(full_state_dict=True, strict=not lora))
+    except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit these networks (another teacher or "
+                              f"architecture?): {str(exc).strip()[:400]}") from None
+
+
+# ---- sharded distillation checkpoints (torch.distributed.checkpoint) ----
+
+META_NAME = "meta.pt"
+
+
+def distill_checkpoint_in(run_dir, sharded: bool) -> Path:
+    """The checkpoint ``--resume auto`` continues in ``run_dir``: the kind this run writes (sharded or
+    not) when it exists, else the other kind when that exists, else the kind this run writes."""
+    names = (CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME)
+    if sharded:
+        names = names[::-1]
+    for name in names:
+        if (Path(run_dir) / name).exists():
+            return Path(run_dir) / name
+    return Path(run_dir) / names[0]
+
+
+def resume_source(config: TrainConfig, run_dir) -> Path | None:
+    """The checkpoint a run continues from (option ``resume``; "auto": ``distill_checkpoint_in``), or None
+    for a fresh start; a fresh start refuses a run directory that holds a checkpoint unless ``overwrite``."""
+    run_dir = Path(run_dir)
+    held = [name for name in (CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME) if (run_dir / name).exists()]
+    if config.resume is not None:
+        return distill_checkpoint_in(run_dir, config.fsdp) if config.resume == "auto" else Path(config.resume)
+    if held and not config.overwrite:
+        raise ValueError(f"run directory {str(run_dir)!r} already holds {held[0]}; pass "
+                         f"{config.option('resume')} to continue it, {config.option('overwrite')} to start "
+                         f"afresh, or choose another {config.option('run_dir')}")
+    return None
+
+
+def read_distill(path) -> dict:
+    """``load_checkpoint(path, "distill")`` for a checkpoint file, or the ``meta.pt`` of a sharded checkpoint
+    directory (then ``data["sharded"]`` is True and the tensors stay on disk until ``load_distill``)."""
+    path = Path(path)
+    if not path.exists() and previous_path(path).exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist{_what_to_do(path, ('distill',))}")
+    if not path.is_dir():
+        return load_checkpoint(path, "distill")
+    if not (path / ".metadata").is_file() or not (path / META_NAME).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory but not a whole sharded checkpoint "
+                              f"(.metadata or {META_NAME} missing){_what_to_do(path, ('distill',))}")
+    data = load_checkpoint(path / META_NAME, "distill")
+    data["sharded"] = True
+    return data
+
+
+def _sharded_state(networks: dict, optimizers: dict) -> dict:
+    """Model and optimizer state dicts keyed by parameter names (``torch.distributed.checkpoint.state_dict``):
+    DTensor shards under FSDP, plain tensors otherwise, so that one layout loads at any world size. The frozen
+    weights a LoRA fake score shares with the teacher are left out."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    trainable = StateDictOptions(ignore_frozen_params=True)
+    g_model, g_optim = get_state_dict(networks["generator"], optimizers["opt_g"])
+    fake_model, fake_optim = get_state_dict(networks["fake"], optimizers["opt_fake"], options=trainable)
+    return {"generator": g_model, "generator_ema": get_model_state_dict(networks["generator_ema"]),
+            "fake": fake_model, "opt_g": g_optim, "opt_fake": fake_optim}
+
+
+def _save_sharded(path, config: TrainConfig, networks: dict, optimizers: dict, iteration: int, nimg: int,
+                  rngs: list, dist: runtime.Dist, **meta) -> Path | None:
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if dist.rank == 0:  # a save that died part-way left this behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    runtime.barrier(dist)
+    writer = dcp.FileSystemWriter(tmp, sync_files=True)  # every rank fsyncs its shard files
+    dcp.save(_sharded_state(networks, optimizers), storage_writer=writer)
+    written = None
+    if dist.rank == 0:
+        data = {"format": FORMATS["distill"], "version": VERSION, "iteration": iteration, "nimg": nimg,
+                "world_size": dist.world, "config": config.to_dict(), "rng": rngs,
+                "teacher": teacher_reference(config.teacher), "sigma_init": config.sigma_init, **meta}
+        atomic_save(data, tmp / META_NAME, keep_previous=False)
+        written = _replace_dir(tmp, path)
+    runtime.barrier(dist)
+    return written
+
+
+def _replace_dir(tmp: Path, path: Path) -> Path:
+    """Rename the finished directory ``tmp`` onto ``path``, the replaced one kept as
+    ``previous_path(path)``. ``path`` names a whole checkpoint at every instant but one: between its two
+    renames only ``previous_path(path)`` (complete) and ``tmp`` (complete) exist."""
+    _fsync_dir(tmp)
+    prev = previous_path(path)
+    old_prev = prev.with_name(f".{prev.name}.old")
+    shutil.rmtree(old_prev, ignore_errors=True)
+    if path.exists():
+        if prev.exists():
+            os.replace(prev, old_prev)
+        os.replace(path, prev)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old_prev, ignore_errors=True)
+    return path
+
+
+def _load_sharded(path, config: TrainConfig, networks: dict, optimizers: dict) -> None:
+    """Read a sharded checkpoint into ``networks`` and ``optimizers`` (after ``fully_shard`` under FSDP: DCP
+    reads each rank's part of every tensor, whatever the number of processes that wrote it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    state = _sharded_state(networks, optimizers)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as exc:  # DCP raises CheckpointException, RuntimeError, KeyError for a mismatch
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit these networks (another teacher, "
+                              f"architecture or {TrainConfig.option('fake_score')}?): "
+                              f"{str(exc).strip()[:400]}") from None
+    set_state_dict(networks["generator"], optimizers["opt_g"], model_state_dict=state["generator"],
+                   optim_state_dict=state["opt_g"])
+    set_model_state_dict(networks["generator_ema"], state["generator_ema"])
+    set_state_dict(networks["fake"], optimizers["opt_fake"], model_state_dict=state["fake"],
+                   optim_state_dict=state["opt_fake"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+__all__ = ["save_distill", "load_distill", "read_distill", "distill_checkpoint_in", "resume_source",
+           "teacher_reference", "META_NAME"]

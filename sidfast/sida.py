@@ -1,0 +1,230 @@
+"""SiDA and SiD2A in the trainer (Zhou et al., ICLR 2025, "Adversarial Score identity Distillation";
+``docs/math.md``, "SiDA losses").
+
+The fake-score update also trains the fake score's own encoder as a discriminator between real images
+(``sidfast.data.RealData``) and generator samples given the same sigma and noise; the generator update adds a
+GAN term whose logits come from the fake-score forward it already runs (``sidfast.discriminator``). SiD2A
+starts the generator from a SiD run's EMA generator (``read_init_generator``).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from . import reference, runtime
+from .augment import AugmentPipe
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import RealData
+from .denoisers import _modules_of, format_labels
+from .discriminator import DiscriminatorPass, DiscriminatorTap
+from .engine import edm_noised
+from .loss import fake_score_loss, sida_discriminator_loss, sida_generator_loss
+from .networks import init_from_sid
+from .ops.noise import regenerate_noise
+from .phases import SiDPhases, noise_source
+from .schedules import broadcast
+
+# SiDA's generator loss once the GAN term is on: SIDA_MIX * loss_scale_g * L_sid + (1 - SIDA_MIX) *
+# loss_scale_gan * L_gan (published 0.5 / 0.5); and the value the fake score's gradients are clipped to.
+SIDA_MIX = 0.5
+SIDA_CLIP = 1.0
+SIDA_METRICS = ("loss_d", "loss_gan", "logit_real", "logit_fake")
+
+
+def takes_augment_labels(net: nn.Module) -> bool:
+    """Whether ``net`` or a network it wraps names an ``augment_labels`` argument (EDM's SongUNet and
+    DhariwalUNet), i.e. can be told which augmentation its input went through."""
+    for module in _modules_of(net):
+        try:
+            if "augment_labels" in inspect.signature(module.forward).parameters:
+                return True
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return False
+
+
+def read_init_generator(cfg) -> dict | None:
+    """SiD2A: the SiD checkpoint named by ``init_generator``, read before any network is touched."""
+    if cfg.method != "sid2a":
+        return None
+    try:
+        return load_checkpoint(cfg.init_generator, "distill")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{cfg.option('init_generator')}: {exc}") from None
+
+
+class SiDAPhases(SiDPhases):
+    """SiDA's two updates: the fake-score step with the discriminator loss L_D (gradients clipped to
+    ``SIDA_CLIP``), the generator step with L_gan (its optimizer stepping only after ``g_start_kimg``).
+    Holds the real images, the augmentation, the discriminator tap and SiDA's metrics."""
+
+    clip = SIDA_CLIP
+
+    def __init__(self, trainer, conditioner, data=None, init: dict | None = None):
+        """``init``: SiD2A's SiD checkpoint (``read_init_generator``), loaded into the generator and its EMA
+        before the real images are opened."""
+        super().__init__(trainer, conditioner)
+        cfg = self.cfg
+        # SiDA's published recipe: EDM teachers, class labels at most, no guidance
+        unsupported = [what for what, on in (("guidance", self.scales.active),
+                                             ("text prompts", self.conditioning.prompts),
+                                             ("a flow-matching teacher", self.flow),
+                                             (cfg.option("fsdp"), cfg.fsdp)) if on]
+        if unsupported:
+            raise ValueError(f"{cfg.option('method')} {cfg.method} does not combine with "
+                             f"{', '.join(unsupported)} yet; use {cfg.option('method')} sid for them")
+        # the loss scales are applied inside the losses (the terms have their own)
+        self.loss_scale_fake = 1.0
+        self.loss_scale_g = 1.0
+        if init is not None:
+            init_from_sid(trainer.generator, trainer.generator_ema, init, cfg.init_generator)
+        self.real_data = self._open_real_data(data)
+        self.augment = self._augment_pipe()
+        self.tap = None
+        self.nimg = 0
+        self._sums: dict = {}  # metrics summed since the last record
+        self._summed = 0
+
+    def _open_real_data(self, data) -> RealData:
+        """SiDA's real images (``distill(data=...)``, else option ``data``), this rank's share, checked
+        against the teacher's image shape and classes."""
+        cfg = self.cfg
+        t = self.trainer
+        data = cfg.data if data is None else data
+        if data is None:
+            raise ValueError(f"{cfg.option('method')} {cfg.method} trains on real images: pass "
+                             f"{cfg.option('data')} PATH (a folder of images, a dataset.zip, an .npz/.npy or "
+                             ".pt file; docs/data.md)")
+        shape = tuple(t.image_shape)
+        if len(shape) != 3 or shape[0] not in (1, 3):
+            raise ValueError(f"{cfg.option('data')}: real images are C x H x W with 1 or 3 channels, but the "
+                             f"teacher's samples have shape {shape}")
+        return RealData(data, t.batch_gpu, rank=t.dist.rank, world=t.dist.world, seed=cfg.seed,
+                        shape=shape, num_classes=t.num_classes or None)
+
+    def _augment_pipe(self) -> AugmentPipe | None:
+        cfg = self.cfg
+        if cfg.augment_p == 0:
+            return None
+        if not takes_augment_labels(self.trainer.fake):
+            raise ValueError(f"{cfg.option('augment_p')} {cfg.augment_p}: the fake score takes no "
+                             "augment_labels, so it could not tell augmented images from real ones (EDM's "
+                             "augmentation is non-leaking only for networks conditioned on it, e.g. "
+                             "augment_dim=9); use 0")
+        return AugmentPipe(cfg.augment_p)
+
+    def discriminator_pass(self, engine) -> DiscriminatorPass:
+        """The tap that reads the discriminator's logits off the fake score (the engine's, which it also puts
+        on the generator phase's frozen view), and the fake-score step as one module call, f_psi and D_fake
+        at x_t and D_real at the real images (``DiscriminatorPass``: one forward per DDP backward)."""
+        if engine is not None:
+            self.tap = engine.attach_discriminator(self.cfg.disc_layer)
+        else:
+            self.tap = DiscriminatorTap(self.trainer.fake, self.cfg.disc_layer)
+        return DiscriminatorPass(self.tap)
+
+    def begin(self, iteration: int, nimg: int) -> None:
+        super().begin(iteration, nimg)
+        self.nimg = nimg
+        self._summed += 1
+
+    @property
+    def updates_generator(self) -> bool:
+        """The generator's optimizer steps only after ``g_start_kimg`` thousand images, as published."""
+        return self.nimg > self.cfg.g_start_kimg * 1000
+
+    # ---- the two updates (docs/math.md, "SiDA losses") ----
+    def fake_score_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fake-score loss and the discriminator loss L_D of fresh samples and real images given the same
+        sigma and noise: (L_psi, scale * (loss_scale_fake L_psi + loss_scale_d L_D))."""
+        cfg = self.cfg
+        t = self.trainer
+        real, labels = self._real_batch()
+        with torch.no_grad():  # published: the generator draws for the real batch's labels
+            x_g, labels, gen_cond = self.generate(t.generator_sample, labels=labels)
+        sigma = reference.edm_training_sigma(t.batch_gpu, cfg.p_mean, cfg.p_std, device=t.device)
+        # the published order: augment x_g, draw the noise, augment the real images
+        x_g, cond = self._augmented(x_g)
+        cond = {**gen_cond, **cond}
+        noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
+        x_t, seed = edm_noised(x_g, sigma, noise)
+        eps = noise if noise is not None else regenerate_noise(seed, x_g.shape).to(x_g.dtype)
+        real, real_cond = self._augmented(real)
+        x_real_t, _ = edm_noised(real, sigma, eps)
+        if t.engine is not None and not t.dist.enabled:
+            pred, d_fake, d_real = t.engine.fake_score_with_logits(x_t, x_real_t, sigma, labels, real_cond,
+                                                                  **cond)
+        else:  # DDP: the wrapper's hooks average the fake score's gradients
+            with runtime.autocast(t.device, cfg.precision):
+                pred, d_fake, d_real = t.fake_train(x_t, sigma, labels, x_real_t, real_cond=real_cond,
+                                                    **cond)
+        pred = pred.float()
+        # published: samples with NaN in x_g, the prediction or either logits are dropped from both losses
+        loss_d = sida_discriminator_loss(d_real, d_fake, sigma, cfg.sigma_data, x_g=x_g, y_fake=pred)
+        keep = broadcast(~reference.nan_rows(pred, x_g, d_fake, d_real), x_g)
+        loss = fake_score_loss(torch.where(keep, pred, 0.0), torch.where(keep, x_g, 0.0), noise, 1.0, sigma,
+                               prediction="x0", weighting="edm", sigma_data=cfg.sigma_data,
+                               reduction="batchmean", seed=seed)
+        self._note(loss_d=loss_d, logit_real=d_real.mean(), logit_fake=d_fake.mean())
+        return loss, scale * (cfg.loss_scale_fake * loss + cfg.loss_scale_d * loss_d)
+
+    def generator_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_sid and L_gan of fresh samples, the logits from the same fake-score forward as f_psi:
+        (L_sid, scale * loss), loss = loss_scale_g L_sid, mixed with loss_scale_gan L_gan once more than
+        gan_start_kimg thousand images were seen."""
+        cfg = self.cfg
+        t = self.trainer
+        x_g, labels, _ = self.generate(t.generator_train, t.generator_sample)
+        sigma = reference.generator_sigma(t.batch_gpu, cfg.tmax, cfg.sigma_min, cfg.sigma_max, cfg.rho,
+                                          device=t.device)
+        noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
+        if t.engine is not None:
+            y_real, y_fake, logits = t.engine.generator_terms_with_logits(x_g, sigma, labels, noise=noise)
+        else:
+            x_t, _ = edm_noised(x_g, sigma, noise)
+            with runtime.autocast(t.device, cfg.precision):
+                y_real = t.teacher(x_t, sigma, labels)
+                y_fake, logits = self.tap.forward_with_logits(x_t, sigma, labels)
+        loss_sid, loss_gan = sida_generator_loss(y_real.float(), y_fake.float(), x_g, logits, cfg.sid_alpha)
+        loss = cfg.loss_scale_g * loss_sid
+        if self.nimg > cfg.gan_start_kimg * 1000:
+            loss = SIDA_MIX * loss + (1 - SIDA_MIX) * cfg.loss_scale_gan * loss_gan
+        self._note(loss_gan=loss_gan)
+        return loss_sid, scale * loss
+
+    # ---- their parts ----
+    def _real_batch(self):
+        """The next real micro-batch of this rank and its labels in the networks' format (None for an
+        unconditional teacher)."""
+        t = self.trainer
+        images, idx = next(self.real_data)
+        images = images.to(t.device, non_blocking=True)
+        if not t.num_classes:
+            return images, None
+        return images, format_labels(idx.to(t.device), t.num_classes, t.label_format, check=False)
+
+    def _augmented(self, images):
+        """EDM's augmentation of ``images`` (a fresh draw per call, as published for the real and the
+        generated batch) and the conditioning that tells the fake score about it."""
+        if self.augment is None:
+            return images, {}
+        images, augment_labels = self.augment(images)
+        return images, {"augment_labels": augment_labels}
+
+    def _note(self, **values: torch.Tensor) -> None:
+        """Add one micro-batch's metrics (detached, averaged over the micro-batches of an update)."""
+        for name, value in values.items():
+            value = value.detach().float() / self.trainer.rounds
+            self._sums[name] = value if name not in self._sums else self._sums[name] + value
+
+    def take_metrics(self) -> dict:
+        """SiDA's metrics averaged over the iterations since the last call."""
+        out = {name: float(total) / max(self._summed, 1) for name, total in self._sums.items()}
+        self._sums = {}
+        self._summed = 0
+        return out
+
+
+__all__ = ["SiDAPhases", "SIDA_METRICS", "read_init_generator", "takes_augment_labels"]
