@@ -40,7 +40,6 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from defaults < resumed checkpoint < --config file < explicit options."""
-    from .checkpoint import CheckpointError
     from .run_checkpoint import distill_checkpoint_in, read_distill
     from .config import TrainConfig
 

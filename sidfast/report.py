@@ -9,10 +9,13 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def _atomic_write(path: Path, write) -> Path:
@@ -181,6 +184,38 @@ def plot_losses(records: list[dict], path, keys=LOSS_KEYS) -> Path | None:
         return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
+
+
+@dataclass
+class DistillResult:
+    """What ``sidfast.train.distill`` returns."""
+
+    generator: nn.Module
+    generator_ema: nn.Module
+    fake: nn.Module
+    iteration: int
+    nimg: int
+    seconds: float
+    interrupted: Optional[str]  # None, "SIGINT", "SIGTERM" or "callback"
+    checkpoint: Optional[Path]
+    run_dir: Path
+    summary: dict
+    last: dict  # the last metrics record
+
+
+def run_summary(iteration: int, ran: int, nimg: int, batch: int, seconds: float, last: dict, processes: int,
+                device, checkpoint, interrupted, complete: bool = False, extra_keys=()) -> dict:
+    """summary.json of a distill run: counters, speed of this process's part (``ran`` iterations in
+    ``seconds``), the last averaged losses (and ``extra_keys`` of the last metrics record), where it saved."""
+    summary = {"iterations": iteration, "iterations_this_run": ran, "images": nimg, "seconds": round(seconds, 3),
+               "it_per_s": ran / max(seconds, 1e-9), "img_per_s": ran * batch / max(seconds, 1e-9),
+               "loss_g": last.get("loss_g"), "loss_fake": last.get("loss_fake"), "processes": processes,
+               "device": str(device), "checkpoint": str(checkpoint) if checkpoint else None,
+               "interrupted": interrupted}
+    summary.update({k: last[k] for k in extra_keys if k in last})
+    if complete:
+        summary["complete_before_start"] = True
+    return summary
 
 
 def summary_table(rows: list[tuple[str, object]], title: str = "summary") -> str:

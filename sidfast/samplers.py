@@ -153,6 +153,18 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
     return torch.cat(outs)
 
 
+def grid_samples(net, cfg, image_shape, num_classes: int, label_format: str, device, cond=None,
+                 one_step: bool = True) -> torch.Tensor:
+    """A distill run's sample grid (``cfg``: its ``TrainConfig``): ``cfg.grid_size`` images of the generator
+    (``one_step``; all ``cfg.gen_steps`` steps) or of the teacher (Heun, ``cfg.teacher_steps`` steps), from
+    the same latents and labels at every call."""
+    return sample_images(net, cfg.grid_size, image_shape, cfg.sigma_init if one_step else None,
+                         1 if one_step else cfg.teacher_steps, num_classes, label_format, seed=cfg.seed + 20240,
+                         batch=cfg.grid_size, device=device, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
+                         rho=cfg.rho, gen_steps=cfg.gen_steps, step_spacing=cfg.step_spacing,
+                         renoise=cfg.renoise, cond=cond)
+
+
 def from_checkpoint(path, teacher: str | None = None):
     """(network, keyword arguments of ``sample_images``) for a sidfast checkpoint: the EMA generator of a
     distillation checkpoint (the K generator steps it was trained with), or the network of a network
@@ -183,5 +195,5 @@ def from_checkpoint(path, teacher: str | None = None):
     return net, {"shape": shape, "num_classes": infer_num_classes(net)}
 
 
-__all__ = ["edm_sample", "one_step_sample", "sample_images", "from_checkpoint",
+__all__ = ["edm_sample", "one_step_sample", "sample_images", "grid_samples", "from_checkpoint",
            "num_evaluations", "METHODS"]

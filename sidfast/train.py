@@ -18,40 +18,24 @@ import contextlib
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-from torch import nn
 
 from . import runtime
 from .config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
 from .networks import build_networks
 from .phases import SiDPhases
-from .report import save_grid
+from .report import DistillResult, run_summary, save_grid
 from .run_checkpoint import load_distill, read_distill, resume_source, save_distill, teacher_reference
 from .runtime import resolve_device, seed_everything
+from .samplers import grid_samples
 from .sharding import shard_run
 from .sida import SIDA_METRICS, SiDAPhases, read_init_generator
 from .updates import _nan_to_num_, ema_beta, sanitize_grads, update_ema
 
 METHOD_NAMES = {"sid": "SiD", "sida": "SiDA", "sid2a": "SiD2A"}
-
-
-@dataclass
-class DistillResult:
-    generator: nn.Module
-    generator_ema: nn.Module
-    fake: nn.Module
-    iteration: int
-    nimg: int
-    seconds: float
-    interrupted: Optional[str]  # None, "SIGINT", "SIGTERM" or "callback"
-    checkpoint: Optional[Path]
-    run_dir: Path
-    summary: dict
-    last: dict  # the last metrics record
 
 
 class _Trainer:
@@ -212,20 +196,13 @@ class _Trainer:
         asked = [bool(cb(state)) for cb in self.callbacks]  # every callback runs
         return "callback" if any(asked) else None
 
-    # ---- sample grids (rank 0): the same latents and labels in every grid ----
+    # ---- sample grids: the same latents and labels in every grid; sharded networks run their forward on
+    # every rank (each holds a part of the weights), rank 0 writes ----
     def _grid(self, net, one_step: bool):
-        from .samplers import sample_images
+        cond = self.phases.conditioning.for_grid(self.cfg.grid_size)
+        return grid_samples(net, self.cfg, self.image_shape, self.num_classes, self.label_format, self.device,
+                            cond, one_step)
 
-        cfg = self.cfg
-        cond = self.phases.conditioning.for_grid(cfg.grid_size)
-        return sample_images(net, cfg.grid_size, self.image_shape, cfg.sigma_init if one_step else None,
-                             1 if one_step else cfg.teacher_steps, self.num_classes, self.label_format,
-                             seed=cfg.seed + 20240,
-                             batch=cfg.grid_size, device=self.device, sigma_min=cfg.sigma_min,
-                             sigma_max=cfg.sigma_max, rho=cfg.rho, gen_steps=cfg.gen_steps,
-                             step_spacing=cfg.step_spacing, renoise=cfg.renoise, cond=cond)
-
-    # (sharded networks run their forward on every rank: each holds a part of the weights)
     def write_student_grid(self, name: str) -> None:
         if (self.rank0 or self.cfg.fsdp) and self.cfg.grid_size:
             grid = self._grid(self.generator_ema, one_step=True)
@@ -280,7 +257,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                 f"{cfg.option('resume')} {trainer.resume_path} {cfg.option('run_dir')} {cfg.run_dir} "
                 f"{cfg.option('iterations')} {2 * trainer.iteration}")
         runtime.shutdown(trainer.dist)
-        return _result(trainer, cfg, 0.0, start_iteration, last, trainer.resume_path, None, complete=True)
+        return _result(trainer, 0.0, start_iteration, last, trainer.resume_path, None, complete=True)
 
     metrics = MetricsLog(trainer.run_dir / "metrics.jsonl", enabled=trainer.rank0)
     if trainer.rank0:
@@ -345,7 +322,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
 
     # Write the summary.
     seconds = time.perf_counter() - start_time
-    result = _result(trainer, cfg, seconds, start_iteration, last, checkpoint, interrupted)
+    result = _result(trainer, seconds, start_iteration, last, checkpoint, interrupted)
     if trainer.rank0:
         plot_losses(read_metrics(metrics.path), trainer.run_dir / "losses.png")
         (trainer.run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
@@ -355,18 +332,11 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
             say(summary_table(rows, f"{METHOD_NAMES[cfg.method]} distillation" + stopped))
     return result
 
-def _result(trainer: _Trainer, cfg: TrainConfig, seconds: float, start_iteration: int, last: dict,
-            checkpoint, interrupted, complete: bool = False) -> DistillResult:
-    ran = trainer.iteration - start_iteration
-    summary = {"iterations": trainer.iteration, "iterations_this_run": ran, "images": trainer.nimg,
-               "seconds": round(seconds, 3), "it_per_s": ran / max(seconds, 1e-9),
-               "img_per_s": ran * cfg.batch / max(seconds, 1e-9), "loss_g": last.get("loss_g"),
-               "loss_fake": last.get("loss_fake"), "processes": trainer.dist.world,
-               "device": str(trainer.device),
-               "checkpoint": str(checkpoint) if checkpoint else None, "interrupted": interrupted}
-    summary.update({k: last[k] for k in SIDA_METRICS if k in last})
-    if complete:
-        summary["complete_before_start"] = True
+def _result(trainer: _Trainer, seconds: float, start_iteration: int, last: dict, checkpoint, interrupted,
+            complete: bool = False) -> DistillResult:
+    summary = run_summary(trainer.iteration, trainer.iteration - start_iteration, trainer.nimg, trainer.cfg.batch,
+                          seconds, last, trainer.dist.world, trainer.device, checkpoint, interrupted, complete,
+                          extra_keys=SIDA_METRICS)
     return DistillResult(generator=trainer.generator, generator_ema=trainer.generator_ema, fake=trainer.fake,
                          iteration=trainer.iteration, nimg=trainer.nimg, seconds=seconds,
                          interrupted=interrupted, checkpoint=checkpoint, run_dir=trainer.run_dir,

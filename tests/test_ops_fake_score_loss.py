@@ -9,7 +9,6 @@ from utils import DEVICE, requires_cuda, triton_route
 
 import sidfast
 from sidfast import reference
-from sidfast.ops import backend
 from sidfast.ops import fake_score_loss as F
 from sidfast.ops import noise as Nz
 from sidfast.schedules import EDMSchedule, FlowSchedule, VPSchedule
