@@ -1,46 +1,12 @@
-"""The score engine: teacher and fake score evaluated together at one noised batch, for both SiD updates.
-
-A SiD iteration (``docs/math.md``, "Published recipe") evaluates, per sample,
-- for the fake-score update ("Fake-score loss"): the fake score ``f_psi(x_t)`` at
-  ``x_t = sg(x_g) + sigma * eps``, with gradients into the fake score's parameters (``fake_score_forward``);
-- for the generator update ("SiD generator loss"): teacher ``f_phi(x_t)`` and fake score ``f_psi(x_t)`` at
-  ``x_t = x_g + sigma * eps``, back-propagated into ``x_g`` through ``x_t`` only: neither network gets
-  parameter gradients (``generator_terms``).
-
-Design:
-- The generator phase runs *frozen views* (``sidfast.views``): module trees whose parameters share the
-  networks' storage but never require grad. Autograd then computes input gradients only, saves nothing for
-  weight gradients, and ``requires_grad`` is never toggled (toggling it makes compiled networks recompile).
-  Optimizer steps update the shared storage in place, so views (and graphs captured over them) see new
-  weights.
-- ``mode="full"`` (the published recipe): teacher and fake score are two networks, called one after the
-  other; on CUDA both run inside one captured CUDA graph, launched at once.
-- ``mode="lora"``: the fake score is the teacher's own frozen weights plus a low-rank update
-  (``lora.LoRAFakeScore``); the generator phase is ONE forward over the doubled batch ``[x_t; x_t]`` with the
-  low-rank update applied only to the second half.
-- On CUDA (``graphs="auto"``), each phase is captured per (input shapes, dtypes, train/eval state) with
-  ``torch.cuda.make_graphed_callables`` (``sidfast._graphs.GraphCache``: static buffers, forward and
-  backward graphs, at most ``max_graphs`` kept), after ``torch.compile`` when ``compile=True``; a new batch
-  size is captured anew (``recapture=True``) or refused with a ValueError (``recapture=False``). bf16
-  autocast (``amp_dtype``) runs inside, with fp32 master weights; outputs come back in the input dtype, so
-  the loss math stays fp32. A captured phase called again before the backward of its previous call raises
-  a RuntimeError: the replay would overwrite the activations that backward needs.
-- SiDA (``attach_discriminator``): ``generator_terms_with_logits`` and ``fake_score_with_logits`` also return
-  the discriminator logits, read off the fake score's encoder inside the same forward, compiled function and
-  captured graph (``sidfast.discriminator.with_logits``).
-- Guidance (scales other than 1): ``sidfast._guided_eval``, compiled and captured the same way.
-- Noise: ``generator_terms(..., noise=None)`` draws eps inside the ``add_noise`` kernel
-  (``sidfast.ops.noise``: Philox from a seed tensor, no eps in memory). The noising runs eagerly *before*
-  the captured graph, whose input is x_t: every call draws a new seed from torch's generator, so every
-  replay sees fresh noise, and the graph holds no random state of its own (a seed drawn inside a graph
-  would repeat on every replay unless its generator were registered with the graph).
-
-Everything is in EDM coordinates (``sidfast.denoisers``): ``x_t = x0 + sigma * eps``, outputs are x0
-estimates.
+"""The score engine: teacher and fake score evaluated together at one noised batch, for both SiD updates:
+``fake_score_forward`` (the fake score at x_t = sg(x_g) + sigma eps, gradients into its parameters) and
+``generator_terms`` (teacher and fake score at x_t = x_g + sigma eps, input gradients only, through frozen
+views of the networks' storage). Mode "full" runs two networks (one CUDA graph on a GPU), mode "lora" one
+forward of the teacher's shared weights over the doubled batch. The design, CUDA graphs, guidance, SiDA's
+logits and the in-kernel noise: ``docs/engine.md``. Everything is in EDM coordinates (``sidfast.denoisers``).
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 from torch import nn
@@ -52,10 +18,10 @@ from ._graphs import MAX_GRAPHS, GraphCache
 from ._guided_eval import guided_function, null_arguments
 from .denoisers import Denoiser, as_denoiser, sigma_per_sample
 from .discriminator import DiscriminatorTap, with_logits
-from .lora import LoRAFakeScore, lora_parameters, set_lora_mode
+from .lora import LoRAFakeScore, fake_score_over, lora_parameters, set_lora_mode
 from .ops.noise import add_noise
 from .schedules import broadcast
-from .views import FrozenMirror, frozen_view, same_storage
+from .views import FrozenMirror, frozen_view
 
 MODES = ("full", "lora")
 
@@ -123,27 +89,8 @@ class ScoreEngine:
         self.teacher.eval()
         if self.channels_last:
             self.teacher.to(memory_format=torch.channels_last)
-        if mode == "full":
-            if fake is None:
-                fake = copy.deepcopy(self.teacher).requires_grad_(True).train()
-                fake.name = "fake score"
-            else:
-                fake = as_denoiser(fake, name="fake score")
-            if fake is self.teacher:
-                raise ValueError("fake must be a separate network from the teacher in mode 'full' (use "
-                                 "mode='lora' to share the teacher's weights)")
-            if self.channels_last:
-                fake.to(memory_format=torch.channels_last)
-        elif fake is None:
-            fake = LoRAFakeScore(self.teacher, lora_rank, lora_alpha, lora_dropout, lora_targets)
-        else:
-            if not isinstance(fake, LoRAFakeScore):
-                raise ValueError("mode='lora' takes fake=None (the engine builds the LoRA fake score) or a "
-                                 f"sidfast.lora.LoRAFakeScore over this teacher, got {type(fake).__name__}")
-            base = [p for n, p in fake.net.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
-            if not same_storage(base, list(self.teacher.parameters())):
-                raise ValueError("fake is a LoRAFakeScore over another network: its frozen weights are not "
-                                 "this teacher's")
+        fake = fake_score_over(self.teacher, fake, mode, self.channels_last, lora_rank, lora_alpha,
+                               lora_dropout, lora_targets)
         self.fake: Denoiser = fake
         self._graphs: GraphCache | None = None
         self._tap: DiscriminatorTap | None = None

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .denoisers import Denoiser
-from .views import frozen_view
+from .denoisers import Denoiser, as_denoiser
+from .views import frozen_view, same_storage
 
 LORA_LAYER_MODES = ("on", "off", "split")
 
@@ -391,6 +391,35 @@ class LoRAGenerator(LoRADenoiser):
         super().__init__(net, rank, alpha, dropout, targets, name)
 
 
-__all__ = ["LoRADenoiser", "LoRAFakeScore", "LoRAGenerator", "LoRALayer", "LoRALinear", "LoRAConv2d",
+def fake_score_over(teacher, fake, mode: str, channels_last: bool = False, lora_rank: int = 64,
+                    lora_alpha: float | None = None, lora_dropout: float = 0.0, lora_targets=None):
+    """The fake score of a score engine over ``teacher``: mode "full": ``fake`` (default: a trainable copy of
+    the teacher); mode "lora": ``fake`` must be a ``LoRAFakeScore`` over this teacher's weights (default: a new
+    one of ``lora_rank``)."""
+    if mode == "full":
+        if fake is None:
+            fake = copy.deepcopy(teacher).requires_grad_(True).train()
+            fake.name = "fake score"
+        else:
+            fake = as_denoiser(fake, name="fake score")
+        if fake is teacher:
+            raise ValueError("fake must be a separate network from the teacher in mode 'full' (use "
+                             "mode='lora' to share the teacher's weights)")
+        if channels_last:
+            fake.to(memory_format=torch.channels_last)
+    elif fake is None:
+        fake = LoRAFakeScore(teacher, lora_rank, lora_alpha, lora_dropout, lora_targets)
+    else:
+        if not isinstance(fake, LoRAFakeScore):
+            raise ValueError("mode='lora' takes fake=None (the engine builds the LoRA fake score) or a "
+                             f"sidfast.lora.LoRAFakeScore over this teacher, got {type(fake).__name__}")
+        base = [p for n, p in fake.net.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
+        if not same_storage(base, list(teacher.parameters())):
+            raise ValueError("fake is a LoRAFakeScore over another network: its frozen weights are not "
+                             "this teacher's")
+    return fake
+
+
+__all__ = ["fake_score_over", "LoRADenoiser", "LoRAFakeScore", "LoRAGenerator", "LoRALayer", "LoRALinear", "LoRAConv2d",
            "LoRAWeight", "add_lora", "default_target", "lora_layers", "set_lora_mode", "lora_parameters",
            "lora_state_dict", "merge_lora", "LORA_LAYER_MODES"]
