@@ -51,6 +51,8 @@ class _Trainer:
         self.dist = runtime.init_distributed(cfg.device, group_always=cfg.fsdp)
         self.rank0 = self.dist.rank == 0
         self.device = resolve_device(cfg.device, self.dist.local_rank)
+        if self.device.type == "cuda":  # kernels launch on the current device: make it the run's (cuda:N)
+            torch.cuda.set_device(self.device)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_path = self.run_dir / (SHARDED_CHECKPOINT_NAME if cfg.fsdp else CHECKPOINT_NAME)
         self.resume_path = resume_source(cfg, self.run_dir)

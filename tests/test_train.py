@@ -539,6 +539,16 @@ def test_cuda_run_is_a_device_switch(tmp_path, engine):
     assert next(res.generator.parameters()).is_cuda and math.isfinite(res.last["loss_g"])
 
 
+@requires_cuda(condition=torch.cuda.device_count() >= 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("engine", ["eager", "fused"])
+def test_a_run_on_the_second_gpu_makes_it_the_current_device(tmp_path, engine):
+    torch.cuda.set_device(0)
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=2, device="cuda:1", engine=engine, grid_size=4,
+                        teacher_steps=2), tiny_teacher(), log=None)
+    assert next(res.generator.parameters()).device == torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 1 and math.isfinite(res.last["loss_g"])
+
+
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_fused_engine_path_matches_the_eager_path(tmp_path, num_classes):
     """engine="fused" (sidfast.engine over frozen views) trains bitwise like two eager calls on CPU."""
