@@ -146,13 +146,28 @@ class GuidanceScales:
 # ---- conditions ----
 
 def _tensor_items(cond, what: str):
-    """{keyword or None: tensor} of a condition; None stands for the third positional argument."""
+    """{key: tensor} of a condition: None stands for the third positional argument (class labels), a
+    ``(keyword, name)`` pair for a tensor in a nested keyword dict (SDXL's ``added_cond_kwargs``)."""
     if isinstance(cond, torch.Tensor):
         return {None: cond}
     if isinstance(cond, dict):
-        return {k: v for k, v in cond.items() if isinstance(v, torch.Tensor)}
+        items = {}
+        for k, v in cond.items():
+            if isinstance(v, torch.Tensor):
+                items[k] = v
+            elif isinstance(v, dict):
+                items.update({(k, name): t for name, t in v.items() if isinstance(t, torch.Tensor)})
+        return items
     raise TypeError(f"{what} must be a tensor of class labels or a dict of keyword tensors, got "
                     f"{type(cond).__name__}")
+
+
+def _lookup(cond: dict, key):
+    """The entry of ``key`` (a keyword, or a (keyword, name) pair of a nested dict) in ``cond``, or None."""
+    if isinstance(key, tuple):
+        inner = cond.get(key[0])
+        return inner.get(key[1]) if isinstance(inner, dict) else None
+    return cond.get(key)
 
 
 def _rows(cond) -> int:
@@ -188,17 +203,23 @@ def _null_items(cond, null_cond, batch: int) -> dict:
     if not isinstance(null_cond, dict):
         raise TypeError(f"null_cond must be a dict like cond (keys {sorted(items)}), got "
                         f"{type(null_cond).__name__}")
-    missing = [k for k in items if k not in null_cond]
+    missing = [k for k in items if _lookup(null_cond, k) is None]
     if missing:
         raise ValueError(f"null_cond lacks the keys {missing} of cond")
-    return {k: _null_like(null_cond[k], v, batch, k) for k, v in items.items()}
+    return {k: _null_like(_lookup(null_cond, k), v, batch, k) for k, v in items.items()}
 
 
 def _rebuild(cond, tensors: dict):
     """``cond`` with its tensors replaced by ``tensors`` (same keys; non-tensor entries kept)."""
     if isinstance(cond, torch.Tensor):
         return tensors[None]
-    return {k: tensors.get(k, v) for k, v in cond.items()}
+    out = {}
+    for k, v in cond.items():
+        if isinstance(v, dict):
+            out[k] = {name: tensors.get((k, name), t) for name, t in v.items()}
+        else:
+            out[k] = tensors.get(k, v)
+    return out
 
 
 def _call(net, x, sigma, cond):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from sidfast import guidance, reference
 from sidfast import predictions as P
 from sidfast import reference as R
 from sidfast.guidance import CONDITION_DROPOUT, PRESETS, GuidanceScales, drop_condition, guided, null_labels
@@ -253,3 +254,31 @@ def test_null_labels():
         null_labels(10, "index")
     with pytest.raises(ValueError, match="needs a conditional network"):
         null_labels(0, "onehot")
+
+
+class NestedKeywords(torch.nn.Module):
+    """A text denoiser taking SDXL-style nested keywords: encoder_hidden_states and added_cond_kwargs."""
+
+    def forward(self, x, sigma, encoder_hidden_states, added_cond_kwargs):
+        text = encoder_hidden_states.mean(dim=(1, 2)) + added_cond_kwargs["text_embeds"].sum(1)
+        return x * (1 + added_cond_kwargs["time_ids"][:, :1]) + text[:, None]
+
+
+def test_guidance_and_dropout_reach_nested_keyword_tensors():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    cond = {"encoder_hidden_states": torch.randn(3, 2, 5, generator=g, dtype=torch.float64),
+            "added_cond_kwargs": {"text_embeds": torch.randn(3, 6, generator=g, dtype=torch.float64),
+                                  "time_ids": torch.rand(3, 6, generator=g, dtype=torch.float64)}}
+    null = {"encoder_hidden_states": torch.zeros(1, 2, 5, dtype=torch.float64),
+            "added_cond_kwargs": {"text_embeds": torch.zeros(1, 6, dtype=torch.float64),
+                                  "time_ids": cond["added_cond_kwargs"]["time_ids"][:1]}}
+    net = NestedKeywords()
+    expanded = guidance.expand_null(cond, null, 3)
+    want = reference.cfg_combine(guidance.call(net, x, 1.0, expanded), guidance.call(net, x, 1.0, cond), 2.0)
+    torch.testing.assert_close(guidance.guided(net, x, 1.0, cond, null, 2.0), want, rtol=0, atol=1e-12)
+    dropped = guidance.drop_condition(cond, null, 1.0)
+    assert torch.equal(dropped["added_cond_kwargs"]["text_embeds"], torch.zeros(3, 6, dtype=torch.float64))
+    assert torch.equal(dropped["encoder_hidden_states"], torch.zeros(3, 2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="lacks the keys"):
+        guidance.guided(net, x, 1.0, cond, {"encoder_hidden_states": null["encoder_hidden_states"]}, 2.0)
