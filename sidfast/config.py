@@ -13,6 +13,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LABEL_FORMATS = ("auto", "onehot", "index")
 ENGINES = ("eager", "fused")
 FAKE_SCORES = ("full", "lora")
+GENERATORS = ("full", "lora")
 NOISES = ("auto", "kernel", "torch")
 METHODS = ("sid", "sida", "sid2a")
 ADVERSARIAL = ("sida", "sid2a")  # the methods that train on real images with the fake score's encoder as D
@@ -137,7 +138,11 @@ class TrainConfig:
     fake_score: str = _t("full", "fake score: full (published: a trainable copy of the teacher) or lora "
                                  "(a low-rank update over the teacher's frozen, shared weights: no copy)",
                          choices=FAKE_SCORES)
-    lora_rank: int = _t(64, "rank of the LoRA fake score's updates (with fake_score lora)")
+    generator: str = _t("full", "generator: full (published: a trainable copy of the teacher) or lora (a "
+                                "low-rank update over the teacher's frozen, shared weights; its EMA and "
+                                "checkpoints hold the factors only)", choices=GENERATORS)
+    lora_rank: int = _t(64, "rank of the LoRA updates (with fake_score lora and/or generator lora: one rank "
+                            "for both)")
     noise: str = _t("auto", "eps of both updates: kernel (drawn inside the fused noising kernel from a seed "
                             "of torch's RNG; the fake-score loss regenerates it, nothing stored), torch "
                             "(torch.randn, the published draw) or auto (kernel where sidfast's Triton "
@@ -345,9 +350,10 @@ class TrainConfig:
                 raise ValueError(f"option image_shape must be positive integers, got {self.image_shape!r}")
             self.image_shape = shape
         for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES),
-                              ("fake_score", FAKE_SCORES), ("noise", NOISES), ("method", METHODS),
-                              ("guidance", GUIDANCE_PRESETS), ("step_spacing", STEP_SPACINGS),
-                              ("renoise", RENOISES), ("generator_weighting", GENERATOR_WEIGHTINGS),
+                              ("fake_score", FAKE_SCORES), ("generator", GENERATORS), ("noise", NOISES),
+                              ("method", METHODS), ("guidance", GUIDANCE_PRESETS),
+                              ("step_spacing", STEP_SPACINGS), ("renoise", RENOISES),
+                              ("generator_weighting", GENERATOR_WEIGHTINGS),
                               ("fsdp_precision", FSDP_PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"option {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -370,6 +376,10 @@ class TrainConfig:
             raise ValueError(f"{self.option('engine')} {self.engine} evaluates the score networks over "
                              f"frozen views of unsharded weights; with {self.option('fsdp')} use "
                              f"{self.option('engine')} eager")
+        if self.fsdp and self.generator == "lora":
+            raise ValueError(f"{self.option('generator')} lora shares the teacher's weights, which "
+                             f"{self.option('fsdp')} shards as the teacher's (or the LoRA fake score's) own; "
+                             f"with {self.option('fsdp')} use {self.option('generator')} full")
         if self.fsdp_precision != "fp32" and not self.fsdp:
             raise ValueError(f"{self.option('fsdp_precision')} {self.fsdp_precision} needs "
                              f"{self.option('fsdp')}; without it use {self.option('precision')}")

@@ -4,7 +4,7 @@
   (a U-Net with a VP scheduler, a flow-matching transformer, a text-to-image pipeline with its text
   encoders), or ``module:function``; errors are ``CheckpointError`` naming ``--teacher``.
 - ``build_generator(data, path)``: the EMA generator of a distillation checkpoint, rebuilt from its recorded
-  architecture or from its teacher.
+  architecture or from its teacher (a LoRA generator: its factors merged into the teacher's weights).
 """
 from __future__ import annotations
 
@@ -121,6 +121,12 @@ def _generator_network(data: dict, path, teacher: str | None):
         except Exception as exc:
             raise CheckpointError(f"checkpoint {str(path)!r}: cannot rebuild the generator with "
                                   f"{arch.get('builder')!r} ({type(exc).__name__}: {exc})") from None
+    return _teacher_network(data, path, teacher)
+
+
+def _teacher_network(data: dict, path, teacher: str | None):
+    """The teacher a checkpoint's generator was distilled from: ``teacher`` (where it is now) or the one the
+    checkpoint names."""
     stored = data.get("teacher")
     if teacher is None and not stored:
         raise CheckpointError(f"checkpoint {str(path)!r} does not say how to rebuild its generator (it was "
@@ -137,10 +143,13 @@ def build_generator(data: dict, path, teacher: str | None = None) -> torch.nn.Mo
     """The EMA generator (a Denoiser in eval mode) of a distillation checkpoint read by ``load_checkpoint``.
 
     teacher: where the teacher is now, for checkpoints that rebuild the generator from their teacher (those
-    without a recorded architecture) when the teacher they name has moved.
+    without a recorded architecture, and a LoRA generator's) when the teacher they name has moved.
     """
     from . import denoisers
 
+    config = data.get("config") or {}
+    if config.get("generator") == "lora":
+        return _lora_generator(data, path, teacher, int(config.get("lora_rank", 64)))
     net = denoisers.as_denoiser(_generator_network(data, path, teacher), name="generator")
     try:
         net.load_state_dict(data["generator_ema"])
@@ -148,6 +157,23 @@ def build_generator(data: dict, path, teacher: str | None = None) -> torch.nn.Mo
         raise CheckpointError(f"checkpoint {str(path)!r}: generator weights do not fit the rebuilt network: "
                               f"{str(exc)[:300]}") from None
     return net.eval().requires_grad_(False)
+
+
+def _lora_generator(data: dict, path, teacher: str | None, rank: int) -> torch.nn.Module:
+    """The EMA generator of a run with ``generator="lora"``: its factors over the teacher's weights, merged
+    into a plain network (``sidfast.lora.merge_lora``) that owns its weights, as a sampler may move it."""
+    from . import denoisers
+    from .lora import merge_lora
+    from .networks import load_lora_factors, lora_generator
+
+    net = denoisers.as_denoiser(_teacher_network(data, path, teacher), name="teacher")
+    generator = lora_generator(net, rank, seed=0)  # its factors are the checkpoint's
+    try:
+        load_lora_factors(generator, data["generator_ema"], "generator")
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: generator factors do not fit the rebuilt teacher "
+                              f"(another teacher?): {str(exc)[:300]}") from None
+    return merge_lora(generator.net).eval().requires_grad_(False)
 
 
 __all__ = ["load_teacher", "build_generator"]

@@ -1,8 +1,9 @@
 """The networks of one SiD run and what their data looks like (``docs/math.md``, "Published recipe").
 
-The teacher is frozen in eval mode; the generator and the fake score are trainable copies of it unless given
-(the fake score may instead be low-rank updates over the teacher's own weights, ``sidfast.lora``); the
-generator's EMA starts as a copy of the generator.
+The teacher is frozen in eval mode; the generator and the fake score are trainable copies of it unless given.
+Either may instead be low-rank updates over the teacher's own frozen weights (``sidfast.lora``: options
+``fake_score`` / ``generator`` lora, rank ``lora_rank``). The generator's EMA starts as a copy of the
+generator; a LoRA generator's EMA shares the same frozen weights and holds its own copy of the factors.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .denoisers import Denoiser, DiffusersDenoiser, as_denoiser, infer_image_shape, infer_num_classes
-from .lora import LoRAFakeScore
+from .lora import LoRAFakeScore, LoRAGenerator, lora_parameters
 
 
 @dataclass
@@ -46,7 +47,13 @@ def build_networks(cfg: TrainConfig, teacher, generator, fake, device: torch.dev
     teacher = as_denoiser(teacher, name="teacher").to(device).eval().requires_grad_(False)
     if cfg.null_class is not None:
         _set_null_class(teacher, cfg)
-    generator = _trainable_copy(generator, teacher, "generator", device)
+    if cfg.generator == "lora":
+        if generator is not None:
+            raise ValueError(f"{cfg.option('generator')} lora builds the generator from the teacher's "
+                             f"weights; pass no generator network or use {cfg.option('generator')} full")
+        generator = lora_generator(teacher, cfg.lora_rank, cfg.seed).train()
+    else:
+        generator = _trainable_copy(generator, teacher, "generator", device)
     if cfg.fake_score == "lora":
         if fake is not None:
             raise ValueError(f"{cfg.option('fake_score')} lora builds the fake score from the teacher's "
@@ -64,20 +71,60 @@ def build_networks(cfg: TrainConfig, teacher, generator, fake, device: torch.dev
     label_format = cfg.label_format
     if label_format == "auto":
         label_format = "index" if isinstance(teacher, DiffusersDenoiser) else "onehot"
-    return SiDNetworks(teacher=teacher, generator=generator,
-                       generator_ema=copy.deepcopy(generator).eval().requires_grad_(False), fake=fake,
+    return SiDNetworks(teacher=teacher, generator=generator, generator_ema=ema_copy(generator), fake=fake,
                        image_shape=tuple(shape), num_classes=num_classes, label_format=label_format)
+
+
+def lora_generator(teacher: Denoiser, rank: int, seed: int) -> LoRAGenerator:
+    """``LoRAGenerator(teacher, rank)`` over the teacher's frozen weights as they lie (moving it with
+    ``.to()`` would copy them and end the sharing), its factors drawn from ``seed`` and the caller's random
+    streams left as they were, so that a run's start depends on its seed only."""
+    device = next(teacher.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return LoRAGenerator(teacher, rank=rank)
+
+
+def ema_copy(generator: nn.Module) -> nn.Module:
+    """The generator's EMA at the start: a frozen copy of it. A LoRA generator's copy shares its frozen base
+    (the teacher's weights and buffers) and copies only the factors, which are what the EMA averages."""
+    memo = {}
+    if isinstance(generator, LoRAGenerator):
+        factors = {id(p) for p in lora_parameters(generator)}
+        memo = {id(t): t for t in (*generator.parameters(), *generator.buffers()) if id(t) not in factors}
+    return copy.deepcopy(generator, memo).eval().requires_grad_(False)
+
+
+def load_lora_factors(net: nn.Module, state: dict, what: str) -> None:
+    """Load ``state``, the LoRA factors of a checkpoint (``sidfast.lora.lora_state_dict``), into the LoRA
+    network ``net``; ValueError unless they are exactly its factors (the rest of ``net`` is the teacher's)."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    lora_missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
+    if unexpected or lora_missing or not state:
+        raise ValueError(f"the checkpoint's {what} is not a LoRA {what} of this teacher and rank "
+                         f"(missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def init_from_sid(generator: nn.Module, generator_ema: nn.Module, data: dict, path) -> None:
     """SiD2A's start (Zhou et al., ICLR 2025): G and its EMA both take the EMA generator of a SiD run, the
-    distill checkpoint ``data`` read from ``path`` (``--init-generator``), as the published loop loads them."""
+    distill checkpoint ``data`` read from ``path`` (``--init-generator``), as the published loop loads them.
+    A LoRA generator starts from the factors of a LoRA generator's run (a full generator has no factors)."""
     from .checkpoint import CheckpointError
 
+    lora = isinstance(generator, LoRAGenerator)
+    kind = (data.get("config") or {}).get("generator", "full")
+    if lora != (kind == "lora"):
+        option = TrainConfig.option("generator")
+        raise CheckpointError(f"--init-generator {str(path)!r} holds a {kind} generator ({option} {kind}); "
+                              f"this run's is {option} {'lora' if lora else 'full'}: start it from a run "
+                              f"with the same {option}")
     try:
-        generator.load_state_dict(data["generator_ema"])
-        generator_ema.load_state_dict(data["generator_ema"])
-    except (RuntimeError, KeyError) as exc:
+        for net in (generator, generator_ema):
+            if lora:
+                load_lora_factors(net, data["generator_ema"], "generator")
+            else:
+                net.load_state_dict(data["generator_ema"])
+    except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"--init-generator {str(path)!r}: its generator does not fit this teacher's "
                               f"network (another teacher or architecture?): {str(exc).strip()[:300]}") from None
 
@@ -110,4 +157,5 @@ def _num_classes(teacher: Denoiser, cfg: TrainConfig) -> int:
     return cfg.num_classes
 
 
-__all__ = ["SiDNetworks", "build_networks", "init_from_sid"]
+__all__ = ["SiDNetworks", "build_networks", "init_from_sid", "lora_generator", "ema_copy",
+           "load_lora_factors"]

@@ -1,8 +1,9 @@
 """Distillation checkpoints: the state of a SiD run, saved by every rank and restored into its networks.
 
 - A checkpoint file (``kind="distill"`` of ``sidfast.checkpoint``, written atomically by rank 0 with the
-  previous one kept): ``save_distill`` / ``load_distill``, one file holding the generator, its EMA, the fake
-  score (only its LoRA factors with ``fake_score="lora"``), both optimizers, every rank's RNG state, the
+  previous one kept): ``save_distill`` / ``load_distill``, one file holding the generator and its EMA (only
+  their LoRA factors with ``generator="lora"``), the fake score (only its LoRA factors with
+  ``fake_score="lora"``), both optimizers, every rank's RNG state, the
   config, and what ``sidfast sample`` needs to rebuild the generator (``architecture`` or ``teacher``,
   ``image_shape``, ``num_classes``, ``label_format``, ``sigma_init``, and the few-step generator's
   ``gen_steps``, ``step_spacing`` and ``renoise``).
@@ -36,23 +37,21 @@ def teacher_reference(spec: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else spec
 
 
-def _fake_state(fake: torch.nn.Module, config: TrainConfig) -> dict:
-    """What a checkpoint keeps of the fake score: all of it, or only the LoRA factors (the rest is the
-    teacher)."""
+def _net_state(net: torch.nn.Module, lora: bool) -> dict:
+    """What a checkpoint keeps of a network: all of it, or for a LoRA network (option ``fake_score`` /
+    ``generator`` lora) only the factors (the rest is the teacher)."""
     from .lora import lora_state_dict
 
-    return lora_state_dict(fake) if config.fake_score == "lora" else fake.state_dict()
+    return lora_state_dict(net) if lora else net.state_dict()
 
 
-def _load_fake(fake: torch.nn.Module, state: dict, config: TrainConfig) -> None:
-    if config.fake_score != "lora":
-        fake.load_state_dict(state)
-        return
-    missing, unexpected = fake.load_state_dict(state, strict=False)
-    lora_missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
-    if unexpected or lora_missing or not state:
-        raise ValueError(f"the checkpoint's fake score is not a LoRA fake score of this teacher and rank "
-                         f"(missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
+def _load_net(net: torch.nn.Module, state: dict, lora: bool, what: str) -> None:
+    from .networks import load_lora_factors
+
+    if lora:
+        load_lora_factors(net, state, what)
+    else:
+        net.load_state_dict(state)
 
 
 def save_distill(path, config: TrainConfig, networks: dict, optimizers: dict, iteration: int, nimg: int,
@@ -70,9 +69,9 @@ def save_distill(path, config: TrainConfig, networks: dict, optimizers: dict, it
     if dist.rank == 0:
         data = {"format": FORMATS["distill"], "version": VERSION, "iteration": iteration, "nimg": nimg,
                 "world_size": dist.world, "config": config.to_dict(), "rng": rngs,
-                "generator": networks["generator"].state_dict(),
-                "generator_ema": networks["generator_ema"].state_dict(),
-                "fake": _fake_state(networks["fake"], config),
+                "generator": _net_state(networks["generator"], config.generator == "lora"),
+                "generator_ema": _net_state(networks["generator_ema"], config.generator == "lora"),
+                "fake": _net_state(networks["fake"], config.fake_score == "lora"),
                 "opt_g": optimizers["opt_g"].state_dict(), "opt_fake": optimizers["opt_fake"].state_dict(),
                 "teacher": teacher_reference(config.teacher), "sigma_init": config.sigma_init, **meta}
         written = atomic_save(data, path)
@@ -119,9 +118,10 @@ def _load_full(data: dict, path, config: TrainConfig, networks: dict, optimizers
         _load_full_into_shards(data, path, config, networks, optimizers)
         return
     try:
-        networks["generator"].load_state_dict(data["generator"])
-        networks["generator_ema"].load_state_dict(data["generator_ema"])
-        _load_fake(networks["fake"], data["fake"], config)
+        lora_g = config.generator == "lora"
+        _load_net(networks["generator"], data["generator"], lora_g, "generator")
+        _load_net(networks["generator_ema"], data["generator_ema"], lora_g, "generator")
+        _load_net(networks["fake"], data["fake"], config.fake_score == "lora", "fake score")
         optimizers["opt_g"].load_state_dict(data["opt_g"])
         optimizers["opt_fake"].load_state_dict(data["opt_fake"])
     except (RuntimeError, ValueError, KeyError) as exc:

@@ -20,13 +20,16 @@ def ema_beta(nimg: int, batch: int, halflife_kimg: float, rampup_ratio: float | 
 @torch.no_grad()
 def update_ema(ema: nn.Module, net: nn.Module, beta: float) -> None:
     """ema <- net + beta * (ema - net) for parameters (published arithmetic: ``net.lerp(ema, beta)``, here as
-    multi-tensor kernels); buffers copied."""
-    ema_params = [_local(p) for p in ema.parameters()]
-    net_params = [_local(p.detach()) for p in net.parameters()]
+    multi-tensor kernels); buffers copied. Tensors both networks share (a LoRA generator's frozen base, the
+    teacher's) are left alone: only the factors are averaged."""
+    pairs = [(e, p) for e, p in zip(ema.parameters(), net.parameters()) if e is not p]
+    ema_params = [_local(e) for e, _ in pairs]
+    net_params = [_local(p.detach()) for _, p in pairs]
     if ema_params:
         torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
     for ema_buffer, buffer in zip(ema.buffers(), net.buffers()):
-        ema_buffer.copy_(buffer)
+        if ema_buffer is not buffer:
+            ema_buffer.copy_(buffer)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
