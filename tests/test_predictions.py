@@ -69,7 +69,7 @@ def test_flow_matches_table_form():
     t = torch.tensor([0.2, 0.7], dtype=torch.float64)
     a, s = FlowSchedule().coefficients(t)
     x_t, pred = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
-    # SPEC table: x0 = x_t - t pred, eps = x_t + (1 - t) pred
+    # docs/math.md, "Predictions", flow row: x0 = x_t - t pred, eps = x_t + (1 - t) pred
     torch.testing.assert_close(P.to_x0(pred, x_t, a, s, "flow"), x_t - t[:, None] * pred)
     torch.testing.assert_close(P.to_eps(pred, x_t, a, s, "flow"), x_t + (1 - t[:, None]) * pred)
 

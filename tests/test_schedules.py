@@ -27,7 +27,7 @@ def test_vp_lookup_matches_ddpm_linear_betas():
     a, s = vp.coefficients(t)
     torch.testing.assert_close(a.double(), abar[t].sqrt(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(s.double(), (1 - abar[t]).sqrt(), rtol=1e-6, atol=1e-7)
-    # a^2 + s^2 = 1 for VP (SPEC section 2)
+    # a^2 + s^2 = 1 for VP (docs/math.md, "Predictions")
     torch.testing.assert_close(a ** 2 + s ** 2, torch.ones(3), rtol=1e-6, atol=1e-6)
 
 

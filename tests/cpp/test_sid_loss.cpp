@@ -1,4 +1,4 @@
-// C++ check of sidfast::sid_loss against the same formula written with ATen ops (SPEC section 3).
+// C++ check of sidfast::sid_loss against the same formula written with ATen ops (docs/math.md, "SiD generator loss").
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
