@@ -1,4 +1,5 @@
-// C++ check of sidfast::sid_loss against the same formula written with ATen ops (docs/math.md, "SiD generator loss").
+// C++ check of sidfast::sid_loss against the same formula written with ATen ops
+// (docs/math.md, "SiD generator loss").
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
