@@ -90,15 +90,21 @@ class SiDPhases:
         loss = self._denoising_loss(pred, x0, noise, sigma, seed)
         return loss, loss * scale
 
-    def generator_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The SiD loss of fresh samples (``docs/math.md``, "SiD generator loss"), fp32: (loss, scale * loss),
-        the scale folded into the fused loss so that backward needs no scaling pass."""
+    def generator_batch(self) -> tuple:
+        """(x_g, labels, cond, sigma, noise) of a generator update: fresh samples with gradient, the published
+        generator-loss noise levels, and eps (None: drawn in the noising kernel)."""
         cfg = self.cfg
         t = self.trainer
         x_g, labels, cond = self.generate(t.generator_train, t.generator_sample)
         sigma = reference.generator_sigma(t.batch_gpu, cfg.tmax, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                                           device=t.device)
         noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
+        return x_g, labels, cond, sigma, noise
+
+    def generator_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SiD loss of fresh samples (``docs/math.md``, "SiD generator loss"), fp32: (loss, scale * loss),
+        the scale folded into the fused loss so that backward needs no scaling pass."""
+        x_g, labels, cond, sigma, noise = self.generator_batch()
         y_real, y_fake = self._score_terms(x_g, sigma, labels, cond, noise)
         scaled = self._sid_loss(y_real.float(), y_fake.float(), x_g, sigma, scale)
         # the reported loss: the scale divided back out of the 0-dim result (the unscaled loss within float32

@@ -176,10 +176,7 @@ class SiDAPhases(SiDPhases):
         gan_start_kimg thousand images were seen."""
         cfg = self.cfg
         t = self.trainer
-        x_g, labels, _ = self.generate(t.generator_train, t.generator_sample)
-        sigma = reference.generator_sigma(t.batch_gpu, cfg.tmax, cfg.sigma_min, cfg.sigma_max, cfg.rho,
-                                          device=t.device)
-        noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
+        x_g, labels, _, sigma, noise = self.generator_batch()
         if t.engine is not None:
             y_real, y_fake, logits = t.engine.generator_terms_with_logits(x_g, sigma, labels, noise=noise)
         else:
