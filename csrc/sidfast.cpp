@@ -5,7 +5,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(sidfast, m) {
-  // SiD generator loss and its three gradients in one pass (SPEC section 3).
+  // SiD generator loss and its three gradients in one pass
+  // (docs/math.md, "SiD generator loss").
   // reduction: 0 = none (per-element loss; gradients unscaled), 1 = sum, 2 = batchmean (sum / B).
   // normalize: divide by the detached per-sample mean |x_g - y_real| clipped at 1e-5 (denoised space);
   // false gives the noise-space loss. Samples with a NaN in any input contribute zero.

@@ -52,7 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sid_loss_cpu(
           ps[b] = loss_t(0);
           continue;
         }
-        // w = max(mean |x_g - y_real|, 1e-5), treated as a constant (SPEC section 3)
+        // w = max(mean |x_g - y_real|, 1e-5), treated as a constant
+        // (docs/math.md, "SiD generator loss")
         const opmath_t w = normalize ? static_cast<opmath_t>(std::max(abs_sum / N, 1e-5)) : opmath_t(1);
         const opmath_t g = grad_scale / w;
         double total = 0.0;

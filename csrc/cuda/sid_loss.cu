@@ -38,7 +38,8 @@ __global__ void sid_loss_kernel(const scalar_t* __restrict__ pr, const scalar_t*
   const bool keep = !__syncthreads_or(has_nan);  // the published code drops samples holding a NaN
   const acc_t total = BlockReduce(tmp).Sum(abs_sum);
   if (threadIdx.x == 0) {
-    // w = max(mean |x_g - y_real|, 1e-5), treated as a constant (SPEC section 3)
+    // w = max(mean |x_g - y_real|, 1e-5), treated as a constant
+    // (docs/math.md, "SiD generator loss")
     const acc_t mean = total / static_cast<acc_t>(N);
     s_inv_w = normalize ? acc_t(1) / (mean > acc_t(1e-5) ? mean : acc_t(1e-5)) : acc_t(1);
   }
