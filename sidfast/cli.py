@@ -66,28 +66,12 @@ def _device_arg(parser):
 
 
 def _demo_parser(sub) -> None:
+    from .demo.run import add_demo_arguments
+
     d = _command(sub, "demo", cmd_demo,
                  "train a digits teacher, distill it, compare teacher and one-step student",
                  "The embedded demo: scikit-learn's 8x8 digits, no download.")
-    d.add_argument("--quick", action="store_true",
-                   help="the short CI version (under 3 minutes on 2 CPU cores; one seed)")
-    d.add_argument("--method", choices=("sid", "sida"), default="sid",
-                   help="sida: SiD and SiDA students side by side, the real digits as SiDA's data "
-                        "(default: sid)")
-    d.add_argument("--conditional", action="store_true",
-                   help="a class-conditional teacher distilled with and without SiD-LSG guidance, compared "
-                        "by FD and label accuracy")
-    d.add_argument("--gen-steps", type=int, default=1, metavar="K",
-                   help="K >= 2: a K-step student beside the one-step student (default: 1, no comparison)")
-    d.add_argument("--seeds", type=int, default=None, metavar="N",
-                   help="seeds of a comparison (--method sida, --conditional, --gen-steps; default: 3, "
-                        "--quick 1)")
-    d.add_argument("--out", default="sidfast-demo", help="output directory (default: sidfast-demo)")
-    d.add_argument("--seed", type=int, default=0,
-                   help="random seed of the whole demo; a comparison's seeds are SEED, SEED+1, ... "
-                        "(default: 0)")
-    d.add_argument("--cache-dir", default=None,
-                   help="where the digit classifier is cached (default: $SIDFAST_CACHE or ~/.cache/sidfast)")
+    add_demo_arguments(d)
     _device_arg(d)
 
 
@@ -162,25 +146,13 @@ def _device(spec: str):
 
 
 def cmd_demo(args) -> int:
-    from . import demo
+    from .demo.run import run_from_args
 
     device = _device(args.device)
-    if args.gen_steps < 1:
-        raise UserError(f"--gen-steps must be >= 1, got {args.gen_steps}")
-    if args.seeds is not None and args.seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
-    comparisons = (("--method sida", args.method == "sida"), ("--conditional", args.conditional),
-                   (f"--gen-steps {args.gen_steps}", args.gen_steps > 1))
-    chosen = [name for name, on in comparisons if on]
-    if len(chosen) > 1:
-        raise UserError(f"choose one comparison at a time, got {' and '.join(chosen)}")
-    if args.seeds is not None and not chosen:
-        raise UserError("--seeds is for the comparisons (--method sida, --conditional, --gen-steps K)")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
-    result = demo.run_demo(quick=args.quick, out_dir=args.out, device=str(device), seed=args.seed,
-                           cache_dir=args.cache_dir, method=args.method, conditional=args.conditional,
-                           gen_steps=args.gen_steps, seeds=args.seeds)
+    try:
+        result = run_from_args(args, str(device))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     return 0 if result["passed"] else 1  # a failed quality bar is a failed command
 
 

@@ -283,7 +283,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
 
 
 def test_demo_delegates_to_the_demo_package(tmp_path, capsys, monkeypatch):
-    import sidfast.demo
+    import sidfast.demo.run
 
     seen = {}
 
@@ -292,7 +292,7 @@ def test_demo_delegates_to_the_demo_package(tmp_path, capsys, monkeypatch):
         assert (method, conditional, gen_steps, seeds) == ("sid", False, 1, None)  # the SiD demo by default
         return {"passed": False}
 
-    monkeypatch.setattr(sidfast.demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(sidfast.demo.run, "run_demo", fake_run_demo)
     code, _, _ = run_main(["demo", "--quick", "--out", tmp_path / "d", "--device", "cpu", "--seed", "3",
                            "--cache-dir", tmp_path / "c"], capsys)
     assert seen == {"quick": True, "out_dir": str(tmp_path / "d"), "device": "cpu", "seed": 3,

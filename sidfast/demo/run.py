@@ -277,3 +277,47 @@ def _write_json(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+# ---- the command line (``sidfast demo``) ----
+
+def add_demo_arguments(parser) -> None:
+    """The options of ``sidfast demo`` (the command line adds --device)."""
+    parser.add_argument("--quick", action="store_true",
+                        help="the short CI version (under 3 minutes on 2 CPU cores; one seed)")
+    parser.add_argument("--method", choices=("sid", "sida"), default="sid",
+                        help="sida: SiD and SiDA students side by side, the real digits as SiDA's data "
+                             "(default: sid)")
+    parser.add_argument("--conditional", action="store_true",
+                        help="a class-conditional teacher distilled with and without SiD-LSG guidance, compared "
+                             "by FD and label accuracy")
+    parser.add_argument("--gen-steps", type=int, default=1, metavar="K",
+                        help="K >= 2: a K-step student beside the one-step student (default: 1, no comparison)")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help="seeds of a comparison (--method sida, --conditional, --gen-steps; default: 3, "
+                             "--quick 1)")
+    parser.add_argument("--out", default="sidfast-demo", help="output directory (default: sidfast-demo)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the whole demo; a comparison's seeds are SEED, SEED+1, ... "
+                             "(default: 0)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the digit classifier is cached (default: $SIDFAST_CACHE or ~/.cache/sidfast)")
+
+
+def run_from_args(args, device: str) -> dict:
+    """``run_demo`` for the parsed ``sidfast demo`` options; a ValueError names the option at fault."""
+    if args.gen_steps < 1:
+        raise ValueError(f"--gen-steps must be >= 1, got {args.gen_steps}")
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    comparisons = (("--method sida", args.method == "sida"), ("--conditional", args.conditional),
+                   (f"--gen-steps {args.gen_steps}", args.gen_steps > 1))
+    chosen = [name for name, on in comparisons if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one comparison at a time, got {' and '.join(chosen)}")
+    if args.seeds is not None and not chosen:
+        raise ValueError("--seeds is for the comparisons (--method sida, --conditional, --gen-steps K)")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    return run_demo(quick=args.quick, out_dir=args.out, device=device, seed=args.seed,
+                    cache_dir=args.cache_dir, method=args.method, conditional=args.conditional,
+                    gen_steps=args.gen_steps, seeds=args.seeds)
