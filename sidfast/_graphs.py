@@ -93,13 +93,16 @@ class GraphCache:
         share_pool: capture every graph into one memory pool (less memory); replays then wait for every
             pending backward, not only their own graph's (see the module docstring).
         recapture: capture a new graph for new input specs of a phase; False raises instead.
+        graphs: when ``call`` uses a graph: "auto" (CUDA inputs with grad enabled), True (CUDA inputs
+            required), False (never).
     Attributes:
         pending: how many replays (of any graph, dropped ones included) still await their backward.
     """
 
     def __init__(self, fake: nn.Module, trainable: list[nn.Parameter], max_graphs: int = MAX_GRAPHS,
-                 share_pool: bool = False, recapture: bool = True):
+                 share_pool: bool = False, recapture: bool = True, graphs="auto"):
         self.fake = fake
+        self.graphs = graphs
         self.trainable = trainable
         self.max_graphs = max_graphs
         self.share_pool = share_pool
@@ -131,6 +134,27 @@ class GraphCache:
         if self._fake_storage is not None and not self._fake_storage.unchanged():
             raise ValueError("the fake score's parameters were replaced after its graph was captured (e.g. "
                              "by .to(), load_state_dict(assign=True) or p.data = ...): call engine.refresh()")
+
+    def applies(self, x: torch.Tensor) -> bool:
+        """Whether calls with input ``x`` may go through a graph: "auto": CUDA inputs with grad enabled."""
+        if self.graphs is False:
+            return False
+        if x.device.type != "cuda":
+            if self.graphs is True:
+                raise ValueError(f"graphs=True needs CUDA tensors, got x on {x.device} (use graphs='auto' or "
+                                 "False)")
+            return False
+        return torch.is_grad_enabled()
+
+    def call(self, phase: str, variant: tuple, fn, args: tuple):
+        """``fn(*args)``, through a captured graph (``run``) where graphs apply, in the "fake" phase or with an
+        input that needs a gradient (the generator phase's x_t)."""
+        x_t = args[0]
+        if not self.applies(x_t) or not (phase == "fake" or x_t.requires_grad):
+            return fn(*args)
+        if not all(isinstance(a, torch.Tensor) for a in args):
+            raise ValueError("CUDA graphs need tensor conditioning; pass graphs=False for other values")
+        return self.run(phase, variant, fn, args)
 
     def run(self, phase: str, variant: tuple, fn, args: tuple):
         """``fn(*args)`` through the graph of (phase, variant, input specs), captured on first use.

@@ -201,7 +201,7 @@ class ScoreEngine:
         if self._graphs is not None:
             self._graphs.clear()
         self._graphs = GraphCache(self.fake, self.fake_parameters(), self.max_graphs, self.share_pool,
-                                  self.recapture)
+                                  self.recapture, self.graphs)
 
     def reset_graphs(self) -> None:
         """Forget every captured CUDA graph (they are captured again on the next call)."""
@@ -225,16 +225,6 @@ class ScoreEngine:
         if self.channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
-
-    def _use_graphs(self, x: torch.Tensor) -> bool:
-        if self.graphs is False:
-            return False
-        if x.device.type != "cuda":
-            if self.graphs is True:
-                raise ValueError(f"graphs=True needs CUDA tensors, got x on {x.device} (use graphs='auto' or "
-                                 "False)")
-            return False
-        return torch.is_grad_enabled()
 
     def _check_inputs(self, x: torch.Tensor, sigma, labels, cond, what: str):
         _loss.check_tensors(**{what: x})
@@ -293,7 +283,7 @@ class ScoreEngine:
         if logits:
             variant += ("logits", real_names)
         fn = self._function(phase, names, has_labels, logits, real_names)
-        return self._run(phase, variant, fn, args)
+        return self._graphs.call(phase, variant, fn, args)
 
     def _evaluate_guided(self, phase: str, x_t, sig, labels, cond, scales: tuple, null_labels, null_cond):
         """``_evaluate`` for guided scales (``sidfast._guided_eval``): the null condition travels as further
@@ -307,8 +297,8 @@ class ScoreEngine:
         if key not in self._functions:
             fn = guided_function(self, phase, names, has_labels, scales)
             self._functions[key] = torch.compile(fn, dynamic=False) if self.compile else fn
-        return self._run(phase, ("guided", scales, names, has_labels, state, self.amp_dtype),
-                         self._functions[key], args)
+        return self._graphs.call(phase, ("guided", scales, names, has_labels, state, self.amp_dtype),
+                                 self._functions[key], args)
 
     def _phase_state(self, phase: str) -> tuple:
         """The train/eval state a phase's graph is captured for, after checking that the networks' storage is
@@ -319,15 +309,6 @@ class ScoreEngine:
             return tuple(hash(mirror.sync_training()) for mirror in self._mirrors)
         self._graphs.check_fake_storage()
         return (self.fake.training,)
-
-    def _run(self, phase: str, variant: tuple, fn, args: tuple):
-        """``fn(*args)``, through a captured CUDA graph where graphs apply."""
-        x_t = args[0]
-        if self._use_graphs(x_t) and (phase == "fake" or x_t.requires_grad):
-            if not all(isinstance(a, torch.Tensor) for a in args):
-                raise ValueError("CUDA graphs need tensor conditioning; pass graphs=False for other values")
-            return self._graphs.run(phase, variant, fn, args)
-        return fn(*args)
 
 
 __all__ = ["ScoreEngine", "MODES", "edm_noised"]

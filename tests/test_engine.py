@@ -15,6 +15,7 @@ from torch import nn
 import sidfast
 from sidfast import reference as R
 from sidfast.denoisers import EDMDenoiser
+from sidfast._graphs import GraphCache
 from sidfast.engine import ScoreEngine
 from sidfast.lora import LoRAFakeScore, LoRALayer, merge_lora
 from sidfast.ops.noise import draw_seed, regenerate_noise
@@ -502,8 +503,7 @@ def _graphs_on_cpu(monkeypatch, capture):
     guard = _DeviceGuard()
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
     monkeypatch.setattr(torch.cuda, "device", guard)
-    monkeypatch.setattr(ScoreEngine, "_use_graphs",
-                        lambda self, x: self.graphs is not False and torch.is_grad_enabled())
+    monkeypatch.setattr(GraphCache, "applies", lambda self, x: self.graphs is not False and torch.is_grad_enabled())
     return guard
 
 
