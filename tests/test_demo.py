@@ -388,7 +388,7 @@ def test_markdown_report_lists_every_seed_and_bar():
 
 
 def test_a_failed_bar_is_exit_1_and_comparison_options_reach_the_demo(tmp_path, capsys, monkeypatch):
-    import sidfast.demo
+    import sidfast.demo.run
 
     seen = []
 
@@ -396,7 +396,7 @@ def test_a_failed_bar_is_exit_1_and_comparison_options_reach_the_demo(tmp_path, 
         seen.append(kw)
         return {"passed": len(seen) > 1}
 
-    monkeypatch.setattr(sidfast.demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(sidfast.demo.run, "run_demo", fake_run_demo)
     base = ["demo", "--out", str(tmp_path / "d"), "--device", "cpu"]
     assert cli.main(base + ["--method", "sida", "--seeds", "4"]) == 1
     assert cli.main(base + ["--gen-steps", "4", "--quick"]) == 0
