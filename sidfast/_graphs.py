@@ -28,6 +28,35 @@ from .views import StorageSnapshot
 MAX_GRAPHS = 8  # room for both phases, in train and eval state, at two batch sizes
 
 
+def flat_condition(cond: dict) -> dict:
+    """Keyword conditioning as flat ``{path: value}`` entries, a path being the tuple of keys that reaches a
+    value through nested keyword dicts (SDXL's ``added_cond_kwargs``): a captured graph's arguments are
+    tensors, not dicts."""
+    flat = {}
+    for key, value in cond.items():
+        if isinstance(value, dict):
+            flat.update({(key, *path): v for path, v in flat_condition(value).items()})
+        else:
+            flat[(key,)] = value
+    return flat
+
+
+def nested_condition(paths, values) -> dict:
+    """The keyword conditioning that ``flat_condition`` flattened: ``paths`` and their ``values`` in order."""
+    cond: dict = {}
+    for path, value in zip(paths, values):
+        inner = cond
+        for key in path[:-1]:
+            inner = inner.setdefault(key, {})
+        inner[path[-1]] = value
+    return cond
+
+
+def path_name(path: tuple) -> str:
+    """A flat path as users spell it in errors: ``added_cond_kwargs.time_ids``."""
+    return ".".join(map(str, path))
+
+
 def _own_copy(grad: torch.Tensor) -> torch.Tensor:
     """Gradient hook: a replayed backward hands autograd views of its static gradient buffers, which autograd
     would keep as a ``.grad`` that the next replay overwrites (gradients accumulated over micro-batches
@@ -153,7 +182,8 @@ class GraphCache:
         if not self.applies(x_t) or not (phase == "fake" or x_t.requires_grad):
             return fn(*args)
         if not all(isinstance(a, torch.Tensor) for a in args):
-            raise ValueError("CUDA graphs need tensor conditioning; pass graphs=False for other values")
+            raise ValueError("CUDA graphs need tensor conditioning (nested keyword dicts of tensors are "
+                             "flattened); pass graphs=False for other values")
         return self.run(phase, variant, fn, args)
 
     def run(self, phase: str, variant: tuple, fn, args: tuple):
@@ -222,4 +252,4 @@ class GraphCache:
         return graph
 
 
-__all__ = ["GraphCache", "MAX_GRAPHS"]
+__all__ = ["GraphCache", "MAX_GRAPHS", "flat_condition", "nested_condition", "path_name"]

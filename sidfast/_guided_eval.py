@@ -11,27 +11,30 @@ from __future__ import annotations
 import torch
 
 from . import guidance, reference
+from ._graphs import flat_condition, nested_condition, path_name
 
 
 def null_arguments(x_t: torch.Tensor, names: tuple, has_labels: bool, scales: tuple, null_labels,
                    null_cond: dict | None) -> tuple:
-    """The null condition's tensors in argument order (labels first, then the keyword tensors of ``names``),
-    each expanded to the batch; raises ValueError when guidance has nothing to guide between."""
+    """The null condition's tensors in argument order (labels first, then the keyword tensors at the paths
+    ``names`` of ``sidfast._graphs.flat_condition``), each expanded to the batch; raises ValueError when
+    guidance has nothing to guide between."""
     if not has_labels and not names:
         raise ValueError(f"guidance at scale {scales} needs a conditional network: no labels and no "
                          "conditioning were given (an unconditional network cannot be guided)")
-    null_cond = dict(null_cond or {})
+    null_cond = flat_condition(dict(null_cond or {}))
     if has_labels and null_labels is None:
         raise ValueError("guidance needs null_labels, the unconditional labels of the networks")
     missing = [k for k in names if k not in null_cond]
     if missing:
-        raise ValueError(f"guidance needs null_cond entries for the conditioning {missing}")
+        raise ValueError("guidance needs null_cond entries for the conditioning "
+                         f"{[path_name(k) for k in missing]}")
     batch = x_t.shape[0]
     nulls = ((null_labels,) if has_labels else ()) + tuple(null_cond[k] for k in names)
     return tuple(n.expand(batch, *n.shape[1:]) if n.shape[0] == 1 else n for n in nulls)
 
 
-def guided_function(engine, phase: str, names: tuple[str, ...], has_labels: bool, scales: tuple):
+def guided_function(engine, phase: str, names: tuple[tuple, ...], has_labels: bool, scales: tuple):
     """The guided phase of ``engine`` as a pure tensor function ``f(x_t, sigma, [labels], *cond,
     [null_labels], *null_cond)``. "fake": ``guidance.guided`` of the fake score at scales[0]; "generator" in
     mode "full": ``guided`` of each frozen view (teacher at scales[0], fake score at scales[1]); in mode
@@ -55,11 +58,11 @@ def guided_function(engine, phase: str, names: tuple[str, ...], has_labels: bool
 
 
 def as_condition(names: tuple, has_labels: bool, tensors: tuple):
-    """The condition ``guidance.guided`` takes: the labels tensor alone, or a dict of keyword tensors (the
-    labels under "class_labels")."""
+    """The condition ``guidance.guided`` takes: the labels tensor alone, or a dict of keyword tensors (nested
+    again from their paths ``names``; the labels under "class_labels")."""
     if not names:
         return tensors[0] if has_labels else None
-    cond = dict(zip(names, tensors[1:] if has_labels else tensors))
+    cond = nested_condition(names, tensors[1:] if has_labels else tensors)
     if has_labels:
         cond["class_labels"] = tensors[0]
     return cond

@@ -110,6 +110,9 @@ def _sample_parser(sub) -> None:
                    help="generator steps of a distillation checkpoint (default: the K it was trained "
                         "with) or Heun steps of a teacher checkpoint (default: 18)")
     m.add_argument("--class-label", type=int, default=None, help="one class for all images (default: cycle)")
+    m.add_argument("--prompts", default=None, metavar="FILE",
+                   help="for the student of a text-to-image teacher: a text file of prompts, one per line, image "
+                        "i gets prompt i mod their number; the latents are decoded by the pipeline's VAE")
     m.add_argument("--batch", type=int, default=256, help="images per forward pass (default: 256)")
     m.add_argument("--teacher", default=None,
                    help=f"the teacher ({TEACHER_HELP}) of a distillation checkpoint that names no "
@@ -194,8 +197,10 @@ def cmd_sample(args) -> int:
 
     try:
         report.check_samples_path(args.out, name="--out")
-        net, options = samplers.from_checkpoint(args.checkpoint, teacher=args.teacher)
+        net, options = samplers.from_checkpoint(args.checkpoint, teacher=args.teacher, prompts=args.prompts)
         device = _device(args.device)
+        if "decode" in options:
+            options["decode"].to(device)
         steps = 18
         if args.steps is not None and "gen_steps" in options:
             options["gen_steps"] = args.steps
@@ -248,5 +253,13 @@ def main(argv=None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """The ``sidfast`` command (and ``python -m sidfast.cli``): ``main`` with the command line, then the end
+    of the process (``sidfast.runtime.end_process``: no interpreter teardown after a process group)."""
+    from . import runtime
+
+    runtime.end_process(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

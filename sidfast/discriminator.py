@@ -52,6 +52,7 @@ import re
 import torch
 from torch import nn
 
+from ._graphs import nested_condition
 from .denoisers import _modules_of
 
 _ENC_ENTRY = re.compile(r"^(\d+)x(\d+)_")
@@ -323,11 +324,11 @@ class DiscriminatorPass(nn.Module):
 
 
 def with_logits(run, tap: DiscriminatorTap, fake_phase: bool, has_labels: bool, n_cond: int,
-                real_names: tuple[str, ...], autocast):
+                real_names: tuple[tuple, ...], autocast):
     """A score-engine phase function ``run(x_t, sigma, [labels], *cond)`` that returns ``tap``'s logits as
     well, read off the same forward: the generator phase's (y_real, y_fake, D) (``tap`` on the fake score's
     frozen view); the fake phase's (f_psi, D_fake, D_real), whose arguments after ``run``'s are x_real_t and
-    the real images' conditioning tensors (``real_names``), D_real from an encoder-only forward under
+    the real images' conditioning tensors (at the paths ``real_names``, ``sidfast._graphs.flat_condition``), D_real from an encoder-only forward under
     ``autocast(device)``."""
     n_args = 2 + has_labels + n_cond  # x_t, sigma, [labels], *cond
 
@@ -338,7 +339,7 @@ def with_logits(run, tap: DiscriminatorTap, fake_phase: bool, has_labels: bool, 
             return (*y, out.logits)
         x_real_t = args[n_args]
         labels = args[2] if has_labels else None
-        real_cond = dict(zip(real_names, args[n_args + 1:]))
+        real_cond = nested_condition(real_names, args[n_args + 1:])
         with autocast(x_real_t.device):
             d_real = tap.encoder_logits(x_real_t, args[1], labels, **real_cond)
         return y, out.logits, d_real

@@ -14,7 +14,7 @@ from torch import nn
 from . import loss as _loss
 from . import runtime
 from ._checks import check_rows
-from ._graphs import MAX_GRAPHS, GraphCache
+from ._graphs import MAX_GRAPHS, GraphCache, flat_condition, nested_condition, path_name
 from ._guided_eval import guided_function, null_arguments
 from .denoisers import Denoiser, as_denoiser, sigma_per_sample
 from .discriminator import DiscriminatorTap, with_logits
@@ -229,14 +229,16 @@ class ScoreEngine:
     def _check_inputs(self, x: torch.Tensor, sigma, labels, cond, what: str):
         _loss.check_tensors(**{what: x})
         sig = sigma_per_sample(sigma, x)
-        check_rows(x, labels, cond, what, doubled=self.mode == "lora")
+        check_rows(x, labels, {path_name(k): v for k, v in flat_condition(cond).items()}, what,
+                   doubled=self.mode == "lora")
         return sig
 
     # ---- the two phases ----
 
-    def _function(self, phase: str, names: tuple[str, ...], has_labels: bool, logits: bool = False,
-                  real_names: tuple[str, ...] = ()):
-        """The phase as a pure tensor function ``f(x_t, sigma, [labels], *cond)`` (compiled if asked):
+    def _function(self, phase: str, names: tuple[tuple, ...], has_labels: bool, logits: bool = False,
+                  real_names: tuple[tuple, ...] = ()):
+        """The phase as a pure tensor function ``f(x_t, sigma, [labels], *cond)`` (compiled if asked; ``names``:
+        the conditioning's paths, ``sidfast._graphs.flat_condition``):
         "fake": the fake score's x0 estimate, with parameter gradients;
         "generator": (y_real, y_fake) over the frozen views, with input gradients only;
         ``logits``: with the discriminator logits as well (``discriminator.with_logits``)."""
@@ -249,7 +251,8 @@ class ScoreEngine:
 
         def run(x_t, sigma, *rest):
             labels = rest[0] if has_labels else None
-            cond = dict(zip(names, rest[1:] if has_labels else rest))
+            flat = rest[1:] if has_labels else rest
+            cond = nested_condition(names, flat)
             with self._autocast(x_t.device):
                 if phase == "fake":
                     return fake(x_t, sigma, labels, **cond)
@@ -258,7 +261,7 @@ class ScoreEngine:
                     return y_real, mirrors[1].view(x_t, sigma, labels, **cond)
                 # one forward of the shared network over [teacher half; fake half]
                 y = mirrors[0].view(_double(x_t), _double(sigma), _double(labels),
-                                    **{k: _double(v) for k, v in cond.items()})
+                                    **nested_condition(names, [_double(v) for v in flat]))
                 return y[: x_t.shape[0]], y[x_t.shape[0]:]
 
         fn = run
@@ -270,16 +273,18 @@ class ScoreEngine:
         return fn
 
     def _evaluate(self, phase: str, x_t, sig, labels, cond, logits: bool = False, real=None):
-        names = tuple(sorted(cond))
+        flat = flat_condition(cond)
+        names = tuple(sorted(flat))
         has_labels = labels is not None
         state = self._phase_state(phase)
-        args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(cond[k] for k in names)
+        args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(flat[k] for k in names)
         variant = (names, has_labels, state, self.amp_dtype)
         real_names = ()
         if real is not None:  # SiDA's fake phase: the noised real images and their conditioning follow
             x_real_t, real_cond = real
-            real_names = tuple(sorted(real_cond))
-            args += (x_real_t,) + tuple(real_cond[k] for k in real_names)
+            real_flat = flat_condition(real_cond)
+            real_names = tuple(sorted(real_flat))
+            args += (x_real_t,) + tuple(real_flat[k] for k in real_names)
         if logits:
             variant += ("logits", real_names)
         fn = self._function(phase, names, has_labels, logits, real_names)
@@ -288,11 +293,12 @@ class ScoreEngine:
     def _evaluate_guided(self, phase: str, x_t, sig, labels, cond, scales: tuple, null_labels, null_cond):
         """``_evaluate`` for guided scales (``sidfast._guided_eval``): the null condition travels as further
         tensor arguments."""
-        names = tuple(sorted(cond))
+        flat = flat_condition(cond)
+        names = tuple(sorted(flat))
         has_labels = labels is not None
         nulls = null_arguments(x_t, names, has_labels, scales, null_labels, null_cond)
         state = self._phase_state(phase)
-        args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(cond[k] for k in names) + nulls
+        args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(flat[k] for k in names) + nulls
         key = ("guided", phase, names, has_labels, scales)
         if key not in self._functions:
             fn = guided_function(self, phase, names, has_labels, scales)

@@ -110,14 +110,15 @@ def load_teacher(source: str, with_conditioner: bool = False, guidance: float | 
 
 
 def _generator_network(data: dict, path, teacher: str | None):
-    """The untrained generator network: its recorded architecture, else a fresh copy of its teacher."""
+    """(the untrained generator network, the teacher's TextConditioner or None): its recorded architecture,
+    else a fresh copy of its teacher."""
     arch = data.get("architecture")
     if arch:
         if teacher is not None:
             raise CheckpointError(f"checkpoint {str(path)!r} records its generator's architecture; it needs "
                                   "no --teacher")
         try:
-            return import_entry_point(arch["builder"])(arch["config"])
+            return import_entry_point(arch["builder"])(arch["config"]), None
         except Exception as exc:
             raise CheckpointError(f"checkpoint {str(path)!r}: cannot rebuild the generator with "
                                   f"{arch.get('builder')!r} ({type(exc).__name__}: {exc})") from None
@@ -125,8 +126,8 @@ def _generator_network(data: dict, path, teacher: str | None):
 
 
 def _teacher_network(data: dict, path, teacher: str | None):
-    """The teacher a checkpoint's generator was distilled from: ``teacher`` (where it is now) or the one the
-    checkpoint names."""
+    """(the teacher a checkpoint's generator was distilled from, its TextConditioner or None): ``teacher``
+    (where it is now) or the one the checkpoint names."""
     stored = data.get("teacher")
     if teacher is None and not stored:
         raise CheckpointError(f"checkpoint {str(path)!r} does not say how to rebuild its generator (it was "
@@ -136,44 +137,52 @@ def _teacher_network(data: dict, path, teacher: str | None):
         raise CheckpointError(f"checkpoint {str(path)!r} rebuilds its generator from its teacher {stored!r}, "
                               "which does not exist here (a relative path is read from the current "
                               "directory); give the teacher's location: sidfast sample --teacher PATH")
-    return load_teacher(teacher or stored)[0]
+    den, _, conditioner = load_teacher(teacher or stored, with_conditioner=True)
+    return den, conditioner
 
 
-def build_generator(data: dict, path, teacher: str | None = None) -> torch.nn.Module:
+def build_generator(data: dict, path, teacher: str | None = None, with_conditioner: bool = False):
     """The EMA generator (a Denoiser in eval mode) of a distillation checkpoint read by ``load_checkpoint``.
 
     teacher: where the teacher is now, for checkpoints that rebuild the generator from their teacher (those
     without a recorded architecture, and a LoRA generator's) when the teacher they name has moved.
+    with_conditioner: return (generator, the teacher's ``TextConditioner`` or None), for a text-to-image
+    student's prompts.
     """
     from . import denoisers
 
     config = data.get("config") or {}
     if config.get("generator") == "lora":
-        return _lora_generator(data, path, teacher, int(config.get("lora_rank", 64)))
-    net = denoisers.as_denoiser(_generator_network(data, path, teacher), name="generator")
+        net, conditioner = _lora_generator(data, path, teacher, int(config.get("lora_rank", 64)))
+        return (net, conditioner) if with_conditioner else net
+    net, conditioner = _generator_network(data, path, teacher)
+    net = denoisers.as_denoiser(net, name="generator")
     try:
         net.load_state_dict(data["generator_ema"])
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: generator weights do not fit the rebuilt network: "
                               f"{str(exc)[:300]}") from None
-    return net.eval().requires_grad_(False)
+    net = net.eval().requires_grad_(False)
+    return (net, conditioner) if with_conditioner else net
 
 
-def _lora_generator(data: dict, path, teacher: str | None, rank: int) -> torch.nn.Module:
-    """The EMA generator of a run with ``generator="lora"``: its factors over the teacher's weights, merged
-    into a plain network (``sidfast.lora.merge_lora``) that owns its weights, as a sampler may move it."""
+def _lora_generator(data: dict, path, teacher: str | None, rank: int):
+    """(the EMA generator of a run with ``generator="lora"``, the teacher's TextConditioner or None): its
+    factors over the teacher's weights, merged into a plain network (``sidfast.lora.merge_lora``) that owns
+    its weights, as a sampler may move it."""
     from . import denoisers
     from .lora import merge_lora
     from .networks import load_lora_factors, lora_generator
 
-    net = denoisers.as_denoiser(_teacher_network(data, path, teacher), name="teacher")
+    net, conditioner = _teacher_network(data, path, teacher)
+    net = denoisers.as_denoiser(net, name="teacher")
     generator = lora_generator(net, rank, seed=0)  # its factors are the checkpoint's
     try:
         load_lora_factors(generator, data["generator_ema"], "generator")
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: generator factors do not fit the rebuilt teacher "
                               f"(another teacher?): {str(exc)[:300]}") from None
-    return merge_lora(generator.net).eval().requires_grad_(False)
+    return merge_lora(generator.net).eval().requires_grad_(False), conditioner
 
 
 __all__ = ["load_teacher", "build_generator"]

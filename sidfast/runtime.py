@@ -65,6 +65,7 @@ def init_distributed(device_spec: str, group_always: bool = False) -> Dist:
 
     ``group_always``: a single process gets a process group of one too (FSDP shards over a device mesh, which
     needs one)."""
+    global _created_group
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -73,23 +74,55 @@ def init_distributed(device_spec: str, group_always: bool = False) -> Dist:
         return Dist()
     owned = False
     if not dist.is_initialized():
+        # torch.distributed.nn's functions bind group.WORLD as a default argument when the module is first
+        # imported (DDP imports it): imported after the group exists, they would keep the group alive for
+        # the life of the process (see end_process).
+        import torch.distributed.nn  # noqa: F401
+
         use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             if not group_always:
                 return Dist()
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0,
                                     world_size=1)
+            _created_group = True
             control = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
             return Dist(owned=True, control=control)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
             torch.cuda.set_device(resolve_device(device_spec, local_rank))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        _created_group = True
         owned = True
     rank = dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return Dist(rank=rank, world=dist.get_world_size(), local_rank=local_rank, owned=owned, control=control)
+
+
+_created_group = False  # whether init_distributed created a process group in this process (end_process)
+
+
+def end_process(code: int):
+    """End the process with exit status ``code`` (the ``sidfast`` command's last step).
+
+    After a process group that this process created, the interpreter is not torn down: torch keeps a gloo
+    group, and its worker threads, alive past ``destroy_process_group`` while DTensor's caches refer to the
+    device mesh of FSDP's sharded tensors, and a worker that releases a finished collective's tensors after
+    interpreter finalization began cannot take the GIL and aborts the process ("terminate called without an
+    active exception"). Exit handlers run and the standard streams are flushed first; every file a run
+    writes is complete (and synced) before the trainer returns. Otherwise a plain ``sys.exit``."""
+    if not _created_group:
+        sys.exit(code)
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed stream: nothing left to flush
+            pass
+    os._exit(code)
 
 
 def shutdown(dist_state: Dist) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .conditioning import to_device
 from .denoisers import format_labels
 
 METHODS = ("heun", "euler")
@@ -103,7 +104,7 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
                   num_classes: int = 0, label_format: str = "onehot", class_label: int | None = None,
                   seed: int = 0, batch: int = 256, device="cpu", sigma_min: float = 0.002,
                   sigma_max: float = 80.0, rho: float = 7.0, gen_steps: int = 1, step_spacing: str = "linear",
-                  renoise: str = "fresh", cond: dict | None = None) -> torch.Tensor:
+                  renoise: str = "fresh", cond=None, decode=None) -> torch.Tensor:
     """``num`` samples (num, *shape) on the CPU, ``batch`` per network call.
 
     sigma_init: a SiD generator, sampled in ``gen_steps`` steps (1: ``one_step_sample``; K: all K steps of
@@ -111,7 +112,10 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
         noise from a generator seeded with ``seed + 1`` on ``device``); None: a diffusion denoiser, sampled
         with
         ``edm_sample`` (Heun, ``steps`` steps from sigma_max to sigma_min on the rho schedule).
-    cond: keyword conditioning of every call (e.g. prompt embeddings), ``batch`` rows (so ``num <= batch``).
+    cond: keyword conditioning of every call (e.g. prompt embeddings): a dict of ``batch`` rows (so
+        ``num <= batch``), or a function ``cond(start, n)`` giving the dict of images start .. start + n - 1.
+    decode: a function of each batch of samples on ``device`` (a pipeline's ``sidfast.vae.LatentDecoder``
+        for latent samples); None keeps the samples.
     num_classes: 0 for an unconditional network; otherwise image i gets class ``class_label``, or i mod
         num_classes when class_label is None, in ``label_format`` ("onehot" or "index").
     The latents come from one CPU generator seeded with ``seed``, drawn batch after batch.
@@ -122,7 +126,7 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
     if class_label is not None and not 0 <= class_label < num_classes:
         raise ValueError(f"argument class_label must be in [0, {num_classes}) for this network" if num_classes
                          else "argument class_label given, but the network is unconditional")
-    if cond and num > batch:
+    if isinstance(cond, dict) and cond and num > batch:
         raise ValueError(f"argument cond holds one batch of conditions: num ({num}) must be at most batch "
                          f"({batch})")
     g = torch.Generator().manual_seed(seed)
@@ -138,18 +142,19 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
         n = min(batch, num - start)
         z = torch.randn((n, *shape), generator=g).to(device)
         labels = None
+        conditions = to_device(cond(start, n), device) if callable(cond) else cond
         if num_classes:
             idx = torch.full((n,), class_label) if class_label is not None else torch.arange(start, start + n)
             labels = format_labels(idx.to(device) % num_classes, num_classes, label_format)
         if levels is not None:
             from .generator import sample
 
-            x = sample(net, z.to(_net_dtype(net)), labels, levels, renoise, fresh, cond=cond).to(z.dtype)
+            x = sample(net, z.to(_net_dtype(net)), labels, levels, renoise, fresh, cond=conditions).to(z.dtype)
         elif sigma_init is not None:
-            x = one_step_sample(net, z, sigma_init, labels, cond=cond)
+            x = one_step_sample(net, z, sigma_init, labels, cond=conditions)
         else:
-            x = edm_sample(net, z, steps, sigma_min, sigma_max, rho, class_labels=labels, cond=cond)
-        outs.append(x.cpu())
+            x = edm_sample(net, z, steps, sigma_min, sigma_max, rho, class_labels=labels, cond=conditions)
+        outs.append((decode(x) if decode is not None else x).cpu())
     return torch.cat(outs)
 
 
@@ -165,12 +170,15 @@ def grid_samples(net, cfg, image_shape, num_classes: int, label_format: str, dev
                          renoise=cfg.renoise, cond=cond)
 
 
-def from_checkpoint(path, teacher: str | None = None):
+def from_checkpoint(path, teacher: str | None = None, prompts=None):
     """(network, keyword arguments of ``sample_images``) for a sidfast checkpoint: the EMA generator of a
     distillation checkpoint (the K generator steps it was trained with), or the network of a network
     checkpoint (a diffusion denoiser).
 
     teacher: where the teacher of a distillation checkpoint is now (``loading.build_generator``).
+    prompts: a text file of prompts, one per line, for the student of a text-to-image teacher (required
+        there, refused elsewhere): image i gets prompt i mod their number, its embedding from the teacher
+        pipeline's text encoders, and the latents are decoded by the pipeline's VAE (``sidfast.vae``).
     """
     from . import checkpoint, loading
     from .denoisers import as_denoiser
@@ -178,9 +186,10 @@ def from_checkpoint(path, teacher: str | None = None):
 
     data = checkpoint.load_checkpoint(path, ("distill", "network"))
     if checkpoint.kind_of(data) == "distill":
-        net = loading.build_generator(data, path, teacher=teacher)
+        net, conditioner = loading.build_generator(data, path, teacher=teacher, with_conditioner=True)
         config = data.get("config") or {}
-        return net, {"shape": tuple(data["image_shape"]), "sigma_init": float(data.get("sigma_init", 2.5)),
+        text = _text_options(conditioner, prompts, teacher or data.get("teacher"))
+        return net, {**text, "shape": tuple(data["image_shape"]), "sigma_init": float(data.get("sigma_init", 2.5)),
                      "num_classes": int(data.get("num_classes") or 0),
                      "label_format": data.get("label_format", "onehot"),
                      "gen_steps": int(data.get("gen_steps", config.get("gen_steps", 1))),
@@ -188,11 +197,39 @@ def from_checkpoint(path, teacher: str | None = None):
                      "renoise": data.get("renoise", config.get("renoise", "fresh"))}
     if teacher is not None:
         raise ValueError("argument teacher is for distillation checkpoints; this is a network checkpoint")
+    if prompts is not None:
+        raise ValueError("argument prompts is for students of text-to-image teachers; this is a network "
+                         "checkpoint")
     net = as_denoiser(checkpoint.build_network(data, path)).eval()
     shape = infer_image_shape(net)
     if shape is None:
         raise ValueError(f"checkpoint {str(path)!r}: cannot tell the image shape of its network")
     return net, {"shape": shape, "num_classes": infer_num_classes(net)}
+
+
+def _text_options(conditioner, prompts, pipeline) -> dict:
+    """``sample_images``'s ``cond`` (the prompts cycled, embedded by ``conditioner``) and ``decode`` (the
+    pipeline's VAE) for a text-to-image student; nothing for other students."""
+    if conditioner is None:
+        if prompts is not None:
+            raise ValueError("argument prompts is for students of text-to-image teachers; this student's "
+                             "teacher takes no prompts")
+        return {}
+    if prompts is None:
+        raise ValueError("this student's teacher is a text-to-image pipeline: give the prompts to sample, "
+                         "argument prompts FILE (one prompt per line)")
+    from .text import read_prompts
+    from .vae import LatentDecoder
+
+    try:
+        texts = read_prompts(prompts)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"argument prompts: {exc}") from None
+
+    def cond(start: int, n: int) -> dict:
+        return conditioner.condition([texts[(start + i) % len(texts)] for i in range(n)])
+
+    return {"cond": cond, "decode": LatentDecoder.from_pretrained(pipeline)}
 
 
 __all__ = ["edm_sample", "one_step_sample", "sample_images", "grid_samples", "from_checkpoint",

@@ -3,10 +3,8 @@
 CPU tests run the eager engine (and torch.compile once, marked slow), and the graph cache with stand-ins for
 the CUDA calls; the CUDA-graph tests at the end need a GPU.
 """
-import contextlib
 import copy
 import gc
-import weakref
 
 import pytest
 import torch
@@ -15,12 +13,11 @@ from torch import nn
 import sidfast
 from sidfast import reference as R
 from sidfast.denoisers import EDMDenoiser
-from sidfast._graphs import GraphCache
 from sidfast.engine import ScoreEngine
 from sidfast.lora import LoRAFakeScore, LoRALayer, merge_lora
 from sidfast.ops.noise import draw_seed, regenerate_noise
-from utils import (SmallUNet, assert_float64_close as _close, randomize_lora, requires_cuda, rounding_bound,
-                   tiny_diffusers_unet)
+from utils import (SmallUNet, StandInGraphs, StaticGradGraphs, assert_float64_close as _close,
+                   graphs_on_cpu, randomize_lora, requires_cuda, rounding_bound, tiny_diffusers_unet)
 
 # The engine evaluates other batches than plain eager calls ([x_t; x_t] through one network, the teacher
 # and the fake score stacked), which changes matmul and convolution blocking: engine and eager results are
@@ -479,105 +476,11 @@ def test_generator_terms_without_noise_draw_it_in_the_kernel(mode):
 
 
 
-class _DeviceGuard:
-    """Stands in for torch.cuda.device (which refuses CPU devices): records the device it is entered with."""
-
-    def __init__(self):
-        self.stack = []
-
-    @property
-    def current(self):
-        return self.stack[-1] if self.stack else None
-
-    @contextlib.contextmanager
-    def __call__(self, device):
-        self.stack.append(torch.device(device))
-        try:
-            yield
-        finally:
-            self.stack.pop()
-
-
-def _graphs_on_cpu(monkeypatch, capture):
-    """The engine's graph path for CPU inputs, with ``capture`` standing in for make_graphed_callables."""
-    guard = _DeviceGuard()
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
-    monkeypatch.setattr(torch.cuda, "device", guard)
-    monkeypatch.setattr(GraphCache, "applies", lambda self, x: self.graphs is not False and torch.is_grad_enabled())
-    return guard
-
-
-class _StandInGraphs:
-    """Replaces torch.cuda.make_graphed_callables on CPU: records captures, returns the callable unchanged.
-    Exercises the engine's graph bookkeeping (keys, recapture, parameter surface, output copies) without a
-    GPU."""
-
-    def __init__(self):
-        self.captures = []
-
-    def __call__(self, callable_, sample, allow_unused_input=False, pool=None):
-        self.captures.append((callable_, [(t.shape, t.requires_grad) for t in sample]))
-        return callable_
-
-
-class _StaticGradGraphs:
-    """Replaces torch.cuda.make_graphed_callables on CPU with its replay semantics: outputs, input gradients
-    and parameter gradients come back as detached views of static buffers that the next replay overwrites,
-    and a backward reads the activations of the latest replay (a graph's static memory), not those of its
-    own call."""
-
-    def __init__(self):
-        self.made = []  # weak references to each capture's state (its Replay class)
-        self.pools = []
-
-    def __call__(self, callable_, sample, allow_unused_input=False, pool=None):
-        params = []
-        if isinstance(callable_, nn.Module):
-            params = [p for p in callable_.parameters() if p.requires_grad]
-        n_in = len(sample)
-        static: dict = {}
-
-        def buffer(key, value):
-            buf = static.get(key)
-            if buf is None:
-                buf = static[key] = torch.empty_like(value)
-            return buf.copy_(value).detach()
-
-        class Replay(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, *args):
-                xs = [a.detach().requires_grad_(a.requires_grad) for a in args[:n_in]]
-                with torch.enable_grad():
-                    out = callable_(*xs)
-                outs = out if isinstance(out, tuple) else (out,)
-                static["saved"] = (xs, outs)
-                copies = tuple(buffer(("out", i), o) for i, o in enumerate(outs))
-                return copies if isinstance(out, tuple) else copies[0]
-
-            @staticmethod
-            def backward(ctx, *grads):
-                xs, outs = static["saved"]
-                need = [x for x in xs if x.requires_grad] + params
-                got = list(torch.autograd.grad(outs, need, grads, allow_unused=True, retain_graph=True))
-                res = []
-                for x in xs:
-                    res.append(buffer(("in", len(res)), got.pop(0)) if x.requires_grad else None)
-                param_grads = (buffer(("param", i), g) if g is not None else None for i, g in enumerate(got))
-                return (*res, *param_grads)
-
-        def graphed(*args):
-            return Replay.apply(*args, *params)
-
-        self.made.append(weakref.ref(Replay))
-        self.pools.append(pool)
-        return graphed
-
-
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
     """A replay's gradients live in static buffers: fake-score gradients accumulated over micro-batches, and
     an input's .grad, must not alias them (the next replay would overwrite them)."""
-    _graphs_on_cpu(monkeypatch, _StaticGradGraphs())
+    graphs_on_cpu(monkeypatch, StaticGradGraphs())
     graphed, G, z, noise, sigma = _setup(mode, batch=4)
     eager = copy.deepcopy(graphed)
     eager.graphs = False
@@ -604,7 +507,7 @@ def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
 def test_graph_replays_see_fresh_kernel_noise(mode, monkeypatch):
     """The noise is drawn before the captured graph, from a new seed on every call: consecutive replays of one
     graph evaluate different noise, each equal to the eager engine given that call's eps explicitly."""
-    _graphs_on_cpu(monkeypatch, _StaticGradGraphs())
+    graphs_on_cpu(monkeypatch, StaticGradGraphs())
     graphed, G, z, _, sigma = _setup(mode, batch=4)
     eager = copy.deepcopy(graphed)
     eager.graphs = False
@@ -631,8 +534,8 @@ def test_graph_replays_see_fresh_kernel_noise(mode, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_graph_bookkeeping_with_a_stand_in_capture(mode, monkeypatch):
-    stand_in = _StandInGraphs()
-    _graphs_on_cpu(monkeypatch, stand_in)
+    stand_in = StandInGraphs()
+    graphs_on_cpu(monkeypatch, stand_in)
     engine, G, z, noise, sigma = _setup(mode, batch=4)
     x = G(z).detach()
     # x needs no grad: eager, no capture
@@ -673,7 +576,7 @@ def test_capture_and_replay_run_under_the_inputs_device(monkeypatch):
     """make_graphed_callables captures on the current CUDA device: networks on cuda:1 while cuda:0 is current
     would be captured empty. Capture and replay must run under the inputs' device."""
     seen = []
-    static = _StaticGradGraphs()
+    static = StaticGradGraphs()
 
     def capture(callable_, sample, **kw):
         seen.append(("capture", guard.current))
@@ -685,7 +588,7 @@ def test_capture_and_replay_run_under_the_inputs_device(monkeypatch):
 
         return recorded
 
-    guard = _graphs_on_cpu(monkeypatch, capture)
+    guard = graphs_on_cpu(monkeypatch, capture)
     engine, G, z, noise, sigma = _setup("full", batch=2)
     x = G(z).detach()
     for _ in range(2):
@@ -701,7 +604,7 @@ def test_a_replay_before_the_previous_backward_raises(mode, monkeypatch):
     """A replay overwrites the activations that the previous replay saved for its backward (the stand-in's
     backward, like a graph's, reads the latest replay's): evaluating a phase twice before the first backward
     must raise, not return wrong gradients."""
-    _graphs_on_cpu(monkeypatch, _StaticGradGraphs())
+    graphs_on_cpu(monkeypatch, StaticGradGraphs())
     engine, G, z, noise, sigma = _setup(mode, batch=4)
     eager = copy.deepcopy(engine)
     eager.graphs = False
@@ -733,8 +636,8 @@ def test_a_replay_before_the_previous_backward_raises(mode, monkeypatch):
 
 
 def test_a_shared_pool_waits_for_every_pending_backward(monkeypatch):
-    capture = _StaticGradGraphs()
-    _graphs_on_cpu(monkeypatch, capture)
+    capture = StaticGradGraphs()
+    graphs_on_cpu(monkeypatch, capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "the shared pool")
     for share_pool in (False, True):
         engine, G, z, noise, sigma = _setup("full", batch=4, share_pool=share_pool)
@@ -750,8 +653,8 @@ def test_a_shared_pool_waits_for_every_pending_backward(monkeypatch):
 
 
 def test_the_graph_cache_keeps_the_most_recently_used_graphs(monkeypatch):
-    capture = _StaticGradGraphs()
-    _graphs_on_cpu(monkeypatch, capture)
+    capture = StaticGradGraphs()
+    graphs_on_cpu(monkeypatch, capture)
     engine, G, z, noise, sigma = _setup("full", batch=4, max_graphs=2)
     x = G(z).detach()
 
@@ -932,7 +835,7 @@ def test_logits_come_with_f_psi_in_both_phases(mode, graphed, monkeypatch):
     from sidfast.discriminator import DiscriminatorPass, DiscriminatorTap
 
     if graphed:
-        _graphs_on_cpu(monkeypatch, _StaticGradGraphs())
+        graphs_on_cpu(monkeypatch, StaticGradGraphs())
     engine, G, z, noise, sigma = _setup(mode, batch=4)
     engine.attach_discriminator(_tap_layer(engine))
     plain = copy.deepcopy(_plain_fake(engine))

@@ -372,3 +372,78 @@ def test_guided_few_step_run_resumes_bitwise(tmp_path):
     resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), CondMLP(), log=None)
     for name in ("generator", "generator_ema", "fake"):
         assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
+
+
+class NestedCondMLP(nn.Module):
+    """An EDM-preconditioned MLP conditioned like SDXL's UNet: ``encoder_hidden_states`` and the nested
+    ``added_cond_kwargs`` (``text_embeds``, ``time_ids``), in its input's dtype."""
+
+    image_shape = (1, 4, 4)
+
+    def __init__(self, hidden=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        d = math.prod(self.image_shape)
+        self.inp = nn.Linear(d + 1 + 3 + 2 + 2, hidden)
+        self.out = nn.Linear(hidden, d)
+
+    def forward(self, x, sigma, class_labels=None, encoder_hidden_states=None, added_cond_kwargs=None):
+        s = sigma.reshape(-1, 1).to(x.dtype)
+        c_in, c_skip, c_out = 1 / (s ** 2 + 0.25).sqrt(), 0.25 / (s ** 2 + 0.25), 0.5 * s / (s ** 2 + 0.25).sqrt()
+        text = [encoder_hidden_states.mean(1), added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]]
+        h = self.out(F.silu(self.inp(torch.cat([x.flatten(1) * c_in, s.log() / 4, *text], 1))))
+        return (c_skip * x.flatten(1) + c_out * h).view(x.shape)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_nested_keyword_conditioning_goes_through_captured_graphs(mode, monkeypatch):
+    """SDXL-style nested keywords (``added_cond_kwargs``) are flattened into tensor arguments of the captured
+    graphs (a stand-in capture with CUDA graphs' replay semantics on CPU) and nested again inside: guided and
+    plain phases equal the eager ``guidance.guided`` computation, and each phase is captured once."""
+    from utils import StaticGradGraphs, graphs_on_cpu
+
+    capture = StaticGradGraphs()
+    graphs_on_cpu(monkeypatch, capture)
+    teacher = EDMDenoiser(NestedCondMLP(seed=1).double())
+    fake = (randomize_lora(LoRAFakeScore(teacher, rank=4).double()) if mode == "lora"
+            else EDMDenoiser(NestedCondMLP(seed=2).double()))
+    engine = ScoreEngine.over(teacher, fake, graphs=True)
+    g = torch.Generator().manual_seed(0)
+    batch = 4
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    cond = {"encoder_hidden_states": rand(batch, 5, 3),
+            "added_cond_kwargs": {"text_embeds": rand(batch, 2), "time_ids": rand(batch, 2)}}
+    null = {"encoder_hidden_states": torch.zeros(1, 5, 3, dtype=torch.float64),
+            "added_cond_kwargs": {"text_embeds": torch.zeros(1, 2, dtype=torch.float64),
+                                  "time_ids": cond["added_cond_kwargs"]["time_ids"][:1]}}
+    sigma = torch.rand(batch, generator=g, dtype=torch.float64) + 0.5
+    x_g = rand(batch, *NestedCondMLP.image_shape)
+    noise = rand(batch, *NestedCondMLP.image_shape)
+    x_t = x_g + sigma.reshape(-1, 1, 1, 1) * noise
+    for scales in ((1.0, 1.0), (2.0, 1.5)):
+        guided = scales != (1.0, 1.0)
+        kw = dict(scale_real=scales[0], scale_fake=scales[1], null_cond=null) if guided else {}
+        for step in range(2):  # a capture, then a replay
+            xg = x_g.clone().requires_grad_()
+            y_real, y_fake = engine.generator_terms(xg, sigma, None, noise=noise, **kw, **cond)
+            grad = torch.autograd.grad((y_real * y_fake).sum(), xg)[0]
+            xe = x_t.clone().requires_grad_()
+            want_real = guidance.guided(teacher, xe, sigma, cond, null, scales[0])
+            want_fake = guidance.guided(fake, xe, sigma, cond, null, scales[1])
+            want_grad = torch.autograd.grad((want_real * want_fake).sum(), xe)[0]
+            for got, want in ((y_real, want_real), (y_fake, want_fake), (grad, want_grad)):
+                torch.testing.assert_close(got, want.detach(), **float64_network_tolerance(want))
+            # the fake score's own step, guided at k1 = scales[1], gradients into its trainable parameters
+            params = [p for p in fake.parameters() if p.requires_grad]
+            got = engine.fake_score_forward(x_t, sigma, None, scale=scales[1],
+                                            null_cond=null if guided else None, **cond)
+            got_grads = torch.autograd.grad(got.square().sum(), params)
+            want = guidance.guided(fake, x_t, sigma, cond, null, scales[1])
+            want_grads = torch.autograd.grad(want.square().sum(), params)
+            torch.testing.assert_close(got, want.detach(), **float64_network_tolerance(want))
+            for a, b in zip(got_grads, want_grads):
+                torch.testing.assert_close(a, b, **float64_network_tolerance(b))
+    assert len(capture.made) == 4  # generator and fake phases, plain and guided: one capture each

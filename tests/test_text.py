@@ -383,3 +383,61 @@ def test_load_teacher_pipeline_errors(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps(dict(index, _class_name="KandinskyPipeline")))
     with pytest.raises(CheckpointError, match="KandinskyPipeline.*not supported"):
         load_teacher(str(tmp_path), with_conditioner=True)
+
+
+# ---------- the command line: distill a text-to-image teacher, then sample its student ----------
+
+def _cli(args, capsys):
+    from sidfast import cli
+
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_text_student_from_the_command_line_samples_prompts_through_the_vae(tmp_path, capsys):
+    """``sidfast distill --prompts`` on a pipeline directory, then ``sidfast sample --prompts``: the student's
+    latents, conditioned on each image's prompt (i mod N), decoded by the pipeline's VAE."""
+    from sidfast import samplers
+    from sidfast.vae import LatentDecoder
+
+    pipe_dir = tmp_path / "sd"
+    pipe = save_sd_pipeline(pipe_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na dog\n")
+    run = tmp_path / "run"
+    code, _, err = _cli(["distill", "--teacher", pipe_dir, "--prompts", prompts, "--run-dir", run,
+                         "--iterations", "2", "--batch", "2", "--grid-size", "2", "--teacher-steps", "2",
+                         "--guidance", "lsg", "--cfg", "1.5", "--no-progress", "--device", "cpu"], capsys)
+    assert code == 0, err
+    out_dir = tmp_path / "samples"
+    code, out, err = _cli(["sample", run / "checkpoint.pt", "--out", out_dir, "--num", "3", "--batch", "2",
+                           "--prompts", prompts], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    # the same images from Python: latents per prompt, then the VAE (scaling factor of its config)
+    net, options = samplers.from_checkpoint(run / "checkpoint.pt", prompts=str(prompts))
+    images = samplers.sample_images(net, 3, batch=2, **options)
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # the VAE's upsampling
+    assert images.shape == (3, 3, 8 * scale, 8 * scale) and images.abs().max() <= 1
+    latents = samplers.sample_images(net, 3, batch=2, **{**options, "decode": None})
+    decoder = LatentDecoder(pipe.vae, pipe.vae.config.scaling_factor)
+    with torch.no_grad():  # decoded batch by batch, as sampled (the same kernels: equal bit for bit)
+        want = torch.cat([pipe.vae.float().decode(z / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+                          for z in latents.split(2)])
+    torch.testing.assert_close(images, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([decoder(z) for z in latents.split(2)]), want, rtol=0, atol=0)
+    # image i gets prompt i mod 2: images 0 and 2 share a prompt, and differ only by their latents
+    cond = options["cond"](0, 3)
+    text = TextConditioner.from_pretrained(pipe_dir)
+    torch.testing.assert_close(cond["encoder_hidden_states"],
+                               text.condition(["a red cat", "a dog", "a red cat"])["encoder_hidden_states"])
+    # errors in command-line words
+    code, _, err = _cli(["sample", run / "checkpoint.pt", "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and "--prompts FILE" in err, err
+    code, _, err = _cli(["sample", run / "checkpoint.pt", "--out", tmp_path / "x.png", "--prompts",
+                         tmp_path / "missing.txt"], capsys)
+    assert code == 2 and "--prompts" in err and "does not exist" in err, err

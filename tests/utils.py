@@ -3,11 +3,15 @@ tolerances that fp32 comparisons derive from the computation (so that they hold 
 
 ``pytest`` puts ``tests/`` on the import path (``pythonpath`` in pyproject.toml): ``from utils import ...``.
 """
+import contextlib
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidfast._graphs import GraphCache
 from sidfast.ops import backend
 
 HAS_CUDA = torch.cuda.is_available()
@@ -163,3 +167,99 @@ def tiny_diffusers_unet(sample_size=8, channels=3, seed=0, **kw):
                   down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     config.update(kw)
     return diffusers.UNet2DModel(**config)
+
+
+# ---------- CUDA graphs on CPU ----------
+
+class DeviceGuard:
+    """Stands in for torch.cuda.device (which refuses CPU devices): records the device it is entered with."""
+
+    def __init__(self):
+        self.stack = []
+
+    @property
+    def current(self):
+        return self.stack[-1] if self.stack else None
+
+    @contextlib.contextmanager
+    def __call__(self, device):
+        self.stack.append(torch.device(device))
+        try:
+            yield
+        finally:
+            self.stack.pop()
+
+
+def graphs_on_cpu(monkeypatch, capture):
+    """The engine's graph path for CPU inputs, with ``capture`` standing in for make_graphed_callables."""
+    guard = DeviceGuard()
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    monkeypatch.setattr(torch.cuda, "device", guard)
+    monkeypatch.setattr(GraphCache, "applies", lambda self, x: self.graphs is not False and torch.is_grad_enabled())
+    return guard
+
+
+class StandInGraphs:
+    """Replaces torch.cuda.make_graphed_callables on CPU: records captures, returns the callable unchanged.
+    Exercises the engine's graph bookkeeping (keys, recapture, parameter surface, output copies) without a
+    GPU."""
+
+    def __init__(self):
+        self.captures = []
+
+    def __call__(self, callable_, sample, allow_unused_input=False, pool=None):
+        self.captures.append((callable_, [(t.shape, t.requires_grad) for t in sample]))
+        return callable_
+
+
+class StaticGradGraphs:
+    """Replaces torch.cuda.make_graphed_callables on CPU with its replay semantics: outputs, input gradients
+    and parameter gradients come back as detached views of static buffers that the next replay overwrites,
+    and a backward reads the activations of the latest replay (a graph's static memory), not those of its
+    own call."""
+
+    def __init__(self):
+        self.made = []  # weak references to each capture's state (its Replay class)
+        self.pools = []
+
+    def __call__(self, callable_, sample, allow_unused_input=False, pool=None):
+        params = []
+        if isinstance(callable_, nn.Module):
+            params = [p for p in callable_.parameters() if p.requires_grad]
+        n_in = len(sample)
+        static: dict = {}
+
+        def buffer(key, value):
+            buf = static.get(key)
+            if buf is None:
+                buf = static[key] = torch.empty_like(value)
+            return buf.copy_(value).detach()
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                xs = [a.detach().requires_grad_(a.requires_grad) for a in args[:n_in]]
+                with torch.enable_grad():
+                    out = callable_(*xs)
+                outs = out if isinstance(out, tuple) else (out,)
+                static["saved"] = (xs, outs)
+                copies = tuple(buffer(("out", i), o) for i, o in enumerate(outs))
+                return copies if isinstance(out, tuple) else copies[0]
+
+            @staticmethod
+            def backward(ctx, *grads):
+                xs, outs = static["saved"]
+                need = [x for x in xs if x.requires_grad] + params
+                got = list(torch.autograd.grad(outs, need, grads, allow_unused=True, retain_graph=True))
+                res = []
+                for x in xs:
+                    res.append(buffer(("in", len(res)), got.pop(0)) if x.requires_grad else None)
+                param_grads = (buffer(("param", i), g) if g is not None else None for i, g in enumerate(got))
+                return (*res, *param_grads)
+
+        def graphed(*args):
+            return Replay.apply(*args, *params)
+
+        self.made.append(weakref.ref(Replay))
+        self.pools.append(pool)
+        return graphed
