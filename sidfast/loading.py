@@ -12,8 +12,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from .checkpoint import CheckpointError, build_network, import_entry_point, load_checkpoint
 
 

@@ -15,30 +15,11 @@ import torch
 
 from sidfast import cli
 from sidfast.checkpoint import load_checkpoint
-from utils import tiny_diffusers_unet
+from utils import run_main, tiny_diffusers_unet, user_error
 
 TESTS = os.path.dirname(__file__)
 SMALL = ["--iterations", "2", "--batch", "4", "--log-every", "1", "--grid-size", "4", "--teacher-steps", "2",
          "--no-progress", "--device", "cpu"]
-
-
-def run_main(args, capsys):
-    """(exit code, stdout, stderr) of ``sidfast ARGS`` in this process."""
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def user_error(args, capsys, match):
-    code, _, err = run_main(args, capsys)
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert err.startswith(f"sidfast {args[0]}: error:"), err
-    assert match in err, err
-    return err
 
 
 def env_without_interpreter():

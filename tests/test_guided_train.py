@@ -17,7 +17,7 @@ from sidfast.samplers import sample_images
 from sidfast.schedules import VPSchedule
 from sidfast.train import TrainConfig, distill
 from test_train import assert_bitwise, quiet, states, tiny_teacher
-from utils import assert_float64_close, float64_network_tolerance, randomize_lora
+from utils import assert_float64_close, cuda_marks, float64_network_tolerance, randomize_lora
 
 CLASSES = 3
 
@@ -395,31 +395,33 @@ class NestedCondMLP(nn.Module):
         return (c_skip * x.flatten(1) + c_out * h).view(x.shape)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_marks())])
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_nested_keyword_conditioning_goes_through_captured_graphs(mode, monkeypatch):
+def test_nested_keyword_conditioning_goes_through_captured_graphs(mode, device, monkeypatch):
     """SDXL-style nested keywords (``added_cond_kwargs``) are flattened into tensor arguments of the captured
-    graphs (a stand-in capture with CUDA graphs' replay semantics on CPU) and nested again inside: guided and
-    plain phases equal the eager ``guidance.guided`` computation, and each phase is captured once."""
+    graphs (on CPU a stand-in capture with CUDA graphs' replay semantics, on a GPU real ones) and nested again
+    inside: guided and plain phases equal the eager ``guidance.guided`` computation, each phase captured
+    once."""
     from utils import StaticGradGraphs, graphs_on_cpu
 
-    capture = StaticGradGraphs()
-    graphs_on_cpu(monkeypatch, capture)
-    teacher = EDMDenoiser(NestedCondMLP(seed=1).double())
+    if device == "cpu":
+        graphs_on_cpu(monkeypatch, StaticGradGraphs())
+    teacher = EDMDenoiser(NestedCondMLP(seed=1).double()).to(device)
     fake = (randomize_lora(LoRAFakeScore(teacher, rank=4).double()) if mode == "lora"
-            else EDMDenoiser(NestedCondMLP(seed=2).double()))
+            else EDMDenoiser(NestedCondMLP(seed=2).double())).to(device)
     engine = ScoreEngine.over(teacher, fake, graphs=True)
     g = torch.Generator().manual_seed(0)
     batch = 4
 
     def rand(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device)
 
     cond = {"encoder_hidden_states": rand(batch, 5, 3),
             "added_cond_kwargs": {"text_embeds": rand(batch, 2), "time_ids": rand(batch, 2)}}
-    null = {"encoder_hidden_states": torch.zeros(1, 5, 3, dtype=torch.float64),
-            "added_cond_kwargs": {"text_embeds": torch.zeros(1, 2, dtype=torch.float64),
+    null = {"encoder_hidden_states": torch.zeros(1, 5, 3, dtype=torch.float64, device=device),
+            "added_cond_kwargs": {"text_embeds": torch.zeros(1, 2, dtype=torch.float64, device=device),
                                   "time_ids": cond["added_cond_kwargs"]["time_ids"][:1]}}
-    sigma = torch.rand(batch, generator=g, dtype=torch.float64) + 0.5
+    sigma = torch.rand(batch, generator=g, dtype=torch.float64).to(device) + 0.5
     x_g = rand(batch, *NestedCondMLP.image_shape)
     noise = rand(batch, *NestedCondMLP.image_shape)
     x_t = x_g + sigma.reshape(-1, 1, 1, 1) * noise
@@ -446,4 +448,28 @@ def test_nested_keyword_conditioning_goes_through_captured_graphs(mode, monkeypa
             torch.testing.assert_close(got, want.detach(), **float64_network_tolerance(want))
             for a, b in zip(got_grads, want_grads):
                 torch.testing.assert_close(a, b, **float64_network_tolerance(b))
-    assert len(capture.made) == 4  # generator and fake phases, plain and guided: one capture each
+    assert len(engine._graphs) == 4  # generator and fake phases, plain and guided: one capture each
+
+
+def test_sdxl_teacher_trains_through_the_fused_engine_as_eagerly(tmp_path):
+    """An SDXL-style teacher (nested ``added_cond_kwargs``) with LSG guidance: the fused engine trains it as
+    the eager path does (full fake score: the same evaluations, bit for bit on CPU), and its LoRA fake score
+    runs teacher and fake halves, nested keywords doubled, in one forward."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from test_text import cond_unet, conditioner
+
+    def teacher():
+        return DiffusersDenoiser(cond_unet(sdxl=True).float(), VPSchedule.linear(), "eps")
+
+    kw = dict(iterations=2, batch=2, lr=1e-4, guidance="lsg", cfg=2, prompts=str(_prompt_file(tmp_path)))
+    runs = {}
+    for engine in ("eager", "fused"):
+        res = distill(quiet(run_dir=str(tmp_path / engine), engine=engine, **kw), teacher(),
+                      conditioner=conditioner("sdxl", dtype=torch.float32), log=None)
+        runs[engine] = (states(res.generator), states(res.fake))
+    assert_bitwise(runs["eager"][0], runs["fused"][0])
+    assert_bitwise(runs["eager"][1], runs["fused"][1])
+    res = distill(quiet(run_dir=str(tmp_path / "lora"), engine="fused", fake_score="lora", lora_rank=2, **kw),
+                  teacher(), conditioner=conditioner("sdxl", dtype=torch.float32), log=None)
+    assert math.isfinite(res.last["loss_g"]) and math.isfinite(res.last["loss_fake"])

@@ -8,9 +8,9 @@ from sidfast.checkpoint import CheckpointError, load_checkpoint
 from sidfast.lora import LoRAGenerator, lora_parameters, merge_lora
 from sidfast.samplers import from_checkpoint, sample_images
 from sidfast.train import TrainConfig, distill
-from test_cli import run_main, user_error
 from test_sida_train import sida
 from test_train import assert_bitwise, quiet, states, tiny_teacher
+from utils import run_main, user_error
 
 RANK = 2
 LORA = dict(generator="lora", lora_rank=RANK, lr=1e-3)

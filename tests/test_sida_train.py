@@ -14,8 +14,8 @@ from sidfast.checkpoint import CheckpointError, load_checkpoint
 from sidfast.data import DataError, RealData
 from sidfast.runtime import seed_everything
 from sidfast.train import TrainConfig, distill
-from test_cli import run_main, user_error
 from test_train import SHAPE, assert_bitwise, quiet, states, tiny_teacher
+from utils import run_main, user_error
 
 LAYER = "inp"  # TinyEDM's first layer: its output's feature mean is the discriminator's logit
 

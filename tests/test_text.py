@@ -13,7 +13,7 @@ from sidfast.denoisers import (DiffusersDenoiser, FlowDenoiser, latent_image_ids
 from sidfast.schedules import VPSchedule
 from sidfast.text import TextConditioner, draw_prompts, read_prompts
 
-from utils import float64_network_tolerance
+from utils import float64_network_tolerance, run_main
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -387,17 +387,6 @@ def test_load_teacher_pipeline_errors(tmp_path):
 
 # ---------- the command line: distill a text-to-image teacher, then sample its student ----------
 
-def _cli(args, capsys):
-    from sidfast import cli
-
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_text_student_from_the_command_line_samples_prompts_through_the_vae(tmp_path, capsys):
     """``sidfast distill --prompts`` on a pipeline directory, then ``sidfast sample --prompts``: the student's
     latents, conditioned on each image's prompt (i mod N), decoded by the pipeline's VAE."""
@@ -409,12 +398,12 @@ def test_text_student_from_the_command_line_samples_prompts_through_the_vae(tmp_
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na dog\n")
     run = tmp_path / "run"
-    code, _, err = _cli(["distill", "--teacher", pipe_dir, "--prompts", prompts, "--run-dir", run,
+    code, _, err = run_main(["distill", "--teacher", pipe_dir, "--prompts", prompts, "--run-dir", run,
                          "--iterations", "2", "--batch", "2", "--grid-size", "2", "--teacher-steps", "2",
                          "--guidance", "lsg", "--cfg", "1.5", "--no-progress", "--device", "cpu"], capsys)
     assert code == 0, err
     out_dir = tmp_path / "samples"
-    code, out, err = _cli(["sample", run / "checkpoint.pt", "--out", out_dir, "--num", "3", "--batch", "2",
+    code, out, err = run_main(["sample", run / "checkpoint.pt", "--out", out_dir, "--num", "3", "--batch", "2",
                            "--prompts", prompts], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["000000.png", "000001.png", "000002.png"]
@@ -436,8 +425,8 @@ def test_text_student_from_the_command_line_samples_prompts_through_the_vae(tmp_
     torch.testing.assert_close(cond["encoder_hidden_states"],
                                text.condition(["a red cat", "a dog", "a red cat"])["encoder_hidden_states"])
     # errors in command-line words
-    code, _, err = _cli(["sample", run / "checkpoint.pt", "--out", tmp_path / "x.png"], capsys)
+    code, _, err = run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "x.png"], capsys)
     assert code == 2 and "--prompts FILE" in err, err
-    code, _, err = _cli(["sample", run / "checkpoint.pt", "--out", tmp_path / "x.png", "--prompts",
+    code, _, err = run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "x.png", "--prompts",
                          tmp_path / "missing.txt"], capsys)
     assert code == 2 and "--prompts" in err and "does not exist" in err, err

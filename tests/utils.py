@@ -169,6 +169,28 @@ def tiny_diffusers_unet(sample_size=8, channels=3, seed=0, **kw):
     return diffusers.UNet2DModel(**config)
 
 
+# ---------- the command line ----------
+
+def run_main(args, capsys):
+    """(exit code, stdout, stderr) of ``sidfast ARGS`` in this process."""
+    from sidfast import cli
+
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def user_error(args, capsys, match):
+    code, _, err = run_main(args, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith(f"sidfast {args[0]}: error:"), err
+    assert match in err, err
+    return err
+
 # ---------- CUDA graphs on CPU ----------
 
 class DeviceGuard:
