@@ -103,16 +103,19 @@ def init_distributed(device_spec: str, group_always: bool = False) -> Dist:
 _created_group = False  # whether init_distributed created a process group in this process (end_process)
 
 
-def end_process(code: int):
+def end_process(code: int, after_group: bool = False):
     """End the process with exit status ``code`` (the ``sidfast`` command's last step).
 
-    After a process group that this process created, the interpreter is not torn down: torch keeps a gloo
+    After a process group (one that ``init_distributed`` created, one still initialized, or with
+    ``after_group`` one the caller ran and destroyed itself), the interpreter is not torn down: torch keeps a gloo
     group, and its worker threads, alive past ``destroy_process_group`` while DTensor's caches refer to the
     device mesh of FSDP's sharded tensors, and a worker that releases a finished collective's tensors after
     interpreter finalization began cannot take the GIL and aborts the process ("terminate called without an
     active exception"). Exit handlers run and the standard streams are flushed first; every file a run
     writes is complete (and synced) before the trainer returns. Otherwise a plain ``sys.exit``."""
-    if not _created_group:
+    import torch.distributed as dist
+
+    if not (after_group or _created_group or (dist.is_available() and dist.is_initialized())):
         sys.exit(code)
     import atexit
 

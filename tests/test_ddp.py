@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from utils import spawn_workers
 
 WORLD = 2
 
@@ -61,7 +62,7 @@ def _worker(rank, init_file, run_dir, out_dir):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp / "run"), str(tmp)), nprocs=WORLD, join=True)
+    spawn_workers(_worker, (str(tmp / "init"), str(tmp / "run"), str(tmp)), WORLD)
     return tmp, [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

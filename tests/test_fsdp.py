@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from utils import spawn_workers
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -226,7 +228,7 @@ def _killed_in_save(rank, init_file, tmp):
 
 
 def _spawn(fn, nprocs, tmp, tag):
-    mp.spawn(fn, args=(str(tmp / f"init-{tag}"), str(tmp)), nprocs=nprocs, join=True)
+    spawn_workers(fn, (str(tmp / f"init-{tag}"), str(tmp)), nprocs)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from sidfast import plan as P
 from sidfast.config import TrainConfig
 from sidfast.lora import add_lora, lora_parameters
 from sidfast.networks import build_networks
+from utils import spawn_workers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -242,9 +243,7 @@ def _fsdp_worker(rank, init_file, out_dir, world):
 
 def test_fsdp2_per_rank_bytes_of_a_real_two_process_run(tmp_path):
     """``fully_shard`` over 2 gloo processes: rank 0 (the largest shards) holds exactly the plan's bytes."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path), 2), nprocs=2, join=True)
+    spawn_workers(_fsdp_worker, (str(tmp_path / "init"), str(tmp_path), 2), 2)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     plan = P.plan_memory(tiny_teacher(), gpus=2, sharding="fsdp", precision="fp32")
     assert per_rank[0] == plan.static

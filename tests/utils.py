@@ -191,6 +191,31 @@ def user_error(args, capsys, match):
     assert match in err, err
     return err
 
+# ---------- worker processes ----------
+
+def _ended_worker(rank, fn, args):
+    fn(rank, *args)
+    from sidfast.runtime import end_process
+
+    end_process(0, after_group=True)  # no interpreter teardown with gloo's threads alive
+
+
+def spawn_workers(fn, args, nprocs):
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` whose workers, once ``fn`` returns, end like the
+    sidfast command (``runtime.end_process``); an exception in ``fn`` still fails the spawn with its
+    traceback. The workers start without TRITON_INTERPRET (they import sidfast, and with it Triton, before
+    ``fn`` runs): they train through the native CPU ops, not the kernel interpreter."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        mp.spawn(_ended_worker, args=(fn, tuple(args)), nprocs=nprocs, join=True)
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+
 # ---------- CUDA graphs on CPU ----------
 
 class DeviceGuard:
