@@ -107,12 +107,12 @@ def end_process(code: int, after_group: bool = False):
     """End the process with exit status ``code`` (the ``sidfast`` command's last step).
 
     After a process group (one that ``init_distributed`` created, one still initialized, or with
-    ``after_group`` one the caller ran and destroyed itself), the interpreter is not torn down: torch keeps a gloo
-    group, and its worker threads, alive past ``destroy_process_group`` while DTensor's caches refer to the
-    device mesh of FSDP's sharded tensors, and a worker that releases a finished collective's tensors after
-    interpreter finalization began cannot take the GIL and aborts the process ("terminate called without an
-    active exception"). Exit handlers run and the standard streams are flushed first; every file a run
-    writes is complete (and synced) before the trainer returns. Otherwise a plain ``sys.exit``."""
+    ``after_group`` one the caller ran and destroyed itself), the interpreter is not torn down: torch keeps
+    a gloo group, and its worker threads, alive past ``destroy_process_group`` while DTensor's caches refer
+    to the device mesh of FSDP's sharded tensors, and a worker that releases a finished collective's tensors
+    after interpreter finalization began cannot take the GIL and aborts the process ("terminate called
+    without an active exception"). Exit handlers run and the standard streams are flushed first; every file
+    a run writes is closed before the trainer returns. Otherwise a plain ``sys.exit``."""
     import torch.distributed as dist
 
     if not (after_group or _created_group or (dist.is_available() and dist.is_initialized())):
