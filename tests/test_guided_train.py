@@ -16,7 +16,7 @@ from sidfast.reference import weighted_sid_loss
 from sidfast.samplers import sample_images
 from sidfast.schedules import VPSchedule
 from sidfast.train import TrainConfig, distill
-from test_train import assert_bitwise, quiet, states, tiny_teacher
+from test_train import assert_same_run, quiet, stopped_and_resumed, tiny_teacher
 from utils import assert_float64_close, cuda_marks, float64_network_tolerance, randomize_lora
 
 CLASSES = 3
@@ -65,8 +65,7 @@ def test_unit_guidance_and_one_generator_step_train_bitwise_like_plain_sid(tmp_p
     plain = distill(quiet(run_dir=str(tmp_path / "plain"), **kw), tiny_teacher(CLASSES), log=None)
     unit = distill(quiet(run_dir=str(tmp_path / "unit"), guidance="lsg", cfg=1, cfg_teacher=1, gen_steps=1,
                          step_spacing="flow", renoise="ddim", **kw), tiny_teacher(CLASSES), log=None)
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(plain, name)), states(getattr(unit, name)))
+    assert_same_run(plain, unit)
 
 
 # ---------------- guidance in both phases ----------------
@@ -365,13 +364,7 @@ def test_new_options_are_trajectory_options_with_command_line_names():
 def test_guided_few_step_run_resumes_bitwise(tmp_path):
     """k* is a function of (seed, iteration) and condition dropout draws from the saved RNG streams."""
     kw = dict(iterations=5, lr=1e-3, guidance="lsg", cfg=2, gen_steps=3, checkpoint_every=2)
-    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), CondMLP(), log=None)
-    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), CondMLP(),
-                   callbacks=[lambda s: s["iteration"] == 2], log=None)
-    assert part.iteration == 2
-    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), CondMLP(), log=None)
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
+    assert_same_run(*stopped_and_resumed(tmp_path, CondMLP, **kw))
 
 
 class NestedCondMLP(nn.Module):
@@ -463,13 +456,10 @@ def test_sdxl_teacher_trains_through_the_fused_engine_as_eagerly(tmp_path):
         return DiffusersDenoiser(cond_unet(sdxl=True).float(), VPSchedule.linear(), "eps")
 
     kw = dict(iterations=2, batch=2, lr=1e-4, guidance="lsg", cfg=2, prompts=str(_prompt_file(tmp_path)))
-    runs = {}
-    for engine in ("eager", "fused"):
-        res = distill(quiet(run_dir=str(tmp_path / engine), engine=engine, **kw), teacher(),
-                      conditioner=conditioner("sdxl", dtype=torch.float32), log=None)
-        runs[engine] = (states(res.generator), states(res.fake))
-    assert_bitwise(runs["eager"][0], runs["fused"][0])
-    assert_bitwise(runs["eager"][1], runs["fused"][1])
+    eager, fused = (distill(quiet(run_dir=str(tmp_path / engine), engine=engine, **kw), teacher(),
+                            conditioner=conditioner("sdxl", dtype=torch.float32), log=None)
+                    for engine in ("eager", "fused"))
+    assert_same_run(eager, fused)
     res = distill(quiet(run_dir=str(tmp_path / "lora"), engine="fused", fake_score="lora", lora_rank=2, **kw),
                   teacher(), conditioner=conditioner("sdxl", dtype=torch.float32), log=None)
     assert math.isfinite(res.last["loss_g"]) and math.isfinite(res.last["loss_fake"])

@@ -9,7 +9,7 @@ from sidfast.lora import LoRAGenerator, lora_parameters, merge_lora
 from sidfast.samplers import from_checkpoint, sample_images
 from sidfast.train import TrainConfig, distill
 from test_sida_train import sida
-from test_train import assert_bitwise, quiet, states, tiny_teacher
+from test_train import assert_bitwise, assert_same_run, quiet, states, stopped_and_resumed, tiny_teacher
 from utils import run_main, user_error
 
 RANK = 2
@@ -78,13 +78,7 @@ def test_checkpoint_holds_the_factors_only(tmp_path):
 @pytest.mark.parametrize("fake_score", ["full", "lora"])
 def test_resume_is_bitwise(tmp_path, fake_score):
     kw = dict(iterations=5, checkpoint_every=2, fake_score=fake_score, **LORA)
-    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), tiny_teacher(), log=None)
-    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), tiny_teacher(),
-                   callbacks=[lambda s: s["iteration"] == 2], log=None)
-    assert part.iteration == 2
-    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), tiny_teacher(), log=None)
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
+    assert_same_run(*stopped_and_resumed(tmp_path, tiny_teacher, **kw))
 
 
 def test_fresh_start_depends_on_the_seed_only(tmp_path):

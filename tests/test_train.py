@@ -68,6 +68,24 @@ def assert_bitwise(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def assert_same_run(a, b):
+    """The generator, its EMA and the fake score of two distill results are equal bit for bit."""
+    for name in ("generator", "generator_ema", "fake"):
+        assert_bitwise(states(getattr(a, name)), states(getattr(b, name)))
+
+
+def stopped_and_resumed(tmp_path, teacher, **kw):
+    """(uninterrupted run, resumed run) of ``distill`` with options ``kw``: one run to the end in
+    tmp_path/full, one stopped by a callback after iteration 2 in tmp_path/part and resumed there;
+    ``teacher()`` builds a fresh teacher for each run."""
+    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), teacher(), log=None)
+    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), teacher(),
+                   callbacks=[lambda s: s["iteration"] == 2], log=None)
+    assert part.iteration == 2
+    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), teacher(), log=None)
+    return full, resumed
+
+
 # ---------------- configuration ----------------
 
 def test_defaults_are_the_published_recipe():
@@ -349,8 +367,7 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, num_classes,
     resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), tiny_teacher(num_classes),
                       log=None)
     assert resumed.iteration == 7 and resumed.nimg == 56 and resumed.interrupted is None
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
+    assert_same_run(full, resumed)
     # the training did move the weights, so equality is not trivial
     assert any(not torch.equal(a, b) for a, b in zip(full.generator.network.parameters(),
                                                       tiny_teacher(num_classes).parameters()))
@@ -408,8 +425,7 @@ def test_resuming_a_finished_run_says_so_writes_nothing_and_extends_with_more_it
     assert "resuming at iteration 3 of 5" in lines[0]
     longer = distill(quiet(run_dir=str(tmp_path / "long"), iterations=5), tiny_teacher(), log=None)
     assert extended.iteration == 5
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(longer, name)), states(getattr(extended, name)))
+    assert_same_run(longer, extended)
 
 
 def test_teacher_path_is_stored_absolute_and_entry_points_unchanged(tmp_path, monkeypatch):
@@ -618,13 +634,7 @@ def test_lora_engine_path_matches_the_eager_lora_path(tmp_path):
 
 def test_lora_run_resumes_bitwise_and_refuses_a_full_checkpoint(tmp_path):
     kw = dict(iterations=5, lr=1e-3, fake_score="lora", lora_rank=4, checkpoint_every=2, log_every=2)
-    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), tiny_teacher(), log=None)
-    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), tiny_teacher(),
-                   callbacks=[lambda s: s["iteration"] == 2], log=None)
-    assert part.iteration == 2
-    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), tiny_teacher(), log=None)
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
+    assert_same_run(*stopped_and_resumed(tmp_path, tiny_teacher, **kw))
     distill(quiet(run_dir=str(tmp_path / "plain"), iterations=1, checkpoint_every=1), tiny_teacher(), log=None)
     with pytest.raises(CheckpointError, match="LoRA"), pytest.warns(UserWarning, match="--fake-score"):
         distill(quiet(run_dir=str(tmp_path / "plain"), resume="auto", **kw), tiny_teacher(), log=None)
@@ -703,8 +713,7 @@ def test_kernel_noise_iterations_equal_torch_noise_iterations_fed_the_same_eps(t
         fed = distill(quiet(run_dir=str(tmp_path / "f"), noise="torch", **kw), tiny_teacher(3), log=None)
     assert len(drawn) == 2 * 2 * 2  # iterations x phases x micro-batches
     plain = distill(quiet(run_dir=str(tmp_path / "t"), noise="torch", **kw), tiny_teacher(3), log=None)
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(kernel, name)), states(getattr(fed, name)))
+    assert_same_run(kernel, fed)
     # the option is in effect: torch.randn's own noise trains other weights
     assert _differ(kernel.generator, plain.generator)
 
@@ -723,9 +732,8 @@ def test_kernel_noise_runs_are_reproducible_and_resume_bitwise(tmp_path):
                    log=None)
     assert part.iteration == 3
     resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), tiny_teacher(), log=None)
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(full, name)), states(getattr(again, name)))
-        assert_bitwise(states(getattr(full, name)), states(getattr(resumed, name)))
+    assert_same_run(full, again)
+    assert_same_run(full, resumed)
     assert _differ(full.generator, other.generator)
 
 
@@ -734,8 +742,7 @@ def test_default_noise_on_the_native_cpu_route_is_torch_randn(tmp_path, native_c
     auto = distill(quiet(run_dir=str(tmp_path / "a"), **kw), tiny_teacher(), log=None)
     plain = distill(quiet(run_dir=str(tmp_path / "t"), noise="torch", **kw), tiny_teacher(), log=None)
     kernel = distill(quiet(run_dir=str(tmp_path / "k"), noise="kernel", **kw), tiny_teacher(), log=None)
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(auto, name)), states(getattr(plain, name)))
+    assert_same_run(auto, plain)
     # off the Triton route, noise kernel is the same Philox stream computed in PyTorch: other draws
     assert _differ(kernel.generator, plain.generator)
 
