@@ -476,15 +476,22 @@ def test_generator_terms_without_noise_draw_it_in_the_kernel(mode):
 
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
-    """A replay's gradients live in static buffers: fake-score gradients accumulated over micro-batches, and
-    an input's .grad, must not alias them (the next replay would overwrite them)."""
+def _stand_in_pair(mode, monkeypatch):
+    """(engine with graphs through the stand-in capture that has CUDA graphs' replay semantics, an eager copy
+    of it, G, z, noise, sigma), batch 4."""
     graphs_on_cpu(monkeypatch, StaticGradGraphs())
     graphed, G, z, noise, sigma = _setup(mode, batch=4)
     eager = copy.deepcopy(graphed)
     eager.graphs = False
     eager.refresh()
+    return graphed, eager, G, z, noise, sigma
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
+    """A replay's gradients live in static buffers: fake-score gradients accumulated over micro-batches, and
+    an input's .grad, must not alias them (the next replay would overwrite them)."""
+    graphed, eager, G, z, noise, sigma = _stand_in_pair(mode, monkeypatch)
     x = G(z).detach()
     for eng in (graphed, eager):  # two micro-batches with different inputs, gradients accumulated
         _fake_loss(eng, x, sigma, noise).backward()
@@ -507,11 +514,7 @@ def test_replayed_gradients_accumulate_like_eager(mode, monkeypatch):
 def test_graph_replays_see_fresh_kernel_noise(mode, monkeypatch):
     """The noise is drawn before the captured graph, from a new seed on every call: consecutive replays of one
     graph evaluate different noise, each equal to the eager engine given that call's eps explicitly."""
-    graphs_on_cpu(monkeypatch, StaticGradGraphs())
-    graphed, G, z, _, sigma = _setup(mode, batch=4)
-    eager = copy.deepcopy(graphed)
-    eager.graphs = False
-    eager.refresh()
+    graphed, eager, G, z, _, sigma = _stand_in_pair(mode, monkeypatch)
     x = G(z).detach()
     seeds = _seeds(5, 3)
     torch.manual_seed(5)
@@ -604,11 +607,7 @@ def test_a_replay_before_the_previous_backward_raises(mode, monkeypatch):
     """A replay overwrites the activations that the previous replay saved for its backward (the stand-in's
     backward, like a graph's, reads the latest replay's): evaluating a phase twice before the first backward
     must raise, not return wrong gradients."""
-    graphs_on_cpu(monkeypatch, StaticGradGraphs())
-    engine, G, z, noise, sigma = _setup(mode, batch=4)
-    eager = copy.deepcopy(engine)
-    eager.graphs = False
-    eager.refresh()
+    engine, eager, G, z, noise, sigma = _stand_in_pair(mode, monkeypatch)
     x = G(z).detach()
     grads = []
     for eng in (engine, eager):
