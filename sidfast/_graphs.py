@@ -28,35 +28,6 @@ from .views import StorageSnapshot
 MAX_GRAPHS = 8  # room for both phases, in train and eval state, at two batch sizes
 
 
-def flat_condition(cond: dict) -> dict:
-    """Keyword conditioning as flat ``{path: value}`` entries, a path being the tuple of keys that reaches a
-    value through nested keyword dicts (SDXL's ``added_cond_kwargs``): a captured graph's arguments are
-    tensors, not dicts."""
-    flat = {}
-    for key, value in cond.items():
-        if isinstance(value, dict):
-            flat.update({(key, *path): v for path, v in flat_condition(value).items()})
-        else:
-            flat[(key,)] = value
-    return flat
-
-
-def nested_condition(paths, values) -> dict:
-    """The keyword conditioning that ``flat_condition`` flattened: ``paths`` and their ``values`` in order."""
-    cond: dict = {}
-    for path, value in zip(paths, values):
-        inner = cond
-        for key in path[:-1]:
-            inner = inner.setdefault(key, {})
-        inner[path[-1]] = value
-    return cond
-
-
-def path_name(path: tuple) -> str:
-    """A flat path as users spell it in errors: ``added_cond_kwargs.time_ids``."""
-    return ".".join(map(str, path))
-
-
 def _own_copy(grad: torch.Tensor) -> torch.Tensor:
     """Gradient hook: a replayed backward hands autograd views of its static gradient buffers, which autograd
     would keep as a ``.grad`` that the next replay overwrites (gradients accumulated over micro-batches
@@ -252,4 +223,4 @@ class GraphCache:
         return graph
 
 
-__all__ = ["GraphCache", "MAX_GRAPHS", "flat_condition", "nested_condition", "path_name"]
+__all__ = ["GraphCache", "MAX_GRAPHS"]

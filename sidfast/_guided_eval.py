@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 
 from . import guidance, reference
-from ._graphs import flat_condition, nested_condition, path_name
+from .guidance import flat_condition, nested_condition, path_name
 
 
 def null_arguments(x_t: torch.Tensor, names: tuple, has_labels: bool, scales: tuple, null_labels,
                    null_cond: dict | None) -> tuple:
     """The null condition's tensors in argument order (labels first, then the keyword tensors at the paths
-    ``names`` of ``sidfast._graphs.flat_condition``), each expanded to the batch; raises ValueError when
+    ``names`` of ``sidfast.guidance.flat_condition``), each expanded to the batch; raises ValueError when
     guidance has nothing to guide between."""
     if not has_labels and not names:
         raise ValueError(f"guidance at scale {scales} needs a conditional network: no labels and no "

@@ -52,8 +52,8 @@ import re
 import torch
 from torch import nn
 
-from ._graphs import nested_condition
 from .denoisers import _modules_of
+from .guidance import nested_condition
 
 _ENC_ENTRY = re.compile(r"^(\d+)x(\d+)_")
 
@@ -328,7 +328,7 @@ def with_logits(run, tap: DiscriminatorTap, fake_phase: bool, has_labels: bool, 
     """A score-engine phase function ``run(x_t, sigma, [labels], *cond)`` that returns ``tap``'s logits as
     well, read off the same forward: the generator phase's (y_real, y_fake, D) (``tap`` on the fake score's
     frozen view); the fake phase's (f_psi, D_fake, D_real), whose arguments after ``run``'s are x_real_t and
-    the real images' conditioning tensors (at the paths ``real_names``, ``sidfast._graphs.flat_condition``),
+    the real images' conditioning tensors (at the paths ``real_names``, ``sidfast.guidance.flat_condition``),
     D_real from an encoder-only forward under ``autocast(device)``."""
     n_args = 2 + has_labels + n_cond  # x_t, sigma, [labels], *cond
 

@@ -14,10 +14,11 @@ from torch import nn
 from . import loss as _loss
 from . import runtime
 from ._checks import check_rows
-from ._graphs import MAX_GRAPHS, GraphCache, flat_condition, nested_condition, path_name
+from ._graphs import MAX_GRAPHS, GraphCache
 from ._guided_eval import guided_function, null_arguments
 from .denoisers import Denoiser, as_denoiser, sigma_per_sample
 from .discriminator import DiscriminatorTap, with_logits
+from .guidance import flat_condition, nested_condition, path_name
 from .lora import LoRAFakeScore, fake_score_over, lora_parameters, set_lora_mode
 from .ops.noise import add_noise
 from .schedules import broadcast
@@ -238,7 +239,7 @@ class ScoreEngine:
     def _function(self, phase: str, names: tuple[tuple, ...], has_labels: bool, logits: bool = False,
                   real_names: tuple[tuple, ...] = ()):
         """The phase as a pure tensor function ``f(x_t, sigma, [labels], *cond)`` (compiled if asked; ``names``:
-        the conditioning's paths, ``sidfast._graphs.flat_condition``):
+        the conditioning's paths, ``sidfast.guidance.flat_condition``):
         "fake": the fake score's x0 estimate, with parameter gradients;
         "generator": (y_real, y_fake) over the frozen views, with input gradients only;
         ``logits``: with the discriminator logits as well (``discriminator.with_logits``)."""

@@ -145,29 +145,45 @@ class GuidanceScales:
 
 # ---- conditions ----
 
+def flat_condition(cond: dict) -> dict:
+    """Keyword conditioning as flat ``{path: value}`` entries, a path being the tuple of keys that reaches a
+    value through nested keyword dicts (SDXL's ``added_cond_kwargs``): how guidance pairs each tensor with
+    its null, and how the score engine passes conditioning to compiled functions and captured graphs (whose
+    arguments are tensors, not dicts)."""
+    flat = {}
+    for key, value in cond.items():
+        if isinstance(value, dict):
+            flat.update({(key, *path): v for path, v in flat_condition(value).items()})
+        else:
+            flat[(key,)] = value
+    return flat
+
+
+def nested_condition(paths, values) -> dict:
+    """The keyword conditioning that ``flat_condition`` flattened: ``paths`` and their ``values`` in order."""
+    cond: dict = {}
+    for path, value in zip(paths, values):
+        inner = cond
+        for key in path[:-1]:
+            inner = inner.setdefault(key, {})
+        inner[path[-1]] = value
+    return cond
+
+
+def path_name(path: tuple) -> str:
+    """A flat path as users spell it in errors: ``added_cond_kwargs.time_ids``."""
+    return ".".join(map(str, path))
+
+
 def _tensor_items(cond, what: str):
-    """{key: tensor} of a condition: None stands for the third positional argument (class labels), a
-    ``(keyword, name)`` pair for a tensor in a nested keyword dict (SDXL's ``added_cond_kwargs``)."""
+    """{key: tensor} of a condition: None stands for the third positional argument (class labels), a path of
+    ``flat_condition`` for a keyword tensor (nested keyword dicts included)."""
     if isinstance(cond, torch.Tensor):
         return {None: cond}
     if isinstance(cond, dict):
-        items = {}
-        for k, v in cond.items():
-            if isinstance(v, torch.Tensor):
-                items[k] = v
-            elif isinstance(v, dict):
-                items.update({(k, name): t for name, t in v.items() if isinstance(t, torch.Tensor)})
-        return items
+        return {k: v for k, v in flat_condition(cond).items() if isinstance(v, torch.Tensor)}
     raise TypeError(f"{what} must be a tensor of class labels or a dict of keyword tensors, got "
                     f"{type(cond).__name__}")
-
-
-def _lookup(cond: dict, key):
-    """The entry of ``key`` (a keyword, or a (keyword, name) pair of a nested dict) in ``cond``, or None."""
-    if isinstance(key, tuple):
-        inner = cond.get(key[0])
-        return inner.get(key[1]) if isinstance(inner, dict) else None
-    return cond.get(key)
 
 
 def _rows(cond) -> int:
@@ -182,7 +198,7 @@ def _rows(cond) -> int:
 
 def _null_like(null, like: torch.Tensor, batch: int, key) -> torch.Tensor:
     """``null`` (1 or B rows) expanded to ``like``'s B rows, after checking it matches ``like``."""
-    name = "null_cond" if key is None else f"null_cond[{key!r}]"
+    name = "null_cond" if key is None else f"null_cond[{path_name(key)!r}]"
     if not isinstance(null, torch.Tensor):
         raise TypeError(f"{name} must be a tensor like the condition, got {type(null).__name__}")
     if null.dim() != like.dim() or null.shape[1:] != like.shape[1:] or null.shape[0] not in (1, batch):
@@ -201,25 +217,21 @@ def _null_items(cond, null_cond, batch: int) -> dict:
     if isinstance(cond, torch.Tensor):
         return {None: _null_like(null_cond, cond, batch, None)}
     if not isinstance(null_cond, dict):
-        raise TypeError(f"null_cond must be a dict like cond (keys {sorted(items)}), got "
+        raise TypeError(f"null_cond must be a dict like cond (keys {[path_name(k) for k in items]}), got "
                         f"{type(null_cond).__name__}")
-    missing = [k for k in items if _lookup(null_cond, k) is None]
+    nulls = flat_condition(null_cond)
+    missing = [path_name(k) for k in items if nulls.get(k) is None]
     if missing:
         raise ValueError(f"null_cond lacks the keys {missing} of cond")
-    return {k: _null_like(_lookup(null_cond, k), v, batch, k) for k, v in items.items()}
+    return {k: _null_like(nulls[k], v, batch, k) for k, v in items.items()}
 
 
 def _rebuild(cond, tensors: dict):
     """``cond`` with its tensors replaced by ``tensors`` (same keys; non-tensor entries kept)."""
     if isinstance(cond, torch.Tensor):
         return tensors[None]
-    out = {}
-    for k, v in cond.items():
-        if isinstance(v, dict):
-            out[k] = {name: tensors.get((k, name), t) for name, t in v.items()}
-        else:
-            out[k] = tensors.get(k, v)
-    return out
+    flat = flat_condition(cond)
+    return nested_condition(flat, [tensors.get(k, v) for k, v in flat.items()])
 
 
 def _call(net, x, sigma, cond):
