@@ -13,16 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from utils import spawn_workers
+from utils import join_gloo_group, spawn_workers
 
 WORLD = 2
 
 
 def _worker(rank, init_file, run_dir, out_dir):
-    sys.path.insert(0, os.path.dirname(__file__))
-    os.environ.pop("TRITON_INTERPRET", None)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    join_gloo_group(rank, WORLD, init_file)
     try:
         from test_train import quiet, tiny_teacher
 

@@ -17,16 +17,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from utils import spawn_workers
+from utils import join_gloo_group, spawn_workers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _setup(rank, world, init_file):
-    sys.path.insert(0, HERE)
-    os.environ.pop("TRITON_INTERPRET", None)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
 
 
 def _cfg(run_dir, **kw):
@@ -100,7 +93,7 @@ def _trainer_state(cfg):
 def _two_ranks(rank, init_file, tmp):
     """FSDP and DDP runs, full and LoRA fake score; an FSDP run stopped at iteration 2 (sharded checkpoint);
     a sharded checkpoint written by 1 process, restored here."""
-    _setup(rank, 2, init_file)
+    join_gloo_group(rank, 2, init_file)
     try:
         from sidfast.train import _Trainer  # noqa: F401 (import before timing-sensitive runs)
 
@@ -173,7 +166,7 @@ def _sharded_unet_matches_unsharded():
 def _one_rank(rank, init_file, tmp):
     """At 1 process: the plain run, the FSDP run; the 2-process checkpoint restored and continued (FSDP and
     plain), and saved again at 1 process."""
-    _setup(rank, 1, init_file)
+    join_gloo_group(rank, 1, init_file)
     try:
         out = {"plain": _run(_cfg(os.path.join(tmp, "one-plain"))),
                "fsdp": _run(_cfg(os.path.join(tmp, "one-fsdp"), fsdp=True)),
@@ -197,7 +190,7 @@ def _one_rank(rank, init_file, tmp):
 
 
 def _back_to_two(rank, init_file, tmp):
-    _setup(rank, 2, init_file)
+    join_gloo_group(rank, 2, init_file)
     try:
         back = os.path.join(tmp, "one-resumed", "checkpoint.dcp")
         torch.save(_trainer_state(_cfg(os.path.join(tmp, "two-back"), fsdp=True, resume=back)),
@@ -209,7 +202,7 @@ def _back_to_two(rank, init_file, tmp):
 def _killed_in_save(rank, init_file, tmp):
     """Rank 1 dies (SIGKILL) in the second save, after writing its shards, before the checkpoint is
     complete."""
-    _setup(rank, 2, init_file)
+    join_gloo_group(rank, 2, init_file)
     import torch.distributed.checkpoint as dcp
 
     saves = []
@@ -372,7 +365,7 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
 
 
 def _load_killed(rank, init_file, tmp):
-    _setup(rank, 1, init_file)
+    join_gloo_group(rank, 1, init_file)
     try:
         state = _trainer_state(_cfg(os.path.join(tmp, "killed-resumed"), fsdp=True,
                                     resume=os.path.join(tmp, "killed", "checkpoint.dcp")))

@@ -8,7 +8,7 @@ from sidfast import plan as P
 from sidfast.config import TrainConfig
 from sidfast.lora import add_lora, lora_parameters
 from sidfast.networks import build_networks
-from utils import spawn_workers
+from utils import join_gloo_group, spawn_workers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -210,16 +210,12 @@ def test_readme_table_rows_are_what_plan_table_prints():
 
 def _fsdp_worker(rank, init_file, out_dir, world):
     import os
-    import sys
 
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    os.environ.pop("TRITON_INTERPRET", None)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    join_gloo_group(rank, world, init_file)
     try:
         from test_plan import _storages, tiny_teacher
 

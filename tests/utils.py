@@ -200,6 +200,15 @@ def _ended_worker(rank, fn, args):
     end_process(0, after_group=True)  # no interpreter teardown with gloo's threads alive
 
 
+def join_gloo_group(rank, world, init_file):
+    """A spawned test worker's start: one CPU thread, and the gloo group of ``world`` processes that meet
+    at ``init_file``."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
 def spawn_workers(fn, args, nprocs):
     """``torch.multiprocessing.spawn(fn, args, nprocs)`` whose workers, once ``fn`` returns, end like the
     sidfast command (``runtime.end_process``); an exception in ``fn`` still fails the spawn with its
