@@ -11,9 +11,9 @@ import sys
 
 from sidfast.config import TrainConfig
 
-MAIN = ("run_dir", "iterations", "batch", "batch_gpu", "lr", "alpha", "sigma_init", "tmax", "loss_scale_g",
-        "ema_halflife_kimg", "ema_rampup_ratio", "precision", "device", "engine", "fake_score", "lora_rank",
-        "compile", "checkpoint_every", "sample_every", "seed")
+MAIN = ("run_dir", "iterations", "batch", "batch_gpu", "lr", "lr_cooldown", "alpha", "sigma_init", "tmax",
+        "loss_scale_g", "ema_halflife_kimg", "ema_rampup_ratio", "precision", "device", "engine", "fake_score",
+        "lora_rank", "compile", "checkpoint_every", "sample_every", "seed")
 
 
 def _default(value) -> str:

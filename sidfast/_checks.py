@@ -32,10 +32,15 @@ def check_tensors(min_dim: int = 2, **named: torch.Tensor) -> None:
         if t.shape != first.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {first_name} has shape "
                              f"{tuple(first.shape)}")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+        check_same_kind(name, t, first_name, first)
+
+
+def check_same_kind(name: str, t: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    """Raise TypeError/ValueError naming ``name`` unless ``t`` has ``other``'s dtype and device."""
+    if t.dtype != other.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {other_name} has dtype {other.dtype}")
+    if t.device != other.device:
+        raise ValueError(f"{name} is on {t.device} but {other_name} is on {other.device}")
 
 
 def check_real(name: str, value, positive: bool = False) -> float:

@@ -52,6 +52,8 @@ class TrainConfig:
     lr: float = _t(1e-5, "Adam learning rate of the generator (published: 1e-5 CIFAR-10/FFHQ, 4e-6 "
                          "ImageNet 64)")
     fake_lr: Optional[float] = _t(None, "Adam learning rate of the fake score (default: same as lr)")
+    lr_cooldown: float = _t(0.0, "fraction of the run's iterations, at its end, over which both learning rates "
+                                 "fall linearly to 0 (0: constant, as published)")
     betas: tuple = _t((0.0, 0.999), "Adam betas of both optimizers (published: 0 0.999)")
     adam_eps: Optional[float] = _t(None, "Adam epsilon (default: 1e-8, or 1e-6 with fp16 as published)")
     alpha: Optional[float] = _t(None, "SiD alpha, weight of the ||f_phi - f_psi||^2 term (default: the "
@@ -294,6 +296,7 @@ class TrainConfig:
         num("batch_gpu", int, 1, optional=True)
         num("lr", float, 0, lo_open=True)
         num("fake_lr", float, 0, lo_open=True, optional=True)
+        num("lr_cooldown", float, 0, 1)
         num("adam_eps", float, 0, lo_open=True, optional=True)
         num("alpha", float, optional=True)
         num("sigma_init", float, 0, lo_open=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
-from ._checks import check_real
+from ._checks import check_real, check_same_kind
 
 # Published probability of replacing a condition by the null one in the fake-score step, used while k1 or
 # k2 is not 1 (Zhou et al., ICLR 2025, SiD-LSG).
@@ -204,10 +204,7 @@ def _null_like(null, like: torch.Tensor, batch: int, key) -> torch.Tensor:
     if null.dim() != like.dim() or null.shape[1:] != like.shape[1:] or null.shape[0] not in (1, batch):
         raise ValueError(f"{name} must have shape (1 or {batch}, {', '.join(map(str, like.shape[1:]))}) like "
                          f"the condition, got {tuple(null.shape)}")
-    if null.dtype != like.dtype:
-        raise TypeError(f"{name} has dtype {null.dtype} but the condition has {like.dtype}")
-    if null.device != like.device:
-        raise ValueError(f"{name} is on {null.device} but the condition is on {like.device}")
+    check_same_kind(name, null, "the condition", like)
     return null.expand(batch, *like.shape[1:])
 
 

@@ -33,7 +33,7 @@ from .runtime import resolve_device, seed_everything
 from .samplers import grid_samples
 from .sharding import shard_run
 from .sida import SIDA_METRICS, SiDAPhases, read_init_generator
-from .updates import _nan_to_num_, ema_beta, sanitize_grads, update_ema
+from .updates import _nan_to_num_, ema_beta, lr_factor, sanitize_grads, update_ema
 
 METHOD_NAMES = {"sid": "SiD", "sida": "SiDA", "sid2a": "SiD2A"}
 
@@ -94,6 +94,11 @@ class _Trainer:
                                                      self.optimizers(), self.dist, self.device)
             if self.phases.real_data is not None and self.state.get("real_data") is not None:
                 self.phases.real_data.load_state_dict(self.state["real_data"])
+            # a checkpoint's optimizer state carries the hyperparameters it was written with: the run's own
+            # options apply (the learning rates are set every iteration)
+            for opt in (self.opt_g, self.opt_fake):
+                for group in opt.param_groups:
+                    group.update(betas=cfg.betas, eps=cfg.optimizer_eps)
         self._wrap_networks()
 
     def _wrap_networks(self) -> None:
@@ -139,10 +144,18 @@ class _Trainer:
                             **({"real_data": real_data.state_dict()} if real_data else {}))
 
     # ---- one iteration ----
+    def set_learning_rates(self) -> None:
+        """This iteration's learning rates: the configured ones, times the cooldown's factor."""
+        factor = lr_factor(self.iteration, self.cfg.iterations, self.cfg.lr_cooldown)
+        for opt, lr in ((self.opt_g, self.cfg.lr), (self.opt_fake, self.cfg.fake_lr or self.cfg.lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         phases = self.phases
         phases.begin(self.iteration, self.nimg)
+        self.set_learning_rates()
         # Update the fake score (SiDA: and its encoder as the discriminator; gradients clipped as published).
         self.generator.eval()
         self.fake.train()

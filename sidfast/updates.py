@@ -1,5 +1,6 @@
 """The parameter updates of the published SiD loop besides Adam: the generator's EMA (Karras et al. 2022,
-EDM) and nan_to_num of the gradients (``docs/math.md``, "Published recipe")."""
+EDM) and nan_to_num of the gradients (``docs/math.md``, "Published recipe"); and the learning-rate cooldown
+the trainer offers beside the published constant rate."""
 from __future__ import annotations
 
 from typing import Callable
@@ -15,6 +16,15 @@ def ema_beta(nimg: int, batch: int, halflife_kimg: float, rampup_ratio: float | 
     if rampup_ratio is not None:
         halflife = min(halflife, nimg * rampup_ratio)
     return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+def lr_factor(iteration: int, iterations: int, cooldown: float) -> float:
+    """The learning-rate multiplier of 0-based ``iteration`` of a run of ``iterations``: 1, then over the run's
+    last ``cooldown`` fraction a straight line that would reach 0 at ``iterations`` (so the last step's rate
+    is lr / (cooldown * iterations)). ``cooldown`` 0: 1 throughout, the published constant rate."""
+    if cooldown <= 0:
+        return 1.0
+    return max(0.0, min(1.0, (iterations - iteration) / (cooldown * iterations)))
 
 
 @torch.no_grad()
@@ -49,4 +59,4 @@ def sanitize_grads(params, kernel: Callable | None = None) -> None:
     (kernel or _nan_to_num_)([_local(p.grad) for p in params if p.grad is not None])
 
 
-__all__ = ["ema_beta", "update_ema", "sanitize_grads"]
+__all__ = ["ema_beta", "lr_factor", "update_ema", "sanitize_grads"]

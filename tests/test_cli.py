@@ -223,6 +223,7 @@ def test_resume_takes_the_checkpoint_options(tmp_path, capsys):
 @pytest.mark.parametrize("extra, match", [
     (["--tmax", "2000"], "option --tmax must be <= 1000"),
     (["--lr", "-1"], "option --lr must be > 0"),
+    (["--lr-cooldown", "2"], "option --lr-cooldown must be <= 1"),
     (["--batch", "many"], "option --batch must be an integer"),
     (["--precision", "fp8"], "option --precision must be one of"),
     (["--betas", "0.9", "1.5"], "option --betas must be two numbers in [0, 1)"),

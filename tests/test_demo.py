@@ -366,6 +366,21 @@ def test_conditional_bars_compare_best_student_with_teacher_at_its_best_guidance
     fd["lsg:2"] = _stats(11, 11)
     bars = summary.conditional_bars(fd, acc, teachers, students, 10, 900)
     assert not bars["accuracy_vs_teacher"]["passed"] and not bars["fd_vs_teacher"]["passed"]
+    # with the number of samples: both error counts and the standard error of the difference,
+    # sqrt((0.85 * 0.15 + 0.9 * 0.1) / 2000) = 0.0104; the verdict is the same
+    bars = summary.conditional_bars(fd, acc, teachers, students, 10, 900, samples=2000)
+    assert "300 vs 200 errors in 2000 samples, standard error of the difference 0.01" in \
+        bars["accuracy_vs_teacher"]["what"]
+    assert not bars["accuracy_vs_teacher"]["passed"]
+    with pytest.raises(ValueError, match="samples"):
+        summary.conditional_bars(fd, acc, teachers, students, 10, 900, samples=0)
+    # equal error counts are equal accuracies, although the float means over seeds differ in the last bit
+    acc["lsg:1.5"] = summary.summarize([4987 / 5000, 4999 / 5000, 4992 / 5000])
+    acc["teacher cfg 2"] = summary.summarize([4999 / 5000, 4988 / 5000, 4991 / 5000])
+    assert acc["lsg:1.5"]["mean"] < acc["teacher cfg 2"]["mean"]
+    fd["lsg:1.5"] = _stats(9, 9)
+    bar = summary.conditional_bars(fd, acc, teachers, students, 10, 900, samples=15000)["accuracy_vs_teacher"]
+    assert bar["passed"] and "22 vs 22 errors in 15000" in bar["what"]
 
 
 def test_steps_bars_on_synthetic_numbers():
@@ -381,8 +396,9 @@ def test_markdown_report_lists_every_seed_and_bar():
     acc = {"teacher cfg 1": _stats(0.9, 0.8, 0.85), "k=1": _stats(0.5, 0.6, 0.7)}
     bars = summary.conditional_bars(fd, acc, ["teacher cfg 1"], ["k=1"], 5.0, 900)
     text = summary.markdown("title", fd, acc, {"k=1": _stats(1.0, 2.0, 3.0)}, bars)
-    assert "| teacher cfg 1 | 11.000 ± 1.000 | 10.000, 12.000, 11.000 | 0.850 ± 0.050 |" in text
-    row = "| k=1 | 21.000 ± 1.000 | 20.000, 21.000, 22.000 | 0.600 ± 0.100 | 0.500, 0.600, 0.700 | 2.0 |"
+    assert "| teacher cfg 1 | 11.000 ± 1.000 | 10.000, 12.000, 11.000 | 0.8500 ± 0.0500 |" in text
+    row = ("| k=1 | 21.000 ± 1.000 | 20.000, 21.000, 22.000 | 0.6000 ± 0.1000 | 0.5000, 0.6000, 0.7000 | "
+           "2.0 |")
     assert row in text
     assert text.count("FAILED") == 2 and "| time: " in text and text.count("| ok |") == 1
 

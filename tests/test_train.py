@@ -119,6 +119,8 @@ def test_config_from_yaml_json_and_dict(tmp_path):
     ({"lr": 0}, "option lr must be > 0"),
     ({"lr": "fast"}, "option lr must be a number"),
     ({"tmax": 1001}, "option tmax must be <= 1000"),
+    ({"lr_cooldown": 1.5}, "option lr_cooldown must be <= 1"),
+    ({"lr_cooldown": -0.1}, "option lr_cooldown must be >= 0"),
     ({"batch": 2.5}, "option batch must be an integer"),
     ({"alpha": float("nan")}, "option alpha must be finite"),
     ({"betas": [0.9]}, "option betas must be two numbers"),
@@ -374,6 +376,60 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, num_classes,
     # metrics continue where they stopped; the torn run logged iterations 2 (periodic) and 3 (stop is not logged)
     its = [r["iteration"] for r in map(json.loads, (tmp_path / "part" / "metrics.jsonl").read_text().splitlines())]
     assert its == [2, 4, 6, 7]
+
+
+def _record_learning_rates(monkeypatch) -> list:
+    """[(lr, betas, eps)] of every Adam step, in order (the generator's and the fake score's alternate)."""
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        group = self.param_groups[0]
+        seen.append((group["lr"], tuple(group["betas"]), group["eps"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    return seen
+
+
+def test_lr_cooldown_lowers_both_learning_rates_linearly_over_the_runs_end(tmp_path, monkeypatch):
+    seen = _record_learning_rates(monkeypatch)
+    distill(quiet(run_dir=str(tmp_path / "r"), lr=1e-3, fake_lr=2e-3, lr_cooldown=0.75), tiny_teacher(), log=None)
+    # 4 iterations, the last 3 cooling: factors 1, 3/3, 2/3, 1/3 (min(1, (n - i) / (c n)), n = 4, c n = 3);
+    # each iteration steps the fake score first, then the generator
+    factors = [1.0, 1.0, 2 / 3, 1 / 3]
+    assert [lr for lr, _, _ in seen[0::2]] == pytest.approx([2e-3 * f for f in factors], rel=1e-12)
+    assert [lr for lr, _, _ in seen[1::2]] == pytest.approx([1e-3 * f for f in factors], rel=1e-12)
+    seen.clear()
+    distill(quiet(run_dir=str(tmp_path / "constant"), lr=1e-3), tiny_teacher(), log=None)
+    assert [lr for lr, _, _ in seen] == [1e-3] * 8  # the default: the published constant rate
+
+
+def test_lr_factor():
+    from sidfast.updates import lr_factor
+
+    assert [lr_factor(i, 10, 0.0) for i in range(10)] == [1.0] * 10
+    assert [lr_factor(i, 10, 0.5) for i in range(10)] == pytest.approx(
+        [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+    assert [lr_factor(i, 4, 1.0) for i in range(4)] == pytest.approx([1, 0.75, 0.5, 0.25])
+
+
+def test_a_run_with_cooldown_resumes_bitwise(tmp_path):
+    full, resumed = stopped_and_resumed(tmp_path, tiny_teacher, lr=1e-3, lr_cooldown=0.75)
+    assert_same_run(full, resumed)
+    constant = distill(quiet(run_dir=str(tmp_path / "constant"), lr=1e-3), tiny_teacher(), log=None)
+    assert any(not torch.equal(a, b) for a, b in zip(full.generator.parameters(), constant.generator.parameters()))
+
+
+def test_resuming_with_other_optimizer_options_uses_them(tmp_path, monkeypatch):
+    # a checkpoint's optimizer state carries its hyperparameters; the resumed run's options must win
+    run = str(tmp_path / "r")
+    distill(quiet(run_dir=run, lr=1e-3), tiny_teacher(), callbacks=[lambda s: s["iteration"] == 2], log=None)
+    seen = _record_learning_rates(monkeypatch)
+    with pytest.warns(UserWarning, match="changed options.*lr.*betas"):
+        distill(quiet(run_dir=run, resume="auto", lr=5e-4, betas=(0.5, 0.99), adam_eps=1e-7), tiny_teacher(),
+                log=None)
+    assert seen == [(5e-4, (0.5, 0.99), 1e-7)] * 4  # iterations 3 and 4, two optimizers each
 
 
 def test_another_seed_gives_other_weights(tmp_path):

@@ -63,13 +63,26 @@ def best_by_fd(fd: dict, names) -> str:
 
 
 def conditional_bars(fd: dict, accuracy: dict, teachers, students, seconds: float, time_limit: float,
-                     fd_ratio: float = FD_RATIO_BAR) -> dict:
+                     fd_ratio: float = FD_RATIO_BAR, samples: int | None = None) -> dict:
     """The guided student (the best of ``students`` by mean FD) against the teacher at its best guidance (the
-    best of ``teachers`` by mean FD): label accuracy at least the teacher's, FD at most ``fd_ratio`` times."""
+    best of ``teachers`` by mean FD): label accuracy at least the teacher's, FD at most ``fd_ratio`` times.
+    ``samples``: how many samples each accuracy is measured on in all (per seed times seeds); the accuracy
+    bar then also names both error counts and the binomial standard error of their difference."""
     teacher = best_by_fd(fd, teachers)
     student = best_by_fd(fd, students)
-    return {"accuracy_vs_teacher": bar(f"label accuracy of {student} (>= {teacher}'s)",
-                                       _mean(accuracy, student), ">=", _mean(accuracy, teacher)),
+    acc_s, acc_t = _mean(accuracy, student), _mean(accuracy, teacher)
+    precision = ""
+    if samples is not None:
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        # compared as counts of hits: means over seeds of equal counts can differ in their last bit
+        acc_s, acc_t = round(acc_s * samples) / samples, round(acc_t * samples) / samples
+        # independent binomial estimates: var(p_s - p_t) = (p_s (1 - p_s) + p_t (1 - p_t)) / n
+        se = math.sqrt((acc_s * (1 - acc_s) + acc_t * (1 - acc_t)) / samples)
+        precision = (f"; {round((1 - acc_s) * samples)} vs {round((1 - acc_t) * samples)} errors in {samples} "
+                     f"samples, standard error of the difference {se:.2g}")
+    return {"accuracy_vs_teacher": bar(f"label accuracy of {student} (>= {teacher}'s{precision})",
+                                       acc_s, ">=", acc_t),
             "fd_vs_teacher": bar(f"FD {student} / FD {teacher}", _mean(fd, student) / _mean(fd, teacher),
                                  "<=", fd_ratio),
             "time": _time_bar(seconds, time_limit)}
@@ -99,8 +112,9 @@ def markdown(title: str, fd: dict, accuracy: dict, seconds: dict, bars: dict) ->
         row = f"| {name} | {_pm(summary, 3)} | {', '.join(f'{v:.3f}' for v in summary['per_seed'])} |"
         if acc_cols:
             acc = accuracy.get(name)
-            per = ", ".join(f"{v:.3f}" for v in acc["per_seed"]) if acc else ""
-            row += f" {_pm(acc, 3)} | {per} |"
+            # four decimals: one sample in a few thousand
+            per = ", ".join(f"{v:.4f}" for v in acc["per_seed"]) if acc else ""
+            row += f" {_pm(acc, 4)} | {per} |"
         train = seconds.get(name)
         row += f" {train['mean']:.1f} |" if train else " |"
         lines.append(row)
