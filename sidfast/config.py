@@ -53,7 +53,7 @@ class TrainConfig:
                          "ImageNet 64)")
     fake_lr: Optional[float] = _t(None, "Adam learning rate of the fake score (default: same as lr)")
     lr_cooldown: float = _t(0.0, "fraction of the run's iterations, at its end, over which both learning rates "
-                                 "fall linearly to 0 (0: constant, as published)")
+                                 "fall linearly towards 0 (0: constant, as published)")
     betas: tuple = _t((0.0, 0.999), "Adam betas of both optimizers (published: 0 0.999)")
     adam_eps: Optional[float] = _t(None, "Adam epsilon (default: 1e-8, or 1e-6 with fp16 as published)")
     alpha: Optional[float] = _t(None, "SiD alpha, weight of the ||f_phi - f_psi||^2 term (default: the "

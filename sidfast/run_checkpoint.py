@@ -26,6 +26,7 @@ from . import runtime
 from .checkpoint import (FORMATS, VERSION, CheckpointError, _fsync_dir, _what_to_do, atomic_save,
                          load_checkpoint, previous_path)
 from .config import CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, TrainConfig
+from .updates import lr_factor
 
 
 def teacher_reference(spec: str | None) -> str | None:
@@ -84,20 +85,35 @@ def load_distill(data: dict, path, config: TrainConfig, networks: dict, optimize
     """Restore a distillation checkpoint read by ``load_checkpoint(path, "distill")`` into ``networks`` and
     ``optimizers`` (as in ``save_distill``) and this rank's random streams; returns (iteration, nimg).
 
-    Options that change the run's trajectory and differ from the checkpoint's are warned about. A checkpoint
-    written by another number of processes re-seeds the streams from seed + iteration.
+    Options that change the run's trajectory and differ from the checkpoint's are warned about. The
+    optimizers keep the settings they were built with (learning rate, betas, eps, fused, ...): a checkpoint's
+    optimizer state carries its own, and the run's options apply. A checkpoint written by another number of
+    processes re-seeds the streams from seed + iteration.
     """
     old = data.get("config", {})
+    iteration = int(data["iteration"])
     changed = [TrainConfig.option(name) for name in TrainConfig.trajectory_options()
                if name in old and _plain(old[name]) != _plain(getattr(config, name))]
     if changed and dist.rank == 0:
         warnings.warn(f"resuming {str(path)!r} with changed options {', '.join(changed)}: the run will not "
                       "match an uninterrupted one", stacklevel=3)
+    old_n = old.get("iterations")
+    if config.lr_cooldown and old_n is not None and int(old_n) != config.iterations and dist.rank == 0:
+        was = lr_factor(iteration, int(old_n), float(old.get("lr_cooldown") or 0.0))
+        now = lr_factor(iteration, config.iterations, config.lr_cooldown)
+        warnings.warn(f"resuming {str(path)!r} with {TrainConfig.option('iterations')} {config.iterations} "
+                      f"(was {old_n}) and {TrainConfig.option('lr_cooldown')} {config.lr_cooldown}: the "
+                      f"cooldown moves to the new end; the learning rates at iteration {iteration} are "
+                      f"{now:.3g} x lr (the old run's schedule: {was:.3g} x lr)", stacklevel=3)
+    settings = {name: [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+                for name, opt in optimizers.items()}
     if data.get("sharded"):
         _load_sharded(path, config, networks, optimizers)
     else:
         _load_full(data, path, config, networks, optimizers)
-    iteration = int(data["iteration"])
+    for name, opt in optimizers.items():
+        for group, kept in zip(opt.param_groups, settings[name]):
+            group.update(kept)
     states = data.get("rng") or []
     if int(data.get("world_size", 1)) == dist.world and len(states) == dist.world:
         runtime.set_rng_state(states[dist.rank], device)

@@ -94,11 +94,6 @@ class _Trainer:
                                                      self.optimizers(), self.dist, self.device)
             if self.phases.real_data is not None and self.state.get("real_data") is not None:
                 self.phases.real_data.load_state_dict(self.state["real_data"])
-            # a checkpoint's optimizer state carries the hyperparameters it was written with: the run's own
-            # options apply (the learning rates are set every iteration)
-            for opt in (self.opt_g, self.opt_fake):
-                for group in opt.param_groups:
-                    group.update(betas=cfg.betas, eps=cfg.optimizer_eps)
         self._wrap_networks()
 
     def _wrap_networks(self) -> None:

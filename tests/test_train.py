@@ -378,14 +378,14 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path, num_classes,
     assert its == [2, 4, 6, 7]
 
 
-def _record_learning_rates(monkeypatch) -> list:
-    """[(lr, betas, eps)] of every Adam step, in order (the generator's and the fake score's alternate)."""
+def _record_optimizer_settings(monkeypatch) -> list:
+    """The settings of every Adam step's parameter group (without its parameters), in order (the fake
+    score's and the generator's alternate)."""
     seen = []
     step = torch.optim.Adam.step
 
     def recording_step(self, *args, **kwargs):
-        group = self.param_groups[0]
-        seen.append((group["lr"], tuple(group["betas"]), group["eps"]))
+        seen.append({k: v for k, v in self.param_groups[0].items() if k != "params"})
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
@@ -393,16 +393,16 @@ def _record_learning_rates(monkeypatch) -> list:
 
 
 def test_lr_cooldown_lowers_both_learning_rates_linearly_over_the_runs_end(tmp_path, monkeypatch):
-    seen = _record_learning_rates(monkeypatch)
+    seen = _record_optimizer_settings(monkeypatch)
     distill(quiet(run_dir=str(tmp_path / "r"), lr=1e-3, fake_lr=2e-3, lr_cooldown=0.75), tiny_teacher(), log=None)
     # 4 iterations, the last 3 cooling: factors 1, 3/3, 2/3, 1/3 (min(1, (n - i) / (c n)), n = 4, c n = 3);
     # each iteration steps the fake score first, then the generator
     factors = [1.0, 1.0, 2 / 3, 1 / 3]
-    assert [lr for lr, _, _ in seen[0::2]] == pytest.approx([2e-3 * f for f in factors], rel=1e-12)
-    assert [lr for lr, _, _ in seen[1::2]] == pytest.approx([1e-3 * f for f in factors], rel=1e-12)
+    assert [g["lr"] for g in seen[0::2]] == pytest.approx([2e-3 * f for f in factors], rel=1e-12)
+    assert [g["lr"] for g in seen[1::2]] == pytest.approx([1e-3 * f for f in factors], rel=1e-12)
     seen.clear()
     distill(quiet(run_dir=str(tmp_path / "constant"), lr=1e-3), tiny_teacher(), log=None)
-    assert [lr for lr, _, _ in seen] == [1e-3] * 8  # the default: the published constant rate
+    assert [g["lr"] for g in seen] == [1e-3] * 8  # the default: the published constant rate
 
 
 def test_lr_factor():
@@ -423,13 +423,35 @@ def test_a_run_with_cooldown_resumes_bitwise(tmp_path):
 
 def test_resuming_with_other_optimizer_options_uses_them(tmp_path, monkeypatch):
     # a checkpoint's optimizer state carries its hyperparameters; the resumed run's options must win
-    run = str(tmp_path / "r")
-    distill(quiet(run_dir=run, lr=1e-3), tiny_teacher(), callbacks=[lambda s: s["iteration"] == 2], log=None)
-    seen = _record_learning_rates(monkeypatch)
+    run = tmp_path / "r"
+    distill(quiet(run_dir=str(run), lr=1e-3), tiny_teacher(), callbacks=[lambda s: s["iteration"] == 2],
+            log=None)
+    # as if written elsewhere: optimizer settings no option of this run asked for
+    data = torch.load(run / "checkpoint.pt", weights_only=True)
+    for name in ("opt_g", "opt_fake"):
+        data[name]["param_groups"][0].update(maximize=True, foreach=True, weight_decay=0.5)
+    torch.save(data, run / "checkpoint.pt")
+    seen = _record_optimizer_settings(monkeypatch)
     with pytest.warns(UserWarning, match="changed options.*lr.*betas"):
-        distill(quiet(run_dir=run, resume="auto", lr=5e-4, betas=(0.5, 0.99), adam_eps=1e-7), tiny_teacher(),
+        distill(quiet(run_dir=str(run), resume="auto", lr=5e-4, betas=(0.5, 0.99), adam_eps=1e-7), tiny_teacher(),
                 log=None)
-    assert seen == [(5e-4, (0.5, 0.99), 1e-7)] * 4  # iterations 3 and 4, two optimizers each
+    assert len(seen) == 4  # iterations 3 and 4, two optimizers each
+    fresh = torch.optim.Adam([nn.Parameter(torch.zeros(1))]).param_groups[0]
+    for group in seen:
+        assert (group["lr"], tuple(group["betas"]), group["eps"]) == (5e-4, (0.5, 0.99), 1e-7)
+        assert (group["maximize"], group["foreach"], group["weight_decay"]) == \
+            (fresh["maximize"], fresh["foreach"], fresh["weight_decay"])
+
+
+def test_resuming_a_cooling_run_with_other_iterations_warns(tmp_path):
+    run = str(tmp_path / "r")
+    distill(quiet(run_dir=run, lr=1e-3, lr_cooldown=0.75), tiny_teacher(),
+            callbacks=[lambda s: s["iteration"] == 3], log=None)
+    # iteration 3 of 4 ran at 1/3 of lr; of 8 iterations with the last 6 cooling it runs at 5/6
+    with pytest.warns(UserWarning, match=r"cooldown moves to the new end.*iteration 3 are 0.833 x lr.*0.333 x lr"):
+        result = distill(quiet(run_dir=run, resume="auto", lr=1e-3, lr_cooldown=0.75, iterations=8), tiny_teacher(),
+                         log=None)
+    assert result.iteration == 8
 
 
 def test_another_seed_gives_other_weights(tmp_path):

@@ -157,10 +157,10 @@ def comparison_config(demo: str, quick: bool, seed: int = 0, seeds: int | None =
         cfg.bar_students = [f"lsg:{scale:g}"]
         cfg.sid = {**cfg.sid, "iterations": 1500, "batch": 128} if quick else \
             {**cfg.sid, "iterations": 4000, "batch": 128, "lr": 1e-3, "lr_cooldown": 0.5}
-        # The students' and the teacher's label accuracies lie near 0.998, where 2000 samples per seed (6000
-        # in all) resolve no difference below about 0.0008 (the binomial standard error of a difference of two
-        # such estimates); 5000 per seed bring that to about 0.0005, for about 10 s more teacher sampling per
-        # seed (the accuracies measured on 20,000 samples per seed: benchmarks/results/cpu-demo.md).
+        # The students' and the teacher's label accuracies lie near 0.998, where the difference of two such
+        # estimates from 2000 samples per seed (6000 in all) has a binomial standard error of about 0.0008;
+        # 5000 per seed bring it to about 0.0005, for about 10 s more teacher sampling per seed (accuracies
+        # measured on more samples: benchmarks/results/cpu-demo.md).
         cfg.eval_samples = 5000
     else:
         many = StudentSpec(f"{gen_steps}-step", {"gen_steps": gen_steps})

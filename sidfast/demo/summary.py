@@ -67,7 +67,8 @@ def conditional_bars(fd: dict, accuracy: dict, teachers, students, seconds: floa
     """The guided student (the best of ``students`` by mean FD) against the teacher at its best guidance (the
     best of ``teachers`` by mean FD): label accuracy at least the teacher's, FD at most ``fd_ratio`` times.
     ``samples``: how many samples each accuracy is measured on in all (per seed times seeds); the accuracy
-    bar then also names both error counts and the binomial standard error of their difference."""
+    bar then also names both error counts and the standard error of their difference as independent binomial
+    samples (an approximation: the samples are paired by latent and label)."""
     teacher = best_by_fd(fd, teachers)
     student = best_by_fd(fd, students)
     acc_s, acc_t = _mean(accuracy, student), _mean(accuracy, teacher)
@@ -77,7 +78,8 @@ def conditional_bars(fd: dict, accuracy: dict, teachers, students, seconds: floa
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         # compared as counts of hits: means over seeds of equal counts can differ in their last bit
         acc_s, acc_t = round(acc_s * samples) / samples, round(acc_t * samples) / samples
-        # independent binomial estimates: var(p_s - p_t) = (p_s (1 - p_s) + p_t (1 - p_t)) / n
+        # as if the two were independent binomial samples: var(p_s - p_t) = (p_s (1 - p_s) + p_t (1 - p_t)) / n;
+        # approximate, since teacher and students share their latents and labels per seed
         se = math.sqrt((acc_s * (1 - acc_s) + acc_t * (1 - acc_t)) / samples)
         precision = (f"; {round((1 - acc_s) * samples)} vs {round((1 - acc_t) * samples)} errors in {samples} "
                      f"samples, standard error of the difference {se:.2g}")
