@@ -31,6 +31,14 @@ def _double(t):
     return torch.cat([t, t], 0) if isinstance(t, torch.Tensor) else t
 
 
+def _flat_arguments(cond: dict) -> tuple[tuple, tuple]:
+    """(paths, tensors): keyword conditioning as the tensor arguments of a phase function, in the sorted
+    order of their ``flat_condition`` paths (the paths name the function and its graphs)."""
+    flat = flat_condition(cond)
+    names = tuple(sorted(flat))
+    return names, tuple(flat[k] for k in names)
+
+
 def edm_noised(x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor | None = None):
     """``(x_t, seed)`` with x_t = x + sigma * eps (EDM coordinates: a = 1; docs/math.md, "Forward process and
     schedules"), gradients reaching ``x``. ``noise``: eps itself (seed None), or None to draw eps inside
@@ -274,18 +282,16 @@ class ScoreEngine:
         return fn
 
     def _evaluate(self, phase: str, x_t, sig, labels, cond, logits: bool = False, real=None):
-        flat = flat_condition(cond)
-        names = tuple(sorted(flat))
+        names, tensors = _flat_arguments(cond)
         has_labels = labels is not None
         state = self._phase_state(phase)
-        args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(flat[k] for k in names)
+        args = (x_t, sig) + ((labels,) if has_labels else ()) + tensors
         variant = (names, has_labels, state, self.amp_dtype)
         real_names = ()
         if real is not None:  # SiDA's fake phase: the noised real images and their conditioning follow
             x_real_t, real_cond = real
-            real_flat = flat_condition(real_cond)
-            real_names = tuple(sorted(real_flat))
-            args += (x_real_t,) + tuple(real_flat[k] for k in real_names)
+            real_names, real_tensors = _flat_arguments(real_cond)
+            args += (x_real_t,) + real_tensors
         if logits:
             variant += ("logits", real_names)
         fn = self._function(phase, names, has_labels, logits, real_names)
@@ -294,12 +300,11 @@ class ScoreEngine:
     def _evaluate_guided(self, phase: str, x_t, sig, labels, cond, scales: tuple, null_labels, null_cond):
         """``_evaluate`` for guided scales (``sidfast._guided_eval``): the null condition travels as further
         tensor arguments."""
-        flat = flat_condition(cond)
-        names = tuple(sorted(flat))
+        names, tensors = _flat_arguments(cond)
         has_labels = labels is not None
         nulls = null_arguments(x_t, names, has_labels, scales, null_labels, null_cond)
         state = self._phase_state(phase)
-        args = (x_t, sig) + ((labels,) if has_labels else ()) + tuple(flat[k] for k in names) + nulls
+        args = (x_t, sig) + ((labels,) if has_labels else ()) + tensors + nulls
         key = ("guided", phase, names, has_labels, scales)
         if key not in self._functions:
             fn = guided_function(self, phase, names, has_labels, scales)

@@ -77,12 +77,13 @@ def conditional_bars(fd: dict, accuracy: dict, teachers, students, seconds: floa
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive integer, got {samples!r}")
         # compared as counts of hits: means over seeds of equal counts can differ in their last bit
-        acc_s, acc_t = round(acc_s * samples) / samples, round(acc_t * samples) / samples
+        hits_s, hits_t = round(acc_s * samples), round(acc_t * samples)
+        acc_s, acc_t = hits_s / samples, hits_t / samples
         # as if the two were independent binomial samples: var(p_s - p_t) = (p_s (1 - p_s) + p_t (1 - p_t)) / n;
         # approximate, since teacher and students share their latents and labels per seed
         se = math.sqrt((acc_s * (1 - acc_s) + acc_t * (1 - acc_t)) / samples)
-        precision = (f"; {round((1 - acc_s) * samples)} vs {round((1 - acc_t) * samples)} errors in {samples} "
-                     f"samples, standard error of the difference {se:.2g}")
+        precision = (f"; {samples - hits_s} vs {samples - hits_t} errors in {samples} samples, standard error "
+                     f"of the difference {se:.2g}")
     return {"accuracy_vs_teacher": bar(f"label accuracy of {student} (>= {teacher}'s{precision})",
                                        acc_s, ">=", acc_t),
             "fd_vs_teacher": bar(f"FD {student} / FD {teacher}", _mean(fd, student) / _mean(fd, teacher),
