@@ -11,7 +11,7 @@ generator (copies of the teacher, dropout 0.13 active). One iteration:
   autocast (fp32 weights and loss), the counterpart of the published fp16 mode.
 
 Networks are diffusers ``UNet2DModel``s (random weights: speed and memory do not depend on them) seen
-through ``sidfast.denoisers.DiffusersDenoiser`` (VP schedule, eps prediction), called in EDM coordinates.
+through ``sidfast.models.denoiser.DiffusersDenoiser`` (VP schedule, eps prediction), called in EDM coordinates.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sidfast import reference
-from sidfast.denoisers import DiffusersDenoiser
+from sidfast.models.denoiser import DiffusersDenoiser
 from sidfast.schedules import VPSchedule
 
 # diffusers UNet2DModel configurations. "ddpm-cifar10": google/ddpm-cifar10-32 (35.7M parameters, 32x32);

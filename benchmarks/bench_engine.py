@@ -6,7 +6,7 @@
 Side by side in one run, per network configuration and batch size: images/s (generator images per
 iteration / iteration time) and peak GPU memory of
   published-fp32 / published-bf16  the published recipe step by step in eager PyTorch (baseline_sid.py);
-  sidfast-full-bf16                the trainer ``sidfast distill`` runs (sidfast.train): ScoreEngine (frozen
+  sidfast-full-bf16                the trainer ``sidfast distill`` runs (sidfast.training.loop): ScoreEngine (frozen
                                    views, CUDA graphs), torch.compile, bf16 autocast with fp32 weights, fused
                                    Adam, the published NaN handling (--engine fused --precision bf16
                                    --compile), with the noise option ``--noise`` (default auto: eps drawn
@@ -38,13 +38,13 @@ VARIANTS = ("published-fp32", "published-bf16", "sidfast-full-bf16", "sidfast-lo
 
 
 class TrainerSiD:
-    """The iteration users run: ``sidfast.train``'s trainer (``sidfast distill``) with the score engine, bf16
+    """The iteration users run: ``sidfast.training.loop``'s trainer (``sidfast distill``) with the score engine, bf16
     autocast over fp32 weights, torch.compile, fused Adam; ``fake_score`` "full" or "lora"."""
 
     def __init__(self, config: str, batch: int, device, fake_score: str = "full", precision: str = "bf16",
                  compile: bool = True, noise: str = "auto"):
-        from sidfast.phases import noise_source
-        from sidfast.train import TrainConfig, _Trainer
+        from sidfast.training.sid import noise_source
+        from sidfast.training.loop import TrainConfig, _Trainer
 
         teacher, fake, G = make_networks(config, torch.device(device))
         if fake_score == "lora":

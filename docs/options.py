@@ -1,4 +1,4 @@
-"""Print the options of ``sidfast distill`` as a markdown table, from ``sidfast.config.TrainConfig``.
+"""Print the options of ``sidfast distill`` as a markdown table, from ``sidfast.training.config.TrainConfig``.
 
     python docs/options.py          # the main options (the table in README.md)
     python docs/options.py --all    # every option
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from sidfast.config import TrainConfig
+from sidfast.training.config import TrainConfig
 
 MAIN = ("run_dir", "iterations", "batch", "batch_gpu", "lr", "lr_cooldown", "alpha", "sigma_init", "tmax",
         "loss_scale_g", "ema_halflife_kimg", "ema_rampup_ratio", "precision", "device", "engine", "fake_score",

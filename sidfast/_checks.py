@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from .reference import REDUCTIONS
+from sidfast.reference import REDUCTIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

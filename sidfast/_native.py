@@ -5,14 +5,14 @@ from pathlib import Path
 
 import torch
 
-from ._buildinfo import source_hash
+from sidfast._buildinfo import source_hash
 
 REBUILD = "rebuild it with `pip install --no-build-isolation -e .` from the sidfast checkout"
 
 
 def _load():
     try:
-        from . import _C
+        from sidfast import _C
     except ImportError as exc:
         raise ImportError(f"sidfast's native extension sidfast._C is missing or cannot be loaded ({exc}); {REBUILD}") from exc
     built_for = _C.torch_version()

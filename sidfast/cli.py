@@ -22,7 +22,7 @@ import difflib
 import re
 import sys
 
-from .distill_options import add_train_options, config_from_args, option_name
+from sidfast.training.options import add_train_options, config_from_args, option_name
 
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143, "callback": 1}
@@ -66,7 +66,7 @@ def _device_arg(parser):
 
 
 def _demo_parser(sub) -> None:
-    from .demo.run import add_demo_arguments
+    from sidfast.demo.run import add_demo_arguments
 
     d = _command(sub, "demo", cmd_demo,
                  "train a digits teacher, distill it, compare teacher and one-step student",
@@ -121,7 +121,7 @@ def _sample_parser(sub) -> None:
 
 
 def _plan_parser(sub) -> None:
-    from .plan import add_plan_arguments
+    from sidfast.plan.memory import add_plan_arguments
 
     n = _command(sub, "plan", cmd_plan, "predict the per-GPU memory of a distill run before renting GPUs",
                  "Weights, gradients, Adam and EMA counted exactly; activations measured on the meta device "
@@ -134,13 +134,13 @@ def _plan_parser(sub) -> None:
 def _user_error(exc: Exception) -> UserError:
     """A library error for the command line: a checkpoint's message as it is (it names its option), any
     other in command-line words."""
-    from .checkpoint import CheckpointError
+    from sidfast.models.io import CheckpointError
 
     return UserError(str(exc) if isinstance(exc, CheckpointError) else _cli_message(exc))
 
 
 def _device(spec: str):
-    from .runtime import resolve_device
+    from sidfast.utils.runtime import resolve_device
 
     try:
         return resolve_device(spec)
@@ -149,7 +149,7 @@ def _device(spec: str):
 
 
 def cmd_demo(args) -> int:
-    from .demo.run import run_from_args
+    from sidfast.demo.run import run_from_args
 
     device = _device(args.device)
     try:
@@ -160,7 +160,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train_teacher(args) -> int:
-    from .demo.teacher import write_teacher
+    from sidfast.demo.teacher import write_teacher
 
     options = {name: getattr(args, name) for name, _, _ in TEACHER_OPTIONS}
     try:
@@ -172,8 +172,8 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from .loading import load_teacher
-    from .train import distill
+    from sidfast.models.loading import load_teacher
+    from sidfast.training.loop import distill
 
     try:
         cfg = config_from_args(args)
@@ -193,7 +193,8 @@ def cmd_distill(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from . import report, samplers
+    from sidfast.training import report
+    from sidfast import samplers
 
     try:
         report.check_samples_path(args.out, name="--out")
@@ -216,8 +217,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .loading import load_teacher
-    from .plan import plan_from_args
+    from sidfast.models.loading import load_teacher
+    from sidfast.plan.memory import plan_from_args
 
     teacher = load_teacher(args.teacher)[0] if args.teacher else None
     try:
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
     args, extras = parser.parse_known_args(argv)
     if extras:
         _unrecognized(args.command_parser, extras)
-    from .checkpoint import CheckpointError
+    from sidfast.models.io import CheckpointError
 
     try:
         return args.handler(args)
@@ -255,8 +256,8 @@ def main(argv=None) -> int:
 
 def console_main() -> None:
     """The ``sidfast`` command (and ``python -m sidfast.cli``): ``main`` with the command line, then the end
-    of the process (``sidfast.runtime.end_process``: no interpreter teardown after a process group)."""
-    from . import runtime
+    of the process (``sidfast.utils.runtime.end_process``: no interpreter teardown after a process group)."""
+    from sidfast.utils import runtime
 
     runtime.end_process(main())
 

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from . import reference
-from ._checks import check_real
+from sidfast import reference
+from sidfast._checks import check_real
 
 RENOISE = ("fresh", "fixed", "ddim")
 SPACINGS = ("linear", "flow")

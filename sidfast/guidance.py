@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
-from ._checks import check_real, check_same_kind
+from sidfast import reference
+from sidfast._checks import check_real, check_same_kind
 
 # Published probability of replacing a condition by the null one in the fake-score step, used while k1 or
 # k2 is not 1 (Zhou et al., ICLR 2025, SiD-LSG).

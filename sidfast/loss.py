@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from ._checks import FLOAT_DTYPES, check_real, check_reduction, check_tensors, per_sample
-from .ops import fake_score_loss as _fake_op
-from .ops import sid_loss as _sid_op
-from .ops import sida_loss as _sida_op
+from sidfast import reference
+from sidfast._checks import FLOAT_DTYPES, check_real, check_reduction, check_tensors, per_sample
+from sidfast.ops import fake_score_loss as _fake_op
+from sidfast.ops import sid_loss as _sid_op
+from sidfast.ops import sida_loss as _sida_op
 
 REDUCTIONS = reference.REDUCTIONS
 WEIGHTINGS = reference.WEIGHTINGS
@@ -77,7 +77,7 @@ def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | 
     Returns:
         float32 (float64 for float64 inputs), (B, *F) for "none", else a scalar.
     """
-    from . import predictions
+    from sidfast import predictions
 
     if (noise is None) == (seed is None):
         raise ValueError("give exactly one of noise (a tensor) and seed (from sidfast.ops.noise.add_noise)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedules import broadcast
+from sidfast.schedules import broadcast
 
 PREDICTIONS = ("x0", "eps", "v", "flow")
 _ALIASES = {"sample": "x0", "epsilon": "eps", "v_prediction": "v", "velocity": "v", "flow_prediction": "flow"}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import predictions
-from .schedules import broadcast, snr
+from sidfast import predictions
+from sidfast.schedules import broadcast, snr
 
 REDUCTIONS = ("none", "sum", "batchmean")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from .conditioning import to_device
-from .denoisers import format_labels
+from sidfast import reference
+from sidfast.training.conditioning import to_device
+from sidfast.models.denoiser import format_labels
 
 METHODS = ("heun", "euler")
 
@@ -114,7 +114,7 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
         ``edm_sample`` (Heun, ``steps`` steps from sigma_max to sigma_min on the rho schedule).
     cond: keyword conditioning of every call (e.g. prompt embeddings): a dict of ``batch`` rows (so
         ``num <= batch``), or a function ``cond(start, n)`` giving the dict of images start .. start + n - 1.
-    decode: a function of each batch of samples on ``device`` (a pipeline's ``sidfast.vae.LatentDecoder``
+    decode: a function of each batch of samples on ``device`` (a pipeline's ``sidfast.models.vae.LatentDecoder``
         for latent samples); None keeps the samples.
     num_classes: 0 for an unconditional network; otherwise image i gets class ``class_label``, or i mod
         num_classes when class_label is None, in ``label_format`` ("onehot" or "index").
@@ -133,7 +133,7 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
     levels = None
     fresh = None
     if sigma_init is not None and gen_steps > 1:
-        from .generator import generator_sigmas
+        from sidfast.generator import generator_sigmas
 
         levels = generator_sigmas(gen_steps, sigma_init, step_spacing)
         fresh = torch.Generator(device=device).manual_seed(seed + 1)
@@ -147,7 +147,7 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
             idx = torch.full((n,), class_label) if class_label is not None else torch.arange(start, start + n)
             labels = format_labels(idx.to(device) % num_classes, num_classes, label_format)
         if levels is not None:
-            from .generator import sample
+            from sidfast.generator import sample
 
             x = sample(net, z.to(_net_dtype(net)), labels, levels, renoise, fresh, cond=conditions).to(z.dtype)
         elif sigma_init is not None:
@@ -178,11 +178,11 @@ def from_checkpoint(path, teacher: str | None = None, prompts=None):
     teacher: where the teacher of a distillation checkpoint is now (``loading.build_generator``).
     prompts: a text file of prompts, one per line, for the student of a text-to-image teacher (required
         there, refused elsewhere): image i gets prompt i mod their number, its embedding from the teacher
-        pipeline's text encoders, and the latents are decoded by the pipeline's VAE (``sidfast.vae``).
+        pipeline's text encoders, and the latents are decoded by the pipeline's VAE (``sidfast.models.vae``).
     """
-    from . import checkpoint, loading
-    from .denoisers import as_denoiser
-    from .denoisers import infer_image_shape, infer_num_classes
+    from sidfast.models import io as checkpoint, loading
+    from sidfast.models.denoiser import as_denoiser
+    from sidfast.models.denoiser import infer_image_shape, infer_num_classes
 
     data = checkpoint.load_checkpoint(path, ("distill", "network"))
     if checkpoint.kind_of(data) == "distill":
@@ -218,8 +218,8 @@ def _text_options(conditioner, prompts, pipeline) -> dict:
     if prompts is None:
         raise ValueError("this student's teacher is a text-to-image pipeline: give the prompts to sample, "
                          "argument prompts FILE (one prompt per line)")
-    from .text import read_prompts
-    from .vae import LatentDecoder
+    from sidfast.models.text import read_prompts
+    from sidfast.models.vae import LatentDecoder
 
     try:
         texts = read_prompts(prompts)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sidfast.augment import COLOR, GEOMETRIC, SPREADS, SYM6, TAPS, AugmentPipe
+from sidfast.training.augment import COLOR, GEOMETRIC, SPREADS, SYM6, TAPS, AugmentPipe
 
 ROUNDING = 1e-12  # float64 rounding over a few hundred multiply-adds of terms below 1 in size
 H = np.array(SYM6) / sum(SYM6)

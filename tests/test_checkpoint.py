@@ -1,4 +1,4 @@
-"""sidfast.checkpoint: atomic writes that keep the previous file, and clear errors for bad checkpoints."""
+"""sidfast.models.io: atomic writes that keep the previous file, and clear errors for bad checkpoints."""
 import os
 import pickle
 import struct
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from sidfast import checkpoint
-from sidfast.checkpoint import CheckpointError, atomic_save, load_checkpoint, previous_path
+from sidfast.models import io as checkpoint
+from sidfast.models.io import CheckpointError, atomic_save, load_checkpoint, previous_path
 
 
 def _distill_like(value):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sidfast import cli
-from sidfast.checkpoint import load_checkpoint
+from sidfast.models.io import load_checkpoint
 from utils import run_main, tiny_diffusers_unet, user_error
 
 TESTS = os.path.dirname(__file__)
@@ -64,7 +64,7 @@ def test_sample_out_is_decided_by_its_suffix(tmp_path, capsys):
 
 def test_sample_reproduces_the_ema_generator(tmp_path, capsys):
     """sample rebuilds the generator from the checkpoint and draws x = G_ema(sigma_init z, sigma_init)."""
-    from sidfast.report import to_uint8
+    from sidfast.training.report import to_uint8
     from sidfast.samplers import one_step_sample
     from test_train import tiny_teacher
 
@@ -165,7 +165,7 @@ def test_diffusers_teacher_errors(tmp_path, capsys):
 # ---------------- options, config files, resume ----------------
 
 def test_help_lists_every_option_with_its_default(capsys):
-    from sidfast.train import TrainConfig
+    from sidfast.training.loop import TrainConfig
 
     with pytest.raises(SystemExit) as exc:
         cli.main(["distill", "--help"])
@@ -178,7 +178,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 
 def test_help_shows_one_default_per_option_and_the_choices(capsys):
-    from sidfast.train import TrainConfig
+    from sidfast.training.loop import TrainConfig
 
     with pytest.raises(SystemExit):
         cli.main(["distill", "--help"])

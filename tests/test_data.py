@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sidfast.data import DataError, FileSource, RealData, open_images
+from sidfast.training.data import DataError, FileSource, RealData, open_images
 
 N = 10  # images per dataset; image i is filled with the values _pixels(i)
 

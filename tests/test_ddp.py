@@ -23,7 +23,7 @@ def _worker(rank, init_file, run_dir, out_dir):
     try:
         from test_train import quiet, tiny_teacher
 
-        from sidfast.train import distill
+        from sidfast.training.loop import distill
 
         teacher = tiny_teacher(num_classes=3)
         G, fake = tiny_teacher(num_classes=3), tiny_teacher(num_classes=3)

@@ -1,4 +1,4 @@
-"""sidfast.denoisers: the one denoiser interface and its adapters (EDM, diffusers VP, flow matching)."""
+"""sidfast.models.denoiser: the one denoiser interface and its adapters (EDM, diffusers VP, flow matching)."""
 import json
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from sidfast import predictions
-from sidfast.denoisers import (Denoiser, DiffusersDenoiser, EDMDenoiser, FlowDenoiser, as_denoiser, check_output,
-                               load_entry_point, sigma_per_sample)
+from sidfast.models.denoiser import (Denoiser, DiffusersDenoiser, EDMDenoiser, FlowDenoiser, as_denoiser,
+    check_output, load_entry_point, sigma_per_sample)
 from sidfast.schedules import VPSchedule
 
 from utils import float64_network_tolerance, rounding_bound, tiny_diffusers_unet

@@ -1,14 +1,14 @@
-"""sidfast.discriminator: SiDA's logits from the fake score's encoder, per network family."""
+"""sidfast.models.discriminator: SiDA's logits from the fake score's encoder, per network family."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sidfast.denoisers import DiffusersDenoiser, EDMDenoiser, FlowDenoiser
-from sidfast.discriminator import DiscriminatorPass, DiscriminatorTap, default_layer
-from sidfast.lora import LoRAFakeScore, lora_layers, set_lora_mode
+from sidfast.models.denoiser import DiffusersDenoiser, EDMDenoiser, FlowDenoiser
+from sidfast.models.discriminator import DiscriminatorPass, DiscriminatorTap, default_layer
+from sidfast.models.lora import LoRAFakeScore, lora_layers, set_lora_mode
 from sidfast.schedules import VPSchedule
-from sidfast.views import frozen_view
+from sidfast.models.views import frozen_view
 from utils import assert_float64_close
 
 # The networks and inputs are float64 wherever the adapter allows it (the logits keep the activation's dtype

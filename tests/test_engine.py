@@ -1,4 +1,4 @@
-"""sidfast.engine.ScoreEngine against plain eager evaluation of the same networks (values and gradients).
+"""sidfast.engine.scores.ScoreEngine against plain eager evaluation of the same networks (values and gradients).
 
 CPU tests run the eager engine (and torch.compile once, marked slow), and the graph cache with stand-ins for
 the CUDA calls; the CUDA-graph tests at the end need a GPU.
@@ -12,9 +12,9 @@ from torch import nn
 
 import sidfast
 from sidfast import reference as R
-from sidfast.denoisers import EDMDenoiser
-from sidfast.engine import ScoreEngine
-from sidfast.lora import LoRAFakeScore, LoRALayer, merge_lora
+from sidfast.models.denoiser import EDMDenoiser
+from sidfast.engine.scores import ScoreEngine
+from sidfast.models.lora import LoRAFakeScore, LoRALayer, merge_lora
 from sidfast.ops.noise import draw_seed, regenerate_noise
 from utils import (SmallUNet, StandInGraphs, StaticGradGraphs, assert_float64_close as _close,
                    graphs_on_cpu, randomize_lora, requires_cuda, rounding_bound, tiny_diffusers_unet)
@@ -330,7 +330,7 @@ def test_channels_last_gives_the_same_result(mode):
 
 
 def test_diffusers_teacher_in_both_modes():
-    from sidfast.denoisers import DiffusersDenoiser
+    from sidfast.models.denoiser import DiffusersDenoiser
     from sidfast.schedules import VPSchedule
 
     unet = tiny_diffusers_unet().to(F64)
@@ -831,7 +831,7 @@ def _tap_layer(engine):
 @pytest.mark.parametrize("mode", ["full", "lora"])
 @pytest.mark.parametrize("graphed", [False, True])
 def test_logits_come_with_f_psi_in_both_phases(mode, graphed, monkeypatch):
-    from sidfast.discriminator import DiscriminatorPass, DiscriminatorTap
+    from sidfast.models.discriminator import DiscriminatorPass, DiscriminatorTap
 
     if graphed:
         graphs_on_cpu(monkeypatch, StaticGradGraphs())

@@ -48,7 +48,7 @@ def _full_optim(net, opt) -> dict:
 def _run(cfg, **kw):
     from test_train import tiny_teacher
 
-    from sidfast.train import distill
+    from sidfast.training.loop import distill
 
     res = distill(cfg, tiny_teacher(num_classes=3), log=None, **kw)
     return {"G": _full(res.generator), "ema": _full(res.generator_ema), "fake": _full(res.fake),
@@ -56,7 +56,7 @@ def _run(cfg, **kw):
 
 
 def _bytes(params, opt) -> dict:
-    from sidfast.sharding import local_bytes
+    from sidfast.training.sharding import local_bytes
 
     states = [v for p in params for k, v in opt.state[p].items() if k != "step"]
     return {"params": local_bytes(params), "grads": local_bytes([p.grad for p in params]),
@@ -65,7 +65,7 @@ def _bytes(params, opt) -> dict:
 
 def _frozen_bytes(trainer) -> dict:
     """Bytes of the teacher's weights on this rank, each storage once (a LoRA fake score shares them)."""
-    from sidfast.sharding import local_bytes
+    from sidfast.training.sharding import local_bytes
 
     frozen = [p for net in (trainer.teacher, trainer.fake) for p in net.parameters() if not p.requires_grad]
     seen = {}
@@ -79,8 +79,8 @@ def _trainer_state(cfg):
     """The networks, optimizer states and counters a run restores from ``cfg.resume`` (no iteration run)."""
     from test_train import tiny_teacher
 
-    from sidfast import runtime
-    from sidfast.train import _Trainer
+    from sidfast.utils import runtime
+    from sidfast.training.loop import _Trainer
 
     t = _Trainer(cfg, tiny_teacher(num_classes=3), None, None, (), None)
     out = {"G": _full(t.generator), "ema": _full(t.generator_ema), "fake": _full(t.fake),
@@ -95,7 +95,7 @@ def _two_ranks(rank, init_file, tmp):
     a sharded checkpoint written by 1 process, restored here."""
     join_gloo_group(rank, 2, init_file)
     try:
-        from sidfast.train import _Trainer  # noqa: F401 (import before timing-sensitive runs)
+        from sidfast.training.loop import _Trainer
 
         out = {}
         captured = {}
@@ -107,7 +107,7 @@ def _two_ranks(rank, init_file, tmp):
                 captured["fake"] = _bytes(trainer.fake_params, trainer.opt_fake)
                 captured["teacher"] = _frozen_bytes(trainer)
 
-        import sidfast.train as train_mod
+        import sidfast.training.loop as train_mod
 
         original_init = train_mod._Trainer.__init__
 
@@ -146,7 +146,7 @@ def _sharded_unet_matches_unsharded():
         unet = tiny_diffusers_unet().double().requires_grad_(False)
     except BaseException:  # pytest's skip when diffusers is missing
         return None
-    from sidfast.sharding import fully_shard_network
+    from sidfast.training.sharding import fully_shard_network
 
     ref = copy.deepcopy(unet)
     fully_shard_network(unet)
@@ -356,7 +356,7 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
         _spawn(_killed_in_save, 2, tmp_path, "kill")
     run = tmp_path / "killed"
     assert (run / ".checkpoint.dcp.tmp").is_dir()  # the unfinished save, never renamed into place
-    from sidfast.run_checkpoint import read_distill
+    from sidfast.training.state import read_distill
 
     data = read_distill(run / "checkpoint.dcp")
     assert data["iteration"] == 2 and data["world_size"] == 2
@@ -393,8 +393,8 @@ class _EDMLike(torch.nn.Module):
 def test_shard_blocks_finds_the_natural_blocks():
     from test_train import tiny_teacher
 
-    from sidfast.denoisers import as_denoiser
-    from sidfast.sharding import shard_blocks
+    from sidfast.models.denoiser import as_denoiser
+    from sidfast.training.sharding import shard_blocks
 
     def names(net):
         ids = {id(m): n for n, m in net.named_modules()}
@@ -419,8 +419,8 @@ def test_activation_checkpointing_recomputes_each_block_with_the_same_gradients(
 
     from test_train import tiny_teacher
 
-    from sidfast.denoisers import as_denoiser
-    from sidfast.sharding import checkpoint_blocks
+    from sidfast.models.denoiser import as_denoiser
+    from sidfast.training.sharding import checkpoint_blocks
 
     net = as_denoiser(tiny_teacher(num_classes=0)).train()
     ckpt = copy.deepcopy(net)
@@ -448,7 +448,7 @@ def test_activation_checkpointing_recomputes_each_block_with_the_same_gradients(
 
 
 def test_fsdp_options_are_checked():
-    from sidfast.config import TrainConfig
+    from sidfast.training.config import TrainConfig
 
     with pytest.raises(ValueError, match="--engine fused .*--fsdp use --engine eager"):
         TrainConfig(fsdp=True, engine="fused").validate()
@@ -474,7 +474,7 @@ def test_torchrun_launch_with_fsdp(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("SiD distillation") == 1
-    from sidfast.run_checkpoint import read_distill
+    from sidfast.training.state import read_distill
 
     data = read_distill(run / "checkpoint.dcp")
     assert (data["world_size"], data["iteration"], data["nimg"]) == (2, 3, 24)
@@ -513,8 +513,8 @@ def test_fsdp_in_one_process_keeps_the_previous_checkpoint_and_resumes(tmp_path)
     replaces as checkpoint.prev.dcp."""
     from test_train import tiny_teacher
 
-    from sidfast.run_checkpoint import read_distill
-    from sidfast.train import distill
+    from sidfast.training.state import read_distill
+    from sidfast.training.loop import distill
 
     run = tmp_path / "run"
     first = distill(_cfg(str(run), fsdp=True, iterations=3, checkpoint_every=2), tiny_teacher(num_classes=3),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sidfast import runtime
+from sidfast.utils import runtime
 from sidfast.generator import draw_k_star, generator_sigmas, rollout, sample
 from sidfast.samplers import one_step_sample
 

@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sidfast import guidance, reference
-from sidfast.denoisers import DiffusersDenoiser, EDMDenoiser, FlowDenoiser
-from sidfast.engine import ScoreEngine
+from sidfast.models.denoiser import DiffusersDenoiser, EDMDenoiser, FlowDenoiser
+from sidfast.engine.scores import ScoreEngine
 from sidfast.generator import draw_k_star
-from sidfast.lora import LoRAFakeScore
+from sidfast.models.lora import LoRAFakeScore
 from sidfast.reference import weighted_sid_loss
 from sidfast.samplers import sample_images
 from sidfast.schedules import VPSchedule
-from sidfast.train import TrainConfig, distill
+from sidfast.training.loop import TrainConfig, distill
 from test_train import assert_same_run, quiet, stopped_and_resumed, tiny_teacher
 from utils import assert_float64_close, cuda_marks, float64_network_tolerance, randomize_lora
 
@@ -78,7 +78,7 @@ def _record_calls(module, name, calls):
 def test_lsg_evaluations_are_the_guided_two_call_formula(tmp_path, monkeypatch, engine):
     """At LSG k = 2 the fake score in its step (k1) and teacher (k4) and fake score (k2) in the generator step
     are guidance.guided: one stacked forward over [null; cond] that equals f(none) + k (f(c) - f(none))."""
-    import sidfast.phases as phases
+    import sidfast.training.sid as phases
 
     teacher, G, fake = conditional_nets()
     calls = []
@@ -312,7 +312,7 @@ def test_text_teacher_trains_with_prompts_guidance_and_few_steps(tmp_path):
 def test_flow_teacher_trains_with_the_velocity_loss_and_one_minus_t_weighting(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    import sidfast.phases as phases
+    import sidfast.training.sid as phases
     from test_text import conditioner, sd3_transformer
 
     seen = {}

@@ -1,14 +1,14 @@
-"""sidfast.lora and sidfast.views: LoRA layers over shared weights, the split (teacher half / fake half)
+"""sidfast.models.lora and sidfast.models.views: LoRA layers over shared weights, the split (teacher half / fake half)
 evaluation, frozen views."""
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from sidfast.denoisers import EDMDenoiser
-from sidfast.lora import (LoRAConv2d, LoRAFakeScore, LoRALayer, LoRALinear, add_lora, lora_layers,
-                          lora_parameters, lora_state_dict, merge_lora, set_lora_mode)
-from sidfast.views import frozen_view, same_storage, shares_storage
+from sidfast.models.denoiser import EDMDenoiser
+from sidfast.models.lora import (LoRAConv2d, LoRAFakeScore, LoRALayer, LoRALinear, add_lora, lora_layers,
+    lora_parameters, lora_state_dict, merge_lora, set_lora_mode)
+from sidfast.models.views import frozen_view, same_storage, shares_storage
 from utils import SmallUNet, assert_float64_close as _close, randomize_lora, tiny_diffusers_unet
 
 # The LoRA branch, the merged weight W + scale B A and the split batch [teacher half; fake half] are different
@@ -238,7 +238,7 @@ def test_lora_fake_score_keeps_the_shared_base_in_eval():
 
 def test_lora_on_a_diffusers_unet_split_equals_teacher_and_merged():
     """diffusers' U-Net layers are batch-first, so the split evaluation is exact there too."""
-    from sidfast.denoisers import DiffusersDenoiser
+    from sidfast.models.denoiser import DiffusersDenoiser
     from sidfast.schedules import VPSchedule
 
     unet = tiny_diffusers_unet().to(F64)

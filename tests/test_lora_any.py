@@ -1,4 +1,4 @@
-"""sidfast.lora on every teacher family: EDM-style layer classes that are not nn.Conv2d / nn.Linear, diffusers
+"""sidfast.models.lora on every teacher family: EDM-style layer classes that are not nn.Conv2d / nn.Linear, diffusers
 U-Nets and DiT transformers. For each, the split evaluation (one call of the shared network over
 [teacher half; fake half]) equals the untouched teacher on the first half and a separate network with the
 merged weights W + scale * B A on the second, in values and input gradients (float64, so the tolerance
@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils import assert_float64_close as _close, randomize_lora
-from sidfast.denoisers import DiffusersDenoiser, EDMDenoiser, FlowDenoiser
-from sidfast.engine import ScoreEngine
-from sidfast.lora import (LoRAConv2d, LoRAGenerator, LoRALayer, LoRALinear, LoRAWeight, add_lora,
-                          default_target, lora_layers, lora_parameters, lora_state_dict, merge_lora,
-                          set_lora_mode)
+from sidfast.models.denoiser import DiffusersDenoiser, EDMDenoiser, FlowDenoiser
+from sidfast.engine.scores import ScoreEngine
+from sidfast.models.lora import (LoRAConv2d, LoRAGenerator, LoRALayer, LoRALinear, LoRAWeight, add_lora,
+    default_target, lora_layers, lora_parameters, lora_state_dict, merge_lora, set_lora_mode)
 from sidfast.schedules import VPSchedule
-from sidfast.views import frozen_view
+from sidfast.models.views import frozen_view
 
 # split, merged and compiled evaluations are different computations: compared in float64, within
 # float64_network_tolerance

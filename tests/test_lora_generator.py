@@ -4,10 +4,10 @@ refuses."""
 import pytest
 import torch
 
-from sidfast.checkpoint import CheckpointError, load_checkpoint
-from sidfast.lora import LoRAGenerator, lora_parameters, merge_lora
+from sidfast.models.io import CheckpointError, load_checkpoint
+from sidfast.models.lora import LoRAGenerator, lora_parameters, merge_lora
 from sidfast.samplers import from_checkpoint, sample_images
-from sidfast.train import TrainConfig, distill
+from sidfast.training.loop import TrainConfig, distill
 from test_sida_train import sida
 from test_train import assert_bitwise, assert_same_run, quiet, states, stopped_and_resumed, tiny_teacher
 from utils import run_main, user_error
@@ -45,9 +45,9 @@ def test_the_ema_shares_the_base_and_averages_its_own_factors(tmp_path):
 
 
 def test_ema_update_follows_the_formula_on_factors_only():
-    from sidfast.denoisers import as_denoiser
-    from sidfast.networks import ema_copy
-    from sidfast.updates import update_ema
+    from sidfast.models.denoiser import as_denoiser
+    from sidfast.training.networks import ema_copy
+    from sidfast.training.updates import update_ema
 
     g = LoRAGenerator(as_denoiser(tiny_teacher()), rank=RANK)
     ema = ema_copy(g)

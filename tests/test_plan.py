@@ -1,13 +1,13 @@
-"""sidfast.plan: static bytes against real CPU runs, activations against a real step, published sizes."""
+"""sidfast.plan.memory: static bytes against real CPU runs, activations against a real step, published sizes."""
 import math
 
 import pytest
 import torch
 
-from sidfast import plan as P
-from sidfast.config import TrainConfig
-from sidfast.lora import add_lora, lora_parameters
-from sidfast.networks import build_networks
+from sidfast.plan import memory as P
+from sidfast.training.config import TrainConfig
+from sidfast.models.lora import add_lora, lora_parameters
+from sidfast.training.networks import build_networks
 from utils import join_gloo_group, spawn_workers
 
 diffusers = pytest.importorskip("diffusers")
@@ -15,7 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 
 def tiny_teacher(seed=0):
     """A diffusers UNet2DModel (convolutions, attention linears, a time MLP) as a VP teacher, 8x8 RGB."""
-    from sidfast.denoisers import DiffusersDenoiser
+    from sidfast.models.denoiser import DiffusersDenoiser
     from sidfast.schedules import VPSchedule
 
     torch.manual_seed(seed)

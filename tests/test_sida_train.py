@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from sidfast import reference
-from sidfast.checkpoint import CheckpointError, load_checkpoint
-from sidfast.data import DataError, RealData
-from sidfast.runtime import seed_everything
-from sidfast.train import TrainConfig, distill
+from sidfast.models.io import CheckpointError, load_checkpoint
+from sidfast.training.data import DataError, RealData
+from sidfast.utils.runtime import seed_everything
+from sidfast.training.loop import TrainConfig, distill
 from test_train import SHAPE, assert_bitwise, assert_same_run, quiet, states, tiny_teacher
 from utils import run_main, user_error
 

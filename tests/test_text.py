@@ -1,4 +1,4 @@
-"""sidfast.text and the text-conditioned teachers: prompts, TextConditioner, SD/SDXL UNets, SD3/FLUX transformers."""
+"""sidfast.models.text and the text-conditioned teachers: prompts, TextConditioner, SD/SDXL UNets, SD3/FLUX transformers."""
 import json
 import shutil
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from sidfast import predictions
-from sidfast.checkpoint import CheckpointError
-from sidfast.loading import load_teacher
-from sidfast.denoisers import (DiffusersDenoiser, FlowDenoiser, latent_image_ids, pack_latents,
-                               unpack_latents)
+from sidfast.models.io import CheckpointError
+from sidfast.models.loading import load_teacher
+from sidfast.models.denoiser import (DiffusersDenoiser, FlowDenoiser, latent_image_ids, pack_latents,
+    unpack_latents)
 from sidfast.schedules import VPSchedule
-from sidfast.text import TextConditioner, draw_prompts, read_prompts
+from sidfast.models.text import TextConditioner, draw_prompts, read_prompts
 
 from utils import float64_network_tolerance, run_main
 
@@ -391,7 +391,7 @@ def test_text_student_from_the_command_line_samples_prompts_through_the_vae(tmp_
     """``sidfast distill --prompts`` on a pipeline directory, then ``sidfast sample --prompts``: the student's
     latents, conditioned on each image's prompt (i mod N), decoded by the pipeline's VAE."""
     from sidfast import samplers
-    from sidfast.vae import LatentDecoder
+    from sidfast.models.vae import LatentDecoder
 
     pipe_dir = tmp_path / "sd"
     pipe = save_sd_pipeline(pipe_dir)

@@ -1,4 +1,4 @@
-"""sidfast.train: the SiD loop against a hand-written published iteration, resume bitwise, config, outputs."""
+"""sidfast.training.loop: the SiD loop against a hand-written published iteration, resume bitwise, config, outputs."""
 import json
 import math
 import os
@@ -11,9 +11,9 @@ from torch import nn
 
 from published import published_generator_loss
 from sidfast import reference
-from sidfast.checkpoint import CheckpointError, load_checkpoint
-from sidfast.runtime import seed_everything
-from sidfast.train import TrainConfig, distill, ema_beta, sanitize_grads
+from sidfast.models.io import CheckpointError, load_checkpoint
+from sidfast.utils.runtime import seed_everything
+from sidfast.training.loop import TrainConfig, distill, ema_beta, sanitize_grads
 from utils import requires_cuda
 
 SHAPE = (1, 4, 4)
@@ -406,7 +406,7 @@ def test_lr_cooldown_lowers_both_learning_rates_linearly_over_the_runs_end(tmp_p
 
 
 def test_lr_factor():
-    from sidfast.updates import lr_factor
+    from sidfast.training.updates import lr_factor
 
     assert [lr_factor(i, 10, 0.0) for i in range(10)] == [1.0] * 10
     assert [lr_factor(i, 10, 0.5) for i in range(10)] == pytest.approx(
@@ -507,7 +507,7 @@ def test_resuming_a_finished_run_says_so_writes_nothing_and_extends_with_more_it
 
 
 def test_teacher_path_is_stored_absolute_and_entry_points_unchanged(tmp_path, monkeypatch):
-    from sidfast.checkpoint import load_network, save_network
+    from sidfast.models.io import load_network, save_network
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -525,7 +525,7 @@ def test_teacher_path_is_stored_absolute_and_entry_points_unchanged(tmp_path, mo
 
 def test_plain_progress_lines_off_a_terminal(tmp_path, monkeypatch):
     """Under pytest stderr is not a terminal: no bar, a log line per metrics record (at most one per interval)."""
-    from sidfast import runtime
+    from sidfast.utils import runtime
 
     monkeypatch.setattr(runtime.Progress, "interval_s", 0.0)
     lines = []
@@ -615,7 +615,7 @@ def test_image_shape_must_be_known(tmp_path):
 
 
 def test_device_errors():
-    from sidfast.runtime import resolve_device
+    from sidfast.utils.runtime import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="not a device name"):
@@ -646,7 +646,7 @@ def test_a_run_on_the_second_gpu_makes_it_the_current_device(tmp_path, engine):
 
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_fused_engine_path_matches_the_eager_path(tmp_path, num_classes):
-    """engine="fused" (sidfast.engine over frozen views) trains bitwise like two eager calls on CPU."""
+    """engine="fused" (sidfast.engine.scores over frozen views) trains bitwise like two eager calls on CPU."""
     kw = dict(iterations=3, lr=1e-3)
     eager = distill(quiet(run_dir=str(tmp_path / "e"), **kw), tiny_teacher(num_classes), log=None)
     fused = distill(quiet(run_dir=str(tmp_path / "s"), engine="fused", **kw), tiny_teacher(num_classes),
@@ -749,7 +749,7 @@ def test_compile_option_compiles_generator_and_score_networks(tmp_path, monkeypa
 
 def test_noise_option_picks_the_kernel_on_the_triton_route_only(monkeypatch):
     from sidfast.ops import backend
-    from sidfast.phases import noise_source
+    from sidfast.training.sid import noise_source
 
     x = torch.zeros(2, 3)
     for triton_route in (True, False):
@@ -831,7 +831,7 @@ def test_folded_generator_loss_scale_gives_the_unfolded_gradients(tmp_path, monk
     (bitwise on the native CPU route, where the op multiplies its result the same way; within float32
     rounding of the gradients on the Triton route, where the scale enters the kernel's gradient factor), and
     the reported loss_g is the unscaled mean within float32 rounding."""
-    import sidfast.phases as phases_module
+    import sidfast.training.sid as phases_module
     from sidfast.loss import sid_generator_loss
 
     if route == "native":

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sidfast._graphs import GraphCache
+from sidfast.engine.graphs import GraphCache
 from sidfast.ops import backend
 
 HAS_CUDA = torch.cuda.is_available()
@@ -148,7 +148,7 @@ class SmallUNet(nn.Module):
 
 def randomize_lora(module, seed=0, std=0.05):
     """Give every LoRA B a nonzero value so the fake score differs from the teacher."""
-    from sidfast.lora import lora_layers
+    from sidfast.models.lora import lora_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -195,7 +195,7 @@ def user_error(args, capsys, match):
 
 def _ended_worker(rank, fn, args):
     fn(rank, *args)
-    from sidfast.runtime import end_process
+    from sidfast.utils.runtime import end_process
 
     end_process(0, after_group=True)  # no interpreter teardown with gloo's threads alive
 

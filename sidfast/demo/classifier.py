@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .digits import load_digits_tensors, split
+from sidfast.demo.digits import load_digits_tensors, split
 
 # Bump when the architecture or the training recipe changes: the cache key changes with it.
 RECIPE = {"version": 1, "channels": (32, 64), "feature_dim": 64, "epochs": 30, "batch": 64, "lr": 2e-3,

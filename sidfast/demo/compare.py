@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import classifier as clf_mod
-from . import summary
-from .digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_tensors
-from .frechet import feature_statistics, frechet_distance
-from .nets import build_denoiser, count_parameters
-from .run import BUILDER, DemoConfig, _threads, _timed, _write_json
-from .teacher import TeacherConfig, train_teacher
+from sidfast.demo import classifier as clf_mod
+from sidfast.demo import summary
+from sidfast.demo.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_tensors
+from sidfast.demo.frechet import feature_statistics, frechet_distance
+from sidfast.demo.nets import build_denoiser, count_parameters
+from sidfast.demo.run import BUILDER, DemoConfig, _threads, _timed, _write_json
+from sidfast.demo.teacher import TeacherConfig, train_teacher
 
 DEMOS = ("sida", "conditional", "gen-steps")
 LABEL_DROPOUT = 0.1       # the conditional teacher's probability of the null label
@@ -176,20 +176,20 @@ class GuidedTeacher(nn.Module):
 
     def __init__(self, net: nn.Module, scale: float, num_classes: int):
         super().__init__()
-        from ..guidance import null_labels
+        from sidfast.guidance import null_labels
 
         self.net = net
         self.scale = float(scale)
         self.register_buffer("null", null_labels(num_classes, "onehot"), persistent=False)
 
     def forward(self, x, sigma, class_labels=None):
-        from ..guidance import guided
+        from sidfast.guidance import guided
 
         return guided(self.net, x, sigma, class_labels, self.null.to(x.device), self.scale)
 
 
 def _save_npz(path: Path, images: torch.Tensor) -> Path:
-    """The real digits as an .npz of float images (N, 1, 8, 8) in [-1, 1] (what ``sidfast.data`` reads)."""
+    """The real digits as an .npz of float images (N, 1, 8, 8) in [-1, 1] (what ``sidfast.training.data`` reads)."""
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(tmp, images=images.cpu().numpy())
     os.replace(tmp, path)
@@ -199,7 +199,7 @@ def _save_npz(path: Path, images: torch.Tensor) -> Path:
 def _train(cfg: ComparisonConfig, student: StudentSpec, seed: int, teacher, run_dir: Path, dev, data,
            log):
     """Distill ``teacher`` into ``student`` with ``seed``: the one place a student becomes a trainer call."""
-    from ..train import TrainConfig, distill
+    from sidfast.training.loop import TrainConfig, distill
 
     options = {**cfg.sid, **student.options, "run_dir": str(run_dir), "device": str(dev), "seed": seed,
                "overwrite": True, "teacher_steps": 0, "grid_size": 0, "progress": False,
@@ -216,7 +216,7 @@ def _train(cfg: ComparisonConfig, student: StudentSpec, seed: int, teacher, run_
 def _student_samples(generator, z, labels, train_cfg, seed: int):
     """The student's samples at latents z: all of its ``gen_steps`` steps at the run's noise levels
     (``step_spacing``) and re-noising (``renoise``; fresh noise seeded by ``seed``), one step for SiD."""
-    from ..generator import generator_sigmas, sample
+    from sidfast.generator import generator_sigmas, sample
 
     sigmas = generator_sigmas(train_cfg.gen_steps, train_cfg.sigma_init, train_cfg.step_spacing)
     g = torch.Generator(device=z.device).manual_seed(seed + 777)
@@ -234,10 +234,10 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     threads: CPU threads during the run (default 1, as ``run_demo``); None keeps torch's setting.
     mode: "full", "quick" or "custom", recorded in the report.
     """
-    from ..denoisers import format_labels
-    from ..report import save_grid
-    from ..samplers import edm_sample
-    from ..train import TrainConfig, resolve_device
+    from sidfast.models.denoiser import format_labels
+    from sidfast.training.report import save_grid
+    from sidfast.samplers import edm_sample
+    from sidfast.training.loop import TrainConfig, resolve_device
 
     say = log if log is not None else (lambda *_: None)
     if not isinstance(cfg, ComparisonConfig):
@@ -281,7 +281,7 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
                                                else ""))
         teacher, tstats = train_teacher(net, images.to(dev), cfg.teacher, labels=labels.to(dev) if conditional
                                         else None, log=say, log_every=max(1, cfg.teacher.iterations // 4))
-        from ..checkpoint import save_network
+        from sidfast.models.io import save_network
 
         save_network(out / "teacher.pt", teacher, BUILDER, cfg.net,
                      meta={"trainer": "sidfast demo", "teacher_config": cfg.teacher.to_dict(), **tstats})

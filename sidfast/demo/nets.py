@@ -47,7 +47,7 @@ class ResidualBlock(nn.Module):
 class DigitsMLP(nn.Module):
     """The raw network F(c_in x, c_noise, labels) of EDM, on flattened images: (B, C, H, W) -> (B, C, H, W).
 
-    Its encoder, for SiDA's discriminator (``sidfast.discriminator``), ends at the last residual block."""
+    Its encoder, for SiDA's discriminator (``sidfast.models.discriminator``), ends at the last residual block."""
 
     def __init__(self, image_shape=(1, 8, 8), width: int = 256, depth: int = 3, emb_dim: int = 64,
                  num_classes: int = 0, dropout: float = 0.0):

@@ -3,7 +3,7 @@
 Steps (all seeded; on a CPU bitwise repeatable for a given thread count):
 1. the digit classifier of ``classifier.py`` (trained once, cached) gives the feature space of the metric;
 2. a teacher ``DigitsDenoiser`` is trained with EDM's loss on the 1,797 digits (``teacher.py``);
-3. ``sidfast.train.distill`` runs SiD from it (generator and fake score start as copies of the teacher);
+3. ``sidfast.training.loop.distill`` runs SiD from it (generator and fake score start as copies of the teacher);
 4. Frechet distances to the data, in classifier features, of: the teacher with EDM's Heun sampler
    (``teacher_steps`` steps), the one-step student (its EMA), and the generator at initialization
    (the teacher evaluated once at sigma_init = 2.5), each from the same number of samples;
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from . import classifier as clf_mod
-from .digits import IMAGE_SHAPE, SIGMA_DATA, load_digits_tensors
-from .frechet import feature_statistics, frechet_distance
-from .nets import build_denoiser, count_parameters
-from .teacher import TeacherConfig, train_teacher
+from sidfast.demo import classifier as clf_mod
+from sidfast.demo.digits import IMAGE_SHAPE, SIGMA_DATA, load_digits_tensors
+from sidfast.demo.frechet import feature_statistics, frechet_distance
+from sidfast.demo.nets import build_denoiser, count_parameters
+from sidfast.demo.teacher import TeacherConfig, train_teacher
 
 BUILDER = "sidfast.demo.nets:build_denoiser"
 STUDENT_RATIO_BAR = 1.25   # FD(student) <= 1.25 FD(teacher)
@@ -42,7 +42,7 @@ class DemoConfig:
                                                "emb_dim": 64, "num_classes": 0, "dropout": 0.0,
                                                "sigma_data": SIGMA_DATA})
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(iterations=2500))
-    # sidfast.train.TrainConfig options; the rest keep their published defaults (docs/math.md, "Published
+    # sidfast.training.loop.TrainConfig options; the rest keep their published defaults (docs/math.md, "Published
     # recipe"). The published lr 1e-5 and EMA ramp-up 0.05 are tuned for ~400M images; the demo sees under 1M,
     # so it uses a 30x larger lr and an EMA half-life of 10% of the images seen. sigma_max stays at 80.
     sid: dict = field(default_factory=lambda: {"iterations": 3000, "batch": 256, "lr": 3e-4,
@@ -115,7 +115,7 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
     Returns:
         dict with "passed" (both bars met), "fd" (teacher, student, init), "ratios", "times", "config", ...
     """
-    from . import compare
+    from sidfast.demo import compare
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -144,9 +144,9 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
 
 def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log) -> dict:
     """The SiD demo: teacher against one-step student, one seed."""
-    from ..report import save_grid, summary_table
-    from ..samplers import edm_sample, num_evaluations, one_step_sample
-    from ..train import TrainConfig, distill, resolve_device
+    from sidfast.training.report import save_grid, summary_table
+    from sidfast.samplers import edm_sample, num_evaluations, one_step_sample
+    from sidfast.training.loop import TrainConfig, distill, resolve_device
 
     say = log if log is not None else (lambda *_: None)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -179,7 +179,7 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
             f"{cfg.teacher.batch} on {dev}")
         teacher, tstats = train_teacher(net, images.to(dev), cfg.teacher, log=say,
                                         log_every=max(1, cfg.teacher.iterations // 4))
-        from ..checkpoint import save_network
+        from sidfast.models.io import save_network
 
         save_network(out / "teacher.pt", teacher, BUILDER, cfg.net,
                      meta={"trainer": "sidfast demo", "teacher_config": cfg.teacher.to_dict(), **tstats})

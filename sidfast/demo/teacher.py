@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .. import reference
-from ..loss import fake_score_loss
+from sidfast import reference
+from sidfast.loss import fake_score_loss
 
 
 @dataclass
@@ -109,10 +109,10 @@ def write_teacher(out, iterations: int | None = None, batch: int | None = None, 
 
     None keeps the demo's value; ``conditional`` trains a 10-class teacher. Returns the training stats.
     """
-    from ..checkpoint import save_network
-    from . import digits
-    from .nets import build_denoiser, count_parameters
-    from .run import BUILDER, demo_config
+    from sidfast.models.io import save_network
+    from sidfast.demo import digits
+    from sidfast.demo.nets import build_denoiser, count_parameters
+    from sidfast.demo.run import BUILDER, demo_config
 
     for name, value, lo in (("iterations", iterations, 1), ("batch", batch, 1), ("width", width, 2),
                             ("depth", depth, 1)):

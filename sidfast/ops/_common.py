@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from . import backend
-from .backend import HAS_TRITON, INTERPRET
+from sidfast.ops import backend
+from sidfast.ops.backend import HAS_TRITON, INTERPRET
 
 REDUCTION_CODES = {"none": 0, "sum": 1, "batchmean": 2}
 

@@ -25,8 +25,8 @@ import numbers
 
 import torch
 
-from . import backend
-from .backend import HAS_TRITON
+from sidfast.ops import backend
+from sidfast.ops.backend import HAS_TRITON
 
 SEED_HIGH = 2 ** 62
 MAX_COUNTER = 2 ** 31

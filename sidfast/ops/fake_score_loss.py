@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import predictions, reference
-from . import backend
-from ._common import REDUCTION_CODES, RBLOCK, acc_type, loss_dtype, num_warps, reduce_iters
-from ._layout import common_dense_layout, empty_outputs_like
-from ._philox import check_counter_range, layout_args, tile_shape
-from .backend import HAS_TRITON
-from .grad_scale import out_of_place, scale_saved_grads
-from .noise import regenerate_noise
+from sidfast import predictions, reference
+from sidfast.ops import backend
+from sidfast.ops._common import REDUCTION_CODES, RBLOCK, acc_type, loss_dtype, num_warps, reduce_iters
+from sidfast.ops._layout import common_dense_layout, empty_outputs_like
+from sidfast.ops._philox import check_counter_range, layout_args, tile_shape
+from sidfast.ops.backend import HAS_TRITON
+from sidfast.ops.grad_scale import out_of_place, scale_saved_grads
+from sidfast.ops.noise import regenerate_noise
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -50,8 +50,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import finish_sum, jit_with_loop_bounds
-    from ._philox import FAST_MATH, noise_tile, row_tile
+    from sidfast.ops._common import finish_sum, jit_with_loop_bounds
+    from sidfast.ops._philox import FAST_MATH, noise_tile, row_tile
 
     @triton.jit
     def _weight(a, s, WEIGHTING: tl.constexpr, sigma_data, gamma):

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from . import backend
-from ._common import loop_bound, num_warps
-from ._layout import batch_major_dense
-from .backend import HAS_TRITON
+from sidfast.ops import backend
+from sidfast.ops._common import loop_bound, num_warps
+from sidfast.ops._layout import batch_major_dense
+from sidfast.ops.backend import HAS_TRITON
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -42,7 +42,7 @@ SCALE_BLOCK = 4096  # elements per program and step
 if HAS_TRITON:
     import triton.language as tl
 
-    from ._common import jit_with_loop_bounds
+    from sidfast.ops._common import jit_with_loop_bounds
 
     @jit_with_loop_bounds("iters")
     def _scale_inplace_kernel(g_ptr, applied_ptr, t0_ptr, t1_ptr, t2_ptr, n, iters, nprog, NUM: tl.constexpr,

@@ -19,15 +19,15 @@ import numbers
 
 import torch
 
-from .. import reference
-from .._checks import per_sample
-from ..schedules import broadcast
-from . import backend
-from ._common import acc_type, num_warps
-from ._layout import batch_major_dense, common_dense_layout, empty_outputs_like
-from ._philox import philox4x32  # noqa: F401  (re-exported with philox_normal: the stream's reference)
-from ._philox import check_counter_range, draw_seed, layout_args, philox_normal, tile_shape
-from .backend import HAS_TRITON
+from sidfast import reference
+from sidfast._checks import per_sample
+from sidfast.schedules import broadcast
+from sidfast.ops import backend
+from sidfast.ops._common import acc_type, num_warps
+from sidfast.ops._layout import batch_major_dense, common_dense_layout, empty_outputs_like
+from sidfast.ops._philox import philox4x32
+from sidfast.ops._philox import check_counter_range, draw_seed, layout_args, philox_normal, tile_shape
+from sidfast.ops.backend import HAS_TRITON
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -37,7 +37,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._philox import FAST_MATH, noise_tile, row_tile
+    from sidfast.ops._philox import FAST_MATH, noise_tile, row_tile
 
     @triton.jit
     def _add_noise_kernel(x_ptr, noise_ptr, a_ptr, s_ptr, seed_ptr, out_ptr, B, N, NQ, C_CH, HW, offset, n_chunks,

@@ -49,13 +49,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native  # noqa: F401  (loads sidfast._C, which defines the sidfast::sid_loss schema)
-from .. import reference
-from . import backend
-from ._common import REDUCTION_CODES, RBLOCK, acc_type, loop_bound, loss_dtype, num_warps, reduce_iters
-from ._layout import common_dense_layout, empty_outputs_like
-from .backend import HAS_TRITON
-from .grad_scale import out_of_place, scale_saved_grads
+from sidfast import _native
+from sidfast import reference
+from sidfast.ops import backend
+from sidfast.ops._common import (REDUCTION_CODES, RBLOCK, acc_type, loop_bound, loss_dtype, num_warps,
+    reduce_iters)
+from sidfast.ops._layout import common_dense_layout, empty_outputs_like
+from sidfast.ops.backend import HAS_TRITON
+from sidfast.ops.grad_scale import out_of_place, scale_saved_grads
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -79,7 +80,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import finish_sum, jit_with_loop_bounds
+    from sidfast.ops._common import finish_sum, jit_with_loop_bounds
 
     @triton.jit
     def _sid_terms(r, f, x, alpha, inv_w, g):

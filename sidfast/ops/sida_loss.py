@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
-from .. import reference
-from ..schedules import broadcast
-from . import backend
-from ._common import loss_dtype
-from .grad_scale import scale_saved_grads
-from .sid_loss import sid_loss_triton_impl
+from sidfast import _native
+from sidfast import reference
+from sidfast.schedules import broadcast
+from sidfast.ops import backend
+from sidfast.ops._common import loss_dtype
+from sidfast.ops.grad_scale import scale_saved_grads
+from sidfast.ops.sid_loss import sid_loss_triton_impl
 
 BATCHMEAN = 2  # sid_loss's reduction code
 

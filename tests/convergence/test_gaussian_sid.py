@@ -1,10 +1,10 @@
-"""Convergence: the real trainer (``sidfast.train.distill``) distills an exact Gaussian teacher into a linear
+"""Convergence: the real trainer (``sidfast.training.loop.distill``) distills an exact Gaussian teacher into a linear
 generator.
 
 Data x0 ~ N(mu, Sigma) in 3 dimensions. The teacher is the exact denoiser of the noised data (VE coordinates):
 x0_hat = mu + Sigma (Sigma + sigma^2 I)^-1 (x - mu). The generator is linear, x_g = A z + b, so its samples are
 N(b, A A^T); the fake score is the exact denoiser of a Gaussian with learnable mean and Cholesky factor
-(initialized as a copy of the teacher, as published). After ``sidfast.train.distill`` with the published
+(initialized as a copy of the teacher, as published). After ``sidfast.training.loop.distill`` with the published
 recipe but larger learning rates, the EMA generator must match the target:
 ||b - mu|| < 0.1 and ||A A^T - Sigma||_F / ||Sigma||_F < 0.1 (measured: at most 0.06 and 0.05 over seeds 0-3),
 starting from errors of about 1.2 and 0.9.
@@ -69,7 +69,7 @@ def errors(gen, mu, sigma):
 
 
 def run(run_dir: str, seed: int = 0, iterations: int = 500) -> dict:
-    from sidfast.train import TrainConfig, distill
+    from sidfast.training.loop import TrainConfig, distill
 
     torch.set_num_threads(1)
     mu, sigma = torch.tensor(MU), torch.tensor(SIGMA)

@@ -1,5 +1,5 @@
 """The score engine's guided phases: ``guidance.guided`` evaluations as pure tensor functions, which the
-engine compiles and captures like its plain phases (``sidfast.engine.ScoreEngine``, scales other than 1).
+engine compiles and captures like its plain phases (``sidfast.engine.scores.ScoreEngine``, scales other than 1).
 
 The null condition travels as further tensor arguments after the condition's, so that one compiled function
 or captured graph serves every batch. In mode "full" each network is guided on its own (teacher at k4, fake
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import guidance, reference
-from .guidance import flat_condition, nested_condition, path_name
+from sidfast import guidance, reference
+from sidfast.guidance import flat_condition, nested_condition, path_name
 
 
 def null_arguments(x_t: torch.Tensor, names: tuple, has_labels: bool, scales: tuple, null_labels,

@@ -1,6 +1,6 @@
 """Distillation checkpoints: the state of a SiD run, saved by every rank and restored into its networks.
 
-- A checkpoint file (``kind="distill"`` of ``sidfast.checkpoint``, written atomically by rank 0 with the
+- A checkpoint file (``kind="distill"`` of ``sidfast.models.io``, written atomically by rank 0 with the
   previous one kept): ``save_distill`` / ``load_distill``, one file holding the generator and its EMA (only
   their LoRA factors with ``generator="lora"``), the fake score (only its LoRA factors with
   ``fake_score="lora"``), both optimizers, every rank's RNG state, the
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from . import runtime
-from .checkpoint import (FORMATS, VERSION, CheckpointError, _fsync_dir, _what_to_do, atomic_save,
-                         load_checkpoint, previous_path)
-from .config import CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, TrainConfig
-from .updates import lr_factor
+from sidfast.utils import runtime
+from sidfast.models.io import (FORMATS, VERSION, CheckpointError, _fsync_dir, _what_to_do, atomic_save,
+    load_checkpoint, previous_path)
+from sidfast.training.config import CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, TrainConfig
+from sidfast.training.updates import lr_factor
 
 
 def teacher_reference(spec: str | None) -> str | None:
@@ -41,13 +41,13 @@ def teacher_reference(spec: str | None) -> str | None:
 def _net_state(net: torch.nn.Module, lora: bool) -> dict:
     """What a checkpoint keeps of a network: all of it, or for a LoRA network (option ``fake_score`` /
     ``generator`` lora) only the factors (the rest is the teacher)."""
-    from .lora import lora_state_dict
+    from sidfast.models.lora import lora_state_dict
 
     return lora_state_dict(net) if lora else net.state_dict()
 
 
 def _load_net(net: torch.nn.Module, state: dict, lora: bool, what: str) -> None:
-    from .networks import load_lora_factors
+    from sidfast.training.networks import load_lora_factors
 
     if lora:
         load_lora_factors(net, state, what)

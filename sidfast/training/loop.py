@@ -23,17 +23,17 @@ from typing import Callable
 
 import torch
 
-from . import runtime
-from .config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
-from .networks import build_networks
-from .phases import SiDPhases
-from .report import DistillResult, run_summary, save_grid
-from .run_checkpoint import load_distill, read_distill, resume_source, save_distill, teacher_reference
-from .runtime import resolve_device, seed_everything
-from .samplers import grid_samples
-from .sharding import shard_run
-from .sida import SIDA_METRICS, SiDAPhases, read_init_generator
-from .updates import _nan_to_num_, ema_beta, lr_factor, sanitize_grads, update_ema
+from sidfast.utils import runtime
+from sidfast.training.config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
+from sidfast.training.networks import build_networks
+from sidfast.training.sid import SiDPhases
+from sidfast.training.report import DistillResult, run_summary, save_grid
+from sidfast.training.state import load_distill, read_distill, resume_source, save_distill, teacher_reference
+from sidfast.utils.runtime import resolve_device, seed_everything
+from sidfast.samplers import grid_samples
+from sidfast.training.sharding import shard_run
+from sidfast.training.sida import SIDA_METRICS, SiDAPhases, read_init_generator
+from sidfast.training.updates import _nan_to_num_, ema_beta, lr_factor, sanitize_grads, update_ema
 
 METHOD_NAMES = {"sid": "SiD", "sida": "SiDA", "sid2a": "SiD2A"}
 
@@ -101,7 +101,7 @@ class _Trainer:
         cfg = self.cfg
         self.engine = None
         if cfg.engine == "fused":
-            from .engine import ScoreEngine
+            from sidfast.engine.scores import ScoreEngine
 
             # teacher and fake score evaluated together over frozen views of the same storage (CUDA graphs on
             # GPU); a LoRA fake score runs as one forward of the shared weights over the doubled batch
@@ -235,20 +235,20 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     uninterrupted one bitwise.
 
     ``teacher``/``generator``/``fake``: denoisers ``forward(x, sigma, class_labels=None) -> x0_hat`` in EDM
-    coordinates, or anything ``sidfast.denoisers.as_denoiser`` wraps; generator and fake score default to
+    coordinates, or anything ``sidfast.models.denoiser.as_denoiser`` wraps; generator and fake score default to
     copies of the teacher, which is frozen in place. ``callbacks``: ``cb(state) -> bool | None`` after every
     iteration (keys: iteration, nimg, loss_g, loss_fake, generator, generator_ema, fake, teacher, rank,
     world_size); True stops the run like a signal does. ``architecture``: ``{"builder": "module:function",
     "config": {...}}`` that rebuilds the generator for ``sidfast sample``. ``log``: where rank 0's lines go
-    (None: silent). ``data``: SiDA's real images, anything ``sidfast.data.open_images`` reads (a path, an
+    (None: silent). ``data``: SiDA's real images, anything ``sidfast.training.data.open_images`` reads (a path, an
     image tensor or array, a torch Dataset); default ``config.data``.
-    ``conditioner``: the ``sidfast.text.TextConditioner`` of a text-to-image teacher
+    ``conditioner``: the ``sidfast.models.text.TextConditioner`` of a text-to-image teacher
     (``loading.load_teacher(..., with_conditioner=True)``); its prompts come from ``config.prompts``.
     """
-    from .report import MetricsLog, plot_losses, read_metrics, summary_table
+    from sidfast.training.report import MetricsLog, plot_losses, read_metrics, summary_table
 
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a sidfast.train.TrainConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a sidfast.training.loop.TrainConfig, got {type(config).__name__}")
     # a teacher given as a path is stored absolute, so that the checkpoint works from any directory
     cfg = dataclasses.replace(config, teacher=teacher_reference(config.teacher)).validate()
     trainer = _Trainer(cfg, teacher, generator, fake, callbacks, architecture, data, conditioner)

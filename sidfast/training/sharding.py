@@ -8,7 +8,7 @@ blocks of diffusers U-Nets, the transformer blocks of diffusers DiTs, the ``enc`
 
 The frozen teacher is sharded too: its parameters need no gradient, so its blocks are all-gathered for the
 forward and for the input-gradient backward and never reduce-scattered. A LoRA fake score holds the teacher's
-modules (``sidfast.lora``); it is sharded as one network, the LoRA factors with the block they adapt (one
+modules (``sidfast.models.lora``); it is sharded as one network, the LoRA factors with the block they adapt (one
 all-gather per block, their gradients reduce-scattered like any other), and the teacher is the same sharded
 network with its LoRA layers off (``LoRAOff``), so that the teacher's weights exist once, sharded.
 Sharding happens in place: a teacher or generator module handed to ``distill`` comes back sharded.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .denoisers import Denoiser
-from .lora import LoRAFakeScore, set_lora_mode
+from sidfast.models.denoiser import Denoiser
+from sidfast.models.lora import LoRAFakeScore, set_lora_mode
 
 # containers whose children are a network's blocks: diffusers U-Nets, diffusers DiTs (SD3, FLUX, PixArt),
 # EDM's SongUNet/DhariwalUNet, and the common ``blocks``/``layers`` lists

@@ -23,7 +23,7 @@ import gc
 import torch
 from torch import nn
 
-from .views import StorageSnapshot
+from sidfast.models.views import StorageSnapshot
 
 MAX_GRAPHS = 8  # room for both phases, in train and eval state, at two batch sizes
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from .checkpoint import CheckpointError
-from .config import TrainConfig
+from sidfast.models.io import CheckpointError
+from sidfast.training.config import TrainConfig
 
 
 def option_name(name: str) -> str:
@@ -40,8 +40,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from defaults < resumed checkpoint < --config file < explicit options."""
-    from .run_checkpoint import distill_checkpoint_in, read_distill
-    from .config import TrainConfig
+    from sidfast.training.state import distill_checkpoint_in, read_distill
+    from sidfast.training.config import TrainConfig
 
     explicit = {f.name: getattr(args, f.name) for f in TrainConfig.fields()
                 if hasattr(args, f.name) and f.name not in ("teacher", "resume")}

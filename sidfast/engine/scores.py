@@ -3,7 +3,7 @@
 ``generator_terms`` (teacher and fake score at x_t = x_g + sigma eps, input gradients only, through frozen
 views of the networks' storage). Mode "full" runs two networks (one CUDA graph on a GPU), mode "lora" one
 forward of the teacher's shared weights over the doubled batch. The design, CUDA graphs, guidance, SiDA's
-logits and the in-kernel noise: ``docs/engine.md``. Everything is in EDM coordinates (``sidfast.denoisers``).
+logits and the in-kernel noise: ``docs/engine.md``. Everything is in EDM coordinates (``sidfast.models.denoiser``).
 """
 from __future__ import annotations
 
@@ -11,18 +11,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import loss as _loss
-from . import runtime
-from ._checks import check_rows
-from ._graphs import MAX_GRAPHS, GraphCache
-from ._guided_eval import guided_function, null_arguments
-from .denoisers import Denoiser, as_denoiser, sigma_per_sample
-from .discriminator import DiscriminatorTap, with_logits
-from .guidance import flat_condition, nested_condition, path_name
-from .lora import LoRAFakeScore, fake_score_over, lora_parameters, set_lora_mode
-from .ops.noise import add_noise
-from .schedules import broadcast
-from .views import FrozenMirror, frozen_view
+from sidfast import loss as _loss
+from sidfast.utils import runtime
+from sidfast._checks import check_rows
+from sidfast.engine.graphs import MAX_GRAPHS, GraphCache
+from sidfast.engine.guided import guided_function, null_arguments
+from sidfast.models.denoiser import Denoiser, as_denoiser, sigma_per_sample
+from sidfast.models.discriminator import DiscriminatorTap, with_logits
+from sidfast.guidance import flat_condition, nested_condition, path_name
+from sidfast.models.lora import LoRAFakeScore, fake_score_over, lora_parameters, set_lora_mode
+from sidfast.ops.noise import add_noise
+from sidfast.schedules import broadcast
+from sidfast.models.views import FrozenMirror, frozen_view
 
 MODES = ("full", "lora")
 
@@ -67,7 +67,7 @@ class ScoreEngine:
         share_pool: capture all graphs into one memory pool (less memory). A replay then raises while any
             graph's backward is pending; the SiD order (fake forward, fake backward, generator forward,
             generator backward) never does.
-        max_graphs: how many captured graphs to keep (default ``sidfast._graphs.MAX_GRAPHS``, 8), each with
+        max_graphs: how many captured graphs to keep (default ``sidfast.engine.graphs.MAX_GRAPHS``, 8), each with
             memory for a whole forward and backward; the least recently used is dropped first.
     Attributes:
         teacher, fake: the two Denoisers; ``fake_parameters()`` is what the fake-score optimizer trains.
@@ -153,7 +153,7 @@ class ScoreEngine:
 
     def attach_discriminator(self, layer: str | None = None) -> DiscriminatorTap:
         """Read SiDA's discriminator logits off the fake score at ``layer`` (a ``--disc-layer`` path; None: the
-        family default, ``sidfast.discriminator.default_layer``). Returns the tap on the fake score."""
+        family default, ``sidfast.models.discriminator.default_layer``). Returns the tap on the fake score."""
         if self._tap is not None:
             self._tap.remove()
         self._tap = DiscriminatorTap(self.fake, layer)
@@ -298,7 +298,7 @@ class ScoreEngine:
         return self._graphs.call(phase, variant, fn, args)
 
     def _evaluate_guided(self, phase: str, x_t, sig, labels, cond, scales: tuple, null_labels, null_cond):
-        """``_evaluate`` for guided scales (``sidfast._guided_eval``): the null condition travels as further
+        """``_evaluate`` for guided scales (``sidfast.engine.guided``): the null condition travels as further
         tensor arguments."""
         names, tensors = _flat_arguments(cond)
         has_labels = labels is not None

@@ -188,7 +188,7 @@ def plot_losses(records: list[dict], path, keys=LOSS_KEYS) -> Path | None:
 
 @dataclass
 class DistillResult:
-    """What ``sidfast.train.distill`` returns."""
+    """What ``sidfast.training.loop.distill`` returns."""
 
     generator: nn.Module
     generator_ema: nn.Module

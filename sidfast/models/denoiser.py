@@ -16,7 +16,7 @@ Adapters (the conversions of ``docs/math.md``, "Predictions", via ``sidfast.pred
 Class labels are passed in the network's own format (``Denoiser.label_format``: one-hot for EDM networks,
 indices for diffusers); ``Denoiser.labels(idx)`` makes them from class indices and ``null_condition(batch)``
 gives the keywords of the unconditional (null-label) call that classifier-free guidance needs. Text-conditioned
-teachers take their prompt embeddings through ``**cond`` (``sidfast.text.TextConditioner`` computes them and
+teachers take their prompt embeddings through ``**cond`` (``sidfast.models.text.TextConditioner`` computes them and
 their null, empty-prompt, condition).
 No adapter syncs with the host in ``forward``, so all of them can be compiled and captured in CUDA graphs.
 """
@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import predictions
-from ._checks import per_sample
-from .checkpoint import import_entry_point
-from .schedules import VPSchedule, broadcast
+from sidfast import predictions
+from sidfast._checks import per_sample
+from sidfast.models.io import import_entry_point
+from sidfast.schedules import VPSchedule, broadcast
 
 
 def _name_of(net) -> str:
@@ -133,7 +133,7 @@ class Denoiser(nn.Module):
         config = getattr(self.network, "config", None)
         if getattr(config, "cross_attention_dim", None) or getattr(config, "joint_attention_dim", None):
             return (f"{self.label()} is text-conditioned: its null condition is the empty prompt's embedding "
-                    "(sidfast.text.TextConditioner.null_condition)")
+                    "(sidfast.models.text.TextConditioner.null_condition)")
         return f"{self.label()} is unconditional: classifier-free guidance needs a conditional teacher"
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:  # pragma: no cover

@@ -11,8 +11,8 @@
 - Network checkpoints (``kind="network"``, e.g. a teacher trained by ``sidfast train-teacher``):
   ``{"format": "sidfast.network", "version": 1, "builder": "module:function", "config": {...},
   "state_dict": {...}, "meta": {...}}``; ``load_network`` rebuilds the module as ``builder(config)``.
-- Distillation checkpoints (``kind="distill"``) are written and restored by ``sidfast.run_checkpoint``;
-  teachers and generators are loaded from what the user has by ``sidfast.loading``.
+- Distillation checkpoints (``kind="distill"``) are written and restored by ``sidfast.training.state``;
+  teachers and generators are loaded from what the user has by ``sidfast.models.loading``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
+from sidfast.training.config import TrainConfig
 
 FORMATS = {"network": "sidfast.network", "distill": "sidfast.distill"}
 VERSION = 1

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from . import guidance
-from .config import TrainConfig
-from .denoisers import draw_labels
+from sidfast import guidance
+from sidfast.training.config import TrainConfig
+from sidfast.models.denoiser import draw_labels
 
 
 class Conditioning:
@@ -43,7 +43,7 @@ class Conditioning:
         self.prompts = None
         self.null = None
         if conditioner is not None:
-            from .text import read_prompts
+            from sidfast.models.text import read_prompts
 
             self.prompts = read_prompts(cfg.prompts)
             self.conditioner = conditioner.to(device)
@@ -68,7 +68,7 @@ class Conditioning:
         labels = draw_labels(batch, self.num_classes, self.label_format, self.device)
         if self.conditioner is None:
             return labels, {}
-        from .text import draw_prompts
+        from sidfast.models.text import draw_prompts
 
         return labels, to_device(self.conditioner.condition(draw_prompts(self.prompts, batch)), self.device)
 

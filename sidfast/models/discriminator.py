@@ -31,7 +31,7 @@ Default taps (``default_layer``), searched through the wrappers (``Denoiser``, `
 Anything else: name the module by its dotted path (``--disc-layer model.enc.8x8_block3``), relative to the
 denoiser or to any network it wraps; ``path:input`` taps the module's input instead of its output.
 
-With a LoRA fake score in split mode (``sidfast.lora``: one forward over ``[teacher half; fake half]``) the
+With a LoRA fake score in split mode (``sidfast.models.lora``: one forward over ``[teacher half; fake half]``) the
 tap keeps the fake half's logits only (``split``, detected from the LoRA layers' modes by default).
 
 Compile and CUDA graphs: the hook is registered once and never changes, so a compiled caller does not
@@ -52,8 +52,8 @@ import re
 import torch
 from torch import nn
 
-from .denoisers import _modules_of
-from .guidance import nested_condition
+from sidfast.models.denoiser import _modules_of
+from sidfast.guidance import nested_condition
 
 _ENC_ENTRY = re.compile(r"^(\d+)x(\d+)_")
 
@@ -77,7 +77,7 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _network_chain(root: nn.Module) -> list[nn.Module]:
-    """``root`` and the modules it wraps (``sidfast.denoisers._modules_of``), outermost first."""
+    """``root`` and the modules it wraps (``sidfast.models.denoiser._modules_of``), outermost first."""
     return [m for m in _modules_of(root) if isinstance(m, nn.Module)]
 
 
@@ -169,7 +169,7 @@ def logits_of(activation: torch.Tensor) -> torch.Tensor:
 
 
 def _split_mode(root: nn.Module) -> bool:
-    from .lora import lora_layers
+    from sidfast.models.lora import lora_layers
 
     return any(m.mode == "split" for m in lora_layers(root))
 

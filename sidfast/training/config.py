@@ -135,7 +135,7 @@ class TrainConfig:
     precision: str = _t("fp32", "network precision: fp32, bf16 (autocast) or fp16 (autocast); fp32 losses",
                         choices=PRECISIONS)
     device: str = _f("auto", "device: auto, cpu, cuda or cuda:N (auto picks cuda when available)")
-    engine: str = _t("eager", "score networks: eager (plain calls) or fused (sidfast.engine: one batched "
+    engine: str = _t("eager", "score networks: eager (plain calls) or fused (sidfast.engine.scores: one batched "
                               "call, CUDA graphs)", choices=ENGINES)
     fake_score: str = _t("full", "fake score: full (published: a trainable copy of the teacher) or lora "
                                  "(a low-rank update over the teacher's frozen, shared weights: no copy)",
@@ -421,7 +421,7 @@ class TrainConfig:
         """SiD-LSG's (k1, k2 = k3, k4) from ``guidance`` at scale ``cfg``, then the explicit
         ``cfg_fake_train``, ``cfg_fake`` and ``cfg_teacher`` over them
         (``sidfast.guidance.GuidanceScales``)."""
-        from .guidance import PRESETS, GuidanceScales
+        from sidfast.guidance import PRESETS, GuidanceScales
 
         name = self.guidance
         takes_scale = name not in ("none", "zero")

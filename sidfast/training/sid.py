@@ -9,20 +9,21 @@
 
 Samples come from ``generator.rollout`` (k* steps of a few-step generator; one step: x_g = G(sigma_init z,
 sigma_init)). The noise eps of both updates comes from ``torch.randn`` or the fused noising kernel (option
-``noise``, ``noise_source``). ``sidfast.sida.SiDAPhases`` adds SiDA's discriminator and GAN terms.
+``noise``, ``noise_source``). ``sidfast.training.sida.SiDAPhases`` adds SiDA's discriminator and GAN terms.
 """
 from __future__ import annotations
 
 import torch
 
-from . import guidance, reference, runtime
-from .conditioning import Conditioning, joined, split
-from .denoisers import FlowDenoiser
-from .engine import edm_noised
-from .generator import draw_k_star, generator_sigmas, rollout
-from .loss import fake_score_loss, sid_generator_loss
-from .ops import backend
-from .schedules import broadcast
+from sidfast import guidance, reference
+from sidfast.utils import runtime
+from sidfast.training.conditioning import Conditioning, joined, split
+from sidfast.models.denoiser import FlowDenoiser
+from sidfast.engine.scores import edm_noised
+from sidfast.generator import draw_k_star, generator_sigmas, rollout
+from sidfast.loss import fake_score_loss, sid_generator_loss
+from sidfast.ops import backend
+from sidfast.schedules import broadcast
 
 
 def noise_source(option: str, x: torch.Tensor) -> str:

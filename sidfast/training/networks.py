@@ -1,7 +1,7 @@
 """The networks of one SiD run and what their data looks like (``docs/math.md``, "Published recipe").
 
 The teacher is frozen in eval mode; the generator and the fake score are trainable copies of it unless given.
-Either may instead be low-rank updates over the teacher's own frozen weights (``sidfast.lora``: options
+Either may instead be low-rank updates over the teacher's own frozen weights (``sidfast.models.lora``: options
 ``fake_score`` / ``generator`` lora, rank ``lora_rank``). The generator's EMA starts as a copy of the
 generator; a LoRA generator's EMA shares the same frozen weights and holds its own copy of the factors.
 """
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .denoisers import Denoiser, DiffusersDenoiser, as_denoiser, infer_image_shape, infer_num_classes
-from .lora import LoRAFakeScore, LoRAGenerator, lora_parameters
+from sidfast.training.config import TrainConfig
+from sidfast.models.denoiser import (Denoiser, DiffusersDenoiser, as_denoiser, infer_image_shape,
+    infer_num_classes)
+from sidfast.models.lora import LoRAFakeScore, LoRAGenerator, lora_parameters
 
 
 @dataclass
@@ -96,7 +97,7 @@ def ema_copy(generator: nn.Module) -> nn.Module:
 
 
 def load_lora_factors(net: nn.Module, state: dict, what: str) -> None:
-    """Load ``state``, the LoRA factors of a checkpoint (``sidfast.lora.lora_state_dict``), into the LoRA
+    """Load ``state``, the LoRA factors of a checkpoint (``sidfast.models.lora.lora_state_dict``), into the LoRA
     network ``net``; ValueError unless they are exactly its factors (the rest of ``net`` is the teacher's)."""
     missing, unexpected = net.load_state_dict(state, strict=False)
     lora_missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
@@ -109,7 +110,7 @@ def init_from_sid(generator: nn.Module, generator_ema: nn.Module, data: dict, pa
     """SiD2A's start (Zhou et al., ICLR 2025): G and its EMA both take the EMA generator of a SiD run, the
     distill checkpoint ``data`` read from ``path`` (``--init-generator``), as the published loop loads them.
     A LoRA generator starts from the factors of a LoRA generator's run (a full generator has no factors)."""
-    from .checkpoint import CheckpointError
+    from sidfast.models.io import CheckpointError
 
     lora = isinstance(generator, LoRAGenerator)
     kind = (data.get("config") or {}).get("generator", "full")

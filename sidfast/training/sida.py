@@ -2,8 +2,8 @@
 ``docs/math.md``, "SiDA losses").
 
 The fake-score update also trains the fake score's own encoder as a discriminator between real images
-(``sidfast.data.RealData``) and generator samples given the same sigma and noise; the generator update adds a
-GAN term whose logits come from the fake-score forward it already runs (``sidfast.discriminator``). SiD2A
+(``sidfast.training.data.RealData``) and generator samples given the same sigma and noise; the generator update adds a
+GAN term whose logits come from the fake-score forward it already runs (``sidfast.models.discriminator``). SiD2A
 starts the generator from a SiD run's EMA generator (``read_init_generator``).
 """
 from __future__ import annotations
@@ -13,18 +13,19 @@ import inspect
 import torch
 from torch import nn
 
-from . import reference, runtime
-from .augment import AugmentPipe
-from .checkpoint import CheckpointError, load_checkpoint
-from .data import RealData
-from .denoisers import _modules_of, format_labels
-from .discriminator import DiscriminatorPass, DiscriminatorTap
-from .engine import edm_noised
-from .loss import fake_score_loss, sida_discriminator_loss, sida_generator_loss
-from .networks import init_from_sid
-from .ops.noise import regenerate_noise
-from .phases import SiDPhases, noise_source
-from .schedules import broadcast
+from sidfast import reference
+from sidfast.utils import runtime
+from sidfast.training.augment import AugmentPipe
+from sidfast.models.io import CheckpointError, load_checkpoint
+from sidfast.training.data import RealData
+from sidfast.models.denoiser import _modules_of, format_labels
+from sidfast.models.discriminator import DiscriminatorPass, DiscriminatorTap
+from sidfast.engine.scores import edm_noised
+from sidfast.loss import fake_score_loss, sida_discriminator_loss, sida_generator_loss
+from sidfast.training.networks import init_from_sid
+from sidfast.ops.noise import regenerate_noise
+from sidfast.training.sid import SiDPhases, noise_source
+from sidfast.schedules import broadcast
 
 # SiDA's generator loss once the GAN term is on: SIDA_MIX * loss_scale_g * L_sid + (1 - SIDA_MIX) *
 # loss_scale_gan * L_gan (published 0.5 / 0.5); and the value the fake score's gradients are clipped to.

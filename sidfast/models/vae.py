@@ -4,7 +4,7 @@ teacher denoises) as images in [-1, 1].
 The latents a pipeline's denoiser models are the VAE's, shifted and scaled: ``z = (vae_latent - shift) *
 scaling`` (``vae/config.json``: ``scaling_factor``, and ``shift_factor`` for SD3 and FLUX, 0 otherwise), so
 an image is ``vae.decode(z / scaling + shift)``, as diffusers' pipelines decode. FLUX's denoiser packs 2x2
-latent patches internally (``sidfast.denoisers.FlowDenoiser``): its samples are unpacked latents already.
+latent patches internally (``sidfast.models.denoiser.FlowDenoiser``): its samples are unpacked latents already.
 The decoder runs in float32 (SDXL's VAE overflows in fp16, which its pipeline avoids by upcasting too).
 """
 from __future__ import annotations

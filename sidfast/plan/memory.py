@@ -1,7 +1,7 @@
 """Per-GPU memory of a SiD run, predicted before renting GPUs (``docs/plan.md``).
 
 A run holds the frozen teacher, the trainable generator and fake score (copies of the teacher, or
-low-rank updates over its shared weights, ``sidfast.lora``), two Adam optimizers (two fp32 moments and a
+low-rank updates over its shared weights, ``sidfast.models.lora``), two Adam optimizers (two fp32 moments and a
 step count per trainable tensor) and the generator's EMA. ``plan_memory`` counts those bytes exactly
 from the parameter shapes, divides what FSDP2 shards by the number of GPUs, and adds the activations
 of the two SiD phases, measured as the bytes of the tensors autograd saves for backward during the
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import add_lora, lora_parameters
+from sidfast.models.lora import add_lora, lora_parameters
 
 GIB = 1024 ** 3
 PRECISIONS = ("fp32", "bf16", "bf16-params")
@@ -119,7 +119,7 @@ class KnownDenoiser(nn.Module):
 # ---- static bytes: weights, gradients, Adam, EMA ----
 
 def lora_parameter_shapes(net: nn.Module, rank: int) -> list[tuple]:
-    """The shapes of the ``lora_A``/``lora_B`` factors ``sidfast.lora.add_lora(net, rank)`` creates, read off
+    """The shapes of the ``lora_A``/``lora_B`` factors ``sidfast.models.lora.add_lora(net, rank)`` creates, read off
     the layers it builds (on the meta device for the published models: no memory is allocated)."""
     return [tuple(p.shape) for p in lora_parameters(add_lora(net, rank))]
 
@@ -148,7 +148,7 @@ class NetworkMemory:
 
 def _static(teacher: nn.Module, fake: str, generator: str, rank: int, precision: str, sharding: str,
             gpus: int, shard_teacher: bool) -> list[NetworkMemory]:
-    """Per-GPU bytes of the teacher, generator (+ EMA) and fake score, as ``sidfast.networks.build_networks``
+    """Per-GPU bytes of the teacher, generator (+ EMA) and fake score, as ``sidfast.training.networks.build_networks``
     and the trainer's two ``torch.optim.Adam`` hold them."""
     shapes = [tuple(p.shape) for p in teacher.parameters()]
     weight_bytes = teacher_bytes = next(teacher.parameters()).element_size()
@@ -333,7 +333,7 @@ class ActivationMeter:
             sigma = torch.ones(b, device=self.device)
             labels = None
             if self.num_classes:
-                from .denoisers import draw_labels
+                from sidfast.models.denoiser import draw_labels
                 labels = draw_labels(b, self.num_classes, self.label_format, self.device)
             with count_saved(checkpoint_units(net), exclude) as r:
                 net(x, sigma, labels)
@@ -421,7 +421,7 @@ def plan_memory(teacher=None, *, model: str | None = None, resolution: int | Non
     """Predict the per-GPU memory of a SiD run.
 
     Args:
-        teacher: a ``Denoiser`` (what ``sidfast.loading.load_teacher`` returns), or None with ``model``.
+        teacher: a ``Denoiser`` (what ``sidfast.models.loading.load_teacher`` returns), or None with ``model``.
         model: a published model by name (``KNOWN_MODELS``), built on the meta device.
         resolution: pixels per side (known models: required; a local teacher: default its own image size).
         batch: samples per GPU per micro-batch. gpus: GPUs the run uses. sharding: "fsdp" (FSDP2: weights,
@@ -446,7 +446,7 @@ def plan_memory(teacher=None, *, model: str | None = None, resolution: int | Non
         shape = teacher.sample_shape(resolution)
         num_classes, label_format = 0, "index"
     else:
-        from .denoisers import DiffusersDenoiser, infer_image_shape, infer_num_classes
+        from sidfast.models.denoiser import DiffusersDenoiser, infer_image_shape, infer_num_classes
 
         shape = infer_image_shape(teacher)
         if shape is None:

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import CheckpointError, build_network, import_entry_point, load_checkpoint
+from sidfast.models.io import CheckpointError, build_network, import_entry_point, load_checkpoint
 
 
 def _check_readable(path: Path, what: str) -> None:
@@ -29,7 +29,7 @@ def _pipeline_index(path: Path) -> dict:
 
 def _load_diffusers_teacher(path: Path, source: str, with_conditioner: bool, guidance):
     """(denoiser, TextConditioner or None) of a diffusers model or pipeline directory."""
-    from . import denoisers, text
+    from sidfast.models import denoiser as denoisers, text
 
     try:
         import diffusers  # noqa: F401
@@ -78,12 +78,12 @@ def load_teacher(source: str, with_conditioner: bool = False, guidance: float | 
     A diffusers directory is a model directory or a pipeline directory (``model_index.json``): ``unet/`` with
     a VP scheduler (``DiffusersDenoiser``) or ``transformer/`` with a flow-matching one (``FlowDenoiser``;
     ``guidance`` is the scale a guidance-distilled FLUX embeds). A text-to-image pipeline
-    (``sidfast.text.PIPELINES``) also needs its text side: with ``with_conditioner`` the result is
+    (``sidfast.models.text.PIPELINES``) also needs its text side: with ``with_conditioner`` the result is
     (denoiser, architecture, ``TextConditioner`` or None), and without it such a pipeline is an error.
     The architecture (``{"builder", "config"}``) is known for network checkpoints only. Errors are
     ``CheckpointError`` naming ``--teacher``.
     """
-    from . import denoisers
+    from sidfast.models import denoiser as denoisers
 
     if not isinstance(source, str) or not source:
         raise CheckpointError("--teacher is required: a sidfast checkpoint, a diffusers directory or "
@@ -147,7 +147,7 @@ def build_generator(data: dict, path, teacher: str | None = None, with_condition
     with_conditioner: return (generator, the teacher's ``TextConditioner`` or None), for a text-to-image
     student's prompts.
     """
-    from . import denoisers
+    from sidfast.models import denoiser as denoisers
 
     config = data.get("config") or {}
     if config.get("generator") == "lora":
@@ -166,11 +166,11 @@ def build_generator(data: dict, path, teacher: str | None = None, with_condition
 
 def _lora_generator(data: dict, path, teacher: str | None, rank: int):
     """(the EMA generator of a run with ``generator="lora"``, the teacher's TextConditioner or None): its
-    factors over the teacher's weights, merged into a plain network (``sidfast.lora.merge_lora``) that owns
+    factors over the teacher's weights, merged into a plain network (``sidfast.models.lora.merge_lora``) that owns
     its weights, as a sampler may move it."""
-    from . import denoisers
-    from .lora import merge_lora
-    from .networks import load_lora_factors, lora_generator
+    from sidfast.models import denoiser as denoisers
+    from sidfast.models.lora import merge_lora
+    from sidfast.training.networks import load_lora_factors, lora_generator
 
     net, conditioner = _teacher_network(data, path, teacher)
     net = denoisers.as_denoiser(net, name="teacher")

@@ -1,7 +1,7 @@
 """Low-rank (LoRA) networks over a frozen network's shared weights: the LoRA fake score and generator.
 
 The SiD fake score starts as a copy of the teacher (``docs/math.md``, "Published recipe"). Here it is
-instead the teacher's own weights, shared (never copied) and frozen (``sidfast.views.frozen_view``), plus
+instead the teacher's own weights, shared (never copied) and frozen (``sidfast.models.views.frozen_view``), plus
 a trainable low-rank update of every layer's ``weight`` (Hu et al. 2021, eq. 3: ``W' = W + (alpha / r) B A``,
 ``B`` zero-initialised so the fake score starts equal to the teacher). This removes a full network copy
 and its optimizer state. The same construction over the generator's network is the LoRA generator.
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .denoisers import Denoiser, as_denoiser
-from .views import frozen_view, same_storage
+from sidfast.models.denoiser import Denoiser, as_denoiser
+from sidfast.models.views import frozen_view, same_storage
 
 LORA_LAYER_MODES = ("on", "off", "split")
 
@@ -249,7 +249,7 @@ def add_lora(net: nn.Module, rank: int = 64, alpha: float | None = None, dropout
     """A new module tree: ``net``'s weights shared and frozen (``frozen_view``), LoRA on the targeted layers.
 
     Args:
-        net: the network (any nn.Module, e.g. a ``sidfast.denoisers.Denoiser``); it is not modified.
+        net: the network (any nn.Module, e.g. a ``sidfast.models.denoiser.Denoiser``); it is not modified.
         rank: r (clamped per layer to the layer's smaller side); alpha: scale numerator (default r, scale 1).
         dropout: dropout on the LoRA branch's input, active in training mode (the shared base runs as in
             ``net``: keep the teacher in eval mode, its dropout cannot apply to the fake half only). Only
@@ -334,7 +334,7 @@ class LoRADenoiser(Denoiser):
                  what: str = "net"):
         super().__init__(name)
         if not isinstance(net, Denoiser):
-            raise TypeError(f"{what} must be a sidfast.denoisers.Denoiser, got {type(net).__name__}")
+            raise TypeError(f"{what} must be a sidfast.models.denoiser.Denoiser, got {type(net).__name__}")
         self.net = add_lora(net, rank, alpha, dropout, targets, mode="on")
         self.net.name = name
         self.train(True)
@@ -412,7 +412,7 @@ def fake_score_over(teacher, fake, mode: str, channels_last: bool = False, lora_
     else:
         if not isinstance(fake, LoRAFakeScore):
             raise ValueError("mode='lora' takes fake=None (the engine builds the LoRA fake score) or a "
-                             f"sidfast.lora.LoRAFakeScore over this teacher, got {type(fake).__name__}")
+                             f"sidfast.models.lora.LoRAFakeScore over this teacher, got {type(fake).__name__}")
         base = [p for n, p in fake.net.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
         if not same_storage(base, list(teacher.parameters())):
             raise ValueError("fake is a LoRAFakeScore over another network: its frozen weights are not "

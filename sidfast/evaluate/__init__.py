@@ -1,0 +1,1 @@
+"""Measuring and shipping a student: FID, the teacher-feature distance, reference statistics, export."""

@@ -1,0 +1,1 @@
+"""Plumbing below every layer: devices, processes, seeds, autocast, signals and the console."""
