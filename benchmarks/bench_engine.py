@@ -44,7 +44,7 @@ class TrainerSiD:
     def __init__(self, config: str, batch: int, device, fake_score: str = "full", precision: str = "bf16",
                  compile: bool = True, noise: str = "auto"):
         from sidfast.training.sid import noise_source
-        from sidfast.training.loop import TrainConfig, _Trainer
+        from sidfast.training.loop import TrainConfig, Distiller
 
         teacher, fake, G = make_networks(config, torch.device(device))
         if fake_score == "lora":
@@ -55,7 +55,7 @@ class TrainerSiD:
                           engine="fused", fake_score=fake_score, compile=compile, progress=False,
                           grid_size=0, teacher_steps=0, checkpoint_every=0, sample_every=0, iterations=1,
                           noise=noise)
-        self.trainer = _Trainer(cfg, teacher, G, fake, callbacks=None, architecture=None)
+        self.trainer = Distiller(cfg, teacher, G, fake)
         self.noise = noise_source(noise, torch.empty(0, device=device))
 
     def step(self):

@@ -349,5 +349,26 @@ def null_labels(num_classes: int, label_format: str, device=None,
     raise ValueError(f"label_format must be 'onehot' or 'index', got {label_format!r}")
 
 
+# ---- the two forms of a condition ----
+
+def joined(labels, cond: dict):
+    """The condition in ``guided``'s form: the labels alone, or the keywords with the labels as
+    "class_labels"."""
+    if not cond:
+        return labels
+    out = dict(cond)
+    if labels is not None:
+        out["class_labels"] = labels
+    return out
+
+
+def split(condition) -> tuple:
+    """(labels, keyword conditions) of a condition in ``guided``'s form."""
+    if isinstance(condition, dict):
+        cond = dict(condition)
+        return cond.pop("class_labels", None), cond
+    return condition, {}
+
+
 __all__ = ["GuidanceScales", "PRESETS", "CONDITION_DROPOUT", "guided", "drop_condition", "null_labels",
-           "expand_null", "stack_conditions", "call"]
+           "expand_null", "stack_conditions", "call", "joined", "split"]

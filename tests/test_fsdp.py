@@ -80,9 +80,9 @@ def _trainer_state(cfg):
     from test_train import tiny_teacher
 
     from sidfast.utils import runtime
-    from sidfast.training.loop import _Trainer
+    from sidfast.training.loop import Distiller
 
-    t = _Trainer(cfg, tiny_teacher(num_classes=3), None, None, (), None)
+    t = Distiller(cfg, tiny_teacher(num_classes=3))
     out = {"G": _full(t.generator), "ema": _full(t.generator_ema), "fake": _full(t.fake),
            "opt_g": _full_optim(t.generator, t.opt_g), "opt_fake": _full_optim(t.fake, t.opt_fake),
            "iteration": t.iteration, "nimg": t.nimg}
@@ -95,7 +95,7 @@ def _two_ranks(rank, init_file, tmp):
     a sharded checkpoint written by 1 process, restored here."""
     join_gloo_group(rank, 2, init_file)
     try:
-        from sidfast.training.loop import _Trainer
+        from sidfast.training.loop import Distiller
 
         out = {}
         captured = {}
@@ -109,20 +109,20 @@ def _two_ranks(rank, init_file, tmp):
 
         import sidfast.training.loop as train_mod
 
-        original_init = train_mod._Trainer.__init__
+        original_init = train_mod.Distiller.__init__
 
         def init(self, *a, **k):
             original_init(self, *a, **k)
             grab.trainer = self
 
-        train_mod._Trainer.__init__ = init
+        train_mod.Distiller.__init__ = init
         for fake_score in ("full", "lora"):
             for mode in ("fsdp", "ddp"):
                 run_dir = os.path.join(tmp, f"{mode}-{fake_score}")
                 out[f"{mode}-{fake_score}"] = _run(_cfg(run_dir, fsdp=mode == "fsdp", fake_score=fake_score),
                                                    callbacks=[grab])
                 out[f"{mode}-{fake_score}-bytes"] = dict(captured)
-        train_mod._Trainer.__init__ = original_init
+        train_mod.Distiller.__init__ = original_init
         # stopped at iteration 2 (its sharded checkpoint is what the 1-process run resumes), then resumed here
         part = os.path.join(tmp, "part")
         out["part"] = _run(_cfg(part, fsdp=True), callbacks=[lambda s: s["iteration"] == 2])

@@ -1,9 +1,13 @@
-"""The score engine: teacher and fake score evaluated together at one noised batch, for both SiD updates:
-``fake_score_forward`` (the fake score at x_t = sg(x_g) + sigma eps, gradients into its parameters) and
-``generator_terms`` (teacher and fake score at x_t = x_g + sigma eps, input gradients only, through frozen
-views of the networks' storage). Mode "full" runs two networks (one CUDA graph on a GPU), mode "lora" one
-forward of the teacher's shared weights over the doubled batch. The design, CUDA graphs, guidance, SiDA's
-logits and the in-kernel noise: ``docs/engine.md``. Everything is in EDM coordinates (``sidfast.models.denoiser``).
+"""The scores of a SiD run: what the trainer asks of teacher and fake score, behind one interface.
+
+Every implementation answers the same four calls, so that a phase's loss never asks which one it holds:
+``fake_score_forward`` (the fake score at x_t = sg(x_g) + sigma eps, gradients into its parameters),
+``generator_terms`` (teacher and fake score at x_t = x_g + sigma eps, input gradients only), and SiDA's
+``fake_score_with_logits`` / ``generator_terms_with_logits`` (the same, with the discriminator's logits).
+``EagerScores`` calls the networks one by one as plain modules (the readable path, and DDP's);
+``ScoreEngine`` evaluates them together over frozen views of their storage (one CUDA graph per phase on a
+GPU; mode "lora": one forward of the teacher's shared weights over the doubled batch; ``docs/engine.md``);
+``PhaseScores`` takes each phase from one of them. Everything is in EDM coordinates.
 """
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sidfast import guidance
 from sidfast import loss as _loss
 from sidfast.utils import runtime
 from sidfast._checks import check_rows
 from sidfast.engine.graphs import MAX_GRAPHS, GraphCache
 from sidfast.engine.guided import guided_function, null_arguments
 from sidfast.models.denoiser import Denoiser, as_denoiser, sigma_per_sample
-from sidfast.models.discriminator import DiscriminatorTap, with_logits
+from sidfast.models.discriminator import DiscriminatorPass, DiscriminatorTap, with_logits
 from sidfast.guidance import flat_condition, nested_condition, path_name
 from sidfast.models.lora import LoRAFakeScore, fake_score_over, lora_parameters, set_lora_mode
 from sidfast.ops.noise import add_noise
@@ -323,4 +328,68 @@ class ScoreEngine:
         return (self.fake.training,)
 
 
-__all__ = ["ScoreEngine", "MODES", "edm_noised"]
+class EagerScores:
+    """The score interface over plain module calls, one network at a time (``ScoreEngine``'s methods and
+    arguments). ``fake_train``: the module the fake-score phase calls (default ``fake``; a DDP wrapper, whose
+    hooks average the fake score's gradients, or a compiled copy); ``precision``: autocast as
+    ``runtime.autocast`` takes it."""
+
+    def __init__(self, teacher, fake, fake_train=None, precision="fp32"):
+        self.teacher = teacher
+        self.fake = fake
+        self.fake_train = fake if fake_train is None else fake_train
+        self.precision = precision
+        self.tap: DiscriminatorTap | None = None
+
+    def _autocast(self, device: torch.device):
+        return runtime.autocast(device, self.precision)
+
+    def fake_score_forward(self, x_t, sigma, labels=None, scale: float = 1.0, null_labels=None,
+                           null_cond: dict | None = None, **cond) -> torch.Tensor:
+        null = guidance.joined(null_labels, null_cond) if null_labels is not None or null_cond else None
+        with self._autocast(x_t.device):
+            return guidance.guided(self.fake_train, x_t, sigma, guidance.joined(labels, cond), null, scale)
+
+    def generator_terms(self, x_g, sigma, labels=None, noise=None, scale_real: float = 1.0,
+                        scale_fake: float = 1.0, null_labels=None, null_cond: dict | None = None, **cond):
+        x_t, _ = edm_noised(x_g, sigma, noise)
+        condition = guidance.joined(labels, cond)
+        null = guidance.joined(null_labels, null_cond) if null_labels is not None or null_cond else None
+        with self._autocast(x_t.device):
+            y_real = guidance.guided(self.teacher, x_t, sigma, condition, null, scale_real)
+            y_fake = guidance.guided(self.fake, x_t, sigma, condition, null, scale_fake)
+        return y_real, y_fake
+
+    def attach_discriminator(self, layer: str | None = None) -> DiscriminatorTap:
+        """Read SiDA's logits off the fake score at ``layer``; the fake-score phase then calls
+        ``DiscriminatorPass(tap)`` (wrap ``fake_train`` around that)."""
+        self.tap = DiscriminatorTap(self.fake, layer)
+        self.fake_train = DiscriminatorPass(self.tap)
+        return self.tap
+
+    def fake_score_with_logits(self, x_t, x_real_t, sigma, labels=None, real_cond: dict | None = None,
+                               **cond):
+        with self._autocast(x_t.device):
+            return self.fake_train(x_t, sigma, labels, x_real_t, real_cond=real_cond, **cond)
+
+    def generator_terms_with_logits(self, x_g, sigma, labels=None, noise=None, **cond):
+        x_t, _ = edm_noised(x_g, sigma, noise)
+        with self._autocast(x_t.device):
+            y_real = self.teacher(x_t, sigma, labels, **cond)
+            y_fake, logits = self.tap.forward_with_logits(x_t, sigma, labels, **cond)
+        return y_real, y_fake, logits
+
+
+class PhaseScores:
+    """The fake-score phase from one implementation and the generator phase from another: under DDP the fake
+    score's update runs through the DDP wrapper (``EagerScores``) while the engine still evaluates the
+    generator phase, whose frozen networks get no gradients to average."""
+
+    def __init__(self, fake_phase, generator_phase):
+        self.fake_score_forward = fake_phase.fake_score_forward
+        self.fake_score_with_logits = fake_phase.fake_score_with_logits
+        self.generator_terms = generator_phase.generator_terms
+        self.generator_terms_with_logits = generator_phase.generator_terms_with_logits
+
+
+__all__ = ["ScoreEngine", "EagerScores", "PhaseScores", "MODES", "edm_noised"]

@@ -3,8 +3,7 @@
 ``Conditioning`` checks once what the teacher takes against what the run was given (a text conditioner,
 ``prompts``, guidance or condition dropout, which need a null condition), then draws the conditions of each
 batch of generator samples. A condition travels in two forms: the trainer's ``(labels, keyword
-conditions)`` pair, and ``guidance.guided``'s single form (the labels alone, or the keywords with the labels
-as "class_labels"); ``joined`` and ``split`` convert between them.
+conditions)`` pair, and ``guidance.guided``'s single form; ``guidance.joined`` and ``guidance.split`` convert.
 """
 from __future__ import annotations
 
@@ -92,22 +91,3 @@ def to_device(cond, device):
     if isinstance(cond, dict):
         return {k: to_device(v, device) for k, v in cond.items()}
     return cond.to(device) if isinstance(cond, torch.Tensor) else cond
-
-
-def joined(labels, cond: dict):
-    """The condition in ``guidance.guided``'s form: the labels alone, or the keywords with the labels as
-    "class_labels"."""
-    if not cond:
-        return labels
-    out = dict(cond)
-    if labels is not None:
-        out["class_labels"] = labels
-    return out
-
-
-def split(condition) -> tuple:
-    """(labels, keyword conditions) of a condition in ``guidance.guided``'s form."""
-    if isinstance(condition, dict):
-        cond = dict(condition)
-        return cond.pop("class_labels", None), cond
-    return condition, {}

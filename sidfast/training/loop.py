@@ -23,26 +23,57 @@ from typing import Callable
 
 import torch
 
-from sidfast.utils import runtime
-from sidfast.training.config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
-from sidfast.training.networks import build_networks
-from sidfast.training.sid import SiDPhases
-from sidfast.training.report import DistillResult, run_summary, save_grid
-from sidfast.training.state import load_distill, read_distill, resume_source, save_distill, teacher_reference
-from sidfast.utils.runtime import resolve_device, seed_everything
+from sidfast.engine.scores import EagerScores, PhaseScores, ScoreEngine
+from sidfast.models.discriminator import DiscriminatorPass
 from sidfast.samplers import grid_samples
+from sidfast.training.config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
+from sidfast.training.networks import build_networks, init_from_sid
+from sidfast.training.report import MetricsLog, plot_losses, read_metrics, run_summary, save_grid, summary_table
 from sidfast.training.sharding import shard_run
+from sidfast.training.sid import MicroBatch, SiDPhases
 from sidfast.training.sida import SIDA_METRICS, SiDAPhases, read_init_generator
+from sidfast.training.state import load_distill, read_distill, resume_source, save_distill, teacher_reference
 from sidfast.training.updates import _nan_to_num_, ema_beta, lr_factor, sanitize_grads, update_ema
+from sidfast.utils import runtime
+from sidfast.utils.runtime import resolve_device, seed_everything
 
 METHOD_NAMES = {"sid": "SiD", "sida": "SiDA", "sid2a": "SiD2A"}
 
 
-class _Trainer:
-    """The networks, optimizers and counters of one SiD run, and its iteration (``step``)."""
+@dataclasses.dataclass
+class DistillResult:
+    """What ``distill`` returns: the trained networks, where the run stopped and why, its summary."""
 
-    def __init__(self, cfg: TrainConfig, teacher, generator, fake, callbacks, architecture, data=None,
-                 conditioner=None):
+    generator: torch.nn.Module
+    generator_ema: torch.nn.Module
+    fake: torch.nn.Module
+    iteration: int
+    nimg: int
+    seconds: float
+    interrupted: str | None  # None, "SIGINT", "SIGTERM" or "callback"
+    checkpoint: Path | None
+    run_dir: Path
+    summary: dict
+    last: dict  # the last metrics record
+
+
+class Distiller:
+    """One SiD (SiDA, SiD2A) run that a loop drives: ``step()`` runs one iteration, the fake-score update,
+    the generator update and the EMA, and returns ``(loss_g, loss_fake)``. ``distill()`` drives it with
+    logging, grids, checkpoints and signals; a trainer of its own may instead call ``step()`` itself::
+
+        d = Distiller(TrainConfig(batch=64, device="cuda"), teacher)
+        while d.nimg < 10_000_000:
+            loss_g, loss_fake = d.step()
+
+    ``nimg`` and ``iteration`` count the images and iterations seen; ``start_nimg`` starts the run at that
+    image count (the EMA ramp-up, SiDA's gates, the learning-rate cooldown and the few-step k* follow it, as
+    when a published run is resumed from its weights). The networks are ``generator``, ``generator_ema``,
+    ``fake`` and ``teacher``; ``save()`` writes a checkpoint that ``--resume`` continues. Arguments as
+    ``distill``'s."""
+
+    def __init__(self, cfg: TrainConfig, teacher, generator=None, fake=None, *, data=None, conditioner=None,
+                 callbacks=(), architecture: dict | None = None, start_nimg: int | None = None):
         cfg.validate()
         cfg.check_method()
         self.cfg = cfg
@@ -56,12 +87,21 @@ class _Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_path = self.run_dir / (SHARDED_CHECKPOINT_NAME if cfg.fsdp else CHECKPOINT_NAME)
         self.resume_path = resume_source(cfg, self.run_dir)
+        if start_nimg is not None:
+            if isinstance(start_nimg, bool) or not isinstance(start_nimg, int) or start_nimg < 0:
+                raise ValueError(f"start_nimg must be a non-negative integer (images seen), got {start_nimg!r}")
+            if self.resume_path is not None:
+                raise ValueError(f"start_nimg is for a run that starts from given weights; {cfg.option('resume')}"
+                                 " continues at the checkpoint's own image count")
         # read before any network is touched, so that a bad file costs nothing
         self.state = read_distill(self.resume_path) if self.resume_path else None
         init = read_init_generator(cfg) if self.state is None else None
 
         # Build the networks (sharded in place under FSDP, before the optimizers take their parameters).
-        nets = build_networks(cfg, teacher, generator, fake, self.device)
+        # LoRA factors start from the run's seed, not from whatever the global generator holds.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            nets = build_networks(cfg, teacher, generator, fake, self.device)
         self.generator = nets.generator
         self.generator_ema = nets.generator_ema
         self.fake = nets.fake
@@ -72,20 +112,25 @@ class _Trainer:
         self.g_params = nets.trainable(self.generator)
         self.fake_params = nets.trainable(self.fake)
         self.batch_rank, self.batch_gpu, self.rounds = cfg.split_batch(self.dist.world)
+        if init is not None:  # SiD2A: generator and EMA start from a SiD run's EMA generator
+            init_from_sid(self.generator, self.generator_ema, init, cfg.init_generator)
 
-        # The recipe: guidance, conditions, the teacher's loss conventions; SiDA's real images, SiD2A's start.
+        # The recipe: guidance, conditions, the teacher's loss conventions; SiDA's real images.
+        batch = MicroBatch(self.batch_gpu, tuple(self.image_shape), self.device, self.num_classes,
+                           self.label_format, self.rounds)
         if cfg.adversarial:
-            self.phases = SiDAPhases(self, conditioner, data, init)
+            self.phases = SiDAPhases(cfg, self.teacher, self.fake, batch, conditioner, data,
+                                     self.dist.rank, self.dist.world)
         else:
-            self.phases = SiDPhases(self, conditioner, data)
+            self.phases = SiDPhases(cfg, self.teacher, batch, conditioner, data)
 
         # Set up the optimizers and random streams, then restore a checkpoint over them.
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA
         adam = dict(betas=cfg.betas, eps=cfg.optimizer_eps, **fused)
         self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, **adam)
         self.opt_fake = torch.optim.Adam(self.fake_params, lr=cfg.fake_lr or cfg.lr, **adam)
-        self.iteration = 0
-        self.nimg = 0
+        self.nimg = start_nimg or 0
+        self.iteration = self.nimg // cfg.batch
         seed_everything(cfg.seed, self.dist.rank, self.dist.world)
         # before DDP copies rank 0's weights to every rank; under FSDP into the shards (DCP reads each rank's
         # part, whatever the number of processes that wrote the checkpoint)
@@ -97,31 +142,40 @@ class _Trainer:
         self._wrap_networks()
 
     def _wrap_networks(self) -> None:
-        """The score engine, DDP wrappers and torch.compile around the networks the optimizers update."""
+        """The score interface, DDP wrappers and torch.compile around the networks the optimizers update."""
         cfg = self.cfg
-        self.engine = None
+        self.generator_train = self.generator
+        self.generator_sample = self.generator
+        eager = EagerScores(self.teacher, self.fake, precision=cfg.precision)
+        engine = None
         if cfg.engine == "fused":
-            from sidfast.engine.scores import ScoreEngine
-
             # teacher and fake score evaluated together over frozen views of the same storage (CUDA graphs on
             # GPU); a LoRA fake score runs as one forward of the shared weights over the doubled batch
-            amp_dtype = runtime.AUTOCAST_DTYPES[cfg.precision]
-            self.engine = ScoreEngine.over(self.teacher, self.fake, amp_dtype=amp_dtype, compile=cfg.compile)
-        self.generator_train = self.generator
+            engine = ScoreEngine.over(self.teacher, self.fake, amp_dtype=runtime.AUTOCAST_DTYPES[cfg.precision],
+                                      compile=cfg.compile)
         self.fake_train = self.fake
-        if cfg.adversarial:  # one module call for f_psi, D_fake and D_real
-            self.fake_train = self.phases.discriminator_pass(self.engine)
+        if cfg.adversarial:  # SiDA: one module call for f_psi, D_fake and D_real
+            tap = (engine or eager).attach_discriminator(cfg.disc_layer)
+            self.fake_train = DiscriminatorPass(tap)
+            eager.tap = tap
         if self.dist.enabled and not cfg.fsdp:
             self.generator_train = runtime.ddp(self.generator, self.device)
             self.fake_train = runtime.ddp(self.fake_train, self.device)
-        self.generator_sample = self.generator
         self.nan_to_num = None
         if cfg.compile:  # the generator's train and no-grad specializations, and the eager fake-score path
             self.generator_train = torch.compile(self.generator_train)
             self.generator_sample = torch.compile(self.generator)
-            if self.engine is None or self.dist.enabled:
+            if engine is None or self.dist.enabled:
                 self.fake_train = torch.compile(self.fake_train)
             self.nan_to_num = torch.compile(_nan_to_num_)
+        eager.fake_train = self.fake_train
+        # one object answers both phases; under DDP the fake score's update goes through the DDP wrapper
+        if engine is None:
+            self.scores = eager
+        elif self.dist.enabled:
+            self.scores = PhaseScores(fake_phase=eager, generator_phase=engine)
+        else:
+            self.scores = engine
 
     def networks(self) -> dict:
         return {"generator": self.generator, "generator_ema": self.generator_ema, "fake": self.fake}
@@ -129,13 +183,15 @@ class _Trainer:
     def optimizers(self) -> dict:
         return {"opt_g": self.opt_g, "opt_fake": self.opt_fake}
 
-    def save(self, last: dict) -> Path | None:
+    def save(self, last: dict | None = None) -> Path | None:
+        """Write the run's checkpoint (``checkpoint.pt``, or ``checkpoint.dcp`` under FSDP) in ``run_dir``;
+        ``last``: the latest metrics record, kept for the summary of a resumed run."""
         real_data = self.phases.real_data
         return save_distill(self.ckpt_path, self.cfg, self.networks(), self.optimizers(), self.iteration,
                             self.nimg, self.dist, self.device, architecture=self.architecture,
                             image_shape=list(self.image_shape), num_classes=self.num_classes,
                             label_format=self.label_format, gen_steps=self.cfg.gen_steps,
-                            step_spacing=self.cfg.step_spacing, renoise=self.cfg.renoise, last=last,
+                            step_spacing=self.cfg.step_spacing, renoise=self.cfg.renoise, last=last or {},
                             **({"real_data": real_data.state_dict()} if real_data else {}))
 
     # ---- one iteration ----
@@ -147,20 +203,25 @@ class _Trainer:
                 group["lr"] = lr * factor
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration: (loss_g, loss_fake), each the mean over the micro-batches (detached)."""
         cfg = self.cfg
         phases = self.phases
+        scores = self.scores
         phases.begin(self.iteration, self.nimg)
         self.set_learning_rates()
         # Update the fake score (SiDA: and its encoder as the discriminator; gradients clipped as published).
         self.generator.eval()
         self.fake.train()
         loss_fake = self._accumulate(self.fake_params, self.opt_fake, self.fake_train, phases.loss_scale_fake,
-                                     phases.fake_score_loss, clip=phases.clip)
+                                     lambda scale: phases.fake_score_loss(scores, self.generator_sample, scale),
+                                     clip=phases.clip)
         # Update the generator (SiDA: its optimizer steps only after g_start_kimg, as published).
         self.generator.train()
         self.fake.eval()
-        loss_g = self._accumulate(self.g_params, self.opt_g, self.generator_train, phases.loss_scale_g,
-                                  phases.generator_loss, update=phases.updates_generator)
+        loss_g = self._accumulate(
+            self.g_params, self.opt_g, self.generator_train, phases.loss_scale_g,
+            lambda scale: phases.generator_loss(scores, self.generator_train, self.generator_sample, scale),
+            update=phases.updates_generator)
         # Update EMA.
         beta = ema_beta(self.nimg, cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
         update_ema(self.generator_ema, self.generator, beta)
@@ -245,13 +306,12 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     ``conditioner``: the ``sidfast.models.text.TextConditioner`` of a text-to-image teacher
     (``loading.load_teacher(..., with_conditioner=True)``); its prompts come from ``config.prompts``.
     """
-    from sidfast.training.report import MetricsLog, plot_losses, read_metrics, summary_table
-
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a sidfast.training.loop.TrainConfig, got {type(config).__name__}")
     # a teacher given as a path is stored absolute, so that the checkpoint works from any directory
     cfg = dataclasses.replace(config, teacher=teacher_reference(config.teacher)).validate()
-    trainer = _Trainer(cfg, teacher, generator, fake, callbacks, architecture, data, conditioner)
+    trainer = Distiller(cfg, teacher, generator, fake, data=data, conditioner=conditioner, callbacks=callbacks,
+                        architecture=architecture)
     say = log if (log is not None and trainer.rank0) else None
     start_iteration = trainer.iteration
     start_time = time.perf_counter()
@@ -342,7 +402,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
             say(summary_table(rows, f"{METHOD_NAMES[cfg.method]} distillation" + stopped))
     return result
 
-def _result(trainer: _Trainer, seconds: float, start_iteration: int, last: dict, checkpoint, interrupted,
+def _result(trainer: Distiller, seconds: float, start_iteration: int, last: dict, checkpoint, interrupted,
             complete: bool = False) -> DistillResult:
     summary = run_summary(trainer.iteration, trainer.iteration - start_iteration, trainer.nimg, trainer.cfg.batch,
                           seconds, last, trainer.dist.world, trainer.device, checkpoint, interrupted, complete,
@@ -353,5 +413,5 @@ def _result(trainer: _Trainer, seconds: float, start_iteration: int, last: dict,
                          summary=summary, last=last)
 
 
-__all__ = ["TrainConfig", "DistillResult", "distill", "ema_beta", "update_ema", "sanitize_grads",
+__all__ = ["TrainConfig", "Distiller", "DistillResult", "distill", "ema_beta", "update_ema", "sanitize_grads",
            "CHECKPOINT_NAME", "PRECISIONS"]

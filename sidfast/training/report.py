@@ -186,23 +186,6 @@ def plot_losses(records: list[dict], path, keys=LOSS_KEYS) -> Path | None:
         plt.close(fig)
 
 
-@dataclass
-class DistillResult:
-    """What ``sidfast.training.loop.distill`` returns."""
-
-    generator: nn.Module
-    generator_ema: nn.Module
-    fake: nn.Module
-    iteration: int
-    nimg: int
-    seconds: float
-    interrupted: Optional[str]  # None, "SIGINT", "SIGTERM" or "callback"
-    checkpoint: Optional[Path]
-    run_dir: Path
-    summary: dict
-    last: dict  # the last metrics record
-
-
 def run_summary(iteration: int, ran: int, nimg: int, batch: int, seconds: float, last: dict, processes: int,
                 device, checkpoint, interrupted, complete: bool = False, extra_keys=()) -> dict:
     """summary.json of a distill run: counters, speed of this process's part (``ran`` iterations in

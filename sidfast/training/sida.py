@@ -14,18 +14,14 @@ import torch
 from torch import nn
 
 from sidfast import reference
-from sidfast.utils import runtime
 from sidfast.training.augment import AugmentPipe
 from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.training.data import RealData
 from sidfast.models.denoiser import _modules_of, format_labels
-from sidfast.models.discriminator import DiscriminatorPass, DiscriminatorTap
 from sidfast.engine.scores import edm_noised
 from sidfast.loss import fake_score_loss, sida_discriminator_loss, sida_generator_loss
-from sidfast.training.networks import init_from_sid
 from sidfast.ops.noise import regenerate_noise
-from sidfast.training.sid import SiDPhases, noise_source
-from sidfast.schedules import broadcast
+from sidfast.training.sid import MicroBatch, SiDPhases, drop_nan_samples, noise_source
 
 # SiDA's generator loss once the GAN term is on: SIDA_MIX * loss_scale_g * L_sid + (1 - SIDA_MIX) *
 # loss_scale_gan * L_gan (published 0.5 / 0.5); and the value the fake score's gradients are clipped to.
@@ -63,11 +59,11 @@ class SiDAPhases(SiDPhases):
 
     clip = SIDA_CLIP
 
-    def __init__(self, trainer, conditioner, data=None, init: dict | None = None):
-        """``init``: SiD2A's SiD checkpoint (``read_init_generator``), loaded into the generator and its EMA
-        before the real images are opened."""
-        super().__init__(trainer, conditioner)
-        cfg = self.cfg
+    def __init__(self, cfg, teacher, fake, batch: MicroBatch, conditioner=None, data=None, rank: int = 0,
+                 world: int = 1):
+        """``fake``: the fake score (its signature says whether it can be told about augmentation); ``data``:
+        the real images (default option ``data``), of which this process reads share ``rank`` of ``world``."""
+        super().__init__(cfg, teacher, batch, conditioner)
         # SiDA's published recipe: EDM teachers, class labels at most, no guidance
         unsupported = [what for what, on in (("guidance", self.scales.active),
                                              ("text prompts", self.conditioning.prompts),
@@ -79,52 +75,39 @@ class SiDAPhases(SiDPhases):
         # the loss scales are applied inside the losses (the terms have their own)
         self.loss_scale_fake = 1.0
         self.loss_scale_g = 1.0
-        if init is not None:
-            init_from_sid(trainer.generator, trainer.generator_ema, init, cfg.init_generator)
-        self.real_data = self._open_real_data(data)
-        self.augment = self._augment_pipe()
-        self.tap = None
+        self.real_data = self._open_real_data(data, rank, world)
+        self.augment = self._augment_pipe(fake)
         self.nimg = 0
         self._sums: dict = {}  # metrics summed since the last record
         self._summed = 0
 
-    def _open_real_data(self, data) -> RealData:
+    def _open_real_data(self, data, rank: int, world: int) -> RealData:
         """SiDA's real images (``distill(data=...)``, else option ``data``), this rank's share, checked
         against the teacher's image shape and classes."""
         cfg = self.cfg
-        t = self.trainer
+        b = self.batch
         data = cfg.data if data is None else data
         if data is None:
             raise ValueError(f"{cfg.option('method')} {cfg.method} trains on real images: pass "
                              f"{cfg.option('data')} PATH (a folder of images, a dataset.zip, an .npz/.npy or "
                              ".pt file; docs/data.md)")
-        shape = tuple(t.image_shape)
+        shape = tuple(b.image_shape)
         if len(shape) != 3 or shape[0] not in (1, 3):
             raise ValueError(f"{cfg.option('data')}: real images are C x H x W with 1 or 3 channels, but the "
                              f"teacher's samples have shape {shape}")
-        return RealData(data, t.batch_gpu, rank=t.dist.rank, world=t.dist.world, seed=cfg.seed,
-                        shape=shape, num_classes=t.num_classes or None)
+        return RealData(data, b.size, rank=rank, world=world, seed=cfg.seed, shape=shape,
+                        num_classes=b.num_classes or None)
 
-    def _augment_pipe(self) -> AugmentPipe | None:
+    def _augment_pipe(self, fake) -> AugmentPipe | None:
         cfg = self.cfg
         if cfg.augment_p == 0:
             return None
-        if not takes_augment_labels(self.trainer.fake):
+        if not takes_augment_labels(fake):
             raise ValueError(f"{cfg.option('augment_p')} {cfg.augment_p}: the fake score takes no "
                              "augment_labels, so it could not tell augmented images from real ones (EDM's "
                              "augmentation is non-leaking only for networks conditioned on it, e.g. "
                              "augment_dim=9); use 0")
         return AugmentPipe(cfg.augment_p)
-
-    def discriminator_pass(self, engine) -> DiscriminatorPass:
-        """The tap that reads the discriminator's logits off the fake score (the engine's, which it also puts
-        on the generator phase's frozen view), and the fake-score step as one module call, f_psi and D_fake
-        at x_t and D_real at the real images (``DiscriminatorPass``: one forward per DDP backward)."""
-        if engine is not None:
-            self.tap = engine.attach_discriminator(self.cfg.disc_layer)
-        else:
-            self.tap = DiscriminatorTap(self.trainer.fake, self.cfg.disc_layer)
-        return DiscriminatorPass(self.tap)
 
     def begin(self, iteration: int, nimg: int) -> None:
         super().begin(iteration, nimg)
@@ -137,15 +120,14 @@ class SiDAPhases(SiDPhases):
         return self.nimg > self.cfg.g_start_kimg * 1000
 
     # ---- the two updates (docs/math.md, "SiDA losses") ----
-    def fake_score_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def fake_score_loss(self, scores, generator, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The fake-score loss and the discriminator loss L_D of fresh samples and real images given the same
         sigma and noise: (L_psi, scale * (loss_scale_fake L_psi + loss_scale_d L_D))."""
         cfg = self.cfg
-        t = self.trainer
         real, labels = self._real_batch()
         with torch.no_grad():  # published: the generator draws for the real batch's labels
-            x_g, labels, gen_cond = self.generate(t.generator_sample, labels=labels)
-        sigma = reference.edm_training_sigma(t.batch_gpu, cfg.p_mean, cfg.p_std, device=t.device)
+            x_g, labels, gen_cond = self.generate(generator, labels=labels)
+        sigma = reference.edm_training_sigma(self.batch.size, cfg.p_mean, cfg.p_std, device=self.batch.device)
         # the published order: augment x_g, draw the noise, augment the real images
         x_g, cond = self._augmented(x_g)
         cond = {**gen_cond, **cond}
@@ -154,37 +136,23 @@ class SiDAPhases(SiDPhases):
         eps = noise if noise is not None else regenerate_noise(seed, x_g.shape).to(x_g.dtype)
         real, real_cond = self._augmented(real)
         x_real_t, _ = edm_noised(real, sigma, eps)
-        if t.engine is not None and not t.dist.enabled:
-            pred, d_fake, d_real = t.engine.fake_score_with_logits(x_t, x_real_t, sigma, labels, real_cond,
-                                                                  **cond)
-        else:  # DDP: the wrapper's hooks average the fake score's gradients
-            with runtime.autocast(t.device, cfg.precision):
-                pred, d_fake, d_real = t.fake_train(x_t, sigma, labels, x_real_t, real_cond=real_cond,
-                                                    **cond)
+        pred, d_fake, d_real = scores.fake_score_with_logits(x_t, x_real_t, sigma, labels, real_cond, **cond)
         pred = pred.float()
         # published: samples with NaN in x_g, the prediction or either logits are dropped from both losses
         loss_d = sida_discriminator_loss(d_real, d_fake, sigma, cfg.sigma_data, x_g=x_g, y_fake=pred)
-        keep = broadcast(~reference.nan_rows(pred, x_g, d_fake, d_real), x_g)
-        loss = fake_score_loss(torch.where(keep, pred, 0.0), torch.where(keep, x_g, 0.0), noise, 1.0, sigma,
-                               prediction="x0", weighting="edm", sigma_data=cfg.sigma_data,
-                               reduction="batchmean", seed=seed)
+        pred, x0 = drop_nan_samples(pred, x_g, d_fake, d_real)
+        loss = fake_score_loss(pred, x0, noise, 1.0, sigma, prediction="x0", weighting="edm",
+                               sigma_data=cfg.sigma_data, reduction="batchmean", seed=seed)
         self._note(loss_d=loss_d, logit_real=d_real.mean(), logit_fake=d_fake.mean())
         return loss, scale * (cfg.loss_scale_fake * loss + cfg.loss_scale_d * loss_d)
 
-    def generator_loss(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def generator_loss(self, scores, generator, generator_no_grad, scale: float):
         """L_sid and L_gan of fresh samples, the logits from the same fake-score forward as f_psi:
         (L_sid, scale * loss), loss = loss_scale_g L_sid, mixed with loss_scale_gan L_gan once more than
         gan_start_kimg thousand images were seen."""
         cfg = self.cfg
-        t = self.trainer
-        x_g, labels, _, sigma, noise = self.generator_batch()
-        if t.engine is not None:
-            y_real, y_fake, logits = t.engine.generator_terms_with_logits(x_g, sigma, labels, noise=noise)
-        else:
-            x_t, _ = edm_noised(x_g, sigma, noise)
-            with runtime.autocast(t.device, cfg.precision):
-                y_real = t.teacher(x_t, sigma, labels)
-                y_fake, logits = self.tap.forward_with_logits(x_t, sigma, labels)
+        x_g, labels, _, sigma, noise = self.generator_batch(generator, generator_no_grad)
+        y_real, y_fake, logits = scores.generator_terms_with_logits(x_g, sigma, labels, noise=noise)
         loss_sid, loss_gan = sida_generator_loss(y_real.float(), y_fake.float(), x_g, logits, cfg.sid_alpha)
         loss = cfg.loss_scale_g * loss_sid
         if self.nimg > cfg.gan_start_kimg * 1000:
@@ -196,12 +164,12 @@ class SiDAPhases(SiDPhases):
     def _real_batch(self):
         """The next real micro-batch of this rank and its labels in the networks' format (None for an
         unconditional teacher)."""
-        t = self.trainer
+        b = self.batch
         images, idx = next(self.real_data)
-        images = images.to(t.device, non_blocking=True)
-        if not t.num_classes:
+        images = images.to(b.device, non_blocking=True)
+        if not b.num_classes:
             return images, None
-        return images, format_labels(idx.to(t.device), t.num_classes, t.label_format, check=False)
+        return images, format_labels(idx.to(b.device), b.num_classes, b.label_format, check=False)
 
     def _augmented(self, images):
         """EDM's augmentation of ``images`` (a fresh draw per call, as published for the real and the
@@ -214,7 +182,7 @@ class SiDAPhases(SiDPhases):
     def _note(self, **values: torch.Tensor) -> None:
         """Add one micro-batch's metrics (detached, averaged over the micro-batches of an update)."""
         for name, value in values.items():
-            value = value.detach().float() / self.trainer.rounds
+            value = value.detach().float() / self.batch.rounds
             self._sums[name] = value if name not in self._sums else self._sums[name] + value
 
     def take_metrics(self) -> dict:
