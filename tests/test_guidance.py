@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sidfast import guidance, reference
+from sidfast import conditions, guidance, reference
 from sidfast import predictions as P
 from sidfast import reference as R
 from sidfast.guidance import CONDITION_DROPOUT, PRESETS, GuidanceScales, drop_condition, guided, null_labels
@@ -274,8 +274,8 @@ def test_guidance_and_dropout_reach_nested_keyword_tensors():
             "added_cond_kwargs": {"text_embeds": torch.zeros(1, 6, dtype=torch.float64),
                                   "time_ids": cond["added_cond_kwargs"]["time_ids"][:1]}}
     net = NestedKeywords()
-    expanded = guidance.expand_null(cond, null, 3)
-    want = reference.cfg_combine(guidance.call(net, x, 1.0, expanded), guidance.call(net, x, 1.0, cond), 2.0)
+    expanded = conditions.expand_null(cond, null, 3)
+    want = reference.cfg_combine(conditions.call(net, x, 1.0, expanded), conditions.call(net, x, 1.0, cond), 2.0)
     torch.testing.assert_close(guidance.guided(net, x, 1.0, cond, null, 2.0), want, rtol=0, atol=1e-12)
     dropped = guidance.drop_condition(cond, null, 1.0)
     assert torch.equal(dropped["added_cond_kwargs"]["text_embeds"], torch.zeros(3, 6, dtype=torch.float64))

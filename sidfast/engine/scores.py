@@ -18,13 +18,12 @@ from sidfast.engine.graphs import MAX_GRAPHS, GraphCache
 from sidfast.engine.guided import guided_function, null_arguments
 from sidfast.models.denoiser import Denoiser, as_denoiser, sigma_per_sample
 from sidfast.models.discriminator import DiscriminatorTap, with_logits
-from sidfast.guidance import flat_condition, nested_condition, path_name
-from sidfast.models.lora import LoRAFakeScore, fake_score_over, lora_parameters, set_lora_mode
+from sidfast.conditions import flat_condition, nested_condition, path_name
+from sidfast.engine.fake_score import fake_score_over
+from sidfast.models.lora import NETWORK_KINDS as MODES, LoRAFakeScore, lora_parameters, set_lora_mode
 from sidfast.ops.noise import add_noise
 from sidfast.schedules import broadcast
 from sidfast.models.views import FrozenMirror, frozen_view
-
-MODES = ("full", "lora")
 
 
 def _double(t):
@@ -247,7 +246,7 @@ class ScoreEngine:
     def _function(self, phase: str, names: tuple[tuple, ...], has_labels: bool, logits: bool = False,
                   real_names: tuple[tuple, ...] = ()):
         """The phase as a pure tensor function ``f(x_t, sigma, [labels], *cond)`` (compiled if asked; ``names``:
-        the conditioning's paths, ``sidfast.guidance.flat_condition``):
+        the conditioning's paths, ``sidfast.conditions.flat_condition``):
         "fake": the fake score's x0 estimate, with parameter gradients;
         "generator": (y_real, y_fake) over the frozen views, with input gradients only;
         ``logits``: with the discriminator logits as well (``discriminator.with_logits``)."""

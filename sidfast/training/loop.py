@@ -27,10 +27,11 @@ from sidfast.utils import runtime
 from sidfast.training.config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
 from sidfast.training.networks import build_networks
 from sidfast.training.sid import SiDPhases
-from sidfast.training.report import DistillResult, run_summary, save_grid
+from sidfast.training.report import DistillResult, run_summary
+from sidfast.utils.images import save_grid
 from sidfast.training.state import load_distill, read_distill, resume_source, save_distill, teacher_reference
 from sidfast.utils.runtime import resolve_device, seed_everything
-from sidfast.samplers import grid_samples
+from sidfast.training.grids import grid_samples
 from sidfast.training.sharding import shard_run
 from sidfast.training.sida import SIDA_METRICS, SiDAPhases, read_init_generator
 from sidfast.training.updates import _nan_to_num_, ema_beta, lr_factor, sanitize_grads, update_ema

@@ -18,7 +18,7 @@ import torch
 from sidfast import guidance, reference
 from sidfast.utils import runtime
 from sidfast.training.conditioning import Conditioning, joined, split
-from sidfast.models.denoiser import FlowDenoiser
+from sidfast.models.flow import FlowDenoiser
 from sidfast.engine.scores import edm_noised
 from sidfast.generator import draw_k_star, generator_sigmas, rollout
 from sidfast.loss import fake_score_loss, sid_generator_loss

@@ -18,7 +18,8 @@ from sidfast.utils import runtime
 from sidfast.training.augment import AugmentPipe
 from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.training.data import RealData
-from sidfast.models.denoiser import _modules_of, format_labels
+from sidfast.models.introspect import _modules_of
+from sidfast.labels import format_labels
 from sidfast.models.discriminator import DiscriminatorPass, DiscriminatorTap
 from sidfast.engine.scores import edm_noised
 from sidfast.loss import fake_score_loss, sida_discriminator_loss, sida_generator_loss
