@@ -91,47 +91,6 @@ class GuidanceScales:
             raise ValueError(f"guidance preset {name!r} needs k {condition[1]}, got {k}")
         return cls(*scales(k))
 
-    @classmethod
-    def lsg(cls, k: float) -> "GuidanceScales":
-        return cls.preset("lsg", k)
-
-    @classmethod
-    def long(cls, k: float) -> "GuidanceScales":
-        return cls.preset("long", k)
-
-    @classmethod
-    def short(cls, k: float) -> "GuidanceScales":
-        return cls.preset("short", k)
-
-    @classmethod
-    def zero(cls) -> "GuidanceScales":
-        return cls.preset("zero")
-
-    @classmethod
-    def anti(cls, k: float) -> "GuidanceScales":
-        return cls.preset("anti", k)
-
-    @classmethod
-    def parse(cls, spec, option: str = "guidance") -> "GuidanceScales":
-        """Scales from a command-line value: a preset ("none", "zero", "lsg:2", "long:1.5", "short:0.5",
-        "anti:-1") or the four numbers "k1,k2,k3,k4". Errors name ``option``."""
-        if isinstance(spec, GuidanceScales):
-            return spec
-        if not isinstance(spec, str) or not spec.strip():
-            raise ValueError(f"{option} must be a preset or four numbers k1,k2,k3,k4, got {spec!r}")
-        text = spec.strip().lower()
-        try:
-            if "," in text:
-                values = [float(v) for v in text.split(",")]
-                if len(values) != 4:
-                    raise ValueError(f"four numbers k1,k2,k3,k4 are needed, got {len(values)}")
-                return cls(*values)
-            name, _, k = text.partition(":")
-            return cls.preset(name, float(k) if k else None)
-        except ValueError as exc:
-            raise ValueError(f"{option} {spec!r}: {exc} (presets: none, zero, lsg:K, long:K, short:K, "
-                             "anti:K; or k1,k2,k3,k4)") from None
-
     @property
     def active(self) -> bool:
         """Whether any network is guided, i.e. the run needs conditions and the null condition."""
