@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from sidfast import reference
+from sidfast._checks import check_int
 from sidfast.conditions import to_device
 from sidfast.generator import generator_sigmas, sample
 from sidfast.labels import format_labels
@@ -122,8 +123,7 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
     The latents come from one CPU generator seeded with ``seed``, drawn batch after batch.
     """
     for name, value in (("num", num), ("steps", steps), ("batch", batch), ("gen_steps", gen_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"argument {name} must be an integer >= 1, got {value!r}")
+        check_int(f"argument {name}", value, low=1)
     if class_label is not None and not 0 <= class_label < num_classes:
         raise ValueError(f"argument class_label must be in [0, {num_classes}) for this network" if num_classes
                          else "argument class_label given, but the network is unconditional")
