@@ -53,6 +53,14 @@ def check_real(name: str, value, positive: bool = False) -> float:
     return value
 
 
+def check_int(name: str, value, low: int | None = None) -> int:
+    """``value`` as an int: an integer (not a bool) at least ``low``; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
+    return int(value)
+
+
 def check_reduction(reduction) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -22,7 +22,17 @@ import difflib
 import re
 import sys
 
+from sidfast import samplers
+from sidfast.demo.run import add_demo_arguments, run_from_args
+from sidfast.demo.teacher import write_teacher
+from sidfast.models import loading
+from sidfast.models.io import CheckpointError
+from sidfast.models.lora import NETWORK_KINDS
+from sidfast.plan.known import KNOWN_MODELS
+from sidfast.plan.memory import PLAN_PRECISIONS, SHARDINGS, plan_memory, predictions_table
+from sidfast.training.loop import distill
 from sidfast.training.options import add_train_options, config_from_args, option_name
+from sidfast.utils import images, runtime
 
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143, "callback": 1}
@@ -66,8 +76,6 @@ def _device_arg(parser):
 
 
 def _demo_parser(sub) -> None:
-    from sidfast.demo.run import add_demo_arguments
-
     d = _command(sub, "demo", cmd_demo,
                  "train a digits teacher, distill it, compare teacher and one-step student",
                  "The embedded demo: scikit-learn's 8x8 digits, no download.")
@@ -121,12 +129,31 @@ def _sample_parser(sub) -> None:
 
 
 def _plan_parser(sub) -> None:
-    from sidfast.plan.memory import add_plan_arguments
-
     n = _command(sub, "plan", cmd_plan, "predict the per-GPU memory of a distill run before renting GPUs",
                  "Weights, gradients, Adam and EMA counted exactly; activations measured on the meta device "
                  "(docs/plan.md). Give --teacher or --model, or --table for the published models.")
-    add_plan_arguments(n, TEACHER_HELP)
+    add = n.add_argument
+    source = n.add_mutually_exclusive_group(required=True)
+    source.add_argument("--teacher", help=TEACHER_HELP)
+    source.add_argument("--model", choices=list(KNOWN_MODELS),
+                        help="a published model, built without weights")
+    source.add_argument("--table", action="store_true", help="the README table of the published models")
+    add("--resolution", type=int, help="pixels per side (default: the teacher's; required with --model)")
+    add("--batch", type=int, default=1, help="samples per GPU (default: 1)")
+    add("--gpus", type=int, default=1, help="GPUs of the run (default: 1)")
+    add("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GB, 141GiB (default: 80GiB)")
+    add("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (default: 0.1)")
+    add("--sharding", choices=SHARDINGS, default="ddp", help="(default: ddp)")
+    add("--precision", choices=PLAN_PRECISIONS, default="bf16",
+        help="fp32; bf16: fp32 weights under bf16 autocast; bf16-params: FSDP2 mixed precision "
+             "(default: bf16)")
+    add("--fake-score", choices=NETWORK_KINDS, default="full", help="(default: full)")
+    add("--generator", choices=NETWORK_KINDS, default="full", help="(default: full)")
+    add("--lora-rank", type=int, default=64, help="(default: 64)")
+    add("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    add("--no-shard-teacher", dest="shard_teacher", action="store_false",
+        help="replicate the frozen teacher under FSDP")
+    add("--measure-device", default="meta", help="where activations are measured (default: meta)")
 
 
 # ---- commands ----
@@ -134,23 +161,17 @@ def _plan_parser(sub) -> None:
 def _user_error(exc: Exception) -> UserError:
     """A library error for the command line: a checkpoint's message as it is (it names its option), any
     other in command-line words."""
-    from sidfast.models.io import CheckpointError
-
     return UserError(str(exc) if isinstance(exc, CheckpointError) else _cli_message(exc))
 
 
 def _device(spec: str):
-    from sidfast.utils.runtime import resolve_device
-
     try:
-        return resolve_device(spec)
+        return runtime.resolve_device(spec)
     except ValueError as exc:
         raise UserError(f"--device: {exc}") from None
 
 
 def cmd_demo(args) -> int:
-    from sidfast.demo.run import run_from_args
-
     device = _device(args.device)
     try:
         result = run_from_args(args, str(device))
@@ -160,8 +181,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train_teacher(args) -> int:
-    from sidfast.demo.teacher import write_teacher
-
     options = {name: getattr(args, name) for name, _, _ in TEACHER_OPTIONS}
     try:
         write_teacher(args.out, conditional=args.conditional, seed=args.seed, device=_device(args.device),
@@ -172,15 +191,12 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from sidfast.models.loading import load_teacher
-    from sidfast.training.loop import distill
-
     try:
         cfg = config_from_args(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise _user_error(exc) from None
     _device(cfg.device)
-    teacher, architecture, conditioner = load_teacher(cfg.teacher, with_conditioner=True)
+    teacher, architecture, conditioner = loading.load_teacher(cfg.teacher, with_conditioner=True)
     try:
         result = distill(cfg, teacher, architecture=architecture, conditioner=conditioner)
     except ValueError as exc:
@@ -193,12 +209,9 @@ def cmd_distill(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from sidfast.training import report
-    from sidfast import samplers
-
     try:
-        report.check_samples_path(args.out, name="--out")
-        net, options = samplers.from_checkpoint(args.checkpoint, teacher=args.teacher, prompts=args.prompts)
+        images.check_samples_path(args.out, name="--out")
+        net, options = loading.from_checkpoint(args.checkpoint, teacher=args.teacher, prompts=args.prompts)
         device = _device(args.device)
         if "decode" in options:
             options["decode"].to(device)
@@ -207,25 +220,35 @@ def cmd_sample(args) -> int:
             options["gen_steps"] = args.steps
         elif args.steps is not None:
             steps = args.steps
-        images = samplers.sample_images(net.to(device), args.num, steps=steps, seed=args.seed,
-                                        class_label=args.class_label, batch=args.batch, device=device,
-                                        **options)
+        samples = samplers.sample_images(net.to(device), args.num, steps=steps, seed=args.seed,
+                                         class_label=args.class_label, batch=args.batch, device=device,
+                                         **options)
     except ValueError as exc:
         raise UserError(_cli_message(exc)) from None
-    print("wrote " + report.save_samples(images, args.out))
+    print("wrote " + images.save_samples(samples, args.out))
     return 0
 
 
 def cmd_plan(args) -> int:
-    from sidfast.models.loading import load_teacher
-    from sidfast.plan.memory import plan_from_args
-
-    teacher = load_teacher(args.teacher)[0] if args.teacher else None
+    teacher = loading.load_teacher(args.teacher)[0] if args.teacher else None
     try:
-        print(plan_from_args(args, teacher))
+        print(_plan_text(args, teacher))
     except ValueError as exc:
         raise UserError(_cli_message(exc)) from None
     return 0
+
+
+def _plan_text(args, teacher=None) -> str:
+    """The text ``sidfast plan`` prints for its parsed options: the plan of ``teacher`` (loaded from
+    ``--teacher``) or ``--model``, or the table of the published models (``--table``)."""
+    if args.table:
+        return predictions_table()
+    plan = plan_memory(teacher, model=args.model, resolution=args.resolution, batch=args.batch,
+                       gpus=args.gpus, sharding=args.sharding, precision=args.precision,
+                       fake_score=args.fake_score, generator=args.generator, lora_rank=args.lora_rank,
+                       checkpointing=args.checkpointing, gpu_memory=args.gpu_memory, margin=args.margin,
+                       shard_teacher=args.shard_teacher, measure_device=args.measure_device)
+    return plan.format()
 
 
 def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> None:
@@ -243,8 +266,6 @@ def main(argv=None) -> int:
     args, extras = parser.parse_known_args(argv)
     if extras:
         _unrecognized(args.command_parser, extras)
-    from sidfast.models.io import CheckpointError
-
     try:
         return args.handler(args)
     except (UserError, CheckpointError) as exc:
@@ -257,8 +278,6 @@ def main(argv=None) -> int:
 def console_main() -> None:
     """The ``sidfast`` command (and ``python -m sidfast.cli``): ``main`` with the command line, then the end
     of the process (``sidfast.utils.runtime.end_process``: no interpreter teardown after a process group)."""
-    from sidfast.utils import runtime
-
     runtime.end_process(main())
 
 

@@ -15,13 +15,12 @@ trained on the same mixture. Sampling runs all K steps (``sample``).
 """
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import torch
 
 from sidfast import reference
-from sidfast._checks import check_real
+from sidfast._checks import check_int, check_real
 
 RENOISE = ("fresh", "fixed", "ddim")
 SPACINGS = ("linear", "flow")
@@ -30,16 +29,10 @@ _M64 = (1 << 64) - 1
 _K_STAR_SALT = 0x5D1D_F00D  # separates the k* stream from any other stream seeded with the run's seed
 
 
-def _count(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def generator_sigmas(steps: int, sigma_init: float = 2.5, spacing: str = "linear") -> list[float]:
     """The K noise levels sigma_0 = sigma_init > ... > sigma_{K-1} > 0 as Python floats
     (``reference.generator_step_sigmas``): "linear" in sigma, or "flow", linear in t = sigma / (1 + sigma)."""
-    steps = _count("steps", steps)
+    steps = check_int("steps", steps, 1)
     sigma_init = check_real("sigma_init", sigma_init, positive=True)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
@@ -60,9 +53,9 @@ def draw_k_star(steps: int, iteration: int, seed: int) -> int:
     A function of (steps, iteration, seed) only: every process draws the same k* without communicating, a
     resumed run draws what the uninterrupted one did, and no global random state is read or advanced.
     """
-    steps = _count("steps", steps)
-    iteration = _count("iteration", iteration, 0)
-    seed = _count("seed", seed, 0)
+    steps = check_int("steps", steps, 1)
+    iteration = check_int("iteration", iteration, 0)
+    seed = check_int("seed", seed, 0)
     if steps == 1:
         return 1
     key = _splitmix64(_splitmix64(seed ^ _K_STAR_SALT) ^ iteration)
@@ -114,7 +107,7 @@ def rollout(G, z: torch.Tensor, labels, sigmas: Sequence[float], k_star: int, re
     With k* = 1 this is exactly ``G(sigmas[0] * z, sigmas[0], labels)``, the one-step generator.
     """
     sigmas = _check(z, sigmas, renoise)
-    k_star = _count("k_star", k_star)
+    k_star = check_int("k_star", k_star, 1)
     if k_star > len(sigmas):
         raise ValueError(f"k_star ({k_star}) must be at most the number of steps ({len(sigmas)})")
     cond = dict(cond or {})

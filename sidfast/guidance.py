@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sidfast import reference
-from sidfast._checks import check_real, check_same_kind
+from sidfast import conditions, reference
+from sidfast._checks import check_real
 
 # Published probability of replacing a condition by the null one in the fake-score step, used while k1 or
 # k2 is not 1 (Zhou et al., ICLR 2025, SiD-LSG).
@@ -91,47 +91,6 @@ class GuidanceScales:
             raise ValueError(f"guidance preset {name!r} needs k {condition[1]}, got {k}")
         return cls(*scales(k))
 
-    @classmethod
-    def lsg(cls, k: float) -> "GuidanceScales":
-        return cls.preset("lsg", k)
-
-    @classmethod
-    def long(cls, k: float) -> "GuidanceScales":
-        return cls.preset("long", k)
-
-    @classmethod
-    def short(cls, k: float) -> "GuidanceScales":
-        return cls.preset("short", k)
-
-    @classmethod
-    def zero(cls) -> "GuidanceScales":
-        return cls.preset("zero")
-
-    @classmethod
-    def anti(cls, k: float) -> "GuidanceScales":
-        return cls.preset("anti", k)
-
-    @classmethod
-    def parse(cls, spec, option: str = "guidance") -> "GuidanceScales":
-        """Scales from a command-line value: a preset ("none", "zero", "lsg:2", "long:1.5", "short:0.5",
-        "anti:-1") or the four numbers "k1,k2,k3,k4". Errors name ``option``."""
-        if isinstance(spec, GuidanceScales):
-            return spec
-        if not isinstance(spec, str) or not spec.strip():
-            raise ValueError(f"{option} must be a preset or four numbers k1,k2,k3,k4, got {spec!r}")
-        text = spec.strip().lower()
-        try:
-            if "," in text:
-                values = [float(v) for v in text.split(",")]
-                if len(values) != 4:
-                    raise ValueError(f"four numbers k1,k2,k3,k4 are needed, got {len(values)}")
-                return cls(*values)
-            name, _, k = text.partition(":")
-            return cls.preset(name, float(k) if k else None)
-        except ValueError as exc:
-            raise ValueError(f"{option} {spec!r}: {exc} (presets: none, zero, lsg:K, long:K, short:K, "
-                             "anti:K; or k1,k2,k3,k4)") from None
-
     @property
     def active(self) -> bool:
         """Whether any network is guided, i.e. the run needs conditions and the null condition."""
@@ -141,105 +100,6 @@ class GuidanceScales:
     def condition_dropout(self) -> float:
         """Probability of the null condition in the fake-score step: 0.1 while k1 or k2 is not 1, else 0."""
         return CONDITION_DROPOUT if (self.k1 != 1 or self.k2 != 1) else 0.0
-
-
-# ---- conditions ----
-
-def flat_condition(cond: dict) -> dict:
-    """Keyword conditioning as flat ``{path: value}`` entries, a path being the tuple of keys that reaches a
-    value through nested keyword dicts (SDXL's ``added_cond_kwargs``): how guidance pairs each tensor with
-    its null, and how the score engine passes conditioning to compiled functions and captured graphs (whose
-    arguments are tensors, not dicts)."""
-    flat = {}
-    for key, value in cond.items():
-        if isinstance(value, dict):
-            flat.update({(key, *path): v for path, v in flat_condition(value).items()})
-        else:
-            flat[(key,)] = value
-    return flat
-
-
-def nested_condition(paths, values) -> dict:
-    """The keyword conditioning that ``flat_condition`` flattened: ``paths`` and their ``values`` in order."""
-    cond: dict = {}
-    for path, value in zip(paths, values):
-        inner = cond
-        for key in path[:-1]:
-            inner = inner.setdefault(key, {})
-        inner[path[-1]] = value
-    return cond
-
-
-def path_name(path: tuple) -> str:
-    """A flat path as users spell it in errors: ``added_cond_kwargs.time_ids``."""
-    return ".".join(map(str, path))
-
-
-def _tensor_items(cond, what: str):
-    """{key: tensor} of a condition: None stands for the third positional argument (class labels), a path of
-    ``flat_condition`` for a keyword tensor (nested keyword dicts included)."""
-    if isinstance(cond, torch.Tensor):
-        return {None: cond}
-    if isinstance(cond, dict):
-        return {k: v for k, v in flat_condition(cond).items() if isinstance(v, torch.Tensor)}
-    raise TypeError(f"{what} must be a tensor of class labels or a dict of keyword tensors, got "
-                    f"{type(cond).__name__}")
-
-
-def _rows(cond) -> int:
-    items = _tensor_items(cond, "cond")
-    if not items:
-        raise ValueError("cond holds no tensor to take the batch size from")
-    sizes = {t.shape[0] if t.dim() else 0 for t in items.values()}
-    if len(sizes) != 1 or 0 in sizes:
-        raise ValueError(f"every tensor of cond needs one row per sample, got leading sizes {sorted(sizes)}")
-    return sizes.pop()
-
-
-def _null_like(null, like: torch.Tensor, batch: int, key) -> torch.Tensor:
-    """``null`` (1 or B rows) expanded to ``like``'s B rows, after checking it matches ``like``."""
-    name = "null_cond" if key is None else f"null_cond[{path_name(key)!r}]"
-    if not isinstance(null, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor like the condition, got {type(null).__name__}")
-    if null.dim() != like.dim() or null.shape[1:] != like.shape[1:] or null.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must have shape (1 or {batch}, {', '.join(map(str, like.shape[1:]))}) like "
-                         f"the condition, got {tuple(null.shape)}")
-    check_same_kind(name, null, "the condition", like)
-    return null.expand(batch, *like.shape[1:])
-
-
-def _null_items(cond, null_cond, batch: int) -> dict:
-    """{key: null tensor with B rows} for each tensor of ``cond``."""
-    items = _tensor_items(cond, "cond")
-    if isinstance(cond, torch.Tensor):
-        return {None: _null_like(null_cond, cond, batch, None)}
-    if not isinstance(null_cond, dict):
-        raise TypeError(f"null_cond must be a dict like cond (keys {[path_name(k) for k in items]}), got "
-                        f"{type(null_cond).__name__}")
-    nulls = flat_condition(null_cond)
-    missing = [path_name(k) for k in items if nulls.get(k) is None]
-    if missing:
-        raise ValueError(f"null_cond lacks the keys {missing} of cond")
-    return {k: _null_like(nulls[k], v, batch, k) for k, v in items.items()}
-
-
-def _rebuild(cond, tensors: dict):
-    """``cond`` with its tensors replaced by ``tensors`` (same keys; non-tensor entries kept)."""
-    if isinstance(cond, torch.Tensor):
-        return tensors[None]
-    flat = flat_condition(cond)
-    return nested_condition(flat, [tensors.get(k, v) for k, v in flat.items()])
-
-
-def _call(net, x, sigma, cond):
-    """``net(x, sigma[, labels], **keywords)`` as the trainer calls a denoiser."""
-    if cond is None:
-        return net(x, sigma)
-    if isinstance(cond, torch.Tensor):
-        return net(x, sigma, cond)
-    keywords = dict(cond)
-    labels = keywords.pop("class_labels", None)
-    return net(x, sigma, labels, **keywords) if labels is not None else net(x, sigma, **keywords)
 
 
 def _twice(sigma):
@@ -259,29 +119,13 @@ def _need_condition(cond, null_cond, scale: float) -> None:
                          "prompt's embedding)")
 
 
-def expand_null(cond, null_cond, batch: int):
-    """``null_cond`` in ``cond``'s form with ``batch`` rows (non-tensor entries of a dict ``cond`` kept)."""
-    return _rebuild(cond, _null_items(cond, null_cond, batch))
-
-
-def stack_conditions(conds: list):
-    """The conditions ``conds`` (all of one form) concatenated along the batch, for one stacked forward."""
-    items = [_tensor_items(c, "cond") for c in conds]
-    return _rebuild(conds[0], {k: torch.cat([i[k] for i in items], 0) for k in items[0]})
-
-
-def call(denoiser, x, sigma, cond):
-    """``denoiser(x, sigma[, labels], **keywords)`` for a condition in ``guided``'s form (None: none)."""
-    return _call(denoiser, x, sigma, cond)
-
-
 # ---- guided evaluation and condition dropout ----
 
 def guided(denoiser, x: torch.Tensor, sigma, cond, null_cond, scale: float) -> torch.Tensor:
     """The guided output f^k(x, c) = f(x, none) + k * (f(x, c) - f(x, none)) of ``denoiser`` at scale k.
 
-    denoiser: called as ``denoiser(x, sigma[, labels], **keywords)`` (``_call``); x: (B, *F); sigma: what
-    the denoiser takes ((B,), (B, 1, ..., 1), 0-d or a number); cond: class labels or a dict of keyword
+    denoiser: called as ``denoiser(x, sigma[, labels], **keywords)`` (``conditions.call``); x: (B, *F); sigma: what the
+    denoiser takes ((B,), (B, 1, ..., 1), 0-d or a number); cond: class labels or a dict of keyword
     tensors, B rows each (None for an unconditional network, allowed only at k = 1); null_cond: the
     unconditional input in cond's form, 1 or B rows. k = 1 calls ``denoiser(x, sigma, cond)``, k = 0
     ``denoiser(x, sigma, null)``; any other k makes ONE call over the 2B samples [x; x] with conditions
@@ -289,17 +133,17 @@ def guided(denoiser, x: torch.Tensor, sigma, cond, null_cond, scale: float) -> t
     """
     scale = check_real("scale", scale)
     if scale == 1:
-        return _call(denoiser, x, sigma, cond)
+        return conditions.call(denoiser, x, sigma, cond)
     _need_condition(cond, null_cond, scale)
     batch = x.shape[0]
-    if _rows(cond) != batch:
-        raise ValueError(f"cond has {_rows(cond)} rows but x has {batch} samples")
-    nulls = _null_items(cond, null_cond, batch)
+    if conditions.rows(cond) != batch:
+        raise ValueError(f"cond has {conditions.rows(cond)} rows but x has {batch} samples")
+    nulls = conditions.null_items(cond, null_cond, batch)
     if scale == 0:
-        return _call(denoiser, x, sigma, _rebuild(cond, nulls))
-    items = _tensor_items(cond, "cond")
+        return conditions.call(denoiser, x, sigma, conditions.rebuild(cond, nulls))
+    items = conditions.tensor_items(cond, "cond")
     stacked = {k: torch.cat([nulls[k], v], 0) for k, v in items.items()}
-    out = _call(denoiser, torch.cat([x, x], 0), _twice(sigma), _rebuild(cond, stacked))
+    out = conditions.call(denoiser, torch.cat([x, x], 0), _twice(sigma), conditions.rebuild(cond, stacked))
     return reference.cfg_combine(out[:batch], out[batch:], scale)
 
 
@@ -319,15 +163,15 @@ def drop_condition(cond, null_cond, p: float, generator: torch.Generator | None 
         raise ValueError("condition dropout needs a condition and the null condition, got "
                          f"cond={'None' if cond is None else 'given'}, null_cond="
                          f"{'None' if null_cond is None else 'given'} (an unconditional network has none)")
-    batch = _rows(cond)
-    nulls = _null_items(cond, null_cond, batch)
-    items = _tensor_items(cond, "cond")
+    batch = conditions.rows(cond)
+    nulls = conditions.null_items(cond, null_cond, batch)
+    items = conditions.tensor_items(cond, "cond")
     device = next(iter(items.values())).device
     draw_on = generator.device if generator is not None else device
     dropped = (torch.rand(batch, generator=generator, device=draw_on) < p).to(device)
     out = {k: torch.where(dropped.reshape(batch, *([1] * (v.dim() - 1))), nulls[k], v)
            for k, v in items.items()}
-    return _rebuild(cond, out)
+    return conditions.rebuild(cond, out)
 
 
 def null_labels(num_classes: int, label_format: str, device=None,
@@ -349,26 +193,4 @@ def null_labels(num_classes: int, label_format: str, device=None,
     raise ValueError(f"label_format must be 'onehot' or 'index', got {label_format!r}")
 
 
-# ---- the two forms of a condition ----
-
-def joined(labels, cond: dict):
-    """The condition in ``guided``'s form: the labels alone, or the keywords with the labels as
-    "class_labels"."""
-    if not cond:
-        return labels
-    out = dict(cond)
-    if labels is not None:
-        out["class_labels"] = labels
-    return out
-
-
-def split(condition) -> tuple:
-    """(labels, keyword conditions) of a condition in ``guided``'s form."""
-    if isinstance(condition, dict):
-        cond = dict(condition)
-        return cond.pop("class_labels", None), cond
-    return condition, {}
-
-
-__all__ = ["GuidanceScales", "PRESETS", "CONDITION_DROPOUT", "guided", "drop_condition", "null_labels",
-           "expand_null", "stack_conditions", "call", "joined", "split"]
+__all__ = ["GuidanceScales", "PRESETS", "CONDITION_DROPOUT", "guided", "drop_condition", "null_labels"]

@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 
 from sidfast import reference
-from sidfast.training.conditioning import to_device
-from sidfast.models.denoiser import format_labels
+from sidfast._checks import check_int
+from sidfast.conditions import to_device
+from sidfast.generator import generator_sigmas, sample
+from sidfast.labels import format_labels
 
 METHODS = ("heun", "euler")
 
@@ -121,8 +123,7 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
     The latents come from one CPU generator seeded with ``seed``, drawn batch after batch.
     """
     for name, value in (("num", num), ("steps", steps), ("batch", batch), ("gen_steps", gen_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"argument {name} must be an integer >= 1, got {value!r}")
+        check_int(f"argument {name}", value, low=1)
     if class_label is not None and not 0 <= class_label < num_classes:
         raise ValueError(f"argument class_label must be in [0, {num_classes}) for this network" if num_classes
                          else "argument class_label given, but the network is unconditional")
@@ -133,8 +134,6 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
     levels = None
     fresh = None
     if sigma_init is not None and gen_steps > 1:
-        from sidfast.generator import generator_sigmas
-
         levels = generator_sigmas(gen_steps, sigma_init, step_spacing)
         fresh = torch.Generator(device=device).manual_seed(seed + 1)
     outs = []
@@ -147,8 +146,6 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
             idx = torch.full((n,), class_label) if class_label is not None else torch.arange(start, start + n)
             labels = format_labels(idx.to(device) % num_classes, num_classes, label_format)
         if levels is not None:
-            from sidfast.generator import sample
-
             x = sample(net, z.to(_net_dtype(net)), labels, levels, renoise, fresh, cond=conditions).to(z.dtype)
         elif sigma_init is not None:
             x = one_step_sample(net, z, sigma_init, labels, cond=conditions)
@@ -158,79 +155,4 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
     return torch.cat(outs)
 
 
-def grid_samples(net, cfg, image_shape, num_classes: int, label_format: str, device, cond=None,
-                 one_step: bool = True) -> torch.Tensor:
-    """A distill run's sample grid (``cfg``: its ``TrainConfig``): ``cfg.grid_size`` images of the generator
-    (``one_step``; all ``cfg.gen_steps`` steps) or of the teacher (Heun, ``cfg.teacher_steps`` steps), from
-    the same latents and labels at every call."""
-    return sample_images(net, cfg.grid_size, image_shape, cfg.sigma_init if one_step else None,
-                         1 if one_step else cfg.teacher_steps, num_classes, label_format, seed=cfg.seed + 20240,
-                         batch=cfg.grid_size, device=device, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
-                         rho=cfg.rho, gen_steps=cfg.gen_steps, step_spacing=cfg.step_spacing,
-                         renoise=cfg.renoise, cond=cond)
-
-
-def from_checkpoint(path, teacher: str | None = None, prompts=None):
-    """(network, keyword arguments of ``sample_images``) for a sidfast checkpoint: the EMA generator of a
-    distillation checkpoint (the K generator steps it was trained with), or the network of a network
-    checkpoint (a diffusion denoiser).
-
-    teacher: where the teacher of a distillation checkpoint is now (``loading.build_generator``).
-    prompts: a text file of prompts, one per line, for the student of a text-to-image teacher (required
-        there, refused elsewhere): image i gets prompt i mod their number, its embedding from the teacher
-        pipeline's text encoders, and the latents are decoded by the pipeline's VAE (``sidfast.models.vae``).
-    """
-    from sidfast.models import io as checkpoint, loading
-    from sidfast.models.denoiser import as_denoiser
-    from sidfast.models.denoiser import infer_image_shape, infer_num_classes
-
-    data = checkpoint.load_checkpoint(path, ("distill", "network"))
-    if checkpoint.kind_of(data) == "distill":
-        net, conditioner = loading.build_generator(data, path, teacher=teacher, with_conditioner=True)
-        config = data.get("config") or {}
-        text = _text_options(conditioner, prompts, teacher or data.get("teacher"))
-        return net, {**text, "shape": tuple(data["image_shape"]), "sigma_init": float(data.get("sigma_init", 2.5)),
-                     "num_classes": int(data.get("num_classes") or 0),
-                     "label_format": data.get("label_format", "onehot"),
-                     "gen_steps": int(data.get("gen_steps", config.get("gen_steps", 1))),
-                     "step_spacing": data.get("step_spacing", config.get("step_spacing", "linear")),
-                     "renoise": data.get("renoise", config.get("renoise", "fresh"))}
-    if teacher is not None:
-        raise ValueError("argument teacher is for distillation checkpoints; this is a network checkpoint")
-    if prompts is not None:
-        raise ValueError("argument prompts is for students of text-to-image teachers; this is a network "
-                         "checkpoint")
-    net = as_denoiser(checkpoint.build_network(data, path)).eval()
-    shape = infer_image_shape(net)
-    if shape is None:
-        raise ValueError(f"checkpoint {str(path)!r}: cannot tell the image shape of its network")
-    return net, {"shape": shape, "num_classes": infer_num_classes(net)}
-
-
-def _text_options(conditioner, prompts, pipeline) -> dict:
-    """``sample_images``'s ``cond`` (the prompts cycled, embedded by ``conditioner``) and ``decode`` (the
-    pipeline's VAE) for a text-to-image student; nothing for other students."""
-    if conditioner is None:
-        if prompts is not None:
-            raise ValueError("argument prompts is for students of text-to-image teachers; this student's "
-                             "teacher takes no prompts")
-        return {}
-    if prompts is None:
-        raise ValueError("this student's teacher is a text-to-image pipeline: give the prompts to sample, "
-                         "argument prompts FILE (one prompt per line)")
-    from sidfast.models.text import read_prompts
-    from sidfast.models.vae import LatentDecoder
-
-    try:
-        texts = read_prompts(prompts)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"argument prompts: {exc}") from None
-
-    def cond(start: int, n: int) -> dict:
-        return conditioner.condition([texts[(start + i) % len(texts)] for i in range(n)])
-
-    return {"cond": cond, "decode": LatentDecoder.from_pretrained(pipeline)}
-
-
-__all__ = ["edm_sample", "one_step_sample", "sample_images", "grid_samples", "from_checkpoint",
-           "num_evaluations", "METHODS"]
+__all__ = ["edm_sample", "one_step_sample", "sample_images", "num_evaluations", "METHODS"]

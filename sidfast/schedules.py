@@ -126,10 +126,6 @@ class VPSchedule(Schedule):
     def _out_dtype(t: torch.Tensor) -> torch.dtype:
         return t.dtype if t.is_floating_point() else torch.get_default_dtype()
 
-    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        """abar_t in t's dtype (the default dtype for integer t), computed in float64."""
-        return self._alpha_bar64(t).to(self._out_dtype(t))
-
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         abar = self._alpha_bar64(t)
         dt = self._out_dtype(t)

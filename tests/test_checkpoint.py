@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from sidfast.models import io as checkpoint
-from sidfast.models.io import CheckpointError, atomic_save, load_checkpoint, previous_path
+from sidfast.models.io import CheckpointError, load_checkpoint
+from sidfast.utils.files import atomic_save, previous_path, unreadable_path
 
 
 def _distill_like(value):
@@ -143,8 +144,8 @@ def test_an_unreadable_checkpoint_is_set_aside_not_rotated_over_the_previous_one
     atomic_save(_distill_like(3.0), path)
     assert previous_path(path).read_bytes() == good_prev
     assert load_checkpoint(path, "distill")["w"][0] == 3.0
-    assert checkpoint.unreadable_path(path).name == "checkpoint.unreadable.pt"
-    assert checkpoint.unreadable_path(path).read_bytes() == torn
+    assert unreadable_path(path).name == "checkpoint.unreadable.pt"
+    assert unreadable_path(path).read_bytes() == torn
     # a flipped byte inside a stored tensor fails the zip CRC: set aside too, next to the first one
     data = path.read_bytes()
     at = data.index(struct.pack("<3f", 3.0, 3.0, 3.0))
@@ -152,7 +153,7 @@ def test_an_unreadable_checkpoint_is_set_aside_not_rotated_over_the_previous_one
     flipped = path.read_bytes()
     atomic_save(_distill_like(4.0), path)
     assert previous_path(path).read_bytes() == good_prev
-    assert checkpoint.unreadable_path(path).read_bytes() == torn
+    assert unreadable_path(path).read_bytes() == torn
     assert (tmp_path / "checkpoint.unreadable.1.pt").read_bytes() == flipped
     # a readable one rotates as before
     atomic_save(_distill_like(5.0), path)

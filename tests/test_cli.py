@@ -64,7 +64,7 @@ def test_sample_out_is_decided_by_its_suffix(tmp_path, capsys):
 
 def test_sample_reproduces_the_ema_generator(tmp_path, capsys):
     """sample rebuilds the generator from the checkpoint and draws x = G_ema(sigma_init z, sigma_init)."""
-    from sidfast.training.report import to_uint8
+    from sidfast.utils.images import to_uint8
     from sidfast.samplers import one_step_sample
     from test_train import tiny_teacher
 
@@ -357,7 +357,7 @@ def test_guidance_and_few_step_options_map_onto_the_config(tmp_path):
 
 
 def test_guided_few_step_distill_then_sample_runs_its_steps(tmp_path, capsys, monkeypatch):
-    from sidfast import samplers
+    from sidfast.models import loading
 
     run = tmp_path / "run"
     code, _, err = run_main(["distill", "--teacher", "test_guided_train:conditional_teacher",
@@ -365,14 +365,14 @@ def test_guided_few_step_distill_then_sample_runs_its_steps(tmp_path, capsys, mo
                             capsys)
     assert code == 0, err
     calls = []
-    real = samplers.from_checkpoint
+    real = loading.from_checkpoint
 
     def counted(*a, **kw):
         net, options = real(*a, **kw)
         net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
         return net, options
 
-    monkeypatch.setattr(samplers, "from_checkpoint", counted)
+    monkeypatch.setattr(loading, "from_checkpoint", counted)
     images = {}
     for steps in (None, 4, 1):
         extra = [] if steps is None else ["--steps", steps]

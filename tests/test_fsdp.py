@@ -55,9 +55,18 @@ def _run(cfg, **kw):
             "iteration": res.iteration, "nimg": res.nimg, "interrupted": res.interrupted}
 
 
-def _bytes(params, opt) -> dict:
-    from sidfast.training.sharding import local_bytes
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds of ``tensors`` (the local shard of a DTensor, all of a plain tensor)."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
 
+
+def _bytes(params, opt) -> dict:
     states = [v for p in params for k, v in opt.state[p].items() if k != "step"]
     return {"params": local_bytes(params), "grads": local_bytes([p.grad for p in params]),
             "optimizer": local_bytes(states)}
@@ -65,8 +74,6 @@ def _bytes(params, opt) -> dict:
 
 def _frozen_bytes(trainer) -> dict:
     """Bytes of the teacher's weights on this rank, each storage once (a LoRA fake score shares them)."""
-    from sidfast.training.sharding import local_bytes
-
     frozen = [p for net in (trainer.teacher, trainer.fake) for p in net.parameters() if not p.requires_grad]
     seen = {}
     for p in frozen:

@@ -6,7 +6,8 @@ import torch
 
 from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.models.lora import LoRAGenerator, lora_parameters, merge_lora
-from sidfast.samplers import from_checkpoint, sample_images
+from sidfast.models.loading import from_checkpoint
+from sidfast.samplers import sample_images
 from sidfast.training.loop import TrainConfig, distill
 from test_sida_train import sida
 from test_train import assert_bitwise, assert_same_run, quiet, states, stopped_and_resumed, tiny_teacher

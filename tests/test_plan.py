@@ -4,7 +4,10 @@ import math
 import pytest
 import torch
 
+from sidfast.plan import activations as A
+from sidfast.plan import known as K
 from sidfast.plan import memory as P
+from sidfast.plan import static as S
 from sidfast.training.config import TrainConfig
 from sidfast.models.lora import add_lora, lora_parameters
 from sidfast.training.networks import build_networks
@@ -31,8 +34,8 @@ def _storages(tensors) -> dict:
 
 
 def test_known_models_have_their_published_sizes_on_meta():
-    for name, spec in P.KNOWN_MODELS.items():
-        net = P.KnownDenoiser(name)
+    for name, spec in K.KNOWN_MODELS.items():
+        net = K.KnownDenoiser(name)
         params = list(net.parameters())
         assert all(p.is_meta for p in params)
         n = sum(p.numel() for p in params)
@@ -67,20 +70,20 @@ def test_lora_shapes_are_those_add_lora_creates():
     teacher = tiny_teacher()
     for rank in (1, 4, 64):  # 64: clamped to each layer's smaller side
         made = [tuple(p.shape) for p in lora_parameters(add_lora(teacher, rank))]
-        assert P.lora_parameter_shapes(teacher, rank) == made
+        assert S.lora_parameter_shapes(teacher, rank) == made
 
 
 def test_fsdp_divides_every_sharded_tensor():
-    assert P.shard_numel((10, 3), 4, "fsdp") == 3 * 3
-    assert P.shard_numel((10, 3), 4, "ddp") == 30
-    assert P.shard_numel((), 8, "fsdp") == 1
+    assert S.shard_numel((10, 3), 4, "fsdp") == 3 * 3
+    assert S.shard_numel((10, 3), 4, "ddp") == 30
+    assert S.shard_numel((), 8, "fsdp") == 1
     teacher = tiny_teacher()
     one = P.plan_memory(teacher, gpus=1, sharding="fsdp", precision="fp32")
     many = P.plan_memory(teacher, gpus=4, sharding="fsdp", precision="fp32")
     rows = sum(math.ceil(p.shape[0] / 4) * math.prod(p.shape[1:]) for p in teacher.parameters())
     buffers = sum(b.numel() * b.element_size() for b in teacher.buffers())
     assert many.networks[0].weights == 4 * rows + buffers
-    assert many.networks[1].adam == 8 * rows + P.ADAM_STEP_BYTES * len(list(teacher.parameters()))
+    assert many.networks[1].adam == 8 * rows + S.ADAM_STEP_BYTES * len(list(teacher.parameters()))
     assert many.networks[1].weights - buffers < (one.networks[1].weights - buffers) / 4 * 1.2
     ddp = P.plan_memory(teacher, gpus=4, sharding="ddp", precision="fp32")
     assert ddp.ddp_buckets == sum(n.grads for n in ddp.networks) > 0
@@ -148,7 +151,7 @@ def test_flash_attention_stand_in_matches_sdpa_in_float64():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
-    out = P._FlashAttention.apply(q, k, v, None, 0.0, False, None)
+    out = A._FlashAttention.apply(q, k, v, None, 0.0, False, None)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
@@ -158,8 +161,8 @@ def test_flash_attention_stand_in_matches_sdpa_in_float64():
 
 
 def test_units_follow_diffusers_checkpointing():
-    net = P.KnownDenoiser("sd1.5").net
-    units = P.checkpoint_units(net)
+    net = K.KnownDenoiser("sd1.5").net
+    units = A.checkpoint_units(net)
     kinds = {type(u).__name__ for u in units}
     assert kinds == {"ResnetBlock2D", "BasicTransformerBlock"}
     assert len([u for u in units if type(u).__name__ == "ResnetBlock2D"]) == 22  # 8 down, 2 mid, 12 up

@@ -33,9 +33,10 @@ def test_vp_lookup_matches_ddpm_linear_betas():
 
 def test_vp_fractional_t_interpolates():
     vp = VPSchedule.linear(1000)
-    lo, hi = vp.alpha_bar(torch.tensor([10])), vp.alpha_bar(torch.tensor([11]))
-    mid = vp.alpha_bar(torch.tensor([10.5], dtype=torch.float64))
-    torch.testing.assert_close(mid, (lo.double() + hi.double()) / 2, rtol=1e-6, atol=1e-7)
+    def alpha_bar(t):  # a^2 = abar (VP)
+        return vp.coefficients(torch.tensor([t], dtype=torch.float64))[0] ** 2
+
+    torch.testing.assert_close(alpha_bar(10.5), (alpha_bar(10.0) + alpha_bar(11.0)) / 2, rtol=1e-6, atol=1e-7)
 
 
 def test_vp_cosine_is_monotone():

@@ -34,9 +34,19 @@ from sidfast.demo import classifier as clf_mod
 from sidfast.demo import summary
 from sidfast.demo.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_tensors
 from sidfast.demo.frechet import feature_statistics, frechet_distance
+from sidfast.demo.measure import threads_used, timed, write_json
 from sidfast.demo.nets import build_denoiser, count_parameters
-from sidfast.demo.run import BUILDER, DemoConfig, _threads, _timed, _write_json
-from sidfast.demo.teacher import TeacherConfig, train_teacher
+from sidfast.demo.recipe import BUILDER, DemoConfig, TeacherConfig
+from sidfast.demo.teacher import train_teacher
+from sidfast.generator import generator_sigmas, sample
+from sidfast.guidance import guided, null_labels
+from sidfast.labels import format_labels
+from sidfast.models.io import save_network
+from sidfast.samplers import edm_sample
+from sidfast.training.config import TrainConfig
+from sidfast.training.loop import distill
+from sidfast.utils.images import save_grid
+from sidfast.utils.runtime import resolve_device
 
 DEMOS = ("sida", "conditional", "gen-steps")
 LABEL_DROPOUT = 0.1       # the conditional teacher's probability of the null label
@@ -176,15 +186,11 @@ class GuidedTeacher(nn.Module):
 
     def __init__(self, net: nn.Module, scale: float, num_classes: int):
         super().__init__()
-        from sidfast.guidance import null_labels
-
         self.net = net
         self.scale = float(scale)
         self.register_buffer("null", null_labels(num_classes, "onehot"), persistent=False)
 
     def forward(self, x, sigma, class_labels=None):
-        from sidfast.guidance import guided
-
         return guided(self.net, x, sigma, class_labels, self.null.to(x.device), self.scale)
 
 
@@ -199,8 +205,6 @@ def _save_npz(path: Path, images: torch.Tensor) -> Path:
 def _train(cfg: ComparisonConfig, student: StudentSpec, seed: int, teacher, run_dir: Path, dev, data,
            log):
     """Distill ``teacher`` into ``student`` with ``seed``: the one place a student becomes a trainer call."""
-    from sidfast.training.loop import TrainConfig, distill
-
     options = {**cfg.sid, **student.options, "run_dir": str(run_dir), "device": str(dev), "seed": seed,
                "overwrite": True, "teacher_steps": 0, "grid_size": 0, "progress": False,
                "checkpoint_every": 0, "sample_every": 0,
@@ -216,8 +220,6 @@ def _train(cfg: ComparisonConfig, student: StudentSpec, seed: int, teacher, run_
 def _student_samples(generator, z, labels, train_cfg, seed: int):
     """The student's samples at latents z: all of its ``gen_steps`` steps at the run's noise levels
     (``step_spacing``) and re-noising (``renoise``; fresh noise seeded by ``seed``), one step for SiD."""
-    from sidfast.generator import generator_sigmas, sample
-
     sigmas = generator_sigmas(train_cfg.gen_steps, train_cfg.sigma_init, train_cfg.step_spacing)
     g = torch.Generator(device=z.device).manual_seed(seed + 777)
     return sample(generator, z, labels, sigmas, renoise=train_cfg.renoise, generator=g)
@@ -234,11 +236,6 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     threads: CPU threads during the run (default 1, as ``run_demo``); None keeps torch's setting.
     mode: "full", "quick" or "custom", recorded in the report.
     """
-    from sidfast.models.denoiser import format_labels
-    from sidfast.training.report import save_grid
-    from sidfast.samplers import edm_sample
-    from sidfast.training.loop import TrainConfig, resolve_device
-
     say = log if log is not None else (lambda *_: None)
     if not isinstance(cfg, ComparisonConfig):
         raise TypeError(f"config must be a ComparisonConfig, got {type(cfg).__name__}")
@@ -259,9 +256,9 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     accuracy = {}
     train_seconds = {}
     runs = {}
-    with _threads(threads if dev.type == "cpu" else None):
+    with threads_used(threads if dev.type == "cpu" else None):
         # 1. the metric's feature space
-        (clf, clf_accuracy, cached), t_clf = _timed(
+        (clf, clf_accuracy, cached), t_clf = timed(
             lambda: clf_mod.load_or_train_classifier(cache_dir, log=say), dev)
         images, labels = load_digits_tensors()
         real_stats = feature_statistics(clf_mod.extract_features(clf, images))
@@ -281,8 +278,6 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
                                                else ""))
         teacher, tstats = train_teacher(net, images.to(dev), cfg.teacher, labels=labels.to(dev) if conditional
                                         else None, log=say, log_every=max(1, cfg.teacher.iterations // 4))
-        from sidfast.models.io import save_network
-
         save_network(out / "teacher.pt", teacher, BUILDER, cfg.net,
                      meta={"trainer": "sidfast demo", "teacher_config": cfg.teacher.to_dict(), **tstats})
         scales = cfg.teacher_guidance if conditional else [1.0]
@@ -333,7 +328,7 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     with_labels = " and labels (balanced, i mod 10)" if conditional else ""
     report = {
         "demo": cfg.demo, "mode": mode, "passed": all(b["passed"] for b in bars.values()),
-        "device": str(dev), "threads": torch.get_num_threads() if threads is None else threads,
+        "device": str(dev), "threads": torch.get_numthreads_used() if threads is None else threads,
         "seeds": list(cfg.seeds), "fd": fd_s, "accuracy": acc_s, "bars": bars,
         "seconds": {"classifier": 0.0 if cached else t_clf, "teacher": tstats["seconds"],
                     "students": sec_s, "total": total, "limit": cfg.time_limit},
@@ -356,7 +351,7 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     title = f"sidfast demo {cfg.demo} ({mode}), seeds {', '.join(map(str, cfg.seeds))}, {dev}"
     table = summary.markdown(title, fd_s, acc_s, sec_s, bars)
     table += f"\ntotal {total:.1f} s (limit {cfg.time_limit:.0f} s); report {out / 'report.json'}\n"
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     tmp = out / ".report.md.tmp"
     tmp.write_text(table, encoding="utf-8")
     os.replace(tmp, out / "report.md")

@@ -13,81 +13,30 @@ Quality bars checked: FD(student) <= 1.25 FD(teacher) and FD(init) >= 3 FD(stude
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from sidfast.demo import classifier as clf_mod
-from sidfast.demo.digits import IMAGE_SHAPE, SIGMA_DATA, load_digits_tensors
+from sidfast.demo import compare
+from sidfast.demo.digits import IMAGE_SHAPE, load_digits_tensors
 from sidfast.demo.frechet import feature_statistics, frechet_distance
+from sidfast.demo.measure import threads_used, timed, write_json
 from sidfast.demo.nets import build_denoiser, count_parameters
-from sidfast.demo.teacher import TeacherConfig, train_teacher
+from sidfast.demo.recipe import BUILDER, DemoConfig, demo_config
+from sidfast.demo.teacher import train_teacher
+from sidfast.models.io import save_network
+from sidfast.samplers import edm_sample, num_evaluations, one_step_sample
+from sidfast.training.config import TrainConfig
+from sidfast.training.loop import distill
+from sidfast.training.report import summary_table
+from sidfast.utils.images import save_grid
+from sidfast.utils.runtime import resolve_device
 
-BUILDER = "sidfast.demo.nets:build_denoiser"
 STUDENT_RATIO_BAR = 1.25   # FD(student) <= 1.25 FD(teacher)
 INIT_RATIO_BAR = 3.0       # FD(init) >= 3 FD(student)
-
-
-@dataclass
-class DemoConfig:
-    """Everything that decides the demo's numbers (written into report.json)."""
-
-    net: dict = field(default_factory=lambda: {"image_shape": list(IMAGE_SHAPE), "width": 256, "depth": 3,
-                                               "emb_dim": 64, "num_classes": 0, "dropout": 0.0,
-                                               "sigma_data": SIGMA_DATA})
-    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(iterations=2500))
-    # sidfast.training.loop.TrainConfig options; the rest keep their published defaults (docs/math.md, "Published
-    # recipe"). The published lr 1e-5 and EMA ramp-up 0.05 are tuned for ~400M images; the demo sees under 1M,
-    # so it uses a 30x larger lr and an EMA half-life of 10% of the images seen. sigma_max stays at 80.
-    sid: dict = field(default_factory=lambda: {"iterations": 3000, "batch": 256, "lr": 3e-4,
-                                               "ema_halflife_kimg": 500.0, "ema_rampup_ratio": 0.1})
-    teacher_steps: int = 18         # Heun steps of the teacher's sampler (2N - 1 network evaluations)
-    eval_samples: int = 2000        # generated samples per Frechet distance (reference: all 1,797 digits)
-    grid_size: int = 64
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def demo_config(quick: bool, seed: int = 0) -> DemoConfig:
-    """The full or quick demo configuration (the quick one trains shorter, for CI)."""
-    cfg = DemoConfig()
-    cfg.teacher = dataclasses.replace(cfg.teacher, seed=seed)
-    if quick:
-        cfg.teacher = dataclasses.replace(cfg.teacher, iterations=1200)
-        cfg.sid = {**cfg.sid, "iterations": 600, "batch": 128}
-    return cfg
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """Temporarily use ``n`` CPU threads for intra-op parallelism (None: leave torch's setting)."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, time.perf_counter() - start
 
 
 METHODS = ("sid", "sida")
@@ -115,8 +64,6 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
     Returns:
         dict with "passed" (both bars met), "fd" (teacher, student, init), "ratios", "times", "config", ...
     """
-    from sidfast.demo import compare
-
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if method not in METHODS:
@@ -144,10 +91,6 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
 
 def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log) -> dict:
     """The SiD demo: teacher against one-step student, one seed."""
-    from sidfast.training.report import save_grid, summary_table
-    from sidfast.samplers import edm_sample, num_evaluations, one_step_sample
-    from sidfast.training.loop import TrainConfig, distill, resolve_device
-
     say = log if log is not None else (lambda *_: None)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
@@ -160,9 +103,9 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         raise ValueError(f"out_dir {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    with _threads(threads if dev.type == "cpu" else None):
+    with threads_used(threads if dev.type == "cpu" else None):
         # 1. the metric's feature space
-        (clf, accuracy, cached), t_clf = _timed(
+        (clf, accuracy, cached), t_clf = timed(
             lambda: clf_mod.load_or_train_classifier(cache_dir, log=say), dev)
         how = "cached" if cached else f"trained in {t_clf:.1f} s"
         say(f"digit classifier: held-out accuracy {accuracy:.4f} ({how})")
@@ -179,8 +122,6 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
             f"{cfg.teacher.batch} on {dev}")
         teacher, tstats = train_teacher(net, images.to(dev), cfg.teacher, log=say,
                                         log_every=max(1, cfg.teacher.iterations // 4))
-        from sidfast.models.io import save_network
-
         save_network(out / "teacher.pt", teacher, BUILDER, cfg.net,
                      meta={"trainer": "sidfast demo", "teacher_config": cfg.teacher.to_dict(), **tstats})
 
@@ -192,7 +133,7 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         sampler = {"sigma_min": float(sid_opts["sigma_min"]), "sigma_max": float(sid_opts["sigma_max"]),
                    "rho": float(sid_opts["rho"])}
         edm_sample(teacher, z[:8], 2, **sampler)  # warm-up (first-call allocations, CUDA context)
-        teacher_x, t_teacher = _timed(lambda: edm_sample(teacher, z, cfg.teacher_steps, **sampler), dev)
+        teacher_x, t_teacher = timed(lambda: edm_sample(teacher, z, cfg.teacher_steps, **sampler), dev)
         init_x = one_step_sample(teacher, z, sigma_init)
         fd_teacher, fd_init = fd_of(teacher_x), fd_of(init_x)
         say(f"teacher ({cfg.teacher_steps}-step Heun) FD {fd_teacher:.3f}; "
@@ -208,7 +149,7 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         result = distill(train_cfg, teacher, architecture={"builder": BUILDER, "config": cfg.net}, log=say)
         student = result.generator_ema
         one_step_sample(student, z[:8], sigma_init)  # warm-up
-        student_x, t_student = _timed(lambda: one_step_sample(student, z, sigma_init), dev)
+        student_x, t_student = timed(lambda: one_step_sample(student, z, sigma_init), dev)
         fd_student = fd_of(student_x)
 
         # 4. the report
@@ -228,7 +169,7 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
     report = {
         "passed": all(b["passed"] for b in bars.values()),
         "mode": "quick" if (config is None and quick) else ("custom" if config is not None else "full"),
-        "device": str(dev), "threads": torch.get_num_threads() if threads is None else threads, "seed": seed,
+        "device": str(dev), "threads": torch.get_numthreads_used() if threads is None else threads, "seed": seed,
         "fd": {"teacher": fd_teacher, "student": fd_student, "init": fd_init},
         "bars": bars,
         "sampling_seconds": {"teacher": t_teacher, "student": t_student, "samples": cfg.eval_samples,
@@ -250,7 +191,7 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
                   f"{train_cfg.lr} (published CIFAR "
                   "1e-5 is for ~400M images; the demo sees far fewer)."),
     }
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     rows = [("device", report["device"]),
             ("FD teacher (%d-step Heun, %d NFE)" % (cfg.teacher_steps, nfe), fd_teacher),
             ("FD student (1 step)", fd_student),
@@ -268,15 +209,6 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
     say(summary_table(rows, f"sidfast demo ({report['mode']})"))
     return report
 
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 # ---- the command line (``sidfast demo``) ----
 

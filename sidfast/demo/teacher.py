@@ -10,31 +10,17 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sidfast import reference
+from sidfast.demo import digits
+from sidfast.demo.nets import build_denoiser, count_parameters
+from sidfast.demo.recipe import BUILDER, TeacherConfig, demo_config
 from sidfast.loss import fake_score_loss
-
-
-@dataclass
-class TeacherConfig:
-    iterations: int = 4000      # optimizer steps
-    batch: int = 256            # images per step
-    lr: float = 2e-3            # Adam learning rate, cosine-decayed to lr_final_ratio * lr
-    lr_final_ratio: float = 0.05
-    warmup: int = 100           # linear warm-up steps
-    ema_decay: float = 0.999    # per-step EMA of the weights; the EMA is the teacher
-    p_mean: float = -1.2        # ln sigma ~ N(p_mean, p_std^2) (EDM, Table 1)
-    p_std: float = 1.2
-    sigma_data: float = 0.5
-    label_dropout: float = 0.0  # conditional nets: probability of the null label (a zero one-hot row)
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from sidfast.models.io import save_network
 
 
 def _lr_factor(step: int, cfg: TeacherConfig) -> float:
@@ -109,11 +95,6 @@ def write_teacher(out, iterations: int | None = None, batch: int | None = None, 
 
     None keeps the demo's value; ``conditional`` trains a 10-class teacher. Returns the training stats.
     """
-    from sidfast.models.io import save_network
-    from sidfast.demo import digits
-    from sidfast.demo.nets import build_denoiser, count_parameters
-    from sidfast.demo.run import BUILDER, demo_config
-
     for name, value, lo in (("iterations", iterations, 1), ("batch", batch, 1), ("width", width, 2),
                             ("depth", depth, 1)):
         if value is not None and value < lo:

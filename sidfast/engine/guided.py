@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from sidfast import guidance, reference
-from sidfast.guidance import flat_condition, nested_condition, path_name
+from sidfast import conditions, guidance, reference
+from sidfast.conditions import flat_condition, nested_condition, path_name
 
 
 def null_arguments(x_t: torch.Tensor, names: tuple, has_labels: bool, scales: tuple, null_labels,
                    null_cond: dict | None) -> tuple:
     """The null condition's tensors in argument order (labels first, then the keyword tensors at the paths
-    ``names`` of ``sidfast.guidance.flat_condition``), each expanded to the batch; raises ValueError when
+    ``names`` of ``sidfast.conditions.flat_condition``), each expanded to the batch; raises ValueError when
     guidance has nothing to guide between."""
     if not has_labels and not names:
         raise ValueError(f"guidance at scale {scales} needs a conditional network: no labels and no "
@@ -79,7 +79,7 @@ def lora_guided(view, x_t, sigma, cond, null, scales: tuple):
     both halves need one) so that the two halves have equal size."""
     batch = x_t.shape[0]
     blocks = max(_half_rows(k) for k in scales)
-    null_full = guidance.expand_null(cond, null, batch)
+    null_full = conditions.expand_null(cond, null, batch)
 
     def half(k):
         if blocks == 1:
@@ -87,10 +87,10 @@ def lora_guided(view, x_t, sigma, cond, null, scales: tuple):
         return [null_full, cond]
 
     parts = half(scales[0]) + half(scales[1])
-    stacked = guidance.stack_conditions(parts)
+    stacked = conditions.stack_conditions(parts)
     n = len(parts)
     sig = sigma.repeat(n) if isinstance(sigma, torch.Tensor) and sigma.dim() > 0 else sigma
-    y = guidance.call(view, x_t.repeat(n, *([1] * (x_t.dim() - 1))), sig, stacked)
+    y = conditions.call(view, x_t.repeat(n, *([1] * (x_t.dim() - 1))), sig, stacked)
     out = []
     for i, k in enumerate(scales):
         if blocks == 1:

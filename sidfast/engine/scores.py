@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sidfast import guidance
+from sidfast import conditions, guidance
 from sidfast import loss as _loss
 from sidfast.utils import runtime
 from sidfast._checks import check_rows
@@ -23,13 +23,12 @@ from sidfast.engine.graphs import MAX_GRAPHS, GraphCache
 from sidfast.engine.guided import guided_function, null_arguments
 from sidfast.models.denoiser import Denoiser, as_denoiser, sigma_per_sample
 from sidfast.models.discriminator import DiscriminatorPass, DiscriminatorTap, with_logits
-from sidfast.guidance import flat_condition, nested_condition, path_name
-from sidfast.models.lora import LoRAFakeScore, fake_score_over, lora_parameters, set_lora_mode
+from sidfast.conditions import flat_condition, nested_condition, path_name
+from sidfast.engine.fake_score import fake_score_over
+from sidfast.models.lora import NETWORK_KINDS as MODES, LoRAFakeScore, lora_parameters, set_lora_mode
 from sidfast.ops.noise import add_noise
 from sidfast.schedules import broadcast
 from sidfast.models.views import FrozenMirror, frozen_view
-
-MODES = ("full", "lora")
 
 
 def _double(t):
@@ -252,7 +251,7 @@ class ScoreEngine:
     def _function(self, phase: str, names: tuple[tuple, ...], has_labels: bool, logits: bool = False,
                   real_names: tuple[tuple, ...] = ()):
         """The phase as a pure tensor function ``f(x_t, sigma, [labels], *cond)`` (compiled if asked; ``names``:
-        the conditioning's paths, ``sidfast.guidance.flat_condition``):
+        the conditioning's paths, ``sidfast.conditions.flat_condition``):
         "fake": the fake score's x0 estimate, with parameter gradients;
         "generator": (y_real, y_fake) over the frozen views, with input gradients only;
         ``logits``: with the discriminator logits as well (``discriminator.with_logits``)."""
@@ -346,15 +345,15 @@ class EagerScores:
 
     def fake_score_forward(self, x_t, sigma, labels=None, scale: float = 1.0, null_labels=None,
                            null_cond: dict | None = None, **cond) -> torch.Tensor:
-        null = guidance.joined(null_labels, null_cond) if null_labels is not None or null_cond else None
+        null = conditions.joined(null_labels, null_cond) if null_labels is not None or null_cond else None
         with self._autocast(x_t.device):
-            return guidance.guided(self.fake_train, x_t, sigma, guidance.joined(labels, cond), null, scale)
+            return guidance.guided(self.fake_train, x_t, sigma, conditions.joined(labels, cond), null, scale)
 
     def generator_terms(self, x_g, sigma, labels=None, noise=None, scale_real: float = 1.0,
                         scale_fake: float = 1.0, null_labels=None, null_cond: dict | None = None, **cond):
         x_t, _ = edm_noised(x_g, sigma, noise)
-        condition = guidance.joined(labels, cond)
-        null = guidance.joined(null_labels, null_cond) if null_labels is not None or null_cond else None
+        condition = conditions.joined(labels, cond)
+        null = conditions.joined(null_labels, null_cond) if null_labels is not None or null_cond else None
         with self._autocast(x_t.device):
             y_real = guidance.guided(self.teacher, x_t, sigma, condition, null, scale_real)
             y_fake = guidance.guided(self.fake, x_t, sigma, condition, null, scale_fake)

@@ -52,8 +52,8 @@ import re
 import torch
 from torch import nn
 
-from sidfast.models.denoiser import _modules_of
-from sidfast.guidance import nested_condition
+from sidfast.models.introspect import _modules_of
+from sidfast.conditions import nested_condition
 
 _ENC_ENTRY = re.compile(r"^(\d+)x(\d+)_")
 
@@ -77,7 +77,7 @@ def _submodule(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _network_chain(root: nn.Module) -> list[nn.Module]:
-    """``root`` and the modules it wraps (``sidfast.models.denoiser._modules_of``), outermost first."""
+    """``root`` and the modules it wraps (``sidfast.models.introspect._modules_of``), outermost first."""
     return [m for m in _modules_of(root) if isinstance(m, nn.Module)]
 
 
@@ -328,7 +328,7 @@ def with_logits(run, tap: DiscriminatorTap, fake_phase: bool, has_labels: bool, 
     """A score-engine phase function ``run(x_t, sigma, [labels], *cond)`` that returns ``tap``'s logits as
     well, read off the same forward: the generator phase's (y_real, y_fake, D) (``tap`` on the fake score's
     frozen view); the fake phase's (f_psi, D_fake, D_real), whose arguments after ``run``'s are x_real_t and
-    the real images' conditioning tensors (at the paths ``real_names``, ``sidfast.guidance.flat_condition``),
+    the real images' conditioning tensors (at the paths ``real_names``, ``sidfast.conditions.flat_condition``),
     D_real from an encoder-only forward under ``autocast(device)``."""
     n_args = 2 + has_labels + n_cond  # x_t, sigma, [labels], *cond
 

@@ -1,10 +1,6 @@
-"""Checkpoint files: atomic writes, validated reads, and network checkpoints.
+"""Checkpoint files: validated reads and network checkpoints (written atomically by
+``sidfast.utils.files.atomic_save``).
 
-- ``atomic_save(obj, path)``: ``torch.save`` to a temporary file in the same directory, ``fsync``, keep the
-  previous file as ``<name>.prev<suffix>`` (hard link), ``os.replace`` onto ``path``, ``fsync`` the directory.
-  A crash or a full disk at any point leaves either the old or the new file, never a torn one. A previous file
-  that does not read back (its zip CRCs fail) is set aside as ``<name>.unreadable<suffix>`` instead, so that
-  it never replaces a good ``.prev`` file.
 - ``load_checkpoint(path, kind)``: ``torch.load(weights_only=True)`` (no code runs from a foreign pickle),
   then checks the format marker; a missing, empty, truncated, corrupt or foreign file raises
   ``CheckpointError`` (a ValueError) that says what the file is and what to do.
@@ -19,13 +15,12 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from sidfast.training.config import TrainConfig
+from sidfast.utils.files import atomic_save, previous_path
 
 FORMATS = {"network": "sidfast.network", "distill": "sidfast.distill"}
 VERSION = 1
@@ -35,101 +30,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, unreadable, corrupt, or not the expected kind."""
 
 
-def previous_path(path) -> Path:
-    """Where ``atomic_save`` keeps the file it replaced: ``run/checkpoint.pt`` ->
-    ``run/checkpoint.prev.pt``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def unreadable_path(path) -> Path:
-    """Where ``atomic_save`` sets aside a file it would replace that does not read back:
-    ``run/checkpoint.pt`` -> ``run/checkpoint.unreadable.pt``."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.unreadable{path.suffix}")
-
-
-def _unused_name(path: Path) -> Path:
-    """``path``, or ``path`` with a number before its suffix when that name is taken."""
-    candidate, n = path, 1
-    while candidate.exists():
-        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
-        n += 1
-    return candidate
-
-
-def _reads_back(path: Path) -> bool:
-    """Whether ``path`` is a whole zip archive (what ``torch.save`` writes) whose entries pass their CRCs."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (OSError, zipfile.BadZipFile, EOFError, RuntimeError):
-        return False
-
-
-def _keep_as_previous(path: Path) -> None:
-    """Hard-link ``path`` to ``previous_path(path)``: the old file stays reachable while ``path`` is
-    replaced."""
-    prev = previous_path(path)
-    link_tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
-    try:
-        if link_tmp.exists():
-            link_tmp.unlink()
-        os.link(path, link_tmp)
-        os.replace(link_tmp, prev)
-    except OSError:
-        if link_tmp.exists():
-            link_tmp.unlink()
-
-
-def atomic_save(obj, path, keep_previous: bool = True) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file in the same dir, fsync, rename, fsync dir).
-
-    With ``keep_previous`` the file being replaced stays available as ``previous_path(path)`` when it reads
-    back, and is moved to ``unreadable_path(path)`` (never deleted) when it does not.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            if _reads_back(path):
-                _keep_as_previous(path)
-            else:
-                os.replace(path, _unused_name(unreadable_path(path)))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _what_to_do(path: Path, kinds: tuple) -> str:
     prev = previous_path(path)
     if "distill" not in kinds:
         return f"; the previous version is kept at {str(prev)!r}" if prev.is_file() else ""
-    fresh = f"start the run again with {TrainConfig.option('overwrite')}"
+    fresh = f"start the run again with --overwrite"
     if prev.exists():
-        return f"; resume from the previous checkpoint with {TrainConfig.option('resume')} {prev}, or {fresh}"
+        return f"; resume from the previous checkpoint with --resume {prev}, or {fresh}"
     return f"; {fresh}"
 
 

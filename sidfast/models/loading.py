@@ -5,6 +5,7 @@
   encoders), or ``module:function``; errors are ``CheckpointError`` naming ``--teacher``.
 - ``build_generator(data, path)``: the EMA generator of a distillation checkpoint, rebuilt from its recorded
   architecture or from its teacher (a LoRA generator: its factors merged into the teacher's weights).
+- ``from_checkpoint(path)``: what ``sidfast sample`` samples, a checkpoint's network and its sampling options.
 """
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import json
 import os
 from pathlib import Path
 
-from sidfast.models.io import CheckpointError, build_network, import_entry_point, load_checkpoint
+from sidfast.models import text
+from sidfast.models.denoiser import as_denoiser, load_entry_point
+from sidfast.models.diffusers import DiffusersDenoiser, MissingSchedulerConfig
+from sidfast.models.flow import FLOW_MODELS, FlowDenoiser
+from sidfast.models.introspect import infer_image_shape, infer_num_classes
+from sidfast.models.io import CheckpointError, build_network, import_entry_point, kind_of, load_checkpoint
+from sidfast.models.lora import load_lora_factors, lora_generator, merge_lora
+from sidfast.models.vae import LatentDecoder
 
 
 def _check_readable(path: Path, what: str) -> None:
@@ -29,8 +37,6 @@ def _pipeline_index(path: Path) -> dict:
 
 def _load_diffusers_teacher(path: Path, source: str, with_conditioner: bool, guidance):
     """(denoiser, TextConditioner or None) of a diffusers model or pipeline directory."""
-    from sidfast.models import denoiser as denoisers, text
-
     try:
         import diffusers  # noqa: F401
     except ImportError:
@@ -48,21 +54,21 @@ def _load_diffusers_teacher(path: Path, source: str, with_conditioner: bool, gui
                               "load_teacher(path, with_conditioner=True))")
     model_config = path / "config.json"
     model_class = json.loads(model_config.read_text()).get("_class_name") if model_config.is_file() else None
-    flow = "transformer" in index or model_class in denoisers.FLOW_MODELS
+    flow = "transformer" in index or model_class in FLOW_MODELS
     try:
         if flow:
             scheduler = index.get("scheduler") or [None, None]
             if scheduler[1] is not None and "FlowMatch" not in str(scheduler[1]):
                 raise ValueError(f"its transformer comes with scheduler {scheduler[1]}, not a flow-matching "
                                  "scheduler; sidfast reads transformers trained by flow matching")
-            den = denoisers.FlowDenoiser.from_pretrained(path, guidance=guidance, name="teacher")
+            den = FlowDenoiser.from_pretrained(path, guidance=guidance, name="teacher")
         else:
-            den = denoisers.DiffusersDenoiser.from_pretrained(path, name="teacher")
+            den = DiffusersDenoiser.from_pretrained(path, name="teacher")
         conditioner = None
         if is_text:
             dtype = next(iter(den.parameters())).dtype
             conditioner = text.TextConditioner.from_pretrained(path, torch_dtype=dtype)
-    except denoisers.MissingSchedulerConfig as exc:
+    except MissingSchedulerConfig as exc:
         looked_for = ", ".join(map(repr, exc.looked_for))
         raise CheckpointError(f"--teacher {source!r}: no scheduler config to read the schedule and "
                               f"prediction type from (looked for {looked_for}); save the scheduler the model "
@@ -83,8 +89,6 @@ def load_teacher(source: str, with_conditioner: bool = False, guidance: float | 
     The architecture (``{"builder", "config"}``) is known for network checkpoints only. Errors are
     ``CheckpointError`` naming ``--teacher``.
     """
-    from sidfast.models import denoiser as denoisers
-
     if not isinstance(source, str) or not source:
         raise CheckpointError("--teacher is required: a sidfast checkpoint, a diffusers directory or "
                               "module:function")
@@ -93,7 +97,7 @@ def load_teacher(source: str, with_conditioner: bool = False, guidance: float | 
     architecture = None
     if not path.exists() and ":" in source:  # module:function (import_entry_point says what is wrong with it)
         try:
-            den = denoisers.load_entry_point(source, name="teacher")
+            den = load_entry_point(source, name="teacher")
         except (ImportError, ValueError, TypeError) as exc:
             raise CheckpointError(f"--teacher {source!r}: {exc}") from None
     else:
@@ -147,14 +151,12 @@ def build_generator(data: dict, path, teacher: str | None = None, with_condition
     with_conditioner: return (generator, the teacher's ``TextConditioner`` or None), for a text-to-image
     student's prompts.
     """
-    from sidfast.models import denoiser as denoisers
-
     config = data.get("config") or {}
     if config.get("generator") == "lora":
         net, conditioner = _lora_generator(data, path, teacher, int(config.get("lora_rank", 64)))
         return (net, conditioner) if with_conditioner else net
     net, conditioner = _generator_network(data, path, teacher)
-    net = denoisers.as_denoiser(net, name="generator")
+    net = as_denoiser(net, name="generator")
     try:
         net.load_state_dict(data["generator_ema"])
     except RuntimeError as exc:
@@ -168,12 +170,8 @@ def _lora_generator(data: dict, path, teacher: str | None, rank: int):
     """(the EMA generator of a run with ``generator="lora"``, the teacher's TextConditioner or None): its
     factors over the teacher's weights, merged into a plain network (``sidfast.models.lora.merge_lora``) that owns
     its weights, as a sampler may move it."""
-    from sidfast.models import denoiser as denoisers
-    from sidfast.models.lora import merge_lora
-    from sidfast.training.networks import load_lora_factors, lora_generator
-
     net, conditioner = _teacher_network(data, path, teacher)
-    net = denoisers.as_denoiser(net, name="teacher")
+    net = as_denoiser(net, name="teacher")
     generator = lora_generator(net, rank, seed=0)  # its factors are the checkpoint's
     try:
         load_lora_factors(generator, data["generator_ema"], "generator")
@@ -183,4 +181,59 @@ def _lora_generator(data: dict, path, teacher: str | None, rank: int):
     return merge_lora(generator.net).eval().requires_grad_(False), conditioner
 
 
-__all__ = ["load_teacher", "build_generator"]
+def from_checkpoint(path, teacher: str | None = None, prompts=None):
+    """(network, keyword arguments of ``sample_images``) for a sidfast checkpoint: the EMA generator of a
+    distillation checkpoint (the K generator steps it was trained with), or the network of a network
+    checkpoint (a diffusion denoiser).
+
+    teacher: where the teacher of a distillation checkpoint is now (``build_generator``).
+    prompts: a text file of prompts, one per line, for the student of a text-to-image teacher (required
+        there, refused elsewhere): image i gets prompt i mod their number, its embedding from the teacher
+        pipeline's text encoders, and the latents are decoded by the pipeline's VAE (``sidfast.models.vae``).
+    """
+    data = load_checkpoint(path, ("distill", "network"))
+    if kind_of(data) == "distill":
+        net, conditioner = build_generator(data, path, teacher=teacher, with_conditioner=True)
+        config = data.get("config") or {}
+        prompt_options = _text_options(conditioner, prompts, teacher or data.get("teacher"))
+        return net, {**prompt_options, "shape": tuple(data["image_shape"]), "sigma_init": float(data.get("sigma_init", 2.5)),
+                     "num_classes": int(data.get("num_classes") or 0),
+                     "label_format": data.get("label_format", "onehot"),
+                     "gen_steps": int(data.get("gen_steps", config.get("gen_steps", 1))),
+                     "step_spacing": data.get("step_spacing", config.get("step_spacing", "linear")),
+                     "renoise": data.get("renoise", config.get("renoise", "fresh"))}
+    if teacher is not None:
+        raise ValueError("argument teacher is for distillation checkpoints; this is a network checkpoint")
+    if prompts is not None:
+        raise ValueError("argument prompts is for students of text-to-image teachers; this is a network "
+                         "checkpoint")
+    net = as_denoiser(build_network(data, path)).eval()
+    shape = infer_image_shape(net)
+    if shape is None:
+        raise ValueError(f"checkpoint {str(path)!r}: cannot tell the image shape of its network")
+    return net, {"shape": shape, "num_classes": infer_num_classes(net)}
+
+
+def _text_options(conditioner, prompts, pipeline) -> dict:
+    """``sample_images``'s ``cond`` (the prompts cycled, embedded by ``conditioner``) and ``decode`` (the
+    pipeline's VAE) for a text-to-image student; nothing for other students."""
+    if conditioner is None:
+        if prompts is not None:
+            raise ValueError("argument prompts is for students of text-to-image teachers; this student's "
+                             "teacher takes no prompts")
+        return {}
+    if prompts is None:
+        raise ValueError("this student's teacher is a text-to-image pipeline: give the prompts to sample, "
+                         "argument prompts FILE (one prompt per line)")
+    try:
+        texts = text.read_prompts(prompts)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"argument prompts: {exc}") from None
+
+    def cond(start: int, n: int) -> dict:
+        return conditioner.condition([texts[(start + i) % len(texts)] for i in range(n)])
+
+    return {"cond": cond, "decode": LatentDecoder.from_pretrained(pipeline)}
+
+
+__all__ = ["load_teacher", "build_generator", "from_checkpoint"]

@@ -43,10 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sidfast.models.denoiser import Denoiser, as_denoiser
-from sidfast.models.views import frozen_view, same_storage
+from sidfast.models.interface import Denoiser
+from sidfast.models.views import frozen_view
 
 LORA_LAYER_MODES = ("on", "off", "split")
+# how a trainable network (fake score, generator) is held: a full copy, or LoRA factors over shared weights
+NETWORK_KINDS = ("full", "lora")
 
 
 class LoRALayer(nn.Module):
@@ -391,35 +393,27 @@ class LoRAGenerator(LoRADenoiser):
         super().__init__(net, rank, alpha, dropout, targets, name)
 
 
-def fake_score_over(teacher, fake, mode: str, channels_last: bool = False, lora_rank: int = 64,
-                    lora_alpha: float | None = None, lora_dropout: float = 0.0, lora_targets=None):
-    """The fake score of a score engine over ``teacher``: mode "full": ``fake`` (default: a trainable copy of
-    the teacher); mode "lora": ``fake`` must be a ``LoRAFakeScore`` over this teacher's weights (default: a new
-    one of ``lora_rank``)."""
-    if mode == "full":
-        if fake is None:
-            fake = copy.deepcopy(teacher).requires_grad_(True).train()
-            fake.name = "fake score"
-        else:
-            fake = as_denoiser(fake, name="fake score")
-        if fake is teacher:
-            raise ValueError("fake must be a separate network from the teacher in mode 'full' (use "
-                             "mode='lora' to share the teacher's weights)")
-        if channels_last:
-            fake.to(memory_format=torch.channels_last)
-    elif fake is None:
-        fake = LoRAFakeScore(teacher, lora_rank, lora_alpha, lora_dropout, lora_targets)
-    else:
-        if not isinstance(fake, LoRAFakeScore):
-            raise ValueError("mode='lora' takes fake=None (the engine builds the LoRA fake score) or a "
-                             f"sidfast.models.lora.LoRAFakeScore over this teacher, got {type(fake).__name__}")
-        base = [p for n, p in fake.net.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
-        if not same_storage(base, list(teacher.parameters())):
-            raise ValueError("fake is a LoRAFakeScore over another network: its frozen weights are not "
-                             "this teacher's")
-    return fake
+def lora_generator(teacher: Denoiser, rank: int, seed: int) -> LoRAGenerator:
+    """``LoRAGenerator(teacher, rank)`` over the teacher's frozen weights as they lie (moving it with
+    ``.to()`` would copy them and end the sharing), its factors drawn from ``seed`` and the caller's random
+    streams left as they were, so that a run's start depends on its seed only."""
+    device = next(teacher.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return LoRAGenerator(teacher, rank=rank)
 
 
-__all__ = ["fake_score_over", "LoRADenoiser", "LoRAFakeScore", "LoRAGenerator", "LoRALayer", "LoRALinear", "LoRAConv2d",
+def load_lora_factors(net: nn.Module, state: dict, what: str) -> None:
+    """Load ``state``, the LoRA factors of a checkpoint (``sidfast.models.lora.lora_state_dict``), into the LoRA
+    network ``net``; ValueError unless they are exactly its factors (the rest of ``net`` is the teacher's)."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    lora_missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
+    if unexpected or lora_missing or not state:
+        raise ValueError(f"the checkpoint's {what} is not a LoRA {what} of this teacher and rank "
+                         f"(missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
+
+
+__all__ = ["LoRADenoiser", "LoRAFakeScore", "LoRAGenerator", "LoRALayer", "LoRALinear", "LoRAConv2d",
            "LoRAWeight", "add_lora", "default_target", "lora_layers", "set_lora_mode", "lora_parameters",
-           "lora_state_dict", "merge_lora", "LORA_LAYER_MODES"]
+           "lora_state_dict", "merge_lora", "lora_generator", "load_lora_factors", "LORA_LAYER_MODES",
+           "NETWORK_KINDS"]

@@ -10,350 +10,25 @@ weights), so that the published large models are measured at their real resoluti
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
 import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from sidfast.models.lora import add_lora, lora_parameters
+from sidfast.models.diffusers import DiffusersDenoiser
+from sidfast.models.introspect import infer_image_shape, infer_num_classes
+from sidfast.models.lora import NETWORK_KINDS
+from sidfast.plan.activations import ActivationMeter, checkpoint_units
+from sidfast.plan.known import KNOWN_MODELS, KnownDenoiser
+from sidfast.plan.static import NetworkMemory, static_bytes
 
 GIB = 1024 ** 3
-PRECISIONS = ("fp32", "bf16", "bf16-params")
+# the parameter precisions a plan counts (not the trainer's --precision choices, training.config.PRECISIONS):
+# bf16-params is FSDP2's mixed precision, the frozen teacher stored in bf16
+PLAN_PRECISIONS = ("fp32", "bf16", "bf16-params")
 SHARDINGS = ("ddp", "fsdp")
-KINDS = ("full", "lora")
 RUNTIME_RESERVE = 2 * GIB   # CUDA context, cuBLAS/NCCL workspaces: outside any tensor we count
-ADAM_STEP_BYTES = 4         # torch.optim.Adam keeps a float32 step count per parameter tensor
-# containers whose elements diffusers checkpoints one at a time (and FSDP2 would wrap as units)
-UNIT_LISTS = ("resnets", "transformer_blocks", "single_transformer_blocks")
 
-
-# ---- the published large models, built on the meta device (config.json values, no weights) ----
-
-@dataclass(frozen=True)
-class KnownModel:
-    builder: str             # diffusers class
-    config: dict
-    published_params: float  # the published parameter count of the denoiser
-    latent_channels: int
-    text_tokens: int         # length of encoder_hidden_states
-    text_dim: int
-    pooled_dim: int = 0      # pooled text embedding (SDXL: text_embeds; SD3, FLUX: pooled_projections)
-
-
-_SDXL_BLOCKS = dict(block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
-KNOWN_MODELS = {
-    "sd1.5": KnownModel("UNet2DConditionModel",
-                        dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
-                        0.86e9, 4, 77, 768),
-    "sdxl": KnownModel("UNet2DConditionModel",
-                       dict(sample_size=128, **_SDXL_BLOCKS, attention_head_dim=(5, 10, 20),
-                            cross_attention_dim=2048, use_linear_projection=True,
-                            addition_embed_type="text_time", addition_time_embed_dim=256,
-                            projection_class_embeddings_input_dim=2816),
-                       2.6e9, 4, 77, 2048, 1280),
-    "sd3.5-large": KnownModel("SD3Transformer2DModel",
-                              dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
-                                   num_layers=38, attention_head_dim=64, num_attention_heads=38,
-                                   joint_attention_dim=4096,
-                                   caption_projection_dim=2432, pooled_projection_dim=2048,
-                                   pos_embed_max_size=192, qk_norm="rms_norm"),
-                              8.1e9, 16, 77 + 256, 4096, 2048),
-    "flux.1-dev": KnownModel("FluxTransformer2DModel",
-                             dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                  pooled_projection_dim=768, guidance_embeds=True,
-                                  axes_dims_rope=(16, 56, 56)),
-                             11.9e9, 16, 512, 4096, 768),
-}
-
-
-class KnownDenoiser(nn.Module):
-    """A published diffusers model called as ``net(x, sigma)`` with conditioning of the published shapes
-    (zeros: only shapes matter for memory). FLUX's ``x`` is its packed latent: (B, tokens, 64)."""
-
-    def __init__(self, name: str, device="meta"):
-        super().__init__()
-        import diffusers
-
-        self.spec = KNOWN_MODELS[name]
-        with torch.device(device):
-            self.net = getattr(diffusers, self.spec.builder)(**self.spec.config)
-
-    def sample_shape(self, resolution: int) -> tuple:
-        """One latent sample at ``resolution`` pixels (VAE factor 8; FLUX packs 2x2 latent patches)."""
-        if resolution % 16:
-            raise ValueError(f"argument resolution must be a multiple of 16, got {resolution}")
-        side = resolution // 8
-        if self.spec.builder == "FluxTransformer2DModel":
-            return ((side // 2) ** 2, 4 * self.spec.latent_channels)
-        return (self.spec.latent_channels, side, side)
-
-    def forward(self, x, sigma, class_labels=None):
-        b = x.shape[0]
-        spec = self.spec
-        text = x.new_zeros(b, spec.text_tokens, spec.text_dim)
-        t = sigma.to(x.dtype)
-        if spec.builder == "UNet2DConditionModel":
-            extra = {}
-            if spec.pooled_dim:
-                extra["added_cond_kwargs"] = {"text_embeds": x.new_zeros(b, spec.pooled_dim),
-                                              "time_ids": x.new_zeros(b, 6)}
-            return self.net(x, t, encoder_hidden_states=text, return_dict=False, **extra)[0]
-        pooled = x.new_zeros(b, spec.pooled_dim)
-        if spec.builder == "SD3Transformer2DModel":
-            return self.net(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
-                            timestep=t, return_dict=False)[0]
-        ids = dict(img_ids=x.new_zeros(x.shape[1], 3, dtype=torch.float32),
-                   txt_ids=x.new_zeros(spec.text_tokens, 3, dtype=torch.float32))
-        return self.net(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                        guidance=t, return_dict=False, **ids)[0]
-
-
-# ---- static bytes: weights, gradients, Adam, EMA ----
-
-def lora_parameter_shapes(net: nn.Module, rank: int) -> list[tuple]:
-    """The shapes of the ``lora_A``/``lora_B`` factors ``sidfast.models.lora.add_lora(net, rank)`` creates, read off
-    the layers it builds (on the meta device for the published models: no memory is allocated)."""
-    return [tuple(p.shape) for p in lora_parameters(add_lora(net, rank))]
-
-
-def shard_numel(shape, gpus: int, sharding: str) -> int:
-    """Elements of one tensor on one GPU: FSDP2 splits dim 0 into ``gpus`` padded shards (rank 0 holds the
-    largest, ``ceil(dim0 / gpus)`` rows); DDP replicates."""
-    shape = tuple(shape) or (1,)
-    if sharding == "ddp":
-        return math.prod(shape)
-    return math.ceil(shape[0] / gpus) * math.prod(shape[1:])
-
-
-@dataclass
-class NetworkMemory:
-    name: str
-    weights: int    # bytes per GPU
-    grads: int = 0
-    adam: int = 0
-    ema: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.grads + self.adam + self.ema
-
-
-def _static(teacher: nn.Module, fake: str, generator: str, rank: int, precision: str, sharding: str,
-            gpus: int, shard_teacher: bool) -> list[NetworkMemory]:
-    """Per-GPU bytes of the teacher, generator (+ EMA) and fake score, as ``sidfast.training.networks.build_networks``
-    and the trainer's two ``torch.optim.Adam`` hold them."""
-    shapes = [tuple(p.shape) for p in teacher.parameters()]
-    weight_bytes = teacher_bytes = next(teacher.parameters()).element_size()
-    if precision == "bf16-params":
-        teacher_bytes = 2  # frozen: stored in the compute dtype; trainable ones keep fp32 master shards
-    t_split = sharding if shard_teacher else "ddp"
-    buffers = sum(b.numel() * b.element_size() for b in teacher.buffers())
-    teacher_numel = sum(shard_numel(s, gpus, t_split) for s in shapes)
-    out = [NetworkMemory("teacher", teacher_numel * teacher_bytes + buffers)]
-    lora = None
-    for name, kind in (("generator", generator), ("fake score", fake)):
-        if kind == "lora":
-            lora = lora or lora_parameter_shapes(teacher, rank)
-            trainable = lora
-        else:
-            trainable = shapes
-        n = sum(shard_numel(s, gpus, sharding) for s in trainable) * weight_bytes
-        # a copy holds its own buffers; a LoRA network shares the teacher's
-        copy_buffers = buffers if kind == "full" else 0
-        mem = NetworkMemory(name, n + copy_buffers, grads=n, adam=2 * n + ADAM_STEP_BYTES * len(trainable))
-        if name == "generator":
-            mem.ema = n + copy_buffers  # the EMA copies what trains (a LoRA EMA: the factors only)
-        out.append(mem)
-    return out
-
-
-# ---- activations: bytes saved for backward ----
-
-class _FlashAttention(torch.autograd.Function):
-    """Attention that saves what GPU flash / memory-efficient attention saves (q, k, v, output and an fp32
-    log-sum-exp per query), not the (tokens x tokens) probabilities of the math fallback."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale):
-        out = _SDPA(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = (mask, dropout_p, is_causal, scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        mask, dropout_p, is_causal, scale = ctx.options
-        with torch.enable_grad():
-            qkv = [t.detach().requires_grad_(True) for t in (q, k, v)]
-            out = _SDPA(*qkv, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-            grads = torch.autograd.grad(out, qkv, grad)
-        return (*grads, None, None, None, None)
-
-
-_SDPA = F.scaled_dot_product_attention
-
-
-def _flash_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-    if not kw.get("enable_gqa", False):
-        kw.pop("enable_gqa", None)
-    qkv = (query, key, value)
-    if kw or not torch.is_grad_enabled() or not any(t.requires_grad for t in qkv):
-        return _SDPA(*qkv, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
-    return _FlashAttention.apply(*qkv, attn_mask, dropout_p, is_causal, scale)
-
-
-def _key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
-
-
-def checkpoint_units(net: nn.Module) -> list[nn.Module]:
-    """The blocks activation checkpointing recomputes: diffusers' (elements of ``resnets``,
-    ``transformer_blocks``, ``single_transformer_blocks`` holding no such element), else the outermost
-    elements of any ``nn.ModuleList`` that have parameters."""
-    pattern = re.compile(r"(^|\.)(%s)\.\d+$" % "|".join(UNIT_LISTS))
-    named = [m for name, m in net.named_modules() if pattern.search(name)]
-    ids = {id(m) for m in named}
-    units = [m for m in named if not any(id(c) in ids for c in m.modules() if c is not m)]
-    if units:
-        return units
-    found, inside = [], set()
-    for m in net.modules():
-        if id(m) in inside or not isinstance(m, nn.ModuleList):
-            continue
-        for child in m:
-            if any(True for _ in child.parameters()):
-                found.append(child)
-                inside.update(id(c) for c in child.modules())
-    return found
-
-
-@dataclass
-class SavedBytes:
-    """Bytes saved for backward by one forward: ``total`` (each storage once, parameters and buffers left
-    out), and ``checkpointed``: what stays with activation checkpointing of the units (everything saved
-    outside the units, the units' inputs, and the largest unit's own saved bytes while it is recomputed)."""
-    total: int
-    checkpointed: int
-
-
-@contextlib.contextmanager
-def count_saved(units: list[nn.Module], exclude: set[int]):
-    """Record the storages autograd saves inside the block; yields a dict filled on exit: ``total``,
-    ``checkpointed`` (see ``SavedBytes``)."""
-    saved: dict[int, tuple[int, int | None]] = {}   # storage -> (bytes, owning unit or None)
-    inputs: dict[int, int] = {}
-    stack: list[int] = []
-    keep = []   # saved tensors stay referenced so that storage ids stay unique
-
-    def pack(t):
-        k = _key(t)
-        if k not in exclude and k not in saved:
-            keep.append(t)
-            saved[k] = (t.untyped_storage().nbytes(), stack[0] if stack else None)
-        return t
-
-    def pre(module, args, kwargs):
-        if not stack:
-            for a in (*args, *kwargs.values()):
-                for t in (a if isinstance(a, (tuple, list)) else (a,)):
-                    if isinstance(t, torch.Tensor) and t.is_floating_point() and _key(t) not in exclude:
-                        keep.append(t)
-                        inputs.setdefault(_key(t), t.untyped_storage().nbytes())
-        stack.append(id(module))
-
-    def post(module, args, output):
-        stack.pop()
-
-    handles = [h for u in units for h in (u.register_forward_pre_hook(pre, with_kwargs=True),
-                                          u.register_forward_hook(post))]
-    result = {}
-    F.scaled_dot_product_attention = _flash_sdpa
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            yield result
-    finally:
-        F.scaled_dot_product_attention = _SDPA
-        for h in handles:
-            h.remove()
-    outside = {k: b for k, (b, owner) in saved.items() if owner is None}
-    per_unit: dict[int, int] = {}
-    for b, owner in saved.values():
-        if owner is not None:
-            per_unit[owner] = per_unit.get(owner, 0) + b
-    kept_inputs = sum(b for k, b in inputs.items() if k not in outside)
-    result["total"] = sum(b for b, _ in saved.values())
-    result["checkpointed"] = sum(outside.values()) + kept_inputs + max(per_unit.values(), default=0)
-
-
-class ActivationMeter:
-    """Saved-for-backward bytes of one network's forward, per role (``"frozen"``, ``"full"``, ``"lora"``:
-    whose parameters train) and input (needing grad or not), at batch ``b``; cached."""
-
-    def __init__(self, teacher: nn.Module, sample_shape: tuple, num_classes: int, label_format: str,
-                 rank: int, dtype: torch.dtype, device="meta"):
-        self.device = torch.device(device)
-        self.base = _detached_copy(teacher, self.device, dtype)
-        self.shape = tuple(sample_shape)
-        self.num_classes = num_classes
-        self.label_format = label_format
-        self.rank = rank
-        self.dtype = dtype
-        self.nets: dict[str, nn.Module] = {}
-        self.cache: dict[tuple, SavedBytes] = {}
-
-    def net(self, role: str) -> nn.Module:
-        if role not in self.nets:
-            if role == "frozen":
-                net = self.base
-            elif role == "full":
-                net = copy.deepcopy(self.base).requires_grad_(True)
-            else:
-                net = add_lora(self.base, self.rank)
-                for p in lora_parameters(net):
-                    p.requires_grad_(True)
-            self.nets[role] = net
-        return self.nets[role]
-
-    def measure(self, role: str, input_grad: bool, b: int) -> SavedBytes:
-        key = (role, input_grad, b)
-        if key not in self.cache:
-            net = self.net(role)
-            exclude = {_key(t) for t in (*net.parameters(), *net.buffers())}
-            x = torch.zeros((b, *self.shape), device=self.device, dtype=self.dtype, requires_grad=input_grad)
-            sigma = torch.ones(b, device=self.device)
-            labels = None
-            if self.num_classes:
-                from sidfast.models.denoiser import draw_labels
-                labels = draw_labels(b, self.num_classes, self.label_format, self.device)
-            with count_saved(checkpoint_units(net), exclude) as r:
-                net(x, sigma, labels)
-            self.cache[key] = SavedBytes(r["total"], r["checkpointed"])
-        return self.cache[key]
-
-
-def _detached_copy(net: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """A frozen copy of ``net`` on ``device`` in ``dtype``; on the meta device no weight is copied."""
-    if device.type == "meta":
-        memo = {id(t): torch.empty_like(t, device="meta") for t in (*net.parameters(), *net.buffers())}
-        for p in net.parameters():
-            memo[id(p)] = nn.Parameter(memo[id(p)], requires_grad=False)
-        net = copy.deepcopy(net, memo)
-    else:
-        net = copy.deepcopy(net).to(device)
-    return net.to(dtype).eval().requires_grad_(False)
-
-
-# ---- the plan ----
 
 @dataclass
 class MemoryPlan:
@@ -446,8 +121,6 @@ def plan_memory(teacher=None, *, model: str | None = None, resolution: int | Non
         shape = teacher.sample_shape(resolution)
         num_classes, label_format = 0, "index"
     else:
-        from sidfast.models.denoiser import DiffusersDenoiser, infer_image_shape, infer_num_classes
-
         shape = infer_image_shape(teacher)
         if shape is None:
             raise ValueError("cannot determine the teacher's image shape; give argument resolution")
@@ -456,7 +129,7 @@ def plan_memory(teacher=None, *, model: str | None = None, resolution: int | Non
         num_classes = infer_num_classes(teacher)
         label_format = "index" if isinstance(teacher, DiffusersDenoiser) else "onehot"
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    networks = _static(teacher, fake_score, generator, lora_rank, precision, sharding, gpus, shard_teacher)
+    networks = static_bytes(teacher, fake_score, generator, lora_rank, precision, sharding, gpus, shard_teacher)
 
     # Activations of the two phases, linear in the batch through batch 2 and 3 (at batch 1 some reshapes are
     # views of their input, which would bend the line).
@@ -543,45 +216,6 @@ def predictions_table(models=tuple(KNOWN_MODELS), resolutions=(512, 1024), gpus:
     return "\n".join(rows)
 
 
-def add_plan_arguments(parser, teacher_help: str) -> None:
-    """The options of ``sidfast plan`` (``teacher_help``: what ``--teacher`` accepts)."""
-    add = parser.add_argument
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--teacher", help=teacher_help)
-    source.add_argument("--model", choices=list(KNOWN_MODELS),
-                        help="a published model, built without weights")
-    source.add_argument("--table", action="store_true", help="the README table of the published models")
-    add("--resolution", type=int, help="pixels per side (default: the teacher's; required with --model)")
-    add("--batch", type=int, default=1, help="samples per GPU (default: 1)")
-    add("--gpus", type=int, default=1, help="GPUs of the run (default: 1)")
-    add("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GB, 141GiB (default: 80GiB)")
-    add("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (default: 0.1)")
-    add("--sharding", choices=SHARDINGS, default="ddp", help="(default: ddp)")
-    add("--precision", choices=PRECISIONS, default="bf16",
-        help="fp32; bf16: fp32 weights under bf16 autocast; bf16-params: FSDP2 mixed precision "
-             "(default: bf16)")
-    add("--fake-score", choices=KINDS, default="full", help="(default: full)")
-    add("--generator", choices=KINDS, default="full", help="(default: full)")
-    add("--lora-rank", type=int, default=64, help="(default: 64)")
-    add("--checkpointing", action="store_true", help="activation checkpointing of every block")
-    add("--no-shard-teacher", dest="shard_teacher", action="store_false",
-        help="replicate the frozen teacher under FSDP")
-    add("--measure-device", default="meta", help="where activations are measured (default: meta)")
-
-
-def plan_from_args(args, teacher=None) -> str:
-    """The text ``sidfast plan`` prints for its parsed options: the plan of ``teacher`` (loaded from
-    ``--teacher``) or ``--model``, or the table of the published models (``--table``)."""
-    if args.table:
-        return predictions_table()
-    plan = plan_memory(teacher, model=args.model, resolution=args.resolution, batch=args.batch,
-                       gpus=args.gpus, sharding=args.sharding, precision=args.precision,
-                       fake_score=args.fake_score, generator=args.generator, lora_rank=args.lora_rank,
-                       checkpointing=args.checkpointing, gpu_memory=args.gpu_memory, margin=args.margin,
-                       shard_teacher=args.shard_teacher, measure_device=args.measure_device)
-    return plan.format()
-
-
 def _max_batch(plan: MemoryPlan) -> int:
     best = None
     for phase, (_, per_sample) in plan.activations.items():
@@ -596,8 +230,9 @@ def _check(model, teacher, sharding, precision, fake_score, generator, batch, gp
         raise ValueError("give either argument teacher or argument model")
     if model is not None and model not in KNOWN_MODELS:
         raise ValueError(f"argument model must be one of {', '.join(KNOWN_MODELS)}, got {model!r}")
-    for name, value, choices in (("sharding", sharding, SHARDINGS), ("precision", precision, PRECISIONS),
-                                 ("fake_score", fake_score, KINDS), ("generator", generator, KINDS)):
+    for name, value, choices in (("sharding", sharding, SHARDINGS), ("precision", precision, PLAN_PRECISIONS),
+                                 ("fake_score", fake_score, NETWORK_KINDS),
+                                 ("generator", generator, NETWORK_KINDS)):
         if value not in choices:
             raise ValueError(f"argument {name} must be one of {', '.join(choices)}, got {value!r}")
     if precision == "bf16-params" and sharding != "fsdp":
@@ -610,6 +245,4 @@ def _check(model, teacher, sharding, precision, fake_score, generator, batch, gp
         raise ValueError(f"argument margin must be in [0, 1), got {margin!r}")
 
 
-__all__ = ["plan_memory", "MemoryPlan", "NetworkMemory", "KNOWN_MODELS", "KnownDenoiser", "ActivationMeter",
-           "count_saved", "checkpoint_units", "lora_parameter_shapes", "shard_numel", "parse_memory",
-           "predictions_table", "add_plan_arguments", "plan_from_args", "PRECISIONS", "SHARDINGS"]
+__all__ = ["plan_memory", "MemoryPlan", "parse_memory", "predictions_table", "PLAN_PRECISIONS", "SHARDINGS", "GIB"]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from sidfast import guidance
+from sidfast.conditions import to_device
 from sidfast.training.config import TrainConfig
-from sidfast.models.denoiser import draw_labels
+from sidfast.labels import draw_labels
 
 
 class Conditioning:
@@ -86,8 +87,3 @@ def text_conditioned(teacher) -> bool:
     return bool(getattr(config, "cross_attention_dim", None) or getattr(config, "joint_attention_dim", None))
 
 
-def to_device(cond, device):
-    """A condition (a tensor, a dict of them, or another value) on ``device``."""
-    if isinstance(cond, dict):
-        return {k: to_device(v, device) for k, v in cond.items()}
-    return cond.to(device) if isinstance(cond, torch.Tensor) else cond

@@ -9,17 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from sidfast.generator import RENOISE, SPACINGS
+from sidfast.guidance import PRESETS, GuidanceScales
+from sidfast.models.lora import NETWORK_KINDS
+
 PRECISIONS = ("fp32", "bf16", "fp16")
+GUIDANCE_NAMES = tuple(PRESETS)  # the guidance settings of --guidance, as sidfast.guidance defines them
 LABEL_FORMATS = ("auto", "onehot", "index")
 ENGINES = ("eager", "fused")
-FAKE_SCORES = ("full", "lora")
-GENERATORS = ("full", "lora")
 NOISES = ("auto", "kernel", "torch")
 METHODS = ("sid", "sida", "sid2a")
 ADVERSARIAL = ("sida", "sid2a")  # the methods that train on real images with the fake score's encoder as D
-GUIDANCE_PRESETS = ("none", "lsg", "long", "short", "zero", "anti")
-STEP_SPACINGS = ("linear", "flow")
-RENOISES = ("fresh", "fixed", "ddim")
 GENERATOR_WEIGHTINGS = ("auto", "sid", "1-t")
 FSDP_PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -97,7 +97,7 @@ class TrainConfig:
     # generator")
     guidance: str = _t("none", "SiD-LSG guidance: none, lsg (k1=k2=k4=K), long (teacher only, K > 1), short "
                                "(fake score while trained only, K < 1), zero (Zero-CFG), anti (fake score in "
-                               "the generator loss, K < 0); K is --cfg", choices=GUIDANCE_PRESETS)
+                               "the generator loss, K < 0); K is --cfg", choices=GUIDANCE_NAMES)
     cfg: Optional[float] = _t(None, "the guidance scale K of --guidance (published LSG: 1.5, 2, 3, 4.5)")
     cfg_fake_train: Optional[float] = _t(None, "k1: guidance of the fake score while it is trained (default: "
                                                "from --guidance)")
@@ -111,9 +111,9 @@ class TrainConfig:
                                       "(default: none)")
     gen_steps: int = _t(1, "generator steps K: each iteration trains k* ~ U{1..K} steps, sampling runs K")
     step_spacing: str = _t("linear", "noise levels of the K generator steps: linear in sigma, or flow "
-                                     "(linear in t = sigma / (1 + sigma))", choices=STEP_SPACINGS)
+                                     "(linear in t = sigma / (1 + sigma))", choices=SPACINGS)
     renoise: str = _t("fresh", "noise that re-noises each generator step's input: fresh, fixed (the first "
-                               "z) or ddim", choices=RENOISES)
+                               "z) or ddim", choices=RENOISE)
     generator_weighting: str = _t("auto", "per-sample weight of the SiD loss: sid (1/w, published SiD), 1-t "
                                           "(1 - sigma/(1+sigma), SiD-DiT's default); auto: 1-t for "
                                           "flow-matching teachers, sid otherwise",
@@ -139,10 +139,10 @@ class TrainConfig:
                               "call, CUDA graphs)", choices=ENGINES)
     fake_score: str = _t("full", "fake score: full (published: a trainable copy of the teacher) or lora "
                                  "(a low-rank update over the teacher's frozen, shared weights: no copy)",
-                         choices=FAKE_SCORES)
+                         choices=NETWORK_KINDS)
     generator: str = _t("full", "generator: full (published: a trainable copy of the teacher) or lora (a "
                                 "low-rank update over the teacher's frozen, shared weights; its EMA and "
-                                "checkpoints hold the factors only)", choices=GENERATORS)
+                                "checkpoints hold the factors only)", choices=NETWORK_KINDS)
     lora_rank: int = _t(64, "rank of the LoRA updates (with fake_score lora and/or generator lora: one rank "
                             "for both)")
     noise: str = _t("auto", "eps of both updates: kernel (drawn inside the fused noising kernel from a seed "
@@ -353,9 +353,9 @@ class TrainConfig:
                 raise ValueError(f"option image_shape must be positive integers, got {self.image_shape!r}")
             self.image_shape = shape
         for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES),
-                              ("fake_score", FAKE_SCORES), ("generator", GENERATORS), ("noise", NOISES),
-                              ("method", METHODS), ("guidance", GUIDANCE_PRESETS),
-                              ("step_spacing", STEP_SPACINGS), ("renoise", RENOISES),
+                              ("fake_score", NETWORK_KINDS), ("generator", NETWORK_KINDS), ("noise", NOISES),
+                              ("method", METHODS), ("guidance", GUIDANCE_NAMES),
+                              ("step_spacing", SPACINGS), ("renoise", RENOISE),
                               ("generator_weighting", GENERATOR_WEIGHTINGS),
                               ("fsdp_precision", FSDP_PRECISIONS)):
             if getattr(self, name) not in choices:
@@ -421,8 +421,6 @@ class TrainConfig:
         """SiD-LSG's (k1, k2 = k3, k4) from ``guidance`` at scale ``cfg``, then the explicit
         ``cfg_fake_train``, ``cfg_fake`` and ``cfg_teacher`` over them
         (``sidfast.guidance.GuidanceScales``)."""
-        from sidfast.guidance import PRESETS, GuidanceScales
-
         name = self.guidance
         takes_scale = name not in ("none", "zero")
         if takes_scale and self.cfg is None:
@@ -431,7 +429,7 @@ class TrainConfig:
             raise ValueError(f"option cfg is the scale of option guidance lsg, long, short or anti; guidance "
                              f"{name} takes none")
         if name not in PRESETS:
-            raise ValueError(f"option guidance must be one of {', '.join(GUIDANCE_PRESETS)}, got {name!r}")
+            raise ValueError(f"option guidance must be one of {', '.join(GUIDANCE_NAMES)}, got {name!r}")
         try:
             base = GuidanceScales.preset(name, self.cfg if takes_scale else None)
         except ValueError as exc:

@@ -25,10 +25,10 @@ import torch
 
 from sidfast.engine.scores import EagerScores, PhaseScores, ScoreEngine
 from sidfast.models.discriminator import DiscriminatorPass
-from sidfast.samplers import grid_samples
 from sidfast.training.config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
+from sidfast.training.grids import grid_samples
 from sidfast.training.networks import build_networks, init_from_sid
-from sidfast.training.report import MetricsLog, plot_losses, read_metrics, run_summary, save_grid, summary_table
+from sidfast.training.report import MetricsLog, plot_losses, read_metrics, run_summary, summary_table
 from sidfast.training.sharding import shard_run
 from sidfast.training.sid import MicroBatch, SiDPhases
 from sidfast.training.sida import SIDA_METRICS, SiDAPhases, read_init_generator

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from sidfast.training.config import TrainConfig
-from sidfast.models.denoiser import (Denoiser, DiffusersDenoiser, as_denoiser, infer_image_shape,
-    infer_num_classes)
-from sidfast.models.lora import LoRAFakeScore, LoRAGenerator, lora_parameters
+from sidfast.models.denoiser import Denoiser, as_denoiser
+from sidfast.models.diffusers import DiffusersDenoiser
+from sidfast.models.introspect import infer_image_shape, infer_num_classes
+from sidfast.models.lora import LoRAFakeScore, LoRAGenerator, load_lora_factors, lora_generator, lora_parameters
 
 
 @dataclass
@@ -76,16 +77,6 @@ def build_networks(cfg: TrainConfig, teacher, generator, fake, device: torch.dev
                        image_shape=tuple(shape), num_classes=num_classes, label_format=label_format)
 
 
-def lora_generator(teacher: Denoiser, rank: int, seed: int) -> LoRAGenerator:
-    """``LoRAGenerator(teacher, rank)`` over the teacher's frozen weights as they lie (moving it with
-    ``.to()`` would copy them and end the sharing), its factors drawn from ``seed`` and the caller's random
-    streams left as they were, so that a run's start depends on its seed only."""
-    device = next(teacher.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return LoRAGenerator(teacher, rank=rank)
-
-
 def ema_copy(generator: nn.Module) -> nn.Module:
     """The generator's EMA at the start: a frozen copy of it. A LoRA generator's copy shares its frozen base
     (the teacher's weights and buffers) and copies only the factors, which are what the EMA averages."""
@@ -94,16 +85,6 @@ def ema_copy(generator: nn.Module) -> nn.Module:
         factors = {id(p) for p in lora_parameters(generator)}
         memo = {id(t): t for t in (*generator.parameters(), *generator.buffers()) if id(t) not in factors}
     return copy.deepcopy(generator, memo).eval().requires_grad_(False)
-
-
-def load_lora_factors(net: nn.Module, state: dict, what: str) -> None:
-    """Load ``state``, the LoRA factors of a checkpoint (``sidfast.models.lora.lora_state_dict``), into the LoRA
-    network ``net``; ValueError unless they are exactly its factors (the rest of ``net`` is the teacher's)."""
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    lora_missing = [k for k in missing if k.endswith((".lora_A", ".lora_B"))]
-    if unexpected or lora_missing or not state:
-        raise ValueError(f"the checkpoint's {what} is not a LoRA {what} of this teacher and rank "
-                         f"(missing {lora_missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def init_from_sid(generator: nn.Module, generator_ema: nn.Module, data: dict, path) -> None:

@@ -133,16 +133,5 @@ class LoRAOff(Denoiser):
             set_lora_mode(self.fake, "on")
 
 
-def local_bytes(tensors) -> int:
-    """Bytes this rank holds of ``tensors`` (the local shard of a DTensor, all of a plain tensor)."""
-    total = 0
-    for t in tensors:
-        if t is None:
-            continue
-        local = t.to_local() if hasattr(t, "to_local") else t
-        total += local.numel() * local.element_size()
-    return total
-
-
 __all__ = ["shard_blocks", "checkpoint_blocks", "fully_shard_network", "shard_run", "distinct_networks",
-           "LoRAOff", "local_bytes", "BLOCK_LISTS"]
+           "LoRAOff", "BLOCK_LISTS"]

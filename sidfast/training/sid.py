@@ -16,11 +16,11 @@ import dataclasses
 
 import torch
 
-from sidfast import guidance, reference
+from sidfast import conditions, guidance, reference
 from sidfast.engine.scores import edm_noised
 from sidfast.generator import draw_k_star, generator_sigmas, rollout
 from sidfast.loss import fake_score_loss, sid_generator_loss
-from sidfast.models.denoiser import FlowDenoiser
+from sidfast.models.flow import FlowDenoiser
 from sidfast.ops import backend
 from sidfast.schedules import broadcast
 from sidfast.training.conditioning import Conditioning
@@ -68,7 +68,7 @@ class SiDPhases:
         self.weighting = ("1-t" if self.flow else "sid") if weighting == "auto" else weighting
         self.conditioning = Conditioning(cfg, teacher, conditioner, batch.num_classes, batch.label_format,
                                          self.scales, batch.device)
-        self.null_labels, self.null_cond = guidance.split(self.conditioning.null)
+        self.null_labels, self.null_cond = conditions.split(self.conditioning.null)
         self.loss_scale_fake = cfg.loss_scale_fake
         self.loss_scale_g = cfg.loss_scale_g
         if data is not None:
@@ -136,7 +136,7 @@ class SiDPhases:
         else:
             cond = {}
         if dropout:
-            labels, cond = guidance.split(guidance.drop_condition(guidance.joined(labels, cond),
+            labels, cond = conditions.split(guidance.drop_condition(conditions.joined(labels, cond),
                                                                   self.conditioning.null, dropout))
         with runtime.autocast(b.device, self.cfg.precision):
             x_g = rollout(net, z, labels, self.sigmas, self.k_star, self.cfg.renoise, G_no_grad=net_no_grad,

@@ -17,7 +17,8 @@ from sidfast import reference
 from sidfast.training.augment import AugmentPipe
 from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.training.data import RealData
-from sidfast.models.denoiser import _modules_of, format_labels
+from sidfast.labels import format_labels
+from sidfast.models.introspect import _modules_of
 from sidfast.engine.scores import edm_noised
 from sidfast.loss import fake_score_loss, sida_discriminator_loss, sida_generator_loss
 from sidfast.ops.noise import regenerate_noise

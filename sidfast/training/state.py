@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from sidfast.utils import runtime
-from sidfast.models.io import (FORMATS, VERSION, CheckpointError, _fsync_dir, _what_to_do, atomic_save,
-    load_checkpoint, previous_path)
+from sidfast.models.io import FORMATS, VERSION, CheckpointError, _what_to_do, load_checkpoint
+from sidfast.utils.files import atomic_save, fsync_dir, previous_path
 from sidfast.training.config import CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, TrainConfig
 from sidfast.training.updates import lr_factor
 
@@ -259,7 +259,7 @@ def _replace_dir(tmp: Path, path: Path) -> Path:
     """Rename the finished directory ``tmp`` onto ``path``, the replaced one kept as
     ``previous_path(path)``. ``path`` names a whole checkpoint at every instant but one: between its two
     renames only ``previous_path(path)`` (complete) and ``tmp`` (complete) exist."""
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     prev = previous_path(path)
     old_prev = prev.with_name(f".{prev.name}.old")
     shutil.rmtree(old_prev, ignore_errors=True)
@@ -268,7 +268,7 @@ def _replace_dir(tmp: Path, path: Path) -> Path:
             os.replace(prev, old_prev)
         os.replace(path, prev)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     shutil.rmtree(old_prev, ignore_errors=True)
     return path
 
