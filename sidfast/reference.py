@@ -274,4 +274,92 @@ def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: fl
     return torch.cat([steps, torch.zeros(1, dtype=torch.float64, device=device)])
 
 
+
+# ---- one iteration of SiD and SiDA: docs/math.md, "One iteration in code" ----
+
+def sid_iteration(generator, generator_ema, fake, teacher, opt_g, opt_fake, *, nimg: int, batch: int, image_shape,
+                  method: str = "sid", num_classes: int = 0, alpha: float = 1.2, sigma_init: float = 2.5,
+                  tmax: int = 800, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5,
+                  loss_scale_g: float = 100.0, loss_scale_fake: float = 1.0, ema_halflife_kimg: float = 500.0,
+                  ema_rampup_ratio: float | None = 0.05, real_images=None, real_labels=None, discriminator=None,
+                  loss_scale_d: float = 1.0, loss_scale_gan: float = 0.01, gan_start_kimg: float = 0.0,
+                  g_start_kimg: float = 0.0) -> dict:
+    """One iteration of SiD (Zhou et al., ICML 2024, Algorithm 1) or SiDA (``method="sida"``; Zhou et al.,
+    ICLR 2025), in ``sidfast.train.distill``'s order (one fp32 micro-batch, torch.randn noise; docs/math.md,
+    "One iteration in code"). Networks: EDM denoisers ``net(x, sigma, labels) -> x0``, the teacher frozen;
+    ``opt_*``: their Adam optimizers; ``nimg``: images seen before. Draws per step: z, labels (uniform,
+    one-hot), dropout, sigma, eps. SiDA: the iteration's real batch, and ``discriminator``, D on ``fake``'s
+    encoder (``sidfast.models.discriminator.DiscriminatorTap``). Returns the losses."""
+    sida = method == "sida"
+    device = next(generator.parameters()).device
+
+    def sample(labels):  # x_g = G(sigma_init z, sigma_init); labels drawn after z
+        z = torch.randn(batch, *image_shape, device=device)
+        if labels is None and num_classes:
+            labels = torch.nn.functional.one_hot(torch.randint(num_classes, (batch,), device=device),
+                                                 num_classes).float()
+        return generator(sigma_init * z, torch.full((batch,), sigma_init, device=device), labels), labels
+
+    def step(opt, params, loss, clip=None, update=True):  # gradients into params only, nan_to_num'd
+        opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        for p in params:
+            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+        if clip is not None:
+            torch.nn.utils.clip_grad_value_(params, clip)
+        if update:
+            opt.step()
+
+    # Update the fake score: EDM's denoising loss at fresh samples; SiDA: and L_D of its encoder, real vs fake
+    generator.eval()
+    fake.train()
+    with torch.no_grad():
+        x_g, labels = sample(real_labels)
+    sigma = edm_training_sigma(batch, p_mean, p_std, device=device)
+    eps = torch.randn_like(x_g)
+    x_t = x_g + broadcast(sigma, x_g) * eps
+    logits, out = (), {}
+    if sida:  # D_fake from the same forward as f_psi, D_real from an encoder-only one at the same sigma, eps
+        pred, d_fake = discriminator.forward_with_logits(x_t, sigma, labels)
+        d_real = discriminator.encoder_logits(real_images + broadcast(sigma, x_g) * eps, sigma, labels)
+        out["loss_d"] = sida_discriminator_loss(d_real, d_fake, sigma, sigma_data, x_g=x_g, y_fake=pred)
+        logits = (d_fake, d_real)
+    else:
+        pred = fake(x_t, sigma, labels)
+    keep = broadcast(~nan_rows(pred, x_g, *logits), x_g)  # published: samples with a NaN are dropped
+    out["loss_fake"] = fake_score_loss(torch.where(keep, pred, 0.0), torch.where(keep, x_g, 0.0), eps,
+                                       torch.ones_like(sigma), sigma, sigma_data=sigma_data)
+    loss = loss_scale_fake * out["loss_fake"] + (loss_scale_d * out["loss_d"] if sida else 0.0)
+    step(opt_fake, list(fake.parameters()), loss, clip=1.0 if sida else None)  # SiDA clips to [-1, 1]
+
+    # Update the generator: the SiD loss of fresh samples (SiDA: mixed with L_gan after gan_start_kimg)
+    generator.train()
+    fake.eval()
+    x_g, labels = sample(None)
+    sigma = generator_sigma(batch, tmax, device=device)
+    x_t = x_g + broadcast(sigma, x_g) * torch.randn_like(x_g)
+    y_real = teacher(x_t, sigma, labels)
+    if sida:
+        y_fake, d = discriminator.forward_with_logits(x_t, sigma, labels)
+        out["loss_g"], out["loss_gan"] = sida_generator_loss(y_real, y_fake, x_g, d, alpha)
+    else:
+        out["loss_g"] = sid_generator_loss(y_real, fake(x_t, sigma, labels), x_g, alpha)
+    loss = loss_scale_g * out["loss_g"]
+    if sida and nimg > gan_start_kimg * 1000:
+        loss = 0.5 * loss + 0.5 * loss_scale_gan * out["loss_gan"]
+    # SiDA: the generator's optimizer steps only after g_start_kimg
+    step(opt_g, list(generator.parameters()), loss, update=not sida or nimg > g_start_kimg * 1000)
+
+    # Update EMA: EDM's half-life in images, ramped up over the first ones
+    halflife = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        halflife = min(halflife, nimg * ema_rampup_ratio)
+    beta = 0.5 ** (batch / max(halflife, 1e-8))
+    with torch.no_grad():
+        for p_ema, p in zip(generator_ema.parameters(), generator.parameters()):
+            p_ema.copy_(p.lerp(p_ema, beta))
+        for b_ema, b in zip(generator_ema.buffers(), generator.buffers()):
+            b_ema.copy_(b)
+    return {name: value.detach() for name, value in out.items()}
+
 __all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "torch")]
