@@ -14,76 +14,10 @@ from sidfast import reference
 from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.utils.runtime import seed_everything
 from sidfast.training.loop import TrainConfig, distill, ema_beta, sanitize_grads
+from nets import SHAPE, tiny_teacher
+from runs import assert_bitwise, assert_same_run, quiet, states, stopped_and_resumed
 from utils import requires_cuda
 
-SHAPE = (1, 4, 4)
-
-
-class TinyEDM(nn.Module):
-    """An EDM-preconditioned two-layer MLP with dropout and optional one-hot labels (test network)."""
-
-    def __init__(self, image_shape=SHAPE, hidden=32, num_classes=0, dropout=0.1):
-        super().__init__()
-        self.image_shape, self.num_classes = tuple(image_shape), num_classes
-        d = math.prod(image_shape)
-        self.inp = nn.Linear(d + 1 + num_classes, hidden)
-        self.out = nn.Linear(hidden, d)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, sigma, class_labels=None):
-        s = sigma.reshape(-1, 1).float()
-        c_in, c_skip = 1 / (s ** 2 + 0.25).sqrt(), 0.25 / (s ** 2 + 0.25)
-        c_out = 0.5 * s / (s ** 2 + 0.25).sqrt()
-        parts = [x.flatten(1).float() * c_in, s.log() / 4]
-        if self.num_classes:
-            parts.append(class_labels.float() if class_labels is not None
-                         else torch.zeros(x.shape[0], self.num_classes, device=x.device))
-        f = self.out(self.drop(F.silu(self.inp(torch.cat(parts, 1)))))
-        return (c_skip * x.flatten(1).float() + c_out * f).view(x.shape).to(x.dtype)
-
-
-def tiny_teacher(num_classes=0, seed=0, hidden=32):
-    torch.manual_seed(seed)
-    return TinyEDM(num_classes=num_classes, hidden=hidden)
-
-
-def build_tiny(config):
-    return TinyEDM(**config)
-
-
-def quiet(**kw):
-    base = dict(iterations=4, batch=8, device="cpu", checkpoint_every=0, log_every=1, sample_every=0, grid_size=0,
-                teacher_steps=0, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def states(net):
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def assert_bitwise(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def assert_same_run(a, b):
-    """The generator, its EMA and the fake score of two distill results are equal bit for bit."""
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(a, name)), states(getattr(b, name)))
-
-
-def stopped_and_resumed(tmp_path, teacher, **kw):
-    """(uninterrupted run, resumed run) of ``distill`` with options ``kw``: one run to the end in
-    tmp_path/full, one stopped by a callback after iteration 2 in tmp_path/part and resumed there;
-    ``teacher()`` builds a fresh teacher for each run."""
-    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), teacher(), log=None)
-    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), teacher(),
-                   callbacks=[lambda s: s["iteration"] == 2], log=None)
-    assert part.iteration == 2
-    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), teacher(), log=None)
-    return full, resumed
 
 
 # ---------------- configuration ----------------
@@ -207,7 +141,7 @@ def _published_iteration(teacher, G, fake, cfg, opt_g, opt_f, num_classes):
 
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_first_iteration_matches_the_published_loop(tmp_path, num_classes):
-    # noise "torch": the published torch.randn draws (tests/test_train_noise.py covers the kernel's noise)
+    # noise "torch": the published torch.randn draws (tests/ops/test_noise.py covers the kernel's noise)
     cfg = quiet(run_dir=str(tmp_path / "r"), iterations=1, batch=6, lr=1e-3, noise="torch")
     seen = {}
 
@@ -512,15 +446,15 @@ def test_teacher_path_is_stored_absolute_and_entry_points_unchanged(tmp_path, mo
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
-    save_network("teacher.pt", tiny_teacher(), "test_train:build_tiny", {})
+    save_network("teacher.pt", tiny_teacher(), "nets:build_tiny", {})
     distill(quiet(run_dir="r", iterations=1, teacher="teacher.pt"), tiny_teacher(), log=None)
     data = torch.load("r/checkpoint.pt", weights_only=True)
     where = str((tmp_path / "a" / "teacher.pt").resolve())
     assert data["teacher"] == where and data["config"]["teacher"] == where
     monkeypatch.chdir(tmp_path / "b")
     load_network(data["teacher"])  # another working directory still finds it
-    distill(quiet(run_dir="e", iterations=1, teacher="test_train:tiny_teacher"), tiny_teacher(), log=None)
-    assert torch.load("e/checkpoint.pt", weights_only=True)["teacher"] == "test_train:tiny_teacher"
+    distill(quiet(run_dir="e", iterations=1, teacher="nets:tiny_teacher"), tiny_teacher(), log=None)
+    assert torch.load("e/checkpoint.pt", weights_only=True)["teacher"] == "nets:tiny_teacher"
 
 
 def test_plain_progress_lines_off_a_terminal(tmp_path, monkeypatch):
@@ -569,12 +503,12 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 def test_checkpoint_contents(tmp_path):
     distill(quiet(run_dir=str(tmp_path / "r"), iterations=2), tiny_teacher(2),
-            architecture={"builder": "test_train:build_tiny", "config": {"num_classes": 2}}, log=None)
+            architecture={"builder": "nets:build_tiny", "config": {"num_classes": 2}}, log=None)
     data = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert data["format"] == "sidfast.distill" and data["iteration"] == 2 and data["nimg"] == 16
     assert data["world_size"] == 1 and len(data["rng"]) == 1
     assert data["num_classes"] == 2 and data["label_format"] == "onehot" and data["image_shape"] == [1, 4, 4]
-    assert data["architecture"]["builder"] == "test_train:build_tiny"
+    assert data["architecture"]["builder"] == "nets:build_tiny"
     assert set(data) >= {"generator", "generator_ema", "fake", "opt_g", "opt_fake", "config"}
 
 
