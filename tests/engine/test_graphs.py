@@ -13,7 +13,8 @@ from sidfast.engine.scores import ScoreEngine
 from sidfast.ops.noise import regenerate_noise
 from test_engine import (BF16_ROUNDINGS, F64, _assert_bf16_close, _fake_loss, _float64_generator_terms, _seeds,
                          _setup, torch_compile_warnings)
-from utils import StandInGraphs, StaticGradGraphs, assert_float64_close as _close, graphs_on_cpu, requires_cuda
+from utils import (StandInGraphs, StaticGradGraphs, assert_float64_close as _close, graphs_on_cpu, requires_cuda,
+                   requires_gpus)
 
 
 def _stand_in_pair(mode, monkeypatch):
@@ -321,7 +322,7 @@ def test_graph_replays_draw_fresh_dropout_masks():
     assert not torch.allclose(outs[1], outs[2])
 
 
-@requires_cuda(condition=torch.cuda.device_count() >= 2, reason="needs a second CUDA device")
+@requires_gpus(2)
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_graphs_on_a_device_that_is_not_the_current_one(mode):
     torch.backends.cuda.matmul.allow_tf32 = False

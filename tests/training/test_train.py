@@ -16,7 +16,7 @@ from sidfast.utils.runtime import seed_everything
 from sidfast.training.loop import distill, ema_beta
 from nets import SHAPE, tiny_teacher
 from runs import assert_bitwise, assert_same_run, quiet, states, stopped_and_resumed
-from utils import requires_cuda
+from utils import requires_cuda, requires_gpus
 
 
 # ---------------- the iteration against a hand-written published one ----------------
@@ -446,7 +446,7 @@ def test_cuda_run_is_a_device_switch(tmp_path, engine):
     assert next(res.generator.parameters()).is_cuda and math.isfinite(res.last["loss_g"])
 
 
-@requires_cuda(condition=torch.cuda.device_count() >= 2, reason="needs two CUDA devices")
+@requires_gpus(2)
 @pytest.mark.parametrize("engine", ["eager", "fused"])
 def test_a_run_on_the_second_gpu_makes_it_the_current_device(tmp_path, engine):
     torch.cuda.set_device(0)
