@@ -7,7 +7,7 @@
 
 An OUTDIR holds some of: device.json (device, driver, versions, build), tests.tsv (one line per test file),
 ops.jsonl (benchmarks/conftest.py, one op benchmark per line), engine.jsonl (engine_session.py, one
-whole-iteration row per line). Several OUTDIRs (one per device call) are merged; a target whose inputs
+whole-iteration row per line). Several OUTDIRs (one per gpu_session.sh run) are merged; a target whose inputs
 never came back is UNMEASURED, never dropped.
 """
 from __future__ import annotations
@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         print(test_line(*argv[1:]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("outdirs", nargs="+", help="folders of gpu_session.sh's output (one per device call)")
+    ap.add_argument("outdirs", nargs="+", help="folders of gpu_session.sh's output (one per gpu_session.sh run)")
     ap.add_argument("--page", help="write only the markdown page, here (what gpu_session.sh does on the device)")
     ap.add_argument("--results-dir", default=str(HERE / "results"))
     ap.add_argument("--date", help="YYYY-MM-DD for the file names (default: the run's, from device.json)")

@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check of sidfast in two device calls of about 6 minutes each (a session has 15 minutes of device
-# time, a machine's start of a minute or more included). Copy these `run` invocations (device tool) as they are:
+# The GPU check of sidfast. On a machine with a CUDA GPU, from the repository root:
 #
-#   1. build, tests, op benchmarks:
-#      run(command="bash benchmarks/gpu_session.sh --budget 360 build tests ops plans",
-#          carry=[".whl"], timeout_s=390)
-#   2. whole SiD iterations (at once after the first returns, while the machine is warm: no rebuild):
-#      run(command="bash benchmarks/gpu_session.sh --budget 330 build-any engine",
-#          carry=[".whl"], timeout_s=360)
-#   then here:  python benchmarks/collect_results.py <files_at of call 1> <files_at of call 2>   and commit
-#   benchmarks/results/. Before call 2 needs them, fetch the wheels here once: bash benchmarks/fetch_wheels.sh
+#   bash benchmarks/gpu_session.sh --budget 360 build tests ops plans
+#   bash benchmarks/gpu_session.sh --budget 330 build-any engine      (whole SiD iterations; no rebuild)
+#   python benchmarks/collect_results.py OUTDIR...                      (the OUT folder of each run)
+#
+# and commit benchmarks/results/. The engine stage installs diffusers from .whl/ when it is there
+# (bash benchmarks/fetch_wheels.sh fetches the wheels once, on a machine with network access).
 #
 #   bash benchmarks/gpu_session.sh [--dry-run] [--budget SECONDS] STAGE [STAGE ...]
 #
@@ -28,7 +25,7 @@
 # Each stage gets what is left of --budget (seconds, default 360) less a reserve for the final table;
 # a stage with too little time left is skipped and says so.
 #
-# What comes back under $OUT (default ./gpu-out; at most 8 files): session.log (everything printed),
+# What is written under $OUT (default ./gpu-out, ignored by git): session.log (everything printed),
 # device.json, tests.tsv, ops.jsonl, engine.jsonl and engine.md (all written as they go), results.md (the
 # targets, PASS/FAIL/UNMEASURED: collect_results.py, after every stage) and logs.tgz (build logs, junit
 # XML, per-file test logs, the engine children's logs; repacked after every stage).
@@ -85,10 +82,10 @@ exec > >(tee -a "$OUT/session.log") 2>&1
 # Test files: every ops test file, then the losses, the engine, LoRA and the trainer's CUDA paths.
 # "name|pytest arguments"; the largest two are split over three xdist workers where xdist is installed.
 TEST_PLAN=()
-for f in tests/test_ops_*.py; do TEST_PLAN+=("$f|"); done
-TEST_PLAN+=("tests/test_loss.py|" "tests/test_sida_loss.py|" "tests/test_kernel_noise.py|" "tests/test_engine.py|"
-            "tests/test_lora.py|" "tests/test_lora_any.py|" "tests/test_discriminator.py|"
-            "tests/test_train.py|-k cuda or gpu or engine")
+for f in tests/ops/test_*.py; do TEST_PLAN+=("$f|"); done  # every op: sid_loss, sida_loss, noise, ...
+TEST_PLAN+=("tests/test_loss.py|" "tests/engine/test_engine.py|" "tests/engine/test_graphs.py|"
+            "tests/models/test_lora.py|" "tests/models/test_lora_any.py|" "tests/models/test_discriminator.py|"
+            "tests/training/test_train.py|-k cuda or gpu or engine")
 [ -n "${SIDFAST_TESTS:-}" ] && IFS=';' read -r -a TEST_PLAN <<<"$SIDFAST_TESTS"  # e.g. a CPU dry run's subset
 BUILD_S=${BUILD_S:-240}      # most one build may take
 TEST_FILE_S=${TEST_FILE_S:-240}   # most one test file may take
@@ -140,7 +137,7 @@ try:
     import diffusers
     info["diffusers"] = diffusers.__version__
 except ImportError as exc:
-    info["diffusers"] = f"missing ({exc}): carry .whl (benchmarks/fetch_wheels.sh)"
+    info["diffusers"] = f"missing ({exc}): put its wheels in .whl/ (benchmarks/fetch_wheels.sh)"
 with open(sys.argv[1] + ".tmp", "w") as fh:
     json.dump(info, fh, indent=1)
 os.replace(sys.argv[1] + ".tmp", sys.argv[1])
@@ -175,17 +172,17 @@ test_file() {  # one test file under its time limits; its line in tests.tsv when
   args=${spec#*|}
   name=$(basename "$file" .py)
   if $PY -c "import pytest_timeout" 2>/dev/null; then extra+=(--timeout "$TEST_CASE_S" --timeout-method signal); fi
-  if [ "$name" = test_ops_sid_loss ] || [ "$name" = test_ops_fake_score_loss ]; then
+  if [ "$name" = test_sid_loss ] || [ "$name" = test_fake_score_loss ]; then
     $PY -c "import xdist" 2>/dev/null && extra+=(-n 3)
   fi
   if [ -n "$args" ]; then extra+=(${args%% *} "${args#* }"); fi  # "-k EXPR": the option, then the expression
   t0=$(date +%s)
   if [ "$DRY" = 1 ]; then
-    echo "DRY-RUN: timeout -k 10 $limit $PY -m pytest $file -v -p no:cacheprovider -rfE --junitxml" \
+    echo "DRY-RUN: timeout -k 10 $limit $PY -m pytest $file -v -p no:cacheprovider -rfEs --junitxml" \
          "$WORK/junit/$name.xml ${extra[*]}"
     return 0
   fi
-  OMP_NUM_THREADS=2 timeout -k 10 "$limit" $PY -m pytest "$file" -v -p no:cacheprovider -rfE \
+  OMP_NUM_THREADS=2 timeout -k 10 "$limit" $PY -m pytest "$file" -v -p no:cacheprovider -rfEs \
     --junitxml "$WORK/junit/$name.xml" "${extra[@]}" >"$WORK/logs/$name.log" 2>&1
   rc=$?
   $PY benchmarks/collect_results.py --test-line "$file" "$WORK/junit/$name.xml" "$WORK/logs/$name.log" \

@@ -32,11 +32,11 @@ def env_without_interpreter():
 
 def test_distill_from_an_entry_point_then_sample(tmp_path, capsys):
     run = tmp_path / "run"
-    code, out, err = run_main(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", run, *SMALL], capsys)
+    code, out, err = run_main(["distill", "--teacher", "nets:tiny_teacher", "--run-dir", run, *SMALL], capsys)
     assert code == 0, err
     assert "SiD distillation" in out
     data = load_checkpoint(run / "checkpoint.pt", "distill")
-    assert data["iteration"] == 2 and data["teacher"] == "test_train:tiny_teacher"
+    assert data["iteration"] == 2 and data["teacher"] == "nets:tiny_teacher"
     code, out, err = run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "g.png", "--num", "5"], capsys)
     assert code == 0, err
     assert (tmp_path / "g.png").is_file()
@@ -48,7 +48,7 @@ def test_distill_from_an_entry_point_then_sample(tmp_path, capsys):
 
 def test_sample_out_is_decided_by_its_suffix(tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_main(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", run, *SMALL], capsys)[0] == 0
+    assert run_main(["distill", "--teacher", "nets:tiny_teacher", "--run-dir", run, *SMALL], capsys)[0] == 0
     ckpt = run / "checkpoint.pt"
     for name in ("a.jpg", "b.JPEG", "c.png"):
         code, _, err = run_main(["sample", ckpt, "--out", tmp_path / name, "--num", "3"], capsys)
@@ -66,10 +66,10 @@ def test_sample_reproduces_the_ema_generator(tmp_path, capsys):
     """sample rebuilds the generator from the checkpoint and draws x = G_ema(sigma_init z, sigma_init)."""
     from sidfast.utils.images import to_uint8
     from sidfast.samplers import one_step_sample
-    from test_train import tiny_teacher
+    from nets import tiny_teacher
 
     run = tmp_path / "run"
-    assert run_main(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", run, *SMALL], capsys)[0] == 0
+    assert run_main(["distill", "--teacher", "nets:tiny_teacher", "--run-dir", run, *SMALL], capsys)[0] == 0
     assert run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "s", "--num", "2", "--seed", "3"],
                     capsys)[0] == 0
     data = load_checkpoint(run / "checkpoint.pt", "distill")
@@ -196,7 +196,7 @@ def test_help_shows_one_default_per_option_and_the_choices(capsys):
 def test_config_file_and_command_line_precedence(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"run_dir: {tmp_path / 'run'}\nbatch: 6\nalpha: 1.0\niterations: 5\n")
-    code, _, err = run_main(["distill", "--teacher", "test_train:tiny_teacher", "--config", cfg, "--iterations", "1",
+    code, _, err = run_main(["distill", "--teacher", "nets:tiny_teacher", "--config", cfg, "--iterations", "1",
                              "--no-progress", "--grid-size", "0"], capsys)
     assert code == 0, err
     saved = load_checkpoint(tmp_path / "run" / "checkpoint.pt", "distill")["config"]
@@ -205,7 +205,7 @@ def test_config_file_and_command_line_precedence(tmp_path, capsys):
 
 def test_resume_takes_the_checkpoint_options(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", run, "--batch", "6", "--lr", "1e-3",
+    args = ["distill", "--teacher", "nets:tiny_teacher", "--run-dir", run, "--batch", "6", "--lr", "1e-3",
             "--iterations", "2", "--no-progress", "--grid-size", "0"]
     assert run_main(args, capsys)[0] == 0
     code, _, err = run_main(["distill", "--resume", "--run-dir", run, "--iterations", "3"], capsys)
@@ -229,19 +229,19 @@ def test_resume_takes_the_checkpoint_options(tmp_path, capsys):
     (["--betas", "0.9", "1.5"], "option --betas must be two numbers in [0, 1)"),
 ])
 def test_options_out_of_range(tmp_path, capsys, extra, match):
-    user_error(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", tmp_path / "r", *extra], capsys, match)
+    user_error(["distill", "--teacher", "nets:tiny_teacher", "--run-dir", tmp_path / "r", *extra], capsys, match)
 
 
 def test_user_errors(tmp_path, capsys):
     user_error(["distill", "--run-dir", tmp_path / "r"], capsys, "--teacher is required")
     user_error(["distill", "--teacher", tmp_path / "missing.pt"], capsys, "does not exist")
     user_error(["distill", "--teacher", "no_such_module_xyz:make"], capsys, "cannot import module")
-    user_error(["distill", "--teacher", "test_train:no_such_function"], capsys, "has no attribute")
-    user_error(["distill", "--teacher", "test_train:tiny_teacher", "--config", tmp_path / "c.yaml"], capsys,
+    user_error(["distill", "--teacher", "nets:no_such_function"], capsys, "has no attribute")
+    user_error(["distill", "--teacher", "nets:tiny_teacher", "--config", tmp_path / "c.yaml"], capsys,
                "does not exist")
     bad = tmp_path / "bad.json"
     bad.write_text('{"lrr": 1}')
-    user_error(["distill", "--teacher", "test_train:tiny_teacher", "--config", bad], capsys, "unknown option 'lrr'")
+    user_error(["distill", "--teacher", "nets:tiny_teacher", "--config", bad], capsys, "unknown option 'lrr'")
     user_error(["distill", "--resume", "--run-dir", tmp_path / "nothing"], capsys, "--resume: checkpoint")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
@@ -259,7 +259,7 @@ def test_user_errors(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no GPU is present")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
-    for cmd in (["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", tmp_path / "r"],
+    for cmd in (["distill", "--teacher", "nets:tiny_teacher", "--run-dir", tmp_path / "r"],
                 ["demo", "--quick"], ["train-teacher", "--out", tmp_path / "t.pt"]):
         user_error([*cmd, "--device", "cuda"], capsys, "no CUDA GPU is available")
 
@@ -311,7 +311,7 @@ def test_demo_output_is_ignored_by_git():
 
 def test_sigterm_saves_and_exits_143_then_resumes(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "sidfast.cli", "distill", "--teacher", "test_train:tiny_teacher", "--run-dir",
+    cmd = [sys.executable, "-m", "sidfast.cli", "distill", "--teacher", "nets:tiny_teacher", "--run-dir",
            str(run), "--iterations", "1000000", "--batch", "4", "--log-every", "1", "--checkpoint-every", "0",
            "--grid-size", "0", "--no-progress", "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env_without_interpreter(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -360,7 +360,7 @@ def test_guided_few_step_distill_then_sample_runs_its_steps(tmp_path, capsys, mo
     from sidfast.models import loading
 
     run = tmp_path / "run"
-    code, _, err = run_main(["distill", "--teacher", "test_guided_train:conditional_teacher",
+    code, _, err = run_main(["distill", "--teacher", "nets:conditional_teacher",
                              "--run-dir", run, "--guidance", "lsg", "--cfg", "2", "--gen-steps", "4", *SMALL],
                             capsys)
     assert code == 0, err
@@ -385,7 +385,7 @@ def test_guided_few_step_distill_then_sample_runs_its_steps(tmp_path, capsys, mo
 
 
 def test_guidance_and_prompt_errors(tmp_path, capsys):
-    teacher = ["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", tmp_path / "r"]
+    teacher = ["distill", "--teacher", "nets:tiny_teacher", "--run-dir", tmp_path / "r"]
     user_error([*teacher, "--guidance", "lsg"], capsys, "option --guidance lsg needs its scale: option --cfg")
     user_error([*teacher, "--guidance", "zero", "--cfg", "2"], capsys, "option --cfg is the scale")
     user_error([*teacher, "--guidance", "fancy"], capsys, "option --guidance must be one of")

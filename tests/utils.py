@@ -37,6 +37,17 @@ def requires_cuda(test=None, *, condition=True, reason="needs a CUDA device"):
     return mark if test is None else mark(test)
 
 
+def requires_gpus(count=2, reason=None):
+    """Mark a test ``multigpu`` (and ``gpu``) and skip it, saying so, unless ``count`` CUDA devices are visible:
+    a one-GPU run reports it as skipped, not passed. ``pytest -m multigpu`` selects these tests."""
+    reason = reason or f"needs {count} or more CUDA devices ({torch.cuda.device_count()} visible)"
+
+    def mark(obj):
+        return pytest.mark.multigpu(requires_cuda(obj, condition=torch.cuda.device_count() >= count, reason=reason))
+
+    return mark
+
+
 # Triton kernels run on CUDA, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, conftest.py).
 triton_route = pytest.mark.skipif(not backend.use_triton(torch.empty(0, device=DEVICE)),
                                   reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 before sidfast is imported")

@@ -9,8 +9,8 @@ from sidfast.models.lora import LoRAGenerator, lora_parameters, merge_lora
 from sidfast.models.loading import from_checkpoint
 from sidfast.samplers import sample_images
 from sidfast.training.loop import TrainConfig, distill
-from test_sida_train import sida
-from test_train import assert_bitwise, assert_same_run, quiet, states, stopped_and_resumed, tiny_teacher
+from nets import tiny_teacher
+from runs import assert_bitwise, assert_same_run, quiet, sida, states, stopped_and_resumed
 from utils import run_main, user_error
 
 RANK = 2
@@ -94,7 +94,7 @@ def test_fresh_start_depends_on_the_seed_only(tmp_path):
 
 
 def test_sample_from_the_checkpoint_is_the_merged_ema_generator(tmp_path):
-    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=3, teacher="test_train:tiny_teacher", **LORA),
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=3, teacher="nets:tiny_teacher", **LORA),
                   tiny_teacher(), log=None)
     net, options = from_checkpoint(res.checkpoint)
     assert not any(is_factor(n) for n, _ in net.named_parameters())  # a plain network
@@ -107,14 +107,14 @@ def test_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     small = ["--iterations", "2", "--batch", "4", "--grid-size", "0", "--teacher-steps", "0", "--no-progress",
              "--device", "cpu"]
-    code, _, err = run_main(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", run,
+    code, _, err = run_main(["distill", "--teacher", "nets:tiny_teacher", "--run-dir", run,
                              "--generator", "lora", "--lora-rank", str(RANK), *small], capsys)
     assert code == 0, err
     data = load_checkpoint(run / "checkpoint.pt", "distill")
     assert data["config"]["generator"] == "lora" and all(is_factor(k) for k in data["generator_ema"])
     code, _, err = run_main(["sample", run / "checkpoint.pt", "--out", tmp_path / "s", "--num", "2"], capsys)
     assert code == 0, err
-    user_error(["distill", "--teacher", "test_train:tiny_teacher", "--run-dir", tmp_path / "x",
+    user_error(["distill", "--teacher", "nets:tiny_teacher", "--run-dir", tmp_path / "x",
                 "--generator", "half", *small], capsys, "half")
 
 

@@ -21,7 +21,8 @@ WORLD = 2
 def _worker(rank, init_file, run_dir, out_dir):
     join_gloo_group(rank, WORLD, init_file)
     try:
-        from test_train import quiet, tiny_teacher
+        from nets import tiny_teacher
+        from runs import quiet
 
         from sidfast.training.loop import distill
 
@@ -97,12 +98,13 @@ def test_interrupted_and_resumed_multi_process_run_is_bitwise_identical(ddp_run)
 def test_torchrun_launch(tmp_path):
     """The path a user runs: torchrun sets the environment and distill() creates the process group itself."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout, not an installed sidfast
-    env.update(PYTHONPATH=os.pathsep.join([root, os.path.dirname(__file__), env.get("PYTHONPATH", "")]),
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # nets.py
+    root = os.path.dirname(tests)  # this checkout, not an installed sidfast
+    env.update(PYTHONPATH=os.pathsep.join([root, tests, env.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "sidfast.cli", "distill", "--teacher", "test_train:tiny_teacher", "--run-dir", str(run),
+           "-m", "sidfast.cli", "distill", "--teacher", "nets:tiny_teacher", "--run-dir", str(run),
            "--iterations", "3", "--batch", "8", "--log-every", "1", "--grid-size", "4", "--teacher-steps", "2",
            "--no-progress", "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

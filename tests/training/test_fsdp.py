@@ -19,11 +19,11 @@ import torch.multiprocessing as mp
 
 from utils import join_gloo_group, spawn_workers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: nets.py, runs.py, utils.py
 
 
 def _cfg(run_dir, **kw):
-    from test_train import quiet
+    from runs import quiet
 
     base = dict(run_dir=run_dir, iterations=4, batch=8, lr=1e-3, log_every=1, checkpoint_every=0, lora_rank=4)
     base.update(kw)
@@ -46,7 +46,7 @@ def _full_optim(net, opt) -> dict:
 
 
 def _run(cfg, **kw):
-    from test_train import tiny_teacher
+    from nets import tiny_teacher
 
     from sidfast.training.loop import distill
 
@@ -84,7 +84,7 @@ def _frozen_bytes(trainer) -> dict:
 
 def _trainer_state(cfg):
     """The networks, optimizer states and counters a run restores from ``cfg.resume`` (no iteration run)."""
-    from test_train import tiny_teacher
+    from nets import tiny_teacher
 
     from sidfast.utils import runtime
     from sidfast.training.loop import Distiller
@@ -325,7 +325,7 @@ def test_per_rank_bytes_are_half_of_the_full_run(runs):
 def _max_row_bytes(two, fake_score, net):
     sd = two[0][f"ddp-{fake_score}"]["G" if net == "G" else "fake"]
     if net == "teacher":
-        from test_train import tiny_teacher
+        from nets import tiny_teacher
 
         sd = tiny_teacher(num_classes=3).state_dict()
     return sum(v[0].numel() * v.element_size() * 2 for v in sd.values() if v.dim() > 0)
@@ -398,7 +398,7 @@ class _EDMLike(torch.nn.Module):
 
 
 def test_shard_blocks_finds_the_natural_blocks():
-    from test_train import tiny_teacher
+    from nets import tiny_teacher
 
     from sidfast.models.denoiser import as_denoiser
     from sidfast.training.sharding import shard_blocks
@@ -424,7 +424,7 @@ def test_shard_blocks_finds_the_natural_blocks():
 def test_activation_checkpointing_recomputes_each_block_with_the_same_gradients():
     import copy
 
-    from test_train import tiny_teacher
+    from nets import tiny_teacher
 
     from sidfast.models.denoiser import as_denoiser
     from sidfast.training.sharding import checkpoint_blocks
@@ -474,7 +474,7 @@ def test_torchrun_launch_with_fsdp(tmp_path):
     env.update(PYTHONPATH=os.pathsep.join([root, HERE, env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sidfast.cli", "distill", "--teacher", "test_train:tiny_teacher", "--run-dir", str(run),
+           "-m", "sidfast.cli", "distill", "--teacher", "nets:tiny_teacher", "--run-dir", str(run),
            "--iterations", "3", "--batch", "8", "--log-every", "1", "--grid-size", "4",
            "--teacher-steps", "2", "--no-progress", "--device", "cpu", "--fsdp", "--fake-score", "lora", "--lora-rank", "4",
            "--activation-checkpointing"]
@@ -518,7 +518,7 @@ def test_end_process_keeps_the_exit_status_output_and_exit_handlers(tmp_path, gr
 def test_fsdp_in_one_process_keeps_the_previous_checkpoint_and_resumes(tmp_path):
     """Without torchrun --fsdp makes a process group of one (and ends it); each save keeps the one it
     replaces as checkpoint.prev.dcp."""
-    from test_train import tiny_teacher
+    from nets import tiny_teacher
 
     from sidfast.training.state import read_distill
     from sidfast.training.loop import distill

@@ -16,45 +16,11 @@ from sidfast.reference import weighted_sid_loss
 from sidfast.samplers import sample_images
 from sidfast.schedules import VPSchedule
 from sidfast.training.loop import TrainConfig, distill
-from test_train import assert_same_run, quiet, stopped_and_resumed, tiny_teacher
+from nets import (CLASSES, CondMLP, cond_unet, conditional_nets, conditioner, require_text_components, sd3_transformer,
+                  tiny_teacher)
+from runs import assert_same_run, quiet, stopped_and_resumed
 from utils import assert_float64_close, cuda_marks, float64_network_tolerance, randomize_lora
 
-CLASSES = 3
-
-
-class CondMLP(nn.Module):
-    """A class-conditional EDM-preconditioned MLP that computes in its input's dtype (no dropout), so that
-    float64 comparisons are exact up to float64 rounding."""
-
-    image_shape = (1, 4, 4)
-    num_classes = CLASSES
-
-    def __init__(self, hidden=16, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        d = math.prod(self.image_shape)
-        self.inp = nn.Linear(d + 1 + CLASSES, hidden)
-        self.out = nn.Linear(hidden, d)
-
-    def forward(self, x, sigma, class_labels=None):
-        s = sigma.reshape(-1, 1).to(x.dtype)
-        c_in = 1 / (s ** 2 + 0.25).sqrt()
-        c_skip = 0.25 / (s ** 2 + 0.25)
-        c_out = 0.5 * s / (s ** 2 + 0.25).sqrt()
-        labels = class_labels.to(x.dtype) if class_labels is not None else x.new_zeros(x.shape[0], CLASSES)
-        h = self.out(F.silu(self.inp(torch.cat([x.flatten(1) * c_in, s.log() / 4, labels], 1))))
-        return (c_skip * x.flatten(1) + c_out * h).view(x.shape)
-
-
-def conditional_nets(seed=0):
-    """Teacher, generator and fake score: separate modules starting from the same weights."""
-    teacher = CondMLP(seed=seed)
-    return teacher, copy.deepcopy(teacher), copy.deepcopy(teacher)
-
-
-def conditional_teacher():
-    """Entry point of a class-conditional test teacher (``test_guided_train:conditional_teacher``)."""
-    return CondMLP()
 
 
 # ---------------- k = 1 and K = 1 are plain SiD ----------------
@@ -289,7 +255,7 @@ def _prompt_file(tmp_path):
 def test_text_teacher_trains_with_prompts_guidance_and_few_steps(tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from test_text import cond_unet, conditioner
+    require_text_components()
 
     def teacher():
         return DiffusersDenoiser(cond_unet().float(), VPSchedule.linear(), "eps")
@@ -313,7 +279,7 @@ def test_flow_teacher_trains_with_the_velocity_loss_and_one_minus_t_weighting(tm
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     import sidfast.training.sid as phases
-    from test_text import conditioner, sd3_transformer
+    require_text_components()
 
     seen = {}
     real_loss = phases.fake_score_loss
@@ -450,7 +416,7 @@ def test_sdxl_teacher_trains_through_the_fused_engine_as_eagerly(tmp_path):
     runs teacher and fake halves, nested keywords doubled, in one forward."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from test_text import cond_unet, conditioner
+    require_text_components()
 
     def teacher():
         return DiffusersDenoiser(cond_unet(sdxl=True).float(), VPSchedule.linear(), "eps")

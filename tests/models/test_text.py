@@ -13,6 +13,8 @@ from sidfast.models.denoiser import (DiffusersDenoiser, FlowDenoiser, latent_ima
 from sidfast.schedules import VPSchedule
 from sidfast.models.text import TextConditioner, draw_prompts, read_prompts
 
+from nets import (clip_encoder, clip_tokenizer, cond_unet, conditioner, flux_transformer, sd3_transformer, t5_encoder,
+                  t5_tokenizer)
 from utils import float64_network_tolerance, run_main
 
 diffusers = pytest.importorskip("diffusers")
@@ -23,79 +25,6 @@ F64 = torch.float64
 
 # ---------- tiny components ----------
 
-def clip_tokenizer(length=8):
-    """A character-level CLIP BPE tokenizer (no merges) with CLIP's start/end tokens."""
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for ch in "abcdefghijklmnopqrstuvwxyz":
-            vocab[ch + suffix] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=length)
-
-
-def t5_tokenizer():
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
-
-
-def clip_encoder(width, projection=False, seed=0):
-    torch.manual_seed(seed)
-    config = transformers.CLIPTextConfig(vocab_size=54, hidden_size=width, intermediate_size=2 * width,
-                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8,
-                                         projection_dim=width, bos_token_id=52, eos_token_id=53, pad_token_id=53)
-    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    return cls(config).double().eval()
-
-
-def t5_encoder(width, seed=1):
-    torch.manual_seed(seed)
-    config = transformers.T5Config(vocab_size=55, d_model=width, d_kv=4, d_ff=2 * width, num_layers=1,
-                                   num_heads=2)
-    return transformers.T5EncoderModel(config).double().eval()
-
-
-def conditioner(kind, **kw):
-    if kind == "sd":
-        return TextConditioner("sd", [clip_tokenizer()], [clip_encoder(8)], **kw)
-    if kind == "sdxl":
-        return TextConditioner("sdxl", [clip_tokenizer(), clip_tokenizer()],
-                               [clip_encoder(8), clip_encoder(8, projection=True, seed=2)],
-                               image_size=(64, 48), **kw)
-    if kind == "sd3":
-        return TextConditioner("sd3", [clip_tokenizer()] * 2 + [t5_tokenizer()],
-                               [clip_encoder(8, True), clip_encoder(8, True, seed=2), t5_encoder(16)], t5_length=6,
-                               **kw)
-    return TextConditioner("flux", [clip_tokenizer(), t5_tokenizer()], [clip_encoder(8), t5_encoder(16)],
-                           t5_length=6, **kw)
-
-
-def cond_unet(sdxl=False, seed=0):
-    torch.manual_seed(seed)
-    extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
-                 projection_class_embeddings_input_dim=8 + 6 * 4) if sdxl else {}
-    return diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                          layers_per_block=1, norm_num_groups=4,
-                                          cross_attention_dim=16 if sdxl else 8, attention_head_dim=4,
-                                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **extra).double()
-
-
-def sd3_transformer(seed=0):
-    torch.manual_seed(seed)
-    return diffusers.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
-                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                           caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-                                           pos_embed_max_size=8).double()
-
-
-def flux_transformer(guidance_embeds=True, seed=0):
-    torch.manual_seed(seed)
-    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                            pooled_projection_dim=8, guidance_embeds=guidance_embeds,
-                                            axes_dims_rope=(2, 2, 4)).double()
 
 
 # ---------- prompts ----------

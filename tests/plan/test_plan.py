@@ -11,7 +11,7 @@ from sidfast.plan import static as S
 from sidfast.training.config import TrainConfig
 from sidfast.models.lora import add_lora, lora_parameters
 from sidfast.training.networks import build_networks
-from utils import join_gloo_group, spawn_workers
+from utils import join_gloo_group, spawn_workers, tiny_diffusers_unet
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -21,12 +21,8 @@ def tiny_teacher(seed=0):
     from sidfast.models.denoiser import DiffusersDenoiser
     from sidfast.schedules import VPSchedule
 
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4, attention_head_dim=4,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    return DiffusersDenoiser(unet, VPSchedule.from_diffusers(diffusers.DDPMScheduler()), "epsilon")
+    return DiffusersDenoiser(tiny_diffusers_unet(seed=seed), VPSchedule.from_diffusers(diffusers.DDPMScheduler()),
+                             "epsilon")
 
 
 def _storages(tensors) -> dict:
@@ -204,7 +200,7 @@ def test_cli_plan_prints_the_breakdown_and_rejects_bad_options(capsys):
 def test_readme_table_rows_are_what_plan_table_prints():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     rows = P.predictions_table(models=("sd1.5",), resolutions=(512,)).splitlines()
     assert rows[0] in readme
     for row in rows[4:]:

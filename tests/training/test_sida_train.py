@@ -14,27 +14,10 @@ from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.training.data import DataError, RealData
 from sidfast.utils.runtime import seed_everything
 from sidfast.training.loop import TrainConfig, distill
-from test_train import SHAPE, assert_bitwise, assert_same_run, quiet, states, tiny_teacher
+from nets import SHAPE, tiny_teacher
+from runs import LAYER, assert_bitwise, assert_same_run, quiet, real_images, sida, states
 from utils import run_main, user_error
 
-LAYER = "inp"  # TinyEDM's first layer: its output's feature mean is the discriminator's logit
-
-
-def real_images(path, count=20, num_classes=0, seed=0):
-    """An .npz of ``count`` uint8 (N, H, W, C) images of SHAPE (labels when ``num_classes``)."""
-    rng = np.random.RandomState(seed)
-    arrays = {"images": rng.randint(0, 256, (count, SHAPE[1], SHAPE[2], SHAPE[0])).astype(np.uint8)}
-    if num_classes:
-        arrays["labels"] = rng.randint(0, num_classes, count)
-    np.savez(path, **arrays)
-    return str(path)
-
-
-def sida(tmp_path, name="run", num_classes=0, **kw):
-    base = dict(method="sida", data=real_images(tmp_path / "real.npz", num_classes=num_classes),
-                disc_layer=LAYER, run_dir=str(tmp_path / name))
-    base.update(kw)
-    return quiet(**base)
 
 
 def encoder_logits(net, x, sigma, labels):
@@ -262,7 +245,7 @@ def test_method_errors(tmp_path):
 
 def test_cli_sida_runs_and_errors(tmp_path, capsys):
     data = real_images(tmp_path / "real.npz")
-    base = ["distill", "--teacher", "test_train:tiny_teacher", "--iterations", "2", "--batch", "4",
+    base = ["distill", "--teacher", "nets:tiny_teacher", "--iterations", "2", "--batch", "4",
             "--log-every", "1", "--grid-size", "0", "--teacher-steps", "0", "--no-progress", "--device", "cpu"]
     code, out, err = run_main([*base, "--run-dir", tmp_path / "ok", "--method", "sida", "--data", data,
                                "--disc-layer", LAYER], capsys)

@@ -12,9 +12,9 @@ from sidfast.ops import fake_score_loss as F
 from sidfast.ops import noise as Nz
 from sidfast.ops import sid_loss as S
 
-from utils import DEVICE, requires_cuda, triton_route
+from utils import DEVICE, requires_cuda, requires_gpus, triton_route
 
-two_gpus = requires_cuda(condition=torch.cuda.device_count() >= 2, reason="needs a GPU pair (CUDA devices 0 and 1)")
+two_gpus = requires_gpus(2, reason="needs a GPU pair (CUDA devices 0 and 1)")
 
 KERNELS = ((S, ("_sid_tile_kernel", "_sid_loop_kernel", "_sid_stats_kernel", "_sid_sample_kernel",
                 "_sid_apply_kernel")),

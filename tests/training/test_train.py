@@ -13,152 +13,10 @@ from published import published_generator_loss
 from sidfast import reference
 from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.utils.runtime import seed_everything
-from sidfast.training.loop import TrainConfig, distill, ema_beta, sanitize_grads
-from utils import requires_cuda
-
-SHAPE = (1, 4, 4)
-
-
-class TinyEDM(nn.Module):
-    """An EDM-preconditioned two-layer MLP with dropout and optional one-hot labels (test network)."""
-
-    def __init__(self, image_shape=SHAPE, hidden=32, num_classes=0, dropout=0.1):
-        super().__init__()
-        self.image_shape, self.num_classes = tuple(image_shape), num_classes
-        d = math.prod(image_shape)
-        self.inp = nn.Linear(d + 1 + num_classes, hidden)
-        self.out = nn.Linear(hidden, d)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, sigma, class_labels=None):
-        s = sigma.reshape(-1, 1).float()
-        c_in, c_skip = 1 / (s ** 2 + 0.25).sqrt(), 0.25 / (s ** 2 + 0.25)
-        c_out = 0.5 * s / (s ** 2 + 0.25).sqrt()
-        parts = [x.flatten(1).float() * c_in, s.log() / 4]
-        if self.num_classes:
-            parts.append(class_labels.float() if class_labels is not None
-                         else torch.zeros(x.shape[0], self.num_classes, device=x.device))
-        f = self.out(self.drop(F.silu(self.inp(torch.cat(parts, 1)))))
-        return (c_skip * x.flatten(1).float() + c_out * f).view(x.shape).to(x.dtype)
-
-
-def tiny_teacher(num_classes=0, seed=0, hidden=32):
-    torch.manual_seed(seed)
-    return TinyEDM(num_classes=num_classes, hidden=hidden)
-
-
-def build_tiny(config):
-    return TinyEDM(**config)
-
-
-def quiet(**kw):
-    base = dict(iterations=4, batch=8, device="cpu", checkpoint_every=0, log_every=1, sample_every=0, grid_size=0,
-                teacher_steps=0, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def states(net):
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def assert_bitwise(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def assert_same_run(a, b):
-    """The generator, its EMA and the fake score of two distill results are equal bit for bit."""
-    for name in ("generator", "generator_ema", "fake"):
-        assert_bitwise(states(getattr(a, name)), states(getattr(b, name)))
-
-
-def stopped_and_resumed(tmp_path, teacher, **kw):
-    """(uninterrupted run, resumed run) of ``distill`` with options ``kw``: one run to the end in
-    tmp_path/full, one stopped by a callback after iteration 2 in tmp_path/part and resumed there;
-    ``teacher()`` builds a fresh teacher for each run."""
-    full = distill(quiet(run_dir=str(tmp_path / "full"), **kw), teacher(), log=None)
-    part = distill(quiet(run_dir=str(tmp_path / "part"), **kw), teacher(),
-                   callbacks=[lambda s: s["iteration"] == 2], log=None)
-    assert part.iteration == 2
-    resumed = distill(quiet(run_dir=str(tmp_path / "part"), resume="auto", **kw), teacher(), log=None)
-    return full, resumed
-
-
-# ---------------- configuration ----------------
-
-def test_defaults_are_the_published_recipe():
-    c = TrainConfig()
-    assert (c.lr, c.betas, c.optimizer_eps, c.sid_alpha, c.sigma_init, c.tmax) == (1e-5, (0.0, 0.999), 1e-8, 1.2, 2.5, 800)
-    assert (c.loss_scale_g, c.loss_scale_fake, c.ema_halflife_kimg, c.ema_rampup_ratio) == (100.0, 1.0, 500.0, 0.05)
-    assert (c.p_mean, c.p_std, c.sigma_data, c.sigma_min, c.sigma_max, c.rho) == (-1.2, 1.2, 0.5, 0.002, 80.0, 7.0)
-    assert c.batch == 256 and c.precision == "fp32" and c.fake_lr is None
-    assert TrainConfig(precision="fp16").optimizer_eps == 1e-6
-    for f in TrainConfig.fields():
-        assert f.metadata["help"] and "\n" not in f.metadata["help"], f.name
-
-
-def test_config_from_yaml_json_and_dict(tmp_path):
-    y = tmp_path / "c.yaml"
-    y.write_text("lr: 2.0e-5\nbatch: 64\nbetas: [0.1, 0.99]\nema-rampup-ratio: null\nimage_shape: [1, 8, 8]\n")
-    c = TrainConfig.from_file(y)
-    assert (c.lr, c.batch, c.betas, c.ema_rampup_ratio, c.image_shape) == (2e-5, 64, (0.1, 0.99), None, (1, 8, 8))
-    j = tmp_path / "c.json"
-    j.write_text(json.dumps({"alpha": 1.0, "precision": "bf16", "progress": False}))
-    c = TrainConfig.from_file(j, base=TrainConfig(batch=32))
-    assert (c.alpha, c.precision, c.progress, c.batch) == (1.0, "bf16", False, 32)
-    # strings as a command line gives them are coerced
-    c = TrainConfig.from_dict({"iterations": "10", "lr": "3e-4", "fake_lr": "none", "betas": ["0", "0.9"]})
-    assert (c.iterations, c.lr, c.fake_lr, c.betas) == (10, 3e-4, None, (0.0, 0.9))
-    assert TrainConfig.from_dict({}).to_dict() == TrainConfig().to_dict()
-
-
-@pytest.mark.parametrize("values, match", [
-    ({"learning_rate": 1}, "unknown option 'learning_rate'"),
-    ({"lr": 0}, "option lr must be > 0"),
-    ({"lr": "fast"}, "option lr must be a number"),
-    ({"tmax": 1001}, "option tmax must be <= 1000"),
-    ({"lr_cooldown": 1.5}, "option lr_cooldown must be <= 1"),
-    ({"lr_cooldown": -0.1}, "option lr_cooldown must be >= 0"),
-    ({"batch": 2.5}, "option batch must be an integer"),
-    ({"alpha": float("nan")}, "option alpha must be finite"),
-    ({"betas": [0.9]}, "option betas must be two numbers"),
-    ({"betas": [0.0, 1.0]}, "option betas must be two numbers in"),
-    ({"precision": "fp8"}, "option precision must be one of"),
-    ({"sigma_min": 100.0}, "sigma_min .* must be below sigma_max"),
-    ({"image_shape": [1, 0, 8]}, "option image_shape must be positive"),
-    ({"log_every": 0}, "option log_every must be >= 1"),
-    ({"progress": "maybe"}, "option progress must be true or false"),
-])
-def test_config_errors_name_the_option(values, match):
-    with pytest.raises(ValueError, match=match):
-        TrainConfig.from_dict(values)
-
-
-def test_config_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        TrainConfig.from_file(tmp_path / "missing.yaml")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("lr: [1, 2\n")
-    with pytest.raises(ValueError, match="not valid YAML"):
-        TrainConfig.from_file(bad)
-    bad = tmp_path / "bad.json"
-    bad.write_text("{'lr': 1}")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        TrainConfig.from_file(bad)
-    other = tmp_path / "c.toml"
-    other.write_text("lr = 1")
-    with pytest.raises(ValueError, match="must end in .yaml, .yml or .json"):
-        TrainConfig.from_file(other)
-    listing = tmp_path / "l.yaml"
-    listing.write_text("- 1\n- 2\n")
-    with pytest.raises(ValueError, match="mapping of option names"):
-        TrainConfig.from_file(listing)
-    unknown = tmp_path / "u.json"
-    unknown.write_text('{"lrr": 1}')
-    with pytest.raises(ValueError, match=r"u\.json.*unknown option 'lrr'"):
-        TrainConfig.from_file(unknown)
+from sidfast.training.loop import distill, ema_beta
+from nets import SHAPE, tiny_teacher
+from runs import assert_bitwise, assert_same_run, quiet, states, stopped_and_resumed
+from utils import requires_cuda, requires_gpus
 
 
 # ---------------- the iteration against a hand-written published one ----------------
@@ -207,7 +65,7 @@ def _published_iteration(teacher, G, fake, cfg, opt_g, opt_f, num_classes):
 
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_first_iteration_matches_the_published_loop(tmp_path, num_classes):
-    # noise "torch": the published torch.randn draws (tests/test_train_noise.py covers the kernel's noise)
+    # noise "torch": the published torch.randn draws (tests/ops/test_noise.py covers the kernel's noise)
     cfg = quiet(run_dir=str(tmp_path / "r"), iterations=1, batch=6, lr=1e-3, noise="torch")
     seen = {}
 
@@ -293,12 +151,6 @@ def test_gradient_accumulation_equals_the_full_batch_loss_scale(tmp_path):
 
 # ---------------- EMA, NaN handling, precision ----------------
 
-def test_ema_beta_is_edms_formula():
-    assert ema_beta(0, 256, 500, 0.05) == 0.0
-    assert ema_beta(10_000, 256, 500, 0.05) == 0.5 ** (256 / 500)
-    assert ema_beta(10 ** 9, 256, 500, 0.05) == 0.5 ** (256 / 500_000)
-    assert ema_beta(0, 256, 500, None) == 0.5 ** (256 / 500_000)
-
 
 def test_ema_follows_the_formula_over_iterations(tmp_path):
     snaps = []
@@ -310,13 +162,6 @@ def test_ema_follows_the_formula_over_iterations(tmp_path):
         for k in e:
             assert torch.equal(e[k], g[k].lerp(e_prev[k], beta)), k
         assert any(not torch.equal(e[k], g[k]) for k in e)
-
-
-def test_sanitize_grads_matches_published_nan_to_num():
-    p = nn.Parameter(torch.zeros(4))
-    p.grad = torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0])
-    sanitize_grads([p, nn.Parameter(torch.zeros(1))])
-    assert torch.equal(p.grad, torch.tensor([0.0, 1e5, -1e5, 2.0]))
 
 
 def test_nan_samples_are_dropped_and_training_continues(tmp_path):
@@ -403,15 +248,6 @@ def test_lr_cooldown_lowers_both_learning_rates_linearly_over_the_runs_end(tmp_p
     seen.clear()
     distill(quiet(run_dir=str(tmp_path / "constant"), lr=1e-3), tiny_teacher(), log=None)
     assert [g["lr"] for g in seen] == [1e-3] * 8  # the default: the published constant rate
-
-
-def test_lr_factor():
-    from sidfast.training.updates import lr_factor
-
-    assert [lr_factor(i, 10, 0.0) for i in range(10)] == [1.0] * 10
-    assert [lr_factor(i, 10, 0.5) for i in range(10)] == pytest.approx(
-        [1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
-    assert [lr_factor(i, 4, 1.0) for i in range(4)] == pytest.approx([1, 0.75, 0.5, 0.25])
 
 
 def test_a_run_with_cooldown_resumes_bitwise(tmp_path):
@@ -512,15 +348,15 @@ def test_teacher_path_is_stored_absolute_and_entry_points_unchanged(tmp_path, mo
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
-    save_network("teacher.pt", tiny_teacher(), "test_train:build_tiny", {})
+    save_network("teacher.pt", tiny_teacher(), "nets:build_tiny", {})
     distill(quiet(run_dir="r", iterations=1, teacher="teacher.pt"), tiny_teacher(), log=None)
     data = torch.load("r/checkpoint.pt", weights_only=True)
     where = str((tmp_path / "a" / "teacher.pt").resolve())
     assert data["teacher"] == where and data["config"]["teacher"] == where
     monkeypatch.chdir(tmp_path / "b")
     load_network(data["teacher"])  # another working directory still finds it
-    distill(quiet(run_dir="e", iterations=1, teacher="test_train:tiny_teacher"), tiny_teacher(), log=None)
-    assert torch.load("e/checkpoint.pt", weights_only=True)["teacher"] == "test_train:tiny_teacher"
+    distill(quiet(run_dir="e", iterations=1, teacher="nets:tiny_teacher"), tiny_teacher(), log=None)
+    assert torch.load("e/checkpoint.pt", weights_only=True)["teacher"] == "nets:tiny_teacher"
 
 
 def test_plain_progress_lines_off_a_terminal(tmp_path, monkeypatch):
@@ -547,18 +383,6 @@ def test_plain_progress_lines_off_a_terminal(tmp_path, monkeypatch):
     assert not [x for x in lines if x.startswith("iteration ")]
 
 
-def test_option_names_match_the_command_line():
-    from sidfast.cli import build_parser
-
-    distill_parser = build_parser()._subparsers._group_actions[0].choices["distill"]
-    flags = {s for action in distill_parser._actions for s in action.option_strings}
-    assert TrainConfig.option("batch_gpu") == "--batch-gpu"
-    for f in TrainConfig.fields():
-        assert TrainConfig.option(f.name) in flags, f.name
-    with pytest.raises(ValueError, match="no field 'batchgpu'"):
-        TrainConfig.option("batchgpu")
-
-
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     distill(quiet(run_dir=str(tmp_path / "r"), iterations=1), tiny_teacher(hidden=16), log=None)
     with pytest.raises(CheckpointError, match="does not fit these networks"):
@@ -569,12 +393,12 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 def test_checkpoint_contents(tmp_path):
     distill(quiet(run_dir=str(tmp_path / "r"), iterations=2), tiny_teacher(2),
-            architecture={"builder": "test_train:build_tiny", "config": {"num_classes": 2}}, log=None)
+            architecture={"builder": "nets:build_tiny", "config": {"num_classes": 2}}, log=None)
     data = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert data["format"] == "sidfast.distill" and data["iteration"] == 2 and data["nimg"] == 16
     assert data["world_size"] == 1 and len(data["rng"]) == 1
     assert data["num_classes"] == 2 and data["label_format"] == "onehot" and data["image_shape"] == [1, 4, 4]
-    assert data["architecture"]["builder"] == "test_train:build_tiny"
+    assert data["architecture"]["builder"] == "nets:build_tiny"
     assert set(data) >= {"generator", "generator_ema", "fake", "opt_g", "opt_fake", "config"}
 
 
@@ -614,18 +438,6 @@ def test_image_shape_must_be_known(tmp_path):
     assert res.iteration == 1
 
 
-def test_device_errors():
-    from sidfast.utils.runtime import resolve_device
-
-    assert resolve_device("cpu").type == "cpu"
-    with pytest.raises(ValueError, match="not a device name"):
-        resolve_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU is available.*--device cpu"):
-            resolve_device("cuda")
-        assert resolve_device("auto").type == "cpu"
-
-
 @requires_cuda
 @pytest.mark.parametrize("engine", ["eager", "fused"])
 def test_cuda_run_is_a_device_switch(tmp_path, engine):
@@ -634,7 +446,7 @@ def test_cuda_run_is_a_device_switch(tmp_path, engine):
     assert next(res.generator.parameters()).is_cuda and math.isfinite(res.last["loss_g"])
 
 
-@requires_cuda(condition=torch.cuda.device_count() >= 2, reason="needs two CUDA devices")
+@requires_gpus(2)
 @pytest.mark.parametrize("engine", ["eager", "fused"])
 def test_a_run_on_the_second_gpu_makes_it_the_current_device(tmp_path, engine):
     torch.cuda.set_device(0)
@@ -746,19 +558,6 @@ def test_compile_option_compiles_generator_and_score_networks(tmp_path, monkeypa
 
 
 # ---------------- noise sources (option noise) and the folded generator loss scale ----------------
-
-def test_noise_option_picks_the_kernel_on_the_triton_route_only(monkeypatch):
-    from sidfast.ops import backend
-    from sidfast.training.sid import noise_source
-
-    x = torch.zeros(2, 3)
-    for triton_route in (True, False):
-        monkeypatch.setattr(backend, "use_triton", lambda t, on=triton_route: on)
-        assert noise_source("auto", x) == ("kernel" if triton_route else "torch")
-        assert noise_source("kernel", x) == "kernel" and noise_source("torch", x) == "torch"
-    assert TrainConfig().noise == "auto"
-    with pytest.raises(ValueError, match="option noise must be one of auto, kernel, torch, got 'philox'"):
-        TrainConfig(noise="philox").validate()
 
 
 def _differ(net_a, net_b) -> bool:

@@ -397,7 +397,7 @@ def test_bad_stream_arguments_and_positions(tmp_path):
 
 
 def test_docs_example_runs(tmp_path, monkeypatch):
-    page = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "data.md").read_text()
     (block,) = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     monkeypatch.chdir(tmp_path)
     scope = {}
