@@ -13,7 +13,6 @@ Quality bars checked: FD(student) <= 1.25 FD(teacher) and FD(init) >= 3 FD(stude
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

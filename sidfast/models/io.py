@@ -34,7 +34,7 @@ def _what_to_do(path: Path, kinds: tuple) -> str:
     prev = previous_path(path)
     if "distill" not in kinds:
         return f"; the previous version is kept at {str(prev)!r}" if prev.is_file() else ""
-    fresh = f"start the run again with --overwrite"
+    fresh = "start the run again with --overwrite"
     if prev.exists():
         return f"; resume from the previous checkpoint with --resume {prev}, or {fresh}"
     return f"; {fresh}"
@@ -146,6 +146,6 @@ def load_network(path) -> tuple[torch.nn.Module, dict]:
     return build_network(data, path).eval(), data.get("meta", {})
 
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "previous_path", "unreadable_path",
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "previous_path",
            "save_network", "load_network", "build_network", "import_entry_point", "kind_of", "FORMATS",
            "VERSION"]

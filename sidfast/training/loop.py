@@ -35,6 +35,7 @@ from sidfast.training.sida import SIDA_METRICS, SiDAPhases, read_init_generator
 from sidfast.training.state import load_distill, read_distill, resume_source, save_distill, teacher_reference
 from sidfast.training.updates import _nan_to_num_, ema_beta, lr_factor, sanitize_grads, update_ema
 from sidfast.utils import runtime
+from sidfast.utils.images import save_grid
 from sidfast.utils.runtime import resolve_device, seed_everything
 
 METHOD_NAMES = {"sid": "SiD", "sida": "SiDA", "sid2a": "SiD2A"}

@@ -4,11 +4,8 @@ never see half a file."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from torch import nn
 
 from sidfast.utils.files import atomic_write
 
@@ -109,4 +106,4 @@ def _fmt(v) -> str:
     return str(v)
 
 
-__all__ = ["MetricsLog", "read_metrics", "plot_losses", "summary_table", "LOSS_KEYS", "DistillResult", "run_summary"]
+__all__ = ["MetricsLog", "read_metrics", "plot_losses", "summary_table", "LOSS_KEYS", "run_summary"]
