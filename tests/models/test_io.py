@@ -116,7 +116,7 @@ def build_linear(config):
 def test_network_checkpoint_round_trip_and_mismatch(tmp_path):
     torch.manual_seed(0)
     net = nn.Linear(3, 2)
-    path = checkpoint.save_network(tmp_path / "t.pt", net, "test_checkpoint:build_linear", {"n_in": 3, "n_out": 2},
+    path = checkpoint.save_network(tmp_path / "t.pt", net, "test_io:build_linear", {"n_in": 3, "n_out": 2},
                                    meta={"note": "x"})
     loaded, meta = checkpoint.load_network(path)
     assert meta == {"note": "x"} and not loaded.training
