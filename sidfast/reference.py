@@ -283,13 +283,15 @@ def sid_iteration(generator, generator_ema, fake, teacher, opt_g, opt_fake, *, n
                   loss_scale_g: float = 100.0, loss_scale_fake: float = 1.0, ema_halflife_kimg: float = 500.0,
                   ema_rampup_ratio: float | None = 0.05, real_images=None, real_labels=None, discriminator=None,
                   loss_scale_d: float = 1.0, loss_scale_gan: float = 0.01, gan_start_kimg: float = 0.0,
-                  g_start_kimg: float = 0.0) -> dict:
+                  g_start_kimg: float = 0.0, gen_labels=None) -> dict:
     """One iteration of SiD (Zhou et al., ICML 2024, Algorithm 1) or SiDA (``method="sida"``; Zhou et al.,
     ICLR 2025), in ``sidfast.train.distill``'s order (one fp32 micro-batch, torch.randn noise; docs/math.md,
     "One iteration in code"). Networks: EDM denoisers ``net(x, sigma, labels) -> x0``, the teacher frozen;
     ``opt_*``: their Adam optimizers; ``nimg``: images seen before. Draws per step: z, labels (uniform,
-    one-hot), dropout, sigma, eps. SiDA: the iteration's real batch, and ``discriminator``, D on ``fake``'s
-    encoder (``sidfast.models.discriminator.DiscriminatorTap``). Returns the losses."""
+    one-hot), dropout, sigma, eps. SiDA: the iteration's real batch (``real_images``, ``real_labels``), the
+    generator step's labels ``gen_labels`` (published: those of the next real batch, drawn after the fake-score
+    update; None: uniform), and ``discriminator``, D on ``fake``'s encoder
+    (``sidfast.models.discriminator.DiscriminatorTap``). Returns the losses."""
     sida = method == "sida"
     device = next(generator.parameters()).device
 
@@ -335,7 +337,7 @@ def sid_iteration(generator, generator_ema, fake, teacher, opt_g, opt_fake, *, n
     # Update the generator: the SiD loss of fresh samples (SiDA: mixed with L_gan after gan_start_kimg)
     generator.train()
     fake.eval()
-    x_g, labels = sample(None)
+    x_g, labels = sample(gen_labels)
     sigma = generator_sigma(batch, tmax, device=device)
     x_t = x_g + broadcast(sigma, x_g) * torch.randn_like(x_g)
     y_real = teacher(x_t, sigma, labels)

@@ -19,7 +19,8 @@ LABEL_FORMATS = ("auto", "onehot", "index")
 ENGINES = ("eager", "fused")
 NOISES = ("auto", "kernel", "torch")
 METHODS = ("sid", "sida", "sid2a")
-ADVERSARIAL = ("sida", "sid2a")  # the methods that train on real images with the fake score's encoder as D
+ADVERSARIAL = ("sida", "sid2a")
+GEN_LABELS = ("data", "uniform")  # where SiDA's generator step takes its class labels  # the methods that train on real images with the fake score's encoder as D
 GENERATOR_WEIGHTINGS = ("auto", "sid", "1-t")
 FSDP_PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -92,6 +93,10 @@ class TrainConfig:
                                      "loss_scaling_G_gan = 0.01)")
     loss_scale_d: float = _t(1.0, "sida/sid2a: scale of the discriminator loss (published: 1 for EDM networks, "
                                   "100 for EDM2)")
+    gen_labels: str = _t("data", "sida/sid2a: class labels of the generator step: data (those of the next real "
+                                 "batch, so the student trains on the data's class frequencies, as published) or "
+                                 "uniform (drawn uniformly; the real-data stream then advances once per "
+                                 "iteration)", choices=GEN_LABELS)
 
     # guidance, conditioning and the few-step generator (docs/math.md, "Guidance (SiD-LSG)", "Few-step
     # generator")
@@ -357,7 +362,7 @@ class TrainConfig:
                               ("method", METHODS), ("guidance", GUIDANCE_NAMES),
                               ("step_spacing", SPACINGS), ("renoise", RENOISE),
                               ("generator_weighting", GENERATOR_WEIGHTINGS),
-                              ("fsdp_precision", FSDP_PRECISIONS)):
+                              ("fsdp_precision", FSDP_PRECISIONS), ("gen_labels", GEN_LABELS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"option {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("run_dir", "device"):
@@ -401,6 +406,7 @@ class TrainConfig:
         if self.method == "sid":
             given = [self.option(n) for n in ("data", "disc_layer") if getattr(self, n) is not None]
             given += [self.option("augment_p")] if self.augment_p else []
+            given += [self.option("gen_labels")] if self.gen_labels != "data" else []
             if given:
                 raise ValueError(f"{', '.join(given)} belong to {self.option('method')} sida or sid2a "
                                  "(SiD is data-free)")

@@ -19,7 +19,8 @@ lazily, one image at a time; array files are loaded whole.
 the r-th run of ``batch``. Within an epoch the ranks' shares are disjoint and cover it; the position
 (epoch, index into the epoch, seed) is the same on every rank, so any rank's ``state_dict`` resumes all.
 
-Errors are ``DataError`` (a ValueError) and name ``--data``, the command line's word for the input.
+Errors are ``DataError`` (a ValueError) and name ``--data``, the command line's word for the input; float
+images that look like [0, 1] rather than [-1, 1] get a ``DataWarning``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import abc
 import io
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -42,16 +44,22 @@ class DataError(ValueError):
     """Bad ``--data``: the message says which input and what is wrong with it."""
 
 
+class DataWarning(UserWarning):
+    """``--data`` that is accepted but looks wrong (float images in [0, 1], labels an unconditional teacher
+    ignores)."""
+
+
 # ---- conversions to float32 (C, H, W) in [-1, 1] ----
 
 def _from_uint8_hwc(a: torch.Tensor, what: str) -> torch.Tensor:
-    """uint8 (..., H, W, C) channels-last -> float32 (..., C, H, W) in [-1, 1]."""
+    """uint8 (..., H, W, C) channels-last -> float32 (..., C, H, W) in [-1, 1], contiguous (a channels-last
+    view would make anything that draws in memory order, dropout or randn_like, draw differently)."""
     if a.shape[-1] not in (1, 3):
         channels_first = a.dim() >= 3 and a.shape[-3] in (1, 3)
         hint = " (it looks channels-first; uint8 images are read channels-last)" if channels_first else ""
         raise DataError(f"{what}: uint8 images must be (H, W, C) with 1 or 3 channels, got shape "
                         f"{tuple(a.shape)}{hint}")
-    return a.movedim(-1, -3).to(torch.float32) / 127.5 - 1
+    return a.movedim(-1, -3).contiguous().to(torch.float32) / 127.5 - 1
 
 
 def _check_float(a: torch.Tensor, what: str) -> torch.Tensor:
@@ -124,6 +132,7 @@ class ImageSource(abc.ABC):
     shape: tuple
     has_labels: bool
     labels: torch.Tensor | None = None
+    float_input: bool = False  # images given as floats (a range of [0, 1] instead of [-1, 1] is possible)
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -152,6 +161,7 @@ class ArraySource(ImageSource):
             raise DataError(f"{what}: images must be uint8 (N, H, W, C) or float (N, C, H, W) in [-1, 1], "
                             f"got {images.dtype}")
         self._images = images
+        self.float_input = images.is_floating_point()
         if len(images) == 0:
             raise DataError(f"{what} holds no images")
         self.shape = tuple(images.shape[1:]) if images.is_floating_point() else (
@@ -297,7 +307,10 @@ class FileSource(ImageSource):
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             if isinstance(exc, DataError):
                 raise
-            raise DataError(f"{what} cannot be read as an image: {exc}") from None
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, UnidentifiedImageError):
+                reason = "not a recognised image format (a corrupt or truncated file?)"
+            raise DataError(f"{what} cannot be read as an image: {reason}; fix or remove the file") from None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -331,6 +344,7 @@ class DatasetSource(ImageSource):
         self._channels = channels
         first, label = self._item(0)
         self.has_labels = label is not None
+        self.float_input = _is_float_image(self.dataset[0])
         self._channels = first.shape[0]
         self.shape = tuple(first.shape)
 
@@ -362,6 +376,13 @@ class DatasetSource(ImageSource):
             images.append(image)
             labels.append(label)
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64) if self.has_labels else None
+
+
+def _is_float_image(item) -> bool:
+    """Whether a Dataset item (an image or (image, label)) holds its image as floats."""
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    return isinstance(image, (torch.Tensor, np.ndarray)) and (
+        image.is_floating_point() if isinstance(image, torch.Tensor) else np.issubdtype(image.dtype, np.floating))
 
 
 def _shape_text(shape) -> str:
@@ -464,6 +485,7 @@ class RealData:
         self.epoch = 0
         self.index = 0
         self._order = None  # (epoch, permutation) of the last epoch used
+        self._range_checked = False  # float images: their range looked at once, on the first batch
 
     def __len__(self) -> int:
         return len(self.source)
@@ -472,12 +494,34 @@ class RealData:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        start = self.rank * self.batch
-        images, labels = self.source.read([self._at(start + k) for k in range(self.batch)])
+        images, labels = self.source.read(self._batch_indices())
+        if labels is not None and self.num_classes is not None:
+            _check_classes(labels, self.num_classes, "--data")
+        if self.source.float_input and not self._range_checked:
+            self._range_checked = True
+            _warn_if_unit_range(images)
+        self._advance(self.world * self.batch)
+        return images.contiguous(), labels
+
+    def next_labels(self) -> torch.Tensor | None:
+        """The labels of the next batch (None without labels), advancing the stream as ``next`` does but
+        without decoding images where the labels are known up front (SiDA's generator step takes the labels
+        of a fresh real batch, as published)."""
+        indices = self._batch_indices()
+        if not self.source.has_labels:
+            labels = None
+        elif self.source.labels is not None:
+            labels = self.source.labels[torch.as_tensor(indices)]
+        else:
+            labels = self.source.read(indices)[1]
         if labels is not None and self.num_classes is not None:
             _check_classes(labels, self.num_classes, "--data")
         self._advance(self.world * self.batch)
-        return images, labels
+        return labels
+
+    def _batch_indices(self) -> list[int]:
+        start = self.rank * self.batch
+        return [self._at(start + k) for k in range(self.batch)]
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -518,6 +562,16 @@ class RealData:
         self.seed = int(state["seed"])
         self.shuffle = bool(state["shuffle"])
         self._order = None
+
+
+def _warn_if_unit_range(images: torch.Tensor) -> None:
+    """Warn when float images look like [0, 1] (min >= 0 and max <= 1) rather than [-1, 1]."""
+    lo = images.min().item()
+    hi = images.max().item()
+    if lo >= 0 and hi <= 1:
+        warnings.warn(f"--data: the float images of the first batch lie in [{lo:g}, {hi:g}], which looks like "
+                      f"[0, 1], but float images must be in [-1, 1] (EDM's convention): store images * 2 - 1, "
+                      f"or uint8 0..255", DataWarning, stacklevel=3)
 
 
 def _check_classes(labels: torch.Tensor, num_classes: int, what: str) -> None:

@@ -343,6 +343,9 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
             f"({trainer.batch_gpu} x {trainer.rounds} per process), image {trainer.image_shape}, classes "
             f"{trainer.num_classes}, " + (f"resuming at iteration {trainer.iteration} of {cfg.iterations}"
                                           if resumed else f"fresh start, {cfg.iterations} iterations"))
+        gates = trainer.phases.gate_warning(trainer.nimg, cfg.iterations * cfg.batch)  # SiDA's warm-up gates
+        if gates:
+            say(gates)
 
     progress = runtime.Progress(cfg.iterations, trainer.iteration, cfg.batch, bar=cfg.progress, log=say)
     window = runtime.LossWindow(trainer.iteration)
@@ -361,7 +364,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                 if trainer.iteration % cfg.log_every == 0 or done:
                     seconds = time.perf_counter() - start_time
                     record = window.record(trainer.iteration, trainer.nimg, cfg.batch, seconds)
-                    record.update(trainer.phases.take_metrics())
+                    trainer.phases.add_metrics(record)
                     metrics.append(record)
                     last = record
                 progress.update(record, done)
@@ -408,6 +411,8 @@ def _result(trainer: Distiller, seconds: float, start_iteration: int, last: dict
     summary = run_summary(trainer.iteration, trainer.iteration - start_iteration, trainer.nimg, trainer.cfg.batch,
                           seconds, last, trainer.dist.world, trainer.device, checkpoint, interrupted, complete,
                           extra_keys=SIDA_METRICS)
+    if trainer.nimg > 0:  # SiDA: the warm-up gates the run never opened
+        summary.update(trainer.phases.summary_notes(trainer.nimg))
     return DistillResult(generator=trainer.generator, generator_ema=trainer.generator_ema, fake=trainer.fake,
                          iteration=trainer.iteration, nimg=trainer.nimg, seconds=seconds,
                          interrupted=interrupted, checkpoint=checkpoint, run_dir=trainer.run_dir,

@@ -84,6 +84,19 @@ class SiDPhases:
         """Metrics besides the two losses, averaged since the last call (SiD has none)."""
         return {}
 
+    def add_metrics(self, record: dict) -> dict:
+        """A metrics record with this recipe's metrics added."""
+        record.update(self.take_metrics())
+        return record
+
+    def gate_warning(self, start_nimg: int, end_nimg: int) -> str | None:
+        """A line for the start of a run that ends before a warm-up gate opens (SiD has no gates)."""
+        return None
+
+    def summary_notes(self, end_nimg: int) -> dict:
+        """Notes for summary.json about what the run did not train (SiD: none)."""
+        return {}
+
     # ---- the two updates ----
     def fake_score_loss(self, scores, generator, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """EDM's denoising loss of the fake score at fresh samples of ``generator`` (``docs/math.md``,
@@ -100,11 +113,12 @@ class SiDPhases:
         loss = self._denoising_loss(pred, x0, noise, sigma, seed)
         return loss, loss * scale
 
-    def generator_batch(self, generator, generator_no_grad=None) -> tuple:
+    def generator_batch(self, generator, generator_no_grad=None, labels=None) -> tuple:
         """(x_g, labels, cond, sigma, noise) of a generator update: fresh samples with gradient, the published
-        generator-loss noise levels, and eps (None: drawn in the noising kernel)."""
+        generator-loss noise levels, and eps (None: drawn in the noising kernel); ``labels``: the class
+        labels to generate for (SiDA: a real batch's), else drawn."""
         cfg = self.cfg
-        x_g, labels, cond = self.generate(generator, generator_no_grad)
+        x_g, labels, cond = self.generate(generator, generator_no_grad, labels=labels)
         sigma = reference.generator_sigma(self.batch.size, cfg.tmax, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                                           device=self.batch.device)
         noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None

@@ -9,6 +9,7 @@ starts the generator from a SiD run's EMA generator (``read_init_generator``).
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from sidfast import reference
 from sidfast.training.augment import AugmentPipe
 from sidfast.models.io import CheckpointError, load_checkpoint
-from sidfast.training.data import RealData
+from sidfast.training.data import DataWarning, RealData
 from sidfast.labels import format_labels
 from sidfast.models.introspect import _modules_of
 from sidfast.engine.scores import edm_noised
@@ -28,7 +29,9 @@ from sidfast.training.sid import MicroBatch, SiDPhases, drop_nan_samples, noise_
 # loss_scale_gan * L_gan (published 0.5 / 0.5); and the value the fake score's gradients are clipped to.
 SIDA_MIX = 0.5
 SIDA_CLIP = 1.0
-SIDA_METRICS = ("loss_d", "loss_gan", "logit_real", "logit_fake")
+SIDA_METRICS = ("loss_d", "loss_gan", "logit_real", "logit_fake", "loss_g_not_applied", "loss_gan_not_applied")
+# a loss the generator's optimizer did not step on in a metrics window is logged under this suffix instead
+NOT_APPLIED = "_not_applied"
 
 
 def takes_augment_labels(net: nn.Module) -> bool:
@@ -81,6 +84,8 @@ class SiDAPhases(SiDPhases):
         self.nimg = 0
         self._sums: dict = {}  # metrics summed since the last record
         self._summed = 0
+        self._g_steps = 0  # iterations since the last record in which the generator's optimizer stepped
+        self._gan_steps = 0  # ... and stepped with the GAN term in its loss
 
     def _open_real_data(self, data, rank: int, world: int) -> RealData:
         """SiDA's real images (``distill(data=...)``, else option ``data``), this rank's share, checked
@@ -96,8 +101,14 @@ class SiDAPhases(SiDPhases):
         if len(shape) != 3 or shape[0] not in (1, 3):
             raise ValueError(f"{cfg.option('data')}: real images are C x H x W with 1 or 3 channels, but the "
                              f"teacher's samples have shape {shape}")
-        return RealData(data, b.size, rank=rank, world=world, seed=cfg.seed, shape=shape,
+        real = RealData(data, b.size, rank=rank, world=world, seed=cfg.seed, shape=shape,
                         num_classes=b.num_classes or None)
+        if not b.num_classes and real.source.has_labels:
+            warnings.warn(f"{cfg.option('data')}: the real images have class labels, but the teacher is "
+                          "unconditional: the labels are ignored (a class-conditional teacher needs "
+                          f"{cfg.option('num_classes')} or a network with class labels)", DataWarning,
+                          stacklevel=2)
+        return real
 
     def _augment_pipe(self, fake) -> AugmentPipe | None:
         cfg = self.cfg
@@ -114,11 +125,44 @@ class SiDAPhases(SiDPhases):
         super().begin(iteration, nimg)
         self.nimg = nimg
         self._summed += 1
+        self._g_steps += self.updates_generator
+        self._gan_steps += self.updates_generator and self.gan_on
 
     @property
     def updates_generator(self) -> bool:
         """The generator's optimizer steps only after ``g_start_kimg`` thousand images, as published."""
         return self.nimg > self.cfg.g_start_kimg * 1000
+
+    @property
+    def gan_on(self) -> bool:
+        """The GAN term is in the generator's loss only after ``gan_start_kimg`` thousand images, as published."""
+        return self.nimg > self.cfg.gan_start_kimg * 1000
+
+    def closed_gates(self, last_nimg: int) -> list[str]:
+        """The warm-up gates still closed at the iteration that starts at ``last_nimg`` images (the last of a
+        run): one phrase each, naming the gate, where it opens and the option that moves it."""
+        cfg = self.cfg
+        gates = (("the generator's optimizer steps", "g_start_kimg"), ("the GAN term joins the generator loss",
+                                                                        "gan_start_kimg"))
+        return [f"{what} only after {getattr(cfg, name):g} kimg ({cfg.option(name)})"
+                for what, name in gates if last_nimg <= getattr(cfg, name) * 1000]
+
+    def gate_warning(self, start_nimg: int, end_nimg: int) -> str | None:
+        """One line for the start of a run that ends (at ``end_nimg`` images) before a warm-up gate opens."""
+        last = end_nimg - self.cfg.batch
+        if end_nimg <= start_nimg or not self.closed_gates(last):
+            return None
+        frozen = self.closed_gates(last)[0].startswith("the generator's")
+        effect = ("the generator never trains (its weights stay as they start)" if frozen else
+                  "the generator trains on the SiD loss alone")
+        return (f"warning: this run ends at {end_nimg / 1000:g} kimg, but {'; '.join(self.closed_gates(last))}: "
+                f"{effect}; lower the option to start sooner")
+
+    def summary_notes(self, end_nimg: int) -> dict:
+        """summary.json's note of the gates a finished run (at ``end_nimg`` images) never opened."""
+        closed = self.closed_gates(end_nimg - self.cfg.batch)
+        return {"generator_trained": not any(g.startswith("the generator's") for g in closed),
+                **({"gates_not_reached": "; ".join(closed)} if closed else {})}
 
     # ---- the two updates (docs/math.md, "SiDA losses") ----
     def fake_score_loss(self, scores, generator, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,11 +196,13 @@ class SiDAPhases(SiDPhases):
         (L_sid, scale * loss), loss = loss_scale_g L_sid, mixed with loss_scale_gan L_gan once more than
         gan_start_kimg thousand images were seen."""
         cfg = self.cfg
-        x_g, labels, _, sigma, noise = self.generator_batch(generator, generator_no_grad)
+        # published: the labels of the next real batch (the loader's class frequencies); images unused
+        labels = self._real_labels() if cfg.gen_labels == "data" else None
+        x_g, labels, _, sigma, noise = self.generator_batch(generator, generator_no_grad, labels)
         y_real, y_fake, logits = scores.generator_terms_with_logits(x_g, sigma, labels, noise=noise)
         loss_sid, loss_gan = sida_generator_loss(y_real.float(), y_fake.float(), x_g, logits, cfg.sid_alpha)
         loss = cfg.loss_scale_g * loss_sid
-        if self.nimg > cfg.gan_start_kimg * 1000:
+        if self.gan_on:
             loss = SIDA_MIX * loss + (1 - SIDA_MIX) * cfg.loss_scale_gan * loss_gan
         self._note(loss_gan=loss_gan)
         return loss_sid, scale * loss
@@ -171,6 +217,16 @@ class SiDAPhases(SiDPhases):
         if not b.num_classes:
             return images, None
         return images, format_labels(idx.to(b.device), b.num_classes, b.label_format, check=False)
+
+    def _real_labels(self):
+        """The labels of the next real micro-batch of this rank in the networks' format, its images not
+        decoded (None for an unconditional teacher; the stream advances either way, as the published loop
+        draws a batch)."""
+        b = self.batch
+        idx = self.real_data.next_labels()
+        if not b.num_classes:
+            return None
+        return format_labels(idx.to(b.device), b.num_classes, b.label_format, check=False)
 
     def _augmented(self, images):
         """EDM's augmentation of ``images`` (a fresh draw per call, as published for the real and the
@@ -192,6 +248,18 @@ class SiDAPhases(SiDPhases):
         self._sums = {}
         self._summed = 0
         return out
+
+    def add_metrics(self, record: dict) -> dict:
+        """``record`` with SiDA's metrics; a generator loss no optimizer step used in the window (before the
+        gates: ``loss_g`` before g_start_kimg, ``loss_gan`` before gan_start_kimg too) moves to
+        ``<name>_not_applied``, so that logs and plots show only losses the generator trained on."""
+        stepped, gan = self._g_steps, self._gan_steps
+        self._g_steps = self._gan_steps = 0
+        record.update(self.take_metrics())
+        for name, applied in (("loss_g", stepped), ("loss_gan", gan)):
+            if not applied and name in record:
+                record[name + NOT_APPLIED] = record.pop(name)
+        return record
 
 
 __all__ = ["SiDAPhases", "SIDA_METRICS", "read_init_generator", "takes_augment_labels"]

@@ -281,8 +281,10 @@ class Progress:
         self.bar.update(1)
         if record is None:
             return
+        # SiDA before its gate: no loss_g (the generator did not step), logged as loss_g_not_applied
+        loss_g = f"{record['loss_g']:.4g}" if "loss_g" in record else "- (generator not stepping yet)"
         if self.use_bar:
-            self.bar.set_postfix(img_s=f"{record['img_per_s']:.1f}", loss_g=f"{record['loss_g']:.4g}",
+            self.bar.set_postfix(img_s=f"{record['img_per_s']:.1f}", loss_g=loss_g,
                                  loss_fake=f"{record['loss_fake']:.4g}", refresh=False)
             return
         now = time.monotonic()
@@ -293,7 +295,7 @@ class Progress:
         left = (self.total - record["iteration"]) / max(record["it_per_s"], 1e-9)
         eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.1f} days"
         self.log(f"iteration {record['iteration']}/{self.total}  kimg {record['nimg'] / 1000:.1f}  "
-                 f"loss_g {record['loss_g']:.4g}  loss_fake {record['loss_fake']:.4g}  "
+                 f"loss_g {loss_g}  loss_fake {record['loss_fake']:.4g}  "
                  f"img/s {record['img_per_s']:.1f}  ETA {eta}")
 
     def close(self) -> None:

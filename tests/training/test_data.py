@@ -404,3 +404,67 @@ def test_docs_example_runs(tmp_path, monkeypatch):
     exec(compile(block, "docs/data.md", "exec"), scope)
     assert scope["images"].shape == (4, 3, 8, 8) and scope["labels"].dtype == torch.int64
     assert scope["augment_labels"].shape == (4, 9)
+
+
+def test_corrupt_image_in_a_folder_names_the_file(tmp_path):
+    """A truncated PNG (its header intact) and a file that is no image at all, met while streaming: a DataError
+    naming the file and what to do, not PIL's message about a BytesIO object."""
+    root = _class_folder(tmp_path / "data", n=3)
+    good = (root / "a" / "02.png").read_bytes()
+    (root / "a" / "02.png").write_bytes(good[:len(good) // 2])
+    (root / "b" / "01.png").write_bytes(b"not a png at all")
+    stream = RealData(root, batch=len(open_images(root)), shuffle=False)
+    with pytest.raises(DataError, match=r"--data image 'a/02.png' in .* cannot be read as an image: .*; fix or "
+                                        r"remove the file"):
+        next(stream)
+    with pytest.raises(DataError, match=r"--data image 'b/01.png' in .* not a recognised image format \(a "
+                                        r"corrupt or truncated file\?\); fix or remove the file") as info:
+        open_images(root).read([2])
+    assert "BytesIO" not in str(info.value)
+
+
+def test_float_images_in_unit_range_warn_once(tmp_path):
+    """Float data whose first batch lies in [0, 1]: one DataWarning naming --data and [-1, 1]; uint8 data and
+    float data in [-1, 1] none."""
+    import warnings
+
+    from sidfast.training.data import DataWarning
+
+    images = torch.rand(8, 3, 4, 4)
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i]
+
+    for data in (images, Items(), images.numpy()):
+        stream = RealData(data, 4)
+        with pytest.warns(DataWarning, match=r"--data: .* looks like \[0, 1\], but float images must be in "
+                                             r"\[-1, 1\]"):
+            next(stream)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DataWarning)
+            next(stream)  # once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        next(RealData(images * 2 - 1, 4))
+        next(RealData((images * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous(), 4))
+
+
+def test_next_labels_advances_like_next_without_decoding(tmp_path):
+    """next_labels: the labels next() would give, the stream advanced the same way (images not read where the
+    labels are known up front)."""
+    root = _class_folder(tmp_path / "data", n=3)
+    a, b = RealData(root, 2, seed=3), RealData(root, 2, seed=3)
+    calls = []
+    read = b.source.read
+    b.source.read = lambda indices: calls.append(indices) or read(indices)
+    for _ in range(5):
+        assert torch.equal(next(a)[1], b.next_labels())
+    assert a.state_dict() == b.state_dict() and not calls
+    images = torch.rand(6, 1, 4, 4) * 2 - 1
+    unlabelled = RealData(images, 4)
+    assert unlabelled.next_labels() is None and unlabelled.state_dict()["index"] == 4
+    dataset = RealData(torch.utils.data.TensorDataset(images, torch.arange(6)), 4, shuffle=False)
+    assert dataset.next_labels().tolist() == [0, 1, 2, 3]

@@ -47,6 +47,7 @@ CASES = {
     # gates at 0: iteration 1 (0 images seen) without the GAN term and generator step, then both on
     "sida": ("sida", 0, dict(gan_start_kimg=0.0, g_start_kimg=0.0)),
     "sida-class-conditional": ("sida", 3, dict(gan_start_kimg=0.0, g_start_kimg=0.0)),
+    "sida-uniform-labels": ("sida", 3, dict(gan_start_kimg=0.0, g_start_kimg=0.0, gen_labels="uniform")),
     "sida-generator-frozen": ("sida", 0, dict(gan_start_kimg=0.0, g_start_kimg=1.0)),  # 1000 images: never
 }
 
@@ -97,9 +98,11 @@ def reference_run(cfg, num_classes, data, loss_scale_g=None):
     seed_everything(cfg.seed)
     losses = []
     for it in range(cfg.iterations):
-        if stream is not None:
+        if stream is not None:  # the fake-score step's real batch, then the generator step's (its labels only)
+            onehot = (lambda i: F.one_hot(i, num_classes).float()) if num_classes else (lambda i: None)
             images, idx = next(stream)
-            kw.update(real_images=images, real_labels=F.one_hot(idx, num_classes).float() if num_classes else None)
+            gen_labels = onehot(next(stream)[1]) if cfg.gen_labels == "data" else None
+            kw.update(real_images=images, real_labels=onehot(idx), gen_labels=gen_labels)
         out = reference.sid_iteration(generator, generator_ema, fake, teacher, opt_g, opt_fake, nimg=it * cfg.batch,
                                       batch=cfg.batch, image_shape=SHAPE, **kw)
         losses.append((out["loss_g"], out["loss_fake"]))

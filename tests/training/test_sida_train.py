@@ -14,7 +14,9 @@ from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.training.data import DataError, RealData
 from sidfast.utils.runtime import seed_everything
 from sidfast.training.loop import TrainConfig, distill
-from nets import SHAPE, tiny_teacher
+from torch import nn
+
+from nets import SHAPE, TinyEDM, tiny_teacher
 from runs import LAYER, assert_bitwise, assert_same_run, quiet, real_images, sida, states
 from utils import run_main, user_error
 
@@ -27,9 +29,11 @@ def encoder_logits(net, x, sigma, labels):
     return net.inp(torch.cat(parts, 1)).mean(1, keepdim=True)
 
 
-def _published_sida_iteration(teacher, G, fake, cfg, opt_g, opt_f, real, real_idx, num_classes, nimg):
+def _published_sida_iteration(teacher, G, fake, cfg, opt_g, opt_f, stream, num_classes, nimg):
     """One iteration as the published ``sida_training_loop.py`` and ``sida_loss.py`` run it, with one
-    micro-batch; returns the (clipped) fake-score gradients and the generator's gradients."""
+    micro-batch, each update taking the next batch of the data loader ``stream``; returns the (clipped)
+    fake-score gradients and the generator's gradients."""
+    real, real_idx = next(stream)
     B = cfg.batch
     onehot = (lambda idx: F.one_hot(idx, num_classes).float()) if num_classes else (lambda idx: None)
     c = onehot(real_idx)
@@ -54,11 +58,12 @@ def _published_sida_iteration(teacher, G, fake, cfg, opt_g, opt_f, real, real_id
     torch.nn.utils.clip_grad_value_(fake.parameters(), 1)
     grads_f = [p.grad.clone() for p in fake.parameters()]
     opt_f.step()
-    # (2) generator: the logits D from the fake score at x_t
+    # (2) generator: the labels of the next real batch (its images unused), the logits D from the fake score
     G.train()
     fake.eval()
+    _, gen_idx = next(stream)
+    c = onehot(gen_idx)
     z = torch.randn(B, *SHAPE)
-    c = onehot(torch.randint(num_classes, (B,))) if num_classes else None
     images = G(cfg.sigma_init * z, torch.full((B,), cfg.sigma_init), c)
     sigma = reference.generator_sigma(B, cfg.tmax)
     x_t = images + torch.randn_like(images) * sigma.view(-1, 1, 1, 1)
@@ -101,8 +106,7 @@ def test_two_iterations_match_the_published_loop(tmp_path, num_classes, gan_star
     init = states(G)  # tiny_teacher() reseeds: call it before the loop's draws
     seed_everything(cfg.seed)
     for it, nimg in enumerate((0, 6)):
-        real, idx = next(stream)
-        grads_f, grads_g = _published_sida_iteration(teacher, G, fake, cfg, opt_g, opt_f, real, idx, num_classes,
+        grads_f, grads_g = _published_sida_iteration(teacher, G, fake, cfg, opt_g, opt_f, stream, num_classes,
                                                      nimg)
         got_f, got_g, got_state, got_fake = seen[it]
         # Both sides run the same network kernels on the same batch (same CPU, same blocking); only the losses
@@ -134,6 +138,80 @@ def test_two_iterations_match_the_published_loop(tmp_path, num_classes, gan_star
     assert any(not torch.equal(a, b) for a, b in zip(G.parameters(), tiny_teacher(num_classes).parameters()))
 
 
+RGB = (3, 4, 4)
+
+
+class PixelDropEDM(nn.Module):
+    """TinyEDM on RGB images with dropout on its image input: the dropout mask is drawn in the input's memory
+    order, so a channels-last batch draws another mask than a contiguous one for the same seed."""
+
+    def __init__(self, num_classes=0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.num_classes = num_classes
+        self.pixel_drop = nn.Dropout(0.25)
+        self.net = TinyEDM(image_shape=RGB, num_classes=num_classes)
+        self.inp = self.net.inp  # the discriminator's tap
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.net(self.pixel_drop(x), sigma, class_labels)
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_real_image_pass_is_the_published_loops_bitwise(tmp_path, num_classes):
+    """The fake score's encoder on the noised real images, as the published loop feeds it (its loader's uint8
+    NCHW batch, contiguous, / 127.5 - 1; the same sigma and noise as the generated images): input and output
+    of the tapped layer bitwise, dropout on the image included, from an RGB data set stored channels-last
+    (uint8 N, H, W, C)."""
+    rng = np.random.RandomState(0)
+    pixels = rng.randint(0, 256, (12, RGB[1], RGB[2], RGB[0])).astype(np.uint8)
+    labels = rng.randint(0, num_classes, 12) if num_classes else None
+    path = tmp_path / "rgb.npz"
+    np.savez(path, images=pixels, **({"labels": labels} if num_classes else {}))
+    cfg = quiet(method="sida", data=str(path), disc_layer="inp", run_dir=str(tmp_path / "run"), iterations=1,
+                batch=4, noise="torch", engine="eager")
+
+    def record(net, calls):
+        net.inp.register_forward_hook(lambda m, args, out: calls.append((args[0].clone(), out.clone())))
+
+    got = []
+    fake = PixelDropEDM(num_classes)
+    record(fake, got)
+    distill(cfg, PixelDropEDM(num_classes), fake=fake, log=None)
+    # the fake-score step's calls: f_psi at the generated images, then the encoder at the real ones
+    real_in, real_out = got[1]
+
+    # the published loop: the loader's batch, then z, G (eval), sigma, n; the fake score (train) at images + n,
+    # its encoder at real_images + n
+    G, published_fake = PixelDropEDM(num_classes), PixelDropEDM(num_classes)
+    want = []
+    record(published_fake, want)
+    order = RealData(str(path), cfg.batch, seed=cfg.seed)._batch_indices()
+    seed_everything(cfg.seed)
+    # EDM's dataset transposes each HWC image to CHW; the loader's collate stacks them (contiguous)
+    real_images = torch.stack([torch.from_numpy(pixels[i].transpose(2, 0, 1)) for i in order])
+    real_images = real_images.to(torch.float32) / 127.5 - 1
+    c = F.one_hot(torch.from_numpy(labels[order]), num_classes).float() if num_classes else None
+    z = cfg.sigma_init * torch.randn_like(real_images)
+    G.eval()
+    published_fake.train()
+    with torch.no_grad():
+        images = G(z, torch.full((cfg.batch,), cfg.sigma_init), c)
+    sigma = (torch.randn(cfg.batch) * cfg.p_std + cfg.p_mean).exp()
+    n = torch.randn_like(images) * sigma.view(-1, 1, 1, 1)
+    published_fake(images + n, sigma, c)
+    published_fake(real_images + n, sigma, c)
+    assert torch.equal(got[0][0], want[0][0])  # the generated images' pass: the same draws up to there
+    assert torch.equal(real_in, want[1][0]) and torch.equal(real_out, want[1][1])
+
+
+def test_real_batches_are_contiguous(tmp_path):
+    """uint8 (N, H, W, C) data comes out as contiguous (N, C, H, W) batches, not a channels-last view."""
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((4, 4, 4, 3), np.uint8))
+    images, _ = next(RealData(str(tmp_path / "rgb.npz"), 2))
+    assert images.shape == (2, 3, 4, 4) and images.is_contiguous()
+
+
 def test_generator_waits_for_g_start(tmp_path):
     kw = dict(iterations=3, batch=4, lr=1e-3, g_start_kimg=0.006)  # more than 6 images seen: iteration 3
     snaps = []
@@ -148,8 +226,8 @@ def test_generator_waits_for_g_start(tmp_path):
 
 
 def test_sida_run_logs_its_metrics_and_plots_them(tmp_path):
-    res = distill(sida(tmp_path, iterations=4, batch=4, log_every=2, gan_start_kimg=0), tiny_teacher(),
-                  log=None)
+    res = distill(sida(tmp_path, iterations=4, batch=4, log_every=2, gan_start_kimg=0, g_start_kimg=0),
+                  tiny_teacher(), log=None)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [2, 4]
     for r in records:
@@ -160,7 +238,8 @@ def test_sida_run_logs_its_metrics_and_plots_them(tmp_path):
     assert summary["loss_d"] == records[-1]["loss_d"] and summary["loss_gan"] == records[-1]["loss_gan"]
     assert res.summary["logit_real"] == records[-1]["logit_real"]
     assert (tmp_path / "run" / "losses.png").is_file()
-    assert load_checkpoint(res.checkpoint, "distill")["real_data"] == {"epoch": 0, "index": 16, "seed": 0,
+    # two batches of 4 per iteration (the generator step's advances the stream too, as published): 32 of 20
+    assert load_checkpoint(res.checkpoint, "distill")["real_data"] == {"epoch": 1, "index": 12, "seed": 0,
                                                                        "shuffle": True, "size": 20}
 
 
@@ -266,3 +345,125 @@ def test_cli_sida_runs_and_errors(tmp_path, capsys):
                 tmp_path / "none.pt"], capsys, "--init-generator: checkpoint")
     user_error([*base, "--run-dir", tmp_path / "g", "--method", "gan"], capsys,
                "option --method must be one of sid, sida, sid2a")
+
+
+def test_short_run_says_the_generator_never_trains(tmp_path):
+    """A run that ends before g_start_kimg: one line at the start naming the gate, its kimg and option; the
+    summary says so; the records carry loss_g and loss_gan as not applied, not as training losses."""
+    lines = []
+    res = distill(sida(tmp_path, iterations=3, batch=4, log_every=1, g_start_kimg=0.1, gan_start_kimg=0.2),
+                  tiny_teacher(), log=lines.append)
+    warning = [line for line in lines if line.startswith("warning:")]
+    assert len(warning) == 1, lines
+    assert "ends at 0.012 kimg" in warning[0] and "only after 0.1 kimg (--g-start-kimg)" in warning[0]
+    assert "only after 0.2 kimg (--gan-start-kimg)" in warning[0] and "never trains" in warning[0]
+    assert_bitwise(states(res.generator.network), states(tiny_teacher()))
+    assert res.summary["generator_trained"] is False and "--g-start-kimg" in res.summary["gates_not_reached"]
+    assert "generator_trained" in lines[-1] and "gates_not_reached" in lines[-1]  # the summary table
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert "loss_g" not in r and "loss_gan" not in r
+        assert np.isfinite(r["loss_g_not_applied"]) and np.isfinite(r["loss_gan_not_applied"])
+        assert np.isfinite(r["loss_fake"]) and np.isfinite(r["loss_d"])  # the fake score trains
+
+
+def test_gates_in_the_logs_and_without_a_warning(tmp_path):
+    """g_start at 4 images, gan_start at 8: iteration 1 (0 seen) logs loss_g as not applied, iterations 2 and
+    3 (4, 8 seen) log loss_g, and loss_gan only from iteration 4 (12 seen); the run opens both gates: no
+    warning, the summary says the generator trained."""
+    lines = []
+    res = distill(sida(tmp_path, iterations=4, batch=4, log_every=1, g_start_kimg=0.0039, gan_start_kimg=0.008),
+                  tiny_teacher(), log=lines.append)
+    assert not [line for line in lines if line.startswith("warning:")]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [("loss_g" in r, "loss_gan" in r) for r in records] == [(False, False), (True, False), (True, False),
+                                                                   (True, True)]
+    assert "loss_g_not_applied" in records[0] and "loss_gan_not_applied" in records[2]
+    assert res.summary["generator_trained"] is True and "gates_not_reached" not in res.summary
+    # a run that opens g_start but not gan_start: the line says the generator trains on the SiD loss alone
+    lines = []
+    distill(sida(tmp_path, "b", iterations=2, batch=4, g_start_kimg=0, gan_start_kimg=1), tiny_teacher(),
+            log=lines.append)
+    warning = [line for line in lines if line.startswith("warning:")]
+    assert len(warning) == 1 and "--gan-start-kimg" in warning[0] and "--g-start-kimg" not in warning[0]
+    assert "SiD loss alone" in warning[0]
+
+
+def _imbalanced(tmp_path, count=60):
+    """An .npz with 3 classes at 80/15/5 percent."""
+    rng = np.random.RandomState(0)
+    labels = np.array([0] * (count * 80 // 100) + [1] * (count * 15 // 100) + [2] * (count * 5 // 100))
+    images = rng.randint(0, 256, (len(labels), SHAPE[1], SHAPE[2], SHAPE[0])).astype(np.uint8)
+    np.savez(tmp_path / "imbalanced.npz", images=images, labels=labels)
+    return str(tmp_path / "imbalanced.npz"), labels
+
+
+@pytest.mark.parametrize("gen_labels", ["data", "uniform"])
+def test_generator_labels_follow_the_data_or_are_uniform(tmp_path, monkeypatch, gen_labels):
+    """Class-imbalanced data (80/15/5): by default the generator step trains on the labels of the next real
+    batch (the data's frequencies, each batch the stream's next, as published); --gen-labels uniform draws them
+    uniformly and leaves the stream to the fake-score step."""
+    import sidfast.training.sida as sida_phases
+
+    path, labels = _imbalanced(tmp_path)
+    seen = []
+    real = []
+    original = sida_phases.SiDAPhases.generator_batch
+
+    def spy(self, generator, generator_no_grad=None, labels=None):
+        out = original(self, generator, generator_no_grad, labels)
+        seen.append(out[1].argmax(1))
+        return out
+
+    monkeypatch.setattr(sida_phases.SiDAPhases, "generator_batch", spy)
+    original_real = sida_phases.SiDAPhases._real_batch
+
+    def real_spy(self):
+        out = original_real(self)
+        real.append(out[1].argmax(1))
+        return out
+
+    monkeypatch.setattr(sida_phases.SiDAPhases, "_real_batch", real_spy)
+    iterations, batch = 30, 12
+    cfg = sida(tmp_path, num_classes=3, data=path, iterations=iterations, batch=batch, gen_labels=gen_labels)
+    distill(cfg, tiny_teacher(3), log=None)
+    got = torch.cat(seen)
+    freq = torch.bincount(got, minlength=3).float() / len(got)
+    if gen_labels == "data":
+        # the stream's batches in order: fake step, generator step, fake step, ... (images of the generator's
+        # batches unused)
+        stream = RealData(path, batch, seed=cfg.seed, num_classes=3)
+        batches = [next(stream)[1] for _ in range(2 * iterations)]
+        assert torch.equal(got, torch.cat(batches[1::2])) and torch.equal(torch.cat(real), torch.cat(batches[::2]))
+        assert torch.allclose(freq, torch.tensor([0.8, 0.15, 0.05]), atol=0.02)
+    else:
+        assert freq.min() > 0.25  # uniform over 3 classes (360 draws)
+        stream = RealData(path, batch, seed=cfg.seed, num_classes=3)
+        assert torch.equal(torch.cat(real), torch.cat([next(stream)[1] for _ in range(iterations)]))
+
+
+def test_gen_labels_option(tmp_path):
+    assert TrainConfig().gen_labels == "data"
+    with pytest.raises(ValueError, match="option gen_labels must be one of data, uniform"):
+        TrainConfig(gen_labels="balanced").validate()
+    with pytest.raises(ValueError, match="--gen-labels belong to --method sida or sid2a"):
+        distill(quiet(gen_labels="uniform", run_dir=str(tmp_path / "a")), tiny_teacher(), log=None)
+
+
+def test_data_warnings(tmp_path):
+    """Float images in [0, 1] and labels for an unconditional teacher are accepted with one warning each."""
+    from sidfast.training.data import DataWarning
+
+    with pytest.warns(DataWarning, match=r"--data: the float images .* look.* like \[0, 1\].*\[-1, 1\]"):
+        distill(quiet(method="sida", disc_layer=LAYER, run_dir=str(tmp_path / "a"), iterations=1, batch=4),
+                tiny_teacher(), data=torch.rand(10, *SHAPE), log=None)
+    with pytest.warns(DataWarning, match="--data: the real images have class labels, but the teacher is "
+                                         "unconditional"):
+        distill(sida(tmp_path, "b", iterations=1, batch=4, data=real_images(tmp_path / "l.npz", num_classes=3)),
+                tiny_teacher(), log=None)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        distill(sida(tmp_path, "c", iterations=1, batch=4), tiny_teacher(), log=None)  # uint8, no labels
+        distill(quiet(method="sida", disc_layer=LAYER, run_dir=str(tmp_path / "d"), iterations=1, batch=4),
+                tiny_teacher(), data=torch.rand(10, *SHAPE) * 2 - 1, log=None)
