@@ -1,16 +1,10 @@
-"""The SiD training loop: ``distill(TrainConfig(...), teacher) -> DistillResult``.
+"""The SiD training loop: ``Distiller.step()`` is one iteration, ``distill()`` runs a whole run with it.
 
-One iteration, as the published ``sid_training_loop.py`` runs it (``docs/math.md``, "Published recipe"):
-the fake score takes an EDM denoising step on fresh generator samples x_g = G(sigma_init z, sigma_init), drawn
-without gradient ("Fake-score loss"); the generator takes a step on the SiD loss of new fresh samples, with
-gradients into its own parameters only ("SiD generator loss"); the EMA of the generator follows EDM's formula.
-Gradients are summed over ``batch_gpu`` micro-batches, scaled by loss_scale / batch, and nan_to_num'd.
-The losses of the two updates live in ``phases`` (SiD, guided, few-step, flow-matching teachers) and
-``sida`` (SiDA and SiD2A, option ``method``: the fake score's encoder also trained as a discriminator on real
-images, a GAN term in the generator's loss); what the run conditions on in ``conditioning``.
-Plumbing lives in ``runtime`` (devices, processes, seeds, signals, console), ``networks`` (the three
-networks), ``sharding`` (FSDP, activation checkpointing), ``run_checkpoint`` (``save_distill``,
-``load_distill``) and ``updates`` (EMA, gradient sanitizing).
+One iteration as the published ``sid_training_loop.py`` runs it (``docs/math.md``, "Published recipe"): a
+fake-score step on fresh generator samples, a generator step on the SiD loss of new samples, the EMA. The
+two steps' losses live in ``sid.py`` (SiDA's in ``sida.py``), the networks they ask in ``sidfast.engine``;
+the same iteration in plain PyTorch is ``sidfast.reference.sid_iteration``. How one update crosses the
+package: ``docs/architecture.md``.
 """
 from __future__ import annotations
 
@@ -405,6 +399,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
             stopped = f" (stopped by {interrupted})" if interrupted else ""
             say(summary_table(rows, f"{METHOD_NAMES[cfg.method]} distillation" + stopped))
     return result
+
 
 def _result(trainer: Distiller, seconds: float, start_iteration: int, last: dict, checkpoint, interrupted,
             complete: bool = False) -> DistillResult:
