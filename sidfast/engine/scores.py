@@ -20,7 +20,7 @@ from sidfast import loss as _loss
 from sidfast.utils import runtime
 from sidfast._checks import check_rows
 from sidfast.engine.graphs import MAX_GRAPHS, GraphCache
-from sidfast.engine.guided import guided_function, null_arguments
+from sidfast.engine.guided import dispatch, guided_function, null_arguments
 from sidfast.models.denoiser import Denoiser, as_denoiser, sigma_per_sample
 from sidfast.models.discriminator import DiscriminatorPass, DiscriminatorTap, with_logits
 from sidfast.conditions import flat_condition, nested_condition, path_name
@@ -260,22 +260,21 @@ class ScoreEngine:
         if fn is not None:
             return fn
         fake = self.fake
-        mirrors = self._mirrors
+        views = [mirror.view for mirror in self._mirrors]
 
         def run(x_t, sigma, *rest):
             labels = rest[0] if has_labels else None
             flat = rest[1:] if has_labels else rest
             cond = nested_condition(names, flat)
-            with self._autocast(x_t.device):
-                if phase == "fake":
-                    return fake(x_t, sigma, labels, **cond)
-                if self.mode == "full":
-                    y_real = mirrors[0].view(x_t, sigma, labels, **cond)
-                    return y_real, mirrors[1].view(x_t, sigma, labels, **cond)
-                # one forward of the shared network over [teacher half; fake half]
-                y = mirrors[0].view(_double(x_t), _double(sigma), _double(labels),
-                                    **nested_condition(names, [_double(v) for v in flat]))
+
+            def shared(view):  # one forward of the shared network over [teacher half; fake half]
+                y = view(_double(x_t), _double(sigma), _double(labels),
+                         **nested_condition(names, [_double(v) for v in flat]))
                 return y[: x_t.shape[0]], y[x_t.shape[0]:]
+
+            with self._autocast(x_t.device):
+                return dispatch(phase, self.mode, fake, views,
+                                lambda net, i: net(x_t, sigma, labels, **cond), shared)
 
         fn = run
         if logits:
@@ -311,7 +310,8 @@ class ScoreEngine:
         args = (x_t, sig) + ((labels,) if has_labels else ()) + tensors + nulls
         key = ("guided", phase, names, has_labels, scales)
         if key not in self._functions:
-            fn = guided_function(self, phase, names, has_labels, scales)
+            fn = guided_function(self.fake, [mirror.view for mirror in self._mirrors], self.mode,
+                                 self._autocast, phase, names, has_labels, scales)
             self._functions[key] = torch.compile(fn, dynamic=False) if self.compile else fn
         return self._graphs.call(phase, ("guided", scales, names, has_labels, state, self.amp_dtype),
                                  self._functions[key], args)
