@@ -53,9 +53,14 @@ def check_real(name: str, value, positive: bool = False) -> float:
     return value
 
 
-def check_int(name: str, value, low: int | None = None) -> int:
-    """``value`` as an int: an integer (not a bool) at least ``low``; a ValueError naming ``name`` otherwise."""
+def check_int(name: str, value, low: int | None = None, message: str | None = None) -> int:
+    """``value`` as an int: an integer (not a bool) at least ``low``; a ValueError naming ``name`` otherwise.
+
+    ``message``: the error's text in place of the default, ``{value!r}`` formatted in (keeps a caller's
+    established wording)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+        if message is not None:
+            raise ValueError(message.format(value=value))
         bound = "" if low is None else f" >= {low}"
         raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
     return int(value)

@@ -19,13 +19,12 @@ condition has the same form, with one row (shared by every sample) or one row pe
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from sidfast import conditions, reference
-from sidfast._checks import check_real
+from sidfast._checks import check_int, check_real
 
 # Published probability of replacing a condition by the null one in the fake-score step, used while k1 or
 # k2 is not 1 (Zhou et al., ICLR 2025, SiD-LSG).
@@ -178,17 +177,15 @@ def null_labels(num_classes: int, label_format: str, device=None,
                 null_index: int | None = None) -> torch.Tensor:
     """The unconditional class label, one row: EDM's one-hot networks take a row of zeros (the input their
     label dropout trains); index labels need the network's own null class, ``null_index``."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError("guidance needs a conditional network (num_classes >= 1), got "
-                         f"num_classes={num_classes!r}")
+    check_int("num_classes", num_classes, 1, "guidance needs a conditional network (num_classes >= 1), got "
+              "num_classes={value!r}")
     if label_format == "onehot":
         if null_index is not None:
             raise ValueError("null_index is for index labels; one-hot labels use a row of zeros")
         return torch.zeros(1, int(num_classes), device=device)
     if label_format == "index":
-        if isinstance(null_index, bool) or not isinstance(null_index, numbers.Integral):
-            raise ValueError("index labels need null_index, the class the network was trained to read as "
-                             f"'no condition', got {null_index!r}")
+        check_int("null_index", null_index, message="index labels need null_index, the class the network was "
+                  "trained to read as 'no condition', got {value!r}")
         return torch.full((1,), int(null_index), dtype=torch.long, device=device)
     raise ValueError(f"label_format must be 'onehot' or 'index', got {label_format!r}")
 

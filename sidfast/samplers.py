@@ -55,8 +55,7 @@ def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float =
     if noise.dim() < 2 or noise.shape[0] == 0:
         raise ValueError(f"noise must have shape (batch, *features) with batch >= 1, "
                          f"got {tuple(noise.shape)}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    check_int("num_steps", num_steps, 1, "num_steps must be a positive integer, got {value!r}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if method not in METHODS:

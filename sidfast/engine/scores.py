@@ -18,7 +18,7 @@ from torch import nn
 from sidfast import conditions, guidance
 from sidfast import loss as _loss
 from sidfast.utils import runtime
-from sidfast._checks import check_rows
+from sidfast._checks import check_int, check_rows
 from sidfast.engine.graphs import MAX_GRAPHS, GraphCache
 from sidfast.engine.guided import dispatch, guided_function, null_arguments
 from sidfast.models.denoiser import Denoiser, as_denoiser, sigma_per_sample
@@ -88,8 +88,7 @@ class ScoreEngine:
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
         if graphs not in ("auto", True, False):
             raise ValueError(f"graphs must be 'auto', True or False, got {graphs!r}")
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
+        check_int("max_graphs", max_graphs, 1, "max_graphs must be a positive integer, got {value!r}")
         self.mode = mode
         self.amp_dtype = amp_dtype
         self.channels_last = bool(channels_last)

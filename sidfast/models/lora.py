@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from sidfast._checks import check_int
 from sidfast.models.interface import Denoiser
 from sidfast.models.views import frozen_view
 
@@ -59,8 +60,7 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None, dropout: float, mode: str):
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        check_int("rank", rank, 1, "rank must be a positive integer, got {value!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if mode not in LORA_LAYER_MODES:

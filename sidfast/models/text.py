@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sidfast._checks import check_int
+
 # pipeline class -> (kind, its text components in order: tokenizer, encoder pairs)
 PIPELINES = {
     "StableDiffusionPipeline": ("sd", (("tokenizer", "text_encoder"),)),
@@ -112,8 +114,7 @@ class TextConditioner:
             raise ValueError("SD3 without its T5 encoder needs joint_attention_dim (the zeros' width)")
         if kind == "sdxl" and image_size is None:
             raise ValueError("an SDXL conditioner needs image_size=(height, width) in pixels for its time ids")
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError(f"cache_size must be a non-negative integer, got {cache_size!r}")
+        check_int("cache_size", cache_size, 0, "cache_size must be a non-negative integer, got {value!r}")
         self.kind = kind
         self.tokenizers = tokenizers
         self.encoders = [None if e is None else e.eval().requires_grad_(False) for e in encoders]

@@ -21,10 +21,9 @@ the kernel (``sidfast/ops/noise.py: regenerate_noise``).
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from sidfast._checks import check_int
 from sidfast.ops import backend
 from sidfast.ops.backend import HAS_TRITON
 
@@ -110,8 +109,7 @@ def draw_seed(device, generator: torch.Generator | None = None) -> torch.Tensor:
 
 
 def check_counter_range(B: int, N: int, offset: int) -> None:
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    check_int("offset", offset, 0, "offset must be a non-negative int, got {value!r}")
     if offset + B * backend.cdiv(N, 4) >= MAX_COUNTER:
         raise ValueError(f"offset + B * ceil(N/4) = {offset + B * backend.cdiv(N, 4)} exceeds the 2^31 Philox "
                          "counters of one seed; draw a new seed instead of a large offset")
