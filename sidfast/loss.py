@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sidfast import reference
+from sidfast import predictions, reference
 from sidfast._checks import FLOAT_DTYPES, check_real, check_reduction, check_tensors, per_sample
 from sidfast.ops import fake_score_loss as _fake_op
 from sidfast.ops import sid_loss as _sid_op
@@ -77,8 +77,6 @@ def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | 
     Returns:
         float32 (float64 for float64 inputs), (B, *F) for "none", else a scalar.
     """
-    from sidfast import predictions
-
     if (noise is None) == (seed is None):
         raise ValueError("give exactly one of noise (a tensor) and seed (from sidfast.ops.noise.add_noise)")
     check_tensors(pred=pred, x0=x0, **({"noise": noise} if noise is not None else {}))

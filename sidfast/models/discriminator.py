@@ -54,6 +54,7 @@ from torch import nn
 
 from sidfast.models.introspect import _modules_of
 from sidfast.conditions import nested_condition
+from sidfast.models.lora import lora_layers
 
 _ENC_ENTRY = re.compile(r"^(\d+)x(\d+)_")
 
@@ -169,8 +170,6 @@ def logits_of(activation: torch.Tensor) -> torch.Tensor:
 
 
 def _split_mode(root: nn.Module) -> bool:
-    from sidfast.models.lora import lora_layers
-
     return any(m.mode == "split" for m in lora_layers(root))
 
 

@@ -251,7 +251,7 @@ class TextConditioner:
             raise ValueError(f"pipeline class {pipeline!r} in {str(index_file)!r} is not a text-to-image pipeline "
                              f"sidfast reads; supported: {', '.join(PIPELINES)}")
         try:
-            import transformers
+            import transformers  # transformers stays optional: only text-to-image pipelines need it
         except ImportError:
             raise ImportError(f"{pipeline} needs its text encoders, which need transformers: "
                               "pip install transformers") from None
