@@ -1,17 +1,8 @@
-"""The few-step generator: one network G applied at K decreasing noise levels (``docs/math.md``, "Few-step
-generator"; Zhou et al. 2025, "Few-Step Diffusion via Score identity Distillation").
+"""The few-step generator: one network G applied at K decreasing noise levels.
 
-Step 0 is SiD's one-step generator, D_0 = G(sigma_0 z, sigma_0) with sigma_0 = sigma_init; step k re-noises
-the current estimate to its own level and applies the same G:
-
-    x_k = D_{k-1} + sigma_k * eps_k,    D_k = G(x_k, sigma_k)
-
-with eps_k fresh noise ("fresh"), the initial z again ("fixed") or the noise the previous step implies,
-(x_{k-1} - D_{k-1}) / sigma_{k-1} ("ddim": a deterministic DDIM step from sigma_{k-1} to sigma_k).
-Training matches a uniform mixture of the outputs of 1..K steps: each iteration draws k* in 1..K, the same on
-every process (``draw_k_star``), runs steps 1..k*-1 without gradient and only the k*-th with it
-(``rollout``), so the SiD and SiDA losses apply to its output as to a one-step sample; the fake score is
-trained on the same mixture. Sampling runs all K steps (``sample``).
+``rollout`` runs steps 1..k* with the gradient on the last only, ``draw_k_star`` draws k* alike on every
+process, ``sample`` runs all K steps. Levels, re-noising and the uniform mixture: docs/math.md, "Few-step
+generator".
 """
 from __future__ import annotations
 

@@ -1,21 +1,9 @@
-"""Classifier-free guidance of the score networks: SiD-LSG's four scales (``docs/math.md``, "Guidance
-(SiD-LSG)").
+"""Classifier-free guidance of the score networks: SiD-LSG's four scales.
 
-SiD-LSG (Zhou et al., ICLR 2025, "Guided Score identity Distillation for Data-Free One-Step Text-to-Image
-Generation") guides the fake score while it is trained (k1), the fake score inside the generator loss (k2, k3)
-and the teacher inside the generator loss (k4). A guided output is
-
-    f^k(x_t, c) = f(x_t, none) + k * (f(x_t, c) - f(x_t, none))        (reference.cfg_combine)
-
-evaluated as ONE forward over the stacked batch [unconditional; conditional] (``guided``); k = 1 is the
-plain conditional call and k = 0 the plain unconditional one, each a single forward of B samples.
-While k1 or k2 is not 1, the fake-score step replaces each sample's condition by the null condition with
-probability 0.1 (``drop_condition``), so that the fake score learns its unconditional output.
-
-A condition is what the network takes besides (x, sigma): a tensor of class labels (one-hot or indices,
-passed as the third positional argument, as the trainer does) or a dict of keyword tensors such as text
-embeddings (``{"encoder_hidden_states": ...}``; a ``"class_labels"`` entry goes in third position). The null
-condition has the same form, with one row (shared by every sample) or one row per sample.
+``guided`` evaluates ``f(none) + k * (f(c) - f(none))`` in one forward over the stacked batch
+[unconditional; conditional]; ``drop_condition`` is the fake-score step's condition dropout. A condition
+is a tensor of class labels or a dict of keyword tensors. Scales, presets and why: docs/math.md, "Guidance
+(SiD-LSG)".
 """
 from __future__ import annotations
 

@@ -1,14 +1,8 @@
 """Samplers for EDM-style denoisers ``net(x, sigma, class_labels) -> x0_hat``.
 
-``edm_sample``: the deterministic probability-flow ODE solver of Karras et al. 2022 (Algorithm 1, no churn),
-Heun's second-order method or plain Euler, on the rho-schedule of ``reference.edm_sigma_steps``.
-``one_step_sample``: the SiD generator's single step, x_g = G(sigma_init * z, sigma_init) (Zhou et al. 2024,
-section 4; ``docs/math.md``, "Published recipe"); a few-step generator runs its K steps
-(``sidfast.generator.sample``; ``docs/math.md``, "Few-step generator").
-``sample_images``: many images in batches, with seeded latents and class labels, by either sampler;
-``from_checkpoint``: the network and ``sample_images`` options of a sidfast checkpoint.
-The state is integrated in float64 as in EDM's ``edm_sampler``; the network runs in its own dtype.
-The sigma schedule is read to Python floats once, so the loop has no per-step host syncs.
+``edm_sample``: EDM's deterministic Heun or Euler ODE solver (Karras et al. 2022, Algorithm 1).
+``one_step_sample``: the SiD generator's single step (docs/math.md, "Published recipe"). ``sample_images``:
+many images in batches with seeded latents; ``from_checkpoint``: the network and options of a checkpoint.
 """
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
 """The scores of a SiD run: what the trainer asks of teacher and fake score, behind one interface.
 
-Every implementation answers the same four calls, so that a phase's loss never asks which one it holds:
-``fake_score_forward`` (the fake score at x_t = sg(x_g) + sigma eps, gradients into its parameters),
-``generator_terms`` (teacher and fake score at x_t = x_g + sigma eps, input gradients only), and SiDA's
-``fake_score_with_logits`` / ``generator_terms_with_logits`` (the same, with the discriminator's logits).
-``EagerScores`` calls the networks one by one as plain modules (the readable path, and DDP's);
-``ScoreEngine`` evaluates them together over frozen views of their storage (one CUDA graph per phase on a
-GPU; mode "lora": one forward of the teacher's shared weights over the doubled batch; ``docs/engine.md``);
-``PhaseScores`` takes each phase from one of them. Everything is in EDM coordinates.
+``EagerScores`` calls the networks one by one (the readable path, and DDP's); ``ScoreEngine`` evaluates them
+together over frozen views, one CUDA graph per phase on a GPU; ``PhaseScores`` takes each phase from one of
+them. Design: docs/engine.md.
 """
 from __future__ import annotations
 

@@ -1,25 +1,8 @@
 """Prompts and the text-encoder embeddings that condition text-to-image teachers.
 
-- ``read_prompts(path)``: one prompt per line of a text file (blank lines skipped); ``draw_prompts`` picks a
-  batch.
-- ``TextConditioner``: the pipeline's frozen tokenizer(s) and text encoder(s), turning a batch of prompts into
-  the keywords the teacher's adapter takes (``den(x, sigma, **cond.condition(prompts))``), with the null
-  (empty-prompt) condition for classifier-free guidance (``cond.null_condition(batch)``). Embeddings are
-  computed without gradients, cast to the teacher's dtype, and kept per prompt in an LRU cache, so a prompt
-  that comes back is not encoded again.
-
-What each pipeline kind feeds its denoiser, as diffusers' pipelines compute it in ``encode_prompt``
-(``docs/teachers.md`` has the table):
-
-- "sd" (StableDiffusionPipeline, one CLIP): ``encoder_hidden_states``, CLIP's last layer.
-- "sdxl" (StableDiffusionXLPipeline, CLIP-L and CLIP-G with projection): ``encoder_hidden_states``, both
-  penultimate layers concatenated; ``added_cond_kwargs``: ``text_embeds`` (CLIP-G's projection) and
-  ``time_ids`` (original size, crop corner, target size).
-- "sd3" (StableDiffusion3Pipeline, CLIP-L, CLIP-G, T5): ``encoder_hidden_states``, the CLIPs' penultimate
-  layers concatenated and zero-padded to T5's width, followed by T5's tokens; ``pooled_projections``, both
-  CLIP projections concatenated.
-- "flux" (FluxPipeline, CLIP-L and T5): ``encoder_hidden_states``, T5's tokens; ``pooled_projections``,
-  CLIP's pooled output.
+``read_prompts`` / ``draw_prompts`` read and draw prompts; ``TextConditioner`` turns prompts into the
+teacher's keywords as diffusers' ``encode_prompt`` does, with an LRU cache per prompt. What each pipeline
+kind feeds its denoiser: docs/teachers.md, "Text-to-image teachers".
 """
 from __future__ import annotations
 

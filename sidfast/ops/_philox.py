@@ -1,23 +1,7 @@
 """The noise stream shared by ``add_noise`` and the fake-score loss: Philox4x32-10 + Box-Muller.
 
-    eps[b, l] = component (l % 4) of randn4x(seed, offset + b * ceil(N / 4) + l // 4)
-
-``b`` is the sample, ``l`` the element's *logical* (row-major) index within the sample's N features,
-``randn4x`` Triton's Philox4x32-10 (Salmon et al. 2011) + Box-Muller (four normals per counter;
-one Philox call per four elements keeps the kernels near memory speed). Logical indexing makes the
-noise independent of memory layout (contiguous and channels_last give the same eps; channels_last
-costs four Philox calls per four elements).
-
-``offset`` shifts the counters: a draw of B samples of N features uses the counters
-[offset, offset + B * ceil(N / 4)), and two draws from one seed are independent exactly when their
-counter ranges do not overlap. Offsets closer than that share noise (with ``offset = ceil(N / 4)``
-sample b gets the noise of sample b + 1 at offset 0).
-
-This file holds the PyTorch reference of the stream (``philox_normal``: the CPU route and the test
-oracle; it uses the accurate log/sin/cos) and the Triton helpers that generate a tile of it
-(``noise_tile``). Compiled kernels use the GPU's approximate sin/cos (absolute error about 1e-6
-against ``philox_normal``); a route that needs bit-identical noise to a kernel's regenerates it with
-the kernel (``sidfast/ops/noise.py: regenerate_noise``).
+``philox_normal`` is the PyTorch reference (CPU route, test oracle); ``noise_tile`` the Triton helpers. The
+stream, its offsets and its accuracy: docs/kernels.md, "Noise stream".
 """
 from __future__ import annotations
 
