@@ -74,8 +74,8 @@ def check_reduction(reduction) -> str:
 
 def per_sample(name: str, c, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A per-sample coefficient as a contiguous (B,) tensor on ``x``'s device: a number becomes a tensor of
-    ``dtype`` (default float32), a floating-point tensor with one entry per sample ((B,) or (B, 1, ..., 1))
-    is reshaped, a 0-d tensor is the same value for every sample; tensors are cast to ``dtype`` when given."""
+    ``dtype`` (default float32), a floating-point tensor with one entry per sample, of shape (B,) or
+    (B, 1, ..., 1), is reshaped, a 0-d tensor is the same value for every sample; tensors are cast to ``dtype`` when given."""
     B = x.shape[0]
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
         return torch.full((B,), float(c), device=x.device, dtype=dtype or torch.float32)

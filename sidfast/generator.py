@@ -90,12 +90,20 @@ def rollout(G, z: torch.Tensor, labels, sigmas: Sequence[float], k_star: int, re
             cond: dict | None = None) -> torch.Tensor:
     """D_{k*-1}, the output of k* generator steps, with gradient through the k*-th step only.
 
-    G: ``G(x, sigma (B,), labels, **cond) -> x0_hat``; z: N(0, I) latents (B, *F), sigma and every x in z's
-    dtype; labels: class labels or None; sigmas: the K levels (``generator_sigmas``); k_star in 1..K.
-    Steps 1..k*-1 run under ``torch.no_grad`` (through ``G_no_grad`` when given, e.g. the network without
-    its DDP wrapper); the last step runs in the caller's grad mode on the detached (k*-1)-step input.
-    ``generator``: the source of fresh noise (default: the global generator of z's device).
-    With k* = 1 this is exactly ``G(sigmas[0] * z, sigmas[0], labels)``, the one-step generator.
+    Steps 1..k*-1 run under ``torch.no_grad``; the last step runs in the caller's grad mode on the detached
+    (k*-1)-step input. With k* = 1 this is exactly ``G(sigmas[0] * z, sigmas[0], labels)``, the one-step
+    generator.
+
+    Args:
+        G: ``G(x, sigma, labels, **cond) -> x0_hat`` with sigma of shape (B,).
+        z: N(0, I) latents (B, *F); sigma and every x are in z's dtype.
+        labels: class labels or None.
+        sigmas: the K levels (``generator_sigmas``).
+        k_star: the number of steps, in 1..K.
+        renoise: "fresh", "fixed" or "ddim" (docs/math.md, "Few-step generator").
+        generator: the source of fresh noise; default the global generator of z's device.
+        G_no_grad: the network for steps 1..k*-1, e.g. G without its DDP wrapper; default ``G``.
+        cond: keyword conditioning passed to ``G``.
     """
     sigmas = _check(z, sigmas, renoise)
     k_star = check_int("k_star", k_star, 1)

@@ -111,12 +111,18 @@ def _need_condition(cond, null_cond, scale: float) -> None:
 def guided(denoiser, x: torch.Tensor, sigma, cond, null_cond, scale: float) -> torch.Tensor:
     """The guided output f^k(x, c) = f(x, none) + k * (f(x, c) - f(x, none)) of ``denoiser`` at scale k.
 
-    denoiser: called as ``denoiser(x, sigma[, labels], **keywords)`` (``conditions.call``); x: (B, *F); sigma: what the
-    denoiser takes ((B,), (B, 1, ..., 1), 0-d or a number); cond: class labels or a dict of keyword
-    tensors, B rows each (None for an unconditional network, allowed only at k = 1); null_cond: the
-    unconditional input in cond's form, 1 or B rows. k = 1 calls ``denoiser(x, sigma, cond)``, k = 0
-    ``denoiser(x, sigma, null)``; any other k makes ONE call over the 2B samples [x; x] with conditions
-    [null; cond] and combines the halves with ``reference.cfg_combine``.
+    k = 1 calls ``denoiser(x, sigma, cond)``, k = 0 ``denoiser(x, sigma, null)``; any other k makes ONE call
+    over the 2B samples [x; x] with conditions [null; cond] and combines the halves with
+    ``reference.cfg_combine``.
+
+    Args:
+        denoiser: called as ``denoiser(x, sigma[, labels], **keywords)``, see ``conditions.call``.
+        x: (B, *F).
+        sigma: what the denoiser takes: (B,), (B, 1, ..., 1), 0-d or a number.
+        cond: class labels or a dict of keyword tensors, B rows each; None for an unconditional network,
+            allowed only at k = 1.
+        null_cond: the unconditional input in cond's form, 1 or B rows.
+        scale: k, the guidance scale.
     """
     scale = check_real("scale", scale)
     if scale == 1:

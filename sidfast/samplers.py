@@ -35,12 +35,12 @@ def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float =
     """Integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from sigma_max to 0.
 
     Args:
-        net: EDM-style denoiser, ``net(x, sigma (B,), class_labels) -> x0_hat`` of x's shape.
+        net: EDM-style denoiser ``net(x, sigma, class_labels) -> x0_hat`` of x's shape, sigma of shape (B,).
         noise: standard normal latents z, (B, *F); the start is x = sigma_max * z.
         num_steps: N sigmas sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min, then 0.
             Heun uses 2N - 1 network evaluations (Euler on the last step to 0), Euler N.
         method: "heun" (Karras et al. 2022, Algorithm 1) or "euler".
-        cond: further conditioning passed to ``net`` by keyword (e.g. prompt embeddings), B rows.
+        cond: further conditioning passed to ``net`` by keyword, such as prompt embeddings, B rows.
     Returns:
         samples (B, *F) in noise's dtype.
     """

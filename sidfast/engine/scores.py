@@ -39,10 +39,16 @@ def _flat_arguments(cond: dict) -> tuple[tuple, tuple]:
 
 
 def edm_noised(x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor | None = None):
-    """``(x_t, seed)`` with x_t = x + sigma * eps (EDM coordinates: a = 1; docs/math.md, "Forward process and
-    schedules"), gradients reaching ``x``. ``noise``: eps itself (seed None), or None to draw eps inside
-    the ``add_noise`` kernel from a seed of torch's generator (the (1,) tensor returned regenerates it:
-    ``sidfast.ops.noise.regenerate_noise`` or the fake-score loss's ``seed=``)."""
+    """``(x_t, seed)`` with x_t = x + sigma * eps in EDM coordinates, gradients reaching ``x``.
+
+    Args:
+        x: clean data (B, *F).
+        sigma: (B,) noise levels.
+        noise: eps itself, or None to draw eps inside the ``add_noise`` kernel from a seed of torch's generator.
+    Returns:
+        x_t and the (1,) seed that regenerates eps (``sidfast.ops.noise.regenerate_noise``, the fake-score
+        loss's ``seed=``); the seed is None when ``noise`` was given.
+    """
     if noise is None:
         return add_noise(x, 1.0, sigma)
     return x + broadcast(sigma, x).to(x.dtype) * noise, None
@@ -120,10 +126,9 @@ class ScoreEngine:
             sigma: (B,) noise levels (``reference.generator_sigma`` in the published recipe).
             labels: class labels in the networks' format, or None.
             noise: eps (B, *F) in x_g's dtype, or None to draw eps inside the noising kernel
-                (``sidfast.ops.noise.add_noise``, seeded from torch's default generator on x_g's device;
-                off the Triton route the same Philox stream is computed in PyTorch).
-            scale_real, scale_fake: guidance scales of the teacher (k4) and of the fake score (k2)
-                (``docs/math.md``, "Guidance (SiD-LSG)"); 1 is the plain conditional call.
+                ``sidfast.ops.noise.add_noise``, seeded from torch's default generator on x_g's device.
+            scale_real, scale_fake: guidance scales k4 of the teacher and k2 of the fake score, docs/math.md,
+                "Guidance (SiD-LSG)"; 1 is the plain conditional call.
             null_labels, null_cond: the unconditional labels and keyword tensors (1 or B rows), needed when a
                 scale is not 1.
             cond: further conditioning tensors (B, ...) passed to both networks by keyword.
@@ -168,10 +173,17 @@ class ScoreEngine:
 
     def fake_score_with_logits(self, x_t: torch.Tensor, x_real_t: torch.Tensor, sigma, labels=None,
                                real_cond: dict | None = None, **cond):
-        """SiDA's fake-score step: ``(f_psi(x_t), D_fake, D_real)``, f_psi and D_fake from one forward at the
-        noised generated images ``x_t``, D_real from an encoder-only forward at the noised real images
-        ``x_real_t`` (same ``sigma`` and ``labels``; ``real_cond``: their own conditioning, default
-        ``cond``), with gradients into the fake score's trainable parameters."""
+        """SiDA's fake-score step: ``(f_psi(x_t), D_fake, D_real)``, with gradients into the fake score's
+        trainable parameters.
+
+        Args:
+            x_t: the noised generated images; f_psi and D_fake come from one forward at them.
+            x_real_t: the noised real images, same ``sigma`` and ``labels``; D_real comes from an encoder-only
+                forward at them.
+            sigma, labels: as for ``fake_score_forward``.
+            real_cond: the real images' own conditioning; default ``cond``.
+            cond: conditioning tensors of the generated images, by keyword.
+        """
         self._need_tap()
         sig = self._check_inputs(x_t, sigma, labels, cond, "x_t")
         real_cond = dict(cond if real_cond is None else real_cond)
@@ -322,10 +334,14 @@ class ScoreEngine:
 
 
 class EagerScores:
-    """The score interface over plain module calls, one network at a time (``ScoreEngine``'s methods and
-    arguments). ``fake_train``: the module the fake-score phase calls (default ``fake``; a DDP wrapper, whose
-    hooks average the fake score's gradients, or a compiled copy); ``precision``: autocast as
-    ``runtime.autocast`` takes it."""
+    """The score interface over plain module calls, one network at a time, with ``ScoreEngine``'s methods.
+
+    Args:
+        teacher, fake: the two denoisers.
+        fake_train: the module the fake-score phase calls, default ``fake``: a DDP wrapper, whose hooks
+            average the fake score's gradients, or a compiled copy.
+        precision: autocast, as ``runtime.autocast`` takes it.
+    """
 
     def __init__(self, teacher, fake, fake_train=None, precision="fp32"):
         self.teacher = teacher

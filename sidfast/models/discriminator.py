@@ -259,9 +259,10 @@ class DiscriminatorPass(nn.Module):
     """The fake network's discriminator-step forward as one module call: ``(f_psi(x_t), D_fake, D_real)``.
 
     ``forward(x_t, sigma, labels, x_real_t, real_labels=None, real_cond=None, **cond)``: one full forward at
-    the noised generated images ``x_t`` (the fake-score loss's ``f_psi`` and ``D_fake``) and one encoder-only
-    forward at the real images noised with the same ``sigma`` (``D_real``; ``real_labels`` default ``labels``,
-    ``real_cond`` default ``cond``: the real images' own conditioning, e.g. their augment_labels).
+    the noised generated images ``x_t``, giving the fake-score loss's ``f_psi`` and ``D_fake``, and one
+    encoder-only forward at the real images noised with the same ``sigma``, giving ``D_real``.
+    ``real_labels`` and ``real_cond`` are the real images' own labels and conditioning, such as their
+    augment_labels; they default to ``labels`` and ``cond``.
     One call per backward, so the module can be wrapped in DistributedDataParallel (which expects one
     forward per backward) or captured as one CUDA graph; its parameters are the fake network's.
     """

@@ -148,8 +148,8 @@ def _matrix_weight(module: nn.Module) -> nn.Parameter | None:
 class LoRAWeight(LoRALayer):
     """Any module holding a ``weight`` (out, ...) that its forward uses as a linear map or convolution, run
     with ``W + scale * B A``: A (r, weight[0].numel()) Kaiming-uniform, B (out, r) zeros, ``B A`` reshaped
-    to the weight's shape. The module's own forward does the rest (its stride, padding, groups, resampling,
-    bias, casts), so the update is exact for any such class."""
+    to the weight's shape. The module's own forward does the rest: its stride, padding, groups, resampling,
+    bias and casts, so the update is exact for any such class."""
 
     def __init__(self, base: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
                  mode: str = "on"):

@@ -127,8 +127,9 @@ class TextConditioner:
     # ---- the recipes ----
 
     def _clip(self, i: int, prompts: list[str], layer: int | None):
-        """(hidden states of ``layer`` (None: the last, after the final norm), the first output, pooler output)
-        of CLIP encoder ``i``."""
+        """The hidden states of ``layer``, the first output and the pooler output of CLIP encoder ``i``.
+
+        ``layer`` None means the last hidden state, after the final norm."""
         tok, enc = self.tokenizers[i], self.encoders[i]
         out = enc(_token_ids(tok, prompts, tok.model_max_length, _device_of(enc)), output_hidden_states=True)
         hidden = out[0] if layer is None else out.hidden_states[layer]
@@ -175,7 +176,7 @@ class TextConditioner:
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> dict:
-        """Embeddings of ``prompts`` (a dict of (B, ...) tensors in ``dtype``), encoding only uncached ones."""
+        """Embeddings of ``prompts``: a dict of (B, ...) tensors in ``dtype``; only uncached prompts are encoded."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got one string (wrap it in a list)")
         prompts = list(prompts)

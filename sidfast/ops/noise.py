@@ -145,7 +145,7 @@ if HAS_TRITON:
     @torch.library.custom_op("sidfast::add_noise", mutates_args=())
     def add_noise_op(x0: torch.Tensor, a: torch.Tensor, s: torch.Tensor, noise: torch.Tensor | None,
                      seed: torch.Tensor | None, offset: int) -> torch.Tensor:
-        """x_t = a x0 + s eps with eps = noise, or drawn in-kernel from seed (a (1,) int64 tensor) and offset."""
+        """x_t = a x0 + s eps with eps = noise, or drawn in-kernel from ``seed``, a (1,) int64 tensor, and offset."""
         return add_noise_triton_impl(x0, a, s, noise, seed, offset)
 
     @add_noise_op.register_fake

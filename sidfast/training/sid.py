@@ -118,10 +118,16 @@ class SiDPhases:
 
     # ---- their parts ----
     def generate(self, net, net_no_grad=None, dropout: float = 0.0, labels=None):
-        """Generator samples of k* steps (``generator.rollout``; k* = 1: x_g = G(sigma_init z, sigma_init))
-        with their labels and keyword conditions; ``dropout``: probability of the null condition per sample,
-        applied before generating so that a dropped sample is generated and denoised without its condition;
-        ``labels``: the class labels to generate for (SiDA: the real batch's), else drawn."""
+        """Generator samples of k* steps (``generator.rollout``) with their labels and keyword conditions.
+
+        Args:
+            net: the generator; net_no_grad: the same network for the steps before k*.
+            dropout: probability of the null condition per sample, applied before generating so that a
+                dropped sample is generated and denoised without its condition.
+            labels: the class labels to generate for, e.g. SiDA's real batch's; None draws them.
+        Returns:
+            (x_g, labels, cond).
+        """
         b = self.batch
         z = torch.randn((b.size, *b.image_shape), device=b.device)
         if labels is None:
