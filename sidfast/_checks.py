@@ -53,9 +53,14 @@ def check_real(name: str, value, positive: bool = False) -> float:
     return value
 
 
-def check_int(name: str, value, low: int | None = None) -> int:
-    """``value`` as an int: an integer (not a bool) at least ``low``; a ValueError naming ``name`` otherwise."""
+def check_int(name: str, value, low: int | None = None, message: str | None = None) -> int:
+    """``value`` as an int: an integer (not a bool) at least ``low``; a ValueError naming ``name`` otherwise.
+
+    ``message``: the error's text in place of the default, ``{value!r}`` formatted in (keeps a caller's
+    established wording)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+        if message is not None:
+            raise ValueError(message.format(value=value))
         bound = "" if low is None else f" >= {low}"
         raise ValueError(f"{name} must be an integer{bound}, got {value!r}")
     return int(value)
@@ -69,8 +74,8 @@ def check_reduction(reduction) -> str:
 
 def per_sample(name: str, c, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A per-sample coefficient as a contiguous (B,) tensor on ``x``'s device: a number becomes a tensor of
-    ``dtype`` (default float32), a floating-point tensor with one entry per sample ((B,) or (B, 1, ..., 1))
-    is reshaped, a 0-d tensor is the same value for every sample; tensors are cast to ``dtype`` when given."""
+    ``dtype`` (default float32), a floating-point tensor with one entry per sample, of shape (B,) or
+    (B, 1, ..., 1), is reshaped, a 0-d tensor is the same value for every sample; tensors are cast to ``dtype`` when given."""
     B = x.shape[0]
     if isinstance(c, numbers.Real) and not isinstance(c, bool):
         return torch.full((B,), float(c), device=x.device, dtype=dtype or torch.float32)

@@ -12,7 +12,7 @@ REBUILD = "rebuild it with `pip install --no-build-isolation -e .` from the sidf
 
 def _load():
     try:
-        from sidfast import _C
+        from sidfast import _C  # here so that a missing build raises the rebuild message (and _load re-checks)
     except ImportError as exc:
         raise ImportError(f"sidfast's native extension sidfast._C is missing or cannot be loaded ({exc}); {REBUILD}") from exc
     built_for = _C.torch_version()

@@ -1,17 +1,8 @@
-"""The few-step generator: one network G applied at K decreasing noise levels (``docs/math.md``, "Few-step
-generator"; Zhou et al. 2025, "Few-Step Diffusion via Score identity Distillation").
+"""The few-step generator: one network G applied at K decreasing noise levels.
 
-Step 0 is SiD's one-step generator, D_0 = G(sigma_0 z, sigma_0) with sigma_0 = sigma_init; step k re-noises
-the current estimate to its own level and applies the same G:
-
-    x_k = D_{k-1} + sigma_k * eps_k,    D_k = G(x_k, sigma_k)
-
-with eps_k fresh noise ("fresh"), the initial z again ("fixed") or the noise the previous step implies,
-(x_{k-1} - D_{k-1}) / sigma_{k-1} ("ddim": a deterministic DDIM step from sigma_{k-1} to sigma_k).
-Training matches a uniform mixture of the outputs of 1..K steps: each iteration draws k* in 1..K, the same on
-every process (``draw_k_star``), runs steps 1..k*-1 without gradient and only the k*-th with it
-(``rollout``), so the SiD and SiDA losses apply to its output as to a one-step sample; the fake score is
-trained on the same mixture. Sampling runs all K steps (``sample``).
+``rollout`` runs steps 1..k* with the gradient on the last only, ``draw_k_star`` draws k* alike on every
+process, ``sample`` runs all K steps. Levels, re-noising and the uniform mixture: docs/math.md, "Few-step
+generator".
 """
 from __future__ import annotations
 
@@ -99,12 +90,20 @@ def rollout(G, z: torch.Tensor, labels, sigmas: Sequence[float], k_star: int, re
             cond: dict | None = None) -> torch.Tensor:
     """D_{k*-1}, the output of k* generator steps, with gradient through the k*-th step only.
 
-    G: ``G(x, sigma (B,), labels, **cond) -> x0_hat``; z: N(0, I) latents (B, *F), sigma and every x in z's
-    dtype; labels: class labels or None; sigmas: the K levels (``generator_sigmas``); k_star in 1..K.
-    Steps 1..k*-1 run under ``torch.no_grad`` (through ``G_no_grad`` when given, e.g. the network without
-    its DDP wrapper); the last step runs in the caller's grad mode on the detached (k*-1)-step input.
-    ``generator``: the source of fresh noise (default: the global generator of z's device).
-    With k* = 1 this is exactly ``G(sigmas[0] * z, sigmas[0], labels)``, the one-step generator.
+    Steps 1..k*-1 run under ``torch.no_grad``; the last step runs in the caller's grad mode on the detached
+    (k*-1)-step input. With k* = 1 this is exactly ``G(sigmas[0] * z, sigmas[0], labels)``, the one-step
+    generator.
+
+    Args:
+        G: ``G(x, sigma, labels, **cond) -> x0_hat`` with sigma of shape (B,).
+        z: N(0, I) latents (B, *F); sigma and every x are in z's dtype.
+        labels: class labels or None.
+        sigmas: the K levels (``generator_sigmas``).
+        k_star: the number of steps, in 1..K.
+        renoise: "fresh", "fixed" or "ddim" (docs/math.md, "Few-step generator").
+        generator: the source of fresh noise; default the global generator of z's device.
+        G_no_grad: the network for steps 1..k*-1, e.g. G without its DDP wrapper; default ``G``.
+        cond: keyword conditioning passed to ``G``.
     """
     sigmas = _check(z, sigmas, renoise)
     k_star = check_int("k_star", k_star, 1)

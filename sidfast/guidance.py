@@ -1,31 +1,18 @@
-"""Classifier-free guidance of the score networks: SiD-LSG's four scales (``docs/math.md``, "Guidance
-(SiD-LSG)").
+"""Classifier-free guidance of the score networks: SiD-LSG's four scales.
 
-SiD-LSG (Zhou et al., ICLR 2025, "Guided Score identity Distillation for Data-Free One-Step Text-to-Image
-Generation") guides the fake score while it is trained (k1), the fake score inside the generator loss (k2, k3)
-and the teacher inside the generator loss (k4). A guided output is
-
-    f^k(x_t, c) = f(x_t, none) + k * (f(x_t, c) - f(x_t, none))        (reference.cfg_combine)
-
-evaluated as ONE forward over the stacked batch [unconditional; conditional] (``guided``); k = 1 is the
-plain conditional call and k = 0 the plain unconditional one, each a single forward of B samples.
-While k1 or k2 is not 1, the fake-score step replaces each sample's condition by the null condition with
-probability 0.1 (``drop_condition``), so that the fake score learns its unconditional output.
-
-A condition is what the network takes besides (x, sigma): a tensor of class labels (one-hot or indices,
-passed as the third positional argument, as the trainer does) or a dict of keyword tensors such as text
-embeddings (``{"encoder_hidden_states": ...}``; a ``"class_labels"`` entry goes in third position). The null
-condition has the same form, with one row (shared by every sample) or one row per sample.
+``guided`` evaluates ``f(none) + k * (f(c) - f(none))`` in one forward over the stacked batch
+[unconditional; conditional]; ``drop_condition`` is the fake-score step's condition dropout. A condition
+is a tensor of class labels or a dict of keyword tensors. Scales, presets and why: docs/math.md, "Guidance
+(SiD-LSG)".
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from sidfast import conditions, reference
-from sidfast._checks import check_real
+from sidfast._checks import check_int, check_real
 
 # Published probability of replacing a condition by the null one in the fake-score step, used while k1 or
 # k2 is not 1 (Zhou et al., ICLR 2025, SiD-LSG).
@@ -124,12 +111,18 @@ def _need_condition(cond, null_cond, scale: float) -> None:
 def guided(denoiser, x: torch.Tensor, sigma, cond, null_cond, scale: float) -> torch.Tensor:
     """The guided output f^k(x, c) = f(x, none) + k * (f(x, c) - f(x, none)) of ``denoiser`` at scale k.
 
-    denoiser: called as ``denoiser(x, sigma[, labels], **keywords)`` (``conditions.call``); x: (B, *F); sigma: what the
-    denoiser takes ((B,), (B, 1, ..., 1), 0-d or a number); cond: class labels or a dict of keyword
-    tensors, B rows each (None for an unconditional network, allowed only at k = 1); null_cond: the
-    unconditional input in cond's form, 1 or B rows. k = 1 calls ``denoiser(x, sigma, cond)``, k = 0
-    ``denoiser(x, sigma, null)``; any other k makes ONE call over the 2B samples [x; x] with conditions
-    [null; cond] and combines the halves with ``reference.cfg_combine``.
+    k = 1 calls ``denoiser(x, sigma, cond)``, k = 0 ``denoiser(x, sigma, null)``; any other k makes ONE call
+    over the 2B samples [x; x] with conditions [null; cond] and combines the halves with
+    ``reference.cfg_combine``.
+
+    Args:
+        denoiser: called as ``denoiser(x, sigma[, labels], **keywords)``, see ``conditions.call``.
+        x: (B, *F).
+        sigma: what the denoiser takes: (B,), (B, 1, ..., 1), 0-d or a number.
+        cond: class labels or a dict of keyword tensors, B rows each; None for an unconditional network,
+            allowed only at k = 1.
+        null_cond: the unconditional input in cond's form, 1 or B rows.
+        scale: k, the guidance scale.
     """
     scale = check_real("scale", scale)
     if scale == 1:
@@ -178,17 +171,15 @@ def null_labels(num_classes: int, label_format: str, device=None,
                 null_index: int | None = None) -> torch.Tensor:
     """The unconditional class label, one row: EDM's one-hot networks take a row of zeros (the input their
     label dropout trains); index labels need the network's own null class, ``null_index``."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError("guidance needs a conditional network (num_classes >= 1), got "
-                         f"num_classes={num_classes!r}")
+    check_int("num_classes", num_classes, 1, "guidance needs a conditional network (num_classes >= 1), got "
+              "num_classes={value!r}")
     if label_format == "onehot":
         if null_index is not None:
             raise ValueError("null_index is for index labels; one-hot labels use a row of zeros")
         return torch.zeros(1, int(num_classes), device=device)
     if label_format == "index":
-        if isinstance(null_index, bool) or not isinstance(null_index, numbers.Integral):
-            raise ValueError("index labels need null_index, the class the network was trained to read as "
-                             f"'no condition', got {null_index!r}")
+        check_int("null_index", null_index, message="index labels need null_index, the class the network was "
+                  "trained to read as 'no condition', got {value!r}")
         return torch.full((1,), int(null_index), dtype=torch.long, device=device)
     raise ValueError(f"label_format must be 'onehot' or 'index', got {label_format!r}")
 

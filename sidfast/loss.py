@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sidfast import reference
+from sidfast import predictions, reference
 from sidfast._checks import FLOAT_DTYPES, check_real, check_reduction, check_tensors, per_sample
 from sidfast.ops import fake_score_loss as _fake_op
 from sidfast.ops import sid_loss as _sid_op
@@ -70,15 +70,13 @@ def fake_score_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor | 
         x0: the detached generator sample, (B, *F); noise: the eps used, (B, *F), or None with ``seed``.
         a, s: per-sample schedule coefficients, (B,) tensors or numbers (EDM: a=1, s=sigma).
         prediction: "x0", "eps", "v" or "flow" (diffusers names accepted).
-        weighting: "edm" (x0 error weighted (sigma^2+sd^2)/(sigma sd)^2), plain MSE in "x0", "eps", "v" or
-            "flow" space, or "min_snr_eps" / "min_snr_v" (min(SNR, gamma)/SNR or /(SNR+1)).
+        weighting: "edm", the x0 error weighted by (sigma^2 + sd^2) / (sigma sd)^2; plain MSE in "x0", "eps",
+            "v" or "flow" space; or "min_snr_eps" / "min_snr_v", min(SNR, gamma) / SNR or / (SNR + 1).
         seed, offset: instead of ``noise``, the seed that ``sidfast.ops.noise.add_noise`` returned for x_t
-            (and the offset it was given): eps is regenerated from them inside the fused kernel, never stored.
+            and the offset it was given: eps is regenerated from them inside the fused kernel, never stored.
     Returns:
         float32 (float64 for float64 inputs), (B, *F) for "none", else a scalar.
     """
-    from sidfast import predictions
-
     if (noise is None) == (seed is None):
         raise ValueError("give exactly one of noise (a tensor) and seed (from sidfast.ops.noise.add_noise)")
     check_tensors(pred=pred, x0=x0, **({"noise": noise} if noise is not None else {}))
@@ -109,8 +107,9 @@ def _check_logits(name: str, logits: torch.Tensor, x: torch.Tensor, x_name: str)
 
 def sida_generator_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, logits: torch.Tensor,
                         alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """SiDA generator losses (L_sid, L_gan) (Zhou et al., ICLR 2025, "Adversarial Score identity
-    Distillation"; docs/math.md, "SiDA losses"), the published arithmetic.
+    """SiDA generator losses L_sid and L_gan, the published arithmetic.
+
+    Zhou et al., ICLR 2025, "Adversarial Score identity Distillation"; docs/math.md, "SiDA losses".
 
     Args:
         y_real, y_fake, x_g: as ``sid_generator_loss``, (B, *F).
@@ -138,14 +137,14 @@ def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor
     whole micro-batch, lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2.
 
     Args:
-        logits_real, logits_fake: the encoder's logits on noised real and generated samples (the same noise),
-            equal shapes (B, *P) with the batch first, not clamped.
+        logits_real, logits_fake: the encoder's logits on noised real and generated samples, with the same
+            noise; equal shapes (B, *P) with the batch first, not clamped.
         sigma: the per-sample noise levels, a (B,) or (B, 1, ..., 1) tensor, or a number.
         sigma_data: the data standard deviation in lambda (0.5 published).
         x_g, y_fake: optionally the step's generated sample and the fake score's x0 estimate of it, (B, *F):
             samples with a NaN there are dropped too, as the published step does.
     Returns:
-        0-dim float32 (float64 for float64 logits or sigma). Dropped samples contribute zero; L_D still
+        0-dim float32, float64 for float64 logits or sigma. Dropped samples contribute zero; L_D still
         divides by the full B and each BCE mean covers the kept samples' logits only.
     """
     check_tensors(min_dim=1, logits_real=logits_real, logits_fake=logits_fake)

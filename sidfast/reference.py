@@ -158,10 +158,15 @@ def sida_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor
     followed by the loop's sum over the micro-batch divided by B (Zhou et al., ICLR 2025; docs/math.md,
     "SiDA losses").
 
-    logits_real, logits_fake: the encoder's logits on noised real and generated samples, (B, *P), not clamped;
-    sigma: (B,) noise levels (or (B, 1, ..., 1)); x_g, y_fake: optionally, the step's generated sample and the
-    fake score's x0 estimate of it, (B, *F). A sample with a NaN in any of these is dropped: L_D still divides
-    by the full B, and each BCE mean covers the kept samples' logits only.
+    A sample with a NaN in any input is dropped: L_D still divides by the full B, and each BCE mean covers
+    the kept samples' logits only.
+
+    Args:
+        logits_real, logits_fake: the encoder's logits on noised real and generated samples, (B, *P), not
+            clamped.
+        sigma: noise levels, (B,) or (B, 1, ..., 1).
+        sigma_data: the data standard deviation in lambda.
+        x_g, y_fake: optionally the step's generated sample and the fake score's x0 estimate of it, (B, *F).
     """
     keep = ~nan_rows(logits_real, logits_fake, *(t for t in (x_g, y_fake) if t is not None))
     sigma = sigma.reshape(-1)
@@ -180,10 +185,9 @@ def cfg_combine(f_uncond: torch.Tensor, f_cond: torch.Tensor, k) -> torch.Tensor
     """Classifier-free guidance at scale k: f^k = f(x_t, none) + k * (f(x_t, c) - f(x_t, none)).
 
     f_uncond, f_cond: one network's outputs at the same x_t and sigma without and with the condition, in any
-    prediction space (x0, eps, v, flow): each is affine in the others with coefficients that depend only on
-    x_t and sigma, so guiding one guides them all (classifier-free guidance, Ho & Salimans 2022, with their
-    w = k - 1; applied to both score networks of SiD by Zhou et al., ICLR 2025, "Guided Score identity
-    Distillation").
+    prediction space: x0, eps, v or flow. Each is affine in the others with coefficients that depend only on
+    x_t and sigma, so guiding one guides them all. Classifier-free guidance is Ho & Salimans 2022, whose w is
+    k - 1; SiD-LSG applies it to both score networks (docs/math.md, "Guidance (SiD-LSG)").
     """
     return f_uncond + k * (f_cond - f_uncond)
 
@@ -195,7 +199,7 @@ WEIGHTINGS = ("edm", "x0", "eps", "v", "flow", "min_snr_eps", "min_snr_v")
 
 def fake_score_weight(a: torch.Tensor, s: torch.Tensor, weighting: str, sigma_data: float = 0.5,
                       gamma: float = 5.0) -> tuple[str, torch.Tensor]:
-    """(target space, per-sample weight (B,)) of a weighting; a, s: (B,)."""
+    """The target space and the (B,) per-sample weight of a weighting; a, s: (B,)."""
     if weighting == "edm":
         sigma = s / a
         # lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Table 1)
@@ -284,14 +288,24 @@ def sid_iteration(generator, generator_ema, fake, teacher, opt_g, opt_fake, *, n
                   ema_rampup_ratio: float | None = 0.05, real_images=None, real_labels=None, discriminator=None,
                   loss_scale_d: float = 1.0, loss_scale_gan: float = 0.01, gan_start_kimg: float = 0.0,
                   g_start_kimg: float = 0.0, gen_labels=None) -> dict:
-    """One iteration of SiD (Zhou et al., ICML 2024, Algorithm 1) or SiDA (``method="sida"``; Zhou et al.,
-    ICLR 2025), in ``sidfast.train.distill``'s order (one fp32 micro-batch, torch.randn noise; docs/math.md,
-    "One iteration in code"). Networks: EDM denoisers ``net(x, sigma, labels) -> x0``, the teacher frozen;
-    ``opt_*``: their Adam optimizers; ``nimg``: images seen before. Draws per step: z, labels (uniform,
-    one-hot), dropout, sigma, eps. SiDA: the iteration's real batch (``real_images``, ``real_labels``), the
-    generator step's labels ``gen_labels`` (published: those of the next real batch, drawn after the fake-score
-    update; None: uniform), and ``discriminator``, D on ``fake``'s encoder
-    (``sidfast.models.discriminator.DiscriminatorTap``). Returns the losses."""
+    """One iteration of SiD (Zhou et al., ICML 2024, Algorithm 1) or SiDA (``method="sida"``, ICLR 2025).
+
+    The trainer's order with one fp32 micro-batch and torch.randn noise (docs/math.md, "One iteration in
+    code"). Draws per step: z, uniform one-hot labels, dropout, sigma, eps.
+
+    Args:
+        generator, generator_ema, fake, teacher: EDM denoisers ``net(x, sigma, labels) -> x0``; the teacher
+            stays frozen.
+        opt_g, opt_fake: the Adam optimizers of generator and fake score.
+        nimg: images seen before this iteration.
+        real_images, real_labels: SiDA's real batch for this iteration.
+        gen_labels: SiDA's labels for the generator step; published: those of the next real batch, drawn
+            after the fake-score update. None draws them uniformly.
+        discriminator: SiDA's D on ``fake``'s encoder, a ``sidfast.models.discriminator.DiscriminatorTap``.
+        The other keywords are the published hyperparameters, named as in ``TrainConfig``.
+    Returns:
+        The losses, by name.
+    """
     sida = method == "sida"
     device = next(generator.parameters()).device
 

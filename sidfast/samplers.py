@@ -1,14 +1,8 @@
 """Samplers for EDM-style denoisers ``net(x, sigma, class_labels) -> x0_hat``.
 
-``edm_sample``: the deterministic probability-flow ODE solver of Karras et al. 2022 (Algorithm 1, no churn),
-Heun's second-order method or plain Euler, on the rho-schedule of ``reference.edm_sigma_steps``.
-``one_step_sample``: the SiD generator's single step, x_g = G(sigma_init * z, sigma_init) (Zhou et al. 2024,
-section 4; ``docs/math.md``, "Published recipe"); a few-step generator runs its K steps
-(``sidfast.generator.sample``; ``docs/math.md``, "Few-step generator").
-``sample_images``: many images in batches, with seeded latents and class labels, by either sampler;
-``from_checkpoint``: the network and ``sample_images`` options of a sidfast checkpoint.
-The state is integrated in float64 as in EDM's ``edm_sampler``; the network runs in its own dtype.
-The sigma schedule is read to Python floats once, so the loop has no per-step host syncs.
+``edm_sample``: EDM's deterministic Heun or Euler ODE solver (Karras et al. 2022, Algorithm 1).
+``one_step_sample``: the SiD generator's single step (docs/math.md, "Published recipe"). ``sample_images``:
+many images in batches with seeded latents; ``from_checkpoint``: the network and options of a checkpoint.
 """
 from __future__ import annotations
 
@@ -41,12 +35,12 @@ def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float =
     """Integrate the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from sigma_max to 0.
 
     Args:
-        net: EDM-style denoiser, ``net(x, sigma (B,), class_labels) -> x0_hat`` of x's shape.
+        net: EDM-style denoiser ``net(x, sigma, class_labels) -> x0_hat`` of x's shape, sigma of shape (B,).
         noise: standard normal latents z, (B, *F); the start is x = sigma_max * z.
         num_steps: N sigmas sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min, then 0.
             Heun uses 2N - 1 network evaluations (Euler on the last step to 0), Euler N.
         method: "heun" (Karras et al. 2022, Algorithm 1) or "euler".
-        cond: further conditioning passed to ``net`` by keyword (e.g. prompt embeddings), B rows.
+        cond: further conditioning passed to ``net`` by keyword, such as prompt embeddings, B rows.
     Returns:
         samples (B, *F) in noise's dtype.
     """
@@ -55,8 +49,7 @@ def edm_sample(net, noise: torch.Tensor, num_steps: int = 18, sigma_min: float =
     if noise.dim() < 2 or noise.shape[0] == 0:
         raise ValueError(f"noise must have shape (batch, *features) with batch >= 1, "
                          f"got {tuple(noise.shape)}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    check_int("num_steps", num_steps, 1, "num_steps must be a positive integer, got {value!r}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if method not in METHODS:

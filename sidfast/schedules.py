@@ -26,7 +26,7 @@ def log_snr(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def snr(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """SNR = a_t^2 / s_t^2 (diffusers ``compute_snr`` for VP: abar / (1 - abar))."""
+    """SNR = a_t^2 / s_t^2; for VP, abar / (1 - abar), as diffusers' ``compute_snr``."""
     return (a / s) ** 2
 
 

@@ -13,9 +13,12 @@ from sidfast.models.views import same_storage
 
 def fake_score_over(teacher, fake, mode: str, channels_last: bool = False, lora_rank: int = 64,
                     lora_alpha: float | None = None, lora_dropout: float = 0.0, lora_targets=None):
-    """The fake score of a score engine over ``teacher``: mode "full": ``fake`` (default: a trainable copy of
-    the teacher); mode "lora": ``fake`` must be a ``LoRAFakeScore`` over this teacher's weights (default: a new
-    one of ``lora_rank``)."""
+    """The fake score of a score engine over ``teacher``.
+
+    Mode "full": ``fake``, by default a trainable copy of the teacher. Mode "lora": ``fake`` must be a
+    ``LoRAFakeScore`` over this teacher's weights; by default a new one of ``lora_rank``, ``lora_alpha``,
+    ``lora_dropout`` and ``lora_targets``. ``channels_last``: convert the new fake score's 4-D parameters.
+    """
     if mode == "full":
         if fake is None:
             fake = copy.deepcopy(teacher).requires_grad_(True).train()

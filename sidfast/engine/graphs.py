@@ -1,19 +1,6 @@
 """The score engine's CUDA-graph cache: each phase captured once per input variant, then replayed.
 
-``torch.cuda.make_graphed_callables`` records a forward and a backward graph over static buffers for the
-inputs, outputs and gradients. A replay is correct only under rules that ``GraphCache`` enforces:
-
-- Capture and replay run under the inputs' CUDA device: ``make_graphed_callables`` warms up and captures on
-  the current device, which is not the networks' device when they live on ``cuda:N`` and the current device
-  is another.
-- Outputs, input gradients and parameter gradients lie in static buffers that the next replay overwrites:
-  callers get copies of the outputs, and gradients are copied before autograd keeps them.
-- A replay overwrites the activations that the previous replay saved for its backward. While that backward
-  is pending (its autograd graph is alive and has not run), the graph is not replayed: the replay raises.
-  With a shared memory pool, no graph is captured or replayed while any graph's backward is pending.
-- Every graph holds memory for a whole forward and backward (its own pool unless shared). At most
-  ``max_graphs`` graphs are kept (default ``MAX_GRAPHS``), the least recently used dropped first; a dropped
-  graph's memory goes back to PyTorch's caching allocator once no pending backward holds it.
+``GraphCache`` enforces the rules under which a replay is correct: docs/engine.md, "CUDA graphs".
 """
 from __future__ import annotations
 

@@ -34,25 +34,45 @@ def null_arguments(x_t: torch.Tensor, names: tuple, has_labels: bool, scales: tu
     return tuple(n.expand(batch, *n.shape[1:]) if n.shape[0] == 1 else n for n in nulls)
 
 
-def guided_function(engine, phase: str, names: tuple[tuple, ...], has_labels: bool, scales: tuple):
-    """The guided phase of ``engine`` as a pure tensor function ``f(x_t, sigma, [labels], *cond,
-    [null_labels], *null_cond)``. "fake": ``guidance.guided`` of the fake score at scales[0]; "generator" in
-    mode "full": ``guided`` of each frozen view (teacher at scales[0], fake score at scales[1]); in mode
-    "lora": ``lora_guided``."""
-    fake = engine.fake
-    mirrors = engine._mirrors
+def dispatch(phase: str, mode: str, fake, views, one, shared):
+    """A phase's evaluation, shared by the plain and the guided phase functions.
+
+    "fake": ``one(fake, 0)``; "generator" in mode "full": ``(one(views[0], 0), one(views[1], 1))``, teacher
+    then fake score; in mode "lora": ``shared(views[0])``, one forward of the split-mode tree. The index is the
+    scale's position in the guided phase's ``scales``.
+    """
+    if phase == "fake":
+        return one(fake, 0)
+    if mode == "full":
+        return one(views[0], 0), one(views[1], 1)
+    return shared(views[0])
+
+
+def guided_function(fake, views, mode: str, autocast, phase: str, names: tuple[tuple, ...],
+                    has_labels: bool, scales: tuple):
+    """A guided phase as a pure tensor function ``f(x_t, sigma, [labels], *cond, [null_labels], *null_cond)``.
+
+    Args:
+        fake: the fake score, called in phase "fake".
+        views: the generator phase's frozen views, teacher then fake score in mode "full", the split-mode
+            tree alone in mode "lora".
+        mode: "full" or "lora".
+        autocast: ``device -> context manager`` entered around the evaluation.
+        phase: "fake" (``guidance.guided`` of the fake score at scales[0]) or "generator" (``guided`` of each
+            view at its scale in mode "full", ``lora_guided`` in mode "lora").
+        names: the conditioning's paths, ``sidfast.conditions.flat_condition``.
+        has_labels: whether labels come first among the condition tensors.
+        scales: the guidance scales, one per network evaluated.
+    """
     count = len(names) + has_labels
 
     def run(x_t, sigma, *rest):
         cond = as_condition(names, has_labels, rest[:count])
         null = as_condition(names, has_labels, rest[count:])
-        with engine._autocast(x_t.device):
-            if phase == "fake":
-                return guidance.guided(fake, x_t, sigma, cond, null, scales[0])
-            if engine.mode == "full":
-                return (guidance.guided(mirrors[0].view, x_t, sigma, cond, null, scales[0]),
-                        guidance.guided(mirrors[1].view, x_t, sigma, cond, null, scales[1]))
-            return lora_guided(mirrors[0].view, x_t, sigma, cond, null, scales)
+        with autocast(x_t.device):
+            return dispatch(phase, mode, fake, views,
+                            lambda net, i: guidance.guided(net, x_t, sigma, cond, null, scales[i]),
+                            lambda view: lora_guided(view, x_t, sigma, cond, null, scales))
 
     return run
 

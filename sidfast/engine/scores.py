@@ -1,13 +1,8 @@
 """The scores of a SiD run: what the trainer asks of teacher and fake score, behind one interface.
 
-Every implementation answers the same four calls, so that a phase's loss never asks which one it holds:
-``fake_score_forward`` (the fake score at x_t = sg(x_g) + sigma eps, gradients into its parameters),
-``generator_terms`` (teacher and fake score at x_t = x_g + sigma eps, input gradients only), and SiDA's
-``fake_score_with_logits`` / ``generator_terms_with_logits`` (the same, with the discriminator's logits).
-``EagerScores`` calls the networks one by one as plain modules (the readable path, and DDP's);
-``ScoreEngine`` evaluates them together over frozen views of their storage (one CUDA graph per phase on a
-GPU; mode "lora": one forward of the teacher's shared weights over the doubled batch; ``docs/engine.md``);
-``PhaseScores`` takes each phase from one of them. Everything is in EDM coordinates.
+``EagerScores`` calls the networks one by one (the readable path, and DDP's); ``ScoreEngine`` evaluates them
+together over frozen views, one CUDA graph per phase on a GPU; ``PhaseScores`` takes each phase from one of
+them. Design: docs/engine.md.
 """
 from __future__ import annotations
 
@@ -18,9 +13,9 @@ from torch import nn
 from sidfast import conditions, guidance
 from sidfast import loss as _loss
 from sidfast.utils import runtime
-from sidfast._checks import check_rows
+from sidfast._checks import check_int, check_rows
 from sidfast.engine.graphs import MAX_GRAPHS, GraphCache
-from sidfast.engine.guided import guided_function, null_arguments
+from sidfast.engine.guided import dispatch, guided_function, null_arguments
 from sidfast.models.denoiser import Denoiser, as_denoiser, sigma_per_sample
 from sidfast.models.discriminator import DiscriminatorPass, DiscriminatorTap, with_logits
 from sidfast.conditions import flat_condition, nested_condition, path_name
@@ -44,10 +39,16 @@ def _flat_arguments(cond: dict) -> tuple[tuple, tuple]:
 
 
 def edm_noised(x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor | None = None):
-    """``(x_t, seed)`` with x_t = x + sigma * eps (EDM coordinates: a = 1; docs/math.md, "Forward process and
-    schedules"), gradients reaching ``x``. ``noise``: eps itself (seed None), or None to draw eps inside
-    the ``add_noise`` kernel from a seed of torch's generator (the (1,) tensor returned regenerates it:
-    ``sidfast.ops.noise.regenerate_noise`` or the fake-score loss's ``seed=``)."""
+    """``(x_t, seed)`` with x_t = x + sigma * eps in EDM coordinates, gradients reaching ``x``.
+
+    Args:
+        x: clean data (B, *F).
+        sigma: (B,) noise levels.
+        noise: eps itself, or None to draw eps inside the ``add_noise`` kernel from a seed of torch's generator.
+    Returns:
+        x_t and the (1,) seed that regenerates eps (``sidfast.ops.noise.regenerate_noise``, the fake-score
+        loss's ``seed=``); the seed is None when ``noise`` was given.
+    """
     if noise is None:
         return add_noise(x, 1.0, sigma)
     return x + broadcast(sigma, x).to(x.dtype) * noise, None
@@ -88,8 +89,7 @@ class ScoreEngine:
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
         if graphs not in ("auto", True, False):
             raise ValueError(f"graphs must be 'auto', True or False, got {graphs!r}")
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ValueError(f"max_graphs must be a positive integer, got {max_graphs!r}")
+        check_int("max_graphs", max_graphs, 1, "max_graphs must be a positive integer, got {value!r}")
         self.mode = mode
         self.amp_dtype = amp_dtype
         self.channels_last = bool(channels_last)
@@ -126,10 +126,9 @@ class ScoreEngine:
             sigma: (B,) noise levels (``reference.generator_sigma`` in the published recipe).
             labels: class labels in the networks' format, or None.
             noise: eps (B, *F) in x_g's dtype, or None to draw eps inside the noising kernel
-                (``sidfast.ops.noise.add_noise``, seeded from torch's default generator on x_g's device;
-                off the Triton route the same Philox stream is computed in PyTorch).
-            scale_real, scale_fake: guidance scales of the teacher (k4) and of the fake score (k2)
-                (``docs/math.md``, "Guidance (SiD-LSG)"); 1 is the plain conditional call.
+                ``sidfast.ops.noise.add_noise``, seeded from torch's default generator on x_g's device.
+            scale_real, scale_fake: guidance scales k4 of the teacher and k2 of the fake score, docs/math.md,
+                "Guidance (SiD-LSG)"; 1 is the plain conditional call.
             null_labels, null_cond: the unconditional labels and keyword tensors (1 or B rows), needed when a
                 scale is not 1.
             cond: further conditioning tensors (B, ...) passed to both networks by keyword.
@@ -174,10 +173,17 @@ class ScoreEngine:
 
     def fake_score_with_logits(self, x_t: torch.Tensor, x_real_t: torch.Tensor, sigma, labels=None,
                                real_cond: dict | None = None, **cond):
-        """SiDA's fake-score step: ``(f_psi(x_t), D_fake, D_real)``, f_psi and D_fake from one forward at the
-        noised generated images ``x_t``, D_real from an encoder-only forward at the noised real images
-        ``x_real_t`` (same ``sigma`` and ``labels``; ``real_cond``: their own conditioning, default
-        ``cond``), with gradients into the fake score's trainable parameters."""
+        """SiDA's fake-score step: ``(f_psi(x_t), D_fake, D_real)``, with gradients into the fake score's
+        trainable parameters.
+
+        Args:
+            x_t: the noised generated images; f_psi and D_fake come from one forward at them.
+            x_real_t: the noised real images, same ``sigma`` and ``labels``; D_real comes from an encoder-only
+                forward at them.
+            sigma, labels: as for ``fake_score_forward``.
+            real_cond: the real images' own conditioning; default ``cond``.
+            cond: conditioning tensors of the generated images, by keyword.
+        """
         self._need_tap()
         sig = self._check_inputs(x_t, sigma, labels, cond, "x_t")
         real_cond = dict(cond if real_cond is None else real_cond)
@@ -260,22 +266,21 @@ class ScoreEngine:
         if fn is not None:
             return fn
         fake = self.fake
-        mirrors = self._mirrors
+        views = [mirror.view for mirror in self._mirrors]
 
         def run(x_t, sigma, *rest):
             labels = rest[0] if has_labels else None
             flat = rest[1:] if has_labels else rest
             cond = nested_condition(names, flat)
-            with self._autocast(x_t.device):
-                if phase == "fake":
-                    return fake(x_t, sigma, labels, **cond)
-                if self.mode == "full":
-                    y_real = mirrors[0].view(x_t, sigma, labels, **cond)
-                    return y_real, mirrors[1].view(x_t, sigma, labels, **cond)
-                # one forward of the shared network over [teacher half; fake half]
-                y = mirrors[0].view(_double(x_t), _double(sigma), _double(labels),
-                                    **nested_condition(names, [_double(v) for v in flat]))
+
+            def shared(view):  # one forward of the shared network over [teacher half; fake half]
+                y = view(_double(x_t), _double(sigma), _double(labels),
+                         **nested_condition(names, [_double(v) for v in flat]))
                 return y[: x_t.shape[0]], y[x_t.shape[0]:]
+
+            with self._autocast(x_t.device):
+                return dispatch(phase, self.mode, fake, views,
+                                lambda net, i: net(x_t, sigma, labels, **cond), shared)
 
         fn = run
         if logits:
@@ -311,7 +316,8 @@ class ScoreEngine:
         args = (x_t, sig) + ((labels,) if has_labels else ()) + tensors + nulls
         key = ("guided", phase, names, has_labels, scales)
         if key not in self._functions:
-            fn = guided_function(self, phase, names, has_labels, scales)
+            fn = guided_function(self.fake, [mirror.view for mirror in self._mirrors], self.mode,
+                                 self._autocast, phase, names, has_labels, scales)
             self._functions[key] = torch.compile(fn, dynamic=False) if self.compile else fn
         return self._graphs.call(phase, ("guided", scales, names, has_labels, state, self.amp_dtype),
                                  self._functions[key], args)
@@ -328,10 +334,14 @@ class ScoreEngine:
 
 
 class EagerScores:
-    """The score interface over plain module calls, one network at a time (``ScoreEngine``'s methods and
-    arguments). ``fake_train``: the module the fake-score phase calls (default ``fake``; a DDP wrapper, whose
-    hooks average the fake score's gradients, or a compiled copy); ``precision``: autocast as
-    ``runtime.autocast`` takes it."""
+    """The score interface over plain module calls, one network at a time, with ``ScoreEngine``'s methods.
+
+    Args:
+        teacher, fake: the two denoisers.
+        fake_train: the module the fake-score phase calls, default ``fake``: a DDP wrapper, whose hooks
+            average the fake score's gradients, or a compiled copy.
+        precision: autocast, as ``runtime.autocast`` takes it.
+    """
 
     def __init__(self, teacher, fake, fake_train=None, precision="fp32"):
         self.teacher = teacher

@@ -1,24 +1,8 @@
 """One denoiser interface for teacher, fake score and generator, with adapters for what users have.
 
-Every denoiser is an ``nn.Module`` called as ``forward(x, sigma, class_labels=None, **cond) -> x0_hat``
-in EDM / variance-exploding coordinates (``docs/math.md``, "Forward process and schedules": a = 1, s = sigma): ``x = x0 + sigma * eps``,
-``sigma`` a ``(B,)`` tensor (a number, a 0-d tensor or ``(B, 1, ..., 1)`` also accepted), the output
-the denoised estimate with the shape, dtype and device of ``x``.
-
-Adapters (the conversions of ``docs/math.md``, "Predictions", via ``sidfast.predictions``):
-
-- ``EDMDenoiser(net)``: any EDM-style module ``net(x, sigma, class_labels) -> x0`` (the published SiD
-  teachers), called unchanged.
-- ``DiffusersDenoiser(unet, schedule, prediction)``: diffusers ``UNet2DModel`` / ``UNet2DConditionModel``
-  (any ``unet(x_vp, timesteps, **kw).sample``) trained on a VP schedule with eps, v or x0 targets.
-- ``FlowDenoiser(model)``: flow-matching models predicting ``eps - x0`` at ``(1 - t) x0 + t eps``.
-
-Class labels are passed in the network's own format (``Denoiser.label_format``: one-hot for EDM networks,
-indices for diffusers); ``Denoiser.labels(idx)`` makes them from class indices and ``null_condition(batch)``
-gives the keywords of the unconditional (null-label) call that classifier-free guidance needs. Text-conditioned
-teachers take their prompt embeddings through ``**cond`` (``sidfast.models.text.TextConditioner`` computes them and
-their null, empty-prompt, condition).
-No adapter syncs with the host in ``forward``, so all of them can be compiled and captured in CUDA graphs.
+A denoiser is called as ``forward(x, sigma, class_labels=None, **cond) -> x0_hat`` in EDM coordinates,
+``x = x0 + sigma * eps``. Adapters: ``EDMDenoiser``, ``DiffusersDenoiser`` (VP, eps/v/x0 targets),
+``FlowDenoiser`` (flow matching). Contract and table: docs/teachers.md, "The denoiser interface".
 """
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ class DiffusersDenoiser(Denoiser):
         ``prediction`` and ``schedule`` override what the scheduler config says; without a scheduler config
         both are required.
         """
-        import diffusers
+        import diffusers  # diffusers stays optional: only loading a pretrained model needs it
 
         root = Path(path)
         if not root.is_dir():

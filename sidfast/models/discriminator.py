@@ -1,48 +1,8 @@
 """SiDA's discriminator: logits read off the fake score network's own encoder (no new parameters).
 
-SiDA (Zhou et al., ICLR 2025, "Adversarial Score identity Distillation"; ``docs/math.md``, "SiDA losses")
-takes the discriminator's logits from the fake score network itself: the activation at the end of its
-encoder (for a U-Net the output of the last encoder block at the lowest resolution, before the middle
-blocks and any skip concatenation), reduced by a mean over dimension 1 with ``keepdim``. For an image
-activation (B, C, h, w) that is the channel mean, a (B, 1, h, w) map of logits; for a transformer's tokens
-(B, N, D) it pools over the tokens, (B, 1, D).
-
-A ``DiscriminatorTap`` puts a forward hook on that layer (the *tap*):
-
-- ``forward_with_logits(x, sigma, labels)``: one ordinary forward returning ``(x0_hat, logits)``; the
-  logits stay in the autograd graph (the fake-score step's ``D_fake``, the generator step's ``D``);
-- ``encoder_logits(x, sigma, labels)``: the encoder only (the real-image pass ``D_real``): the hook raises
-  a private exception right after recording, so nothing after the tap runs;
-- ``capture()``: the same recording around any call, ``with tap.capture() as out: y = net(...)``.
-
-Default taps (``default_layer``), searched through the wrappers (``Denoiser``, ``LoRAFakeScore``, EDM's
-``EDMPrecond``...):
-
-- an ``enc`` ``nn.ModuleDict`` whose entries are named ``{r}x{r}_...`` (NVlabs/edm's SongUNet and
-  DhariwalUNet, EDM2's UNet): its last entry at the lowest resolution;
-- ``down_blocks`` + ``mid_block`` (diffusers ``UNet2DModel``, ``UNet2DConditionModel``): the hidden-state
-  output of ``down_blocks[-1]``;
-- ``transformer_blocks`` + ``proj_out`` / ``proj_out_2`` (diffusers DiT, SD3, Flux, PixArt): the input of
-  the output projection, i.e. the last block's hidden states after ``norm_out`` (and, for DiT, its
-  adaptive shift and scale);
-- the demo's ``DigitsMLP``: the output of its last residual block, before ``norm_out`` (a LayerNorm's
-  output has a feature mean of zero until its bias trains, so a mean after it would be a constant).
-
-Anything else: name the module by its dotted path (``--disc-layer model.enc.8x8_block3``), relative to the
-denoiser or to any network it wraps; ``path:input`` taps the module's input instead of its output.
-
-With a LoRA fake score in split mode (``sidfast.models.lora``: one forward over ``[teacher half; fake half]``) the
-tap keeps the fake half's logits only (``split``, detected from the LoRA layers' modes by default).
-
-Compile and CUDA graphs: the hook is registered once and never changes, so a compiled caller does not
-recompile; whether it records, and whether it stops the forward, are Python flags that torch.compile
-guards on, and the hook, the flags and the early exit (a raise caught in ``encoder_logits``) trace into
-one graph with ``fullgraph=True`` (``tests/test_discriminator.py``). The logits are returned as outputs,
-never only stored, so a captured CUDA graph's static outputs carry them; the early exit is Python
-control flow at capture time, so the graph holds the kernels up to the tap and replays only those.
-Where a compiler cannot trace the exception, run ``encoder_logits`` eagerly (the cost is the encoder's
-forward only). A tap inside a gradient-checkpointed region is not supported: a reentrant checkpoint runs
-it without autograd.
+``DiscriminatorTap`` hooks the end of the encoder (``default_layer``, or ``--disc-layer``); the logits are
+the mean over dimension 1 of its activation. Default layers per family, LoRA split mode, compile and CUDA
+graphs: docs/engine.md, "Discriminator tap".
 """
 from __future__ import annotations
 
@@ -54,6 +14,7 @@ from torch import nn
 
 from sidfast.models.introspect import _modules_of
 from sidfast.conditions import nested_condition
+from sidfast.models.lora import lora_layers
 
 _ENC_ENTRY = re.compile(r"^(\d+)x(\d+)_")
 
@@ -169,8 +130,6 @@ def logits_of(activation: torch.Tensor) -> torch.Tensor:
 
 
 def _split_mode(root: nn.Module) -> bool:
-    from sidfast.models.lora import lora_layers
-
     return any(m.mode == "split" for m in lora_layers(root))
 
 
@@ -300,9 +259,10 @@ class DiscriminatorPass(nn.Module):
     """The fake network's discriminator-step forward as one module call: ``(f_psi(x_t), D_fake, D_real)``.
 
     ``forward(x_t, sigma, labels, x_real_t, real_labels=None, real_cond=None, **cond)``: one full forward at
-    the noised generated images ``x_t`` (the fake-score loss's ``f_psi`` and ``D_fake``) and one encoder-only
-    forward at the real images noised with the same ``sigma`` (``D_real``; ``real_labels`` default ``labels``,
-    ``real_cond`` default ``cond``: the real images' own conditioning, e.g. their augment_labels).
+    the noised generated images ``x_t``, giving the fake-score loss's ``f_psi`` and ``D_fake``, and one
+    encoder-only forward at the real images noised with the same ``sigma``, giving ``D_real``.
+    ``real_labels`` and ``real_cond`` are the real images' own labels and conditioning, such as their
+    augment_labels; they default to ``labels`` and ``cond``.
     One call per backward, so the module can be wrapped in DistributedDataParallel (which expects one
     forward per backward) or captured as one CUDA graph; its parameters are the fake network's.
     """

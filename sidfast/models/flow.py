@@ -101,7 +101,7 @@ class FlowDenoiser(Denoiser):
                         guidance: float | None = None, name: str | None = None) -> "FlowDenoiser":
         """Load a diffusers flow-matching model saved with ``save_pretrained``: a model directory, or a pipeline
         directory whose ``transformer/`` (or ``subfolder``) holds it."""
-        import diffusers
+        import diffusers  # diffusers stays optional: only loading a pretrained model needs it
 
         root = Path(path)
         model_dir = root / subfolder if subfolder else root

@@ -1,14 +1,7 @@
-"""Checkpoint files: validated reads and network checkpoints (written atomically by
-``sidfast.utils.files.atomic_save``).
+"""Checkpoint files: validated reads and network checkpoints.
 
-- ``load_checkpoint(path, kind)``: ``torch.load(weights_only=True)`` (no code runs from a foreign pickle),
-  then checks the format marker; a missing, empty, truncated, corrupt or foreign file raises
-  ``CheckpointError`` (a ValueError) that says what the file is and what to do.
-- Network checkpoints (``kind="network"``, e.g. a teacher trained by ``sidfast train-teacher``):
-  ``{"format": "sidfast.network", "version": 1, "builder": "module:function", "config": {...},
-  "state_dict": {...}, "meta": {...}}``; ``load_network`` rebuilds the module as ``builder(config)``.
-- Distillation checkpoints (``kind="distill"``) are written and restored by ``sidfast.training.state``;
-  teachers and generators are loaded from what the user has by ``sidfast.models.loading``.
+A bad file raises ``CheckpointError`` saying what it is and what to do. Format: docs/teachers.md,
+"Checkpoint files".
 """
 from __future__ import annotations
 

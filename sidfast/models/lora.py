@@ -1,36 +1,8 @@
 """Low-rank (LoRA) networks over a frozen network's shared weights: the LoRA fake score and generator.
 
-The SiD fake score starts as a copy of the teacher (``docs/math.md``, "Published recipe"). Here it is
-instead the teacher's own weights, shared (never copied) and frozen (``sidfast.models.views.frozen_view``), plus
-a trainable low-rank update of every layer's ``weight`` (Hu et al. 2021, eq. 3: ``W' = W + (alpha / r) B A``,
-``B`` zero-initialised so the fake score starts equal to the teacher). This removes a full network copy
-and its optimizer state. The same construction over the generator's network is the LoRA generator.
-
-Which layers: any module holding a ``weight`` parameter of two or more dimensions that its forward uses
-linearly (a matmul or a convolution), whatever its class: ``nn.Linear`` / ``nn.Conv2d``, the ``Linear``
-and ``Conv2d`` classes of EDM's ``SongUNet`` / ``DhariwalUNet`` (with resampling fused around the
-convolution), diffusers' U-Nets and DiT transformers. Two wrappers:
-
-- ``LoRALinear`` / ``LoRAConv2d`` (``nn.Linear`` and ungrouped zero-padded ``nn.Conv2d``): the update is a
-  low-rank path on the layer's input, ``y = W x + scale B (A x)``, which never forms ``B A``; its backward
-  gives the factors' gradients without the (out x in) weight gradient.
-- ``LoRAWeight`` (every other such module): the module's own forward runs with its ``weight`` swapped for
-  ``W + scale B A`` (``torch.func.functional_call``), so the update goes exactly where the module uses its
-  weight, after any resampling, cast or transpose it applies first.
-
-Every LoRA layer has a fixed ``mode``:
-
-- ``"on"``: the layer with ``W + scale B A`` (the fake score alone);
-- ``"off"``: the layer with ``W`` (the teacher);
-- ``"split"``: the batch is ``[teacher half; fake half]``: the teacher half sees ``W``, the fake half
-  ``W + scale B A``, in one call of the shared network. ``LoRALinear`` / ``LoRAConv2d`` compute ``W x``
-  once over the doubled batch and add the low-rank path to the fake half; ``LoRAWeight`` calls the module
-  once per half (the second with the swapped weight), the same work as the two networks apart.
-
-Modes are fixed per module tree (``set_lora_mode``) rather than switched per call, so compiled code
-and captured CUDA graphs never see a mode change. Layer inputs are assumed batch-first (true of
-convolutions and of the linear layers in diffusers' and EDM's networks); ``merge_lora`` gives a plain
-network with the merged weights to check that assumption on a new architecture.
+The fake score, or the generator, is the teacher's own weights, shared and frozen, plus a trainable update
+``W + (alpha / r) B A`` (Hu et al. 2021) with ``B = 0`` at the start: no copy of the network and no optimizer
+state for one. Which layers, the modes and why not PEFT: docs/lora.md.
 """
 from __future__ import annotations
 
@@ -43,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from sidfast._checks import check_int
 from sidfast.models.interface import Denoiser
 from sidfast.models.views import frozen_view
 
@@ -59,8 +32,7 @@ class LoRALayer(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float | None, dropout: float, mode: str):
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        check_int("rank", rank, 1, "rank must be a positive integer, got {value!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if mode not in LORA_LAYER_MODES:
@@ -176,8 +148,8 @@ def _matrix_weight(module: nn.Module) -> nn.Parameter | None:
 class LoRAWeight(LoRALayer):
     """Any module holding a ``weight`` (out, ...) that its forward uses as a linear map or convolution, run
     with ``W + scale * B A``: A (r, weight[0].numel()) Kaiming-uniform, B (out, r) zeros, ``B A`` reshaped
-    to the weight's shape. The module's own forward does the rest (its stride, padding, groups, resampling,
-    bias, casts), so the update is exact for any such class."""
+    to the weight's shape. The module's own forward does the rest: its stride, padding, groups, resampling,
+    bias and casts, so the update is exact for any such class."""
 
     def __init__(self, base: nn.Module, rank: int = 64, alpha: float | None = None, dropout: float = 0.0,
                  mode: str = "on"):

@@ -1,25 +1,8 @@
 """Prompts and the text-encoder embeddings that condition text-to-image teachers.
 
-- ``read_prompts(path)``: one prompt per line of a text file (blank lines skipped); ``draw_prompts`` picks a
-  batch.
-- ``TextConditioner``: the pipeline's frozen tokenizer(s) and text encoder(s), turning a batch of prompts into
-  the keywords the teacher's adapter takes (``den(x, sigma, **cond.condition(prompts))``), with the null
-  (empty-prompt) condition for classifier-free guidance (``cond.null_condition(batch)``). Embeddings are
-  computed without gradients, cast to the teacher's dtype, and kept per prompt in an LRU cache, so a prompt
-  that comes back is not encoded again.
-
-What each pipeline kind feeds its denoiser, as diffusers' pipelines compute it in ``encode_prompt``
-(``docs/teachers.md`` has the table):
-
-- "sd" (StableDiffusionPipeline, one CLIP): ``encoder_hidden_states``, CLIP's last layer.
-- "sdxl" (StableDiffusionXLPipeline, CLIP-L and CLIP-G with projection): ``encoder_hidden_states``, both
-  penultimate layers concatenated; ``added_cond_kwargs``: ``text_embeds`` (CLIP-G's projection) and
-  ``time_ids`` (original size, crop corner, target size).
-- "sd3" (StableDiffusion3Pipeline, CLIP-L, CLIP-G, T5): ``encoder_hidden_states``, the CLIPs' penultimate
-  layers concatenated and zero-padded to T5's width, followed by T5's tokens; ``pooled_projections``, both
-  CLIP projections concatenated.
-- "flux" (FluxPipeline, CLIP-L and T5): ``encoder_hidden_states``, T5's tokens; ``pooled_projections``,
-  CLIP's pooled output.
+``read_prompts`` / ``draw_prompts`` read and draw prompts; ``TextConditioner`` turns prompts into the
+teacher's keywords as diffusers' ``encode_prompt`` does, with an LRU cache per prompt. What each pipeline
+kind feeds its denoiser: docs/teachers.md, "Text-to-image teachers".
 """
 from __future__ import annotations
 
@@ -29,6 +12,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from sidfast._checks import check_int
 
 # pipeline class -> (kind, its text components in order: tokenizer, encoder pairs)
 PIPELINES = {
@@ -112,8 +97,7 @@ class TextConditioner:
             raise ValueError("SD3 without its T5 encoder needs joint_attention_dim (the zeros' width)")
         if kind == "sdxl" and image_size is None:
             raise ValueError("an SDXL conditioner needs image_size=(height, width) in pixels for its time ids")
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError(f"cache_size must be a non-negative integer, got {cache_size!r}")
+        check_int("cache_size", cache_size, 0, "cache_size must be a non-negative integer, got {value!r}")
         self.kind = kind
         self.tokenizers = tokenizers
         self.encoders = [None if e is None else e.eval().requires_grad_(False) for e in encoders]
@@ -143,8 +127,9 @@ class TextConditioner:
     # ---- the recipes ----
 
     def _clip(self, i: int, prompts: list[str], layer: int | None):
-        """(hidden states of ``layer`` (None: the last, after the final norm), the first output, pooler output)
-        of CLIP encoder ``i``."""
+        """The hidden states of ``layer``, the first output and the pooler output of CLIP encoder ``i``.
+
+        ``layer`` None means the last hidden state, after the final norm."""
         tok, enc = self.tokenizers[i], self.encoders[i]
         out = enc(_token_ids(tok, prompts, tok.model_max_length, _device_of(enc)), output_hidden_states=True)
         hidden = out[0] if layer is None else out.hidden_states[layer]
@@ -191,7 +176,7 @@ class TextConditioner:
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> dict:
-        """Embeddings of ``prompts`` (a dict of (B, ...) tensors in ``dtype``), encoding only uncached ones."""
+        """Embeddings of ``prompts``: a dict of (B, ...) tensors in ``dtype``; only uncached prompts are encoded."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, got one string (wrap it in a list)")
         prompts = list(prompts)
@@ -250,7 +235,7 @@ class TextConditioner:
             raise ValueError(f"pipeline class {pipeline!r} in {str(index_file)!r} is not a text-to-image pipeline "
                              f"sidfast reads; supported: {', '.join(PIPELINES)}")
         try:
-            import transformers
+            import transformers  # transformers stays optional: only text-to-image pipelines need it
         except ImportError:
             raise ImportError(f"{pipeline} needs its text encoders, which need transformers: "
                               "pip install transformers") from None

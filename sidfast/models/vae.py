@@ -35,7 +35,7 @@ class LatentDecoder:
         root = Path(path)
         if not (root / "vae" / "config.json").is_file():
             raise FileNotFoundError(f"pipeline {str(root)!r} has no vae/ subfolder to decode its latents with")
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # diffusers stays optional: only loading a VAE needs it
 
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
         return cls(vae, vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))

@@ -17,7 +17,7 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def acc_type(dtype: torch.dtype):
     """The Triton accumulation type for inputs of ``dtype`` (float32, float64 for float64)."""
-    import triton.language as tl
+    import triton.language as tl  # triton stays optional: called on the Triton route only
 
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -35,7 +35,7 @@ def jit_with_loop_bounds(*names: str):
     a new batch or feature size reuses the compiled kernel, also during CUDA-graph capture. Hosts pass
     them through ``loop_bound``.
     """
-    import triton
+    import triton  # triton stays optional: called on the Triton route only
 
     def wrap(fn):
         return triton.jit(fn, do_not_specialize=list(names))
@@ -48,7 +48,7 @@ def loop_bound(n: int):
     int argument into a one-element array that ``range`` cannot take; a ``tl.constexpr`` passes unconverted
     (the compiled kernels get the plain int)."""
     if INTERPRET:
-        import triton.language as tl
+        import triton.language as tl  # triton stays optional: the interpreter is a Triton route
 
         return tl.constexpr(int(n))
     return int(n)

@@ -1,30 +1,13 @@
 """The noise stream shared by ``add_noise`` and the fake-score loss: Philox4x32-10 + Box-Muller.
 
-    eps[b, l] = component (l % 4) of randn4x(seed, offset + b * ceil(N / 4) + l // 4)
-
-``b`` is the sample, ``l`` the element's *logical* (row-major) index within the sample's N features,
-``randn4x`` Triton's Philox4x32-10 (Salmon et al. 2011) + Box-Muller (four normals per counter;
-one Philox call per four elements keeps the kernels near memory speed). Logical indexing makes the
-noise independent of memory layout (contiguous and channels_last give the same eps; channels_last
-costs four Philox calls per four elements).
-
-``offset`` shifts the counters: a draw of B samples of N features uses the counters
-[offset, offset + B * ceil(N / 4)), and two draws from one seed are independent exactly when their
-counter ranges do not overlap. Offsets closer than that share noise (with ``offset = ceil(N / 4)``
-sample b gets the noise of sample b + 1 at offset 0).
-
-This file holds the PyTorch reference of the stream (``philox_normal``: the CPU route and the test
-oracle; it uses the accurate log/sin/cos) and the Triton helpers that generate a tile of it
-(``noise_tile``). Compiled kernels use the GPU's approximate sin/cos (absolute error about 1e-6
-against ``philox_normal``); a route that needs bit-identical noise to a kernel's regenerates it with
-the kernel (``sidfast/ops/noise.py: regenerate_noise``).
+``philox_normal`` is the PyTorch reference (CPU route, test oracle); ``noise_tile`` the Triton helpers. The
+stream, its offsets and its accuracy: docs/kernels.md, "Noise stream".
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from sidfast._checks import check_int
 from sidfast.ops import backend
 from sidfast.ops.backend import HAS_TRITON
 
@@ -110,8 +93,7 @@ def draw_seed(device, generator: torch.Generator | None = None) -> torch.Tensor:
 
 
 def check_counter_range(B: int, N: int, offset: int) -> None:
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+    check_int("offset", offset, 0, "offset must be a non-negative int, got {value!r}")
     if offset + B * backend.cdiv(N, 4) >= MAX_COUNTER:
         raise ValueError(f"offset + B * ceil(N/4) = {offset + B * backend.cdiv(N, 4)} exceeds the 2^31 Philox "
                          "counters of one seed; draw a new seed instead of a large offset")

@@ -1,24 +1,7 @@
 """Backward of the fused losses: scale the gradients their forward already computed by ``grad_output``.
 
-A fused loss writes its input gradients in the forward pass; autograd's backward only has to
-multiply them by the incoming ``grad_loss``. Done naively that is a second full read and write of
-every gradient (doubling the memory traffic of forward+backward). The Triton route avoids it for
-the common case:
-
-* reduction "sum"/"batchmean" (``grad_loss`` is 0-dim), first backward through the graph, eager
-  mode: one kernel scales the saved gradients **in place** and hands them to autograd; every
-  program first loads ``grad_loss`` from device memory and returns at once when it equals 1
-  (``loss.backward()``), so no host sync and no traffic in that case. The factor applied is
-  remembered on the device, so a second backward (``retain_graph=True``) returns
-  ``saved * (grad_loss / applied)`` out of place; if the first backward's ``grad_loss`` was exactly
-  0 the saved gradients are lost and a second backward yields NaN (documented limitation).
-* everything else (reduction "none", tracing under torch.compile, double backward with
-  ``create_graph=True``, CPU native route): out of place, ``(g * grad_loss).to(g.dtype)``.
-
-In-place scaling is only sound where nobody else sees the saved gradients, so it is used by the
-``torch.autograd.Function`` wrappers of the public losses (``SiDLossFunction``,
-``FakeScoreLossFunction``), never by the custom ops' own autograd, whose gradient outputs are
-visible to the caller (their backward is ``out_of_place``).
+In place where nobody else sees the saved gradients, to save a full read and write of them: docs/kernels.md,
+"Gradient scaling".
 """
 from __future__ import annotations
 

@@ -1,17 +1,7 @@
 """Noising ``x_t = a * x0 + s * eps`` with ``eps`` drawn inside the kernel and never written.
 
-The noise is a pure function of a seed tensor and the element's position (the stream of
-``sidfast/ops/_philox.py``), so a later kernel (the fake-score loss, a noise-space loss) can
-regenerate exactly the same ``eps`` instead of reading it.
-
-Seed handling without a host sync: ``add_noise`` draws ``seed = torch.randint(..., generator)`` as a
-device tensor that the kernel ``tl.load``s. So ``torch.manual_seed`` reproduces the noise, and a
-captured CUDA graph draws a fresh seed on every replay (torch's Philox offset advances per replay).
-
-``torch.ops.sidfast.add_noise`` is a custom op with a fake (torch.compile traces it) and autograd:
-``d x_t / d x0 = a`` per sample (gradients for a, s or an explicit noise are not provided: the
-public function refuses inputs that would need them). With ``a`` the number 1 (EDM coordinates) the
-eager backward hands the incoming gradient through instead of launching a scaling pass.
+A later kernel regenerates the same ``eps`` from the seed instead of reading it. Seeds without a host sync,
+the custom op and its backward: docs/kernels.md, "Noising".
 """
 from __future__ import annotations
 
@@ -155,7 +145,7 @@ if HAS_TRITON:
     @torch.library.custom_op("sidfast::add_noise", mutates_args=())
     def add_noise_op(x0: torch.Tensor, a: torch.Tensor, s: torch.Tensor, noise: torch.Tensor | None,
                      seed: torch.Tensor | None, offset: int) -> torch.Tensor:
-        """x_t = a x0 + s eps with eps = noise, or drawn in-kernel from seed (a (1,) int64 tensor) and offset."""
+        """x_t = a x0 + s eps with eps = noise, or drawn in-kernel from ``seed``, a (1,) int64 tensor, and offset."""
         return add_noise_triton_impl(x0, a, s, noise, seed, offset)
 
     @add_noise_op.register_fake

@@ -1,49 +1,7 @@
 """The SiD generator loss with its three gradients computed in the forward pass.
 
-Math: Zhou et al. 2024, eqs. 9-10 and ``sidfast/reference.py: sid_generator_loss`` (docs/math.md,
-"SiD generator loss"). ``sidfast::sid_loss`` (native C++, CPU; csrc/cpu/sid_loss.cpp) and
-``sidfast::sid_loss_triton`` (Triton: CUDA, or CPU under ``TRITON_INTERPRET=1``) share one fake and
-one autograd formula: they return ``(loss, grad_real, grad_fake, grad_x)`` and backward only scales
-the stored gradients by ``grad_output`` (no host sync, so a step can be captured in a CUDA graph).
-The Triton op also takes a constant ``scale`` folded into the loss and its gradients (the published
-loss scale), so that ``loss.backward()`` needs no scaling pass at all. ``sid_loss`` (what
-``sidfast.loss`` calls) wraps the Triton op in ``SiDLossFunction``, whose backward scales the
-private gradients in place when it can (see ``grad_scale``). Reductions: code 0 "none"
-(per-element fp32 loss), 1 "sum", 2 "batchmean" (0-dim loss, gradients scaled by 1 or 1/B). Samples
-with a NaN in any input are dropped by a mask: zero loss, zero gradients, and "batchmean" still
-divides by the full batch.
-
-Triton design. Per sample, the loss needs the normalizer ``w = max(mean|x_g - y_real|, 1e-5)``
-before any gradient can be written, so the minimum is one pass that reads all three inputs when a
-sample fits in registers, and otherwise two reads of (x_g, y_real). Three kernel plans, chosen on
-the host from shapes only (no sync):
-
-* ``tile`` (N <= 8192 features): a program holds ROWS whole samples in registers, reduces the
-  normalizer and the NaN flag per row, then writes the loss/gradients: one read, one write.
-  Small N packs many samples per program.
-* ``loop`` (larger N, batch >= #SMs): a persistent program per group of samples walks each sample
-  twice: pass 1 reads (x_g, y_real) for w, pass 2 reads all three and writes. The number of
-  programs is capped so that the samples in flight fit in L2, so pass 2 re-reads from L2 and HBM
-  traffic stays close to 3 reads + 3 writes. A NaN first seen in pass 2 (in y_fake) triggers a
-  device-side branch that rewrites that sample's outputs as zeros (rare path, no host involvement).
-* ``split`` (larger N, small batch, e.g. 16 x 65536): samples are cut into chunks so every SM
-  works: a stats kernel writes per-chunk |x_g - y_real| sums and NaN flags (reading all three
-  inputs), a per-sample kernel reduces them once to 1/w and the sample's NaN flag, and an apply
-  kernel writes each chunk. The apply kernel's reads hit L2 when the batch is small enough
-  (16 x 65536 bf16 is 6 MB).
-
-Loop trip counts are runtime arguments (``_common.jit_with_loop_bounds``): one compiled kernel per
-plan and block size serves every batch and feature size. The plan constants are first guesses from
-register counts (benchmarks/compile_report.py) and bandwidth arithmetic; ``PLAN_OVERRIDE`` and
-benchmarks/bench_sid_loss.py's plan benchmark exist to tune them on the target GPU.
-
-SiDA (``sidfast/ops/sida_loss.py``) reuses these kernels with ``PER_SAMPLE``: they also read a per-sample
-drop flag (a NaN in the discriminator logits) and write each sample's final flag and 1/w, which is all
-the GAN term needs from the data, so it costs no second pass.
-
-Scalar losses are reduced in the same launch: each program stores a per-sample (or per-chunk)
-partial sum, and the last program to arrive (an atomic counter) adds them in a fixed order, so
-results are deterministic and no torch.sum launch follows. Accumulation is fp32 (fp64 for fp64).
+Math: Zhou et al. 2024, eqs. 9-10, ``sidfast/reference.py: sid_generator_loss`` (docs/math.md, "SiD generator
+loss"). Routes, the NaN mask and the kernel plans: docs/kernels.md, "SiD loss".
 """
 from __future__ import annotations
 

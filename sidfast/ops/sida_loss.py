@@ -1,16 +1,7 @@
 """SiDA's generator losses: the SiD loss with its gradients in the forward pass, plus the GAN term.
 
-Math: ``sidfast/reference.py: sida_generator_loss`` (Zhou et al., ICLR 2025, "Adversarial Score identity
-Distillation"; docs/math.md, "SiDA losses"). L_gan = (1/B) * N * b * sum_i 1/w_i needs from the data only
-the per-sample 1/w of the SiD normalizer, so the SiD kernels (``sidfast/ops/sid_loss.py``, ``PER_SAMPLE``)
-write it, with the final per-sample drop flags, in the same pass as the SiD loss and its three gradients.
-b, the batch-mean BCE of the clamped logits, is a few PyTorch ops on the small logits tensor, and autograd
-carries L_gan's gradient to the logits only (w is a constant).
-
-Routes: the Triton kernels for CUDA tensors and for CPU tensors under TRITON_INTERPRET=1 (eager; a
-torch.compile trace takes the plain reference, which compiles), the native op ``sidfast::sid_loss``
-elsewhere on CPU (and on CUDA without triton when the extension has CUDA) with 1/w from one PyTorch
-reduction over (x_g, y_real), and the plain reference on other devices.
+Math: ``sidfast/reference.py: sida_generator_loss`` (docs/math.md, "SiDA losses"). How the SiD kernels supply
+the GAN term's 1/w, and the routes: docs/kernels.md, "SiDA loss".
 """
 from __future__ import annotations
 

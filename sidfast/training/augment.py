@@ -1,16 +1,8 @@
 """EDM's augmentation pipeline, for SiDA's fake-score step on real and generated images.
 
-The transforms are the non-leaking augmentations of Karras et al. 2020, "Training Generative Adversarial
-Networks with Limited Data" (ADA), Appendix C, in the form EDM uses them (Karras et al. 2022, "Elucidating
-the Design Space of Diffusion-Based Generative Models", Section 5, "non-leaky augmentation"): each transform
-is applied to each image independently with probability ``strength * p``, and the network is told what was
-done through ``augment_labels``, one zero-at-identity number per transform parameter. EDM's CIFAR-10 set
-(x-flip, y-flip, isotropic scale, rotation, anisotropic scale, fractional translation) gives the
-9-dimensional vector EDM networks take (``augment_dim=9``); the colour transforms append theirs after it.
-
-Images are float (N, C, H, W) in [-1, 1]. Order: flips (exact pixel moves), then one resampling for the
-composed geometric transform, then one colour matrix. Geometry: pixel coordinates centred on the image,
-x to the right, y down; a transform is stored as the matrix from output to input coordinates.
+The non-leaking augmentations of ADA (Karras et al. 2020, Appendix C) as EDM applies them, with the
+``augment_labels`` EDM networks take: docs/data.md, "Augmentation" and "Augmentation order and
+coordinates".
 """
 from __future__ import annotations
 

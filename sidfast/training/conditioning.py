@@ -13,6 +13,7 @@ from sidfast import guidance
 from sidfast.conditions import to_device
 from sidfast.training.config import TrainConfig
 from sidfast.labels import draw_labels
+from sidfast.models.text import draw_prompts, read_prompts
 
 
 class Conditioning:
@@ -43,8 +44,6 @@ class Conditioning:
         self.prompts = None
         self.null = None
         if conditioner is not None:
-            from sidfast.models.text import read_prompts
-
             self.prompts = read_prompts(cfg.prompts)
             self.conditioner = conditioner.to(device)
             self.null = to_device(conditioner.null_condition(1), device)
@@ -68,8 +67,6 @@ class Conditioning:
         labels = draw_labels(batch, self.num_classes, self.label_format, self.device)
         if self.conditioner is None:
             return labels, {}
-        from sidfast.models.text import draw_prompts
-
         return labels, to_device(self.conditioner.condition(draw_prompts(self.prompts, batch)), self.device)
 
     def for_grid(self, size: int):

@@ -16,6 +16,7 @@ from torch import nn
 from sidfast.training.config import TrainConfig
 from sidfast.models.denoiser import Denoiser, as_denoiser
 from sidfast.models.diffusers import DiffusersDenoiser
+from sidfast.models.io import CheckpointError
 from sidfast.models.introspect import infer_image_shape, infer_num_classes
 from sidfast.models.lora import LoRAFakeScore, LoRAGenerator, load_lora_factors, lora_generator, lora_parameters
 
@@ -91,8 +92,6 @@ def init_from_sid(generator: nn.Module, generator_ema: nn.Module, data: dict, pa
     """SiD2A's start (Zhou et al., ICLR 2025): G and its EMA both take the EMA generator of a SiD run, the
     distill checkpoint ``data`` read from ``path`` (``--init-generator``), as the published loop loads them.
     A LoRA generator starts from the factors of a LoRA generator's run (a full generator has no factors)."""
-    from sidfast.models.io import CheckpointError
-
     lora = isinstance(generator, LoRAGenerator)
     kind = (data.get("config") or {}).get("generator", "full")
     if lora != (kind == "lora"):

@@ -54,7 +54,7 @@ def plot_losses(records: list[dict], path, keys=LOSS_KEYS) -> Path | None:
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    import matplotlib
+    import matplotlib  # matplotlib stays optional: only the loss plot needs it (and Agg before pyplot)
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

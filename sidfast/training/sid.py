@@ -1,14 +1,7 @@
 """SiD's two updates as micro-batch losses: the fake-score step and the generator step.
 
-- The fake-score update (``docs/math.md``, "Fake-score loss"): EDM's denoising loss of the fake score at fresh
-  generator samples, drawn without gradient; guided at k1 and with condition dropout under SiD-LSG; for a
-  flow-matching teacher the velocity loss at the logit-normal t of its training.
-- The generator update ("SiD generator loss"): the SiD loss of fresh samples, the teacher guided at k4 and
-  the fake score at k2, with gradients into the generator only; weighted per sample by 1/w (the fused loss)
-  or by SiD-DiT's 1 - t.
-
-Each loss takes what it uses: the score networks behind one interface (``sidfast.engine.scores``) and the
-generator. The noise eps comes from ``torch.randn`` or the fused noising kernel (option ``noise``).
+Each loss takes the score networks behind one interface (``sidfast.engine.scores``) and the generator.
+Math: docs/math.md, "Fake-score loss" and "SiD generator loss".
 """
 from __future__ import annotations
 
@@ -139,10 +132,16 @@ class SiDPhases:
 
     # ---- their parts ----
     def generate(self, net, net_no_grad=None, dropout: float = 0.0, labels=None):
-        """Generator samples of k* steps (``generator.rollout``; k* = 1: x_g = G(sigma_init z, sigma_init))
-        with their labels and keyword conditions; ``dropout``: probability of the null condition per sample,
-        applied before generating so that a dropped sample is generated and denoised without its condition;
-        ``labels``: the class labels to generate for (SiDA: the real batch's), else drawn."""
+        """Generator samples of k* steps (``generator.rollout``) with their labels and keyword conditions.
+
+        Args:
+            net: the generator; net_no_grad: the same network for the steps before k*.
+            dropout: probability of the null condition per sample, applied before generating so that a
+                dropped sample is generated and denoised without its condition.
+            labels: the class labels to generate for, e.g. SiDA's real batch's; None draws them.
+        Returns:
+            (x_g, labels, cond).
+        """
         b = self.batch
         z = torch.randn((b.size, *b.image_shape), device=b.device)
         if labels is None:

@@ -20,10 +20,10 @@ def ema_beta(nimg: int, batch: int, halflife_kimg: float, rampup_ratio: float | 
 
 def lr_factor(iteration: int, iterations: int, cooldown: float) -> float:
     """The learning-rate multiplier of 0-based ``iteration`` of a run of ``iterations``:
-    ``min(1, (iterations - iteration) / (cooldown * iterations))``, 1 and then, over the run's last
-    ``cooldown`` fraction, a straight line towards 0 that it would reach at ``iterations`` (the last step's
-    rate is lr / (cooldown * iterations) when that fraction spans at least one iteration; a shorter one
-    changes nothing). ``cooldown`` 0 (or a run of no iterations): 1, the published constant rate."""
+    ``min(1, (iterations - iteration) / (cooldown * iterations))``: 1, then over the run's last ``cooldown``
+    fraction a straight line towards 0, which it would reach at ``iterations``. A fraction shorter than one
+    iteration changes nothing. ``cooldown`` 0, or a run of no iterations, gives 1: the published constant
+    rate."""
     if cooldown <= 0 or iterations <= 0:
         return 1.0
     return max(0.0, min(1.0, (iterations - iteration) / (cooldown * iterations)))

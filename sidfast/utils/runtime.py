@@ -6,6 +6,7 @@ whether to stop, and never touches ``torch.distributed``, ``signal`` or the term
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import os
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 # ---- devices and processes ----
 
@@ -66,8 +70,6 @@ def init_distributed(device_spec: str, group_always: bool = False) -> Dist:
     ``group_always``: a single process gets a process group of one too (FSDP shards over a device mesh, which
     needs one)."""
     global _created_group
-    import torch.distributed as dist
-
     if not dist.is_available():
         if group_always:
             raise RuntimeError("this torch build has no torch.distributed; --fsdp needs it")
@@ -76,7 +78,7 @@ def init_distributed(device_spec: str, group_always: bool = False) -> Dist:
     if not dist.is_initialized():
         # torch.distributed.nn's functions bind group.WORLD as a default argument when the module is first
         # imported (DDP imports it): imported after the group exists, they would keep the group alive for
-        # the life of the process (see end_process).
+        # the life of the process (see end_process). Hence here, just before the group is created.
         import torch.distributed.nn  # noqa: F401
 
         use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
@@ -113,12 +115,8 @@ def end_process(code: int, after_group: bool = False):
     after interpreter finalization began cannot take the GIL and aborts the process ("terminate called
     without an active exception"). Exit handlers run and the standard streams are flushed first; every file
     a run writes is closed before the trainer returns. Otherwise a plain ``sys.exit``."""
-    import torch.distributed as dist
-
     if not (after_group or _created_group or (dist.is_available() and dist.is_initialized())):
         sys.exit(code)
-    import atexit
-
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -131,15 +129,11 @@ def end_process(code: int, after_group: bool = False):
 def shutdown(dist_state: Dist) -> None:
     """Destroy the process group if ``init_distributed`` created it."""
     if dist_state.owned:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
 
 
 def barrier(dist_state: Dist) -> None:
     if dist_state.enabled:
-        import torch.distributed as dist
-
         dist.barrier(group=dist_state.control)
 
 
@@ -147,8 +141,6 @@ def all_gather(dist_state: Dist, obj) -> list:
     """``obj`` of every rank, in rank order (a CPU collective on the control group)."""
     if not dist_state.enabled:
         return [obj]
-    import torch.distributed as dist
-
     out = [None] * dist_state.world
     dist.all_gather_object(out, obj, group=dist_state.control)
     return out
@@ -156,8 +148,6 @@ def all_gather(dist_state: Dist, obj) -> list:
 
 def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``module`` in DistributedDataParallel; buffers are not broadcast in forward, as published."""
-    from torch.nn.parallel import DistributedDataParallel
-
     kwargs = {"device_ids": [device.index] if device.type == "cuda" else None}
     # newer torch renamed the option
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
@@ -250,8 +240,6 @@ def agree_stop(dist_state: Dist, local: str | None) -> str | None:
     """In a multi-process run every rank stops when any rank asked to (a CPU collective)."""
     if not dist_state.enabled:
         return local
-    import torch.distributed as dist
-
     flag = torch.tensor([STOP_REASONS.index(local)])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dist_state.control)
     return STOP_REASONS[int(flag)]
@@ -271,8 +259,6 @@ class Progress:
         self.log = log
         self.use_bar = bar and log is not None and sys.stderr.isatty()
         self.last_line = None
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, initial=min(initial, total), unit="it", dynamic_ncols=True,
                         disable=not self.use_bar, desc="SiD")
 
