@@ -286,7 +286,7 @@ def test_fsdp_run_of_a_network_with_root_parameters_samples_grids_between_update
             a, b = r["fsdp-rooted"][key], r["ddp-rooted"][key]
             assert a.keys() == b.keys()
             for k in a:
-                torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
         assert r["fsdp-rooted"]["iteration"] == 4
     assert (tmp / "fsdp-rooted" / "student_000002.png").is_file()
 
