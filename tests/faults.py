@@ -191,7 +191,7 @@ def checkpoint_size(tmp: Path, fsdp: bool = False) -> int:
 def survived(fault: Fault, tmp: Path, reference: dict, size: int) -> tuple[bool, str]:
     """Inject ``fault``, check what is left, resume; (survived, what happened)."""
     from sidfast.training.state import read_distill
-    from sidfast.utils.files import STALE
+    from sidfast.utils.files import STALE, previous_path
 
     run_dir = tmp / fault.name.replace(":", "-").replace("@", "-")
     report = inject(fault, run_dir, size)
@@ -205,7 +205,10 @@ def survived(fault: Fault, tmp: Path, reference: dict, size: int) -> tuple[bool,
         if "CheckpointError" not in error or "\n" in error or str(run_dir) not in error or "resume" not in error:
             return False, f"not a one-line error naming the run dir: {error!r}"
     name = "checkpoint.dcp" if fault.fsdp else "checkpoint.pt"
-    kept = read_distill(run_dir / name)["iteration"]  # the last complete checkpoint reads back
+    target = run_dir / name
+    if fault.fsdp and not target.exists():  # killed between the two renames of a sharded save: the previous
+        target = previous_path(target)      # checkpoint, and the new one whole in its temporary directory
+    kept = read_distill(target)["iteration"]  # the last complete checkpoint reads back
     if fault.kind == "full" and kept != 2:
         return False, f"the full disk left iteration {kept}, not the previous checkpoint (2)"
     resumed = run(run_dir, fault.fsdp, resume="auto")
@@ -216,7 +219,7 @@ def survived(fault: Fault, tmp: Path, reference: dict, size: int) -> tuple[bool,
     left = [p.name for p in run_dir.iterdir() if STALE.match(p.name)]
     if left:
         return False, f"temporaries left after the resume: {left}"
-    return True, f"resumed from iteration {kept}, bitwise equal" + (f"; {report['error'][:60]}..."
+    return True, f"iteration {kept} readable{' (previous)' if target.name != name else ''}, resumed bitwise equal" + (f"; {report['error'][:60]}..."
                                                                    if report.get("error") else "")
 
 

@@ -32,8 +32,8 @@ from sidfast.training.report import MetricsLog, plot_losses, read_metrics, run_s
 from sidfast.training.sharding import reshard, shard_run
 from sidfast.training.sid import MicroBatch, SiDPhases
 from sidfast.training.sida import SIDA_METRICS, SiDAPhases, read_init_generator
-from sidfast.training.state import (load_distill, read_distill, resume_source, save_consolidated_generator,
-                                    save_distill, teacher_reference)
+from sidfast.training.state import (finish_interrupted_save, load_distill, read_distill, resume_source,
+                                    save_consolidated_generator, save_distill, teacher_reference)
 from sidfast.training.updates import _nan_to_num_, ema_beta, lr_factor, sanitize_grads, update_ema
 from sidfast.utils import runtime
 from sidfast.utils.files import remove_stale_temporaries
@@ -89,10 +89,13 @@ class Distiller:
             torch.cuda.set_device(self.device)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_path = self.run_dir / (SHARDED_CHECKPOINT_NAME if cfg.fsdp else CHECKPOINT_NAME)
-        self.resume_path = resume_source(cfg, self.run_dir)
-        # what saves killed part-way (SIGKILL, preemption) left in the run directory: a FLUX checkpoint's
-        # temporaries are tens of GB each; rank 0, before any save of this run
+        # what saves killed part-way (SIGKILL, preemption) left in the run directory: a sharded save killed
+        # between its renames is finished, the other temporaries removed (a FLUX checkpoint's are tens of GB
+        # each); rank 0, before any rank looks for the checkpoint
+        self.finished = finish_interrupted_save(self.run_dir) if self.rank0 else None
         self.stale = remove_stale_temporaries(self.run_dir) if self.rank0 else ([], 0)
+        runtime.barrier(self.dist)
+        self.resume_path = resume_source(cfg, self.run_dir)
         if start_nimg is not None:
             if isinstance(start_nimg, bool) or not isinstance(start_nimg, int) or start_nimg < 0:
                 raise ValueError(f"start_nimg must be a non-negative integer (images seen), got {start_nimg!r}")
@@ -351,6 +354,9 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         if not resumed:
             (trainer.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if say and trainer.finished:
+        say(f"sidfast distill: finished the save of {str(trainer.finished)!r} that was interrupted between its "
+            f"renames (its temporary directory was whole)")
     if say and trainer.stale[0]:
         removed, freed = trainer.stale
         say(f"sidfast distill: removed {len(removed)} temporary file(s) of interrupted saves from "

@@ -71,10 +71,25 @@ def save_distill(path, config: TrainConfig, networks: dict, optimizers: dict, it
     rngs = runtime.all_gather(dist, runtime.rng_state(device))
     try:
         return _save(path, config, networks, optimizers, iteration, nimg, rngs, dist, **meta)
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
+    except BaseException as exc:  # DCP's CheckpointException (a BaseException) carries every rank's error
+        full = _disk_full_error(exc)
+        if full is None:
             raise
-        raise disk_full(path, config, exc) from None
+        if config.fsdp and dist.rank == 0:  # every rank has failed or finished its writes: free the room
+            shutil.rmtree(Path(path).with_name(f".{Path(path).name}.tmp"), ignore_errors=True)
+        raise disk_full(path, config, full) from None
+
+
+def _disk_full_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` of a write that found no room in ``exc``, or in the per-rank failures of DCP's
+    ``CheckpointException``; else None."""
+    if isinstance(exc, OSError):
+        return exc if exc.errno in DISK_FULL else None
+    for failure in (getattr(exc, "failures", None) or {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException) and _disk_full_error(inner) is not None:
+            return _disk_full_error(inner)
+    return None
 
 
 def disk_full(path, config: TrainConfig, exc: OSError) -> CheckpointError:
@@ -221,6 +236,24 @@ def distill_checkpoint_in(run_dir, sharded: bool) -> Path:
         if (Path(run_dir) / name).exists():
             return Path(run_dir) / name
     return Path(run_dir) / names[0]
+
+
+def finish_interrupted_save(run_dir) -> Path | None:
+    """Complete a sharded save killed between its two renames (``_replace_dir``): ``checkpoint.dcp`` gone
+    (moved to ``checkpoint.prev.dcp``), the new one whole in its temporary directory (``meta.pt``, written
+    last, is there): rename it into place, before the temporaries are cleared. Returns the checkpoint put
+    in place, or None. Rank 0 only, before any rank reads the run's checkpoint."""
+    path = Path(run_dir) / SHARDED_CHECKPOINT_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.exists() or not (tmp / ".metadata").is_file() or not (tmp / META_NAME).is_file():
+        return None
+    try:
+        load_checkpoint(tmp / META_NAME, "distill")
+    except CheckpointError:
+        return None
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
 
 
 def resume_source(config: TrainConfig, run_dir) -> Path | None:
@@ -406,4 +439,5 @@ def _plain(value):
 
 __all__ = ["save_distill", "load_distill", "read_distill", "distill_checkpoint_in", "resume_source",
            "teacher_reference", "save_consolidated_generator", "read_sharded_generator", "sample_source",
+           "finish_interrupted_save",
            "META_NAME", "GENERATOR_NAME"]
