@@ -56,9 +56,8 @@ def main() -> int:
                                f"torch {torch.__version__}", f"Python {platform.python_version()}"]) + ". "
         f"Each run: `tests/nets.py` tiny_teacher, {faults.CONFIG['iterations']} iterations of batch 8, a "
         f"checkpoint every {faults.CONFIG['checkpoint_every']} iterations, sample grids at the start and every "
-        f"{faults.CONFIG['sample_every']} iterations. The fault hits a child process (forked for a checkpoint "
-        "file, a new interpreter for a sharded `--fsdp` checkpoint in a process group of one) at a deterministic "
-        "point: a stage of the second save (`sidfast.utils.files.FAULT_HOOK`), N bytes into its file, or a "
+        f"{faults.CONFIG['sample_every']} iterations. The fault hits a child process (a new interpreter; a sharded "
+        "`--fsdp` checkpoint from a process group of one) at a deterministic point: a stage of the second save (`sidfast.utils.files.FAULT_HOOK`), N bytes into its file, or a "
         "patched function. Survived = the run directory holds a readable last complete checkpoint, a full disk "
         "is a one-line error naming the run directory, `--resume auto` reproduces the uninterrupted run's "
         "generator, EMA and fake score bit for bit, and no temporary file is left after the resume.",

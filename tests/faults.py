@@ -1,7 +1,7 @@
 """Faults injected on purpose into short CPU distill runs, each followed by a resume that must reproduce the
 uninterrupted run bit for bit (``tests/training/test_faults.py``, ``benchmarks/fault_injection.py``).
 
-Every fault runs in a forked child (a SIGKILL or an unhandled SIGTERM ends only the child): the child trains
+Every fault runs in a child process (a SIGKILL or an unhandled SIGTERM ends only the child): the child trains
 the run of ``CONFIG`` (6 iterations, a checkpoint every 2, grids every 2) and is hit at a deterministic point,
 named by ``sidfast.utils.files.FAULT_HOOK`` stages or by a patched function; the parent then checks that the
 run directory holds a readable checkpoint, resumes it with ``--resume auto`` and compares the generator, its
@@ -153,30 +153,19 @@ def child(fault: Fault, run_dir: Path, size: int, out: Path) -> int:
 
 
 def inject(fault: Fault, run_dir: Path, size: int) -> dict:
-    """Run the faulty run in a child process: {"status": how it ended, "error": its exception's message}. A
-    plain run in a forked child; a sharded one (a process group: gloo's threads do not survive a fork) in a
-    new interpreter."""
+    """Run the faulty run in a new interpreter (not a fork: a process that had a gloo group, as an FSDP run
+    in this one, can hang in a forked child): {"status": how it ended, "error": its exception's message}."""
     out = run_dir.with_suffix(".child.pt")
-    if fault.fsdp:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
-                   OMP_NUM_THREADS="1")
-        code = (f"import sys, faults; sys.exit(faults.child(faults.Fault(*{dataclasses.astuple(fault)!r}), "
-                f"faults.Path({str(run_dir)!r}), {size}, faults.Path({str(out)!r})))")
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        status = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-                  else f"exit {proc.returncode}")
-        report = torch.load(out) if out.exists() else {"stderr": proc.stderr[-2000:]}
-        out.unlink(missing_ok=True)
-        report["status"] = status
-        return report
-    pid = os.fork()
-    if pid == 0:
-        os._exit(child(fault, run_dir, size, out))
-    _, status = os.waitpid(pid, 0)
-    report = torch.load(out) if out.exists() else {}
+    env = dict(os.environ)  # TRITON_INTERPRET as here: the child computes what the resume here computes
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    code = (f"import sys, faults; sys.exit(faults.child(faults.Fault(*{dataclasses.astuple(fault)!r}), "
+            f"faults.Path({str(run_dir)!r}), {size}, faults.Path({str(out)!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    status = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+              else f"exit {proc.returncode}")
+    report = torch.load(out) if out.exists() else {"stderr": proc.stderr[-2000:]}
     out.unlink(missing_ok=True)
-    report["status"] = (f"signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
-                        else f"exit {os.WEXITSTATUS(status)}")
+    report["status"] = status
     return report
 
 

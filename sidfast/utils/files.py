@@ -91,6 +91,7 @@ FAULT_HOOK = None
 
 
 def fault_point(stage: str, path, nbytes: int = 0) -> None:
+    """Call ``FAULT_HOOK`` (when set) at a named stage of a save."""
     if FAULT_HOOK is not None:
         FAULT_HOOK(stage, Path(path), nbytes)
 
