@@ -109,7 +109,8 @@ def _sample_parser(sub) -> None:
     m = _command(sub, "sample", cmd_sample, "write images from a distillation or teacher checkpoint",
                  "One-step samples from a distillation checkpoint (its EMA generator) or multi-step EDM Heun "
                  "samples from a network checkpoint.")
-    m.add_argument("checkpoint", help="checkpoint.pt of a distill run, or a train-teacher checkpoint")
+    m.add_argument("checkpoint", help="a distill run folder (its checkpoint.pt, or checkpoint.dcp of an --fsdp "
+                                      "run), one of those, a generator.pt, or a train-teacher checkpoint")
     m.add_argument("--out", required=True, help="an image name (.png, .jpg) for one grid, or a name "
                                                 "without a suffix for a directory of PNGs, one per image")
     m.add_argument("--num", type=int, default=64, help="number of images (default: 64)")

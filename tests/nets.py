@@ -29,13 +29,16 @@ SHAPE = (1, 4, 4)
 class TinyEDM(nn.Module):
     """An EDM-preconditioned two-layer MLP with dropout and optional one-hot labels (test network)."""
 
-    def __init__(self, image_shape=SHAPE, hidden=32, num_classes=0, dropout=0.1):
+    def __init__(self, image_shape=SHAPE, hidden=32, num_classes=0, dropout=0.1, gain=False):
         super().__init__()
         self.image_shape, self.num_classes = tuple(image_shape), num_classes
         d = math.prod(image_shape)
         self.inp = nn.Linear(d + 1 + num_classes, hidden)
         self.out = nn.Linear(hidden, d)
         self.drop = nn.Dropout(dropout)
+        # ``gain``: a parameter outside the two layers, held by the network's root module once FSDP shards it
+        # per block (as a real network's embeddings and output layers are)
+        self.gain = nn.Parameter(torch.ones(d)) if gain else None
 
     def forward(self, x, sigma, class_labels=None):
         s = sigma.reshape(-1, 1).float()
@@ -46,12 +49,20 @@ class TinyEDM(nn.Module):
             parts.append(class_labels.float() if class_labels is not None
                          else torch.zeros(x.shape[0], self.num_classes, device=x.device))
         f = self.out(self.drop(F.silu(self.inp(torch.cat(parts, 1)))))
+        if self.gain is not None:
+            f = f * self.gain
         return (c_skip * x.flatten(1).float() + c_out * f).view(x.shape).to(x.dtype)
 
 
 def tiny_teacher(num_classes=0, seed=0, hidden=32):
     torch.manual_seed(seed)
     return TinyEDM(num_classes=num_classes, hidden=hidden)
+
+
+def rooted_teacher(num_classes=0, seed=0, hidden=32):
+    """``tiny_teacher`` with a parameter of its root module under FSDP (``TinyEDM(gain=True)``)."""
+    torch.manual_seed(seed)
+    return TinyEDM(num_classes=num_classes, hidden=hidden, gain=True)
 
 
 def build_tiny(config):

@@ -395,3 +395,51 @@ def test_guidance_and_prompt_errors(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     user_error([*teacher, "--prompts", prompts], capsys, "--prompts is for text-to-image teachers")
+
+
+# ---------------- sharded runs (--fsdp) ----------------
+
+def test_sample_reads_a_sharded_run_folder_like_its_unsharded_resume(tmp_path, capsys):
+    """``sidfast sample RUN`` of an --fsdp run (one process: a process group of one) reads its checkpoint.dcp
+    without a process group; the folder, the checkpoint.dcp and the consolidated generator.pt written at the
+    end give the same images, and so does the checkpoint.pt of the run resumed without --fsdp."""
+    from nets import tiny_teacher
+
+    from runs import quiet
+    from sidfast.models import loading
+    from sidfast.training.loop import Distiller, distill
+    from sidfast.utils import runtime
+
+    run = tmp_path / "run"
+    distill(quiet(run_dir=str(run), fsdp=True, iterations=3, checkpoint_every=2, teacher="nets:tiny_teacher"),
+            tiny_teacher(), log=None)
+    assert (run / "checkpoint.dcp").is_dir() and (run / "generator.pt").is_file()
+    assert not (run / "checkpoint.pt").exists()
+    # the same run resumed without --fsdp: its weights the full way, saved as a checkpoint file
+    plain = tmp_path / "plain"
+    trainer = Distiller(quiet(run_dir=str(plain), resume=str(run / "checkpoint.dcp"), teacher="nets:tiny_teacher"),
+                        tiny_teacher())
+    assert trainer.iteration == 3
+    trainer.save()
+    runtime.shutdown(trainer.dist)
+    net, _ = loading.from_checkpoint(run)
+    want = trainer.generator_ema.state_dict()
+    got = net.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    images = {}
+    for name, source in (("folder", run), ("dcp", run / "checkpoint.dcp"), ("generator", run / "generator.pt"),
+                         ("plain", plain), ("plain-file", plain / "checkpoint.pt")):
+        out = tmp_path / f"{name}.png"
+        code, _, err = run_main(["sample", source, "--out", out, "--num", "6", "--seed", "1"], capsys)
+        assert code == 0, err
+        images[name] = out.read_bytes()
+    assert len(set(images.values())) == 1, [k for k in images if images[k] != images["folder"]]
+    # the consolidated file is for sampling: resuming from it says where the run's state is
+    user_error(["distill", "--resume", run / "generator.pt", "--run-dir", tmp_path / "again",
+                "--device", "cpu", "--no-progress"], capsys, "checkpoint.dcp")
+
+
+def test_sample_of_a_folder_without_a_checkpoint_names_what_it_looked_for(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    err = user_error(["sample", tmp_path / "run", "--out", tmp_path / "x.png"], capsys, "without a checkpoint")
+    assert "checkpoint.pt, checkpoint.dcp and generator.pt" in err and err.count("\n") == 1

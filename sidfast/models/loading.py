@@ -184,14 +184,21 @@ def _lora_generator(data: dict, path, teacher: str | None, rank: int):
 def from_checkpoint(path, teacher: str | None = None, prompts=None):
     """(network, keyword arguments of ``sample_images``) for a sidfast checkpoint: the EMA generator of a
     distillation checkpoint (the K generator steps it was trained with), or the network of a network
-    checkpoint (a diffusion denoiser).
+    checkpoint (a diffusion denoiser). ``path``: a checkpoint file, a sharded checkpoint directory
+    (``checkpoint.dcp``) or a run folder (its newer checkpoint, else its ``generator.pt``).
 
     teacher: where the teacher of a distillation checkpoint is now (``build_generator``).
     prompts: a text file of prompts, one per line, for the student of a text-to-image teacher (required
         there, refused elsewhere): image i gets prompt i mod their number, its embedding from the teacher
         pipeline's text encoders, and the latents are decoded by the pipeline's VAE (``sidfast.models.vae``).
     """
-    data = load_checkpoint(path, ("distill", "network"))
+    from sidfast.training.state import read_sharded_generator, sample_source
+
+    path = sample_source(path)  # a run folder: its checkpoint.pt, checkpoint.dcp or generator.pt
+    if path.is_dir():
+        data = read_sharded_generator(path)  # a sharded checkpoint, read without a process group
+    else:
+        data = load_checkpoint(path, ("distill", "network"))
     if kind_of(data) == "distill":
         net, conditioner = build_generator(data, path, teacher=teacher, with_conditioner=True)
         config = data.get("config") or {}

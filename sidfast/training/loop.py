@@ -23,12 +23,14 @@ from sidfast.training.config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPO
 from sidfast.training.grids import grid_samples
 from sidfast.training.networks import build_networks, init_from_sid
 from sidfast.training.report import MetricsLog, plot_losses, read_metrics, run_summary, summary_table
-from sidfast.training.sharding import shard_run
+from sidfast.training.sharding import reshard, shard_run
 from sidfast.training.sid import MicroBatch, SiDPhases
 from sidfast.training.sida import SIDA_METRICS, SiDAPhases, read_init_generator
-from sidfast.training.state import load_distill, read_distill, resume_source, save_distill, teacher_reference
+from sidfast.training.state import (finish_interrupted_save, load_distill, read_distill, resume_source,
+                                    save_consolidated_generator, save_distill, teacher_reference)
 from sidfast.training.updates import _nan_to_num_, ema_beta, lr_factor, sanitize_grads, update_ema
 from sidfast.utils import runtime
+from sidfast.utils.files import remove_stale_temporaries
 from sidfast.utils.images import save_grid
 from sidfast.utils.runtime import resolve_device, seed_everything
 
@@ -81,6 +83,12 @@ class Distiller:
             torch.cuda.set_device(self.device)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_path = self.run_dir / (SHARDED_CHECKPOINT_NAME if cfg.fsdp else CHECKPOINT_NAME)
+        # what saves killed part-way (SIGKILL, preemption) left in the run directory: a sharded save killed
+        # between its renames is finished, the other temporaries removed (a FLUX checkpoint's are tens of GB
+        # each); rank 0, before any rank looks for the checkpoint
+        self.finished = finish_interrupted_save(self.run_dir) if self.rank0 else None
+        self.stale = remove_stale_temporaries(self.run_dir) if self.rank0 else ([], 0)
+        runtime.barrier(self.dist)
         self.resume_path = resume_source(cfg, self.run_dir)
         if start_nimg is not None:
             if isinstance(start_nimg, bool) or not isinstance(start_nimg, int) or start_nimg < 0:
@@ -183,11 +191,19 @@ class Distiller:
         ``last``: the latest metrics record, kept for the summary of a resumed run."""
         real_data = self.phases.real_data
         return save_distill(self.ckpt_path, self.cfg, self.networks(), self.optimizers(), self.iteration,
-                            self.nimg, self.dist, self.device, architecture=self.architecture,
-                            image_shape=list(self.image_shape), num_classes=self.num_classes,
-                            label_format=self.label_format, gen_steps=self.cfg.gen_steps,
-                            step_spacing=self.cfg.step_spacing, renoise=self.cfg.renoise, last=last or {},
+                            self.nimg, self.dist, self.device, **self._sample_meta(), last=last or {},
                             **({"real_data": real_data.state_dict()} if real_data else {}))
+
+    def save_generator(self) -> Path | None:
+        """Write ``run_dir/generator.pt``: the EMA generator's whole weights (gathered from the shards under
+        FSDP), for ``sidfast sample``; every rank calls it."""
+        return save_consolidated_generator(self.run_dir, self.cfg, self.generator_ema, self.iteration, self.nimg,
+                                           self.dist, **self._sample_meta())
+
+    def _sample_meta(self) -> dict:
+        return dict(architecture=self.architecture, image_shape=list(self.image_shape),
+                    num_classes=self.num_classes, label_format=self.label_format, gen_steps=self.cfg.gen_steps,
+                    step_spacing=self.cfg.step_spacing, renoise=self.cfg.renoise)
 
     # ---- one iteration ----
     def set_learning_rates(self) -> None:
@@ -266,8 +282,11 @@ class Distiller:
     # every rank (each holds a part of the weights), rank 0 writes ----
     def _grid(self, net, one_step: bool):
         cond = self.phases.conditioning.for_grid(self.cfg.grid_size)
-        return grid_samples(net, self.cfg, self.image_shape, self.num_classes, self.label_format, self.device,
+        grid = grid_samples(net, self.cfg, self.image_shape, self.num_classes, self.label_format, self.device,
                             cond, one_step)
+        if self.cfg.fsdp:  # a forward without backward leaves FSDP's root parameters gathered
+            reshard(*self.networks().values(), self.teacher)
+        return grid
 
     def write_student_grid(self, name: str) -> None:
         if (self.rank0 or self.cfg.fsdp) and self.cfg.grid_size:
@@ -329,9 +348,23 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
         if not resumed:
             (trainer.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    if not resumed:  # every rank: sharded networks sample together
-        trainer.write_teacher_grid()
-        trainer.write_student_grid("student_init.png")
+    if say and trainer.finished:
+        say(f"sidfast distill: finished the save of {str(trainer.finished)!r} that was interrupted between its "
+            f"renames (its temporary directory was whole)")
+    if say and trainer.stale[0]:
+        removed, freed = trainer.stale
+        say(f"sidfast distill: removed {len(removed)} temporary file(s) of interrupted saves from "
+            f"{str(trainer.run_dir)!r} ({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''}), "
+            f"{freed:,} bytes freed")
+    # from here a SIGINT/SIGTERM (during the first grids too) stops the run after a whole iteration
+    handlers = contextlib.ExitStack()
+    stop = handlers.enter_context(runtime.StopRequest())
+    with contextlib.ExitStack() as on_error:
+        on_error.push(handlers)  # closed on an error here, else by the training loop's ``with``
+        if not resumed:  # every rank: sharded networks sample together
+            trainer.write_teacher_grid()
+            trainer.write_student_grid("student_init.png")
+        on_error.pop_all()
     if say:
         say(f"sidfast distill: {trainer.dist.world} process(es) on {trainer.device}, batch {cfg.batch} "
             f"({trainer.batch_gpu} x {trainer.rounds} per process), image {trainer.image_shape}, classes "
@@ -346,7 +379,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     checkpoint = None
     interrupted = None
     try:
-        with runtime.StopRequest() as stop:
+        with handlers:
             while trainer.iteration < cfg.iterations:
                 loss_g, loss_fake = trainer.step()
                 window.add(loss_g, loss_fake)
@@ -381,6 +414,8 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                     checkpoint = trainer.save(last)
                 window.start += time.perf_counter() - upkeep
             checkpoint = trainer.save(last)
+            if cfg.fsdp:  # the EMA generator gathered into one file, for sampling and copying
+                trainer.save_generator()
             # every rank, before the process group ends: sharded networks sample together
             if interrupted is None:
                 trainer.write_student_grid("student.png")

@@ -101,6 +101,20 @@ def shard_run(cfg, teacher: nn.Module, generator: nn.Module, generator_ema: nn.M
     return teacher
 
 
+def reshard(*nets: nn.Module) -> None:
+    """Free the all-gathered parameters FSDP2 left after a forward outside a training step (a sample grid):
+    the root module of a network keeps its parameters unsharded after a forward, expecting the backward that
+    a no-grad forward never runs; until resharded, ``net.parameters()`` are full tensors, not this rank's
+    shards (the EMA update then meets full tensors on one side and shards on the other). No-op for networks
+    that are not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for net in nets:
+        for module in net.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 def distinct_networks(teacher: nn.Module, generator: nn.Module, generator_ema: nn.Module,
                       fake: nn.Module) -> list[nn.Module]:
     """The networks that own their weights: a LoRA fake score holds the teacher's (``LoRAOff``)."""
@@ -133,5 +147,5 @@ class LoRAOff(Denoiser):
             set_lora_mode(self.fake, "on")
 
 
-__all__ = ["shard_blocks", "checkpoint_blocks", "fully_shard_network", "shard_run", "distinct_networks",
+__all__ = ["shard_blocks", "checkpoint_blocks", "fully_shard_network", "shard_run", "reshard", "distinct_networks",
            "LoRAOff", "BLOCK_LISTS"]

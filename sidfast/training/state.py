@@ -11,7 +11,12 @@
   ``torch.distributed.checkpoint`` (DCP: each rank its shards, rank 0 the index) plus ``meta.pt`` (the same
   file as above without tensors of the networks: counters, config, every rank's RNG state). Written into a
   temporary directory, fsynced, then renamed into place, the previous one kept as ``checkpoint.prev.dcp``;
-  DCP reshards on load, so a run resumes at any number of processes.
+  DCP reshards on load, so a run resumes at any number of processes. ``read_sharded_generator`` reads the
+  EMA generator out of one in a single process without a process group (what ``sidfast sample`` does).
+- At the end of a sharded run rank 0 also writes ``generator.pt`` (``save_consolidated_generator``): the EMA
+  generator's whole weights gathered from the shards, in the checkpoint file's layout without the training
+  state (no fake score, optimizers or random streams), written atomically; ``sidfast sample`` reads it, and
+  it can be copied without the shards. A run resumes from ``checkpoint.dcp``, not from it.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch
 
 from sidfast.utils import runtime
 from sidfast.models.io import FORMATS, VERSION, CheckpointError, _what_to_do, load_checkpoint
-from sidfast.utils.files import atomic_save, fsync_dir, previous_path
+from sidfast.utils.files import DISK_FULL, atomic_save, fault_point, fsync_dir, previous_path
 from sidfast.training.config import CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, TrainConfig
 from sidfast.training.updates import lr_factor
 
@@ -64,6 +69,44 @@ def save_distill(path, config: TrainConfig, networks: dict, optimizers: dict, it
     the path on rank 0, else None.
     """
     rngs = runtime.all_gather(dist, runtime.rng_state(device))
+    try:
+        return _save(path, config, networks, optimizers, iteration, nimg, rngs, dist, **meta)
+    except BaseException as exc:  # DCP's CheckpointException (a BaseException) carries every rank's error
+        full = _disk_full_error(exc)
+        if full is None:
+            raise
+        if config.fsdp and dist.rank == 0:  # every rank has failed or finished its writes: free the room
+            shutil.rmtree(Path(path).with_name(f".{Path(path).name}.tmp"), ignore_errors=True)
+        raise disk_full(path, config, full) from None
+
+
+def _disk_full_error(exc: BaseException) -> OSError | None:
+    """The ``OSError`` of a write that found no room in ``exc``, or in the per-rank failures of DCP's
+    ``CheckpointException``; else None."""
+    if isinstance(exc, OSError):
+        return exc if exc.errno in DISK_FULL else None
+    for failure in (getattr(exc, "failures", None) or {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException) and _disk_full_error(inner) is not None:
+            return _disk_full_error(inner)
+    return None
+
+
+def disk_full(path, config: TrainConfig, exc: OSError) -> CheckpointError:
+    """The one-line error of a checkpoint write that found no room: the run directory, what is kept, what
+    to do."""
+    path = Path(path)
+    kept = [p for p in (path, previous_path(path)) if p.exists()]
+    what = (f"the last complete checkpoint {str(kept[0])!r} is intact" if kept
+            else "no checkpoint of this run was written")
+    return CheckpointError(f"cannot write checkpoint {str(path)!r}: {os.strerror(exc.errno)} (the disk or a "
+                           f"quota or file-size limit is full); {what}; free space in {str(path.parent)!r} "
+                           f"(or choose another {TrainConfig.option('run_dir')}) and resume with sidfast "
+                           f"distill {TrainConfig.option('resume')} {TrainConfig.option('run_dir')} "
+                           f"{path.parent}")
+
+
+def _save(path, config, networks, optimizers, iteration, nimg, rngs, dist, **meta) -> Path | None:
     if config.fsdp:
         return _save_sharded(path, config, networks, optimizers, iteration, nimg, rngs, dist, **meta)
     written = None
@@ -105,6 +148,11 @@ def load_distill(data: dict, path, config: TrainConfig, networks: dict, optimize
                       f"(was {old_n}) and {TrainConfig.option('lr_cooldown')} {config.lr_cooldown}: the "
                       f"cooldown moves to the new end; the learning rates at iteration {iteration} are "
                       f"{now:.3g} x lr (the old run's schedule: {was:.3g} x lr)", stacklevel=3)
+    if data.get("consolidated"):
+        raise CheckpointError(f"{str(path)!r} holds only the EMA generator of a sharded run (written for "
+                              f"sampling), not the state of the run; resume from its "
+                              f"{SHARDED_CHECKPOINT_NAME}: {TrainConfig.option('resume')} "
+                              f"{Path(path).with_name(SHARDED_CHECKPOINT_NAME)}")
     settings = {name: [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
                 for name, opt in optimizers.items()}
     if data.get("sharded"):
@@ -175,6 +223,7 @@ def _load_full_into_shards(data: dict, path, config: TrainConfig, networks: dict
 # ---- sharded distillation checkpoints (torch.distributed.checkpoint) ----
 
 META_NAME = "meta.pt"
+GENERATOR_NAME = "generator.pt"  # the consolidated EMA generator a sharded run writes at its end
 
 
 def distill_checkpoint_in(run_dir, sharded: bool) -> Path:
@@ -187,6 +236,24 @@ def distill_checkpoint_in(run_dir, sharded: bool) -> Path:
         if (Path(run_dir) / name).exists():
             return Path(run_dir) / name
     return Path(run_dir) / names[0]
+
+
+def finish_interrupted_save(run_dir) -> Path | None:
+    """Complete a sharded save killed between its two renames (``_replace_dir``): ``checkpoint.dcp`` gone
+    (moved to ``checkpoint.prev.dcp``), the new one whole in its temporary directory (``meta.pt``, written
+    last, is there): rename it into place, before the temporaries are cleared. Returns the checkpoint put
+    in place, or None. Rank 0 only, before any rank reads the run's checkpoint."""
+    path = Path(run_dir) / SHARDED_CHECKPOINT_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.exists() or not (tmp / ".metadata").is_file() or not (tmp / META_NAME).is_file():
+        return None
+    try:
+        load_checkpoint(tmp / META_NAME, "distill")
+    except CheckpointError:
+        return None
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
 
 
 def resume_source(config: TrainConfig, run_dir) -> Path | None:
@@ -242,14 +309,17 @@ def _save_sharded(path, config: TrainConfig, networks: dict, optimizers: dict, i
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     runtime.barrier(dist)
+    fault_point("sharded-dir", tmp)
     writer = dcp.FileSystemWriter(tmp, sync_files=True)  # every rank fsyncs its shard files
     dcp.save(_sharded_state(networks, optimizers), storage_writer=writer)
+    fault_point("shards-written", tmp)
     written = None
     if dist.rank == 0:
         data = {"format": FORMATS["distill"], "version": VERSION, "iteration": iteration, "nimg": nimg,
                 "world_size": dist.world, "config": config.to_dict(), "rng": rngs,
                 "teacher": teacher_reference(config.teacher), "sigma_init": config.sigma_init, **meta}
         atomic_save(data, tmp / META_NAME, keep_previous=False)
+        fault_point("meta-written", tmp)
         written = _replace_dir(tmp, path)
     runtime.barrier(dist)
     return written
@@ -267,7 +337,9 @@ def _replace_dir(tmp: Path, path: Path) -> Path:
         if prev.exists():
             os.replace(prev, old_prev)
         os.replace(path, prev)
+        fault_point("moved-previous", prev)
     os.replace(tmp, path)
+    fault_point("renamed", path)
     fsync_dir(path.parent)
     shutil.rmtree(old_prev, ignore_errors=True)
     return path
@@ -294,9 +366,78 @@ def _load_sharded(path, config: TrainConfig, networks: dict, optimizers: dict) -
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
+def save_consolidated_generator(run_dir, config: TrainConfig, generator_ema: torch.nn.Module, iteration: int,
+                                nimg: int, dist: runtime.Dist, **meta) -> Path | None:
+    """``run_dir/generator.pt`` from rank 0: the EMA generator's whole weights gathered from every rank's
+    shards (only its LoRA factors with ``generator="lora"``), with what sampling needs (the checkpoint file's
+    layout, ``consolidated`` True, without the training state), written atomically. Every rank calls it (the
+    gather is collective). Returns the path on rank 0, else None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(generator_ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    written = None
+    if dist.rank == 0:
+        if config.generator == "lora":
+            full = {k: v for k, v in full.items() if k.endswith((".lora_A", ".lora_B"))}
+        data = {"format": FORMATS["distill"], "version": VERSION, "consolidated": True, "iteration": iteration,
+                "nimg": nimg, "world_size": dist.world, "config": config.to_dict(), "generator_ema": full,
+                "teacher": teacher_reference(config.teacher), "sigma_init": config.sigma_init, **meta}
+        written = atomic_save(data, Path(run_dir) / GENERATOR_NAME)
+    runtime.barrier(dist)
+    return written
+
+
+def read_sharded_generator(path) -> dict:
+    """A sharded checkpoint directory read for sampling in one process, without a process group: its
+    ``meta.pt`` with ``generator_ema`` the EMA generator's whole weights (only the LoRA factors with
+    ``generator="lora"``), as in a checkpoint file."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    data = read_distill(path)
+    reader = dcp.FileSystemReader(str(path))
+    prefix = "generator_ema."
+    state = {key[len(prefix):]: torch.empty(md.size, dtype=md.properties.dtype)
+             for key, md in reader.read_metadata().state_dict_metadata.items()
+             if key.startswith(prefix) and hasattr(md, "size")}
+    if (data.get("config") or {}).get("generator") == "lora":
+        state = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
+    if not state:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA generator weights")
+    try:
+        with warnings.catch_warnings():  # DCP's note that it reads in a single process: what is meant here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"generator_ema": state}, storage_reader=reader, no_dist=True)
+    except Exception as exc:  # DCP's CheckpointException, or a torn shard file
+        raise CheckpointError(f"checkpoint {str(path)!r}: cannot read its EMA generator: "
+                              f"{str(exc).strip()[:400]}") from None
+    data["generator_ema"] = state
+    return data
+
+
+def sample_source(path) -> Path:
+    """What ``sidfast sample PATH`` reads: a checkpoint file or a sharded checkpoint directory as given; for a
+    run folder, the newer of its ``checkpoint.pt`` and ``checkpoint.dcp``, else its ``generator.pt``."""
+    path = Path(path)
+    if not path.is_dir() or (path / ".metadata").exists() or (path / META_NAME).exists():
+        return path
+    found = [path / name for name in (CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME) if (path / name).exists()]
+    if found:
+        def written(p: Path) -> float:
+            return (p / META_NAME if p.is_dir() and (p / META_NAME).exists() else p).stat().st_mtime
+
+        return max(found, key=written)
+    if (path / GENERATOR_NAME).is_file():
+        return path / GENERATOR_NAME
+    raise CheckpointError(f"{str(path)!r} is a folder without a checkpoint: looked for {CHECKPOINT_NAME}, "
+                          f"{SHARDED_CHECKPOINT_NAME} and {GENERATOR_NAME} in it")
+
+
 def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
 __all__ = ["save_distill", "load_distill", "read_distill", "distill_checkpoint_in", "resume_source",
-           "teacher_reference", "META_NAME"]
+           "teacher_reference", "save_consolidated_generator", "read_sharded_generator", "sample_source",
+           "finish_interrupted_save",
+           "META_NAME", "GENERATOR_NAME"]

@@ -6,10 +6,16 @@
   that does not read back (its zip CRCs fail) is set aside as ``<name>.unreadable<suffix>`` instead, so that
   it never replaces a good ``.prev`` file.
 - ``atomic_write(path, write)``: any writer (an image, a log) to a temporary name, renamed onto ``path``.
+- ``remove_stale_temporaries(directory)``: what writes killed part-way (SIGKILL, preemption) left there, by
+  the names these functions and sharded checkpoints give their temporaries, and nothing else.
+- ``DISK_FULL``: the errnos of a write that found no room (no space, quota, file size limit).
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -77,6 +83,40 @@ def _keep_as_previous(path: Path) -> None:
             link_tmp.unlink()
 
 
+# Fault injection: None, or ``hook(stage, path, nbytes)`` called at the named stages of a save ("opened",
+# "write" after each write with the bytes written so far, "written", "synced", "kept-previous", "replaced";
+# sharded saves: "sharded-dir", "shards-written", "meta-written", "moved-previous", "renamed"); the tests
+# and benchmarks/fault_injection.py kill or stop the process there.
+FAULT_HOOK = None
+
+
+def fault_point(stage: str, path, nbytes: int = 0) -> None:
+    """Call ``FAULT_HOOK`` (when set) at a named stage of a save."""
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(stage, Path(path), nbytes)
+
+
+class _Writes:
+    """The file ``torch.save`` writes through: keeps the ``OSError`` of a failed write (torch reports it as
+    a RuntimeError of its zip writer), counts the bytes for ``FAULT_HOOK``."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path, self.nbytes, self.error = f, path, 0, None
+
+    def write(self, data) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.nbytes += n
+        fault_point("write", self.path, self.nbytes)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_save(obj, path, keep_previous: bool = True) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temp file in the same dir, fsync, rename, fsync dir).
 
@@ -87,16 +127,27 @@ def atomic_save(obj, path, keep_previous: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fault_point("opened", tmp)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writes = _Writes(f, Path(tmp))
+            try:
+                torch.save(obj, writes)
+            except RuntimeError:
+                if writes.error is not None:  # a full disk: the OSError, not torch's zip writer's message
+                    raise writes.error from None
+                raise
+            fault_point("written", tmp, writes.nbytes)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("synced", tmp, writes.nbytes)
         if keep_previous and path.exists():
             if _reads_back(path):
                 _keep_as_previous(path)
             else:
                 os.replace(path, _unused_name(unreadable_path(path)))
+            fault_point("kept-previous", path)
         os.replace(tmp, path)
+        fault_point("replaced", path)
         fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
@@ -121,4 +172,44 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
-__all__ = ["atomic_save", "atomic_write", "previous_path", "unreadable_path", "fsync_dir"]
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+# the temporaries of a write killed part-way: ``.NAME.XXXXXXXX.tmp`` (atomic_save / atomic_write: mkstemp's 8
+# characters), ``.NAME.prev.SUFFIX.PID.tmp`` (the link of the kept file), ``.NAME.dcp.tmp`` (a sharded save's
+# directory), ``.NAME.prev.dcp.old`` (the replaced previous sharded checkpoint)
+STALE = re.compile(r"^\.(?:.+\.[A-Za-z0-9_]{8}\.tmp|.+\.prev\.[^.]+\.\d+\.tmp|.+\.dcp\.tmp|.+\.prev\.dcp\.old)$")
+
+
+def _size(path: Path) -> int:
+    if path.is_dir() and not path.is_symlink():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    return path.lstat().st_size
+
+
+def remove_stale_temporaries(directory) -> tuple[list[str], int]:
+    """Remove from ``directory`` (not below it) the temporary files and directories that an interrupted
+    ``atomic_save``, ``atomic_write`` or sharded checkpoint save leaves (names ``STALE``; nothing else is
+    touched). Returns (the names removed, the bytes freed). Call it only while no save into ``directory``
+    is under way (a run's start)."""
+    directory = Path(directory)
+    removed, freed = [], 0
+    if not directory.is_dir():
+        return removed, freed
+    for entry in sorted(directory.iterdir()):
+        if not STALE.match(entry.name):
+            continue
+        try:
+            size = _size(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry.name)
+        freed += size
+    return removed, freed
+
+
+__all__ = ["atomic_save", "atomic_write", "previous_path", "unreadable_path", "fsync_dir",
+           "remove_stale_temporaries", "DISK_FULL"]
