@@ -31,6 +31,7 @@ from sidfast.models.lora import NETWORK_KINDS
 from sidfast.plan.known import KNOWN_MODELS
 from sidfast.plan.memory import PLAN_PRECISIONS, SHARDINGS, plan_memory, predictions_table
 from sidfast.training.loop import distill
+from sidfast.training import student
 from sidfast.training.options import add_train_options, config_from_args, option_name
 from sidfast.utils import images, runtime
 
@@ -212,7 +213,7 @@ def cmd_distill(args) -> int:
 def cmd_sample(args) -> int:
     try:
         images.check_samples_path(args.out, name="--out")
-        net, options = loading.from_checkpoint(args.checkpoint, teacher=args.teacher, prompts=args.prompts)
+        net, options = student.from_checkpoint(args.checkpoint, teacher=args.teacher, prompts=args.prompts)
         device = _device(args.device)
         if "decode" in options:
             options["decode"].to(device)

@@ -2,7 +2,8 @@
 
 ``edm_sample``: EDM's deterministic Heun or Euler ODE solver (Karras et al. 2022, Algorithm 1).
 ``one_step_sample``: the SiD generator's single step (docs/math.md, "Published recipe"). ``sample_images``:
-many images in batches with seeded latents; ``from_checkpoint``: the network and options of a checkpoint.
+many images in batches with seeded latents; ``sidfast.training.student.from_checkpoint``: the network and
+options of a checkpoint.
 """
 from __future__ import annotations
 

@@ -357,7 +357,7 @@ def test_guidance_and_few_step_options_map_onto_the_config(tmp_path):
 
 
 def test_guided_few_step_distill_then_sample_runs_its_steps(tmp_path, capsys, monkeypatch):
-    from sidfast.models import loading
+    from sidfast.training import student
 
     run = tmp_path / "run"
     code, _, err = run_main(["distill", "--teacher", "nets:conditional_teacher",
@@ -365,14 +365,14 @@ def test_guided_few_step_distill_then_sample_runs_its_steps(tmp_path, capsys, mo
                             capsys)
     assert code == 0, err
     calls = []
-    real = loading.from_checkpoint
+    real = student.from_checkpoint
 
     def counted(*a, **kw):
         net, options = real(*a, **kw)
         net.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
         return net, options
 
-    monkeypatch.setattr(loading, "from_checkpoint", counted)
+    monkeypatch.setattr(student, "from_checkpoint", counted)
     images = {}
     for steps in (None, 4, 1):
         extra = [] if steps is None else ["--steps", steps]
@@ -406,7 +406,7 @@ def test_sample_reads_a_sharded_run_folder_like_its_unsharded_resume(tmp_path, c
     from nets import tiny_teacher
 
     from runs import quiet
-    from sidfast.models import loading
+    from sidfast.training import student
     from sidfast.training.loop import Distiller, distill
     from sidfast.utils import runtime
 
@@ -422,7 +422,7 @@ def test_sample_reads_a_sharded_run_folder_like_its_unsharded_resume(tmp_path, c
     assert trainer.iteration == 3
     trainer.save()
     runtime.shutdown(trainer.dist)
-    net, _ = loading.from_checkpoint(run)
+    net, _ = student.from_checkpoint(run)
     want = trainer.generator_ema.state_dict()
     got = net.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

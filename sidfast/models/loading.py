@@ -5,7 +5,6 @@
   encoders), or ``module:function``; errors are ``CheckpointError`` naming ``--teacher``.
 - ``build_generator(data, path)``: the EMA generator of a distillation checkpoint, rebuilt from its recorded
   architecture or from its teacher (a LoRA generator: its factors merged into the teacher's weights).
-- ``from_checkpoint(path)``: what ``sidfast sample`` samples, a checkpoint's network and its sampling options.
 """
 from __future__ import annotations
 
@@ -17,10 +16,8 @@ from sidfast.models import text
 from sidfast.models.denoiser import as_denoiser, load_entry_point
 from sidfast.models.diffusers import DiffusersDenoiser, MissingSchedulerConfig
 from sidfast.models.flow import FLOW_MODELS, FlowDenoiser
-from sidfast.models.introspect import infer_image_shape, infer_num_classes
-from sidfast.models.io import CheckpointError, build_network, import_entry_point, kind_of, load_checkpoint
+from sidfast.models.io import CheckpointError, build_network, import_entry_point, load_checkpoint
 from sidfast.models.lora import load_lora_factors, lora_generator, merge_lora
-from sidfast.models.vae import LatentDecoder
 
 
 def _check_readable(path: Path, what: str) -> None:
@@ -181,66 +178,4 @@ def _lora_generator(data: dict, path, teacher: str | None, rank: int):
     return merge_lora(generator.net).eval().requires_grad_(False), conditioner
 
 
-def from_checkpoint(path, teacher: str | None = None, prompts=None):
-    """(network, keyword arguments of ``sample_images``) for a sidfast checkpoint: the EMA generator of a
-    distillation checkpoint (the K generator steps it was trained with), or the network of a network
-    checkpoint (a diffusion denoiser). ``path``: a checkpoint file, a sharded checkpoint directory
-    (``checkpoint.dcp``) or a run folder (its newer checkpoint, else its ``generator.pt``).
-
-    teacher: where the teacher of a distillation checkpoint is now (``build_generator``).
-    prompts: a text file of prompts, one per line, for the student of a text-to-image teacher (required
-        there, refused elsewhere): image i gets prompt i mod their number, its embedding from the teacher
-        pipeline's text encoders, and the latents are decoded by the pipeline's VAE (``sidfast.models.vae``).
-    """
-    from sidfast.training.state import read_sharded_generator, sample_source
-
-    path = sample_source(path)  # a run folder: its checkpoint.pt, checkpoint.dcp or generator.pt
-    if path.is_dir():
-        data = read_sharded_generator(path)  # a sharded checkpoint, read without a process group
-    else:
-        data = load_checkpoint(path, ("distill", "network"))
-    if kind_of(data) == "distill":
-        net, conditioner = build_generator(data, path, teacher=teacher, with_conditioner=True)
-        config = data.get("config") or {}
-        prompt_options = _text_options(conditioner, prompts, teacher or data.get("teacher"))
-        return net, {**prompt_options, "shape": tuple(data["image_shape"]), "sigma_init": float(data.get("sigma_init", 2.5)),
-                     "num_classes": int(data.get("num_classes") or 0),
-                     "label_format": data.get("label_format", "onehot"),
-                     "gen_steps": int(data.get("gen_steps", config.get("gen_steps", 1))),
-                     "step_spacing": data.get("step_spacing", config.get("step_spacing", "linear")),
-                     "renoise": data.get("renoise", config.get("renoise", "fresh"))}
-    if teacher is not None:
-        raise ValueError("argument teacher is for distillation checkpoints; this is a network checkpoint")
-    if prompts is not None:
-        raise ValueError("argument prompts is for students of text-to-image teachers; this is a network "
-                         "checkpoint")
-    net = as_denoiser(build_network(data, path)).eval()
-    shape = infer_image_shape(net)
-    if shape is None:
-        raise ValueError(f"checkpoint {str(path)!r}: cannot tell the image shape of its network")
-    return net, {"shape": shape, "num_classes": infer_num_classes(net)}
-
-
-def _text_options(conditioner, prompts, pipeline) -> dict:
-    """``sample_images``'s ``cond`` (the prompts cycled, embedded by ``conditioner``) and ``decode`` (the
-    pipeline's VAE) for a text-to-image student; nothing for other students."""
-    if conditioner is None:
-        if prompts is not None:
-            raise ValueError("argument prompts is for students of text-to-image teachers; this student's "
-                             "teacher takes no prompts")
-        return {}
-    if prompts is None:
-        raise ValueError("this student's teacher is a text-to-image pipeline: give the prompts to sample, "
-                         "argument prompts FILE (one prompt per line)")
-    try:
-        texts = text.read_prompts(prompts)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ValueError(f"argument prompts: {exc}") from None
-
-    def cond(start: int, n: int) -> dict:
-        return conditioner.condition([texts[(start + i) % len(texts)] for i in range(n)])
-
-    return {"cond": cond, "decode": LatentDecoder.from_pretrained(pipeline)}
-
-
-__all__ = ["load_teacher", "build_generator", "from_checkpoint"]
+__all__ = ["load_teacher", "build_generator"]

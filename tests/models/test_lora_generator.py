@@ -6,7 +6,7 @@ import torch
 
 from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.models.lora import LoRAGenerator, lora_parameters, merge_lora
-from sidfast.models.loading import from_checkpoint
+from sidfast.training.student import from_checkpoint
 from sidfast.samplers import sample_images
 from sidfast.training.loop import TrainConfig, distill
 from nets import tiny_teacher
