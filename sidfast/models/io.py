@@ -83,8 +83,8 @@ def load_checkpoint(path, kind) -> dict:
     if path.is_dir():
         held = [name for name in ("checkpoint.pt", "checkpoint.dcp") if (path / name).exists()]
         if not held:
-            raise CheckpointError(f"no checkpoint.pt or checkpoint.dcp in {str(path)!r}: it is a directory, "
-                                  "not a checkpoint file (a run folder holds them once the run saved one)")
+            raise CheckpointError(f"no checkpoint.pt or checkpoint.dcp in {str(path)!r} (a directory, not a "
+                                  "file; a run folder holds one once its run saved)")
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory; its checkpoint is "
                               f"{str(path / held[0])!r}")
     if not path.is_file():
