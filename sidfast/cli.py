@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 
-from sidfast import samplers
+from sidfast import __version__, samplers
+from sidfast._native import NativeExtensionError
 from sidfast.demo.run import add_demo_arguments, run_from_args
 from sidfast.demo.teacher import write_teacher
 from sidfast.models import loading
@@ -32,6 +36,7 @@ from sidfast.plan.known import KNOWN_MODELS
 from sidfast.plan.memory import PLAN_PRECISIONS, SHARDINGS, plan_memory, predictions_table
 from sidfast.training.loop import distill
 from sidfast.training import student
+from sidfast.training.config import TrainConfig
 from sidfast.training.options import add_train_options, config_from_args, option_name
 from sidfast.utils import images, runtime
 
@@ -47,18 +52,42 @@ class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
+_FIELDS = {f.name for f in TrainConfig.fields()}
+
+
 def _cli_message(exc: Exception) -> str:
     """A library message in command-line words: ``option lr`` -> ``option --lr``, ``argument num`` ->
-    ``argument --num``, ``resume='auto' (--resume)`` -> ``--resume``."""
+    ``argument --num``, ``resume='auto' (--resume)`` -> ``--resume``, ``pass null_class=`` -> ``pass
+    --null-class`` (a keyword argument that is an option of ``sidfast distill``)."""
     text = re.sub(r"\b\w+=\S+ \((--[\w-]+)\)", r"\1", str(exc))
-    return re.sub(r"\b(option|argument) (\w+)", lambda m: f"{m[1]} {option_name(m[2])}", text)
+    text = re.sub(r"\b(option|argument) (\w+)", lambda m: f"{m[1]} {option_name(m[2])}", text)
+    return re.sub(r"(?<![\w.-])([a-z][a-z0-9_]*)=(\S*)",
+                  lambda m: f"{option_name(m[1])} {m[2]}".rstrip() if m[1] in _FIELDS else m[0], text)
+
+
+# numbers argparse would take for options ("-1e-4" is not in its pattern of negative numbers): accepted as
+# values, so that the option's own range check answers
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``sidfast distill: error: ...``, the usage left to ``--help``) that
+    takes negative numbers, ``-1e-4`` included, as option values."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NUMBER
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # ---- the parser: one function per command ----
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sidfast", description="Score identity Distillation (SiD): one-step "
+    p = _Parser(prog="sidfast", description="Score identity Distillation (SiD): one-step "
                                 "generators from diffusion models.")
+    p.add_argument("--version", action="version", version=f"sidfast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add_command in (_demo_parser, _train_teacher_parser, _distill_parser, _sample_parser, _plan_parser):
@@ -102,7 +131,8 @@ def _distill_parser(sub) -> None:
     s.add_argument("--teacher", help=f"{TEACHER_HELP} (default when resuming: the checkpoint's)")
     s.add_argument("--config", help="YAML or JSON file of options (command-line options override it)")
     s.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue a run (default CKPT: RUN_DIR/checkpoint.pt)")
+                   help="continue a run from CKPT, or from the checkpoint in the run folder CKPT (default: "
+                        "RUN_DIR/checkpoint.pt)")
     add_train_options(s)
 
 
@@ -166,6 +196,22 @@ def _user_error(exc: Exception) -> UserError:
     return UserError(str(exc) if isinstance(exc, CheckpointError) else _cli_message(exc))
 
 
+def _writable_dir(path, option: str, shown=None) -> None:
+    """Create the directory ``path`` (with its parents) and check that a file can be written in it; a
+    UserError naming ``option`` (given as ``shown``) otherwise."""
+    path = Path(path)
+    shown = str(shown if shown is not None else path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{str(blocker)!r} is a file, not a directory" if blocker else (exc.strerror or str(exc))
+        raise UserError(f"{option} {shown!r}: cannot write into {str(path)!r} ({why}); choose a writable "
+                        f"location") from None
+
+
 def _device(spec: str):
     try:
         return runtime.resolve_device(spec)
@@ -173,17 +219,24 @@ def _device(spec: str):
         raise UserError(f"--device: {exc}") from None
 
 
+_DEMO_NAMES = {"out_dir": "--out", "gen_steps": "--gen-steps", "seeds": "--seeds", "seed": "--seed",
+               "method": "--method", "conditional": "--conditional", "quick": "--quick"}
+
+
 def cmd_demo(args) -> int:
     device = _device(args.device)
     try:
         result = run_from_args(args, str(device))
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    except ValueError as exc:  # the demo's messages name its arguments as Python does: out_dir, gen_steps
+        raise UserError(re.sub(r"\b(" + "|".join(_DEMO_NAMES) + r")\b", lambda m: _DEMO_NAMES[m[1]],
+                               str(exc))) from None
     return 0 if result["passed"] else 1  # a failed quality bar is a failed command
 
 
 def cmd_train_teacher(args) -> int:
     options = {name: getattr(args, name) for name, _, _ in TEACHER_OPTIONS}
+    if not Path(args.out).is_dir():  # (a directory is refused below, in words)
+        _writable_dir(Path(args.out).parent, "--out", args.out)
     try:
         write_teacher(args.out, conditional=args.conditional, seed=args.seed, device=_device(args.device),
                       **options)
@@ -198,7 +251,18 @@ def cmd_distill(args) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise _user_error(exc) from None
     _device(cfg.device)
-    teacher, architecture, conditioner = loading.load_teacher(cfg.teacher, with_conditioner=True)
+    _writable_dir(cfg.run_dir, cfg.option("run_dir"))
+    try:
+        teacher, architecture, conditioner = loading.load_teacher(cfg.teacher, with_conditioner=True)
+    except CheckpointError as exc:
+        if cfg.resume is None or args.teacher:
+            raise _named_teacher(exc) from None
+        # the teacher's path came from the checkpoint, not from the command line
+        stored = cfg.teacher
+        what = ("does not exist (moved or deleted?)" if ":" not in stored and not Path(stored).expanduser().exists()
+                else f"cannot be loaded ({exc})")
+        raise UserError(f"--resume {cfg.resume}: the teacher stored in the checkpoint, {stored!r}, {what}; give "
+                        f"its location with --teacher NEWPATH") from None
     try:
         result = distill(cfg, teacher, architecture=architecture, conditioner=conditioner)
     except ValueError as exc:
@@ -213,6 +277,12 @@ def cmd_distill(args) -> int:
 def cmd_sample(args) -> int:
     try:
         images.check_samples_path(args.out, name="--out")
+        for name in ("num", "steps", "batch"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise UserError(f"argument --{name} must be an integer >= 1, got {value}")
+        out = Path(args.out)
+        _writable_dir(out.parent if out.suffix else out, "--out", args.out)
         net, options = student.from_checkpoint(args.checkpoint, teacher=args.teacher, prompts=args.prompts)
         device = _device(args.device)
         if "decode" in options:
@@ -231,8 +301,16 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _named_teacher(exc: CheckpointError) -> CheckpointError:
+    """A teacher's checkpoint error that names ``--teacher``, which the checkpoint reader does not know."""
+    return exc if "--teacher" in str(exc) else CheckpointError(f"--teacher: {exc}")
+
+
 def cmd_plan(args) -> int:
-    teacher = loading.load_teacher(args.teacher)[0] if args.teacher else None
+    try:
+        teacher = loading.load_teacher(args.teacher)[0] if args.teacher else None
+    except CheckpointError as exc:
+        raise _named_teacher(exc) from None
     try:
         print(_plan_text(args, teacher))
     except ValueError as exc:
@@ -244,7 +322,7 @@ def _plan_text(args, teacher=None) -> str:
     """The text ``sidfast plan`` prints for its parsed options: the plan of ``teacher`` (loaded from
     ``--teacher``) or ``--model``, or the table of the published models (``--table``)."""
     if args.table:
-        return predictions_table()
+        return predictions_table(progress=lambda line: print(f"sidfast plan: {line}", file=sys.stderr, flush=True))
     plan = plan_memory(teacher, model=args.model, resolution=args.resolution, batch=args.batch,
                        gpus=args.gpus, sharding=args.sharding, precision=args.precision,
                        fake_score=args.fake_score, generator=args.generator, lora_rank=args.lora_rank,
@@ -270,7 +348,7 @@ def main(argv=None) -> int:
         _unrecognized(args.command_parser, extras)
     try:
         return args.handler(args)
-    except (UserError, CheckpointError) as exc:
+    except (UserError, CheckpointError, NativeExtensionError) as exc:
         parser.exit(EXIT_USAGE, f"sidfast {args.command}: error: {exc}\n")
     except KeyboardInterrupt:
         print("sidfast: interrupted", file=sys.stderr)

@@ -150,6 +150,45 @@ def test_sample_finds_a_moved_teacher_with_the_teacher_option(tmp_path, capsys, 
     assert (tmp_path / "s.png").is_file()
 
 
+def test_guidance_without_a_null_class_names_the_option(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    path = tmp_path / "classes"
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    diffusers.DDPMPipeline(unet=tiny_diffusers_unet(num_class_embeds=3), scheduler=sched).save_pretrained(path)
+    err = user_error(["distill", "--teacher", path, "--run-dir", tmp_path / "run", "--guidance", "lsg", "--cfg",
+                      "2", *SMALL], capsys, "pass --null-class")
+    assert "null_class=" not in err
+
+
+def test_loading_a_diffusers_teacher_prints_no_accelerate_notice(tmp_path):
+    teacher = _tiny_diffusers_dir(tmp_path / "ddpm")
+    code = f"from sidfast.models.loading import load_teacher; load_teacher({str(teacher)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=env_without_interpreter())
+    assert done.returncode == 0, done.stderr
+    assert "accelerate" not in done.stderr, done.stderr
+
+
+def test_resume_with_the_run_folder_continues_its_checkpoint(tmp_path, capsys):
+    run = tmp_path / "runs" / "intr"
+    args = ["distill", "--teacher", "nets:tiny_teacher", "--run-dir", run, "--iterations", "2", "--no-progress",
+            "--grid-size", "0"]
+    assert run_main(args, capsys)[0] == 0
+    for extra in (["--run-dir", run], []):  # with or without --run-dir: the folder is the run's
+        code, _, err = run_main(["distill", "--resume", run, *extra, "--iterations", str(4 - len(extra) // 2)],
+                                capsys)
+        assert code == 0, err
+        assert "--overwrite" not in err
+    assert load_checkpoint(run / "checkpoint.pt", "distill")["iteration"] == 4
+
+
+def test_version(capsys):
+    from sidfast import __version__
+
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out.strip() == f"sidfast {__version__}"
+
+
 def test_diffusers_teacher_errors(tmp_path, capsys):
     err = user_error(["distill", "--teacher", _tiny_diffusers_dir(tmp_path / "bare", scheduler=None), *SMALL],
                      capsys, "no scheduler config")
@@ -289,13 +328,14 @@ def test_usage_errors_exit_2(capsys):
     assert code == 2 and "unrecognized arguments" in err
 
 
-def test_an_unknown_option_shows_the_command_usage_and_the_near_option(capsys):
+def test_an_unknown_option_names_the_near_option_and_the_commands_help(capsys):
     code, _, err = run_main(["distill", "--batch-size", "8"], capsys)
     assert code == 2
-    assert err.startswith("usage: sidfast distill") and "--sigma-init" in err  # distill's usage
+    assert err.count("\n") == 1 and err.startswith("sidfast distill: error:")  # one line, no usage dump
     assert "unrecognized arguments: --batch-size 8" in err and "did you mean --batch?" in err
+    assert "sidfast distill --help" in err
     code, _, err = run_main(["sample", "c.pt", "--out", "x.png", "--stepz", "4"], capsys)
-    assert code == 2 and err.startswith("usage: sidfast sample") and "did you mean --steps?" in err
+    assert code == 2 and err.startswith("sidfast sample: error:") and "did you mean --steps?" in err
 
 
 def test_demo_output_is_ignored_by_git():

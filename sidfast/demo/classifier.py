@@ -146,7 +146,8 @@ def load_or_train_classifier(cache_dir=None, recipe: dict = RECIPE,
 
     The cache file ``digit_classifier_<recipe hash>.pt`` lives in ``cache_dir`` (default
     ``default_cache_dir()``).
-    A corrupt or mismatching file is replaced; an unwritable cache directory only costs a warning.
+    A corrupt or mismatching file is replaced; an unwritable cache directory only costs a warning. ``log``
+    gets those two notices only: the caller says which classifier it got, and its accuracy.
     """
     path = _cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), recipe)
     cached = _load_cached(path, recipe)
@@ -154,7 +155,7 @@ def load_or_train_classifier(cache_dir=None, recipe: dict = RECIPE,
         return (*cached, True)
     if path.exists() and log:
         log(f"classifier cache {path} is unreadable or stale: retraining")
-    model, accuracy = train_classifier(recipe, log)
+    model, accuracy = train_classifier(recipe)  # the caller reports the accuracy (once)
     try:
         _save_atomic({"recipe_hash": recipe_hash(recipe), "recipe": recipe, "accuracy": accuracy,
                       "state_dict": model.state_dict()}, path)

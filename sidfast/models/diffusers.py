@@ -13,6 +13,18 @@ from sidfast.models.introspect import infer_num_classes
 from sidfast.schedules import VPSchedule, broadcast
 
 
+def load_options(torch_dtype: torch.dtype | None = None) -> dict:
+    """Keyword arguments of a diffusers ``from_pretrained``: ``torch_dtype`` when given, and without
+    ``accelerate`` installed ``low_cpu_mem_usage=False`` (the default diffusers falls back to anyway), which
+    keeps diffusers from printing its "pip install accelerate" notice on every load."""
+    import importlib.util
+
+    kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    if importlib.util.find_spec("accelerate") is None:
+        kw["low_cpu_mem_usage"] = False
+    return kw
+
+
 class MissingSchedulerConfig(FileNotFoundError):
     """A diffusers directory without a scheduler config; ``looked_for`` lists the paths tried, once each."""
 
@@ -168,8 +180,7 @@ class DiffusersDenoiser(Denoiser):
         except ValueError as exc:
             raise ValueError(f"unsupported prediction type {prediction!r} for a VP network: {exc}") from None
         variance = getattr(getattr(scheduler, "config", None), "variance_type", None)
-        kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        unet = model_cls.from_pretrained(str(model_dir), **kw)
+        unet = model_cls.from_pretrained(str(model_dir), **load_options(torch_dtype))
         return cls(unet, schedule, prediction, learned_variance=variance in ("learned", "learned_range"),
                    null_class=null_class, name=name)
 

@@ -114,8 +114,9 @@ class FlowDenoiser(Denoiser):
         model_cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
         if model_cls is None or not hasattr(model_cls, "from_pretrained"):
             raise ValueError(f"{str(config)!r} names model class {class_name!r}, which diffusers does not have")
-        kw = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        return cls(model_cls.from_pretrained(str(model_dir), **kw), guidance=guidance, name=name)
+        from sidfast.models.diffusers import load_options
+
+        return cls(model_cls.from_pretrained(str(model_dir), **load_options(torch_dtype)), guidance=guidance, name=name)
 
     def _packed_inputs(self, x_flow: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict]:
         """FLUX's token inputs: the packed latents, and the position ids and guidance ``cond`` lacks."""

@@ -73,6 +73,13 @@ def load_checkpoint(path, kind) -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        held = [name for name in ("checkpoint.pt", "checkpoint.dcp") if (path / name).exists()]
+        if not held:
+            raise CheckpointError(f"no checkpoint.pt or checkpoint.dcp in {str(path)!r} (a directory, not a "
+                                  "file; a run folder holds one once its run saved)")
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory; its checkpoint is "
+                              f"{str(path / held[0])!r}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a file")
     if not os.access(path, os.R_OK):

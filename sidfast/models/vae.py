@@ -37,7 +37,9 @@ class LatentDecoder:
             raise FileNotFoundError(f"pipeline {str(root)!r} has no vae/ subfolder to decode its latents with")
         from diffusers import AutoencoderKL  # diffusers stays optional: only loading a VAE needs it
 
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
+        from sidfast.models.diffusers import load_options
+
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **load_options())
         return cls(vae, vae.config.scaling_factor, getattr(vae.config, "shift_factor", None))
 
     def to(self, device) -> "LatentDecoder":

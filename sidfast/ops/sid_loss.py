@@ -354,7 +354,7 @@ def register(op_name: str) -> None:
     torch.library.register_autograd(op_name, sid_loss_backward, setup_context=sid_loss_setup_context)
 
 
-register("sidfast::sid_loss")
+# sidfast::sid_loss (the native op) gets them when sidfast._native loads the extension, on first use
 
 if HAS_TRITON:
 
@@ -409,6 +409,7 @@ def sid_loss(y_real: torch.Tensor, y_fake: torch.Tensor, x_g: torch.Tensor, alph
     if backend.use_triton(x_g):
         return SiDLossFunction.apply(y_real, y_fake, x_g, float(alpha), bool(normalize), code, float(scale))
     if x_g.device.type == "cpu" or (x_g.device.type == "cuda" and _native.WITH_CUDA):
+        _native.load()  # registers torch.ops.sidfast.sid_loss
         loss = torch.ops.sidfast.sid_loss(y_real, y_fake, x_g, float(alpha), bool(normalize), code)[0]
     elif normalize:
         loss = reference.sid_generator_loss(y_real, y_fake, x_g, alpha, reduction)

@@ -54,6 +54,7 @@ def _native_sid_terms(y_real, y_fake, x_g, logits, alpha):
     logit_nan = reference.nan_rows(logits)
     if bool(logit_nan.any()):
         y_fake = torch.where(broadcast(logit_nan, y_fake), float("nan"), y_fake)
+    _native.load()  # registers torch.ops.sidfast.sid_loss
     loss = torch.ops.sidfast.sid_loss(y_real, y_fake, x_g, float(alpha), True, BATCHMEAN)[0]
     inv_w = torch.where(keep, 1.0 / reference.sid_normalizer(y_real, x_g).to(loss.dtype), 0.0)
     return loss, inv_w, keep

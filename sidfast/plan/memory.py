@@ -60,20 +60,34 @@ class MemoryPlan:
                 f"{o['fake_score']}, generator {o['generator']}"
                 + (f" (LoRA rank {o['lora_rank']})" if "lora" in (o['fake_score'], o['generator']) else "")
                 + f", checkpointing {'on' if o['checkpointing'] else 'off'}")
-        rows = [f"{'GiB per GPU':<28}{'weights':>9}{'grads':>9}{'Adam':>9}{'EMA':>9}{'total':>9}"]
-        for n in self.networks:
-            rows.append(f"{n.name:<28}" + "".join(f"{v / GIB:9.2f}" for v in
-                                                  (n.weights, n.grads, n.adam, n.ema, n.total)))
         extra = [("DDP gradient buckets", self.ddp_buckets), ("FSDP gathered units", self.fsdp_gathered)]
         for phase, (fixed, per) in self.activations.items():
             extra.append((f"{phase} activations", fixed + per * self.batch))
             if self.weight_casts[phase]:
                 extra.append((f"{phase} bf16 weight casts", self.weight_casts[phase]))
-        rows += [f"{name:<28}{v / GIB:45.2f}" for name, v in extra if v]
+        extra = [(name, v) for name, v in extra if v]
+        # one unit for the table, the largest in which its largest entry is at least 1 (a tiny model: KiB)
+        largest = max([n.total for n in self.networks] + [v for _, v in extra] + [self.peak, 1])
+        unit, size = next((u, b) for u, b in UNITS if largest >= b)
+        width = max([28] + [len(n.name) + 1 for n in self.networks] + [len(name) + 1 for name, _ in extra])
+        rows = [f"{unit + ' per GPU':<{width}}{'weights':>9}{'grads':>9}{'Adam':>9}{'EMA':>9}{'total':>9}"]
+        for n in self.networks:
+            rows.append(f"{n.name:<{width}}" + "".join(f"{v / size:9.2f}" for v in
+                                                     (n.weights, n.grads, n.adam, n.ema, n.total)))
+        rows += [f"{name:<{width}}{v / size:45.2f}" for name, v in extra]
         verdict = "fits" if self.fits else "does NOT fit"
-        rows.append(f"peak ({self.peak_phase}) {self.peak / GIB:.2f} GiB of {self.usable / GIB:.2f} usable: "
+        rows.append(f"peak ({self.peak_phase}) {_amount(self.peak)} of {_amount(self.usable)} usable: "
                     f"{verdict}; largest batch per GPU {self.max_batch}")
         return "\n".join([head, *rows])
+
+
+UNITS = (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10), ("bytes", 1))
+
+
+def _amount(nbytes: float) -> str:
+    """``nbytes`` in the largest binary unit that keeps it at least 1: ``1.50 GiB``, ``12.00 KiB``."""
+    unit, size = next(((u, b) for u, b in UNITS if nbytes >= b), UNITS[-1])
+    return f"{nbytes / size:.2f} {unit}"
 
 
 def parse_memory(text) -> int:
@@ -190,16 +204,22 @@ TABLE_KINDS = (("full", "full"), ("lora", "full"), ("full", "lora"), ("lora", "l
 
 
 def predictions_table(models=tuple(KNOWN_MODELS), resolutions=(512, 1024), gpus: int = 8, gpu_memory="80GiB",
-                      sharding: str = "fsdp", precision: str = "bf16-params", lora_rank: int = 64) -> str:
+                      sharding: str = "fsdp", precision: str = "bf16-params", lora_rank: int = 64,
+                      progress=None) -> str:
     """A Markdown table of the published models: full or LoRA fake score and generator, activation
-    checkpointing off and on (``docs/plan.md``)."""
+    checkpointing off and on (``docs/plan.md``). ``progress``: called with a line before each model and
+    resolution is measured (the whole table takes about a minute on a CPU)."""
     setup = (f"{gpus} x {parse_memory(gpu_memory) / GIB:.0f} GiB, {sharding}, precision {precision}, "
              f"LoRA rank {lora_rank}, margin 10% + {RUNTIME_RESERVE // GIB} GiB")
     rows = [setup, "",
             "| model | px | fake score | generator | static GiB/GPU | act. GiB/sample (ckpt off / on) "
             "| largest batch/GPU (ckpt off / on) |", "|---|---|---|---|---|---|---|"]
+    done = 0
     for model in models:
         for resolution in resolutions:
+            done += 1
+            if progress is not None:
+                progress(f"measuring {model} at {resolution} px ({done}/{len(models) * len(resolutions)})")
             teacher = KnownDenoiser(model)
             dtype = torch.float32 if precision == "fp32" else torch.bfloat16
             meter = ActivationMeter(teacher, teacher.sample_shape(resolution), 0, "index", lora_rank, dtype)

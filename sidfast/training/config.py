@@ -309,7 +309,8 @@ class TrainConfig:
         num("sigma_min", float, 0, lo_open=True)
         num("sigma_max", float, 0, lo_open=True)
         if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"option sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+            raise ValueError(f"option sigma_min ({self.sigma_min}) must be below option sigma_max "
+                             f"({self.sigma_max})")
         num("rho", float, 0, lo_open=True)
         num("p_mean", float)
         num("p_std", float, 0, lo_open=True)

@@ -51,14 +51,15 @@ class DataWarning(UserWarning):
 
 # ---- conversions to float32 (C, H, W) in [-1, 1] ----
 
-def _from_uint8_hwc(a: torch.Tensor, what: str) -> torch.Tensor:
+def _from_uint8_hwc(a: torch.Tensor, what: str, shape: tuple | None = None) -> torch.Tensor:
     """uint8 (..., H, W, C) channels-last -> float32 (..., C, H, W) in [-1, 1], contiguous (a channels-last
-    view would make anything that draws in memory order, dropout or randn_like, draw differently)."""
+    view would make anything that draws in memory order, dropout or randn_like, draw differently);
+    ``shape``: the shape an error reports (the whole array's, when ``a`` is a slice of it)."""
     if a.shape[-1] not in (1, 3):
         channels_first = a.dim() >= 3 and a.shape[-3] in (1, 3)
         hint = " (it looks channels-first; uint8 images are read channels-last)" if channels_first else ""
         raise DataError(f"{what}: uint8 images must be (H, W, C) with 1 or 3 channels, got shape "
-                        f"{tuple(a.shape)}{hint}")
+                        f"{tuple(shape or a.shape)}{hint}")
     return a.movedim(-1, -3).contiguous().to(torch.float32) / 127.5 - 1
 
 
@@ -152,7 +153,7 @@ class ArraySource(ImageSource):
                 raise DataError(f"{what}: uint8 images must be (N, H, W, C) or (N, H, W), got shape "
                                 f"{tuple(images.shape)}")
             images = images if images.dim() == 4 else images.unsqueeze(-1)
-            _from_uint8_hwc(images[:1], what)  # checks the layout
+            _from_uint8_hwc(images[:1], what, tuple(images.shape))  # checks the layout
         elif images.is_floating_point():
             if images.dim() != 4:
                 raise DataError(f"{what}: float images must be (N, C, H, W), got shape {tuple(images.shape)}")

@@ -186,12 +186,14 @@ class Distiller:
     def optimizers(self) -> dict:
         return {"opt_g": self.opt_g, "opt_fake": self.opt_fake}
 
-    def save(self, last: dict | None = None) -> Path | None:
+    def save(self, last: dict | None = None, window: dict | None = None) -> Path | None:
         """Write the run's checkpoint (``checkpoint.pt``, or ``checkpoint.dcp`` under FSDP) in ``run_dir``;
-        ``last``: the latest metrics record, kept for the summary of a resumed run."""
+        ``last``: the latest metrics record, kept for the summary of a resumed run; ``window``: the losses
+        summed since it (``runtime.LossWindow.state``), which the resumed run's first record goes on with."""
         real_data = self.phases.real_data
         return save_distill(self.ckpt_path, self.cfg, self.networks(), self.optimizers(), self.iteration,
                             self.nimg, self.dist, self.device, **self._sample_meta(), last=last or {},
+                            **({"window": window} if window else {}),
                             **({"real_data": real_data.state_dict()} if real_data else {}))
 
     def save_generator(self) -> Path | None:
@@ -331,7 +333,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     start_time = time.perf_counter()
     resumed = trainer.state is not None
     last = dict(trainer.state.get("last") or {}) if resumed else {}
-    trainer.state = None  # free the loaded tensors
+    saved_window = trainer.state.get("window") if resumed else None
 
     if resumed and trainer.iteration >= cfg.iterations:
         if say:
@@ -340,6 +342,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                 f"longer, resume with a larger {cfg.option('iterations')}: sidfast distill "
                 f"{cfg.option('resume')} {trainer.resume_path} {cfg.option('run_dir')} {cfg.run_dir} "
                 f"{cfg.option('iterations')} {2 * trainer.iteration}")
+        trainer.state = None
         runtime.shutdown(trainer.dist)
         return _result(trainer, 0.0, start_iteration, last, trainer.resume_path, None, complete=True)
 
@@ -376,6 +379,8 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
 
     progress = runtime.Progress(cfg.iterations, trainer.iteration, cfg.batch, bar=cfg.progress, log=say)
     window = runtime.LossWindow(trainer.iteration)
+    window.load_state(saved_window, trainer.device)
+    trainer.state = saved_window = None  # free the loaded tensors
     checkpoint = None
     interrupted = None
     try:
@@ -411,9 +416,9 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
 
                 # Save a checkpoint.
                 if cfg.checkpoint_every and trainer.iteration % cfg.checkpoint_every == 0 and not done:
-                    checkpoint = trainer.save(last)
+                    checkpoint = trainer.save(last, window.state())
                 window.start += time.perf_counter() - upkeep
-            checkpoint = trainer.save(last)
+            checkpoint = trainer.save(last, window.state())
             if cfg.fsdp:  # the EMA generator gathered into one file, for sampling and copying
                 trainer.save_generator()
             # every rank, before the process group ends: sharded networks sample together
@@ -425,7 +430,8 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
 
     # Write the summary.
     seconds = time.perf_counter() - start_time
-    result = _result(trainer, seconds, start_iteration, last, checkpoint, interrupted)
+    result = _result(trainer, seconds, start_iteration, last, checkpoint, interrupted,
+                     training_seconds=window.training_seconds())
     if trainer.rank0:
         plot_losses(read_metrics(metrics.path), trainer.run_dir / "losses.png")
         (trainer.run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
@@ -437,10 +443,10 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
 
 
 def _result(trainer: Distiller, seconds: float, start_iteration: int, last: dict, checkpoint, interrupted,
-            complete: bool = False) -> DistillResult:
+            complete: bool = False, training_seconds: float | None = None) -> DistillResult:
     summary = run_summary(trainer.iteration, trainer.iteration - start_iteration, trainer.nimg, trainer.cfg.batch,
                           seconds, last, trainer.dist.world, trainer.device, checkpoint, interrupted, complete,
-                          extra_keys=SIDA_METRICS)
+                          extra_keys=SIDA_METRICS, training_seconds=training_seconds)
     if trainer.nimg > 0:  # SiDA: the warm-up gates the run never opened
         summary.update(trainer.phases.summary_notes(trainer.nimg))
     return DistillResult(generator=trainer.generator, generator_ema=trainer.generator_ema, fake=trainer.fake,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from sidfast.models.io import CheckpointError
 from sidfast.training.config import TrainConfig
@@ -38,6 +39,15 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(option_name(f.name), metavar=metavar, **kw)
 
 
+def _is_run_dir(path) -> bool:
+    """Whether ``--resume PATH`` names a run folder (a directory that is not itself a sharded checkpoint,
+    i.e. has no ``.metadata``) rather than a checkpoint."""
+    from pathlib import Path
+
+    path = Path(path)
+    return path.is_dir() and not (path / ".metadata").exists()
+
+
 def config_from_args(args: argparse.Namespace):
     """TrainConfig from defaults < resumed checkpoint < --config file < explicit options."""
     from sidfast.training.state import distill_checkpoint_in, read_distill
@@ -51,8 +61,20 @@ def config_from_args(args: argparse.Namespace):
         if resume == "auto":
             run_dir = explicit.get("run_dir")
             if run_dir is None and getattr(args, "config", None):
-                run_dir = TrainConfig.from_file(args.config).run_dir
+                try:
+                    run_dir = TrainConfig.from_file(args.config).run_dir
+                except (ValueError, OSError) as exc:
+                    raise type(exc)(f"--config: {exc}") from None
             resume = str(distill_checkpoint_in(run_dir or cfg.run_dir, bool(explicit.get("fsdp", False))))
+        elif _is_run_dir(resume):  # a run folder: the checkpoint in it, and the folder as the run's directory
+            from sidfast.training.config import CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME
+
+            folder = resume
+            resume = str(distill_checkpoint_in(folder, bool(explicit.get("fsdp", False))))
+            if not os.path.exists(resume):
+                raise CheckpointError(f"--resume: no {CHECKPOINT_NAME} or {SHARDED_CHECKPOINT_NAME} in "
+                                      f"{folder!r}; give a checkpoint or the folder of a run that saved one")
+            explicit.setdefault("run_dir", folder)
         try:
             saved = read_distill(resume)
         except CheckpointError as exc:
@@ -62,7 +84,10 @@ def config_from_args(args: argparse.Namespace):
         cfg = cfg.replace(overwrite=False)
         del saved
     if getattr(args, "config", None):
-        cfg = TrainConfig.from_file(args.config, base=cfg)
+        try:
+            cfg = TrainConfig.from_file(args.config, base=cfg)
+        except (ValueError, OSError) as exc:  # the file's own problem, said as the option that named it
+            raise type(exc)(f"--config: {exc}") from None
     cfg = TrainConfig.from_dict(explicit, base=cfg)
     if getattr(args, "teacher", None):
         cfg = cfg.replace(teacher=args.teacher)

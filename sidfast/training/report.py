@@ -74,11 +74,16 @@ def plot_losses(records: list[dict], path, keys=LOSS_KEYS) -> Path | None:
 
 
 def run_summary(iteration: int, ran: int, nimg: int, batch: int, seconds: float, last: dict, processes: int,
-                device, checkpoint, interrupted, complete: bool = False, extra_keys=()) -> dict:
-    """summary.json of a distill run: counters, speed of this process's part (``ran`` iterations in
-    ``seconds``), the last averaged losses (and ``extra_keys`` of the last metrics record), where it saved."""
+                device, checkpoint, interrupted, complete: bool = False, extra_keys=(),
+                training_seconds: float | None = None) -> dict:
+    """summary.json of a distill run: counters, the wall time of this process's part (``seconds``: setup,
+    grids and checkpoints included), its speed (``it_per_s``, ``img_per_s``: the ``ran`` iterations over
+    ``training_seconds``, the time of the iterations alone, as metrics.jsonl's speed is; ``seconds`` when
+    not given), the last averaged losses (and ``extra_keys`` of the last metrics record), where it saved."""
+    timed = seconds if training_seconds is None else training_seconds
     summary = {"iterations": iteration, "iterations_this_run": ran, "images": nimg, "seconds": round(seconds, 3),
-               "it_per_s": ran / max(seconds, 1e-9), "img_per_s": ran * batch / max(seconds, 1e-9),
+               "training_seconds": round(timed, 6),
+               "it_per_s": ran / max(timed, 1e-9), "img_per_s": ran * batch / max(timed, 1e-9),
                "loss_g": last.get("loss_g"), "loss_fake": last.get("loss_fake"), "processes": processes,
                "device": str(device), "checkpoint": str(checkpoint) if checkpoint else None,
                "interrupted": interrupted}

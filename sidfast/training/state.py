@@ -262,7 +262,10 @@ def resume_source(config: TrainConfig, run_dir) -> Path | None:
     run_dir = Path(run_dir)
     held = [name for name in (CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME) if (run_dir / name).exists()]
     if config.resume is not None:
-        return distill_checkpoint_in(run_dir, config.fsdp) if config.resume == "auto" else Path(config.resume)
+        source = Path(config.resume)
+        if config.resume == "auto" or (source.is_dir() and not (source / ".metadata").exists()):
+            return distill_checkpoint_in(run_dir if config.resume == "auto" else source, config.fsdp)
+        return source  # a checkpoint file or a sharded checkpoint; a run folder stands for the one it holds
     if held and not config.overwrite:
         raise ValueError(f"run directory {str(run_dir)!r} already holds {held[0]}; pass "
                          f"{config.option('resume')} to continue it, {config.option('overwrite')} to start "

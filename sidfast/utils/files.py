@@ -117,6 +117,17 @@ class _Writes:
         self.f.flush()
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_file_mode(tmp) -> None:
+    """Give a ``mkstemp`` file (0600) the mode ``open()`` would: 0666 less the umask."""
+    os.chmod(tmp, 0o666 & ~_umask())
+
+
 def atomic_save(obj, path, keep_previous: bool = True) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (temp file in the same dir, fsync, rename, fsync dir).
 
@@ -140,6 +151,7 @@ def atomic_save(obj, path, keep_previous: bool = True) -> Path:
             f.flush()
             os.fsync(f.fileno())
         fault_point("synced", tmp, writes.nbytes)
+        _plain_file_mode(tmp)
         if keep_previous and path.exists():
             if _reads_back(path):
                 _keep_as_previous(path)
@@ -164,6 +176,7 @@ def atomic_write(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        _plain_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

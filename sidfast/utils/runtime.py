@@ -289,10 +289,18 @@ class Progress:
 
 
 class LossWindow:
-    """Losses summed since the last metrics record and the training time they took (upkeep left out)."""
+    """Losses summed since the last metrics record and the training time they took (upkeep left out).
+
+    ``training_seconds()``: the time of every iteration added so far (grids, checkpoints and the run's
+    setup left out): the ``seconds`` of the speed that both metrics.jsonl and summary.json report.
+    ``state()``/``load_state()``: the partial sums a checkpoint keeps, so that a resumed run's first record
+    averages the same iterations, bit for bit, as the uninterrupted run's (its speed covers only the
+    iterations timed since the resume)."""
 
     def __init__(self, iteration: int):
+        self.total_seconds = 0.0
         self.reset(iteration, time.perf_counter())
+        self.last_add = self.start
 
     def reset(self, iteration: int, now: float) -> None:
         self.loss_g = None
@@ -305,6 +313,23 @@ class LossWindow:
         self.loss_g = loss_g if self.loss_g is None else self.loss_g + loss_g
         self.loss_fake = loss_fake if self.loss_fake is None else self.loss_fake + loss_fake
         self.count += 1
+        self.last_add = time.perf_counter()
+
+    def training_seconds(self) -> float:
+        """Seconds spent in the iterations added so far (upkeep between them left out)."""
+        return self.total_seconds + max(self.last_add - self.start, 0.0)
+
+    def state(self) -> dict:
+        """The losses summed since the last record (tensors, as summed) and their number."""
+        return {"count": self.count, "loss_g": self.loss_g, "loss_fake": self.loss_fake}
+
+    def load_state(self, state: dict | None, device) -> None:
+        """Continue the sums of ``state()`` (a checkpoint's); speed is timed from now on."""
+        if not state or not state.get("count"):
+            return
+        self.count = int(state["count"])
+        self.loss_g = state["loss_g"].to(device)
+        self.loss_fake = state["loss_fake"].to(device)
 
     def record(self, iteration: int, nimg: int, batch: int, seconds: float) -> dict:
         now = time.perf_counter()
@@ -312,5 +337,7 @@ class LossWindow:
         record = {"iteration": iteration, "nimg": nimg, "loss_g": float(self.loss_g) / self.count,
                   "loss_fake": float(self.loss_fake) / self.count, "it_per_s": it_per_s,
                   "img_per_s": it_per_s * batch, "seconds": seconds, "time": time.time()}
+        self.total_seconds += now - self.start
         self.reset(iteration, now)
+        self.last_add = now
         return record

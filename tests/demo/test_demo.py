@@ -644,3 +644,17 @@ def test_comparison_bad_arguments(tmp_path):
         run_mod.run_demo(out_dir=tmp_path, conditional=True, config=run_mod.demo_config(True), log=None)
     with pytest.raises(TypeError, match="ComparisonConfig"):
         compare.run_comparison(run_mod.demo_config(True), tmp_path, log=None)
+
+
+def test_a_freshly_trained_classifier_is_reported_once(tmp_path, monkeypatch, capsys):
+    # train_classifier's own line and the demo's line said the same thing twice on a first demo
+    def quick_training(recipe=clf_mod.RECIPE, log=None):
+        if log:
+            log("digit classifier trained: held-out accuracy 0.500")
+        return clf_mod.DigitClassifier(recipe["channels"], recipe["feature_dim"]).eval(), 0.5
+
+    monkeypatch.setattr(clf_mod, "train_classifier", quick_training)
+    logs = []
+    _, accuracy, cached = clf_mod.load_or_train_classifier(tmp_path, log=logs.append)
+    assert not cached and accuracy == 0.5
+    assert not any("accuracy" in line for line in logs)  # the caller reports it, once

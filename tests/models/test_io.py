@@ -182,3 +182,19 @@ def test_bad_files_say_what_they_are_and_what_to_do(tmp_path, content, says):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(path, "distill")
     assert says in str(err.value) and "--overwrite" in str(err.value) and "--resume" not in str(err.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    from sidfast.utils.images import save_grid
+
+    old = os.umask(umask)
+    try:
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "checkpoint.pt")
+        save_grid(torch.zeros(4, 1, 4, 4), tmp_path / "grid.png")
+        (tmp_path / "plain.json").write_text("{}")  # what open() gives: the reference
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    for name in ("checkpoint.pt", "grid.png", "plain.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

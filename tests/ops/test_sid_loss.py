@@ -10,6 +10,9 @@ import sidfast
 from sidfast import reference
 from sidfast.ops import backend
 from sidfast.ops import sid_loss as S
+from sidfast import _native
+
+_native.load()  # torch.ops.sidfast.sid_loss, called directly below
 
 pytestmark = triton_route
 

@@ -5,6 +5,8 @@ from torch.library import opcheck
 
 import sidfast
 from sidfast import _native
+
+_native.load()  # the ops under test
 from sidfast import reference as R
 from utils import requires_cuda
 

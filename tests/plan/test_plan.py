@@ -243,3 +243,22 @@ def test_fsdp2_per_rank_bytes_of_a_real_two_process_run(tmp_path):
     plan = P.plan_memory(tiny_teacher(), gpus=2, sharding="fsdp", precision="fp32")
     assert per_rank[0] == plan.static
     assert per_rank[1] <= plan.static
+
+
+def test_plan_of_a_tiny_model_uses_a_unit_that_shows_it_and_keeps_its_columns():
+    from nets import tiny_teacher
+
+    text = P.plan_memory(tiny_teacher(), resolution=4, batch=1).format()
+    lines = text.splitlines()
+    assert lines[1].startswith("KiB per GPU")
+    table = [line for line in lines[1:] if not line.startswith("peak")]
+    assert len({len(line) for line in table}) == 1, "\n".join(table)  # every row ends in the total column
+    totals = [float(line.split()[-1]) for line in table[1:]]
+    assert all(t > 0 for t in totals)
+    assert "0.00 GiB of" not in text and "KiB of 70.00 GiB usable" in text
+
+
+def test_plan_table_reports_progress():
+    seen = []
+    text = P.predictions_table(models=("sd1.5",), resolutions=(512,), progress=seen.append)
+    assert seen == ["measuring sd1.5 at 512 px (1/1)"] and "| sd1.5 | 512 |" in text

@@ -45,7 +45,7 @@ def test_config_from_yaml_json_and_dict(tmp_path):
     ({"betas": [0.9]}, "option betas must be two numbers"),
     ({"betas": [0.0, 1.0]}, "option betas must be two numbers in"),
     ({"precision": "fp8"}, "option precision must be one of"),
-    ({"sigma_min": 100.0}, "sigma_min .* must be below sigma_max"),
+    ({"sigma_min": 100.0}, "sigma_min .* must be below option sigma_max"),
     ({"image_shape": [1, 0, 8]}, "option image_shape must be positive"),
     ({"log_every": 0}, "option log_every must be >= 1"),
     ({"progress": "maybe"}, "option progress must be true or false"),

@@ -34,3 +34,16 @@ def test_resume_source_fresh_start_resume_and_refusal(tmp_path):
     assert resume_source(TrainConfig(overwrite=True), tmp_path) is None
     assert resume_source(TrainConfig(resume="auto"), tmp_path) == tmp_path / CHECKPOINT_NAME
     assert resume_source(TrainConfig(resume="elsewhere.pt"), tmp_path) == Path("elsewhere.pt")
+
+
+def test_resume_from_a_run_folder_takes_the_checkpoint_in_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CHECKPOINT_NAME).write_bytes(b"")
+    assert resume_source(TrainConfig(resume=str(run)), tmp_path / "other") == run / CHECKPOINT_NAME
+    sharded = tmp_path / "sharded"
+    (sharded / SHARDED_CHECKPOINT_NAME).mkdir(parents=True)
+    assert resume_source(TrainConfig(resume=str(sharded), fsdp=True), sharded) == sharded / SHARDED_CHECKPOINT_NAME
+    (sharded / SHARDED_CHECKPOINT_NAME / ".metadata").write_bytes(b"")  # a sharded checkpoint is itself
+    assert resume_source(TrainConfig(resume=str(sharded / SHARDED_CHECKPOINT_NAME)), sharded) == \
+        sharded / SHARDED_CHECKPOINT_NAME

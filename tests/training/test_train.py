@@ -290,6 +290,29 @@ def test_resuming_a_cooling_run_with_other_iterations_warns(tmp_path):
     assert result.iteration == 8
 
 
+def test_resumed_runs_first_metrics_record_equals_the_uninterrupted_runs(tmp_path):
+    # stopped at iteration 2 of a 4-iteration window: the resumed record averages iterations 1-4, as the
+    # uninterrupted run's does (the partial sums travel in the checkpoint)
+    stopped_and_resumed(tmp_path, tiny_teacher, iterations=8, log_every=4)
+    full, part = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                  for name in ("full", "part"))
+    assert [r["iteration"] for r in part] == [r["iteration"] for r in full] == [4, 8]
+    for a, b in zip(full, part):
+        assert (a["loss_g"], a["loss_fake"]) == (b["loss_g"], b["loss_fake"])
+
+
+def test_summary_speed_is_the_speed_of_the_iterations_as_in_metrics(tmp_path):
+    res = distill(quiet(run_dir=str(tmp_path / "r"), iterations=4, sample_every=2, grid_size=4), tiny_teacher(),
+                  log=None)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary == res.summary
+    assert 0 < summary["training_seconds"] < summary["seconds"]  # grids and setup left out
+    assert summary["it_per_s"] == pytest.approx(4 / summary["training_seconds"], rel=1e-3)
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    timed = sum(1 / r["it_per_s"] for r in records)  # log_every 1: each record times one iteration
+    assert summary["training_seconds"] == pytest.approx(timed, rel=0.05, abs=1e-3)
+
+
 def test_another_seed_gives_other_weights(tmp_path):
     a = distill(quiet(run_dir=str(tmp_path / "a"), lr=1e-3), tiny_teacher(), log=None)
     b = distill(quiet(run_dir=str(tmp_path / "b"), lr=1e-3, seed=1), tiny_teacher(), log=None)

@@ -1,0 +1,232 @@
+"""User mistakes across the commands, each through the real command line: exit status 2, exactly one line
+on stderr (``sidfast <command>: error: ...``) that names the option in command-line words, no traceback.
+
+Paths in the arguments are templates filled from the ``files`` fixture (``{teacher}``, ``{run}``, ...).
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nets import SHAPE
+from sidfast.models.io import save_network
+from utils import run_main
+
+TESTS = os.path.dirname(__file__)
+FAST = ["--iterations", "1", "--batch", "4", "--grid-size", "0", "--teacher-steps", "0", "--no-progress",
+        "--device", "cpu", "--checkpoint-every", "0"]
+TINY = ["--teacher", "nets:tiny_teacher", *FAST]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The files the mistakes are made with: a teacher checkpoint, finished runs, an empty folder, data
+    files of the wrong kind and shape, a plain file where a directory is expected."""
+    from nets import tiny_teacher
+    from sidfast import cli
+
+    root = tmp_path_factory.mktemp("mistakes")
+    teacher = root / "teacher.pt"
+    save_network(teacher, tiny_teacher(), "nets:build_tiny", {"image_shape": list(SHAPE), "hidden": 32})
+    run = root / "run"
+    moved_teacher = root / "moved-teacher.pt"
+    shutil.copy(teacher, moved_teacher)
+    assert cli.main(["distill", "--teacher", str(moved_teacher), "--run-dir", str(run), *FAST]) == 0
+    moved_teacher.rename(root / "elsewhere.pt")  # the run's teacher moved after the run
+    (root / "empty").mkdir()
+    (root / "notes.txt").write_text("not a checkpoint\n")
+    (root / "blocker").write_text("a file where a directory is expected\n")
+    np.save(root / "chw.npy", np.zeros((64, 3, 16, 16), dtype=np.uint8))  # channels-first uint8
+    (root / "unknown.yaml").write_text("learning_rate: 1e-4\n")
+    (root / "config.ini").write_text("[sid]\n")
+    (root / "broken.json").write_text("{not json\n")
+    (root / "prompts.txt").write_text("a cat\n")
+    return {"teacher": str(teacher), "run": str(run), "ckpt": str(run / "checkpoint.pt"),
+            "empty": str(root / "empty"), "notes": str(root / "notes.txt"), "blocker": str(root / "blocker"),
+            "chw": str(root / "chw.npy"), "root": str(root), "unknown_yaml": str(root / "unknown.yaml"),
+            "ini": str(root / "config.ini"), "broken_json": str(root / "broken.json"),
+            "prompts": str(root / "prompts.txt")}
+
+
+# (id, argv, what the one line must contain: the option in command-line words and the point)
+MISTAKES = [
+    # ---- distill: option values ----
+    ("lr-negative", ["distill", *TINY, "--lr", "-1e-4"], ["--lr", "> 0"]),
+    ("lr-not-a-number", ["distill", *TINY, "--lr", "fast"], ["--lr", "number"]),
+    ("batch-zero", ["distill", *TINY, "--batch", "0"], ["--batch", ">= 1"]),
+    ("iterations-negative", ["distill", *TINY, "--iterations", "-5"], ["--iterations", ">= 0"]),
+    ("tmax-too-large", ["distill", *TINY, "--tmax", "2000"], ["--tmax", "<= 1000"]),
+    ("betas-out-of-range", ["distill", *TINY, "--betas", "0.9", "1.5"], ["--betas"]),
+    ("method-unknown", ["distill", *TINY, "--method", "gan"], ["--method", "sida"]),
+    ("precision-unknown", ["distill", *TINY, "--precision", "fp8"], ["--precision", "bf16"]),
+    ("sigma-min-above-max", ["distill", *TINY, "--sigma-min", "100"], ["--sigma-min", "--sigma-max"]),
+    ("image-shape-zero", ["distill", *TINY, "--image-shape", "0", "4", "4"], ["--image-shape"]),
+    ("log-every-zero", ["distill", *TINY, "--log-every", "0"], ["--log-every", ">= 1"]),
+    ("lora-rank-zero", ["distill", *TINY, "--lora-rank", "0"], ["--lora-rank", ">= 1"]),
+    ("null-class-negative", ["distill", *TINY, "--null-class", "-1"], ["--null-class", ">= 0"]),
+    ("unknown-option", ["distill", *TINY, "--learning-rate", "1e-4"], ["--learning-rate"]),
+    ("option-missing-value", ["distill", *TINY, "--seed"], ["--seed", "expected one argument"]),
+    # ---- distill: conflicting options ----
+    ("guidance-without-scale", ["distill", *TINY, "--guidance", "lsg"], ["--guidance", "--cfg"]),
+    ("scale-without-guidance", ["distill", *TINY, "--cfg", "2"], ["--cfg", "--guidance"]),
+    ("fsdp-with-fused-engine", ["distill", *TINY, "--fsdp", "--engine", "fused"], ["--engine", "--fsdp"]),
+    ("fsdp-precision-without-fsdp", ["distill", *TINY, "--fsdp-precision", "bf16"], ["--fsdp-precision"]),
+    ("batch-gpu-not-dividing", ["distill", *TINY, "--batch", "6", "--batch-gpu", "4"], ["--batch-gpu"]),
+    ("data-with-sid", ["distill", *TINY, "--data", "{chw}"], ["--data", "--method"]),
+    ("sid2a-without-init", ["distill", *TINY, "--method", "sid2a"], ["--method sid2a", "--init-generator"]),
+    ("sida-without-data", ["distill", *TINY, "--method", "sida"], ["--data"]),
+    ("guidance-unconditional-teacher", ["distill", *TINY, "--guidance", "lsg", "--cfg", "2"], ["--guidance"]),
+    # ---- distill: files ----
+    ("no-teacher", ["distill", *FAST, "--run-dir", "{root}/r-no-teacher"], ["--teacher"]),
+    ("teacher-missing", ["distill", *FAST, "--teacher", "{root}/nope.pt", "--run-dir", "{root}/r1"],
+     ["--teacher", "does not exist"]),
+    ("teacher-not-a-checkpoint", ["distill", *FAST, "--teacher", "{notes}", "--run-dir", "{root}/r2"],
+     ["--teacher", "not a torch checkpoint"]),
+    ("teacher-bad-entry-point", ["distill", *FAST, "--teacher", "no_such_module:f", "--run-dir", "{root}/r3"],
+     ["--teacher", "no_such_module"]),
+    ("teacher-empty-directory", ["distill", *FAST, "--teacher", "{empty}", "--run-dir", "{root}/r4"],
+     ["--teacher"]),
+    ("teacher-a-distill-checkpoint", ["distill", *FAST, "--teacher", "{ckpt}", "--run-dir", "{root}/r5"],
+     ["--teacher", "sidfast.network"]),
+    ("config-missing", ["distill", *TINY, "--config", "{root}/nope.yaml"], ["--config", "does not exist"]),
+    ("config-wrong-suffix", ["distill", *TINY, "--config", "{ini}"], ["--config", ".yaml"]),
+    ("config-unknown-option", ["distill", *TINY, "--config", "{unknown_yaml}"], ["--config", "learning_rate"]),
+    ("config-broken-json", ["distill", *TINY, "--config", "{broken_json}"], ["--config", "not valid JSON"]),
+    ("data-missing", ["distill", *TINY, "--method", "sida", "--data", "{root}/nope.npz", "--run-dir",
+                      "{root}/r6"], ["--data", "does not exist"]),
+    ("data-channels-first-uint8", ["distill", *TINY, "--method", "sida", "--data", "{chw}", "--run-dir",
+                                   "{root}/r7"], ["--data", "(64, 3, 16, 16)"]),
+    ("prompts-for-a-pixel-teacher", ["distill", *TINY, "--prompts", "{prompts}", "--run-dir", "{root}/r8"],
+     ["--prompts"]),
+    ("device-unknown", ["distill", *TINY, "--device", "tpu"], ["--device"]),
+    # ---- distill: run directories ----
+    ("run-dir-under-a-file", ["distill", *TINY, "--run-dir", "{blocker}/run"], ["--run-dir", "is a file"]),
+    ("run-dir-under-proc", ["distill", *TINY, "--run-dir", "/proc/sidfast-nope/run"], ["--run-dir"]),
+    ("run-dir-holds-a-run", ["distill", *TINY, "--run-dir", "{run}"], ["--resume", "--overwrite"]),
+    ("resume-folder-without-checkpoint", ["distill", "--resume", "{empty}", "--no-progress"],
+     ["--resume", "no checkpoint.pt or checkpoint.dcp in"]),
+    ("resume-missing-file", ["distill", "--resume", "{root}/nope.pt"], ["--resume", "does not exist"]),
+    ("resume-a-teacher-checkpoint", ["distill", "--resume", "{teacher}"], ["--resume", "sidfast.distill"]),
+    ("resume-after-the-teacher-moved", ["distill", "--resume", "{run}", "--iterations", "2", "--no-progress"],
+     ["--resume", "moved-teacher.pt", "--teacher NEWPATH"]),
+    # ---- sample ----
+    ("sample-steps-zero", ["sample", "{ckpt}", "--out", "{root}/s.png", "--steps", "0"], ["--steps", ">= 1"]),
+    ("sample-num-zero", ["sample", "{ckpt}", "--out", "{root}/s.png", "--num", "0"], ["--num", ">= 1"]),
+    ("sample-batch-negative", ["sample", "{ckpt}", "--out", "{root}/s.png", "--batch", "-2"], ["--batch"]),
+    ("sample-out-suffix", ["sample", "{ckpt}", "--out", "{root}/s.txt"], ["--out", ".txt"]),
+    ("sample-out-under-proc", ["sample", "{ckpt}", "--out", "/proc/sidfast-grid.png"], ["--out"]),
+    ("sample-out-is-a-file", ["sample", "{ckpt}", "--out", "{blocker}"], ["--out", "not a directory"]),
+    ("sample-missing-checkpoint", ["sample", "{root}/nope.pt", "--out", "{root}/s.png"],
+     ["checkpoint", "does not exist"]),
+    ("sample-folder-without-checkpoint", ["sample", "{empty}", "--out", "{root}/s.png"],
+     ["no checkpoint.pt or checkpoint.dcp in"]),
+    ("sample-not-a-checkpoint", ["sample", "{notes}", "--out", "{root}/s.png"], ["not a torch checkpoint"]),
+    ("sample-class-label-unconditional", ["sample", "{ckpt}", "--out", "{root}/s.png", "--class-label", "3"],
+     ["--class-label"]),
+    ("sample-prompts-for-a-pixel-student", ["sample", "{ckpt}", "--out", "{root}/s.png", "--prompts",
+                                            "{prompts}"], ["--prompts"]),
+    ("sample-teacher-for-a-network", ["sample", "{teacher}", "--out", "{root}/s.png", "--teacher", "{teacher}"],
+     ["--teacher"]),
+    ("sample-without-out", ["sample", "{ckpt}"], ["--out"]),
+    ("sample-device-unknown", ["sample", "{ckpt}", "--out", "{root}/s.png", "--device", "abacus"], ["--device"]),
+    # ---- train-teacher ----
+    ("teacher-iterations-zero", ["train-teacher", "--out", "{root}/t.pt", "--iterations", "0"],
+     ["--iterations", ">= 1"]),
+    ("teacher-dropout-one", ["train-teacher", "--out", "{root}/t.pt", "--dropout", "1"], ["--dropout"]),
+    ("teacher-lr-negative", ["train-teacher", "--out", "{root}/t.pt", "--lr", "-0.1"], ["--lr"]),
+    ("teacher-out-a-directory", ["train-teacher", "--out", "{empty}"], ["--out", "directory"]),
+    ("teacher-out-under-a-file", ["train-teacher", "--out", "{blocker}/t.pt", "--iterations", "1"],
+     ["--out", "is a file"]),
+    ("teacher-without-out", ["train-teacher"], ["--out"]),
+    # ---- plan ----
+    ("plan-model-without-resolution", ["plan", "--model", "sd1.5"], ["--resolution"]),
+    ("plan-gpu-memory-words", ["plan", "--model", "sd1.5", "--resolution", "512", "--gpu-memory", "lots"],
+     ["--gpu-memory"]),
+    ("plan-teacher-missing", ["plan", "--teacher", "{root}/nope.pt"], ["--teacher", "does not exist"]),
+    ("plan-batch-zero", ["plan", "--teacher", "nets:tiny_teacher", "--batch", "0"], ["--batch"]),
+    ("plan-margin-above-one", ["plan", "--teacher", "nets:tiny_teacher", "--margin", "1.5"], ["--margin"]),
+    ("plan-two-sources", ["plan", "--teacher", "nets:tiny_teacher", "--model", "sd1.5"], ["--model", "--teacher"]),
+    ("plan-no-source", ["plan"], ["--teacher", "--model", "--table"]),
+    # ---- demo ----
+    ("demo-gen-steps-zero", ["demo", "--gen-steps", "0", "--out", "{root}/d"], ["--gen-steps"]),
+    ("demo-seeds-without-comparison", ["demo", "--seeds", "2", "--out", "{root}/d"], ["--seeds"]),
+    ("demo-two-comparisons", ["demo", "--conditional", "--method", "sida", "--out", "{root}/d"],
+     ["--conditional", "--method sida"]),
+    ("demo-out-a-file", ["demo", "--quick", "--out", "{blocker}"], ["--out"]),
+    # ---- the command itself ----
+    ("no-command", [], ["COMMAND"]),
+    ("unknown-command", ["distil"], ["distil"]),
+]
+
+
+def _fill(argv, files):
+    return [a.format(**files) for a in argv]
+
+
+@pytest.mark.parametrize("argv,expected", [pytest.param(a, e, id=i) for i, a, e in MISTAKES])
+def test_user_mistake_gives_one_line_naming_the_option(argv, expected, files, capsys):
+    code, _, err = run_main(_fill(argv, files), capsys)
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.rstrip("\n").split("\n")
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sidfast"), err
+    assert ": error: " in lines[0], err
+    for part in expected:
+        assert part.format(**files) in lines[0], err
+
+
+def test_the_list_is_long_enough():
+    assert len(MISTAKES) >= 40
+    assert len({i for i, _, _ in MISTAKES}) == len(MISTAKES)
+
+
+def _subprocess(argv, files, prelude=""):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, env.get("PYTHONPATH", "")])
+    code = prelude + "from sidfast.cli import console_main; import sys; sys.argv = ['sidfast'] + %r; console_main()"
+    return subprocess.run([sys.executable, "-c", code % (_fill(argv, files),)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    pytest.param(["distill", *TINY, "--lr", "-1e-4"], "--lr", id="negative-lr"),
+    pytest.param(["distill", *TINY, "--run-dir", "{blocker}/run"], "--run-dir", id="run-dir-under-a-file"),
+    pytest.param(["sample", "{ckpt}", "--out", "/proc/sidfast-grid.png"], "--out", id="out-under-proc"),
+])
+def test_user_mistakes_in_a_process_of_their_own(argv, expected, files):
+    done = _subprocess(argv, files)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr
+
+
+NO_EXTENSION = "import sys; sys.modules['sidfast._C'] = None\n"  # import sidfast._C fails, as when it is missing
+
+
+def test_help_works_without_the_native_extension(files):
+    done = _subprocess(["--help"], files, NO_EXTENSION)
+    assert done.returncode == 0, done.stderr
+    assert "distill" in done.stdout and done.stderr == ""
+
+
+def test_a_command_that_needs_the_native_extension_says_how_to_rebuild_it(files, tmp_path):
+    done = _subprocess(["distill", *TINY, "--run-dir", str(tmp_path / "run")], files, NO_EXTENSION)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "pip install --no-build-isolation -e ." in lines[0] and "Traceback" not in done.stderr
+
+
+def test_an_internal_error_still_shows_its_traceback(files, monkeypatch, capsys):
+    from sidfast import cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(cli, "plan_memory", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        cli.main(["plan", "--teacher", "nets:tiny_teacher"])
