@@ -129,7 +129,7 @@ try:
 except ImportError:
     info["triton"] = None
 try:
-    import sidfast._native as n
+    import sidfast.ops._native as n
     info["extension"] = "with CUDA" if n.WITH_CUDA else "CPU ops only"
 except ImportError as exc:
     info["extension"] = f"not loadable: {exc}"
@@ -232,7 +232,7 @@ for i in "${!STAGES[@]}"; do
   case "$stage" in
     build) build cuda; r=$?; device_json ;;
     build-any)
-      if [ "$DRY" = 0 ] && $PY -c "import sidfast._native" 2>/dev/null; then
+      if [ "$DRY" = 0 ] && $PY -c "import sidfast.ops._native" 2>/dev/null; then
         BUILD_NOTE="the build already on the machine"; r=0
       else
         build cpu; r=$?

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from sidfast import __version__, samplers
-from sidfast._native import NativeExtensionError
+from sidfast.ops._native import NativeExtensionError
 from sidfast.demo.run import add_demo_arguments, run_from_args
 from sidfast.demo.teacher import write_teacher
 from sidfast.models import loading

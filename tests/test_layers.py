@@ -10,9 +10,9 @@ from pathlib import Path
 import sidfast
 
 ROOT = Path(sidfast.__file__).parent
-BOTTOM = {"_checks", "schedules", "predictions", "reference", "conditions", "labels", "_native", "_buildinfo",
-          "_moved", "_C"}
-LAYERS = [BOTTOM, {"ops"}, {"loss", "guidance", "generator", "samplers"}, {"utils"}, {"models"}, {"engine"},
+BOTTOM = {"_checks", "schedules", "predictions", "reference", "conditions", "labels", "_buildinfo", "_moved",
+          "_C"}
+LAYERS = [BOTTOM, {"ops"}, {"loss", "guidance", "generator", "samplers", "__init__"}, {"utils"}, {"models"}, {"engine"},
           {"training"}, {"plan", "evaluate"}, {"cli", "demo"}]
 
 
@@ -32,6 +32,13 @@ def _modules():
             yield ".".join(parts), path
 
 
+def _module_or_root(name: str) -> str:
+    """``from sidfast import name``: the module ``name``, or a name of the package's root (``__init__``)."""
+    if (ROOT / f"{name}.py").exists() or (ROOT / name).is_dir() or any(ROOT.glob(f"{name}.*.so")):
+        return name
+    return "__init__"
+
+
 def _imports(path: Path, top_level_only: bool) -> list[tuple[int, str]]:
     tree = ast.parse(path.read_text())
     nodes = tree.body if top_level_only else ast.walk(tree)
@@ -39,7 +46,7 @@ def _imports(path: Path, top_level_only: bool) -> list[tuple[int, str]]:
     for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sidfast":
             base = node.module[len("sidfast"):].lstrip(".")
-            out += [(node.lineno, base)] if base else [(node.lineno, a.name) for a in node.names]
+            out += [(node.lineno, base)] if base else [(node.lineno, _module_or_root(a.name)) for a in node.names]
         elif isinstance(node, ast.Import):
             out += [(node.lineno, a.name[len("sidfast."):]) for a in node.names if a.name.startswith("sidfast.")]
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sidfast import _native
+from sidfast.ops import _native
 from sidfast import reference
 from sidfast.ops import backend
 from sidfast.ops._common import (REDUCTION_CODES, RBLOCK, acc_type, loop_bound, loss_dtype, num_warps,
@@ -354,7 +354,7 @@ def register(op_name: str) -> None:
     torch.library.register_autograd(op_name, sid_loss_backward, setup_context=sid_loss_setup_context)
 
 
-# sidfast::sid_loss (the native op) gets them when sidfast._native loads the extension, on first use
+# sidfast::sid_loss (the native op) gets them when sidfast.ops._native loads the extension, on first use
 
 if HAS_TRITON:
 

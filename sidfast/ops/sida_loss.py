@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sidfast import _native
+from sidfast.ops import _native
 from sidfast import reference
 from sidfast.schedules import broadcast
 from sidfast.ops import backend

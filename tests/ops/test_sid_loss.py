@@ -10,7 +10,7 @@ import sidfast
 from sidfast import reference
 from sidfast.ops import backend
 from sidfast.ops import sid_loss as S
-from sidfast import _native
+from sidfast.ops import _native
 
 _native.load()  # torch.ops.sidfast.sid_loss, called directly below
 

@@ -4,7 +4,7 @@ import torch
 from torch.library import opcheck
 
 import sidfast
-from sidfast import _native
+from sidfast.ops import _native
 
 _native.load()  # the ops under test
 from sidfast import reference as R

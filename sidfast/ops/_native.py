@@ -26,7 +26,7 @@ def _load():
     if built_for.split("+")[0] != torch.__version__.split("+")[0]:
         raise NativeExtensionError(f"sidfast._C was built against torch {built_for} but torch "
                                    f"{torch.__version__} is running; {REBUILD}")
-    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    csrc = Path(__file__).resolve().parents[2] / "csrc"
     if csrc.is_dir():  # an editable install: the sources beside the package must be what was compiled
         current = source_hash(csrc)
         if current != _C.source_hash():
