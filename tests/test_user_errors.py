@@ -122,7 +122,7 @@ MISTAKES = [
     ("sample-missing-checkpoint", ["sample", "{root}/nope.pt", "--out", "{root}/s.png"],
      ["checkpoint", "does not exist"]),
     ("sample-folder-without-checkpoint", ["sample", "{empty}", "--out", "{root}/s.png"],
-     ["no checkpoint.pt or checkpoint.dcp in"]),
+     ["is a folder without a checkpoint: looked for checkpoint.pt, checkpoint.dcp and generator.pt"]),
     ("sample-not-a-checkpoint", ["sample", "{notes}", "--out", "{root}/s.png"], ["not a torch checkpoint"]),
     ("sample-class-label-unconditional", ["sample", "{ckpt}", "--out", "{root}/s.png", "--class-label", "3"],
      ["--class-label"]),
