@@ -43,7 +43,7 @@ def load():
     global _loaded
     if _loaded is None:
         module = _load()
-        from sidfast.ops.sid_loss import register
+        from sidfast.ops.sid_loss import register  # here: sid_loss imports this module
 
         register("sidfast::sid_loss")  # its fake and autograd formulas
         _loaded = module

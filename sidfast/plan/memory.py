@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sidfast._checks import check_int
 from sidfast.models.diffusers import DiffusersDenoiser
 from sidfast.models.introspect import infer_image_shape, infer_num_classes
 from sidfast.models.lora import NETWORK_KINDS
@@ -259,8 +260,7 @@ def _check(model, teacher, sharding, precision, fake_score, generator, batch, gp
         raise ValueError("argument precision bf16-params is FSDP2's mixed precision: use argument "
                          "sharding fsdp")
     for name, value in (("batch", batch), ("gpus", gpus), ("lora_rank", rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"argument {name} must be a positive integer, got {value!r}")
+        check_int(name, value, 1, f"argument {name} must be a positive integer, got {{value!r}}")
     if not 0 <= margin < 1:
         raise ValueError(f"argument margin must be in [0, 1), got {margin!r}")
 

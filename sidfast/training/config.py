@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from sidfast.generator import RENOISE, SPACINGS
 from sidfast.guidance import PRESETS, GuidanceScales
 from sidfast.models.lora import NETWORK_KINDS
@@ -230,8 +232,6 @@ class TrainConfig:
             if suffix == ".json":
                 data = json.loads(text)
             elif suffix in (".yaml", ".yml"):
-                import yaml
-
                 data = yaml.safe_load(text)
             else:
                 raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml or .json")

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sidfast._checks import check_int
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 ARRAY_SUFFIXES = (".npz", ".npy", ".pt", ".pth")
 LABELS_FILE = "dataset.json"
@@ -465,8 +467,7 @@ class RealData:
                  shuffle: bool = True, shape: tuple | None = None, num_classes: int | None = None):
         bounds = (("batch", batch, 1), ("world", world, 1), ("rank", rank, 0), ("seed", seed, 0))
         for name, value, low in bounds:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low)
         if rank >= world:
             raise ValueError(f"rank must be below world ({world}), got {rank}")
         self.source = open_images(data, shape)

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from sidfast._checks import check_int
 from sidfast.engine.scores import EagerScores, PhaseScores, ScoreEngine
 from sidfast.models.discriminator import DiscriminatorPass
 from sidfast.training.config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
@@ -91,8 +92,8 @@ class Distiller:
         runtime.barrier(self.dist)
         self.resume_path = resume_source(cfg, self.run_dir)
         if start_nimg is not None:
-            if isinstance(start_nimg, bool) or not isinstance(start_nimg, int) or start_nimg < 0:
-                raise ValueError(f"start_nimg must be a non-negative integer (images seen), got {start_nimg!r}")
+            start_nimg = check_int("start_nimg", start_nimg, 0, "start_nimg must be a non-negative integer "
+                                   "(images seen), got {value!r}")
             if self.resume_path is not None:
                 raise ValueError(f"start_nimg is for a run that starts from given weights; {cfg.option('resume')}"
                                  " continues at the checkpoint's own image count")

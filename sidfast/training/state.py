@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from sidfast.utils import runtime
+from sidfast.models.lora import load_lora_factors, lora_state_dict
 from sidfast.models.io import FORMATS, VERSION, CheckpointError, _what_to_do, load_checkpoint
 from sidfast.utils.files import DISK_FULL, atomic_save, fault_point, fsync_dir, previous_path
 from sidfast.training.config import CHECKPOINT_NAME, SHARDED_CHECKPOINT_NAME, TrainConfig
@@ -46,14 +47,10 @@ def teacher_reference(spec: str | None) -> str | None:
 def _net_state(net: torch.nn.Module, lora: bool) -> dict:
     """What a checkpoint keeps of a network: all of it, or for a LoRA network (option ``fake_score`` /
     ``generator`` lora) only the factors (the rest is the teacher)."""
-    from sidfast.models.lora import lora_state_dict
-
     return lora_state_dict(net) if lora else net.state_dict()
 
 
 def _load_net(net: torch.nn.Module, state: dict, lora: bool, what: str) -> None:
-    from sidfast.training.networks import load_lora_factors
-
     if lora:
         load_lora_factors(net, state, what)
     else:
@@ -204,6 +201,7 @@ def _by_name(net: torch.nn.Module, optim_state: dict) -> dict:
 
 def _load_full_into_shards(data: dict, path, config: TrainConfig, networks: dict, optimizers: dict) -> None:
     """A checkpoint file of an unsharded run into FSDP-sharded networks: each rank keeps its part."""
+    # torch.distributed.checkpoint is imported by the runs that shard or read shards only
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     full = StateDictOptions(full_state_dict=True)
@@ -352,6 +350,7 @@ def _load_sharded(path, config: TrainConfig, networks: dict, optimizers: dict) -
     """Read a sharded checkpoint into ``networks`` and ``optimizers`` (after ``fully_shard`` under FSDP: DCP
     reads each rank's part of every tensor, whatever the number of processes that wrote it)."""
     import torch.distributed.checkpoint as dcp
+    # torch.distributed.checkpoint is imported by the runs that shard or read shards only
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     state = _sharded_state(networks, optimizers)
