@@ -1,26 +1,8 @@
-"""Real images for SiDA: the datasets users already have, and a resumable, per-rank sharded stream of them.
+"""Real images for SiDA: the data sets users already have (``open_images``) and a resumable stream of
+them shared among the ranks (``RealData``). Inputs, labels, layouts and the stream: ``docs/data.md``.
 
-``open_images(data)`` reads
-  - a folder of images (.png, .jpg, .jpeg, .bmp, .webp; searched recursively),
-  - a ``dataset.zip`` with images inside,
-  - an ``.npz``/``.npy`` or torch file (``.pt``, ``.pth``): images uint8 (N, H, W, C) or float (N, C, H, W)
-    in [-1, 1], in the array named ``images`` (or the only array), labels in ``labels``,
-  - an in-memory tensor or array of that layout, or any map-style torch ``Dataset`` whose items are an image
-    or ``(image, label)``; an image is a PIL image, a uint8 array/tensor (H, W, C) or (H, W), or a float
-    tensor (C, H, W) in [-1, 1].
-A folder or zip takes its labels from ``dataset.json`` (``{"labels": [[filename, label], ...]}`` or
-``{"labels": null}``, as EDM's dataset_tool.py writes it) when there is one, else from class subfolders
-(every image one level down: the sorted folder names are classes 0, 1, ...). Images come out as float32
-(C, H, W) in [-1, 1] (EDM's convention), labels as int64 class indices. Folders and zips are decoded
-lazily, one image at a time; array files are loaded whole.
-
-``RealData`` walks one global stream, the concatenation of seeded random permutations of the dataset
-(one per epoch): each step, the ``world`` ranks together take the next ``world * batch`` entries, rank r
-the r-th run of ``batch``. Within an epoch the ranks' shares are disjoint and cover it; the position
-(epoch, index into the epoch, seed) is the same on every rank, so any rank's ``state_dict`` resumes all.
-
-Errors are ``DataError`` (a ValueError) and name ``--data``, the command line's word for the input; float
-images that look like [0, 1] rather than [-1, 1] get a ``DataWarning``.
+Errors are ``DataError`` (a ValueError) naming ``--data``; float images that look like [0, 1] rather than
+[-1, 1] get a ``DataWarning``.
 """
 from __future__ import annotations
 

@@ -1,17 +1,7 @@
-"""FSDP2 sharding of the SiD networks (``torch.distributed.fsdp.fully_shard``) and activation checkpointing.
+"""FSDP2 sharding of the SiD networks, block by block and then at the root, and activation checkpointing.
 
-Each network is sharded block by block, then at its root: a block's parameters are all-gathered just before
-its forward (and again before its backward) and freed after, so a rank holds 1/N of every network plus one
-block's full weights at a time. The natural blocks are found by name (``shard_blocks``): the down/up/mid
-blocks of diffusers U-Nets, the transformer blocks of diffusers DiTs, the ``enc``/``dec`` blocks of EDM's
-``SongUNet``/``DhariwalUNet``; any other network is sharded per top-level child.
-
-The frozen teacher is sharded too: its parameters need no gradient, so its blocks are all-gathered for the
-forward and for the input-gradient backward and never reduce-scattered. A LoRA fake score holds the teacher's
-modules (``sidfast.models.lora``); it is sharded as one network, the LoRA factors with the block they adapt (one
-all-gather per block, their gradients reduce-scattered like any other), and the teacher is the same sharded
-network with its LoRA layers off (``LoRAOff``), so that the teacher's weights exist once, sharded.
-Sharding happens in place: a teacher or generator module handed to ``distill`` comes back sharded.
+The teacher and a LoRA fake score share one sharded copy of the teacher's weights (``LoRAOff``); sharding
+happens in place. The block layout and why: ``docs/runs.md``, "Sharding".
 """
 from __future__ import annotations
 

@@ -1,22 +1,8 @@
-"""Distillation checkpoints: the state of a SiD run, saved by every rank and restored into its networks.
+"""Run checkpoints: the state of a SiD run, saved by every rank and restored into its networks.
 
-- A checkpoint file (``kind="distill"`` of ``sidfast.models.io``, written atomically by rank 0 with the
-  previous one kept): ``save_distill`` / ``load_distill``, one file holding the generator and its EMA (only
-  their LoRA factors with ``generator="lora"``), the fake score (only its LoRA factors with
-  ``fake_score="lora"``), both optimizers, every rank's RNG state, the
-  config, and what ``sidfast sample`` needs to rebuild the generator (``architecture`` or ``teacher``,
-  ``image_shape``, ``num_classes``, ``label_format``, ``sigma_init``, and the few-step generator's
-  ``gen_steps``, ``step_spacing`` and ``renoise``).
-- Sharded checkpoints (runs with ``fsdp``): a directory ``checkpoint.dcp`` written by every rank with
-  ``torch.distributed.checkpoint`` (DCP: each rank its shards, rank 0 the index) plus ``meta.pt`` (the same
-  file as above without tensors of the networks: counters, config, every rank's RNG state). Written into a
-  temporary directory, fsynced, then renamed into place, the previous one kept as ``checkpoint.prev.dcp``;
-  DCP reshards on load, so a run resumes at any number of processes. ``read_sharded_generator`` reads the
-  EMA generator out of one in a single process without a process group (what ``sidfast sample`` does).
-- At the end of a sharded run rank 0 also writes ``generator.pt`` (``save_consolidated_generator``): the EMA
-  generator's whole weights gathered from the shards, in the checkpoint file's layout without the training
-  state (no fake score, optimizers or random streams), written atomically; ``sidfast sample`` reads it, and
-  it can be copied without the shards. A run resumes from ``checkpoint.dcp``, not from it.
+``checkpoint.pt`` (one file, written atomically by rank 0) or, under FSDP, the sharded ``checkpoint.dcp``
+directory, which resumes at any number of processes; a sharded run also ends with ``generator.pt``. What each
+holds and how it is written: ``docs/runs.md``.
 """
 from __future__ import annotations
 
