@@ -49,7 +49,7 @@ def checkpoint_blocks(net: nn.Module) -> None:
     """Recompute each block's activations in backward instead of keeping them (``torch.utils.checkpoint``
     semantics, random state preserved so dropout draws the same masks; the module tree is unchanged, so state
     dict keys stay the same)."""
-    from torch.distributed._composable import checkpoint  # FSDP's machinery: imported by sharded runs only
+    from torch.distributed._composable import checkpoint  # torch.distributed (absent from some torch builds): imported by sharded runs only
 
     for block in shard_blocks(net):
         checkpoint(block)
@@ -59,7 +59,7 @@ def fully_shard_network(net: nn.Module, precision: str = "fp32") -> nn.Module:
     """``fully_shard`` each block of ``net``, then ``net`` itself, over all ranks; ``precision`` "bf16":
     parameters all-gathered and computed in bf16, gradients reduced in fp32 (``MixedPrecisionPolicy``).
     ``net`` is changed in place (its parameters become DTensor shards) and returned."""
-    # FSDP's machinery: imported by sharded runs only
+    # torch.distributed (absent from some torch builds): imported by sharded runs only
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -98,7 +98,7 @@ def reshard(*nets: nn.Module) -> None:
     a no-grad forward never runs; until resharded, ``net.parameters()`` are full tensors, not this rank's
     shards (the EMA update then meets full tensors on one side and shards on the other). No-op for networks
     that are not sharded."""
-    from torch.distributed.fsdp import FSDPModule  # FSDP's machinery: imported by sharded runs only
+    from torch.distributed.fsdp import FSDPModule  # torch.distributed (absent from some torch builds): imported by sharded runs only
 
     for net in nets:
         for module in net.modules():

@@ -187,7 +187,7 @@ def _by_name(net: torch.nn.Module, optim_state: dict) -> dict:
 
 def _load_full_into_shards(data: dict, path, config: TrainConfig, networks: dict, optimizers: dict) -> None:
     """A checkpoint file of an unsharded run into FSDP-sharded networks: each rank keeps its part."""
-    # torch.distributed.checkpoint is imported by the runs that shard or read shards only
+    # torch.distributed (absent from some torch builds): imported by runs that shard or read shards only
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     full = StateDictOptions(full_state_dict=True)
@@ -336,7 +336,7 @@ def _load_sharded(path, config: TrainConfig, networks: dict, optimizers: dict) -
     """Read a sharded checkpoint into ``networks`` and ``optimizers`` (after ``fully_shard`` under FSDP: DCP
     reads each rank's part of every tensor, whatever the number of processes that wrote it)."""
     import torch.distributed.checkpoint as dcp
-    # torch.distributed.checkpoint is imported by the runs that shard or read shards only
+    # torch.distributed (absent from some torch builds): imported by runs that shard or read shards only
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     state = _sharded_state(networks, optimizers)
