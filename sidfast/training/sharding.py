@@ -49,7 +49,8 @@ def checkpoint_blocks(net: nn.Module) -> None:
     """Recompute each block's activations in backward instead of keeping them (``torch.utils.checkpoint``
     semantics, random state preserved so dropout draws the same masks; the module tree is unchanged, so state
     dict keys stay the same)."""
-    from torch.distributed._composable import checkpoint  # torch.distributed (absent from some torch builds): imported by sharded runs only
+    # torch.distributed (absent from some torch builds): imported by sharded runs only
+    from torch.distributed._composable import checkpoint
 
     for block in shard_blocks(net):
         checkpoint(block)
@@ -98,7 +99,8 @@ def reshard(*nets: nn.Module) -> None:
     a no-grad forward never runs; until resharded, ``net.parameters()`` are full tensors, not this rank's
     shards (the EMA update then meets full tensors on one side and shards on the other). No-op for networks
     that are not sharded."""
-    from torch.distributed.fsdp import FSDPModule  # torch.distributed (absent from some torch builds): imported by sharded runs only
+    # torch.distributed (absent from some torch builds): imported by sharded runs only
+    from torch.distributed.fsdp import FSDPModule
 
     for net in nets:
         for module in net.modules():
