@@ -261,12 +261,16 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
         (clf, clf_accuracy, cached), t_clf = timed(
             lambda: clf_mod.load_or_train_classifier(cache_dir, log=say), dev)
         images, labels = load_digits_tensors()
-        real_stats = feature_statistics(clf_mod.extract_features(clf, images))
+        real_features = clf_mod.extract_features(clf, images)
+        real_stats = feature_statistics(real_features)
         data = _save_npz(out / "digits.npz", images) if any(s.real_data for s in cfg.students) else None
 
+        features = {}  # name -> per-seed features (eval_samples, D): the FD bars' bootstrap resamples them
+
         def evaluate(name: str, x: torch.Tensor, requested) -> None:
-            fd.setdefault(name, []).append(
-                frechet_distance(*feature_statistics(clf_mod.extract_features(clf, x)), *real_stats))
+            f = clf_mod.extract_features(clf, x)
+            features.setdefault(name, []).append(f.float().cpu())
+            fd.setdefault(name, []).append(frechet_distance(*feature_statistics(f), *real_stats))
             if requested is not None:
                 accuracy.setdefault(name, []).append(clf_mod.label_accuracy(clf, x, requested))
 
@@ -312,6 +316,8 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
                     save_grid(x[:cfg.grid_size], out / f"student_{_safe(student.name)}.png")
         save_grid(images[:cfg.grid_size], out / "real.png")
     total = time.perf_counter() - t_start
+    torch.save({"real": real_features.float().cpu(), "features": features, "seeds": list(cfg.seeds)},
+               out / "features.pt")
 
     # 4. the report
     fd_s = {name: summary.summarize(v) for name, v in fd.items()}

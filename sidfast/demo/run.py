@@ -109,10 +109,14 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         how = "cached" if cached else f"trained in {t_clf:.1f} s"
         say(f"digit classifier: held-out accuracy {accuracy:.4f} ({how})")
         images, _ = load_digits_tensors()
-        real_stats = feature_statistics(clf_mod.extract_features(clf, images))
+        real_features = clf_mod.extract_features(clf, images)
+        real_stats = feature_statistics(real_features)
+        features = {}  # name -> features (eval_samples, D): the FD bars' bootstrap resamples them
 
-        def fd_of(samples: torch.Tensor) -> float:
-            return frechet_distance(*feature_statistics(clf_mod.extract_features(clf, samples)), *real_stats)
+        def fd_of(samples: torch.Tensor, name: str) -> float:
+            f = clf_mod.extract_features(clf, samples)
+            features[name] = [f.float().cpu()]
+            return frechet_distance(*feature_statistics(f), *real_stats)
 
         # 2. the teacher, from scratch
         torch.manual_seed(seed)
@@ -134,7 +138,7 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         edm_sample(teacher, z[:8], 2, **sampler)  # warm-up (first-call allocations, CUDA context)
         teacher_x, t_teacher = timed(lambda: edm_sample(teacher, z, cfg.teacher_steps, **sampler), dev)
         init_x = one_step_sample(teacher, z, sigma_init)
-        fd_teacher, fd_init = fd_of(teacher_x), fd_of(init_x)
+        fd_teacher, fd_init = fd_of(teacher_x, "teacher"), fd_of(init_x, "init")
         say(f"teacher ({cfg.teacher_steps}-step Heun) FD {fd_teacher:.3f}; "
             f"generator at init (one step) FD {fd_init:.3f}")
 
@@ -149,7 +153,7 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         student = result.generator_ema
         one_step_sample(student, z[:8], sigma_init)  # warm-up
         student_x, t_student = timed(lambda: one_step_sample(student, z, sigma_init), dev)
-        fd_student = fd_of(student_x)
+        fd_student = fd_of(student_x, "student")
 
         # 4. the report
         k = cfg.grid_size
@@ -158,6 +162,7 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         save_grid(init_x[:k], out / "init.png")
         save_grid(student_x[:k], out / "student.png")
     total = time.perf_counter() - t_start
+    torch.save({"real": real_features.float().cpu(), "features": features, "seeds": [seed]}, out / "features.pt")
     ratio_student = fd_student / max(fd_teacher, 1e-12)
     ratio_init = fd_init / max(fd_student, 1e-12)
     bars = {"student_vs_teacher": {"value": ratio_student, "bar": f"<= {STUDENT_RATIO_BAR}",
