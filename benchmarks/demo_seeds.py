@@ -125,8 +125,13 @@ def table(args) -> None:
 
 def setup(out: Path) -> dict:
     snap = out / "snapshot" / "COMMIT"
-    return {"machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with "
-                       "4 other workers' jobs (load average 7-10 during the runs)",
+    model = platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"machine": f"{os.cpu_count()} CPU cores ({model}), shared with 4 other workers' jobs (load average "
+                       "7-10 during the runs), torch threads 1 (the demo's default)",
             "date": "2026-12-06", "runs_commit": snap.read_text().strip() if snap.exists() else None,
             "bars_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                           cwd=Path(__file__).resolve().parent).stdout.strip(),
@@ -149,7 +154,10 @@ def markdown(result: dict) -> str:
              "`sidfast/demo/summary.py` and `benchmarks/results/cpu-demo.md`. \"printed\": the verdict the run "
              "itself printed (the previous bars: value against limit, no noise).",
              "- Time bars are reported apart from the comparative bars: the machine was shared, so they measure "
-             "the load as much as the demo.", "",
+             "the load as much as the demo.",
+             "- Only `--quick` demos are measured here. The full demos (3 default seeds each, 15-20 minutes "
+             "per demo on a quiet machine) were not run: UNMEASURED. Seeds listed as unmeasured were not run "
+             "(time ran out); nothing is extrapolated to them.", "",
              "## Pass counts", "",
              "| demo | seeds measured | seeds unmeasured | all comparative bars pass | per bar: passed / measured "
              "(printed) |", "|---|---|---|---|---|"]
@@ -159,13 +167,14 @@ def markdown(result: dict) -> str:
                      f"{', '.join(map(str, c['seeds_unmeasured'])) or 'none'} | "
                      f"{c['comparative_passed']}/{len(c['seeds_measured'])} | {per or 'UNMEASURED'} |")
     lines += ["", "## Per seed", "",
-              "| demo | seed | bar | value | needs | margin | SE | verdict | printed | run s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| demo | seed | bar | value | needs | margin | SE | verdict | printed | run s | bootstrap s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         for n, b in r["bars"].items():
             lines.append(f"| {r['demo']} | {r['seed']} | {n}: {b['what']} | {_f(b['value'])} | {b['bar']} | "
                          f"{_f(b['margin'], 3)} | {_f(b['se'], 3)} | {'ok' if b['passed'] else 'FAILED'} | "
-                         f"{'ok' if r['printed'].get(n) else 'FAILED'} | {_f(r['wall_s'], 4)} |")
+                         f"{'ok' if r['printed'].get(n) else 'FAILED'} | {_f(r['wall_s'], 4)} | "
+                         f"{r['bootstrap_s']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,12 +7,18 @@ digits in the cached classifier's features, and, for conditional comparisons, th
 the samples against the requested labels.
 
 - ``sida``: the SiD student and the SiDA student (Zhou et al., ICLR 2025; the real digits as the data, the
-  fake score's encoder as the discriminator). Bars: SiDA's FD below the teacher's and below SiD's.
+  fake score's encoder as the discriminator). Bars: SiDA's FD below the teacher's and below SiD's by more
+  than the noise (ratio + 2 SE < 1).
 - ``conditional``: a class-conditional teacher trained with label dropout; students distilled without
   guidance and with SiD-LSG at several scales (Zhou et al., ICLR 2025). The teacher is sampled at several
-  guidance scales. Bars: the best guided student against the teacher at its best guidance (both by FD).
+  guidance scales. Bars: the best guided student against the teacher at its best guidance (both by FD),
+  non-inferiority: label accuracy not below the teacher's by more than 2 SE, FD ratio - 2 SE <= 1.25.
 - ``gen-steps``: the one-step student and a K-step student (Zhou et al. 2025, "Few-Step Diffusion via Score
-  identity Distillation"). Bar: the K-step student's FD below the one-step student's.
+  identity Distillation"). Bar: the K-step student's FD below the one-step student's by more than the
+  noise (ratio + 2 SE < 1).
+
+Standard errors: FD ratios from a bootstrap over the evaluated samples' features (``frechet.fd_bootstrap``,
+written to ``features.pt``), accuracies from the binomial error counts; ``summary`` defines each statement.
 
 Every comparison also has a time bar: the whole run within ``time_limit`` seconds on the 2-core CPU.
 Students are ``StudentSpec``s: a name and the ``TrainConfig`` options that distinguish them; ``_train`` is
