@@ -11,7 +11,7 @@ Steps (all seeded; on a CPU bitwise repeatable for a given thread count):
 
 Quality bars checked (``summary.sid_bars``), each with its margin and standard error (a bootstrap over the
 evaluated samples' features, ``frechet.fd_bootstrap``): FD(student) / FD(teacher) within 1.25 up to the noise
-(``ratio - 2 SE <= 1.25``) and FD(init) / FD(student) at least 3 by more than the noise (``ratio - 2 SE >=
+(``ratio - 2 SE <= 1.25``) and FD(init) / FD(student) above 3 by more than the noise (``ratio - 2 SE >
 3``).
 """
 from __future__ import annotations

@@ -13,8 +13,8 @@ limit`` for a lower one), and with ``NOISE_SE = 2``:
 
 - "below" / "above" (superiority: the student is better by more than the noise): ``margin > 2 SE``.
   SiDA's FD below the teacher's and below SiD's, the K-step student's below the one-step student's (ratio
-  of mean FDs ``+ 2 SE < 1``), the generator at initialization at least 3x the SiD student's FD
-  (``ratio - 2 SE >= 3``; equality passes, as before).
+  of mean FDs ``+ 2 SE < 1``), the generator at initialization above 3x the SiD student's FD by more than
+  the noise (``ratio - 2 SE > 3``).
 - "at least" / "within" (non-inferiority: the student is not worse by more than the noise):
   ``margin >= -2 SE``. The guided student's label accuracy at least the teacher's (``acc_student >=
   acc_teacher - 2 SE``), its FD and the SiD student's within 1.25x the teacher's (``ratio - 2 SE <=
@@ -67,10 +67,10 @@ KINDS = {"below": "<", "above": ">", "not_above": "<=", "not_below": ">="}
 def noise_bar(what: str, value: float, kind: str, limit: float, se: float | None, k: float = NOISE_SE) -> dict:
     """A comparative bar as a statement about an estimate ``value`` with standard error ``se``.
 
-    kind: "below" (``value + k se < limit``), "above" (``value - k se >= limit``): superiority, better than
+    kind: "below" (``value + k se < limit``), "above" (``value - k se > limit``): superiority, better than
     the limit by more than k standard errors; "not_above" (``value - k se <= limit``), "not_below" (``value
     + k se >= limit``): non-inferiority, not worse than the limit by more than k standard errors. ``se``
-    None: not measured, the value alone against the limit (``<``, ``>=``, ``<=``, ``>=``).
+    None: not measured, the value alone against the limit (``<``, ``>=``, ``<=``, ``>=``, as the bars were).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -82,10 +82,10 @@ def noise_bar(what: str, value: float, kind: str, limit: float, se: float | None
     if kind == "below":
         passed = margin > noise
     elif kind == "above":
-        passed = margin >= noise if noise > 0 else value >= limit
+        passed = margin > noise if se is not None else value >= limit
     else:
         passed = margin >= -noise
-    op = KINDS[kind]
+    op = ">=" if kind == "above" and se is None else KINDS[kind]
     if se is None:
         text = f"{op} {limit:.6g} (SE not measured)"
     elif kind in ("below", "above"):
@@ -154,8 +154,9 @@ def _mean(table: dict, name: str) -> float:
 def sid_bars(fd: dict, replicates: dict | None = None, student_ratio: float = 1.25, init_ratio: float = 3.0,
              student: str = "student", teacher: str = "teacher", init: str = "init") -> dict:
     """The SiD demo's bars (one seed): the student's FD within ``student_ratio`` times the teacher's
-    (non-inferiority: ``ratio - 2 SE <= 1.25``), and the generator at initialization at least ``init_ratio``
-    times the student's FD (``ratio - 2 SE >= 3``). ``fd``: {name: summary} as ``summarize`` gives."""
+    (non-inferiority: ``ratio - 2 SE <= 1.25``), and the generator at initialization above ``init_ratio``
+    times the student's FD by more than the noise (``ratio - 2 SE > 3``). ``fd``: {name: summary} as
+    ``summarize`` gives."""
     return {"student_vs_teacher": fd_ratio_bar(fd, student, teacher, "not_above", student_ratio, replicates),
             "init_vs_student": fd_ratio_bar(fd, init, student, "above", init_ratio, replicates)}
 
