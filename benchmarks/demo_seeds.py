@@ -131,7 +131,7 @@ def setup(out: Path) -> dict:
     except (OSError, StopIteration):
         pass
     return {"machine": f"{os.cpu_count()} CPU cores ({model}), shared with 4 other workers' jobs (load average "
-                       "7-10 during the runs), torch threads 1 (the demo's default)",
+                       "4-10 during the runs), torch threads 1 (the demo's default)",
             "date": "2026-12-06", "runs_commit": snap.read_text().strip() if snap.exists() else None,
             "bars_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                           cwd=Path(__file__).resolve().parent).stdout.strip(),
