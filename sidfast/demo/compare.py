@@ -7,12 +7,18 @@ digits in the cached classifier's features, and, for conditional comparisons, th
 the samples against the requested labels.
 
 - ``sida``: the SiD student and the SiDA student (Zhou et al., ICLR 2025; the real digits as the data, the
-  fake score's encoder as the discriminator). Bars: SiDA's FD below the teacher's and below SiD's.
+  fake score's encoder as the discriminator). Bars: SiDA's FD below the teacher's and below SiD's by more
+  than the noise (ratio + 2 SE < 1).
 - ``conditional``: a class-conditional teacher trained with label dropout; students distilled without
   guidance and with SiD-LSG at several scales (Zhou et al., ICLR 2025). The teacher is sampled at several
-  guidance scales. Bars: the best guided student against the teacher at its best guidance (both by FD).
+  guidance scales. Bars: the best guided student against the teacher at its best guidance (both by FD),
+  non-inferiority: label accuracy not below the teacher's by more than 2 SE, FD ratio - 2 SE <= 1.25.
 - ``gen-steps``: the one-step student and a K-step student (Zhou et al. 2025, "Few-Step Diffusion via Score
-  identity Distillation"). Bar: the K-step student's FD below the one-step student's.
+  identity Distillation"). Bar: the K-step student's FD below the one-step student's by more than the
+  noise (ratio + 2 SE < 1).
+
+Standard errors: FD ratios from a bootstrap over the evaluated samples' features (``frechet.fd_bootstrap``,
+written to ``features.pt``), accuracies from the binomial error counts; ``summary`` defines each statement.
 
 Every comparison also has a time bar: the whole run within ``time_limit`` seconds on the 2-core CPU.
 Students are ``StudentSpec``s: a name and the ``TrainConfig`` options that distinguish them; ``_train`` is
@@ -33,7 +39,7 @@ from torch import nn
 from sidfast.demo import classifier as clf_mod
 from sidfast.demo import summary
 from sidfast.demo.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_tensors
-from sidfast.demo.frechet import feature_statistics, frechet_distance
+from sidfast.demo.frechet import BOOTSTRAP_RESAMPLES, feature_statistics, fd_bootstrap_seeds, frechet_distance
 from sidfast.demo.measure import threads_used, timed, write_json
 from sidfast.demo.nets import build_denoiser, count_parameters
 from sidfast.demo.recipe import BUILDER, DemoConfig, TeacherConfig
@@ -229,6 +235,34 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def comparison_bars(demo: str, fd: dict, accuracy: dict, teachers, bar_students, steps: dict, seconds: float,
+                    time_limit: float, samples: int, replicates: dict | None) -> dict:
+    """The bars of comparison ``demo`` from its summaries (``fd``, ``accuracy``: {name: summary}), the
+    teachers' names, the conditional guided students (``bar_students``), each student's generator steps
+    (``steps``), the run's seconds and limit, the samples each accuracy is measured on in all, and the FD
+    bootstrap replicates ({name: [per-seed [B floats]]}; ``summary`` says what each bar states)."""
+    if demo == "sida":
+        return summary.sida_bars(fd, seconds, time_limit, replicates=replicates)
+    if demo == "conditional":
+        return summary.conditional_bars(fd, accuracy, list(teachers), list(bar_students), seconds, time_limit,
+                                        samples=samples, replicates=replicates)
+    if demo == "gen-steps":
+        many = next(name for name, k in steps.items() if k > 1)
+        return summary.steps_bars(fd, "1-step", many, seconds, time_limit, replicates=replicates)
+    raise ValueError(f"demo must be one of {', '.join(DEMOS)}, got {demo!r}")
+
+
+def report_bars(report: dict, features: dict) -> dict:
+    """``comparison_bars`` of a finished run from its ``report.json`` and ``features.pt`` (as loaded): what
+    ``run_comparison`` computed, recomputed (``benchmarks/demo_seeds.py``)."""
+    cfg = report["config"]
+    replicates = fd_bootstrap_seeds(features["features"], features["real"], report["seeds"])
+    steps = {s["name"]: int(s.get("options", {}).get("gen_steps", 1)) for s in cfg["students"]}
+    return comparison_bars(report["demo"], report["fd"], report["accuracy"], report["teacher"]["guidance"],
+                           cfg["bar_students"], steps, report["seconds"]["total"], report["seconds"]["limit"],
+                           cfg["eval_samples"] * len(report["seeds"]), replicates)
+
+
 def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = "auto", cache_dir=None,
                    threads: int | None = 1, mode: str = "custom", log=print) -> dict:
     """Run comparison ``cfg`` and return its report (also ``out_dir/report.json`` and ``report.md``).
@@ -264,12 +298,16 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
             how = "cached" if cached else f"trained in {t_clf:.1f} s"
             say(f"digit classifier: held-out accuracy {clf_accuracy:.4f} ({how})")
         images, labels = load_digits_tensors()
-        real_stats = feature_statistics(clf_mod.extract_features(clf, images))
+        real_features = clf_mod.extract_features(clf, images)
+        real_stats = feature_statistics(real_features)
         data = _save_npz(out / "digits.npz", images) if any(s.real_data for s in cfg.students) else None
 
+        features = {}  # name -> per-seed features (eval_samples, D): the FD bars' bootstrap resamples them
+
         def evaluate(name: str, x: torch.Tensor, requested) -> None:
-            fd.setdefault(name, []).append(
-                frechet_distance(*feature_statistics(clf_mod.extract_features(clf, x)), *real_stats))
+            f = clf_mod.extract_features(clf, x)
+            features.setdefault(name, []).append(f.float().cpu())
+            fd.setdefault(name, []).append(frechet_distance(*feature_statistics(f), *real_stats))
             if requested is not None:
                 accuracy.setdefault(name, []).append(clf_mod.label_accuracy(clf, x, requested))
 
@@ -315,26 +353,24 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
                     save_grid(x[:cfg.grid_size], out / f"student_{_safe(student.name)}.png")
         save_grid(images[:cfg.grid_size], out / "real.png")
     total = time.perf_counter() - t_start
+    torch.save({"real": real_features.float().cpu(), "features": features, "seeds": list(cfg.seeds)},
+               out / "features.pt")
 
     # 4. the report
     fd_s = {name: summary.summarize(v) for name, v in fd.items()}
     acc_s = {name: summary.summarize(v) for name, v in accuracy.items()}
     sec_s = {name: summary.summarize(v) for name, v in train_seconds.items()}
-    if cfg.demo == "sida":
-        bars = summary.sida_bars(fd_s, total, cfg.time_limit)
-    elif cfg.demo == "conditional":
-        bars = summary.conditional_bars(fd_s, acc_s, list(teachers), cfg.bar_students, total, cfg.time_limit,
-                                        samples=cfg.eval_samples * len(cfg.seeds))
-    else:
-        many = next(s.name for s in cfg.students if s.steps > 1)
-        bars = summary.steps_bars(fd_s, "1-step", many, total, cfg.time_limit)
+    (replicates, t_boot) = timed(lambda: fd_bootstrap_seeds(features, real_features, cfg.seeds), torch.device("cpu"))
+    steps = {s.name: s.steps for s in cfg.students}
+    bars = comparison_bars(cfg.demo, fd_s, acc_s, list(teachers), cfg.bar_students, steps, total,
+                           cfg.time_limit, cfg.eval_samples * len(cfg.seeds), replicates)
     with_labels = " and labels (balanced, i mod 10)" if conditional else ""
     report = {
         "demo": cfg.demo, "mode": mode, "passed": all(b["passed"] for b in bars.values()),
         "device": str(dev), "threads": torch.get_numthreads_used() if threads is None else threads,
         "seeds": list(cfg.seeds), "fd": fd_s, "accuracy": acc_s, "bars": bars,
         "seconds": {"classifier": 0.0 if cached else t_clf, "teacher": tstats["seconds"],
-                    "students": sec_s, "total": total, "limit": cfg.time_limit},
+                    "students": sec_s, "total": total, "limit": cfg.time_limit, "fd_bootstrap": t_boot},
         "students": runs,
         "classifier": {"held_out_accuracy": clf_accuracy, "cached": cached,
                        "feature_dim": clf_mod.FEATURE_DIM, "recipe_hash": clf_mod.recipe_hash()},
@@ -344,7 +380,9 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
         "notes": (f"Frechet distances in the {clf_mod.FEATURE_DIM}-d penultimate features of the cached "
                   f"digit classifier, each from {cfg.eval_samples} samples against all 1,797 digits; per "
                   f"seed the same latents{with_labels} for teacher and students. Teacher: EDM Heun, "
-                  f"{cfg.teacher_steps} steps. Spread: sample standard deviation over seeds. "
+                  f"{cfg.teacher_steps} steps. Spread: sample standard deviation over seeds. FD bars' standard "
+                  f"errors: {BOOTSTRAP_RESAMPLES} bootstrap resamples of the evaluated features per seed "
+                  "(sidfast.demo.summary). "
                   "Students distilled from the one teacher with "
                   f"{cfg.sid['iterations']} iterations of batch {cfg.sid['batch']} each."
                   + (" Conditional bars: the teacher at its guidance of lowest mean FD against the guided "

@@ -289,6 +289,10 @@ def test_tiny_demo_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cac
         _check_report(r, tmp_path / f"d{i}")
         assert r["mode"] == "custom" and r["sid"]["iterations"] == 6
     assert reports[0]["fd"] == reports[1]["fd"]
+    bars = reports[0]["bars"]
+    assert all(b["se"] > 0 and "margin" in b for b in bars.values())
+    features = torch.load(tmp_path / "d0" / "features.pt", weights_only=True)
+    assert run_mod.report_bars(reports[0], features) == bars
 
 
 def test_demo_bad_arguments(tmp_path):
@@ -372,9 +376,10 @@ def test_conditional_bars_compare_best_student_with_teacher_at_its_best_guidance
     # with the number of samples: both error counts and the standard error of the difference,
     # sqrt((0.85 * 0.15 + 0.9 * 0.1) / 2000) = 0.0104; the verdict is the same
     bars = summary.conditional_bars(fd, acc, teachers, students, 10, 900, samples=2000)
-    assert "300 vs 200 errors in 2000 samples, standard error of the difference 0.01" in \
-        bars["accuracy_vs_teacher"]["what"]
-    assert not bars["accuracy_vs_teacher"]["passed"]
+    b = bars["accuracy_vs_teacher"]
+    assert "300 vs 200 errors in 2000 samples" in b["what"] and b["bar"] == ">= 0.9 within 2 SE"
+    assert b["se"] == pytest.approx(math.sqrt((0.85 * 0.15 + 0.9 * 0.1) / 2000))
+    assert b["margin"] == pytest.approx(-0.05) and not b["passed"]  # 0.05 below: about 5 SE
     with pytest.raises(ValueError, match="samples"):
         summary.conditional_bars(fd, acc, teachers, students, 10, 900, samples=0)
     # equal error counts are equal accuracies, although the float means over seeds differ in the last bit
@@ -391,7 +396,141 @@ def test_steps_bars_on_synthetic_numbers():
     assert summary.steps_bars(fd, "1-step", "4-step", 10, 900)["steps_vs_one_step"]["passed"]
     fd["4-step"] = _stats(13, 13)
     bar = summary.steps_bars(fd, "1-step", "4-step", 10, 900)["steps_vs_one_step"]
-    assert not bar["passed"] and bar["value"] == pytest.approx(1.0) and bar["bar"] == "< 1"
+    assert not bar["passed"] and bar["value"] == pytest.approx(1.0) and bar["bar"] == "< 1 (SE not measured)"
+
+
+# ---- the bars as statistical statements (synthetic numbers) ----
+
+
+def test_non_inferiority_passes_a_tie_and_a_deficit_within_the_noise_and_fails_a_clear_one():
+    # "at least the teacher's": not below by more than 2 SE
+    tie = summary.noise_bar("acc", 0.9, "not_below", 0.9, se=0.01)
+    assert tie["passed"] and tie["margin"] == 0.0 and tie["bar"] == ">= 0.9 within 2 SE"
+    assert summary.noise_bar("acc", 0.9 - 0.019, "not_below", 0.9, se=0.01)["passed"]
+    deficit = summary.noise_bar("acc", 0.9 - 0.021, "not_below", 0.9, se=0.01)
+    assert not deficit["passed"] and deficit["margin"] == pytest.approx(-0.021)
+    # "within 1.25x": not above by more than 2 SE
+    assert summary.noise_bar("r", 1.25, "not_above", 1.25, se=0.05)["passed"]
+    assert summary.noise_bar("r", 1.34, "not_above", 1.25, se=0.05)["passed"]
+    assert not summary.noise_bar("r", 1.36, "not_above", 1.25, se=0.05)["passed"]
+    # with no SE the value alone decides, a tie included
+    assert summary.noise_bar("r", 1.25, "not_above", 1.25, se=None)["passed"]
+    assert not summary.noise_bar("r", 1.2501, "not_above", 1.25, se=None)["passed"]
+    with pytest.raises(ValueError, match="kind"):
+        summary.noise_bar("r", 1, "less", 1, se=0.1)
+    with pytest.raises(ValueError, match="se"):
+        summary.noise_bar("r", 1, "below", 1, se=-0.1)
+
+
+def test_superiority_needs_more_than_the_noise():
+    # "below": ratio + 2 SE < 1; an improvement within the noise does not pass, a tie does not pass
+    assert not summary.noise_bar("r", 1.0, "below", 1, se=0.02)["passed"]
+    within = summary.noise_bar("r", 0.97, "below", 1, se=0.02)
+    assert not within["passed"] and within["margin"] == pytest.approx(0.03) and within["se"] == 0.02
+    assert within["bar"] == "< 1 by more than 2 SE"
+    assert summary.noise_bar("r", 0.95, "below", 1, se=0.02)["passed"]
+    # "above" (the generator at init at least 3x the student): ratio - 2 SE >= 3
+    assert summary.noise_bar("r", 3.5, "above", 3, se=0.2)["passed"]
+    assert not summary.noise_bar("r", 3.3, "above", 3, se=0.2)["passed"]
+    # with no SE: strictly below / at least
+    assert summary.noise_bar("r", 0.999, "below", 1, se=None)["passed"]
+    assert not summary.noise_bar("r", 1.0, "below", 1, se=None)["passed"]
+    assert summary.noise_bar("r", 3.0, "above", 3, se=None)["passed"]
+
+
+def test_the_reported_coin_toss_passes_and_a_clear_accuracy_deficit_fails():
+    # issue 20: 14 against 12 errors in 5,000 samples failed ">= the teacher's"; the difference is 0.4 of an SE
+    fd = {"teacher cfg 2": _stats(8.0), "lsg:1.5": _stats(8.5)}
+    acc = {"teacher cfg 2": _stats(4988 / 5000), "lsg:1.5": _stats(4986 / 5000)}
+    b = summary.conditional_bars(fd, acc, ["teacher cfg 2"], ["lsg:1.5"], 10, 900,
+                                 samples=5000)["accuracy_vs_teacher"]
+    se = math.sqrt((0.9972 * 0.0028 + 0.9976 * 0.0024) / 5000)
+    assert b["passed"] and b["margin"] == pytest.approx(-0.0004) and b["se"] == pytest.approx(se)
+    assert "14 vs 12 errors in 5000 samples" in b["what"]
+    acc["lsg:1.5"] = _stats(4950 / 5000)  # 50 against 12 errors: about 5 SE below
+    b = summary.conditional_bars(fd, acc, ["teacher cfg 2"], ["lsg:1.5"], 10, 900,
+                                 samples=5000)["accuracy_vs_teacher"]
+    assert not b["passed"] and b["margin"] < -2 * b["se"]
+
+
+def _replicates(mean: float, se: float, seeds: int, b: int = 400, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(mean + se * torch.randn(b, generator=g, dtype=torch.float64)).tolist() for _ in range(seeds)]
+
+
+def test_replicate_se_of_a_ratio_and_over_seeds():
+    # one seed: the ratio's SE is the replicates' spread (den fixed: se / den)
+    reps = {"a": _replicates(9.0, 0.3, 1), "b": [[10.0] * 400]}
+    assert summary.replicate_se(reps, lambda m: m["a"] / m["b"]) == pytest.approx(0.03, rel=0.1)
+    # four seeds resampled independently: the mean over seeds has half the per-seed SE
+    reps = {"a": _replicates(9.0, 0.3, 4), "b": [[10.0] * 400] * 4}
+    assert summary.replicate_se(reps, lambda m: m["a"] / m["b"]) == pytest.approx(0.015, rel=0.12)
+    # perfectly correlated numerator and denominator: a ratio of no noise
+    same = _replicates(9.0, 0.3, 1)
+    assert summary.replicate_se({"a": same, "b": same}, lambda m: m["a"] / m["b"]) == pytest.approx(0, abs=1e-12)
+    with pytest.raises(ValueError, match="one length"):
+        summary.replicate_se({"a": [[1.0, 2.0]], "b": [[1.0, 2.0, 3.0]]}, lambda m: m["a"])
+
+
+def test_fd_bars_use_the_bootstrap_se():
+    fd = {"teacher": _stats(10.0), "1-step": _stats(12.0), "4-step": _stats(11.4)}
+    # 4-step / 1-step = 0.95; with an SE of about 0.05 the improvement is within the noise
+    noisy = {"1-step": [[12.0] * 400], "4-step": _replicates(11.4, 0.6, 1), "teacher": [[10.0] * 400]}
+    bar = summary.steps_bars(fd, "1-step", "4-step", 10, 900, replicates=noisy)["steps_vs_one_step"]
+    assert bar["value"] == pytest.approx(0.95) and bar["se"] == pytest.approx(0.05, rel=0.1)
+    assert not bar["passed"] and bar["margin"] == pytest.approx(0.05)
+    quiet = {**noisy, "4-step": _replicates(11.4, 0.1, 1)}  # SE about 0.008: clearly below
+    assert summary.steps_bars(fd, "1-step", "4-step", 10, 900, replicates=quiet)["steps_vs_one_step"]["passed"]
+    # SiDA: the same statement against the teacher and SiD
+    fd = {"teacher": _stats(10.0), "sid": _stats(10.0), "sida": _stats(9.0)}
+    reps = {"teacher": [[10.0] * 400], "sid": [[10.0] * 400], "sida": _replicates(9.0, 0.6, 1)}
+    bars = summary.sida_bars(fd, 100, 1200, replicates=reps)  # 0.9 + 2 x 0.06 > 1
+    assert not bars["sida_vs_teacher"]["passed"] and not bars["sida_vs_sid"]["passed"]
+    reps["sida"] = _replicates(9.0, 0.2, 1)                    # 0.9 + 2 x 0.02 < 1
+    bars = summary.sida_bars(fd, 100, 1200, replicates=reps)
+    assert bars["sida_vs_teacher"]["passed"] and bars["sida_vs_sid"]["passed"]
+    with pytest.raises(ValueError, match="replicates"):
+        summary.sida_bars(fd, 100, 1200, replicates={"sida": reps["sida"]})
+    # SiD demo: the student at 1.3x the teacher with an SE of 0.05 is within 1.25x up to the noise; init 4x
+    fd = {"teacher": _stats(10.0), "student": _stats(13.0), "init": _stats(52.0)}
+    reps = {"teacher": [[10.0] * 400], "student": _replicates(13.0, 0.5, 1), "init": [[52.0] * 400]}
+    bars = summary.sid_bars(fd, reps)
+    assert bars["student_vs_teacher"]["passed"] and bars["init_vs_student"]["passed"]
+    fd["student"] = _stats(14.0)  # 1.4: 3 SE above 1.25
+    reps["student"] = _replicates(14.0, 0.5, 1)
+    assert not summary.sid_bars(fd, reps)["student_vs_teacher"]["passed"]
+    # conditional FD: within 1.25x up to the noise
+    fd = {"teacher cfg 2": _stats(8.0), "lsg:1.5": _stats(10.4)}  # 1.3
+    acc = {"teacher cfg 2": _stats(0.99), "lsg:1.5": _stats(0.99)}
+    reps = {"teacher cfg 2": [[8.0] * 400], "lsg:1.5": _replicates(10.4, 0.4, 1)}  # SE 0.05
+    bars = summary.conditional_bars(fd, acc, ["teacher cfg 2"], ["lsg:1.5"], 10, 900, replicates=reps)
+    assert bars["fd_vs_teacher"]["passed"] and bars["fd_vs_teacher"]["bar"] == "<= 1.25 within 2 SE"
+    reps["lsg:1.5"] = _replicates(10.4, 0.1, 1)
+    bars = summary.conditional_bars(fd, acc, ["teacher cfg 2"], ["lsg:1.5"], 10, 900, replicates=reps)
+    assert not bars["fd_vs_teacher"]["passed"]
+
+
+def test_fd_bootstrap_se_matches_the_spread_over_fresh_samples_and_pairs_rows():
+    from sidfast.demo.frechet import fd_bootstrap, frechet_distance_features
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(600, 6, generator=g)
+    def draw():
+        return torch.randn(600, 6, generator=g) * 1.3 + 0.3
+    # the spread of FD over fresh sample sets (the real set fixed, as in the demo) against one set's bootstrap SE
+    fresh = [frechet_distance_features(draw(), real) for _ in range(60)]
+    spread = summary.summarize(fresh)["std"]
+    reps = fd_bootstrap({"x": draw()}, real, resamples=200, seed=3)
+    se = summary.summarize(reps["x"])["std"]
+    assert 0.6 * spread < se < 1.6 * spread
+    # paired rows: two sets that are the same samples have a ratio of exactly 1 in every replicate
+    x = draw()
+    reps = fd_bootstrap({"a": x, "b": x.clone()}, real, resamples=20, seed=0)
+    assert all(a == b for a, b in zip(reps["a"], reps["b"]))
+    assert fd_bootstrap({"a": x}, real, resamples=20, seed=0) == fd_bootstrap({"a": x}, real, resamples=20, seed=0)
+    with pytest.raises(ValueError, match="resamples"):
+        fd_bootstrap({"a": x}, real, resamples=1)
+    with pytest.raises(ValueError, match="finite"):
+        fd_bootstrap({"a": x[:, :5]}, real)
 
 
 def test_markdown_report_lists_every_seed_and_bar():
@@ -599,6 +738,12 @@ def test_conditional_comparison_end_to_end(tmp_path, classifier_cache, native_lo
                                                                            "teacher cfg 2": 2.0}
     assert all(0 <= v <= 1 for s in report["accuracy"].values() for v in s["per_seed"])
     assert set(report["bars"]) == {"accuracy_vs_teacher", "fd_vs_teacher", "time"}
+    # every comparative bar carries its margin and standard error; features.pt recomputes the same bars
+    assert all(report["bars"][n]["se"] > 0 for n in ("accuracy_vs_teacher", "fd_vs_teacher"))
+    features = torch.load(tmp_path / "features.pt", weights_only=True)
+    assert features["features"]["k=1"][1].shape == (cfg.eval_samples, clf_mod.FEATURE_DIM)
+    again = compare.report_bars(json.loads((tmp_path / "report.json").read_text()), features)
+    assert again == report["bars"]
 
 
 def test_sida_comparison_end_to_end(tmp_path, classifier_cache, native_losses):
