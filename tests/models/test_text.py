@@ -320,7 +320,7 @@ def test_text_student_from_the_command_line_samples_prompts_through_the_vae(tmp_
     """``sidfast distill --prompts`` on a pipeline directory, then ``sidfast sample --prompts``: the student's
     latents, conditioned on each image's prompt (i mod N), decoded by the pipeline's VAE."""
     from sidfast import samplers
-    from sidfast.models import loading
+    from sidfast.training import student
     from sidfast.models.vae import LatentDecoder
 
     pipe_dir = tmp_path / "sd"
@@ -338,7 +338,7 @@ def test_text_student_from_the_command_line_samples_prompts_through_the_vae(tmp_
     assert code == 0, err
     assert sorted(p.name for p in out_dir.iterdir()) == ["000000.png", "000001.png", "000002.png"]
     # the same images from Python: latents per prompt, then the VAE (scaling factor of its config)
-    net, options = loading.from_checkpoint(run / "checkpoint.pt", prompts=str(prompts))
+    net, options = student.from_checkpoint(run / "checkpoint.pt", prompts=str(prompts))
     images = samplers.sample_images(net, 3, batch=2, **options)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # the VAE's upsampling
     assert images.shape == (3, 3, 8 * scale, 8 * scale) and images.abs().max() <= 1
