@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sidfast._checks import check_int
 from sidfast.demo import classifier as clf_mod
 from sidfast.demo import summary
 from sidfast.demo.digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_tensors
@@ -135,11 +136,9 @@ def comparison_config(demo: str, quick: bool, seed: int = 0, seeds: int | None =
     """
     if demo not in DEMOS:
         raise ValueError(f"demo must be one of {', '.join(DEMOS)}, got {demo!r}")
-    if isinstance(gen_steps, bool) or not isinstance(gen_steps, int) or gen_steps < 2:
-        raise ValueError(f"gen_steps must be an integer >= 2, got {gen_steps!r}")
+    check_int("gen_steps", gen_steps, 2, "gen_steps must be an integer >= 2, got {value!r}")
     count = seeds if seeds is not None else (1 if quick else 3)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    check_int("seeds", count, 1, f"seeds must be a positive integer, got {seeds!r}")
     cfg = ComparisonConfig(demo=demo, students=[], seeds=_seeds(seed, count))
     cfg.teacher = dataclasses.replace(cfg.teacher, seed=seed)
     cfg.time_limit = TIME_LIMITS["quick" if quick else demo]
@@ -274,8 +273,8 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     if not isinstance(cfg, ComparisonConfig):
         raise TypeError(f"config must be a ComparisonConfig, got {type(cfg).__name__}")
     cfg.validate()
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    if threads is not None:
+        check_int("threads", threads, 1, "threads must be a positive integer or None, got {value!r}")
     dev = resolve_device(device)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

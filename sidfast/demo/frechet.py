@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from sidfast._checks import check_int
+
 
 def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean (D,), unbiased covariance (D, D)) in float64 of features (N, D), N >= 2."""
@@ -82,8 +84,7 @@ def fd_bootstrap(features: dict, real: torch.Tensor, resamples: int = BOOTSTRAP_
     eigendecomposition per FD, 200 x 6 of them in about 10-40 s on the shared 2-core CPU
     (``benchmarks/results/cpu-demo-seeds.md``).
     """
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 2:
-        raise ValueError(f"resamples must be an integer >= 2, got {resamples!r}")
+    check_int("resamples", resamples, 2)
     if not features:
         raise ValueError("fd_bootstrap needs at least one feature set")
     g = torch.Generator().manual_seed(int(seed))
@@ -126,18 +127,3 @@ def _stats32(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mu = f.mean(0)
     c = f - mu
     return mu.to(torch.float64), (c.T @ c).to(torch.float64) / (f.shape[0] - 1)
-
-
-def fd_bootstrap_seeds(features: dict, real: torch.Tensor, seeds, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
-    """``fd_bootstrap`` per seed of a run: ``features`` {name: [per-seed (N, D)]} -> {name: [per-seed
-    [resamples floats]]}, the resamples of seed s drawn with seed ``BOOTSTRAP_SEED + s``."""
-    seeds = list(seeds)
-    for name, per_seed in features.items():
-        if len(per_seed) != len(seeds):
-            raise ValueError(f"{name!r} has features of {len(per_seed)} seeds, expected {len(seeds)}")
-    out = {name: [] for name in features}
-    for i, s in enumerate(seeds):
-        reps = fd_bootstrap({name: f[i] for name, f in features.items()}, real, resamples, BOOTSTRAP_SEED + s)
-        for name, r in reps.items():
-            out[name].append(r)
-    return out

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sidfast._checks import check_int
 from sidfast.demo import classifier as clf_mod
 from sidfast.demo import compare
 from sidfast.demo.digits import IMAGE_SHAPE, load_digits_tensors
@@ -67,12 +68,10 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
     Returns:
         dict with "passed" (both bars met), "fd" (teacher, student, init), "ratios", "times", "config", ...
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_int("seed", seed, 0, "seed must be a non-negative integer, got {value!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if isinstance(gen_steps, bool) or not isinstance(gen_steps, int) or gen_steps < 1:
-        raise ValueError(f"gen_steps must be a positive integer, got {gen_steps!r}")
+    check_int("gen_steps", gen_steps, 1, "gen_steps must be a positive integer, got {value!r}")
     chosen = [name for name, on in (("method sida", method == "sida"), ("conditional", conditional),
                                     ("gen_steps", gen_steps > 1)) if on]
     if len(chosen) > 1:
@@ -95,8 +94,8 @@ def run_demo(quick: bool = False, out_dir="sidfast-demo", device: str = "auto", 
 def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log) -> dict:
     """The SiD demo: teacher against one-step student, one seed."""
     say = log if log is not None else (lambda *_: None)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    if threads is not None:
+        check_int("threads", threads, 1, "threads must be a positive integer or None, got {value!r}")
     if config is not None and not isinstance(config, DemoConfig):
         raise TypeError(f"config must be a DemoConfig or a ComparisonConfig, got {type(config).__name__}")
     cfg = config if config is not None else demo_config(quick, seed)

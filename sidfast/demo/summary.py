@@ -36,6 +36,8 @@ from __future__ import annotations
 import math
 import operator
 
+from sidfast._checks import check_int
+
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 FD_RATIO_BAR = 1.25   # a guided conditional student's FD at most 1.25x the teacher's
 
@@ -196,8 +198,7 @@ def conditional_bars(fd: dict, accuracy: dict, teachers, students, seconds: floa
     precision = ""
     se = None
     if samples is not None:
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        check_int("samples", samples, 1, "samples must be a positive integer, got {value!r}")
         # compared as counts of hits: means over seeds of equal counts can differ in their last bit
         hits_s, hits_t = round(acc_s * samples), round(acc_t * samples)
         acc_s, acc_t = hits_s / samples, hits_t / samples
