@@ -78,6 +78,14 @@ class Distiller:
         self.callbacks = list(callbacks or ())
         self.architecture = architecture
         self.dist = runtime.init_distributed(cfg.device, group_always=cfg.fsdp)
+        try:
+            self._build(cfg, teacher, generator, fake, data, conditioner, start_nimg)
+        except BaseException:  # a run that cannot start leaves no process group behind
+            runtime.shutdown(self.dist)
+            raise
+
+    def _build(self, cfg, teacher, generator, fake, data, conditioner, start_nimg) -> None:
+        """Everything after the process group: networks, recipe, optimizers, a restored checkpoint."""
         self.rank0 = self.dist.rank == 0
         self.device = resolve_device(cfg.device, self.dist.local_rank)
         if self.device.type == "cuda":  # kernels launch on the current device: make it the run's (cuda:N)

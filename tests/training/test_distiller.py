@@ -63,3 +63,10 @@ def test_start_nimg_errors(tmp_path):
     distill(quiet(run_dir=str(tmp_path / "c"), iterations=1), tiny_teacher(), log=None)
     with pytest.raises(ValueError, match="start_nimg is for a run that starts from given weights"):
         Distiller(quiet(run_dir=str(tmp_path / "c"), resume="auto"), tiny_teacher(), start_nimg=64)
+
+
+def test_a_run_that_cannot_start_leaves_no_process_group(tmp_path):
+    # --fsdp in one process makes a process group of one; an error while building the run must end it
+    with pytest.raises(ValueError, match="start_nimg must be a non-negative integer"):
+        Distiller(quiet(run_dir=str(tmp_path / "a"), fsdp=True), tiny_teacher(), start_nimg=-1)
+    assert not torch.distributed.is_initialized()
