@@ -11,6 +11,7 @@ from published import published_batchmean
 from telemetry import record
 
 import sidfast
+from sidfast.ops import _native
 from sidfast import reference
 
 IMPLS = ["sidfast", "eager", "compiled", "published"] if GPU else ["native", "eager", "published"]
@@ -21,6 +22,7 @@ def loss_fn(impl):
     if impl == "sidfast":
         return lambda r, f, x: sidfast.sid_generator_loss(r, f, x)
     if impl == "native":
+        _native.load()  # the extension registers torch.ops.sidfast.sid_loss when it loads
         return lambda r, f, x: torch.ops.sidfast.sid_loss(r, f, x, 1.2, True, 2)[0]
     if impl == "eager":
         return reference.sid_generator_loss
