@@ -66,7 +66,7 @@ def test_every_single_process_combination_trains_resumes_and_samples(tmp_path, c
     assert (tmp_path / "grid.png").is_file()
 
 
-# one rank of this launch hung in `distill` under pytest in 2 of 2 tries (not in 3 of 3 by hand): a defect
+# one rank of this launch hung in `distill` under pytest in 2 of 3 tries on a loaded machine: a defect
 # still to find, kept in the matrix so that it is seen
 _HANGS = pytest.mark.xfail(reason="DDP, LoRA fake score and generator, 4 steps: one rank hangs (under "
                                   "investigation)", strict=False)
