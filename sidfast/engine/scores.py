@@ -333,6 +333,11 @@ class ScoreEngine:
         return (self.fake.training,)
 
 
+def _null_condition(null_labels, null_cond):
+    """The null condition in ``guidance.guided``'s form (None when there is none)."""
+    return conditions.joined(null_labels, null_cond) if null_labels is not None or null_cond else None
+
+
 class EagerScores:
     """The score interface over plain module calls, one network at a time, with ``ScoreEngine``'s methods.
 
@@ -355,7 +360,7 @@ class EagerScores:
 
     def fake_score_forward(self, x_t, sigma, labels=None, scale: float = 1.0, null_labels=None,
                            null_cond: dict | None = None, **cond) -> torch.Tensor:
-        null = conditions.joined(null_labels, null_cond) if null_labels is not None or null_cond else None
+        null = _null_condition(null_labels, null_cond)
         with self._autocast(x_t.device):
             return guidance.guided(self.fake_train, x_t, sigma, conditions.joined(labels, cond), null, scale)
 
@@ -363,7 +368,7 @@ class EagerScores:
                         scale_fake: float = 1.0, null_labels=None, null_cond: dict | None = None, **cond):
         x_t, _ = edm_noised(x_g, sigma, noise)
         condition = conditions.joined(labels, cond)
-        null = conditions.joined(null_labels, null_cond) if null_labels is not None or null_cond else None
+        null = _null_condition(null_labels, null_cond)
         with self._autocast(x_t.device):
             y_real = guidance.guided(self.teacher, x_t, sigma, condition, null, scale_real)
             y_fake = guidance.guided(self.fake, x_t, sigma, condition, null, scale_fake)

@@ -439,7 +439,7 @@ def test_superiority_needs_more_than_the_noise():
 
 
 def test_the_reported_coin_toss_passes_and_a_clear_accuracy_deficit_fails():
-    # issue 20: 14 against 12 errors in 5,000 samples failed ">= the teacher's"; the difference is 0.4 of an SE
+    # a reported one-seed run: 14 against 12 errors in 5,000 samples failed ">= the teacher's"; the difference is 0.4 of an SE
     fd = {"teacher cfg 2": _stats(8.0), "lsg:1.5": _stats(8.5)}
     acc = {"teacher cfg 2": _stats(4988 / 5000), "lsg:1.5": _stats(4986 / 5000)}
     b = summary.conditional_bars(fd, acc, ["teacher cfg 2"], ["lsg:1.5"], 10, 900,
