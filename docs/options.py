@@ -11,12 +11,15 @@ import sys
 
 from sidfast.training.config import TrainConfig
 
-MAIN = ("run_dir", "iterations", "batch", "batch_gpu", "lr", "lr_cooldown", "alpha", "sigma_init", "tmax",
-        "loss_scale_g", "ema_halflife_kimg", "ema_rampup_ratio", "precision", "device", "engine", "fake_score",
-        "lora_rank", "compile", "checkpoint_every", "sample_every", "seed")
+MAIN = ("run_dir", "recipe", "iterations", "batch", "batch_gpu", "lr", "lr_cooldown", "alpha", "t_init",
+        "fake_levels", "gen_levels", "loss_scale_g", "ema_halflife_kimg", "ema_rampup_ratio", "gen_steps",
+        "guidance", "cfg", "precision", "device", "engine", "fake_score", "lora_rank", "compile", "checkpoint_every",
+        "sample_every", "seed")
 
 
-def _default(value) -> str:
+def _default(value, help_: str = "") -> str:
+    if (value is None or value == "auto") and "the recipe's" in help_:
+        return "recipe"
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -36,7 +39,7 @@ def table(names=None) -> str:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata["help"].replace("|", "\\|")
-        rows.append(f"| `{flag}` | `{_default(f.default)}` | {help_} |")
+        rows.append(f"| `{flag}` | `{_default(f.default, help_)}` | {help_} |")
     return "\n".join(rows)
 
 

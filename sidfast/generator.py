@@ -6,6 +6,7 @@ generator".
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -24,7 +25,8 @@ def generator_sigmas(steps: int, sigma_init: float = 2.5, spacing: str = "linear
     """The K noise levels sigma_0 = sigma_init > ... > sigma_{K-1} > 0 as Python floats
     (``reference.generator_step_sigmas``): "linear" in sigma, or "flow", linear in t = sigma / (1 + sigma)."""
     steps = check_int("steps", steps, 1)
-    sigma_init = check_real("sigma_init", sigma_init, positive=True)
+    if not (isinstance(sigma_init, (int, float)) and math.isinf(sigma_init) and sigma_init > 0):
+        sigma_init = check_real("sigma_init", sigma_init, positive=True)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     return reference.generator_step_sigmas(steps, sigma_init, spacing)
@@ -61,20 +63,24 @@ def _check(z, sigmas, renoise) -> list[float]:
         raise ValueError(f"z must have shape (batch, *features) with batch >= 1, got {tuple(z.shape)}")
     if isinstance(sigmas, torch.Tensor) or not isinstance(sigmas, Sequence) or not sigmas:
         raise TypeError("sigmas must be a non-empty sequence of numbers (generator_sigmas)")
-    sigmas = [check_real("sigmas", s, positive=True) for s in sigmas]
+    first = [float(sigmas[0])] if isinstance(sigmas[0], (int, float)) and sigmas[0] == math.inf else []
+    sigmas = first + [check_real("sigmas", s, positive=True) for s in sigmas[len(first):]]
     if renoise not in RENOISE:
         raise ValueError(f"renoise must be one of {RENOISE}, got {renoise!r}")
     return sigmas
 
 
 def _step_input(k: int, z, x_prev, d_prev, sigmas, renoise, generator) -> torch.Tensor:
-    """x_k: sigma_0 z at k = 0, else D_{k-1} + sigma_k eps_k."""
+    """x_k: sigma_0 z at k = 0 (z itself at sigma_0 = inf, ``reference.generator_input``), else
+    D_{k-1} + sigma_k eps_k."""
     if k == 0:
-        return sigmas[0] * z
+        return reference.generator_input(z, sigmas[0])
     if renoise == "fresh":
         eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
     elif renoise == "fixed":
         eps = z
+    elif math.isinf(sigmas[k - 1]):  # "ddim" after pure noise: the input was z itself
+        eps = x_prev
     else:  # "ddim": the noise the previous step's input and output imply
         eps = (x_prev - d_prev) / sigmas[k - 1]
     return d_prev + sigmas[k] * eps

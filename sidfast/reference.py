@@ -6,6 +6,8 @@ Shapes: ``B`` is the batch, ``*F`` any number of feature dimensions.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sidfast import predictions
@@ -76,6 +78,31 @@ def weighted_sid_loss(y_real, y_fake, x_g, alpha: float, weight: torch.Tensor, l
     d = y_real - y_fake
     per_sample = (d * ((y_real - x_g) - alpha * d)).flatten(1).sum(1)
     return loss_scale * (weight.detach().to(per_sample.dtype) * per_sample).sum() / x_g.shape[0]
+
+
+GENERATOR_WEIGHTS = ("1-t", "(1-t)^2", "1/t", "1/t^2", "snr", "sqrt-snr")
+
+
+def generator_weight(name: str, sigma: torch.Tensor) -> torch.Tensor:
+    """SiD-DiT's per-sample weights of the SiD loss in the flow time t = sigma / (1 + sigma) (so t / (1 - t) =
+    sigma), each 1 / clip(w, 1e-5) where published as a division: 1-t (``1_minus_sigma``), (1-t)^2
+    (``1_minus_sigma_squared``), 1/t (``1_over_sigma``), 1/t^2 (``1_over_sigma2``), snr = 1/(t/(1-t))^2
+    (``snr``), sqrt-snr = 1/(t/(1-t)) (``snr_sqrt``)."""
+    one_minus_t = 1 / (1 + sigma)
+    if name == "1-t":
+        return one_minus_t
+    if name == "(1-t)^2":
+        return one_minus_t ** 2
+    t = sigma / (1 + sigma)
+    if name == "1/t":
+        return 1 / t.clamp(min=1e-5)
+    if name == "1/t^2":
+        return 1 / (t ** 2).clamp(min=1e-5)
+    if name == "snr":
+        return 1 / (sigma ** 2).clamp(min=1e-5)
+    if name == "sqrt-snr":
+        return 1 / sigma.clamp(min=1e-5)
+    raise ValueError(f"generator weighting must be one of {GENERATOR_WEIGHTS}, got {name!r}")
 
 
 def sid_generator_loss_eps(eps_real: torch.Tensor, eps_fake: torch.Tensor, eps: torch.Tensor, lam: float = 1.2,
@@ -247,13 +274,33 @@ def edm_training_sigma(batch: int, p_mean: float = -1.2, p_std: float = 1.2, dev
     return torch.exp(torch.randn(batch, device=device, generator=generator) * p_std + p_mean)
 
 
+def timestep_sigma(batch: int, lo: int, hi: int, sigmas: torch.Tensor, device=None) -> torch.Tensor:
+    """(B,) sigmas of integer timesteps t ~ U{lo..hi} of a DDPM table (SiD-LSG: ``torch.randint(20, 980)``);
+    ``sigmas``: the table's sigma_t = sqrt((1 - abar_t) / abar_t) per timestep. In the default dtype."""
+    t = torch.randint(lo, hi + 1, (batch,), device=device)
+    return sigmas.to(device)[t].to(torch.get_default_dtype())
+
+
+def vp_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) per timestep of a DDPM table, float64: x_t / sqrt(abar_t) =
+    x0 + sigma_t eps."""
+    ac = alphas_cumprod.to(torch.float64)
+    return ((1 - ac) / ac).sqrt()
+
+
 def generator_step_sigmas(steps: int, sigma_init: float = 2.5, spacing: str = "linear") -> list[float]:
     """The K noise levels sigma_0 = sigma_init > ... > sigma_{K-1} > 0 of a few-step generator (Zhou et al.
     2025, "Few-Step Diffusion via Score identity Distillation"; docs/math.md, "Few-step generator").
 
     "linear": sigma_k = sigma_init * (K - k) / K; "flow": linear in the flow time t = sigma / (1 + sigma),
-    t_k = t_init * (K - k) / K. sigma_0 is sigma_init exactly, so one step is the one-step generator.
+    t_k = t_init * (K - k) / K (SiD-DiT's grid). sigma_0 is sigma_init exactly, so one step is the one-step
+    generator. sigma_init = inf is t_init = 1, pure noise (flow spacing only; ``generator_input``).
     """
+    if spacing not in ("linear", "flow"):
+        raise ValueError(f"spacing must be 'linear' or 'flow', got {spacing!r}")
+    if math.isinf(sigma_init) and spacing != "flow" and steps > 1:
+        raise ValueError("an infinite first noise level (t_init = 1) needs the flow spacing of the steps")
+    t_init = 1.0 if math.isinf(sigma_init) else sigma_init / (1 + sigma_init)
     levels = []
     for k in range(steps):
         frac = (steps - k) / steps
@@ -261,12 +308,17 @@ def generator_step_sigmas(steps: int, sigma_init: float = 2.5, spacing: str = "l
             levels.append(float(sigma_init))
         elif spacing == "linear":
             levels.append(sigma_init * frac)
-        elif spacing == "flow":
-            t = sigma_init / (1 + sigma_init) * frac
-            levels.append(t / (1 - t))
         else:
-            raise ValueError(f"spacing must be 'linear' or 'flow', got {spacing!r}")
+            t = t_init * frac
+            levels.append(t / (1 - t))
     return levels
+
+
+def generator_input(z: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The first generator step's input sigma * z, or z itself at sigma = inf: a network evaluated at an
+    infinite noise level takes its input divided by sigma (only flow teachers define it: their input there is
+    t z = z, ``FlowDenoiser``)."""
+    return z if math.isinf(sigma) else sigma * z
 
 
 def edm_sigma_steps(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,

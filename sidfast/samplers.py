@@ -81,7 +81,8 @@ def num_evaluations(num_steps: int, method: str = "heun") -> int:
 @torch.no_grad()
 def one_step_sample(generator, noise: torch.Tensor, sigma_init: float = 2.5,
                     class_labels: torch.Tensor | None = None, cond: dict | None = None) -> torch.Tensor:
-    """SiD's one-step generator: x_g = G(sigma_init * z, sigma_init) (Zhou et al. 2024, section 4).
+    """SiD's one-step generator: x_g = G(sigma_init * z, sigma_init) (Zhou et al. 2024, section 4); at
+    sigma_init = inf (a flow teacher's t = 1) G(z, inf) (``reference.generator_input``).
 
     noise: z ~ N(0, I), (B, *F); cond: further keyword conditioning of G. Returns (B, *F) in noise's dtype.
     """
@@ -91,7 +92,8 @@ def one_step_sample(generator, noise: torch.Tensor, sigma_init: float = 2.5,
         raise ValueError(f"sigma_init must be positive, got {sigma_init}")
     dtype = _net_dtype(generator)
     z = noise.to(dtype)
-    x_g = generator(sigma_init * z, _sigma_batch(sigma_init, z, dtype), class_labels, **(cond or {}))
+    x_g = generator(reference.generator_input(z, sigma_init), _sigma_batch(sigma_init, z, dtype), class_labels,
+                    **(cond or {}))
     return x_g.to(noise.dtype)
 
 

@@ -1,7 +1,10 @@
 """Test oracles: the published SiD ``generator_loss`` arithmetic transcribed as it runs (boolean drop of
 NaN samples, float32 normalizer), followed by the published loop's ``loss.sum() / batch``.
 And the published SiDA arithmetic (``published_generator``, ``published_discriminator``). Used only to check
-that sidfast's reference and fast paths are literal drop-ins, by the tests and the benchmarks."""
+that sidfast's reference and fast paths are literal drop-ins, by the tests and the benchmarks. Then SiD-LSG's and
+SiD-DiT's losses and their launch scripts' values (the per-family recipes)."""
+import math
+
 import torch
 from torch import nn
 
@@ -68,3 +71,117 @@ def published_discriminator(logit_real, logit_fake, sigma, sigma_data=0.5, y=Non
     loss_fake = nn.BCEWithLogitsLoss()(logit_fake, torch.zeros_like(logit_fake))
     loss_D = weight * (loss_real + loss_fake) / 2
     return loss_D.sum() / batch
+
+
+# ---- SiD-LSG (mingyuanzhou/SiD-LSG @ 709fc22: training/sid_training_loop.py, training/sid_sd_util.py), the
+# ---- arithmetic of one micro-batch for an eps- or v-prediction U-Net ``unet(x, t) -> out`` on a DDPM table
+# ---- ``ac`` (alphas_cumprod), with diffusers' add_noise / get_velocity / step(...).pred_original_sample written
+# ---- out; no guidance (its arithmetic is sidfast.guidance's, checked elsewhere)
+
+def lsg_add_noise(x0, noise, t, ac):
+    a, s = ac[t] ** 0.5, (1 - ac[t]) ** 0.5  # DDPMScheduler.add_noise
+    return a.view(-1, *[1] * (x0.dim() - 1)) * x0 + s.view(-1, *[1] * (x0.dim() - 1)) * noise
+
+
+def lsg_x0(out, x_t, t, ac, prediction):
+    """DDPMScheduler.step(...).pred_original_sample (clip_sample off, as SD's scheduler config)."""
+    a, s = (ac[t] ** 0.5).view(-1, 1, 1, 1), ((1 - ac[t]) ** 0.5).view(-1, 1, 1, 1)
+    return (x_t - s * out) / a if prediction == "eps" else a * x_t - s * out
+
+
+def lsg_generate(unet, z, t_init, ac, prediction):
+    """sid_sd_sampler, one step: latents = add_noise(0, z, t_init), x_g = pred_original_sample."""
+    t = torch.full((z.shape[0],), t_init, dtype=torch.long)
+    latents = lsg_add_noise(torch.zeros_like(z), z, t, ac)
+    return lsg_x0(unet(latents, t), latents, t, ac, prediction)
+
+
+def lsg_fake_loss(fake, images, noise, t, ac, prediction, ls=1.0):
+    """loop 413-445: sum((eps_hat - eps)^2) * ls / B; v-prediction: (v_hat - v)^2 * snr / (snr + 1)."""
+    x_t = lsg_add_noise(images, noise, t, ac)
+    out = fake(x_t, t)
+    if prediction == "v":
+        a, s = (ac[t] ** 0.5).view(-1, 1, 1, 1), ((1 - ac[t]) ** 0.5).view(-1, 1, 1, 1)
+        target = a * noise - s * images  # get_velocity
+        snr = (ac[t] / (1 - ac[t])).view(-1, 1, 1, 1)  # compute_snr
+        loss = (out - target) ** 2 * snr / (snr + 1)
+    else:
+        loss = (out - noise) ** 2
+    return loss.sum() * ls / images.shape[0]
+
+
+def lsg_generator_loss(teacher, fake, images, noise, t, ac, prediction, alpha=1.0, lsg=1.0):
+    """loop 484-530: y_fake, y_real as x0 at the same x_t, w = mean |x_g - y_real| (no grad), the SiD term."""
+    x_t = lsg_add_noise(images, noise, t, ac)
+    y_fake = lsg_x0(fake(x_t, t), x_t, t, ac, prediction)
+    y_real = lsg_x0(teacher(x_t, t), x_t, t, ac, prediction)
+    with torch.no_grad():
+        w = (images - y_real).abs().mean(dim=[1, 2, 3], keepdim=True).clip(min=0.00001)
+    if alpha == 1:
+        loss = (y_real - y_fake) * (y_fake - images) / w
+    else:
+        loss = (y_real - y_fake) * ((y_real - images) - alpha * (y_real - y_fake)) / w
+    return loss.sum() * lsg / images.shape[0]
+
+
+# ---- SiD-DiT (apple/ml-sid-dit @ 9596ed92: training/sid_dit_sd3_training_loop.py, sid_dit_sd3_util.py), one
+# ---- micro-batch for a velocity network ``dit(x, 1000 t) -> v``; t = sigmoid(N(ln 2, 1.6^2)) given as ``t``
+
+def dit_generate(dit, z, t_init=1.0):
+    """sid_dit_generate, one step from D_{-1} = 0: x = (1 - t) 0 + t z, D = x - t G(x, 1000 t)."""
+    t = torch.full((z.shape[0],), t_init, dtype=z.dtype).view(-1, 1, 1, 1)
+    x = t * z
+    return x - t * dit(x, 1000 * t.flatten())
+
+
+def dit_fake_loss(fake, images, noise, t, ls=1.0):
+    """loop 1747-1835: x_t = (1 - t) x_g + t n, sum (v_psi - (n - x_g))^2 * ls / B."""
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * images + tt * noise
+    return ((fake(x_t, 1000 * t) - (noise - images)) ** 2).sum() * ls / images.shape[0]
+
+
+DIT_WEIGHTS = {  # weighting_scheme -> scale_factor(t) (loop 2225-2250)
+    "1_minus_sigma": lambda t: 1 - t,
+    "1_minus_sigma_squared": lambda t: (1 - t) ** 2,
+    "1_over_sigma": lambda t: 1 / t.clip(min=0.00001),
+    "1_over_sigma2": lambda t: 1 / (t ** 2).clip(min=0.00001),
+    "snr": lambda t: 1 / ((t / (1 - t)) ** 2).clip(min=0.00001),
+    "snr_sqrt": lambda t: 1 / (t / (1 - t)).clip(min=0.00001),
+}
+
+
+def dit_generator_loss(teacher, fake, images, noise, t, alpha=1.0, lsg=100.0, weighting="1_minus_sigma"):
+    """loop 2048-2265: x0 = x_t - t v for both networks, the SiD term times scale_factor(t), * lsg / B."""
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * images + tt * noise
+    y_fake = x_t - tt * fake(x_t, 1000 * t)
+    y_real = x_t - tt * teacher(x_t, 1000 * t)
+    with torch.no_grad():
+        scale = DIT_WEIGHTS[weighting](t).view(-1, 1, 1, 1)
+    if alpha == 1:
+        loss = (y_real - y_fake) * (y_fake - images) * scale
+    else:
+        loss = (y_real - y_fake) * ((y_real - images) - alpha * (y_real - y_fake)) * scale
+    return loss.sum() * lsg / images.shape[0]
+
+
+# ---- the published launch scripts' values, per teacher family, in sidfast's option names ----
+LAUNCH = {
+    # SiD (mingyuanzhou/SiD run_sid.sh, CIFAR-10 uncond: --batch 256 --lr 1e-5 --alpha 1.2 --init_sigma 2.5
+    # --tmax 800, loss scales 1 / 100 (sid_train.py defaults), EMA 0.5 Mimg)
+    "edm": {"batch": 256, "lr": 1e-5, "sid_alpha": 1.2, "sigma_init": 2.5, "tmax": 800, "loss_scale_g": 100.0,
+            "loss_scale_fake": 1.0, "ema_halflife_kimg": 500.0, "gen_steps": 1},
+    # SiD-LSG run_sid.sh sd1.5: --batch 512 --lr 0.000001 --alpha 1 --init_timestep 625 --ema 0.05, cfg 2 2 2;
+    # sid_train.py: --ls 1 --lsg 1; the loop: tmin 20, tmax 980 (randint, HI excluded), eps MSE
+    "ddpm": {"batch": 512, "lr": 1e-6, "sid_alpha": 1.0, "t_init": 625, "timesteps": (20, 979),
+             "loss_scale_g": 1.0, "loss_scale_fake": 1.0, "ema_halflife_kimg": 50.0, "gen_steps": 1,
+             "fake_weighting": "eps", "generator_weighting": "sid", "cfg": 2.0},
+    # SiD-DiT run_sid_dit.sh: --batch 256 --lr 0.000005 --alpha 1.0 --init_timestep 999 --num_steps 4, cfg 4.5
+    # x3, --weighting_scheme 1_minus_sigma; sid_dit_sd3_train.py: --ls 1 --lsg 100 --ema 0; the loop: t =
+    # sigmoid(N(ln 2, 1.6^2)), no condition dropout in the fake step
+    "flow": {"batch": 256, "lr": 5e-6, "sid_alpha": 1.0, "t_init": 1.0, "gen_steps": 4, "loss_scale_g": 100.0,
+             "loss_scale_fake": 1.0, "ema_halflife_kimg": 0.0, "flow_logit_mean": math.log(2),
+             "flow_logit_std": 1.6, "fake_weighting": "flow", "generator_weighting": "1-t", "cfg": 4.5,
+             "condition_dropout": 0.0},
+}

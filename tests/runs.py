@@ -14,6 +14,16 @@ def quiet(**kw):
     return TrainConfig(**base)
 
 
+def resolved(cfg, teacher=None):
+    """``cfg`` with its recipe's values filled in, as the trainer completes it for ``teacher`` (default: a tiny EDM
+    teacher, the edm recipe)."""
+    from sidfast.models.denoiser import as_denoiser
+    from sidfast.training.recipe import resolve
+    from nets import tiny_teacher
+
+    return resolve(cfg, as_denoiser(teacher if teacher is not None else tiny_teacher())).cfg
+
+
 def states(net):
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 

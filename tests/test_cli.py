@@ -213,7 +213,8 @@ def test_help_lists_every_option_with_its_default(capsys):
     for f in TrainConfig.fields():
         if f.name not in ("teacher", "resume"):
             assert "--" + f.name.replace("_", "-") in text, f.name
-    assert "(default: 1e-05)" in text and "(default: 0.0 0.999)" in text
+    assert "(default: 800)" in text and "(default: 0.0 0.999)" in text
+    assert "(default: the recipe's: edm 1e-5" in text  # options the teacher family decides say so
 
 
 def test_help_shows_one_default_per_option_and_the_choices(capsys):

@@ -10,7 +10,8 @@ from pathlib import Path
 import sidfast
 
 ROOT = Path(sidfast.__file__).parent
-BOTTOM = {"_checks", "schedules", "predictions", "reference", "conditions", "labels", "_buildinfo", "_moved",
+BOTTOM = {"_checks", "schedules", "predictions", "reference", "conditions", "labels", "noise_levels", "_buildinfo",
+          "_moved",
           "_C"}
 LAYERS = [BOTTOM, {"ops"}, {"loss", "guidance", "generator", "samplers", "__init__"}, {"utils"}, {"models"}, {"engine"},
           {"training"}, {"plan", "evaluate"}, {"cli", "demo"}]

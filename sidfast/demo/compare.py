@@ -218,7 +218,7 @@ def _train(cfg: ComparisonConfig, student: StudentSpec, seed: int, teacher, run_
         options["data"] = str(data)
     train_cfg = TrainConfig.from_dict(options)
     result = distill(train_cfg, teacher, architecture={"builder": BUILDER, "config": cfg.net}, log=log)
-    return result, train_cfg
+    return result, result.config
 
 
 @torch.no_grad()

@@ -33,7 +33,9 @@ from sidfast.demo.recipe import BUILDER, DemoConfig, demo_config
 from sidfast.demo.teacher import train_teacher
 from sidfast.models.io import save_network
 from sidfast.samplers import edm_sample, num_evaluations, one_step_sample
+from sidfast.models.denoiser import as_denoiser
 from sidfast.training.config import TrainConfig
+from sidfast.training.recipe import resolve
 from sidfast.training.loop import distill
 from sidfast.training.report import summary_table
 from sidfast.utils.images import save_grid
@@ -134,10 +136,10 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         # evaluation noise: fixed, shared by teacher, init and student
         g = torch.Generator().manual_seed(seed + 12345)
         z = torch.randn((cfg.eval_samples, *IMAGE_SHAPE), generator=g).to(dev)
-        sid_opts = {**TrainConfig().to_dict(), **cfg.sid}
-        sigma_init = float(sid_opts["sigma_init"])
-        sampler = {"sigma_min": float(sid_opts["sigma_min"]), "sigma_max": float(sid_opts["sigma_max"]),
-                   "rho": float(sid_opts["rho"])}
+        # the options the SiD run will train with (the EDM recipe over the demo's own)
+        sid_opts = resolve(TrainConfig.from_dict(cfg.sid), as_denoiser(teacher)).cfg
+        sigma_init = sid_opts.sigma_init
+        sampler = {"sigma_min": sid_opts.sigma_min, "sigma_max": sid_opts.sigma_max, "rho": sid_opts.rho}
         edm_sample(teacher, z[:8], 2, **sampler)  # warm-up (first-call allocations, CUDA context)
         teacher_x, t_teacher = timed(lambda: edm_sample(teacher, z, cfg.teacher_steps, **sampler), dev)
         init_x = one_step_sample(teacher, z, sigma_init)
@@ -187,13 +189,13 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
                     "images_seen": tstats["images_seen"]},
         "sid": {"iterations": result.iteration, "images": result.nimg, "loss_g": result.last.get("loss_g"),
                 "loss_fake": result.last.get("loss_fake"), "run_dir": str(result.run_dir)},
-        "config": {**cfg.to_dict(), "sid": train_cfg.to_dict()},
+        "config": {**cfg.to_dict(), "sid": result.config.to_dict()},
         "notes": ("Frechet distances in the 64-d penultimate features of the cached digit classifier, each "
                   f"from {cfg.eval_samples} generated samples against all 1,797 digits; teacher: EDM Heun "
                   f"sampler, {cfg.teacher_steps} steps ({nfe} evaluations), sigma_max "
                   f"{sampler['sigma_max']}; "
                   f"student and init: one evaluation at sigma_init {sigma_init}. SiD learning rate "
-                  f"{train_cfg.lr} (published CIFAR "
+                  f"{result.config.lr} (published CIFAR "
                   "1e-5 is for ~400M images; the demo sees far fewer)."),
     }
     write_json(out / "report.json", report)

@@ -54,7 +54,8 @@ def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
 class FlowDenoiser(Denoiser):
     """A flow-matching network (predicts ``eps - x0`` at ``x_flow = (1 - t) x0 + t eps``) as an EDM denoiser.
 
-    VE -> flow: ``t = sigma / (1 + sigma)``, ``x_flow = x / (1 + sigma)``; the model is called as
+    VE -> flow: ``t = sigma / (1 + sigma)``, ``x_flow = x / (1 + sigma)`` (at sigma = inf, t = 1 and the
+    input is taken as ``x / sigma``, so ``x_flow = x``: a generator's first step from pure noise); the model is called as
     ``model(x_flow, t * time_scale, **cond)`` (``time_arg`` names the time keyword for models whose second
     positional parameter is not the time, e.g. SD3's ``timestep``), ``.sample`` unwrapped if present, and
     ``x0_hat = x_flow - t * pred`` (``docs/math.md``, "Predictions", flow row).
@@ -142,8 +143,10 @@ class FlowDenoiser(Denoiser):
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
         sig = sigma_per_sample(sigma, x)
-        t = sig / (1 + sig)
-        x_flow = x / broadcast(1 + sig, x).to(x.dtype)
+        # at sigma = inf (t = 1, pure noise) the input is x / sigma = z, and x_flow = t z = z
+        pure = torch.isinf(sig)
+        t = torch.where(pure, 1.0, sig / (1 + sig))
+        x_flow = torch.where(broadcast(pure, x), x, x / broadcast(1 + sig, x).to(x.dtype))
         if class_labels is not None:
             cond = dict(cond, class_labels=class_labels)
         time = t * self.time_scale

@@ -48,16 +48,17 @@ class Conditioning:
             self.conditioner = conditioner.to(device)
             self.null = to_device(conditioner.null_condition(1), device)
             return
-        if not (scales.active or scales.condition_dropout):
+        if not (scales.active or cfg.condition_dropout):
             return
+        what = cfg.option("guidance") if scales.active else cfg.option("condition_dropout")
         if not num_classes:
-            raise ValueError(f"{cfg.option('guidance')} needs a conditional teacher: {teacher.label()} is "
+            raise ValueError(f"{what} needs a conditional teacher: {teacher.label()} is "
                              "unconditional (no classes, no text), so there is no unconditional/conditional "
                              "pair to guide between")
         try:
             teacher.null_labels(1, device)  # the adapter's checks: label dropout, a null class
         except ValueError as exc:
-            raise ValueError(f"{cfg.option('guidance')}: {exc}") from None
+            raise ValueError(f"{what}: {exc}") from None
         null_index = getattr(teacher, "null_class", None) if label_format == "index" else None
         self.null = guidance.null_labels(num_classes, label_format, device, null_index=null_index)
 

@@ -23,7 +23,13 @@ NOISES = ("auto", "kernel", "torch")
 METHODS = ("sid", "sida", "sid2a")
 ADVERSARIAL = ("sida", "sid2a")
 GEN_LABELS = ("data", "uniform")  # where SiDA's generator step takes its class labels  # the methods that train on real images with the fake score's encoder as D
-GENERATOR_WEIGHTINGS = ("auto", "sid", "1-t")
+# per-sample weights of the SiD generator loss: sid (1/w), then SiD-DiT's schemes in the flow time t =
+# sigma / (1 + sigma) (published names: 1_minus_sigma, 1_minus_sigma_squared, 1_over_sigma, 1_over_sigma2,
+# snr, snr_sqrt)
+GENERATOR_WEIGHTINGS = ("auto", "sid", "1-t", "(1-t)^2", "1/t", "1/t^2", "snr", "sqrt-snr")
+FAKE_WEIGHTINGS = ("auto", "edm", "eps", "v", "x0", "flow", "min_snr_eps", "min_snr_v")
+LEVEL_LAWS = ("auto", "lognormal", "rho", "timesteps", "logit-normal")
+RECIPE_NAMES = ("auto", "edm", "ddpm", "flow")
 FSDP_PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_NAME = "checkpoint.pt"
 SHARDED_CHECKPOINT_NAME = "checkpoint.dcp"  # a directory: torch.distributed.checkpoint shards + meta.pt
@@ -48,31 +54,57 @@ class TrainConfig:
     method: str = _t("sid", "sid (data-free SiD), sida (SiD plus a GAN on real images, the fake score's encoder "
                             "as discriminator; needs --data) or sid2a (sida from a SiD generator; needs "
                             "--init-generator)", choices=METHODS)
+    recipe: str = _t("auto", "the published recipe whose values fill every option left unset: edm (SiD/SiDA on "
+                             "EDM networks), ddpm (SiD-LSG: Stable Diffusion and other DDPM-table teachers), "
+                             "flow (SiD-DiT: SD3, FLUX, SANA); auto: the teacher's family (docs/recipes.md)",
+                     choices=RECIPE_NAMES)
     iterations: int = _f(1_580_000, "SiD iterations to run (published CIFAR-10: ~1.58M at batch 256, "
                                     "~400M images)")
-    batch: int = _t(256, "generator samples per update, summed over all processes (published: 256 on "
-                         "CIFAR-10)")
-    lr: float = _t(1e-5, "Adam learning rate of the generator (published: 1e-5 CIFAR-10/FFHQ, 4e-6 "
-                         "ImageNet 64)")
+    batch: Optional[int] = _t(None, "generator samples per update, summed over all processes (default: the "
+                                    "recipe's: edm 256, ddpm 512, flow 256)")
+    lr: Optional[float] = _t(None, "Adam learning rate of the generator (default: the recipe's: edm 1e-5 "
+                                   "(published 4e-6 on ImageNet 64), ddpm 1e-6, flow 5e-6)")
     fake_lr: Optional[float] = _t(None, "Adam learning rate of the fake score (default: same as lr)")
     lr_cooldown: float = _t(0.0, "fraction of the run's iterations, at its end, over which both learning rates "
                                  "fall linearly towards 0 (0: constant, as published)")
     betas: tuple = _t((0.0, 0.999), "Adam betas of both optimizers (published: 0 0.999)")
     adam_eps: Optional[float] = _t(None, "Adam epsilon (default: 1e-8, or 1e-6 with fp16 as published)")
     alpha: Optional[float] = _t(None, "SiD alpha, weight of the ||f_phi - f_psi||^2 term (default: the "
-                                      "method's published value, 1.2 for sid (1.0 on AFHQ), 1.0 for sida and "
-                                      "sid2a)")
-    sigma_init: float = _t(2.5, "generator input noise level: x_g = G(sigma_init * z, sigma_init)")
+                                      "recipe's: edm 1.2 for sid (1.0 on AFHQ), 1.0 for sida and sid2a; ddpm "
+                                      "and flow 1.0)")
+    t_init: Optional[float] = _t(None, "the generator's first noise level in the teacher's own time: sigma (edm), "
+                                       "an integer timestep (ddpm) or t in (0, 1] (flow; 1 is pure noise) "
+                                       "(default: the recipe's: edm 2.5, ddpm 625, flow 1)")
+    sigma_init: Optional[float] = _t(None, "the generator's first noise level as an EDM sigma, x_g = G(sigma_init z, "
+                                           "sigma_init), for any teacher (default: from --t-init)")
     tmax: int = _t(800, "generator-loss noise levels use t ~ U(0, tmax/1000) on EDM's rho schedule (1..1000)")
     sigma_min: float = _t(0.002, "smallest sigma of the rho schedule")
     sigma_max: float = _t(80.0, "largest sigma of the rho schedule")
     rho: float = _t(7.0, "rho of EDM's sigma schedule")
-    p_mean: float = _t(-1.2, "fake-score loss: ln sigma ~ N(p_mean, p_std^2)")
-    p_std: float = _t(1.2, "fake-score loss: standard deviation of ln sigma")
+    fake_levels: str = _t("auto", "noise levels of the fake-score loss: lognormal (ln sigma ~ N(p_mean, "
+                                  "p_std^2)), rho (EDM's rho schedule up to tmax), timesteps (integer t of a ddpm "
+                                  "teacher's table in --timesteps), logit-normal (flow t = sigmoid(N(mean, std^2))) "
+                                  "(default: the recipe's: edm lognormal, ddpm timesteps, flow logit-normal)",
+                          choices=LEVEL_LAWS)
+    gen_levels: str = _t("auto", "noise levels of the generator loss, one of the laws of --fake-levels (default: "
+                                 "the recipe's: edm rho, ddpm timesteps, flow logit-normal)", choices=LEVEL_LAWS)
+    timesteps: tuple = _t((20, 979), "the timesteps law: integer t ~ U{LO..HI}, both included (published SiD-LSG: "
+                                     "20 979, i.e. randint(20, 980))")
+    p_mean: float = _t(-1.2, "the lognormal law: ln sigma ~ N(p_mean, p_std^2)")
+    p_std: float = _t(1.2, "the lognormal law: standard deviation of ln sigma")
+    fake_weighting: str = _t("auto", "weighting of the fake-score loss: edm (EDM's lambda on the x0 error), eps "
+                                     "(unweighted eps MSE; equal to the v MSE times snr/(snr+1)), v, x0, flow "
+                                     "(velocity MSE), min_snr_eps, min_snr_v (default: the recipe's: edm edm, ddpm "
+                                     "eps, flow flow)", choices=FAKE_WEIGHTINGS)
+    condition_dropout: Optional[float] = _t(None, "probability of the null condition per sample in the "
+                                                  "fake-score step (default: the recipe's: edm and ddpm 0.1 while "
+                                                  "guidance k1 or k2 is not 1, else 0; flow 0)")
     sigma_data: float = _t(0.5, "data standard deviation in EDM's loss weighting")
-    loss_scale_g: float = _t(100.0, "generator loss scale (published loss_scaling_G = 100)")
+    loss_scale_g: Optional[float] = _t(None, "generator loss scale (default: the recipe's: edm 100, ddpm 1, "
+                                             "flow 100)")
     loss_scale_fake: float = _t(1.0, "fake-score loss scale (published loss_scaling = 1)")
-    ema_halflife_kimg: float = _t(500.0, "EMA half-life of the generator in thousands of images (0.5 Mimg)")
+    ema_halflife_kimg: Optional[float] = _t(None, "EMA half-life of the generator in thousands of images; 0: "
+                                                  "no EMA (default: the recipe's: edm 500, ddpm 50, flow 0)")
     ema_rampup_ratio: Optional[float] = _t(0.05, "EMA ramp-up: half-life <= ratio * images seen (none: off)")
     seed: int = _t(0, "random seed; rank r of w processes seeds with seed * w + r as published")
 
@@ -102,10 +134,13 @@ class TrainConfig:
 
     # guidance, conditioning and the few-step generator (docs/math.md, "Guidance (SiD-LSG)", "Few-step
     # generator")
-    guidance: str = _t("none", "SiD-LSG guidance: none, lsg (k1=k2=k4=K), long (teacher only, K > 1), short "
+    guidance: str = _t("auto", "SiD-LSG guidance: none, lsg (k1=k2=k4=K), long (teacher only, K > 1), short "
                                "(fake score while trained only, K < 1), zero (Zero-CFG), anti (fake score in "
-                               "the generator loss, K < 0); K is --cfg", choices=GUIDANCE_NAMES)
-    cfg: Optional[float] = _t(None, "the guidance scale K of --guidance (published LSG: 1.5, 2, 3, 4.5)")
+                               "the generator loss, K < 0); K is --cfg; auto: lsg when --cfg is given or the "
+                               "recipe guides (ddpm and flow teachers with --prompts), else none",
+                       choices=("auto",) + GUIDANCE_NAMES)
+    cfg: Optional[float] = _t(None, "the guidance scale K of --guidance (default: the recipe's: ddpm 2, flow 4.5; "
+                                    "published LSG: 1.5, 2, 3, 4.5)")
     cfg_fake_train: Optional[float] = _t(None, "k1: guidance of the fake score while it is trained (default: "
                                                "from --guidance)")
     cfg_fake: Optional[float] = _t(None, "k2 = k3: guidance of the fake score inside the generator loss "
@@ -116,19 +151,21 @@ class TrainConfig:
                                          "label', needed for guidance (default: none)")
     prompts: Optional[str] = _t(None, "text file of prompts, one per line, for a text-to-image teacher "
                                       "(default: none)")
-    gen_steps: int = _t(1, "generator steps K: each iteration trains k* ~ U{1..K} steps, sampling runs K")
-    step_spacing: str = _t("linear", "noise levels of the K generator steps: linear in sigma, or flow "
-                                     "(linear in t = sigma / (1 + sigma))", choices=SPACINGS)
+    gen_steps: Optional[int] = _t(None, "generator steps K: each iteration trains k* ~ U{1..K} steps, sampling runs "
+                                        "K (default: the recipe's: edm 1, ddpm 1, flow 4)")
+    step_spacing: str = _t("auto", "noise levels of the K generator steps: linear in sigma, or flow (linear in "
+                                   "t = sigma / (1 + sigma)) (default: the recipe's: edm and ddpm linear, flow "
+                                   "flow)", choices=("auto",) + SPACINGS)
     renoise: str = _t("fresh", "noise that re-noises each generator step's input: fresh, fixed (the first "
                                "z) or ddim", choices=RENOISE)
-    generator_weighting: str = _t("auto", "per-sample weight of the SiD loss: sid (1/w, published SiD), 1-t "
-                                          "(1 - sigma/(1+sigma), SiD-DiT's default); auto: 1-t for "
-                                          "flow-matching teachers, sid otherwise",
-                           choices=GENERATOR_WEIGHTINGS)
-    flow_logit_mean: float = _t(0.0, "flow-matching teachers' fake-score loss: logit(t) = ln sigma ~ "
-                                     "N(mean, std^2) (SD3's logit-normal: 0)")
-    flow_logit_std: float = _t(1.0, "flow-matching teachers' fake-score loss: standard deviation of logit(t) "
-                                    "(SD3's logit-normal: 1)")
+    generator_weighting: str = _t("auto", "per-sample weight of the SiD loss: sid (1/w, published SiD), or in "
+                                          "t = sigma/(1+sigma) as SiD-DiT offers them: 1-t, (1-t)^2, 1/t, 1/t^2, "
+                                          "snr ((1-t)^2/t^2), sqrt-snr ((1-t)/t) (default: the recipe's: edm and "
+                                          "ddpm sid, flow 1-t)", choices=GENERATOR_WEIGHTINGS)
+    flow_logit_mean: float = _t(math.log(2), "the logit-normal law: logit(t) = ln sigma ~ N(mean, std^2) "
+                                             "(published SiD-DiT: ln 2 = 0.693; SD3's own training: 0)")
+    flow_logit_std: float = _t(1.6, "the logit-normal law: standard deviation of logit(t) (published SiD-DiT: "
+                                    "1.6; SD3's own training: 1)")
 
     # networks & performance
     teacher: Optional[str] = _f(None, "teacher: sidfast checkpoint, local diffusers directory, or "
@@ -297,14 +334,31 @@ class TrainConfig:
             setattr(self, name, v)
 
         num("iterations", int, 0)
-        num("batch", int, 1)
+        num("batch", int, 1, optional=True)
         num("batch_gpu", int, 1, optional=True)
-        num("lr", float, 0, lo_open=True)
+        num("lr", float, 0, lo_open=True, optional=True)
         num("fake_lr", float, 0, lo_open=True, optional=True)
         num("lr_cooldown", float, 0, 1)
         num("adam_eps", float, 0, lo_open=True, optional=True)
         num("alpha", float, optional=True)
-        num("sigma_init", float, 0, lo_open=True)
+        if isinstance(self.sigma_init, str) and self.sigma_init.strip().lower() in ("inf", "infinity"):
+            self.sigma_init = math.inf  # t = 1 of a flow teacher: pure noise
+        if not (isinstance(self.sigma_init, float) and self.sigma_init == math.inf):
+            num("sigma_init", float, 0, lo_open=True, optional=True)
+        if self.t_init is not None and not (isinstance(self.t_init, str) and
+                                            self.t_init.strip().lower() in ("none", "null", "off")):
+            v = self.t_init
+            try:
+                v = float(v) if not isinstance(v, bool) else None
+            except (TypeError, ValueError):
+                v = None
+            if v is None or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"option t_init must be a positive number in the teacher's own time, got "
+                                 f"{self.t_init!r}")
+            self.t_init = v
+        else:
+            self.t_init = None
+
         num("tmax", int, 1, 1000)
         num("sigma_min", float, 0, lo_open=True)
         num("sigma_max", float, 0, lo_open=True)
@@ -315,9 +369,10 @@ class TrainConfig:
         num("p_mean", float)
         num("p_std", float, 0, lo_open=True)
         num("sigma_data", float, 0, lo_open=True)
-        num("loss_scale_g", float, 0, lo_open=True)
+        num("loss_scale_g", float, 0, lo_open=True, optional=True)
+        num("condition_dropout", float, 0, 1, optional=True)
         num("loss_scale_fake", float, 0, lo_open=True)
-        num("ema_halflife_kimg", float, 0)
+        num("ema_halflife_kimg", float, 0, optional=True)
         num("ema_rampup_ratio", float, 0, lo_open=True, optional=True)
         num("seed", int, 0)
         num("num_classes", int, 0, optional=True)
@@ -330,7 +385,7 @@ class TrainConfig:
         for name in ("cfg", "cfg_fake_train", "cfg_fake", "cfg_teacher"):
             num(name, float, optional=True)
         num("null_class", int, 0, optional=True)
-        num("gen_steps", int, 1)
+        num("gen_steps", int, 1, optional=True)
         num("flow_logit_mean", float)
         num("flow_logit_std", float, 0, lo_open=True)
         for name in ("checkpoint_every", "log_every", "sample_every", "grid_size", "teacher_steps"):
@@ -347,6 +402,16 @@ class TrainConfig:
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"option betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = betas
+        steps = self.timesteps
+        if isinstance(steps, str):
+            steps = steps.replace(",", " ").split()
+        try:
+            steps = tuple(int(t) for t in steps)
+        except (TypeError, ValueError):
+            raise ValueError(f"option timesteps must be two integers LO HI, got {self.timesteps!r}") from None
+        if len(steps) != 2 or not 0 <= steps[0] <= steps[1]:
+            raise ValueError(f"option timesteps must be two integers 0 <= LO <= HI, got {self.timesteps!r}")
+        self.timesteps = steps
         if self.image_shape is not None:
             shape = self.image_shape
             if isinstance(shape, str):
@@ -360,8 +425,10 @@ class TrainConfig:
             self.image_shape = shape
         for name, choices in (("precision", PRECISIONS), ("label_format", LABEL_FORMATS), ("engine", ENGINES),
                               ("fake_score", NETWORK_KINDS), ("generator", NETWORK_KINDS), ("noise", NOISES),
-                              ("method", METHODS), ("guidance", GUIDANCE_NAMES),
-                              ("step_spacing", SPACINGS), ("renoise", RENOISE),
+                              ("method", METHODS), ("guidance", ("auto",) + GUIDANCE_NAMES),
+                              ("step_spacing", ("auto",) + SPACINGS), ("renoise", RENOISE),
+                              ("recipe", RECIPE_NAMES), ("fake_levels", LEVEL_LAWS), ("gen_levels", LEVEL_LAWS),
+                              ("fake_weighting", FAKE_WEIGHTINGS),
                               ("generator_weighting", GENERATOR_WEIGHTINGS),
                               ("fsdp_precision", FSDP_PRECISIONS), ("gen_labels", GEN_LABELS)):
             if getattr(self, name) not in choices:
@@ -429,6 +496,8 @@ class TrainConfig:
         ``cfg_fake_train``, ``cfg_fake`` and ``cfg_teacher`` over them
         (``sidfast.guidance.GuidanceScales``)."""
         name = self.guidance
+        if name == "auto":  # before the recipe decides: lsg when a scale is given
+            name = "lsg" if self.cfg is not None else "none"
         takes_scale = name not in ("none", "zero")
         if takes_scale and self.cfg is None:
             raise ValueError(f"option guidance {name} needs its scale: option cfg K")

@@ -23,6 +23,7 @@ from sidfast.models.discriminator import DiscriminatorPass
 from sidfast.training.config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
 from sidfast.training.grids import grid_samples
 from sidfast.training.networks import build_networks, init_from_sid
+from sidfast.training.recipe import resolve
 from sidfast.training.report import MetricsLog, plot_losses, read_metrics, run_summary, summary_table
 from sidfast.training.sharding import reshard, shard_run
 from sidfast.training.sid import MicroBatch, SiDPhases
@@ -53,6 +54,7 @@ class DistillResult:
     run_dir: Path
     summary: dict
     last: dict  # the last metrics record
+    config: TrainConfig | None = None  # the options the run trained with (the recipe's values filled in)
 
 
 class Distiller:
@@ -123,6 +125,9 @@ class Distiller:
         self.teacher = shard_run(cfg, nets.teacher, self.generator, self.generator_ema, self.fake)
         self.g_params = nets.trainable(self.generator)
         self.fake_params = nets.trainable(self.fake)
+        # The teacher family's published recipe fills every option left unset (docs/recipes.md).
+        self.recipe = resolve(cfg, nets.teacher, text=conditioner is not None)
+        self.cfg = cfg = self.recipe.cfg
         self.batch_rank, self.batch_gpu, self.rounds = cfg.split_batch(self.dist.world)
         if init is not None:  # SiD2A: generator and EMA start from a SiD run's EMA generator
             init_from_sid(self.generator, self.generator_ema, init, cfg.init_generator)
@@ -132,9 +137,9 @@ class Distiller:
                            self.label_format, self.rounds)
         if cfg.adversarial:
             self.phases = SiDAPhases(cfg, self.teacher, self.fake, batch, conditioner, data,
-                                     self.dist.rank, self.dist.world)
+                                     self.dist.rank, self.dist.world, recipe=self.recipe)
         else:
-            self.phases = SiDPhases(cfg, self.teacher, batch, conditioner, data)
+            self.phases = SiDPhases(cfg, self.teacher, batch, conditioner, data, recipe=self.recipe)
 
         # Set up the optimizers and random streams, then restore a checkpoint over them.
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA
@@ -294,7 +299,7 @@ class Distiller:
     def _grid(self, net, one_step: bool):
         cond = self.phases.conditioning.for_grid(self.cfg.grid_size)
         grid = grid_samples(net, self.cfg, self.image_shape, self.num_classes, self.label_format, self.device,
-                            cond, one_step)
+                            cond, one_step, sigma_range=self.recipe.clock.range)
         if self.cfg.fsdp:  # a forward without backward leaves FSDP's root parameters gathered
             reshard(*self.networks().values(), self.teacher)
         return grid
@@ -337,6 +342,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     cfg = dataclasses.replace(config, teacher=teacher_reference(config.teacher)).validate()
     trainer = Distiller(cfg, teacher, generator, fake, data=data, conditioner=conditioner, callbacks=callbacks,
                         architecture=architecture)
+    cfg = trainer.cfg  # with the recipe's values
     say = log if (log is not None and trainer.rank0) else None
     start_iteration = trainer.iteration
     start_time = time.perf_counter()
@@ -378,6 +384,9 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
             trainer.write_student_grid("student_init.png")
         on_error.pop_all()
     if say:
+        if not resumed:  # a resumed run goes on with the options its checkpoint holds
+            for line in trainer.recipe.lines():
+                say(line)
         say(f"sidfast distill: {trainer.dist.world} process(es) on {trainer.device}, batch {cfg.batch} "
             f"({trainer.batch_gpu} x {trainer.rounds} per process), image {trainer.image_shape}, classes "
             f"{trainer.num_classes}, " + (f"resuming at iteration {trainer.iteration} of {cfg.iterations}"
@@ -461,7 +470,7 @@ def _result(trainer: Distiller, seconds: float, start_iteration: int, last: dict
     return DistillResult(generator=trainer.generator, generator_ema=trainer.generator_ema, fake=trainer.fake,
                          iteration=trainer.iteration, nimg=trainer.nimg, seconds=seconds,
                          interrupted=interrupted, checkpoint=checkpoint, run_dir=trainer.run_dir,
-                         summary=summary, last=last)
+                         summary=summary, last=last, config=trainer.cfg)
 
 
 __all__ = ["TrainConfig", "Distiller", "DistillResult", "distill", "ema_beta", "update_ema", "sanitize_grads",

@@ -32,6 +32,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "betas":
             group.add_argument(option_name(f.name), nargs=2, metavar=("BETA1", "BETA2"), **kw)
+        elif f.name == "timesteps":
+            group.add_argument(option_name(f.name), nargs=2, metavar=("LO", "HI"), **kw)
         elif f.name == "image_shape":
             group.add_argument(option_name(f.name), nargs="+", metavar="N", **kw)
         else:  # choices are shown, not enforced here: TrainConfig.validate checks file and command line alike

@@ -11,12 +11,13 @@ import torch
 
 from sidfast import conditions, guidance, reference
 from sidfast.engine.scores import edm_noised
-from sidfast.generator import draw_k_star, generator_sigmas, rollout
+from sidfast.generator import draw_k_star, rollout
 from sidfast.loss import fake_score_loss, sid_generator_loss
 from sidfast.models.flow import FlowDenoiser
 from sidfast.ops import backend
 from sidfast.schedules import broadcast
 from sidfast.training.conditioning import Conditioning
+from sidfast.training.recipe import resolve
 from sidfast.utils import runtime
 
 
@@ -49,16 +50,19 @@ class SiDPhases:
     clip = None  # no clipping of the fake score's gradients
     updates_generator = True  # the generator's optimizer steps every iteration
 
-    def __init__(self, cfg, teacher, batch: MicroBatch, conditioner=None, data=None):
+    def __init__(self, cfg, teacher, batch: MicroBatch, conditioner=None, data=None, recipe=None):
+        """``recipe``: the run's completed recipe (``sidfast.training.recipe.resolve``; default: resolved here
+        from ``cfg`` and ``teacher``)."""
+        recipe = recipe if recipe is not None else resolve(cfg, teacher, text=conditioner is not None)
+        cfg = recipe.cfg
         self.cfg = cfg
+        self.recipe = recipe
         self.batch = batch
         self.scales = cfg.guidance_scales()
-        self.sigmas = generator_sigmas(cfg.gen_steps, cfg.sigma_init, cfg.step_spacing)
+        self.sigmas = recipe.gen_sigmas
         self.k_star = 1
-        # flow-matching teachers: velocity loss for the fake score, SiD-DiT's 1 - t weighting by default
         self.flow = isinstance(teacher, FlowDenoiser)
-        weighting = cfg.generator_weighting
-        self.weighting = ("1-t" if self.flow else "sid") if weighting == "auto" else weighting
+        self.weighting = cfg.generator_weighting
         self.conditioning = Conditioning(cfg, teacher, conditioner, batch.num_classes, batch.label_format,
                                          self.scales, batch.device)
         self.null_labels, self.null_cond = conditions.split(self.conditioning.null)
@@ -92,16 +96,17 @@ class SiDPhases:
 
     # ---- the two updates ----
     def fake_score_loss(self, scores, generator, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """EDM's denoising loss of the fake score at fresh samples of ``generator`` (``docs/math.md``,
-        "Fake-score loss"): (loss, scale * loss)."""
+        """The denoising loss of the fake score at fresh samples of ``generator`` (``docs/math.md``,
+        "Fake-score loss"), weighted and at noise levels as the recipe says: (loss, scale * loss)."""
         with torch.no_grad():
-            x_g, labels, cond = self.generate(generator, dropout=self.scales.condition_dropout)
+            x_g, labels, cond = self.generate(generator, dropout=self.cfg.condition_dropout)
         sigma = self._fake_sigma()
         # kernel noise: the loss regenerates eps from the seed that drew it
         noise = torch.randn_like(x_g) if noise_source(self.cfg.noise, x_g) == "torch" else None
         x_t, seed = edm_noised(x_g, sigma, noise)
         pred = scores.fake_score_forward(x_t, sigma, labels, scale=self.scales.k1, null_labels=self.null_labels,
-                                         null_cond=self.null_cond, **cond).float()
+                                         null_cond=self.null_cond, **cond)
+        pred = acc(pred)
         pred, x0 = drop_nan_samples(pred, x_g)
         loss = self._denoising_loss(pred, x0, noise, sigma, seed)
         return loss, loss * scale
@@ -112,8 +117,7 @@ class SiDPhases:
         labels to generate for (SiDA: a real batch's), else drawn."""
         cfg = self.cfg
         x_g, labels, cond = self.generate(generator, generator_no_grad, labels=labels)
-        sigma = reference.generator_sigma(self.batch.size, cfg.tmax, cfg.sigma_min, cfg.sigma_max, cfg.rho,
-                                          device=self.batch.device)
+        sigma = self.recipe.gen_law.draw(self.batch.size, device=self.batch.device)
         noise = torch.randn_like(x_g) if noise_source(cfg.noise, x_g) == "torch" else None
         return x_g, labels, cond, sigma, noise
 
@@ -125,7 +129,7 @@ class SiDPhases:
         y_real, y_fake = scores.generator_terms(x_g, sigma, labels, noise=noise, scale_real=self.scales.k4,
                                                 scale_fake=self.scales.k2, null_labels=self.null_labels,
                                                 null_cond=self.null_cond, **cond)
-        scaled = self._sid_loss(y_real.float(), y_fake.float(), x_g, sigma, scale)
+        scaled = self._sid_loss(acc(y_real), acc(y_fake), x_g, sigma, scale)
         # the reported loss: the scale divided back out of the 0-dim result (the unscaled loss within float32
         # rounding; no pass over the data)
         return scaled.detach() / scale, scaled
@@ -154,33 +158,42 @@ class SiDPhases:
         with runtime.autocast(b.device, self.cfg.precision):
             x_g = rollout(net, z, labels, self.sigmas, self.k_star, self.cfg.renoise, G_no_grad=net_no_grad,
                           cond=cond)
-        return x_g.float(), labels, cond
+        return acc(x_g), labels, cond
 
     def _fake_sigma(self) -> torch.Tensor:
-        """Noise levels of the fake-score loss: EDM's ln sigma ~ N(p_mean, p_std^2); for flow-matching
-        teachers the logit-normal t of their training (Esser et al. 2024, SD3), i.e. ln sigma = logit(t) ~
-        N(mean, std^2)."""
-        cfg = self.cfg
-        if self.flow:
-            return reference.edm_training_sigma(self.batch.size, cfg.flow_logit_mean, cfg.flow_logit_std,
-                                                device=self.batch.device)
-        return reference.edm_training_sigma(self.batch.size, cfg.p_mean, cfg.p_std, device=self.batch.device)
+        """Noise levels of the fake-score loss, drawn by the recipe's law in the teacher's own time
+        (``sidfast.noise_levels``)."""
+        return self.recipe.fake_law.draw(self.batch.size, device=self.batch.device)
 
     def _denoising_loss(self, pred, x0, noise, sigma, seed) -> torch.Tensor:
-        """EDM's weighted x0 loss, or for flow-matching teachers the velocity MSE at t = sigma / (1 + sigma)
-        (``docs/math.md``, "Fake-score loss" and "Predictions", flow row)."""
-        if self.flow:
-            return fake_score_loss(pred, x0, noise, 1 / (1 + sigma), sigma / (1 + sigma), prediction="x0",
-                                   weighting="flow", reduction="batchmean", seed=seed)
-        return fake_score_loss(pred, x0, noise, 1.0, sigma, prediction="x0", weighting="edm",
+        """The fake score's denoising loss in the recipe's weighting (``docs/math.md``, "Fake-score loss"):
+        EDM's weighted x0 error, the unweighted eps MSE (SiD-LSG), or the velocity MSE (SiD-DiT), in the
+        teacher's own coordinates x_t = a x0 + s eps (which only the v target's scale depends on)."""
+        family = self.recipe.clock.family
+        if family == "flow":
+            a, s = 1 / (1 + sigma), sigma / (1 + sigma)
+        elif family == "ddpm":
+            a = torch.rsqrt(1 + sigma * sigma)
+            a, s = a, a * sigma
+        else:
+            a, s = 1.0, sigma
+        return fake_score_loss(pred, x0, noise, a, s, prediction="x0", weighting=self.cfg.fake_weighting,
                                sigma_data=self.cfg.sigma_data, reduction="batchmean", seed=seed)
 
     def _sid_loss(self, y_real, y_fake, x_g, sigma, scale: float) -> torch.Tensor:
-        """scale times the SiD loss, weighted per sample by 1/w (the fused loss) or by 1 - t."""
+        """scale times the SiD loss, weighted per sample by 1/w (the fused loss) or by a SiD-DiT weighting of
+        t = sigma / (1 + sigma) (``reference.generator_weight``)."""
         if self.weighting == "sid":
             return sid_generator_loss(y_real, y_fake, x_g, self.cfg.sid_alpha, reduction="batchmean",
                                       loss_scale=scale)
-        return reference.weighted_sid_loss(y_real, y_fake, x_g, self.cfg.sid_alpha, 1 / (1 + sigma), scale)
+        weight = reference.generator_weight(self.weighting, sigma)
+        return reference.weighted_sid_loss(y_real, y_fake, x_g, self.cfg.sid_alpha, weight, scale)
+
+
+def acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the losses' precision: float32, or float64 for float64 networks (as the published code's
+    float32 casts widened)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def drop_nan_samples(pred: torch.Tensor, x_g: torch.Tensor, *logits: torch.Tensor):

@@ -14,14 +14,13 @@ import warnings
 import torch
 from torch import nn
 
-from sidfast import reference
 from sidfast.training.augment import AugmentPipe
 from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.training.data import DataWarning, RealData
 from sidfast.labels import format_labels
 from sidfast.models.introspect import _modules_of
 from sidfast.engine.scores import edm_noised
-from sidfast.loss import fake_score_loss, sida_discriminator_loss, sida_generator_loss
+from sidfast.loss import sida_discriminator_loss, sida_generator_loss
 from sidfast.ops.noise import regenerate_noise
 from sidfast.training.sid import MicroBatch, SiDPhases, drop_nan_samples, noise_source
 
@@ -64,10 +63,11 @@ class SiDAPhases(SiDPhases):
     clip = SIDA_CLIP
 
     def __init__(self, cfg, teacher, fake, batch: MicroBatch, conditioner=None, data=None, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, recipe=None):
         """``fake``: the fake score (its signature says whether it can be told about augmentation); ``data``:
         the real images (default option ``data``), of which this process reads share ``rank`` of ``world``."""
-        super().__init__(cfg, teacher, batch, conditioner)
+        super().__init__(cfg, teacher, batch, conditioner, recipe=recipe)
+        cfg = self.cfg
         # SiDA's published recipe: EDM teachers, class labels at most, no guidance
         unsupported = [what for what, on in (("guidance", self.scales.active),
                                              ("text prompts", self.conditioning.prompts),
@@ -172,7 +172,7 @@ class SiDAPhases(SiDPhases):
         real, labels = self._real_batch()
         with torch.no_grad():  # published: the generator draws for the real batch's labels
             x_g, labels, gen_cond = self.generate(generator, labels=labels)
-        sigma = reference.edm_training_sigma(self.batch.size, cfg.p_mean, cfg.p_std, device=self.batch.device)
+        sigma = self._fake_sigma()
         # the published order: augment x_g, draw the noise, augment the real images
         x_g, cond = self._augmented(x_g)
         cond = {**gen_cond, **cond}
@@ -186,8 +186,7 @@ class SiDAPhases(SiDPhases):
         # published: samples with NaN in x_g, the prediction or either logits are dropped from both losses
         loss_d = sida_discriminator_loss(d_real, d_fake, sigma, cfg.sigma_data, x_g=x_g, y_fake=pred)
         pred, x0 = drop_nan_samples(pred, x_g, d_fake, d_real)
-        loss = fake_score_loss(pred, x0, noise, 1.0, sigma, prediction="x0", weighting="edm",
-                               sigma_data=cfg.sigma_data, reduction="batchmean", seed=seed)
+        loss = self._denoising_loss(pred, x0, noise, sigma, seed)
         self._note(loss_d=loss_d, logit_real=d_real.mean(), logit_fake=d_fake.mean())
         return loss, scale * (cfg.loss_scale_fake * loss + cfg.loss_scale_d * loss_d)
 

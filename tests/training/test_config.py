@@ -4,11 +4,13 @@ import json
 
 import pytest
 
+from runs import resolved
+
 from sidfast.training.config import TrainConfig
 
 
 def test_defaults_are_the_published_recipe():
-    c = TrainConfig()
+    c = resolved(TrainConfig())  # an EDM teacher: SiD's recipe
     assert (c.lr, c.betas, c.optimizer_eps, c.sid_alpha, c.sigma_init, c.tmax) == (1e-5, (0.0, 0.999), 1e-8, 1.2, 2.5, 800)
     assert (c.loss_scale_g, c.loss_scale_fake, c.ema_halflife_kimg, c.ema_rampup_ratio) == (100.0, 1.0, 500.0, 0.05)
     assert (c.p_mean, c.p_std, c.sigma_data, c.sigma_min, c.sigma_max, c.rho) == (-1.2, 1.2, 0.5, 0.002, 80.0, 7.0)

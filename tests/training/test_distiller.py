@@ -48,7 +48,7 @@ def test_start_nimg_opens_sidas_generator_gate_and_sets_the_ema_rampup(tmp_path)
     moved = states(late.generator)
     assert any(not torch.equal(moved[k], g0[k]) for k in g0)  # gate open: the generator stepped
     # the EMA followed EDM's formula at 200 images seen
-    beta = ema_beta(200, cfg.batch, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+    beta = ema_beta(200, late.cfg.batch, late.cfg.ema_halflife_kimg, late.cfg.ema_rampup_ratio)
     for k, v in states(late.generator_ema).items():
         if v.is_floating_point():
             assert torch.equal(v, moved[k].lerp(ema0[k], beta)), k

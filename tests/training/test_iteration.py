@@ -32,6 +32,7 @@ from sidfast.models.discriminator import DiscriminatorTap
 from sidfast.train import distill
 from sidfast.training.data import RealData
 from sidfast.utils.runtime import seed_everything
+from runs import resolved
 from test_train import SHAPE, quiet, states, tiny_teacher
 from utils import unit_roundoff
 
@@ -63,8 +64,8 @@ def real_data(num_classes):
 
 def config(tmp_path, method, extra):
     sida = dict(method="sida", disc_layer=LAYER, augment_p=0.0) if method == "sida" else {}
-    return quiet(run_dir=str(tmp_path / "run"), iterations=ITERATIONS, batch=BATCH, lr=1e-3, noise="torch",
-                 engine="eager", **sida, **extra)
+    return resolved(quiet(run_dir=str(tmp_path / "run"), iterations=ITERATIONS, batch=BATCH, lr=1e-3,
+                          noise="torch", engine="eager", **sida, **extra))
 
 
 def trainer_run(cfg, num_classes, data):
@@ -79,6 +80,7 @@ def reference_run(cfg, num_classes, data, loss_scale_g=None):
     """(networks, per-iteration losses) of ``reference.sid_iteration`` from the trainer's start: the
     teacher's copies, Adam as the trainer builds it on CPU, the trainer's seeding and real-image stream."""
     teacher = tiny_teacher(num_classes).eval().requires_grad_(False)
+    cfg = resolved(cfg, teacher)
     generator, fake = tiny_teacher(num_classes), tiny_teacher(num_classes)
     generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
     adam = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.optimizer_eps)
@@ -125,7 +127,6 @@ def reference_losses(monkeypatch):
     monkeypatch.setattr(sid_phases, "sid_generator_loss", sid_loss)
     monkeypatch.setattr(sid_phases, "fake_score_loss", fake_loss)
     monkeypatch.setattr(sida_phases, "sida_generator_loss", reference.sida_generator_loss)
-    monkeypatch.setattr(sida_phases, "fake_score_loss", fake_loss)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -17,7 +17,7 @@ from sidfast.training.loop import TrainConfig, distill
 from torch import nn
 
 from nets import SHAPE, TinyEDM, tiny_teacher
-from runs import LAYER, assert_bitwise, assert_same_run, quiet, real_images, sida, states
+from runs import LAYER, assert_bitwise, assert_same_run, quiet, real_images, resolved, sida, states
 from utils import run_main, user_error
 
 
@@ -34,6 +34,7 @@ def _published_sida_iteration(teacher, G, fake, cfg, opt_g, opt_f, stream, num_c
     micro-batch, each update taking the next batch of the data loader ``stream``; returns the (clipped)
     fake-score gradients and the generator's gradients."""
     real, real_idx = next(stream)
+    cfg = resolved(cfg, teacher)
     B = cfg.batch
     onehot = (lambda idx: F.one_hot(idx, num_classes).float()) if num_classes else (lambda idx: None)
     c = onehot(real_idx)
@@ -186,6 +187,7 @@ def test_real_image_pass_is_the_published_loops_bitwise(tmp_path, num_classes):
     G, published_fake = PixelDropEDM(num_classes), PixelDropEDM(num_classes)
     want = []
     record(published_fake, want)
+    cfg = resolved(cfg)
     order = RealData(str(path), cfg.batch, seed=cfg.seed)._batch_indices()
     seed_everything(cfg.seed)
     # EDM's dataset transposes each HWC image to CHW; the loader's collate stacks them (contiguous)

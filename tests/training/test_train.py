@@ -15,7 +15,7 @@ from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.utils.runtime import seed_everything
 from sidfast.training.loop import distill, ema_beta
 from nets import SHAPE, tiny_teacher
-from runs import assert_bitwise, assert_same_run, quiet, states, stopped_and_resumed
+from runs import assert_bitwise, assert_same_run, quiet, resolved, states, stopped_and_resumed
 from utils import requires_cuda, requires_gpus
 
 
@@ -23,6 +23,7 @@ from utils import requires_cuda, requires_gpus
 
 def _published_iteration(teacher, G, fake, cfg, opt_g, opt_f, num_classes):
     """One iteration written out as the published loop does it (sid_training_loop.py + sid_loss.py)."""
+    cfg = resolved(cfg, teacher)
     B = cfg.batch
 
     def labels():
