@@ -50,7 +50,10 @@ class Conditioning:
             return
         if not (scales.active or cfg.condition_dropout):
             return
-        what = cfg.option("guidance") if scales.active else cfg.option("condition_dropout")
+        what = cfg.option("condition_dropout")
+        if scales.active:  # guidance, possibly chosen by --cfg alone (--guidance auto)
+            what = cfg.option("guidance") + (f" {cfg.guidance} with {cfg.option('cfg')} {cfg.cfg:g}"
+                                              if cfg.cfg is not None else "")
         if not num_classes:
             raise ValueError(f"{what} needs a conditional teacher: {teacher.label()} is "
                              "unconditional (no classes, no text), so there is no unconditional/conditional "
