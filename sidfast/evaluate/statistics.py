@@ -8,6 +8,7 @@ published ``fid-refs`` work unchanged). ``sidfast eval --make-ref`` writes the s
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,10 +75,11 @@ def read_reference(path, option: str = "--ref") -> FeatureStats:
     if not path.is_file():
         raise ReferenceFileError(f"{where} does not exist (make one with: sidfast eval --make-ref DATA --out "
                              f"STATS.npz)")
+    if not zipfile.is_zipfile(path):
+        raise ReferenceFileError(f"{where} cannot be read as an .npz file of arrays mu and sigma: it is not an "
+                                 f".npz archive")
     try:
         with np.load(path, allow_pickle=False) as loaded:
-            if not hasattr(loaded, "files"):
-                raise ValueError("an .npy array, not an .npz archive")
             arrays = {k: loaded[k] for k in loaded.files}
     except Exception as exc:  # numpy raises many types for a file that is not an .npz
         raise ReferenceFileError(f"{where} cannot be read as an .npz file of arrays mu and sigma: {exc}") from None

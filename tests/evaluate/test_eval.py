@@ -1,4 +1,4 @@
-"""``sidfast eval`` end to end on tiny runs with the stand-in detector (tests/evaluate/tiny_inception.py) in both
+"""``sidfast eval`` end to end on tiny runs with the stand-in detector (tests/tiny_inception.py) in both
 of NVIDIA's file forms: its metrics equal the published pipeline's (tests/published.py: EDM's per-seed latents and
 labels, the uint8 pixels EDM saves, EDM's statistics and FID, torch-fidelity's KID, SiD's precision/recall),
 ``--make-ref`` reads a folder and an npz alike, the feature API, and 1 process vs 2 gloo processes."""

@@ -1,4 +1,4 @@
-"""The stand-in detector (tiny_inception.py) saved in the two forms NVIDIA publishes its Inception in: a
+"""The stand-in detector (tests/tiny_inception.py) saved in the two forms NVIDIA publishes its Inception in: a
 TorchScript archive (``inception-2015-12-05.pt``) and a Python pickle whose object is rebuilt by NVIDIA's
 ``torch_utils.persistence`` from the class's stored module source and state (``inception-2015-12-05.pkl``,
 what EDM's ``fid.py`` unpickles)."""
