@@ -183,3 +183,71 @@ def test_one_process_and_two_gloo_processes_give_the_same_statistics(setup):
     assert m2["processes"] == 2 and m2["num"] == m1["num"] == 40
     for key in ("fid", "kid", "kid_std", "precision", "recall"):
         assert m1[key] == m2[key], key
+
+
+def test_a_few_step_student_and_a_teacher_checkpoint_are_evaluated_as_sidfast_sample_samples_them(setup, capsys):
+    from sidfast.evaluate.generation import StudentImages, seeded
+    from sidfast.samplers import edm_sample
+
+    root = setup["root"]
+    assert cli.main(["distill", "--teacher", str(root / "teacher.pt"), "--run-dir", str(root / "k2"),
+                     "--gen-steps", "2", *FAST]) == 0
+    result, _ = _eval([root / "k2", "--ref", setup["ref"], "--num", "20", "--inception", setup["pt"]], capsys)
+    assert result["fid"] > 0 and result["num"] == 20
+    # the images of seeds 0-3: the K = 2 steps of the run on per-seed latents; the fresh noise of a batch
+    # comes from its first seed, so a batch's images are the same whichever process makes them
+    net, options = student.from_checkpoint(root / "k2")
+    images = StudentImages(net, options, range(20), "cpu")
+    assert options["gen_steps"] == 2 and torch.equal(images(0, 4), images(0, 4))
+    assert not torch.equal(images(0, 4), StudentImages(net, {**options, "gen_steps": 1}, range(20), "cpu")(0, 4))
+    # a teacher checkpoint: EDM's Heun sampler in --steps steps on the same per-seed latents
+    teacher_result, _ = _eval([root / "teacher.pt", "--ref", setup["ref"], "--num", "20", "--steps", "3",
+                               "--inception", setup["pt"]], capsys)
+    net, options = student.from_checkpoint(root / "teacher.pt")
+    z, _ = seeded(range(4), options["shape"])
+    torch.testing.assert_close(StudentImages(net, options, range(20), "cpu", steps=3)(0, 4),
+                               edm_sample(net, z, 3), rtol=0, atol=0)
+    assert teacher_result["fid"] > 0 and teacher_result["fid"] != result["fid"]
+
+
+@pytest.mark.slow
+def test_a_text_student_is_evaluated_on_its_prompts_through_the_vae(tmp_path, capsys):
+    """The student of a tiny Stable Diffusion pipeline (tests/models/test_text.py builds it): --prompts gives
+    image i prompt i mod their number, the pipeline's VAE decodes the latents, and the detector sees RGB."""
+    import importlib.util
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("text_pipelines", TESTS / "models" / "test_text.py")
+    pipelines = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipelines)  # its pipeline builders, not its tests
+    from sidfast.evaluate.generation import StudentImages, seeded
+
+    pipe_dir = tmp_path / "sd"
+    pipelines.save_sd_pipeline(pipe_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na dog\n")
+    run = tmp_path / "run"
+    code, _, err = run_main(["distill", "--teacher", pipe_dir, "--prompts", prompts, "--run-dir", run,
+                             "--iterations", "1", "--batch", "2", "--grid-size", "0", "--teacher-steps", "0",
+                             "--no-progress", "--device", "cpu"], capsys)
+    assert code == 0, err
+    pixels = np.random.RandomState(0).randint(0, 256, (20, 8, 8, 3)).astype(np.uint8)
+    np.savez(tmp_path / "real.npz", images=pixels)
+    det = save_torchscript(tmp_path / "det.pt")
+    assert cli.main(["eval", "--make-ref", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref.npz"),
+                     "--inception", str(det), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    result, _ = _eval([run, "--ref", tmp_path / "ref.npz", "--num", "12", "--batch", "5", "--prompts", prompts,
+                       "--inception", det], capsys)
+    assert result["fid"] > 0 and result["num"] == 12
+    net, options = student.from_checkpoint(run, prompts=str(prompts))
+    images = StudentImages(net, options, range(12), "cpu")(0, 3)
+    z, _ = seeded(range(3), options["shape"])
+    cond = options["cond"](0, 3)  # prompts 0, 1, 0
+    want = options["decode"](one_step_sample(net, z, options["sigma_init"], cond=cond))
+    assert images.shape == (3, 3, 8, 8) and torch.equal(images, want)
+    code, _, err = run_main(["eval", run, "--ref", tmp_path / "ref.npz", "--num", "12", "--inception", det,
+                             "--device", "cpu"], capsys)
+    last = err.strip().splitlines()[-1]  # (transformers draws its loading bar on stderr before it)
+    assert code == 2 and last.startswith("sidfast eval: error:") and "--prompts FILE" in last, err
