@@ -158,6 +158,12 @@ class _Unpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _first_line(exc: Exception) -> str:
+    """An exception as one line (TorchScript's messages run over several, with the code they point at)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _read(path: Path):
     where = f"{OPTION} {str(path)!r}"
     try:
@@ -173,8 +179,7 @@ def _read(path: Path):
             f"the repository that has it (NVlabs/edm or the SiD repository) on PYTHONPATH, or use the TorchScript "
             f"file {FILE_NAMES[1]} ({PT_URL})") from None
     except Exception as exc:  # pickle, zip and TorchScript readers raise many types
-        raise DetectorError(f"{where} cannot be read as a pickle or TorchScript file: "
-                            f"{type(exc).__name__}: {exc}") from None
+        raise DetectorError(f"{where} cannot be read as a pickle or TorchScript file: {_first_line(exc)}") from None
 
 
 # ---- images in, features out ----
@@ -208,16 +213,21 @@ class Detector:
         self.device = torch.device(device)
         if isinstance(net, torch.nn.Module):
             net.eval().to(self.device)  # features are computed under inference_mode: no gradients
-        self.feature_dim = int(self._features(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape[1])
+        probe = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+        try:  # one small image: a file holding another kind of network fails here, in words
+            self.feature_dim = int(self._features(probe).shape[1])
+        except (TypeError, RuntimeError) as exc:
+            raise DetectorError(f"{self._where} is not a detector called as net(uint8 images, "
+                                f"return_features=True), as NVIDIA's Inception is: {_first_line(exc)}") from None
+
+    @property
+    def _where(self) -> str:
+        return f"{OPTION} {str(self.path)!r}" if self.path is not None else "the detector"
 
     @torch.inference_mode()
     def _features(self, images: torch.Tensor) -> torch.Tensor:
-        where = f"{OPTION} {str(self.path)!r}" if self.path is not None else "the detector"
-        try:
-            out = self.net(images.to(self.device), return_features=True)
-        except (TypeError, RuntimeError) as exc:
-            raise DetectorError(f"{where} is not a detector called as net(uint8 images, return_features=True), "
-                                f"as NVIDIA's Inception is: {type(exc).__name__}: {exc}") from None
+        out = self.net(images.to(self.device), return_features=True)
+        where = self._where
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != images.shape[0]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DetectorError(f"{where} returned {got} for {images.shape[0]} images; a detector returns "

@@ -84,8 +84,9 @@ def read_reference(path, option: str = "--ref") -> FeatureStats:
     except Exception as exc:  # numpy raises many types for a file that is not an .npz
         raise ReferenceFileError(f"{where} cannot be read as an .npz file of arrays mu and sigma: {exc}") from None
     if "mu" not in arrays or "sigma" not in arrays:
-        raise ReferenceFileError(f"{where} holds no 'mu' and 'sigma' arrays (it has: {', '.join(sorted(arrays)) or 'none'}); "
-                             f"use EDM's reference statistics or make them with sidfast eval --make-ref")
+        found = ", ".join(sorted(arrays)) or "none"
+        raise ReferenceFileError(f"{where} holds no 'mu' and 'sigma' arrays (it has: {found}); use EDM's reference "
+                                 f"statistics or make them with sidfast eval --make-ref")
     mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.ndim != 1 or mu.shape[0] < 1 or not np.issubdtype(mu.dtype, np.number):
         raise ReferenceFileError(f"{where}: mu has shape {mu.shape} ({mu.dtype}); expected numbers of shape (D,)")
