@@ -1,9 +1,11 @@
-"""The ``sidfast`` command: demo, train-teacher, distill, sample, plan.
+"""The ``sidfast`` command: demo, train-teacher, distill, sample, eval, plan.
 
     sidfast demo [--quick] [--method sida | --conditional | --gen-steps K] [--seeds N] [--out DIR]
     sidfast train-teacher --out teacher.pt [--iterations N] [--conditional] ...
     sidfast distill --teacher SRC [--config cfg.yaml|json] [--resume [CKPT]] [--<option> VALUE ...]
     sidfast sample CKPT --out grid.png|grid.jpg|DIR [--num N] [--steps K] [--teacher SRC]
+    sidfast eval CKPT --ref STATS.npz [--num 50000] [--inception PATH] [--out metrics.json] ...
+    sidfast eval --make-ref DATA --out STATS.npz [--inception PATH]
     sidfast plan --teacher SRC|--model NAME [--resolution PX] [--gpus N] [--gpu-memory 80GB] ... | --table
 
 ``--teacher`` accepts a sidfast network checkpoint (``train-teacher`` writes one), a local diffusers
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import re
 import sys
@@ -29,6 +32,11 @@ from sidfast import __version__, samplers
 from sidfast.ops._native import NativeExtensionError
 from sidfast.demo.run import add_demo_arguments, run_from_args
 from sidfast.demo.teacher import write_teacher
+from sidfast.evaluate import kernel, manifold
+from sidfast.evaluate.dataset import KEEP_FEATURES
+from sidfast.evaluate.detector import DetectorError, FILE_NAMES
+from sidfast.evaluate.run import DEFAULT_BATCH, DEFAULT_NUM, EvalError, evaluate_checkpoint, make_reference
+from sidfast.evaluate.statistics import ReferenceFileError
 from sidfast.models import loading
 from sidfast.models.io import CheckpointError
 from sidfast.models.lora import NETWORK_KINDS
@@ -37,6 +45,7 @@ from sidfast.plan.memory import PLAN_PRECISIONS, SHARDINGS, plan_memory, predict
 from sidfast.training.loop import distill
 from sidfast.training import student
 from sidfast.training.config import TrainConfig
+from sidfast.training.data import DataError
 from sidfast.training.options import add_train_options, config_from_args, option_name
 from sidfast.utils import images, runtime
 
@@ -90,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sidfast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add_command in (_demo_parser, _train_teacher_parser, _distill_parser, _sample_parser, _plan_parser):
+    for add_command in (_demo_parser, _train_teacher_parser, _distill_parser, _sample_parser, _eval_parser,
+                        _plan_parser):
         add_command(sub)
     return p
 
@@ -158,6 +168,47 @@ def _sample_parser(sub) -> None:
                    help=f"the teacher ({TEACHER_HELP}) of a distillation checkpoint that names no "
                         "architecture (default: the path it stored)")
     _device_arg(m)
+
+
+def _eval_parser(sub) -> None:
+    e = _command(sub, "eval", cmd_eval, "FID, KID and precision/recall of a checkpoint, or a data set's reference",
+                 "FID (with KID and precision/recall when the reference keeps features) of the images a checkpoint "
+                 "makes, in the features of NVIDIA's TF-Inception as the published SiD/EDM evaluation computes "
+                 "them (docs/evaluate.md); or, with --make-ref, the reference statistics of a data set. Under "
+                 "torchrun the images are shared among the processes.")
+    add = e.add_argument
+    add("checkpoint", nargs="?", help="what sidfast sample takes: a distill run folder, its checkpoint, a "
+                                      "generator.pt, or a train-teacher checkpoint")
+    add("--ref", metavar="STATS", help="reference statistics: EDM's .npz (mu, sigma) or one --make-ref wrote")
+    add("--num", type=int, default=None, help=f"images to generate (default: {DEFAULT_NUM}, or the number of "
+                                              f"--seeds)")
+    add("--seeds", default=None, metavar="LIST",
+        help="the images' seeds, as EDM writes them: 0-49999 or 1,2,5-10 (default: 0 .. NUM-1)")
+    add("--batch", type=int, default=DEFAULT_BATCH, help=f"images per network call on each process (default: "
+                                                         f"{DEFAULT_BATCH})")
+    add("--prompts", default=None, metavar="FILE",
+        help="for the student of a text-to-image teacher: prompts, one per line; image i gets prompt i mod their "
+             "number")
+    add("--steps", type=int, default=None, help="generator steps of a distillation checkpoint (default: its K) "
+                                                "or Heun steps of a teacher checkpoint (default: 18)")
+    add("--teacher", default=None, help=f"the teacher ({TEACHER_HELP}) of a distillation checkpoint that names "
+                                        "no architecture (default: the path it stored)")
+    add("--inception", default=None, metavar="PATH",
+        help=f"the detector: NVIDIA's {FILE_NAMES[0]} or {FILE_NAMES[1]} (default: that file in $SIDFAST_CACHE "
+             f"or ~/.cache/sidfast; never downloaded)")
+    add("--kid-subsets", type=int, default=kernel.SUBSETS, help=f"KID subsets (default: {kernel.SUBSETS})")
+    add("--kid-subset-size", type=int, default=kernel.SUBSET_SIZE,
+        help=f"samples per KID subset (default: {kernel.SUBSET_SIZE}, or fewer when fewer features exist)")
+    add("--pr-k", type=int, default=manifold.NEIGHBOURS,
+        help=f"neighbours of precision/recall (default: {manifold.NEIGHBOURS})")
+    add("--make-ref", default=None, metavar="DATA",
+        help="write the reference statistics of DATA (a folder of images, dataset.zip, .npz/.npy/.pt) to --out")
+    add("--ref-features", type=int, default=KEEP_FEATURES,
+        help=f"with --make-ref: the features kept for KID and precision/recall (default: {KEEP_FEATURES}; 0: "
+             f"none, as EDM's references)")
+    add("--out", default=None, help="with --make-ref: the .npz to write (required); otherwise a .json file for "
+                                    "the metrics (they are printed as one JSON line too)")
+    _device_arg(e)
 
 
 def _plan_parser(sub) -> None:
@@ -298,6 +349,52 @@ def cmd_sample(args) -> int:
     except ValueError as exc:
         raise UserError(_cli_message(exc)) from None
     print("wrote " + images.save_samples(samples, args.out))
+    return 0
+
+
+def _eval_out(path: str | None, suffix: str, what: str) -> None:
+    if path is None:
+        return
+    if Path(path).suffix.lower() != suffix:
+        raise UserError(f"--out {path!r}: {what} is written as {suffix}; name the file NAME{suffix}")
+    if Path(path).is_dir():
+        raise UserError(f"--out {path!r} is a directory; name a {suffix} file")
+    _writable_dir(Path(path).parent, "--out", path)
+
+
+def cmd_eval(args) -> int:
+    try:
+        if args.make_ref is not None:
+            if args.checkpoint is not None or args.ref is not None:
+                raise UserError("--make-ref DATA writes a reference: it takes no CHECKPOINT and no --ref")
+            if args.out is None:
+                raise UserError("--make-ref DATA needs --out STATS.npz, the file to write")
+            _eval_out(args.out, ".npz", "a reference")
+            result = make_reference(args.make_ref, args.out, batch=args.batch, keep_features=args.ref_features,
+                                    inception=args.inception, device=args.device)
+        else:
+            if args.checkpoint is None:
+                raise UserError("give the CHECKPOINT to evaluate (and --ref STATS), or --make-ref DATA --out "
+                                "STATS.npz")
+            if args.ref is None:
+                raise UserError("--ref STATS is required: EDM's reference .npz of the data set, or one made with "
+                                "sidfast eval --make-ref DATA --out STATS.npz")
+            _eval_out(args.out, ".json", "the metrics")
+            result = evaluate_checkpoint(args.checkpoint, args.ref, args.num, batch=args.batch, seeds=args.seeds,
+                                         prompts=args.prompts, inception=args.inception, teacher=args.teacher,
+                                         steps=args.steps, kid_subsets=args.kid_subsets,
+                                         kid_subset_size=args.kid_subset_size, pr_k=args.pr_k,
+                                         device=args.device, out=args.out)
+    except (EvalError, DetectorError, ReferenceFileError) as exc:
+        raise UserError(str(exc)) from None
+    except DataError as exc:  # data.py names the option of distill
+        raise UserError(str(exc).replace("--data", "--make-ref")) from None
+    except ValueError as exc:
+        raise UserError(_cli_message(exc)) from None
+    if result is not None:  # rank 0
+        if "skipped" in result:
+            print(f"sidfast eval: skipped {result['skipped']}", file=sys.stderr)
+        print(json.dumps(result), flush=True)
     return 0
 
 

@@ -141,14 +141,25 @@ def sample_images(net, num: int, shape, sigma_init: float | None = None, steps: 
         if num_classes:
             idx = torch.full((n,), class_label) if class_label is not None else torch.arange(start, start + n)
             labels = format_labels(idx.to(device) % num_classes, num_classes, label_format)
-        if levels is not None:
-            x = sample(net, z.to(_net_dtype(net)), labels, levels, renoise, fresh, cond=conditions).to(z.dtype)
-        elif sigma_init is not None:
-            x = one_step_sample(net, z, sigma_init, labels, cond=conditions)
-        else:
-            x = edm_sample(net, z, steps, sigma_min, sigma_max, rho, class_labels=labels, cond=conditions)
+        x = sample_batch(net, z, labels, sigma_init, steps, levels, renoise, fresh, conditions, sigma_min, sigma_max,
+                         rho)
         outs.append((decode(x) if decode is not None else x).cpu())
     return torch.cat(outs)
 
 
-__all__ = ["edm_sample", "one_step_sample", "sample_images", "num_evaluations", "METHODS"]
+@torch.no_grad()
+def sample_batch(net, z: torch.Tensor, labels=None, sigma_init: float | None = None, steps: int = 18,
+                 levels=None, renoise: str = "fresh", fresh: torch.Generator | None = None, cond: dict | None = None,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """Samples of one batch of latents ``z`` (B, *shape) on the network's device: a SiD generator in the K
+    steps ``levels`` (``generator_sigmas``; fresh noise from ``fresh``) or in one step (``levels`` None), or a
+    diffusion denoiser with ``edm_sample`` (``sigma_init`` None). ``labels``: the network's class labels or
+    None; ``cond``: keyword conditioning of B rows. What ``sample_images`` does for each of its batches."""
+    if levels is not None:
+        return sample(net, z.to(_net_dtype(net)), labels, levels, renoise, fresh, cond=cond).to(z.dtype)
+    if sigma_init is not None:
+        return one_step_sample(net, z, sigma_init, labels, cond=cond)
+    return edm_sample(net, z, steps, sigma_min, sigma_max, rho, class_labels=labels, cond=cond)
+
+
+__all__ = ["edm_sample", "one_step_sample", "sample_images", "sample_batch", "num_evaluations", "METHODS"]

@@ -1,8 +1,9 @@
 """Test oracles: the published SiD ``generator_loss`` arithmetic transcribed as it runs (boolean drop of
 NaN samples, float32 normalizer), followed by the published loop's ``loss.sum() / batch``.
-And the published SiDA arithmetic (``published_generator``, ``published_discriminator``). Used only to check
-that sidfast's reference and fast paths are literal drop-ins, by the tests and the benchmarks. Then SiD-LSG's and
-SiD-DiT's losses and their launch scripts' values (the per-family recipes)."""
+And the published SiDA arithmetic (``published_generator``, ``published_discriminator``), SiD-LSG's and
+SiD-DiT's losses and their launch scripts' values (the per-family recipes), and the published evaluation's (EDM's
+FID, torch-fidelity's KID, SiD's precision/recall, EDM's per-seed latents). Used only to check that sidfast's
+reference and fast paths are literal drop-ins, by the tests and the benchmarks."""
 import math
 
 import torch
@@ -185,3 +186,99 @@ LAUNCH = {
              "flow_logit_std": 1.6, "fake_weighting": "flow", "generator_weighting": "1-t", "cfg": 4.5,
              "condition_dropout": 0.0},
 }
+
+
+# ---- the published evaluation arithmetic, as plain numpy/scipy: EDM's fid.py (statistics and FID), the KID
+# ---- of torch-fidelity's metric_kid.py, the precision/recall of SiD's sid_precision_recall.py (k-th neighbour
+# ---- balls; theirs in float16 on the GPU, here float64) and EDM's per-seed latents and labels (generate.py)
+
+def published_inception_stats(feature_batches):
+    """EDM fid.py calculate_inception_stats: per-batch float64 sums, then mu and the n - 1 covariance."""
+    import numpy as np
+
+    dim = feature_batches[0].shape[1]
+    mu = np.zeros([dim], dtype=np.float64)
+    sigma = np.zeros([dim, dim], dtype=np.float64)
+    count = 0
+    for features in feature_batches:
+        features = np.asarray(features).astype(np.float64)
+        mu += features.sum(0)
+        sigma += features.T @ features
+        count += features.shape[0]
+    mu /= count
+    sigma -= np.outer(mu, mu) * count
+    sigma /= count - 1
+    return mu, sigma
+
+
+def published_fid(mu, sigma, mu_ref, sigma_ref):
+    """EDM fid.py calculate_fid_from_inception_stats."""
+    import warnings
+
+    import numpy as np
+    import scipy.linalg
+
+    m = np.square(mu - mu_ref).sum()
+    with warnings.catch_warnings():  # scipy >= 1.16 deprecates disp, which the published code passes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        s, _ = scipy.linalg.sqrtm(np.dot(sigma, sigma_ref), disp=False)
+    fid = m + np.trace(sigma + sigma_ref - s * 2)
+    return float(np.real(fid))
+
+
+def published_kid(features_1, features_2, kid_subsets=100, kid_subset_size=1000, rng_seed=2020):
+    """torch-fidelity metric_kid.py kid_features_to_metric (degree 3, gamma 1/D, coef0 1, unbiased MMD^2):
+    (mean, std) over the subsets; features_1 the generated side."""
+    import numpy as np
+
+    def polynomial_kernel(x, y):
+        return (np.matmul(x, y.T) / x.shape[1] + 1) ** 3
+
+    def mmd2(k_xx, k_xy, k_yy):
+        m = k_xx.shape[0]
+        kt_xx_sum = (k_xx.sum(axis=1) - np.diagonal(k_xx)).sum()
+        kt_yy_sum = (k_yy.sum(axis=1) - np.diagonal(k_yy)).sum()
+        return (kt_xx_sum + kt_yy_sum) / (m * (m - 1)) - 2 * k_xy.sum(axis=0).sum() / (m * m)
+
+    mmds = np.zeros(kid_subsets)
+    rng = np.random.RandomState(rng_seed)
+    for i in range(kid_subsets):
+        f1 = features_1[rng.choice(len(features_1), kid_subset_size, replace=False)]
+        f2 = features_2[rng.choice(len(features_2), kid_subset_size, replace=False)]
+        mmds[i] = mmd2(polynomial_kernel(f1, f1), polynomial_kernel(f1, f2), polynomial_kernel(f2, f2))
+    return float(np.mean(mmds)), float(np.std(mmds))
+
+
+def published_precision_recall(real_features, gen_features, nhood_size=3):
+    """SiD sid_precision_recall.py compute_pr: radius = the (k+1)-th smallest distance to the own set (the first
+    is the sample itself); a probe counts when some manifold sample's ball holds it."""
+    import numpy as np
+
+    def distances(rows, cols):
+        return np.sqrt(np.maximum(((rows[:, None, :] - cols[None, :, :]) ** 2).sum(-1), 0))
+
+    results = {}
+    for name, manifold, probes in [("precision", real_features, gen_features),
+                                   ("recall", gen_features, real_features)]:
+        manifold = np.asarray(manifold, np.float64)
+        probes = np.asarray(probes, np.float64)
+        kth = np.sort(distances(manifold, manifold), axis=1)[:, nhood_size]
+        results[name] = float((distances(probes, manifold) <= kth[None, :]).any(axis=1).mean())
+    return results["precision"], results["recall"]
+
+
+def published_latents_and_labels(seeds, shape, label_dim):
+    """EDM generate.py / SiD generate_onestep.py: a StackedRandomGenerator of one generator per seed (seed mod
+    2^32; here on the CPU) draws the latents, then the labels ``torch.eye(label_dim)[randint]``."""
+    generators = [torch.Generator("cpu").manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+    latents = torch.stack([torch.randn(list(shape), generator=g) for g in generators])
+    labels = None
+    if label_dim:
+        labels = torch.eye(label_dim)[torch.stack([torch.randint(label_dim, size=[], generator=g)
+                                                   for g in generators])]
+    return latents, labels
+
+
+def published_uint8(images):
+    """EDM generate.py / SiD generate_onestep.py: images in [-1, 1] as the uint8 pixels they save."""
+    return (images.to(torch.float64) * 127.5 + 128).clip(0, 255).to(torch.uint8)

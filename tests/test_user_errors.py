@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from nets import SHAPE
+from detectors import save_torchscript
 from sidfast.models.io import save_network
 from utils import run_main
 
@@ -19,6 +20,7 @@ TESTS = os.path.dirname(__file__)
 FAST = ["--iterations", "1", "--batch", "4", "--grid-size", "0", "--teacher-steps", "0", "--no-progress",
         "--device", "cpu", "--checkpoint-every", "0"]
 TINY = ["--teacher", "nets:tiny_teacher", *FAST]
+EVAL = ["--inception", "{det}", "--num", "20", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +46,20 @@ def files(tmp_path_factory):
     (root / "config.ini").write_text("[sid]\n")
     (root / "broken.json").write_text("{not json\n")
     (root / "prompts.txt").write_text("a cat\n")
+    # sidfast eval: the stand-in detector (8 features) and reference files right and wrong
+    save_torchscript(root / "det.pt")
+    np.savez(root / "ref8.npz", mu=np.zeros(8), sigma=np.eye(8))
+    np.savez(root / "ref16.npz", mu=np.zeros(16), sigma=np.eye(16))
+    np.savez(root / "ref-bad-sigma.npz", mu=np.zeros(8), sigma=np.eye(7))
+    np.savez(root / "ref-3x8x8.npz", mu=np.zeros(8), sigma=np.eye(8), image_shape=np.array([3, 8, 8]))
+    np.savez(root / "five.npz", images=np.zeros((5, 4, 4, 1), dtype=np.uint8))
     return {"teacher": str(teacher), "run": str(run), "ckpt": str(run / "checkpoint.pt"),
             "empty": str(root / "empty"), "notes": str(root / "notes.txt"), "blocker": str(root / "blocker"),
             "chw": str(root / "chw.npy"), "root": str(root), "unknown_yaml": str(root / "unknown.yaml"),
             "ini": str(root / "config.ini"), "broken_json": str(root / "broken.json"),
-            "prompts": str(root / "prompts.txt")}
+            "prompts": str(root / "prompts.txt"), "det": str(root / "det.pt"), "ref8": str(root / "ref8.npz"),
+            "ref16": str(root / "ref16.npz"), "ref_bad": str(root / "ref-bad-sigma.npz"),
+            "ref_shape": str(root / "ref-3x8x8.npz"), "five": str(root / "five.npz")}
 
 
 # (id, argv, what the one line must contain: the option in command-line words and the point)
@@ -132,6 +143,38 @@ MISTAKES = [
      ["--teacher"]),
     ("sample-without-out", ["sample", "{ckpt}"], ["--out"]),
     ("sample-device-unknown", ["sample", "{ckpt}", "--out", "{root}/s.png", "--device", "abacus"], ["--device"]),
+    # ---- eval ----
+    ("eval-without-checkpoint", ["eval", "--ref", "{ref8}"], ["CHECKPOINT", "--make-ref"]),
+    ("eval-without-ref", ["eval", "{ckpt}"], ["--ref STATS"]),
+    ("eval-ref-missing", ["eval", "{ckpt}", *EVAL, "--ref", "{root}/nope.npz"], ["--ref", "does not exist"]),
+    ("eval-ref-not-npz", ["eval", "{ckpt}", *EVAL, "--ref", "{notes}"], ["--ref", "cannot be read"]),
+    ("eval-ref-wrong-shape", ["eval", "{ckpt}", *EVAL, "--ref", "{ref_bad}"], ["--ref", "sigma has shape (7, 7)"]),
+    ("eval-ref-other-dimension", ["eval", "{ckpt}", *EVAL, "--ref", "{ref16}"], ["--ref", "16 features", "8"]),
+    ("eval-ref-other-resolution", ["eval", "{ckpt}", *EVAL, "--ref", "{ref_shape}"], ["--ref", "3x8x8", "1x4x4"]),
+    ("eval-num-below-features", ["eval", "{ckpt}", "--ref", "{ref8}", "--inception", "{det}", "--num", "5"],
+     ["--num 5", "singular"]),
+    ("eval-num-one", ["eval", "{ckpt}", "--ref", "{ref8}", "--num", "1"], ["--num", ">= 2"]),
+    ("eval-seeds-backwards", ["eval", "{ckpt}", "--ref", "{ref8}", "--seeds", "9-1"], ["--seeds", "backwards"]),
+    ("eval-seeds-and-num-disagree", ["eval", "{ckpt}", "--ref", "{ref8}", "--seeds", "0-99", "--num", "50"],
+     ["--num 50", "--seeds lists 100"]),
+    ("eval-inception-missing", ["eval", "{ckpt}", "--ref", "{ref8}", "--inception", "{root}/nope.pkl"],
+     ["--inception", "does not exist"]),
+    ("eval-inception-not-a-detector", ["eval", "{ckpt}", "--ref", "{ref8}", "--inception", "{notes}"],
+     ["--inception", "cannot be read"]),
+    ("eval-prompts-for-a-pixel-student", ["eval", "{ckpt}", *EVAL, "--ref", "{ref8}", "--prompts", "{prompts}"],
+     ["--prompts"]),
+    ("eval-kid-subset-size-one", ["eval", "{ckpt}", *EVAL, "--ref", "{ref8}", "--kid-subset-size", "1"],
+     ["--kid-subset-size", ">= 2"]),
+    ("eval-batch-zero", ["eval", "{ckpt}", *EVAL, "--ref", "{ref8}", "--batch", "0"], ["--batch", ">= 1"]),
+    ("eval-out-suffix", ["eval", "{ckpt}", *EVAL, "--ref", "{ref8}", "--out", "{root}/m.txt"], ["--out", ".json"]),
+    ("make-ref-without-out", ["eval", "--make-ref", "{five}"], ["--make-ref", "--out"]),
+    ("make-ref-with-a-checkpoint", ["eval", "{ckpt}", "--make-ref", "{five}", "--out", "{root}/r.npz"],
+     ["--make-ref", "no CHECKPOINT"]),
+    ("make-ref-data-missing", ["eval", "--make-ref", "{root}/nope", "--out", "{root}/r.npz", "--inception",
+                               "{det}"], ["--make-ref", "does not exist"]),
+    ("make-ref-fewer-images-than-features", ["eval", "--make-ref", "{five}", "--out", "{root}/r.npz",
+                                             "--inception", "{det}"], ["--make-ref", "5 samples", "singular"]),
+    ("make-ref-out-suffix", ["eval", "--make-ref", "{five}", "--out", "{root}/r.json"], ["--out", ".npz"]),
     # ---- train-teacher ----
     ("teacher-iterations-zero", ["train-teacher", "--out", "{root}/t.pt", "--iterations", "0"],
      ["--iterations", ">= 1"]),
@@ -164,6 +207,15 @@ MISTAKES = [
 
 def _fill(argv, files):
     return [a.format(**files) for a in argv]
+
+
+def test_eval_without_inception_weights_says_where_to_put_them(files, tmp_path, monkeypatch, capsys):
+    from sidfast.evaluate.detector import PKL_URL
+
+    monkeypatch.setenv("SIDFAST_CACHE", str(tmp_path))
+    code, _, err = run_main(_fill(["eval", "{ckpt}", "--ref", "{ref8}", "--device", "cpu"], files), capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "--inception" in err and str(tmp_path) in err and PKL_URL in err and "never downloads" in err
 
 
 @pytest.mark.parametrize("argv,expected", [pytest.param(a, e, id=i) for i, a, e in MISTAKES])
