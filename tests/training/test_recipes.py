@@ -285,3 +285,53 @@ def test_distill_prints_the_recipe_and_config_json_records_it(tmp_path):
     assert saved["recipe"] == "ddpm" and saved["lr"] == 1e-6 and saved["fake_levels"] == "timesteps"
     assert saved["t_init"] == 625 and saved["sigma_init"] == pytest.approx(2.501705607)
     assert res.config.fake_weighting == "eps"
+
+
+# ---------------- the command a user types, grids and checkpoints on ----------------
+
+def _text_pipelines():
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("text_pipelines",
+                                                  Path(__file__).parents[1] / "models" / "test_text.py")
+    pipelines = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipelines)  # its pipeline builders, not its tests
+    return pipelines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_a_pipeline_teacher_trains_by_its_family_recipe_from_the_command_line(tmp_path, capsys, kind):
+    import json
+
+    from utils import run_main
+
+    pipelines = _text_pipelines()
+    pipe = tmp_path / "pipe"
+    (pipelines.save_sd_pipeline if kind == "sd" else pipelines.save_flux_pipeline)(pipe)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    run = tmp_path / "run"
+    code, out, err = run_main(["distill", "--teacher", pipe, "--prompts", prompts, "--run-dir", run, "--iterations",
+                               "2", "--batch", "2", "--grid-size", "2", "--teacher-steps", "2", "--sample-every",
+                               "1", "--checkpoint-every", "1", "--no-progress", "--device", "cpu",
+                               *(["--image-shape", "4", "4", "4"] if kind == "flux" else [])], capsys)
+    assert code == 0, err
+    saved = json.loads((run / "config.json").read_text())
+    if kind == "sd":  # SiD-LSG: timesteps, eps loss, t_init 625, lr 1e-6, LSG 2 with prompts
+        assert "recipe ddpm (the teacher is a DDPM-table" in out
+        want = {"recipe": "ddpm", "fake_levels": "timesteps", "gen_levels": "timesteps", "fake_weighting": "eps",
+                "t_init": 625, "lr": 1e-6, "guidance": "lsg", "cfg": 2.0, "condition_dropout": 0.1, "gen_steps": 1}
+    else:  # SiD-DiT: logit-normal t, velocity loss, 4 steps from t = 1, LSG 4.5, no dropout
+        assert "recipe flow (the teacher is a flow-matching" in out
+        want = {"recipe": "flow", "fake_levels": "logit-normal", "gen_levels": "logit-normal",
+                "fake_weighting": "flow", "generator_weighting": "1-t", "t_init": 1.0, "gen_steps": 4,
+                "step_spacing": "flow", "guidance": "lsg", "cfg": 4.5, "condition_dropout": 0.0, "lr": 5e-6}
+    assert {k: saved[k] for k in want} == want
+    assert (run / "teacher.png").is_file() and (run / "checkpoint.pt").is_file()
+    code, _, err = run_main(["sample", run, "--out", tmp_path / "s.png", "--num", "2", "--prompts", prompts,
+                             "--device", "cpu"], capsys)
+    assert code == 0, err
