@@ -11,7 +11,7 @@ import sys
 
 from sidfast.training.config import TrainConfig
 
-MAIN = ("run_dir", "recipe", "iterations", "batch", "batch_gpu", "lr", "lr_cooldown", "alpha", "t_init",
+MAIN = ("run_dir", "recipe", "preset", "iterations", "batch", "batch_gpu", "lr", "lr_cooldown", "alpha", "t_init",
         "fake_levels", "gen_levels", "loss_scale_g", "ema_halflife_kimg", "ema_rampup_ratio", "gen_steps",
         "guidance", "cfg", "precision", "device", "engine", "fake_score", "lora_rank", "compile", "checkpoint_every",
         "sample_every", "seed")

@@ -2,7 +2,8 @@
 
     sidfast demo [--quick] [--method sida | --conditional | --gen-steps K] [--seeds N] [--out DIR]
     sidfast train-teacher --out teacher.pt [--iterations N] [--conditional] ...
-    sidfast distill --teacher SRC [--config cfg.yaml|json] [--resume [CKPT]] [--<option> VALUE ...]
+    sidfast distill --teacher SRC [--preset NAME] [--config cfg.yaml|json] [--resume [CKPT]] [--<option> VALUE ...]
+    sidfast distill --preset list
     sidfast sample CKPT --out grid.png|grid.jpg|DIR [--num N] [--steps K] [--teacher SRC]
     sidfast eval CKPT --ref STATS.npz [--num 50000] [--inception PATH] [--out metrics.json] ...
     sidfast eval --make-ref DATA --out STATS.npz [--inception PATH]
@@ -13,8 +14,8 @@ directory (``save_pretrained`` of a ``UNet2DModel`` with its scheduler config, o
 with its text encoders, distilled from the prompts of ``--prompts FILE``), or ``module:function``
 returning an EDM-style module ``net(x, sigma, class_labels) -> x0``. Guidance: ``--guidance
 lsg|long|short|zero|anti --cfg K`` (scales overridden by ``--cfg-fake-train``, ``--cfg-fake``,
-``--cfg-teacher``); a few-step generator: ``--gen-steps K``. Options: defaults < the
-checkpoint's options when resuming < ``--config`` file < command line. User errors print one line
+``--cfg-teacher``); a few-step generator: ``--gen-steps K``. Options: defaults < ``--preset`` (a published
+launch script; the checkpoint's options when resuming) < ``--config`` file < command line. User errors print one line
 ``sidfast <command>: error: ...`` and exit 2; a run stopped by SIGINT/SIGTERM saves and exits 130/143.
 """
 from __future__ import annotations
@@ -38,12 +39,13 @@ from sidfast.evaluate.detector import DetectorError, FILE_NAMES
 from sidfast.evaluate.run import DEFAULT_BATCH, DEFAULT_NUM, EvalError, evaluate_checkpoint, make_reference
 from sidfast.evaluate.statistics import ReferenceFileError
 from sidfast.models import loading
+from sidfast.models.family import teacher_family
 from sidfast.models.io import CheckpointError
 from sidfast.models.lora import NETWORK_KINDS
 from sidfast.plan.known import KNOWN_MODELS
 from sidfast.plan.memory import PLAN_PRECISIONS, SHARDINGS, plan_memory, predictions_table
 from sidfast.training.loop import distill
-from sidfast.training import student
+from sidfast.training import presets, student
 from sidfast.training.config import TrainConfig
 from sidfast.training.data import DataError
 from sidfast.training.options import add_train_options, config_from_args, option_name
@@ -297,6 +299,9 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
+    if getattr(args, "preset", None) == "list":
+        print(presets.table())
+        return 0
     try:
         cfg = config_from_args(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
@@ -315,6 +320,8 @@ def cmd_distill(args) -> int:
         raise UserError(f"--resume {cfg.resume}: the teacher stored in the checkpoint, {stored!r}, {what}; give "
                         f"its location with --teacher NEWPATH") from None
     try:
+        if cfg.preset is not None:  # before the networks are copied: a preset of another family is a mistake
+            presets.check_family(cfg.preset, teacher_family(teacher))
         result = distill(cfg, teacher, architecture=architecture, conditioner=conditioner)
     except ValueError as exc:
         raise _user_error(exc) from None

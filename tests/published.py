@@ -282,3 +282,117 @@ def published_latents_and_labels(seeds, shape, label_dim):
 def published_uint8(images):
     """EDM generate.py / SiD generate_onestep.py: images in [-1, 1] as the uint8 pixels they save."""
     return (images.to(torch.float64) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+# ---- the published launch scripts flag by flag, as written (the presets' oracle: tests/training/test_presets.py).
+# ---- SCRIPTS: preset -> (the training script it launches, the flags the launch script passes that bear on
+# ---- training; paths, logging, snapshots and metrics left out). A flag given twice counts once, with its last
+# ---- value (click keeps the last). TRAIN_DEFAULTS: what each training script fills in for the flags left out.
+TRAIN_DEFAULTS = {
+    # mingyuanzhou/SiD main 01fbb13c, sid_train.py lines 57-103 (click options); Adam betas (0, 0.999) with
+    # --g_beta1 for the generator's beta1, eps 1e-6 under --fp16 (lines 152-153)
+    "sid_train.py": {"cond": False, "arch": "ddpmpp", "duration": 200, "batch": 512, "ema": 0.5, "dropout": 0.13,
+                     "augment": 0.12, "init_sigma": 2.5, "fp16": False, "ls": 1, "lsg": 100, "alpha": 1.2,
+                     "tmax": 800, "lr": 1e-5, "glr": 1e-5, "g_beta1": 0},
+    # mingyuanzhou/SiD sida a5510fdf, sida_train.py lines 95-152
+    "sida_train.py": {"cond": False, "arch": "ddpmpp", "duration": 200, "batch": 512, "ema": 0.5, "dropout": 0.13,
+                      "augment": 0.12, "init_sigma": 2.5, "fp16": False, "ls": 1, "lsg": 100, "alpha": 1.2,
+                      "tmax": 800, "lr": 1e-5, "glr": 1e-5, "g_beta1": 0, "lsd": 1, "lsg_gan": 0.01,
+                      "sid_model": None, "use_gan": True, "save_best_and_last": True},
+    # mingyuanzhou/SiD-LSG 709fc22, sid_train.py lines 91-157 (the loop draws torch.randint(tmin, tmax): HI
+    # excluded, training/sid_training_loop.py line 413)
+    "SiD-LSG sid_train.py": {"duration": 200, "batch": 512, "ema": 0.5, "resolution": 512, "init_timestep": 625,
+                             "fp16": False, "ls": 1, "lsg": 1, "alpha": 1, "tmax": 980, "tmin": 20, "lr": 1e-6,
+                             "glr": 1e-6, "cfg_train_fake": 1, "cfg_eval_fake": 1, "cfg_eval_real": 1,
+                             "enable_xformers": True, "gradient_checkpointing": False, "optimizer": "adam",
+                             "num_steps": 1},
+    # apple-aiml-research/ml-sid-dit 9596ed92, sid_dit_sd3_train.py and sid_dit_train.py click options (the same
+    # defaults in both)
+    "sid_dit_train.py": {"duration": 10, "batch": 512, "lr": 1e-5, "glr": 1e-5, "ema": 0, "fp16": False,
+                         "bf16": False, "autocast_bf16": True, "gradient_checkpointing": True, "resolution": 256,
+                         "init_timestep": 50, "alpha": 1.0, "ls": 1, "lsg": 100, "num_steps": 4, "optimizer": "adam",
+                         "cfg_train_fake": 1, "cfg_eval_fake": 1, "cfg_eval_real": 1, "noise_type": "fresh",
+                         "weighting_scheme": "1_minus_sigma", "train_diffusiongan": False},
+}
+# constants of the published loops that the presets also set: SiDA's warm-up gates, sida_training/
+# sida_training_loop.py line 410 (`cur_nimg>200*1000`: the GAN term) and line 425 (`cur_nimg>100*1000`: G steps)
+SIDA_LOOP = {"gan_start_kimg": 200, "g_start_kimg": 100}
+
+_SID_CIFAR = {"alpha": 1.2, "tmax": 800, "init_sigma": 2.5, "batch": 256, "batch-gpu": 16, "arch": "ddpmpp",
+              "lr": 1e-5, "glr": 1e-5, "fp16": 0, "ls": 1, "lsg": 100}
+_SIDA = {"alpha": 1, "tmax": 800, "init_sigma": 2.5, "ls": 1, "lsg": 100, "lsd": 1, "lsg_gan": 0.01, "use_gan": 1,
+         "save_best_and_last": 1}
+_SID2A_MODEL = "https://huggingface.co/UT-Austin-PML/SiD/resolve/main/"
+_LSG = {"train_mode": 1, "cfg_train_fake": 2, "cfg_eval_fake": 2, "cfg_eval_real": 2, "optimizer": "adam",
+        "resolution": 512, "alpha": 1, "init_timestep": 625, "batch": 512, "fp16": 0, "batch-gpu": 1, "lr": 0.000001,
+        "glr": 0.000001, "duration": 10, "enable_xformers": 1, "gradient_checkpointing": 0, "ema": 0.05}
+_DIT = {"optimizer": "adam", "resolution": 512, "batch": 256, "lr": 0.000005, "glr": 0.000005, "cfg_train_fake": 4.5,
+        "cfg_eval_fake": 4.5, "cfg_eval_real": 4.5, "alpha": 1.0, "init_timestep": 999, "num_steps": 4, "fp16": 0,
+        "bf16": 0, "autocast_bf16": 1, "gradient_checkpointing": 1}
+
+SCRIPTS = {
+    # ---- SiD: mingyuanzhou/SiD main 01fbb13c, run_sid.sh
+    "cifar10-uncond": ("sid_train.py", {**_SID_CIFAR, "duration": 500}),  # lines 25-45
+    "cifar10-cond": ("sid_train.py", {**_SID_CIFAR, "cond": 1, "duration": 800}),  # lines 50-71
+    "imagenet64": ("sid_train.py", {"alpha": 1.2, "cond": 1, "tmax": 800, "init_sigma": 2.5, "batch": 8192,  # 74-98
+                                    "batch-gpu": 16, "arch": "adm", "lr": 4e-6, "glr": 4e-6, "fp16": 1, "ls": 1,
+                                    "lsg": 100, "dropout": 0.1, "augment": 0, "ema": 2, "duration": 1000}),
+    "ffhq64": ("sid_train.py", {"alpha": 1.2, "tmax": 800, "init_sigma": 2.5, "batch": 512, "batch-gpu": 32,  # 101-125
+                                "arch": "ddpmpp", "lr": 1e-5, "glr": 1e-5, "fp16": 1, "ls": 1, "lsg": 100,
+                                "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2", "g_beta1": 0.9, "duration": 500}),
+    "afhq64": ("sid_train.py", {"alpha": 1.0, "tmax": 800, "init_sigma": 2.5, "batch": 512, "batch-gpu": 32,  # 128-151
+                                "arch": "ddpmpp", "lr": 5e-6, "glr": 5e-6, "fp16": 1, "ls": 1, "lsg": 100,
+                                "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2", "duration": 500}),
+    # ---- SiDA: mingyuanzhou/SiD sida a5510fdf, run_sida.sh
+    "sida-cifar10-uncond": ("sida_train.py", {**_SIDA, "batch": 256, "batch-gpu": 32, "arch": "ddpmpp",  # 22-49
+                                              "lr": 1e-5, "glr": 1e-5, "fp16": 0, "duration": 300}),
+    "sida-cifar10-cond": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 256, "batch-gpu": 32, "arch": "ddpmpp",  # 85-113
+                                            "lr": 1e-5, "glr": 1e-5, "fp16": 0, "duration": 300}),
+    "sida-imagenet64": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 8192, "batch-gpu": 32, "arch": "adm",  # 118-150
+                                          "lr": 4e-6, "glr": 4e-6, "fp16": 1, "dropout": 0.1, "augment": 0, "ema": 2,
+                                          "duration": 300}),  # --duration 300 at lines 142 and 150
+    "sida-ffhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 1e-5,  # 154-185
+                                      "glr": 1e-5, "fp16": 1, "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2",
+                                      "duration": 200}),  # --duration 200 at lines 177 and 185
+    "sida-afhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 5e-6,  # 190-221
+                                      "glr": 5e-6, "fp16": 1, "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2",
+                                      "duration": 200}),  # line 196 passes --data ffhq-64x64.zip
+    # ---- SiD²A: mingyuanzhou/SiD sida a5510fdf, run_sid_sida.sh (the same flags plus --sid_model)
+    "sid2a-cifar10-uncond": ("sida_train.py", {**_SIDA, "batch": 256, "batch-gpu": 32, "arch": "ddpmpp",  # 22-50
+                                               "lr": 1e-5, "glr": 1e-5, "fp16": 0, "duration": 100,
+                                               "sid_model": _SID2A_MODEL + "cifar10-uncond/alpha1.2/"
+                                                                           "network-snapshot-1.200000-403968.pkl"}),
+    "sid2a-cifar10-cond": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 256, "batch-gpu": 32,  # 85-114
+                                             "arch": "ddpmpp", "lr": 1e-5, "glr": 1e-5, "fp16": 0, "duration": 100,
+                                             "sid_model": _SID2A_MODEL + "cifar10-cond/alpha1.2/"
+                                                                         "network-snapshot-1.200000-713312.pkl"}),
+    "sid2a-imagenet64": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 8192, "batch-gpu": 32, "arch": "adm",  # 118-151
+                                           "lr": 4e-6, "glr": 4e-6, "fp16": 1, "dropout": 0.1, "augment": 0,
+                                           "ema": 2, "duration": 100,  # --duration 300 at line 142, 100 at line 150
+                                           "sid_model": _SID2A_MODEL + "imagenet64/alpha1.2/"
+                                                                       "network-snapshot-1.200000-939176.pkl"}),
+    "sid2a-ffhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 1e-5,  # 154-186
+                                       "glr": 1e-5, "fp16": 1, "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2",
+                                       "duration": 100,  # --duration 300 at line 177, 100 at line 185
+                                       "sid_model": _SID2A_MODEL + "ffhq64/alpha1.2/"
+                                                                   "network-snapshot-1.200000-498176.pkl"}),
+    "sid2a-afhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 5e-6,  # 190-222
+                                       "glr": 5e-6, "fp16": 1, "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2",
+                                       "duration": 100,  # --duration 300 at line 213, 100 at line 221
+                                       "sid_model": _SID2A_MODEL + "afhq64/alpha1/"
+                                                                   "network-snapshot-1.000000-371712.pkl"}),
+    # ---- SiD-LSG: mingyuanzhou/SiD-LSG 709fc22, run_sid.sh
+    "sd15": ("SiD-LSG sid_train.py", {**_LSG, "sd_model": "runwayml/stable-diffusion-v1-5"}),  # sd1.5, lines 63-88
+    "sd21": ("SiD-LSG sid_train.py", {**_LSG, "sd_model": "stabilityai/stable-diffusion-2-1-base"}),  # 95-119
+    # ---- SiD-DiT: apple-aiml-research/ml-sid-dit 9596ed92
+    # sid_dit_sd3_train.py, the module docstring's torchrun example (lines 27-60), with the README's learning rate
+    # for SD3 under AMP ("Training Configurations": "AMP + FSDP ... Uses: lr = glr = 1e-6")
+    "sd3": ("sid_dit_train.py", {**_DIT, "batch-gpu": 16, "duration": 2, "ls": 1, "lsg": 100,
+                                 "noise_type": "fresh", "weighting_scheme": "1_minus_sigma", "train_diffusiongan": 0,
+                                 "lr": 1e-6, "glr": 1e-6}),
+    # run_sid_dit.sh, start_training() (lines 224-256), its defaults WEIGHTING_SCHEME=1_minus_sigma and
+    # NOISE_TYPE=fresh (lines 21, 23); it launches sid_sdxl_train_fsdp.py, which is not in the repository:
+    # sid_dit_train.py's defaults stand for it
+    "sana": ("sid_dit_train.py", {**_DIT, "batch-gpu": 8, "duration": 1, "noise_type": "fresh",
+                                  "weighting_scheme": "1_minus_sigma"}),
+}

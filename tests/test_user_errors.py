@@ -53,13 +53,15 @@ def files(tmp_path_factory):
     np.savez(root / "ref-bad-sigma.npz", mu=np.zeros(8), sigma=np.eye(7))
     np.savez(root / "ref-3x8x8.npz", mu=np.zeros(8), sigma=np.eye(8), image_shape=np.array([3, 8, 8]))
     np.savez(root / "five.npz", images=np.zeros((5, 4, 4, 1), dtype=np.uint8))
+    (root / "preset.yaml").write_text("preset: cifar-10\n")
     return {"teacher": str(teacher), "run": str(run), "ckpt": str(run / "checkpoint.pt"),
             "empty": str(root / "empty"), "notes": str(root / "notes.txt"), "blocker": str(root / "blocker"),
             "chw": str(root / "chw.npy"), "root": str(root), "unknown_yaml": str(root / "unknown.yaml"),
             "ini": str(root / "config.ini"), "broken_json": str(root / "broken.json"),
             "prompts": str(root / "prompts.txt"), "det": str(root / "det.pt"), "ref8": str(root / "ref8.npz"),
             "ref16": str(root / "ref16.npz"), "ref_bad": str(root / "ref-bad-sigma.npz"),
-            "ref_shape": str(root / "ref-3x8x8.npz"), "five": str(root / "five.npz")}
+            "ref_shape": str(root / "ref-3x8x8.npz"), "five": str(root / "five.npz"),
+            "preset_yaml": str(root / "preset.yaml")}
 
 
 # (id, argv, what the one line must contain: the option in command-line words and the point)
@@ -103,6 +105,14 @@ MISTAKES = [
     ("sid2a-without-init", ["distill", *TINY, "--method", "sid2a"], ["--method sid2a", "--init-generator"]),
     ("sida-without-data", ["distill", *TINY, "--method", "sida"], ["--data"]),
     ("guidance-unconditional-teacher", ["distill", *TINY, "--guidance", "lsg", "--cfg", "2"], ["--guidance"]),
+    ("preset-unknown", ["distill", *TINY, "--preset", "cifar10"], ["--preset 'cifar10'", "cifar10-uncond", "sd3"]),
+    ("preset-of-another-family", ["distill", *TINY, "--preset", "sd15"], ["--preset sd15", "SiD-LSG",
+                                                                          "this teacher is an EDM network"]),
+    ("preset-flow-for-an-edm-teacher", ["distill", *TINY, "--preset", "sana"], ["--preset sana", "flow-matching"]),
+    ("preset-unknown-in-config", ["distill", *TINY, "--config", "{preset_yaml}"], ["--preset 'cifar-10'"]),
+    ("preset-other-than-the-resumed-runs", ["distill", "--resume", "{run}", "--preset", "cifar10-uncond"],
+     ["--preset cifar10-uncond", "resumed run keeps its checkpoint's options (preset none)"]),
+    ("generator-beta1-one", ["distill", *TINY, "--generator-beta1", "1"], ["--generator-beta1", "[0, 1)"]),
     # ---- distill: files ----
     ("no-teacher", ["distill", *FAST, "--run-dir", "{root}/r-no-teacher"], ["--teacher"]),
     ("teacher-missing", ["distill", *FAST, "--teacher", "{root}/nope.pt", "--run-dir", "{root}/r1"],

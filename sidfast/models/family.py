@@ -18,6 +18,8 @@ from sidfast.models.diffusers import DiffusersDenoiser
 from sidfast.models.flow import FlowDenoiser
 
 FAMILIES = ("edm", "ddpm", "flow")
+FAMILY_WORDS = {"edm": "an EDM network", "ddpm": "a DDPM-table (Stable Diffusion style) network",
+                "flow": "a flow-matching network"}  # a teacher of each family, in messages
 
 
 def teacher_family(teacher) -> str:

@@ -58,6 +58,8 @@ class TrainConfig:
                              "EDM networks), ddpm (SiD-LSG: Stable Diffusion and other DDPM-table teachers), "
                              "flow (SiD-DiT: SD3, FLUX, SANA); auto: the teacher's family (docs/recipes.md)",
                      choices=RECIPE_NAMES)
+    preset: Optional[str] = _f(None, "a published launch script (SiD, SiDA, SiD2A, SiD-LSG, SiD-DiT) whose options "
+                                     "fill those you do not give; list: print the presets (docs/presets.md)")
     iterations: int = _f(1_580_000, "SiD iterations to run (published CIFAR-10: ~1.58M at batch 256, "
                                     "~400M images)")
     batch: Optional[int] = _t(None, "generator samples per update, summed over all processes (default: the "
@@ -68,6 +70,8 @@ class TrainConfig:
     lr_cooldown: float = _t(0.0, "fraction of the run's iterations, at its end, over which both learning rates "
                                  "fall linearly towards 0 (0: constant, as published)")
     betas: tuple = _t((0.0, 0.999), "Adam betas of both optimizers (published: 0 0.999)")
+    generator_beta1: Optional[float] = _t(None, "Adam beta1 of the generator's optimizer (default: the first of "
+                                                "--betas; published SiD FFHQ 64: 0.9)")
     adam_eps: Optional[float] = _t(None, "Adam epsilon (default: 1e-8, or 1e-6 with fp16 as published)")
     alpha: Optional[float] = _t(None, "SiD alpha, weight of the ||f_phi - f_psi||^2 term (default: the "
                                       "recipe's: edm 1.2 for sid (1.0 on AFHQ), 1.0 for sida and sid2a; ddpm "
@@ -340,6 +344,9 @@ class TrainConfig:
         num("fake_lr", float, 0, lo_open=True, optional=True)
         num("lr_cooldown", float, 0, 1)
         num("adam_eps", float, 0, lo_open=True, optional=True)
+        num("generator_beta1", float, 0, optional=True)
+        if self.generator_beta1 is not None and self.generator_beta1 >= 1:
+            raise ValueError(f"option generator_beta1 must be in [0, 1), got {self.generator_beta1}")
         num("alpha", float, optional=True)
         if isinstance(self.sigma_init, str) and self.sigma_init.strip().lower() in ("inf", "infinity"):
             self.sigma_init = math.inf  # t = 1 of a flow teacher: pure noise
@@ -437,7 +444,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"option {name} must be a non-empty string, got {getattr(self, name)!r}")
         self.guidance_scales()
-        for name in ("teacher", "resume", "data", "disc_layer", "init_generator", "prompts"):
+        for name in ("teacher", "resume", "data", "disc_layer", "init_generator", "prompts", "preset"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"option {name} must be a string, got {v!r}")

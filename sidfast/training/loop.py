@@ -144,7 +144,8 @@ class Distiller:
         # Set up the optimizers and random streams, then restore a checkpoint over them.
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA
         adam = dict(betas=cfg.betas, eps=cfg.optimizer_eps, **fused)
-        self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, **adam)
+        g_betas = cfg.betas if cfg.generator_beta1 is None else (cfg.generator_beta1, cfg.betas[1])
+        self.opt_g = torch.optim.Adam(self.g_params, lr=cfg.lr, **{**adam, "betas": g_betas})
         self.opt_fake = torch.optim.Adam(self.fake_params, lr=cfg.fake_lr or cfg.lr, **adam)
         self.nimg = start_nimg or 0
         self.iteration = self.nimg // cfg.batch

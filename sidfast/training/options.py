@@ -1,5 +1,6 @@
 """The options of ``sidfast distill``: one command-line option per ``TrainConfig`` field, and the
-``TrainConfig`` they make (defaults < the resumed checkpoint's options < ``--config`` file < command line).
+``TrainConfig`` they make: defaults < ``--preset`` < ``--config`` file < command line for a new run; defaults <
+the resumed checkpoint's options (its preset's included) < ``--config`` file < command line for a resumed one.
 """
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import os
 
 from sidfast.models.io import CheckpointError
+from sidfast.training import presets
 from sidfast.training.config import TrainConfig
 
 
@@ -51,7 +53,8 @@ def _is_run_dir(path) -> bool:
 
 
 def config_from_args(args: argparse.Namespace):
-    """TrainConfig from defaults < resumed checkpoint < --config file < explicit options."""
+    """TrainConfig from defaults < --preset (or the --config file's preset) < --config file < explicit options;
+    when resuming, the checkpoint's options take the preset's place, and a --preset must be the checkpoint's."""
     from sidfast.training.state import distill_checkpoint_in, read_distill
     from sidfast.training.config import TrainConfig
 
@@ -85,11 +88,21 @@ def config_from_args(args: argparse.Namespace):
         cfg = TrainConfig.from_dict({k: v for k, v in saved.get("config", {}).items() if k in known})
         cfg = cfg.replace(overwrite=False)
         del saved
+    in_file = {}
     if getattr(args, "config", None):
         try:
-            cfg = TrainConfig.from_file(args.config, base=cfg)
-        except (ValueError, OSError) as exc:  # the file's own problem, said as the option that named it
+            TrainConfig.from_file(args.config, base=cfg)  # the file's own problems first, named --config
+            in_file = presets.read_options(args.config)
+        except (ValueError, OSError) as exc:
             raise type(exc)(f"--config: {exc}") from None
+    preset = explicit.get("preset", in_file.get("preset"))
+    if preset is not None and resume is not None and preset != cfg.preset:
+        raise ValueError(f"option preset {preset}: a resumed run keeps its checkpoint's options (preset "
+                         f"{cfg.preset or 'none'}); resume without --preset, and give the single options to change")
+    if preset is not None and resume is None:
+        cfg = presets.apply(cfg, preset, {**in_file, **explicit})
+    if getattr(args, "config", None):
+        cfg = TrainConfig.from_file(args.config, base=cfg)
     cfg = TrainConfig.from_dict(explicit, base=cfg)
     if getattr(args, "teacher", None):
         cfg = cfg.replace(teacher=args.teacher)

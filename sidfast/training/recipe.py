@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from sidfast.models.family import TeacherClock, teacher_family
+from sidfast.models.family import FAMILY_WORDS, TeacherClock, teacher_family
 from sidfast.noise_levels import LogitNormal, LogNormal, RhoSchedule, Timesteps
 from sidfast.reference import generator_step_sigmas
+from sidfast.training import presets
 from sidfast.training.config import TrainConfig
 
 # name -> value per family, with the published file each value comes from (docs/recipes.md shows this table)
@@ -42,8 +43,6 @@ RECIPES = {
                    "guided_cfg": 4.5, "dropout_rule": False},
     },
 }
-FAMILY_WORDS = {"edm": "an EDM network", "ddpm": "a DDPM-table (Stable Diffusion style) network",
-                "flow": "a flow-matching network"}
 CONDITION_DROPOUT = 0.1  # SiD-LSG: prompts dropped in the fake-score step while k1 or k2 is not 1
 
 
@@ -66,7 +65,8 @@ class Recipe:
         """What ``sidfast distill`` prints at the start: the recipe, why, and what it filled."""
         src = RECIPES[self.family]["source"]
         why = f" (the teacher is {FAMILY_WORDS[self.family]})" if self.from_teacher else " (option --recipe)"
-        out = [f"sidfast distill: recipe {self.family}{why}: {src}"]
+        out = presets.lines(self.cfg) if self.cfg.preset else []  # the launch script, then what the recipe filled
+        out.append(f"sidfast distill: recipe {self.family}{why}: {src}")
         if self.chosen:
             out.append("  from the recipe: " + ", ".join(f"{TrainConfig.option(k)} {_show(v)}"
                                                          for k, v in self.chosen.items()))
@@ -91,6 +91,8 @@ def resolve(cfg: TrainConfig, teacher, text: bool = False) -> Recipe:
     against the teacher; ``text``: the run conditions on prompts (SiD-LSG and SiD-DiT guide them)."""
     family = family_of(cfg, teacher)
     clock = TeacherClock(teacher)
+    if cfg.preset is not None:
+        presets.check_family(cfg.preset, clock.family)
     values = RECIPES[family]["values"]
     chosen = {}
     changes = {}
