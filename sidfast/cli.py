@@ -2,7 +2,7 @@
 
     sidfast demo [--quick] [--method sida | --conditional | --gen-steps K] [--seeds N] [--out DIR]
     sidfast train-teacher --out teacher.pt [--iterations N] [--conditional] ...
-    sidfast distill --teacher SRC [--preset NAME] [--config cfg.yaml|json] [--resume [CKPT]] [--<option> VALUE ...]
+    sidfast distill --teacher SRC [--preset NAME] [--config cfg.yaml|json] [--resume [CKPT]] [--OPTION VALUE ...]
     sidfast distill --preset list
     sidfast sample CKPT --out grid.png|grid.jpg|DIR [--num N] [--steps K] [--teacher SRC]
     sidfast eval CKPT --ref STATS.npz [--num 50000] [--inception PATH] [--out metrics.json] ...
@@ -15,8 +15,8 @@ with its text encoders, distilled from the prompts of ``--prompts FILE``), or ``
 returning an EDM-style module ``net(x, sigma, class_labels) -> x0``. Guidance: ``--guidance
 lsg|long|short|zero|anti --cfg K`` (scales overridden by ``--cfg-fake-train``, ``--cfg-fake``,
 ``--cfg-teacher``); a few-step generator: ``--gen-steps K``. Options: defaults < ``--preset`` (a published
-launch script; the checkpoint's options when resuming) < ``--config`` file < command line. User errors print one line
-``sidfast <command>: error: ...`` and exit 2; a run stopped by SIGINT/SIGTERM saves and exits 130/143.
+launch script; the checkpoint's options when resuming) < ``--config`` file < command line. User errors print
+one line ``sidfast <command>: error: ...`` and exit 2; a run stopped by SIGINT/SIGTERM saves and exits 130/143.
 """
 from __future__ import annotations
 

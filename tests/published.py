@@ -332,58 +332,74 @@ _DIT = {"optimizer": "adam", "resolution": 512, "batch": 256, "lr": 0.000005, "g
 
 SCRIPTS = {
     # ---- SiD: mingyuanzhou/SiD main 01fbb13c, run_sid.sh
-    "cifar10-uncond": ("sid_train.py", {**_SID_CIFAR, "duration": 500}),  # lines 25-45
-    "cifar10-cond": ("sid_train.py", {**_SID_CIFAR, "cond": 1, "duration": 800}),  # lines 50-71
-    "imagenet64": ("sid_train.py", {"alpha": 1.2, "cond": 1, "tmax": 800, "init_sigma": 2.5, "batch": 8192,  # 74-98
+    # lines 25-45
+    "cifar10-uncond": ("sid_train.py", {**_SID_CIFAR, "duration": 500}),
+    # lines 50-71
+    "cifar10-cond": ("sid_train.py", {**_SID_CIFAR, "cond": 1, "duration": 800}),
+    # lines 74-98
+    "imagenet64": ("sid_train.py", {"alpha": 1.2, "cond": 1, "tmax": 800, "init_sigma": 2.5, "batch": 8192,
                                     "batch-gpu": 16, "arch": "adm", "lr": 4e-6, "glr": 4e-6, "fp16": 1, "ls": 1,
                                     "lsg": 100, "dropout": 0.1, "augment": 0, "ema": 2, "duration": 1000}),
-    "ffhq64": ("sid_train.py", {"alpha": 1.2, "tmax": 800, "init_sigma": 2.5, "batch": 512, "batch-gpu": 32,  # 101-125
+    # lines 101-125
+    "ffhq64": ("sid_train.py", {"alpha": 1.2, "tmax": 800, "init_sigma": 2.5, "batch": 512, "batch-gpu": 32,
                                 "arch": "ddpmpp", "lr": 1e-5, "glr": 1e-5, "fp16": 1, "ls": 1, "lsg": 100,
                                 "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2", "g_beta1": 0.9, "duration": 500}),
-    "afhq64": ("sid_train.py", {"alpha": 1.0, "tmax": 800, "init_sigma": 2.5, "batch": 512, "batch-gpu": 32,  # 128-151
+    # lines 128-151
+    "afhq64": ("sid_train.py", {"alpha": 1.0, "tmax": 800, "init_sigma": 2.5, "batch": 512, "batch-gpu": 32,
                                 "arch": "ddpmpp", "lr": 5e-6, "glr": 5e-6, "fp16": 1, "ls": 1, "lsg": 100,
                                 "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2", "duration": 500}),
     # ---- SiDA: mingyuanzhou/SiD sida a5510fdf, run_sida.sh
-    "sida-cifar10-uncond": ("sida_train.py", {**_SIDA, "batch": 256, "batch-gpu": 32, "arch": "ddpmpp",  # 22-49
+    # lines 22-49
+    "sida-cifar10-uncond": ("sida_train.py", {**_SIDA, "batch": 256, "batch-gpu": 32, "arch": "ddpmpp",
                                               "lr": 1e-5, "glr": 1e-5, "fp16": 0, "duration": 300}),
-    "sida-cifar10-cond": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 256, "batch-gpu": 32, "arch": "ddpmpp",  # 85-113
-                                            "lr": 1e-5, "glr": 1e-5, "fp16": 0, "duration": 300}),
-    "sida-imagenet64": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 8192, "batch-gpu": 32, "arch": "adm",  # 118-150
+    # lines 85-113
+    "sida-cifar10-cond": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 256, "batch-gpu": 32,
+                                            "arch": "ddpmpp", "lr": 1e-5, "glr": 1e-5, "fp16": 0, "duration": 300}),
+    # lines 118-150
+    "sida-imagenet64": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 8192, "batch-gpu": 32, "arch": "adm",
                                           "lr": 4e-6, "glr": 4e-6, "fp16": 1, "dropout": 0.1, "augment": 0, "ema": 2,
                                           "duration": 300}),  # --duration 300 at lines 142 and 150
-    "sida-ffhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 1e-5,  # 154-185
+    # lines 154-185
+    "sida-ffhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 1e-5,
                                       "glr": 1e-5, "fp16": 1, "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2",
                                       "duration": 200}),  # --duration 200 at lines 177 and 185
-    "sida-afhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 5e-6,  # 190-221
+    # lines 190-221
+    "sida-afhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 5e-6,
                                       "glr": 5e-6, "fp16": 1, "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2",
                                       "duration": 200}),  # line 196 passes --data ffhq-64x64.zip
     # ---- SiD²A: mingyuanzhou/SiD sida a5510fdf, run_sid_sida.sh (the same flags plus --sid_model)
-    "sid2a-cifar10-uncond": ("sida_train.py", {**_SIDA, "batch": 256, "batch-gpu": 32, "arch": "ddpmpp",  # 22-50
+    # lines 22-50
+    "sid2a-cifar10-uncond": ("sida_train.py", {**_SIDA, "batch": 256, "batch-gpu": 32, "arch": "ddpmpp",
                                                "lr": 1e-5, "glr": 1e-5, "fp16": 0, "duration": 100,
                                                "sid_model": _SID2A_MODEL + "cifar10-uncond/alpha1.2/"
                                                                            "network-snapshot-1.200000-403968.pkl"}),
-    "sid2a-cifar10-cond": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 256, "batch-gpu": 32,  # 85-114
+    # lines 85-114
+    "sid2a-cifar10-cond": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 256, "batch-gpu": 32,
                                              "arch": "ddpmpp", "lr": 1e-5, "glr": 1e-5, "fp16": 0, "duration": 100,
                                              "sid_model": _SID2A_MODEL + "cifar10-cond/alpha1.2/"
                                                                          "network-snapshot-1.200000-713312.pkl"}),
-    "sid2a-imagenet64": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 8192, "batch-gpu": 32, "arch": "adm",  # 118-151
+    # lines 118-151
+    "sid2a-imagenet64": ("sida_train.py", {**_SIDA, "cond": 1, "batch": 8192, "batch-gpu": 32, "arch": "adm",
                                            "lr": 4e-6, "glr": 4e-6, "fp16": 1, "dropout": 0.1, "augment": 0,
                                            "ema": 2, "duration": 100,  # --duration 300 at line 142, 100 at line 150
                                            "sid_model": _SID2A_MODEL + "imagenet64/alpha1.2/"
                                                                        "network-snapshot-1.200000-939176.pkl"}),
-    "sid2a-ffhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 1e-5,  # 154-186
+    # lines 154-186
+    "sid2a-ffhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 1e-5,
                                        "glr": 1e-5, "fp16": 1, "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2",
                                        "duration": 100,  # --duration 300 at line 177, 100 at line 185
                                        "sid_model": _SID2A_MODEL + "ffhq64/alpha1.2/"
                                                                    "network-snapshot-1.200000-498176.pkl"}),
-    "sid2a-afhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 5e-6,  # 190-222
+    # lines 190-222
+    "sid2a-afhq64": ("sida_train.py", {**_SIDA, "batch": 512, "batch-gpu": 64, "arch": "ddpmpp", "lr": 5e-6,
                                        "glr": 5e-6, "fp16": 1, "dropout": 0.05, "augment": 0.15, "cres": "1,2,2,2",
                                        "duration": 100,  # --duration 300 at line 213, 100 at line 221
                                        "sid_model": _SID2A_MODEL + "afhq64/alpha1/"
                                                                    "network-snapshot-1.000000-371712.pkl"}),
     # ---- SiD-LSG: mingyuanzhou/SiD-LSG 709fc22, run_sid.sh
     "sd15": ("SiD-LSG sid_train.py", {**_LSG, "sd_model": "runwayml/stable-diffusion-v1-5"}),  # sd1.5, lines 63-88
-    "sd21": ("SiD-LSG sid_train.py", {**_LSG, "sd_model": "stabilityai/stable-diffusion-2-1-base"}),  # 95-119
+    # lines 95-119
+    "sd21": ("SiD-LSG sid_train.py", {**_LSG, "sd_model": "stabilityai/stable-diffusion-2-1-base"}),
     # ---- SiD-DiT: apple-aiml-research/ml-sid-dit 9596ed92
     # sid_dit_sd3_train.py, the module docstring's torchrun example (lines 27-60), with the README's learning rate
     # for SD3 under AMP ("Training Configurations": "AMP + FSDP ... Uses: lr = glr = 1e-6")

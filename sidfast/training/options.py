@@ -88,13 +88,7 @@ def config_from_args(args: argparse.Namespace):
         cfg = TrainConfig.from_dict({k: v for k, v in saved.get("config", {}).items() if k in known})
         cfg = cfg.replace(overwrite=False)
         del saved
-    in_file = {}
-    if getattr(args, "config", None):
-        try:
-            TrainConfig.from_file(args.config, base=cfg)  # the file's own problems first, named --config
-            in_file = presets.read_options(args.config)
-        except (ValueError, OSError) as exc:
-            raise type(exc)(f"--config: {exc}") from None
+    in_file = presets.read_options(args.config) if getattr(args, "config", None) else {}
     preset = explicit.get("preset", in_file.get("preset"))
     if preset is not None and resume is not None and preset != cfg.preset:
         raise ValueError(f"option preset {preset}: a resumed run keeps its checkpoint's options (preset "
@@ -102,7 +96,10 @@ def config_from_args(args: argparse.Namespace):
     if preset is not None and resume is None:
         cfg = presets.apply(cfg, preset, {**in_file, **explicit})
     if getattr(args, "config", None):
-        cfg = TrainConfig.from_file(args.config, base=cfg)
+        try:
+            cfg = TrainConfig.from_file(args.config, base=cfg)
+        except (ValueError, OSError) as exc:  # the file's own problem, said as the option that named it
+            raise type(exc)(f"--config: {exc}") from None
     cfg = TrainConfig.from_dict(explicit, base=cfg)
     if getattr(args, "teacher", None):
         cfg = cfg.replace(teacher=args.teacher)

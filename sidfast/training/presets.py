@@ -251,11 +251,15 @@ def config(name: str, **options) -> TrainConfig:
 
 
 def read_options(path) -> dict:
-    """The options a ``--config`` file sets, name -> value (the file was read and checked by
-    ``TrainConfig.from_file``; JSON and YAML as it reads them)."""
-    text = Path(path).read_text(encoding="utf-8")
-    data = json.loads(text) if Path(path).suffix.lower() == ".json" else yaml.safe_load(text)
-    return dict(data or {})
+    """The options a ``--config`` file sets, name -> value, to see its preset and what it overrides before
+    ``TrainConfig.from_file`` reads it over them; {} for a file it cannot read, whose problem ``from_file``
+    then reports in full."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if Path(path).suffix.lower() == ".json" else yaml.safe_load(text)
+        return dict(data or {})
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        return {}
 
 
 def lines(cfg: TrainConfig) -> list[str]:

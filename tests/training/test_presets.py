@@ -253,6 +253,9 @@ def test_a_config_file_may_name_the_preset_and_the_flag_wins(tmp_path):
     assert (cfg.preset, cfg.lr, cfg.cfg, cfg.guidance) == ("sd15", 1e-6, 3.0, "lsg")
     cfg = config_from_args(_args(["--config", path, "--preset", "sd21"]))
     assert (cfg.preset, cfg.cfg) == ("sd21", 3.0)
+    path.write_text(json.dumps({"guidance": "long"}))  # valid over the preset only: its scale stays
+    cfg = config_from_args(_args(["--config", path, "--preset", "sd15"]))
+    assert (cfg.guidance, cfg.cfg) == ("long", 2.0)
 
 
 def test_a_preset_value_yields_to_the_same_thing_said_another_way():
@@ -307,3 +310,28 @@ def test_help_names_the_preset_option(capsys):
     with pytest.raises(SystemExit):
         cli.main(["distill", "--help"])
     assert "--preset" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kind", [("sd15", "sd"), ("sd3", "flux")])
+def test_a_text_preset_trains_a_pipeline_teacher_from_the_command_line(tmp_path, capsys, name, kind):
+    """The SiD-LSG and SiD-DiT presets as given (batch-gpu 1 or 16, fp32 or bf16 autocast, activation
+    checkpointing) on tiny pipelines; only the length and the batch are the test's."""
+    from test_recipes import _text_pipelines
+
+    pipelines = _text_pipelines()
+    pipe = tmp_path / "pipe"
+    (pipelines.save_sd_pipeline if kind == "sd" else pipelines.save_flux_pipeline)(pipe)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    run = tmp_path / "run"
+    code, out, err = run_main(["distill", "--preset", name, "--teacher", pipe, "--prompts", prompts, "--run-dir", run,
+                               *SMALL, *(["--image-shape", "4", "4", "4"] if kind == "flux" else [])], capsys)
+    assert code == 0, err
+    assert f"preset {name} (" in out and "not set by sidfast: " in out
+    saved = json.loads((run / "config.json").read_text())
+    for option, value in presets.PRESETS[name].values.items():
+        if option not in ("batch", "iterations"):
+            assert same(saved[option], value), (option, saved[option], value)
+    k = TrainConfig.from_dict({n: v for n, v in saved.items() if n in {f.name for f in TrainConfig.fields()}})
+    assert k.guidance_scales().k4 == presets.PRESETS[name].values["cfg"]
