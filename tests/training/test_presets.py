@@ -335,3 +335,26 @@ def test_a_text_preset_trains_a_pipeline_teacher_from_the_command_line(tmp_path,
             assert same(saved[option], value), (option, saved[option], value)
     k = TrainConfig.from_dict({n: v for n, v in saved.items() if n in {f.name for f in TrainConfig.fields()}})
     assert k.guidance_scales().k4 == presets.PRESETS[name].values["cfg"]
+
+
+def test_sid_then_sid2a_from_their_presets(tmp_path, capsys):
+    """SiD's preset, then SiD²A's from its checkpoint with real images: the SiDA options arrive, the tiny
+    teacher's missing augmentation input is refused until --augment-p 0, and the GAN gates are the script's."""
+    import numpy as np
+
+    data = tmp_path / "digits.npz"
+    np.savez(data, images=np.random.default_rng(0).integers(0, 256, (16, 4, 4, 1), dtype=np.uint8))
+    sid = tmp_path / "sid"
+    assert run_main(["distill", "--preset", "cifar10-uncond", "--teacher", "nets:tiny_teacher", "--run-dir", sid,
+                     *SMALL], capsys)[0] == 0
+    argv = ["distill", "--preset", "sid2a-cifar10-uncond", "--teacher", "nets:tiny_teacher", "--data", data,
+            "--init-generator", sid / "checkpoint.pt", "--disc-layer", "inp", "--run-dir", tmp_path / "sid2a", *SMALL]
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and "--augment-p 0.12: the fake score takes no augment_labels" in err
+    code, out, err = run_main([*argv, "--augment-p", "0"], capsys)
+    assert code == 0, err
+    assert "overridden by your options: --batch 4 (preset 256), --iterations 2 (preset 390625), --augment-p 0 " \
+           "(preset 0.12)" in out
+    saved = json.loads((tmp_path / "sid2a" / "config.json").read_text())
+    assert (saved["method"], saved["alpha"], saved["gan_start_kimg"], saved["g_start_kimg"], saved["loss_scale_gan"],
+            saved["batch_gpu"]) == ("sid2a", 1.0, 200.0, 100.0, 0.01, 32)
