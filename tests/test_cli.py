@@ -431,7 +431,7 @@ def test_guidance_and_prompt_errors(tmp_path, capsys):
     user_error([*teacher, "--guidance", "zero", "--cfg", "2"], capsys, "option --cfg is the scale")
     user_error([*teacher, "--guidance", "fancy"], capsys, "option --guidance must be one of")
     user_error([*teacher, "--guidance", "lsg", "--cfg", "2"], capsys,
-               "--guidance needs a conditional teacher")
+               "--guidance lsg with --cfg 2 needs a conditional teacher")
     user_error([*teacher, "--gen-steps", "0"], capsys, "option --gen-steps must be >= 1")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
