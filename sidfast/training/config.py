@@ -115,9 +115,9 @@ class TrainConfig:
     # SiDA and SiD2A (Zhou et al., ICLR 2025, "Adversarial Score identity Distillation")
     data: Optional[str] = _t(None, "sida/sid2a: real images: a folder, dataset.zip (EDM/StyleGAN layout), "
                                    ".npz/.npy or .pt file (docs/data.md)")
-    augment_p: float = _t(0.0, "sida/sid2a: EDM augmentation probability of real and generated images in the "
-                               "fake-score step (published: 0.12 CIFAR-10, 0.15 FFHQ/AFHQ, 0 ImageNet 64); "
-                               "needs a fake score that takes augment_labels (EDM's augment_dim=9)")
+    augment_p: float = _t(0.0, "EDM augmentation probability of the fake-score step's images, generated (and "
+                               "sida/sid2a's real ones) (published: 0.12 CIFAR-10, 0.15 FFHQ/AFHQ, 0 ImageNet "
+                               "64); needs a fake score that takes augment_labels (EDM's augment_dim=9)")
     disc_layer: Optional[str] = _t(None, "sida/sid2a: the fake score's module whose output gives the "
                                          "discriminator logits, dotted path (path:input for its input) (default: "
                                          "the family's encoder end, e.g. EDM's last lowest-resolution enc block)")
@@ -480,7 +480,6 @@ class TrainConfig:
                              f"{self.option('method')} sid2a; this run is {self.option('method')} {self.method}")
         if self.method == "sid":
             given = [self.option(n) for n in ("data", "disc_layer") if getattr(self, n) is not None]
-            given += [self.option("augment_p")] if self.augment_p else []
             given += [self.option("gen_labels")] if self.gen_labels != "data" else []
             if given:
                 raise ValueError(f"{', '.join(given)} belong to {self.option('method')} sida or sid2a "

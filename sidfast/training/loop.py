@@ -139,7 +139,7 @@ class Distiller:
             self.phases = SiDAPhases(cfg, self.teacher, self.fake, batch, conditioner, data,
                                      self.dist.rank, self.dist.world, recipe=self.recipe)
         else:
-            self.phases = SiDPhases(cfg, self.teacher, batch, conditioner, data, recipe=self.recipe)
+            self.phases = SiDPhases(cfg, self.teacher, batch, conditioner, data, recipe=self.recipe, fake=self.fake)
 
         # Set up the optimizers and random streams, then restore a checkpoint over them.
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step on CUDA

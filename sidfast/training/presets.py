@@ -93,28 +93,24 @@ def _edm_values(method, batch, batch_gpu, lr, alpha, fp16, ema_mimg, mimg) -> di
             "precision": "fp16" if fp16 else "fp32", "iterations": images_to_iterations(mimg, batch)}
 
 
-def _edm_notes(dataset: str, augment_is_option: bool) -> tuple:
-    _, cond, arch, dropout, augment, _, _ = EDM_DATASETS[dataset]
+def _edm_notes(dataset: str) -> tuple:
+    _, cond, arch, dropout, _, _, _ = EDM_DATASETS[dataset]
     notes = [f"--dropout {dropout:g} (the networks keep the teacher network's own dropout)",
              f"--arch {arch} (the teacher's network; --teacher gives it)"]
     if cond:
         notes.append("--cond 1 (sidfast reads the classes from the teacher)")
-    if not augment_is_option:
-        notes.append(f"--augment {augment:g} " + ("(SiD augments the generated images of the fake-score step; "
-                                                 "sidfast's --augment-p is SiDA's only)" if augment else
-                                                 "(no augmentation: as sidfast's SiD)"))
     return tuple(notes)
 
 
 def _sid(dataset) -> Preset:
     """SiD's run_sid.sh on ``dataset``."""
     lines, batch, batch_gpu, lr, alpha, fp16, mimg, more = SID[dataset]
-    teacher, _, _, _, _, ema, _ = EDM_DATASETS[dataset]
+    teacher, _, _, _, augment, ema, _ = EDM_DATASETS[dataset]
     return Preset(dataset, "SiD", "edm", f"--teacher {teacher}",
                   f"mingyuanzhou/SiD main 01fbb13c, run_sid.sh {SCRIPT_CASES[dataset]} (lines {lines}), sid_train.py "
                   "defaults",
-                  {**_edm_values("sid", batch, batch_gpu, lr, alpha, fp16, ema, mimg), **more},
-                  _edm_notes(dataset, augment_is_option=False) + ("--data (read only for FID)",))
+                  {**_edm_values("sid", batch, batch_gpu, lr, alpha, fp16, ema, mimg), "augment_p": augment, **more},
+                  _edm_notes(dataset) + ("--data (read only for FID)",))
 
 
 def _sida(dataset, method) -> Preset:
@@ -123,7 +119,7 @@ def _sida(dataset, method) -> Preset:
     teacher, _, _, _, augment, ema, data = EDM_DATASETS[dataset]
     values = {**_edm_values(method, batch, batch_gpu, lr, 1.0, fp16, ema, mimg_a if method == "sida" else mimg_2a),
               "augment_p": augment, "loss_scale_d": 1.0, "loss_scale_gan": 0.01, **SIDA_GATES}
-    notes = _edm_notes(dataset, augment_is_option=True) + ("--save_best_and_last 1 (sidfast keeps the last "
+    notes = _edm_notes(dataset) + ("--save_best_and_last 1 (sidfast keeps the last "
                                                            "checkpoint)",)
     expects = f"--teacher {teacher}; --data {data}"
     script = f"run_sida.sh {SCRIPT_CASES[dataset]} (lines {lines_a})"

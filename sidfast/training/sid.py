@@ -6,16 +6,20 @@ Math: docs/math.md, "Fake-score loss" and "SiD generator loss".
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
+from torch import nn
 
 from sidfast import conditions, guidance, reference
 from sidfast.engine.scores import edm_noised
 from sidfast.generator import draw_k_star, rollout
 from sidfast.loss import fake_score_loss, sid_generator_loss
 from sidfast.models.flow import FlowDenoiser
+from sidfast.models.introspect import _modules_of
 from sidfast.ops import backend
 from sidfast.schedules import broadcast
+from sidfast.training.augment import AugmentPipe
 from sidfast.training.conditioning import Conditioning
 from sidfast.training.recipe import resolve
 from sidfast.utils import runtime
@@ -50,9 +54,10 @@ class SiDPhases:
     clip = None  # no clipping of the fake score's gradients
     updates_generator = True  # the generator's optimizer steps every iteration
 
-    def __init__(self, cfg, teacher, batch: MicroBatch, conditioner=None, data=None, recipe=None):
+    def __init__(self, cfg, teacher, batch: MicroBatch, conditioner=None, data=None, recipe=None, fake=None):
         """``recipe``: the run's completed recipe (``sidfast.training.recipe.resolve``; default: resolved here
-        from ``cfg`` and ``teacher``)."""
+        from ``cfg`` and ``teacher``); ``fake``: the fake score, whose signature says whether it can be told
+        about augmentation (option augment_p)."""
         recipe = recipe if recipe is not None else resolve(cfg, teacher, text=conditioner is not None)
         cfg = recipe.cfg
         self.cfg = cfg
@@ -66,6 +71,7 @@ class SiDPhases:
         self.conditioning = Conditioning(cfg, teacher, conditioner, batch.num_classes, batch.label_format,
                                          self.scales, batch.device)
         self.null_labels, self.null_cond = conditions.split(self.conditioning.null)
+        self.augment = self._augment_pipe(fake if fake is not None else teacher)
         self.loss_scale_fake = cfg.loss_scale_fake
         self.loss_scale_g = cfg.loss_scale_g
         if data is not None:
@@ -101,6 +107,9 @@ class SiDPhases:
         with torch.no_grad():
             x_g, labels, cond = self.generate(generator, dropout=self.cfg.condition_dropout)
         sigma = self._fake_sigma()
+        # the published EDM loss's order: sigma, the augmentation of x_g, the noise
+        x_g, augment_cond = self._augmented(x_g)
+        cond = {**cond, **augment_cond}
         # kernel noise: the loss regenerates eps from the seed that drew it
         noise = torch.randn_like(x_g) if noise_source(self.cfg.noise, x_g) == "torch" else None
         x_t, seed = edm_noised(x_g, sigma, noise)
@@ -160,6 +169,27 @@ class SiDPhases:
                           cond=cond)
         return acc(x_g), labels, cond
 
+    def _augment_pipe(self, fake) -> AugmentPipe | None:
+        """EDM's augmentation of the fake-score step's images at probability option augment_p (published SiD:
+        0.12 on CIFAR-10), or None."""
+        cfg = self.cfg
+        if cfg.augment_p == 0:
+            return None
+        if not takes_augment_labels(fake):
+            raise ValueError(f"{cfg.option('augment_p')} {cfg.augment_p}: the fake score takes no "
+                             "augment_labels, so it could not tell augmented images from real ones (EDM's "
+                             "augmentation is non-leaking only for networks conditioned on it, e.g. "
+                             "augment_dim=9); use 0")
+        return AugmentPipe(cfg.augment_p)
+
+    def _augmented(self, images):
+        """EDM's augmentation of ``images`` (a fresh draw per call, as published) and the conditioning that
+        tells the fake score about it."""
+        if self.augment is None:
+            return images, {}
+        images, augment_labels = self.augment(images)
+        return images, {"augment_labels": augment_labels}
+
     def _fake_sigma(self) -> torch.Tensor:
         """Noise levels of the fake-score loss, drawn by the recipe's law in the teacher's own time
         (``sidfast.noise_levels``)."""
@@ -188,6 +218,18 @@ class SiDPhases:
                                       loss_scale=scale)
         weight = reference.generator_weight(self.weighting, sigma)
         return reference.weighted_sid_loss(y_real, y_fake, x_g, self.cfg.sid_alpha, weight, scale)
+
+
+def takes_augment_labels(net: nn.Module) -> bool:
+    """Whether ``net`` or a network it wraps names an ``augment_labels`` argument (EDM's SongUNet and
+    DhariwalUNet), i.e. can be told which augmentation its input went through."""
+    for module in _modules_of(net):
+        try:
+            if "augment_labels" in inspect.signature(module.forward).parameters:
+                return True
+        except (AttributeError, TypeError, ValueError):
+            continue
+    return False
 
 
 def acc(t: torch.Tensor) -> torch.Tensor:

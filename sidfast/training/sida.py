@@ -8,17 +8,13 @@ starts the generator from a SiD run's EMA generator (``read_init_generator``).
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
-from torch import nn
 
-from sidfast.training.augment import AugmentPipe
 from sidfast.models.io import CheckpointError, load_checkpoint
 from sidfast.training.data import DataWarning, RealData
 from sidfast.labels import format_labels
-from sidfast.models.introspect import _modules_of
 from sidfast.engine.scores import edm_noised
 from sidfast.loss import sida_discriminator_loss, sida_generator_loss
 from sidfast.ops.noise import regenerate_noise
@@ -31,18 +27,6 @@ SIDA_CLIP = 1.0
 SIDA_METRICS = ("loss_d", "loss_gan", "logit_real", "logit_fake", "loss_g_not_applied", "loss_gan_not_applied")
 # a loss the generator's optimizer did not step on in a metrics window is logged under this suffix instead
 NOT_APPLIED = "_not_applied"
-
-
-def takes_augment_labels(net: nn.Module) -> bool:
-    """Whether ``net`` or a network it wraps names an ``augment_labels`` argument (EDM's SongUNet and
-    DhariwalUNet), i.e. can be told which augmentation its input went through."""
-    for module in _modules_of(net):
-        try:
-            if "augment_labels" in inspect.signature(module.forward).parameters:
-                return True
-        except (AttributeError, TypeError, ValueError):
-            continue
-    return False
 
 
 def read_init_generator(cfg) -> dict | None:
@@ -66,7 +50,7 @@ class SiDAPhases(SiDPhases):
                  world: int = 1, recipe=None):
         """``fake``: the fake score (its signature says whether it can be told about augmentation); ``data``:
         the real images (default option ``data``), of which this process reads share ``rank`` of ``world``."""
-        super().__init__(cfg, teacher, batch, conditioner, recipe=recipe)
+        super().__init__(cfg, teacher, batch, conditioner, recipe=recipe, fake=fake)
         cfg = self.cfg
         # SiDA's published recipe: EDM teachers, class labels at most, no guidance
         unsupported = [what for what, on in (("guidance", self.scales.active),
@@ -80,7 +64,6 @@ class SiDAPhases(SiDPhases):
         self.loss_scale_fake = 1.0
         self.loss_scale_g = 1.0
         self.real_data = self._open_real_data(data, rank, world)
-        self.augment = self._augment_pipe(fake)
         self.nimg = 0
         self._sums: dict = {}  # metrics summed since the last record
         self._summed = 0
@@ -109,17 +92,6 @@ class SiDAPhases(SiDPhases):
                           f"{cfg.option('num_classes')} or a network with class labels)", DataWarning,
                           stacklevel=2)
         return real
-
-    def _augment_pipe(self, fake) -> AugmentPipe | None:
-        cfg = self.cfg
-        if cfg.augment_p == 0:
-            return None
-        if not takes_augment_labels(fake):
-            raise ValueError(f"{cfg.option('augment_p')} {cfg.augment_p}: the fake score takes no "
-                             "augment_labels, so it could not tell augmented images from real ones (EDM's "
-                             "augmentation is non-leaking only for networks conditioned on it, e.g. "
-                             "augment_dim=9); use 0")
-        return AugmentPipe(cfg.augment_p)
 
     def begin(self, iteration: int, nimg: int) -> None:
         super().begin(iteration, nimg)
@@ -227,14 +199,6 @@ class SiDAPhases(SiDPhases):
             return None
         return format_labels(idx.to(b.device), b.num_classes, b.label_format, check=False)
 
-    def _augmented(self, images):
-        """EDM's augmentation of ``images`` (a fresh draw per call, as published for the real and the
-        generated batch) and the conditioning that tells the fake score about it."""
-        if self.augment is None:
-            return images, {}
-        images, augment_labels = self.augment(images)
-        return images, {"augment_labels": augment_labels}
-
     def _note(self, **values: torch.Tensor) -> None:
         """Add one micro-batch's metrics (detached, averaged over the micro-batches of an update)."""
         for name, value in values.items():
@@ -261,4 +225,4 @@ class SiDAPhases(SiDPhases):
         return record
 
 
-__all__ = ["SiDAPhases", "SIDA_METRICS", "read_init_generator", "takes_augment_labels"]
+__all__ = ["SiDAPhases", "SIDA_METRICS", "read_init_generator"]

@@ -61,9 +61,9 @@ def from_script(name: str) -> dict:
         out["method"] = "sid" if not f.get("use_gan") else ("sid2a" if f.get("sid_model") else "sida")
         if "g_beta1" in own:
             out["generator_beta1"] = f["g_beta1"]
+        out["augment_p"] = f["augment"]  # SiD's fake-score step and SiDA's augment alike
         if out["method"] != "sid":
-            out.update(augment_p=f["augment"], loss_scale_d=f["lsd"], loss_scale_gan=f["lsg_gan"],
-                       **published.SIDA_LOOP)
+            out.update(loss_scale_d=f["lsd"], loss_scale_gan=f["lsg_gan"], **published.SIDA_LOOP)
         return out
     out["method"] = "sid"
     kappas = {f["cfg_train_fake"], f["cfg_eval_fake"], f["cfg_eval_real"]}
@@ -122,8 +122,6 @@ def test_what_no_option_holds_is_named_in_the_notes(name):
             assert f"--cres {f['cres']}" in notes
         if f["cond"]:
             assert "--cond 1" in notes
-        if not f.get("use_gan"):
-            assert f"--augment {f['augment']:g}" in notes
         if f.get("sid_model"):
             assert "--sid_model" in notes and "--init-generator" in notes
     if family == "ddpm":
@@ -217,6 +215,7 @@ def test_ddpm_and_flow_presets_complete_with_their_recipe():
 
 def test_ffhq_generator_adam_beta1_is_the_scripts(tmp_path):
     cfg = presets.config("ffhq64", iterations=1, batch=2, batch_gpu=None, precision="fp32", device="cpu",
+                         augment_p=0,
                          run_dir=str(tmp_path), progress=False)
     trainer = Distiller(cfg, tiny_teacher())
     assert trainer.opt_g.param_groups[0]["betas"] == (0.9, 0.999)  # --g_beta1 0.9
@@ -270,8 +269,8 @@ def test_a_preset_value_yields_to_the_same_thing_said_another_way():
 def test_a_resumed_run_keeps_its_checkpoints_options(tmp_path, capsys):
     run = tmp_path / "run"
     code, _, err = run_main(["distill", "--preset", "cifar10-uncond", "--teacher", "nets:tiny_teacher",
-                             "--run-dir", run, *SMALL], capsys)
-    assert code == 0, err
+                             "--run-dir", run, "--augment-p", "0", *SMALL], capsys)  # the tiny teacher: no
+    assert code == 0, err                                                             # augment_labels
     cfg = config_from_args(_args(["--resume", run, "--iterations", "3"]))
     assert (cfg.preset, cfg.alpha, cfg.batch, cfg.iterations) == ("cifar10-uncond", 1.2, 4, 3)
     cfg = config_from_args(_args(["--resume", run, "--preset", "cifar10-uncond"]))  # the same: nothing changes
@@ -284,16 +283,19 @@ def test_a_resumed_run_keeps_its_checkpoints_options(tmp_path, capsys):
 
 def test_distill_with_a_preset_prints_it_and_records_it(tmp_path, capsys):
     run = tmp_path / "run"
-    code, out, err = run_main(["distill", "--preset", "cifar10-uncond", "--teacher", "nets:tiny_teacher",
-                               "--run-dir", run, *SMALL], capsys)
+    argv = ["distill", "--preset", "cifar10-uncond", "--teacher", "nets:tiny_teacher", "--run-dir", run, *SMALL]
+    code, out, err = run_main(argv, capsys)  # the tiny teacher takes no augment_labels: SiD's augmentation
+    assert code == 2 and "--augment-p 0.12: the fake score takes no augment_labels" in err
+    code, out, err = run_main([*argv, "--augment-p", "0"], capsys)
     assert code == 0, err
     assert "preset cifar10-uncond (SiD: mingyuanzhou/SiD main 01fbb13c, run_sid.sh cifar10-uncond" in out
-    assert "overridden by your options: --batch 4 (preset 256), --iterations 2 (preset 1953125)" in out
-    assert "not set by sidfast: --dropout 0.13" in out and "--augment 0.12" in out
+    assert "overridden by your options: --batch 4 (preset 256), --iterations 2 (preset 1953125), --augment-p 0" \
+        in out
+    assert "not set by sidfast: --dropout 0.13" in out
     saved = json.loads((run / "config.json").read_text())
     assert saved["preset"] == "cifar10-uncond"
     for name, value in presets.PRESETS["cifar10-uncond"].values.items():
-        if name not in ("batch", "iterations"):  # the two given on the command line
+        if name not in ("batch", "iterations", "augment_p"):  # given on the command line
             assert same(saved[name], value), (name, saved[name], value)
     assert (saved["batch"], saved["iterations"], saved["fake_levels"]) == (4, 2, "lognormal")  # + the recipe
 
@@ -345,7 +347,8 @@ def test_sid_then_sid2a_from_their_presets(tmp_path, capsys):
     data = tmp_path / "digits.npz"
     np.savez(data, images=np.random.default_rng(0).integers(0, 256, (16, 4, 4, 1), dtype=np.uint8))
     sid = tmp_path / "sid"
-    assert run_main(["distill", "--preset", "cifar10-uncond", "--teacher", "nets:tiny_teacher", "--run-dir", sid,
+    assert run_main(["distill", "--preset", "cifar10-uncond", "--teacher", "nets:tiny_teacher", "--augment-p", "0",
+                     "--run-dir", sid,
                      *SMALL], capsys)[0] == 0
     argv = ["distill", "--preset", "sid2a-cifar10-uncond", "--teacher", "nets:tiny_teacher", "--data", data,
             "--init-generator", sid / "checkpoint.pt", "--disc-layer", "inp", "--run-dir", tmp_path / "sid2a", *SMALL]

@@ -335,3 +335,36 @@ def test_a_pipeline_teacher_trains_by_its_family_recipe_from_the_command_line(tm
     code, _, err = run_main(["sample", run, "--out", tmp_path / "s.png", "--num", "2", "--prompts", prompts,
                              "--device", "cpu"], capsys)
     assert code == 0, err
+
+
+# ---------------- SiD's augmentation of the fake-score step (published SiD: --augment 0.12) ----------------
+
+def test_sid_augments_the_fake_score_step_in_the_published_order(tmp_path):
+    """EDM's loss as SiD's fake-score step calls it: sigma, then the augmentation of x_g, then the noise; the
+    fake score sees y + sigma n with the augmentation labels (sid_loss.py, SiDLoss.__call__)."""
+    from nets import SHAPE as TINY, TinyEDM
+    from sidfast.training.augment import AugmentPipe
+
+    class AugEDM(TinyEDM):
+        def forward(self, x, sigma, class_labels=None, augment_labels=None):
+            out = super().forward(x, sigma, class_labels)
+            return out if augment_labels is None else out + 0.01 * augment_labels.sum(1).view(-1, 1, 1, 1)
+
+    torch.manual_seed(0)
+    d = Distiller(quiet(run_dir=str(tmp_path / "r"), iterations=1, batch=4, noise="torch", augment_p=0.5),
+                  AugEDM(dropout=0.0))
+    seen = []
+    d.fake.network.register_forward_pre_hook(lambda m, args, kw: seen.append((args[0].clone(), kw)),
+                                             with_kwargs=True)
+    torch.manual_seed(5)
+    d.phases.fake_score_loss(d.scores, d.generator_sample, 1.0)
+    torch.manual_seed(5)
+    z = torch.randn(4, *TINY)
+    with torch.no_grad():
+        x_g = d.generator(2.5 * z, torch.full((4,), 2.5))
+    sigma = torch.exp(torch.randn(4) * 1.2 - 1.2)
+    y, labels = AugmentPipe(0.5)(x_g)
+    n = torch.randn_like(y)
+    (x_in, kw), = seen
+    torch.testing.assert_close(x_in, y + sigma.view(-1, 1, 1, 1) * n, rtol=0, atol=0)
+    assert torch.equal(kw["augment_labels"], labels) and bool((labels != 0).any())
