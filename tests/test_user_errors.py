@@ -36,6 +36,7 @@ def files(tmp_path_factory):
     shutil.copy(teacher, moved_teacher)
     assert cli.main(["distill", "--teacher", str(moved_teacher), "--run-dir", str(run), *FAST]) == 0
     moved_teacher.rename(root / "elsewhere.pt")  # the run's teacher moved after the run
+    assert cli.main(["distill", *TINY, "--run-dir", str(root / "entry-run")]) == 0  # a module:function teacher
     (root / "empty").mkdir()
     (root / "notes.txt").write_text("not a checkpoint\n")
     (root / "blocker").write_text("a file where a directory is expected\n")
@@ -48,7 +49,7 @@ def files(tmp_path_factory):
             "empty": str(root / "empty"), "notes": str(root / "notes.txt"), "blocker": str(root / "blocker"),
             "chw": str(root / "chw.npy"), "root": str(root), "unknown_yaml": str(root / "unknown.yaml"),
             "ini": str(root / "config.ini"), "broken_json": str(root / "broken.json"),
-            "prompts": str(root / "prompts.txt")}
+            "prompts": str(root / "prompts.txt"), "entry_run": str(root / "entry-run")}
 
 
 # (id, argv, what the one line must contain: the option in command-line words and the point)
@@ -132,6 +133,17 @@ MISTAKES = [
      ["--teacher"]),
     ("sample-without-out", ["sample", "{ckpt}"], ["--out"]),
     ("sample-device-unknown", ["sample", "{ckpt}", "--out", "{root}/s.png", "--device", "abacus"], ["--device"]),
+    # ---- export ----
+    ("export-edm-student", ["export", "{ckpt}", "--out", "{root}/x1"],
+     ["CHECKPOINT", "not a diffusers model", "sidfast sample {ckpt}"]),
+    ("export-entry-point-student", ["export", "{entry_run}", "--out", "{root}/x2"],
+     ["CHECKPOINT", "nets:tiny_teacher", "not a diffusers model", "distill --teacher DIFFUSERS_DIR"]),
+    ("export-teacher-checkpoint", ["export", "{teacher}", "--out", "{root}/x3"], ["CHECKPOINT", "network (teacher)"]),
+    ("export-out-not-empty", ["export", "{ckpt}", "--out", "{run}"], ["--out", "not empty", "--overwrite"]),
+    ("export-out-is-a-file", ["export", "{ckpt}", "--out", "{notes}"], ["--out", "not a directory"]),
+    ("export-steps-zero", ["export", "{ckpt}", "--out", "{root}/x4", "--steps", "0"], ["--steps", ">= 1"]),
+    ("export-missing-checkpoint", ["export", "{root}/nope.pt", "--out", "{root}/x5"], ["does not exist"]),
+    ("export-without-out", ["export", "{ckpt}"], ["--out"]),
     # ---- train-teacher ----
     ("teacher-iterations-zero", ["train-teacher", "--out", "{root}/t.pt", "--iterations", "0"],
      ["--iterations", ">= 1"]),
