@@ -199,7 +199,9 @@ def snippet(info: dict, out) -> str:
     start = "z" if family == "vp" or levels[0] == 1.0 else f"{levels[0]!r} * z"
     if info["layout"] == "pipeline":
         pipe_cls = info["pipeline_class"]
-        lines += [f"from diffusers import {pipe_cls}", "", f"pipe = {pipe_cls}.from_pretrained({str(out)!r})",
+        # SDXL's pipeline watermarks its images when invisible-watermark is installed; sidfast sample does not
+        load = ", add_watermarker=False" if pipe_cls == "StableDiffusionXLPipeline" else ""
+        lines += [f"from diffusers import {pipe_cls}", "", f"pipe = {pipe_cls}.from_pretrained({str(out)!r}{load})",
                   f"prompts = [{SNIPPET_PROMPT!r}] * {n}", z]
         if exact:
             return "\n".join(lines + [f"images = pipe(prompts, sigmas={_fmt(call_sigmas(family, levels))}, "

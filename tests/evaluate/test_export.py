@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from nets import clip_encoder, clip_tokenizer, cond_unet, sd3_transformer, t5_encoder, t5_tokenizer, tiny_vae
+from sidfast.conditions import flat_condition, nested_condition
 from sidfast.evaluate import export
 from sidfast.labels import format_labels
 from sidfast.samplers import sample_images
@@ -47,7 +48,8 @@ def float64_student(net, options, z, cond=None):
     if options["num_classes"]:
         labels = format_labels(torch.arange(z.shape[0]) % options["num_classes"], options["num_classes"],
                                options["label_format"])
-    cond = {k: v.to(F64) for k, v in (cond or {}).items()}
+    flat = flat_condition(cond or {})  # SDXL's added_cond_kwargs nest
+    cond = nested_condition(flat, [v.to(F64) for v in flat.values()])
     fresh = torch.Generator().manual_seed(1)
     x = levels[0] * z.to(F64)
     with torch.no_grad():
@@ -285,6 +287,31 @@ def test_sd_student_two_steps_loop_of_pipeline_calls(sd_run, tmp_path, capsys):
     assert not info["exact"] and "for k in range(len(levels) - 1):" in info["snippet"]
 
 
+# ---------- SDXL (two text encoders, time ids) ----------
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory):
+    from sidfast import cli
+
+    root = tmp_path_factory.mktemp("sdxl")
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=clip_encoder(8).float(), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_encoder(8, projection=True, seed=2).float(), tokenizer_2=clip_tokenizer(),
+        unet=cond_unet(sdxl=True).float(), add_watermarker=False,
+        scheduler=diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                   beta_end=0.012, timestep_spacing="leading", steps_offset=1))
+    pipe.save_pretrained(root / "teacher")
+    (root / "prompts.txt").write_text(f"{export.SNIPPET_PROMPT}\n")
+    assert cli.main(["distill", "--teacher", str(root / "teacher"), "--prompts", str(root / "prompts.txt"),
+                     "--run-dir", str(root / "run"), *DISTILL]) == 0
+    return root
+
+
+def test_sdxl_student_through_its_pipeline_equals_sidfast_sample(sdxl_run, tmp_path, capsys):
+    info, ns, *_ = check_pipeline(sdxl_run, tmp_path, capsys)
+    assert info["pipeline_class"] == "StableDiffusionXLPipeline" and "add_watermarker=False" in info["snippet"]
+
+
 # ---------- SD3 (flow matching, a transformer) ----------
 
 @pytest.fixture(scope="module")
@@ -403,3 +430,22 @@ def test_an_infinite_flow_level_is_time_one_on_z_itself():
     with pytest.raises(export.ExportError, match="infinite"):
         export.scheduler_levels("vp", [float("inf")])
 
+
+
+def test_readme_and_docs_show_the_call_export_prints_for_an_sd_student():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    info = {"shape": [4, 64, 64], "family": "vp", "layout": "pipeline", "pipeline_class": "StableDiffusionPipeline",
+            "renoise": "fresh", "gen_steps": 1, "num_classes": 0, "exact": True,
+            "scheduler_levels": export.scheduler_levels("vp", [2.5])}  # the default --sigma-init
+    printed = export.snippet(info, "student")
+    for name in ("README.md", os.path.join("docs", "export.md")):
+        with open(os.path.join(root, name)) as f:
+            assert f"```python\n{printed}```" in f.read(), name
+    with open(os.path.join(root, "docs", "export.md")) as f:
+        docs = f.read()
+    unet = dict(info, shape=[3, 32, 32], layout="model", model_class="UNet2DModel",
+                scheduler_class="EulerDiscreteScheduler")
+    assert f"```python\n{export.snippet(unet, 'student')}```" in docs
+    sd3 = dict(info, shape=[16, 128, 128], family="flow", pipeline_class="StableDiffusion3Pipeline",
+               scheduler_levels=export.scheduler_levels("flow", [2.5]))
+    assert export.snippet(sd3, "student").splitlines()[-1] in docs
