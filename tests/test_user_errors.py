@@ -140,6 +140,8 @@ MISTAKES = [
      ["CHECKPOINT", "nets:tiny_teacher", "not a diffusers model", "distill --teacher DIFFUSERS_DIR"]),
     ("export-teacher-checkpoint", ["export", "{teacher}", "--out", "{root}/x3"], ["CHECKPOINT", "network (teacher)"]),
     ("export-out-not-empty", ["export", "{ckpt}", "--out", "{run}"], ["--out", "not empty", "--overwrite"]),
+    ("export-into-its-run", ["export", "{ckpt}", "--out", "{run}", "--overwrite"],
+     ["--out", "holds the checkpoint", "another directory"]),
     ("export-out-is-a-file", ["export", "{ckpt}", "--out", "{notes}"], ["--out", "not a directory"]),
     ("export-steps-zero", ["export", "{ckpt}", "--out", "{root}/x4", "--steps", "0"], ["--steps", ">= 1"]),
     ("export-missing-checkpoint", ["export", "{root}/nope.pt", "--out", "{root}/x5"], ["does not exist"]),

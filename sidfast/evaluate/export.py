@@ -245,6 +245,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
                           "replace it")
 
 
+def _check_not_inside(out: Path, sources) -> None:
+    """Refuse an ``--out`` that is, or holds, what export reads (``--overwrite`` would delete it)."""
+    target = out.expanduser().resolve()
+    for what, source in sources:
+        if not source or (isinstance(source, str) and ":" in source and not Path(source).exists()):
+            continue
+        where = Path(source).expanduser().resolve()
+        if where == target or target in where.parents:
+            raise ExportError(f"--out {str(out)!r} holds {what} ({str(source)!r}); export into another directory")
+
+
 def _not_diffusers(checkpoint, what: str) -> ExportError:
     return ExportError(f"CHECKPOINT {str(checkpoint)!r}: its generator is {what}, not a diffusers model; sidfast "
                        "export writes diffusers directories, for runs distilled from a diffusers teacher (distill "
@@ -285,6 +296,7 @@ def export_student(checkpoint, out, teacher: str | None = None, steps: int | Non
         raise ExportError(f"CHECKPOINT {str(checkpoint)!r} is a network (teacher) checkpoint; sidfast export takes "
                           "a distill run: its folder, checkpoint.pt, checkpoint.dcp or generator.pt")
     source = teacher or data.get("teacher")
+    _check_not_inside(out, [("the checkpoint", Path(checkpoint)), ("the teacher", source)])
     _check_teacher(checkpoint, data, teacher)
     try:
         net, conditioner = build_generator(data, path, teacher=teacher, with_conditioner=True)
@@ -343,8 +355,9 @@ def export_student(checkpoint, out, teacher: str | None = None, steps: int | Non
     except FileExistsError as exc:  # made meanwhile by another process
         raise ExportError(f"--out {str(out)!r}: {exc}; give a new directory, or --overwrite") from None
     except OSError as exc:  # a full disk, no permission: nothing was written (atomic_directory)
-        raise ExportError(f"--out {str(out)!r}: cannot write the export ({exc.strerror or exc}); nothing was "
-                          "written: choose another location or free space") from exc
+        where = f": {exc.filename}" if exc.filename else ""
+        raise ExportError(f"--out {str(out)!r}: cannot write the export ({exc.strerror or exc}{where}); nothing "
+                          "was written: choose another location or free space") from exc
     return info
 
 
