@@ -3,10 +3,10 @@
 The EMA generator of a run distilled from a diffusers teacher is written with ``save_pretrained`` (safetensors
 weights) beside a scheduler config with which diffusers' own denoising loop computes the generator's steps:
 
-- a U-Net (``UNet2DModel``) or other model directory teacher: the student model and a ``scheduler_config.json``
-  in one directory; a text-to-image pipeline (Stable Diffusion, SDXL, SD3): the teacher's pipeline directory
-  with the student's ``unet/`` or ``transformer/`` and the new ``scheduler/``, the other components linked or
-  copied file by file (pickled ``.bin`` weights written as ``.safetensors``).
+- a VP model directory teacher (a ``UNet2DModel``, or a ``DDPMPipeline``): the student model and a
+  ``scheduler_config.json`` in one directory; a text-to-image pipeline (Stable Diffusion, SDXL, SD3): the
+  teacher's pipeline directory with the student's ``unet/`` or ``transformer/`` and the new ``scheduler/``, the
+  other components linked or copied file by file (pickled ``.bin`` weights written as ``.safetensors``).
 - VP (DDPM) teachers get an ``EulerDiscreteScheduler`` on the teacher's beta schedule: one Euler step from
   sigma to 0 is ``x - sigma * (x - x0) / sigma``, the x0 the U-Net predicts at ``scale_model_input(x) = x /
   sqrt(1 + sigma^2)`` and the continuous timestep of sigma (log-sigma interpolation, as sidfast's adapter), so
@@ -327,9 +327,9 @@ def export_student(checkpoint, out, teacher: str | None = None, steps: int | Non
         layout = "pipeline"
         kind = text.PIPELINES[index["_class_name"]][0]
         if kind not in PIPELINE_KINDS:
+            written = ", ".join(n for n, (k, _) in text.PIPELINES.items() if k in PIPELINE_KINDS)
             raise ExportError(f"--teacher {source!r}: {index['_class_name']} students are not exported yet "
-                              f"(export writes {', '.join(n for n, (k, _) in text.PIPELINES.items() if k in PIPELINE_KINDS)}); "
-                              "sample them with sidfast sample")
+                              f"(export writes {written}); sample them with sidfast sample")
     exact = options["gen_steps"] == 1 or options["renoise"] == "ddim"
     info = {"format": "sidfast.export", "version": 1, "sidfast": __version__, "checkpoint": str(path),
             "teacher": str(source), "family": family, "layout": layout,

@@ -80,7 +80,8 @@ def assert_reproduces(got, want, net, options, z, info, scheduler, cond=None):
     e = (want.to(F64) - exact).abs().max().item()
     # the reference is sidfast's computation: its float32 result is within float32 rounding of it
     assert e <= rounding_bound(torch.float32, exact.abs().max().item(), 1000), e
-    tol = 4 * e + rounding_bound(torch.float32, start.abs().max().item() + exact.abs().max().item(), 8) + timestep_effect
+    step = rounding_bound(torch.float32, start.abs().max().item() + exact.abs().max().item(), 8)
+    tol = 4 * e + step + timestep_effect
     diff = (got.to(F64) - want.to(F64)).abs().max().item()
     assert got.shape == want.shape and diff <= tol, (diff, tol, e, timestep_effect)
     return tol, exact
@@ -102,7 +103,8 @@ def export_and_call(tmp_path, capsys, run, name, *extra, output_type=None):
 def run_snippet(snippet, output_type=None):
     if output_type is not None:
         assert snippet.count("guidance_scale=1.0).images") == 1
-        snippet = snippet.replace("guidance_scale=1.0).images", f"guidance_scale=1.0, output_type={output_type!r}).images")
+        snippet = snippet.replace("guidance_scale=1.0).images",
+                                  f"guidance_scale=1.0, output_type={output_type!r}).images")
     namespace = {}
     exec(compile(snippet, "<sidfast export snippet>", "exec"), namespace)
     return namespace
