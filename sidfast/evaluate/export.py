@@ -104,7 +104,8 @@ def _euler_scheduler(net: DiffusersDenoiser, config: dict, source: str):
     table = net.schedule.alphas_cumprod.detach().to("cpu", torch.float64)
     if not torch.equal(scheduler.alphas_cumprod.to(torch.float64), table):
         raise ExportError(f"--teacher {source!r}: its noise schedule has no EulerDiscreteScheduler equivalent "
-                          "(the scheduler's alphas_cumprod differ from the teacher's, e.g. a zero terminal SNR)")
+                          "(an Euler scheduler on its scheduler config has other alphas_cumprod than the schedule "
+                          "sidfast evaluated it with)")
     return scheduler
 
 

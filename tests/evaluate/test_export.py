@@ -451,3 +451,26 @@ def test_readme_and_docs_show_the_call_export_prints_for_an_sd_student():
     sd3 = dict(info, shape=[16, 128, 128], family="flow", pipeline_class="StableDiffusion3Pipeline",
                scheduler_levels=export.scheduler_levels("flow", [2.5]))
     assert export.snippet(sd3, "student").splitlines()[-1] in docs
+
+
+def test_what_no_stock_scheduler_reproduces_is_refused_in_words():
+    """FLUX (packed latents, embedded guidance), a learned variance, a scheduler config whose Euler table is not
+    the schedule the teacher was evaluated with: one line each, before anything is written."""
+    from nets import flux_transformer
+    from sidfast.models.diffusers import DiffusersDenoiser
+    from sidfast.models.flow import FlowDenoiser
+    from sidfast.schedules import VPSchedule
+
+    with pytest.raises(export.ExportError, match="FLUX students are not exported"):
+        export._flow_scheduler(FlowDenoiser(flux_transformer(False)), {}, "flux")
+    ddpm = diffusers.DDPMScheduler(prediction_type="v_prediction")
+    learned = DiffusersDenoiser(tiny_diffusers_unet(), VPSchedule.from_diffusers(ddpm), "v", learned_variance=True)
+    with pytest.raises(export.ExportError, match="learned variance"):
+        export._euler_scheduler(learned, dict(ddpm.config), "if")
+    cosine = DiffusersDenoiser(tiny_diffusers_unet(), VPSchedule.from_diffusers(
+        diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")), "v")
+    with pytest.raises(export.ExportError, match="no EulerDiscreteScheduler equivalent"):
+        export._euler_scheduler(cosine, dict(ddpm.config), "other")
+    plain = DiffusersDenoiser(tiny_diffusers_unet(), VPSchedule.from_diffusers(ddpm), "v")
+    euler = export._euler_scheduler(plain, dict(ddpm.config), "plain")
+    assert euler.config.prediction_type == "v_prediction" and euler.config.timestep_spacing == "linspace"
