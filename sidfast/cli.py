@@ -1,4 +1,4 @@
-"""The ``sidfast`` command: demo, train-teacher, distill, sample, eval, plan.
+"""The ``sidfast`` command: demo, train-teacher, distill, sample, eval, export, plan.
 
     sidfast demo [--quick] [--method sida | --conditional | --gen-steps K] [--seeds N] [--out DIR]
     sidfast train-teacher --out teacher.pt [--iterations N] [--conditional] ...
@@ -7,6 +7,7 @@
     sidfast sample CKPT --out grid.png|grid.jpg|DIR [--num N] [--steps K] [--teacher SRC]
     sidfast eval CKPT --ref STATS.npz [--num 50000] [--inception PATH] [--out metrics.json] ...
     sidfast eval --make-ref DATA --out STATS.npz [--inception PATH]
+    sidfast export CKPT --out DIR [--steps K] [--teacher SRC] [--overwrite]
     sidfast plan --teacher SRC|--model NAME [--resolution PX] [--gpus N] [--gpu-memory 80GB] ... | --table
 
 ``--teacher`` accepts a sidfast network checkpoint (``train-teacher`` writes one), a local diffusers
@@ -38,6 +39,7 @@ from sidfast.evaluate.dataset import KEEP_FEATURES
 from sidfast.evaluate.detector import DetectorError, FILE_NAMES
 from sidfast.evaluate.run import DEFAULT_BATCH, DEFAULT_NUM, EvalError, evaluate_checkpoint, make_reference
 from sidfast.evaluate.statistics import ReferenceFileError
+from sidfast.evaluate.export import ExportError, export_student
 from sidfast.models import loading
 from sidfast.models.family import teacher_family
 from sidfast.models.io import CheckpointError
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add_command in (_demo_parser, _train_teacher_parser, _distill_parser, _sample_parser, _eval_parser,
-                        _plan_parser):
+                        _export_parser, _plan_parser):
         add_command(sub)
     return p
 
@@ -211,6 +213,18 @@ def _eval_parser(sub) -> None:
     add("--out", default=None, help="with --make-ref: the .npz to write (required); otherwise a .json file for "
                                     "the metrics (they are printed as one JSON line too)")
     _device_arg(e)
+
+def _export_parser(sub) -> None:
+    e = _command(sub, "export", cmd_export, "write a student as a directory that diffusers loads",
+                 "The EMA generator of a run distilled from a diffusers teacher, with a scheduler config with "
+                 "which diffusers' own loop reproduces sidfast sample (docs/export.md); prints the call.")
+    e.add_argument("checkpoint", help="a distill run folder, its checkpoint.pt or checkpoint.dcp, or a generator.pt")
+    e.add_argument("--out", required=True, help="the directory to write (save_pretrained layout, safetensors)")
+    e.add_argument("--steps", type=int, default=None,
+                   help="generator steps to export (default: the K it was trained with)")
+    e.add_argument("--teacher", default=None,
+                   help="where the run's diffusers teacher is now, when it moved (default: the path it stored)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out when it exists and is not empty")
 
 
 def _plan_parser(sub) -> None:
@@ -402,6 +416,22 @@ def cmd_eval(args) -> int:
         if "skipped" in result:
             print(f"sidfast eval: skipped {result['skipped']}", file=sys.stderr)
         print(json.dumps(result), flush=True)
+
+def cmd_export(args) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"argument --steps must be an integer >= 1, got {args.steps}")
+    try:
+        info = export_student(args.checkpoint, args.out, teacher=args.teacher, steps=args.steps,
+                              overwrite=args.overwrite)
+    except (ExportError, CheckpointError) as exc:  # in command-line words already
+        raise UserError(str(exc)) from None
+    except ValueError as exc:
+        raise UserError(_cli_message(exc)) from None
+    except ImportError as exc:  # diffusers (and safetensors) come with the diffusers extra
+        raise UserError(f"sidfast export needs diffusers: pip install 'sidfast[diffusers]' ({exc})") from None
+    how = ("reproduces sidfast sample" if info["exact"]
+           else f"runs the {info['gen_steps']} steps with {info['renoise']} noise between them, as sidfast sample")
+    print(f"wrote {args.out}; with diffusers ({how}, seed 0):\n\n{info['snippet']}")
     return 0
 
 

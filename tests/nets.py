@@ -190,3 +190,10 @@ def flux_transformer(guidance_embeds=True, seed=0):
                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                             pooled_projection_dim=8, guidance_embeds=guidance_embeds,
                                             axes_dims_rope=(2, 2, 4)).double()
+
+
+def tiny_vae(**kw):
+    """A one-level ``AutoencoderKL`` on 4 latent channels (no downsampling), seeded; ``kw`` extends its config
+    (SD3's pipeline needs ``shift_factor``)."""
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(block_out_channels=(4,), norm_num_groups=2, latent_channels=4, sample_size=8, **kw)

@@ -38,6 +38,7 @@ def files(tmp_path_factory):
     shutil.copy(teacher, moved_teacher)
     assert cli.main(["distill", "--teacher", str(moved_teacher), "--run-dir", str(run), *FAST]) == 0
     moved_teacher.rename(root / "elsewhere.pt")  # the run's teacher moved after the run
+    assert cli.main(["distill", *TINY, "--run-dir", str(root / "entry-run")]) == 0  # a module:function teacher
     (root / "empty").mkdir()
     (root / "notes.txt").write_text("not a checkpoint\n")
     (root / "blocker").write_text("a file where a directory is expected\n")
@@ -61,7 +62,8 @@ def files(tmp_path_factory):
             "prompts": str(root / "prompts.txt"), "det": str(root / "det.pt"), "ref8": str(root / "ref8.npz"),
             "ref16": str(root / "ref16.npz"), "ref_bad": str(root / "ref-bad-sigma.npz"),
             "ref_shape": str(root / "ref-3x8x8.npz"), "five": str(root / "five.npz"),
-            "preset_yaml": str(root / "preset.yaml")}
+            "preset_yaml": str(root / "preset.yaml"),
+            "entry_run": str(root / "entry-run")}
 
 
 # (id, argv, what the one line must contain: the option in command-line words and the point)
@@ -198,6 +200,19 @@ MISTAKES = [
     ("make-ref-fewer-images-than-features", ["eval", "--make-ref", "{five}", "--out", "{root}/r.npz",
                                              "--inception", "{det}"], ["--make-ref", "5 samples", "singular"]),
     ("make-ref-out-suffix", ["eval", "--make-ref", "{five}", "--out", "{root}/r.json"], ["--out", ".npz"]),
+    # ---- export ----
+    ("export-edm-student", ["export", "{ckpt}", "--out", "{root}/x1"],
+     ["CHECKPOINT", "not a diffusers model", "sidfast sample {ckpt}"]),
+    ("export-entry-point-student", ["export", "{entry_run}", "--out", "{root}/x2"],
+     ["CHECKPOINT", "nets:tiny_teacher", "not a diffusers model", "distill --teacher DIFFUSERS_DIR"]),
+    ("export-teacher-checkpoint", ["export", "{teacher}", "--out", "{root}/x3"], ["CHECKPOINT", "network (teacher)"]),
+    ("export-out-not-empty", ["export", "{ckpt}", "--out", "{run}"], ["--out", "not empty", "--overwrite"]),
+    ("export-into-its-run", ["export", "{ckpt}", "--out", "{run}", "--overwrite"],
+     ["--out", "holds the checkpoint", "another directory"]),
+    ("export-out-is-a-file", ["export", "{ckpt}", "--out", "{notes}"], ["--out", "not a directory"]),
+    ("export-steps-zero", ["export", "{ckpt}", "--out", "{root}/x4", "--steps", "0"], ["--steps", ">= 1"]),
+    ("export-missing-checkpoint", ["export", "{root}/nope.pt", "--out", "{root}/x5"], ["does not exist"]),
+    ("export-without-out", ["export", "{ckpt}"], ["--out"]),
     # ---- train-teacher ----
     ("teacher-iterations-zero", ["train-teacher", "--out", "{root}/t.pt", "--iterations", "0"],
      ["--iterations", ">= 1"]),

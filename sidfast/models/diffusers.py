@@ -25,6 +25,14 @@ def load_options(torch_dtype: torch.dtype | None = None) -> dict:
     return kw
 
 
+def scheduler_config_candidates(root: Path, model_dir: Path) -> list[Path]:
+    """Where the scheduler config of the model in ``model_dir`` of the diffusers directory ``root`` may be, in
+    the order looked at, each once: a pipeline's ``scheduler/``, beside the model, beside a pipeline's model."""
+    candidates = [root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
+                  model_dir / "scheduler_config.json", model_dir.parent / "scheduler" / "scheduler_config.json"]
+    return list(dict.fromkeys(candidates))  # a model directory at the root names some twice
+
+
 class MissingSchedulerConfig(FileNotFoundError):
     """A diffusers directory without a scheduler config; ``looked_for`` lists the paths tried, once each."""
 
@@ -153,9 +161,7 @@ class DiffusersDenoiser(Denoiser):
 
         scheduler = None
         if schedule is None or prediction is None:
-            candidates = [root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
-                          model_dir / "scheduler_config.json", model_dir.parent / "scheduler" / "scheduler_config.json"]
-            candidates = list(dict.fromkeys(candidates))  # a model directory at the root names some twice
+            candidates = scheduler_config_candidates(root, model_dir)
             found = next((c for c in candidates if c.is_file()), None)
             if found is None:
                 raise MissingSchedulerConfig([str(c) for c in candidates])
@@ -210,4 +216,4 @@ class DiffusersDenoiser(Denoiser):
 
 
 
-__all__ = ["DiffusersDenoiser", "MissingSchedulerConfig"]
+__all__ = ["DiffusersDenoiser", "MissingSchedulerConfig", "scheduler_config_candidates"]

@@ -6,6 +6,8 @@
   that does not read back (its zip CRCs fail) is set aside as ``<name>.unreadable<suffix>`` instead, so that
   it never replaces a good ``.prev`` file.
 - ``atomic_write(path, write)``: any writer (an image, a log) to a temporary name, renamed onto ``path``.
+- ``atomic_directory(path, write)``: a whole directory (an exported model) written beside ``path``, its files
+  synced, renamed onto ``path``.
 - ``remove_stale_temporaries(directory)``: what writes killed part-way (SIGKILL, preemption) left there, by
   the names these functions and sharded checkpoints give their temporaries, and nothing else.
 - ``DISK_FULL``: the errnos of a write that found no room (no space, quota, file size limit).
@@ -185,6 +187,59 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (then ``root``), so that a rename of ``root`` publishes
+    data that is on disk."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(directory))
+
+
+def atomic_directory(path, write, replace: bool = False) -> Path:
+    """Call ``write(tmp)`` with a new empty directory beside ``path``, sync what it wrote, then rename it onto
+    ``path``: a reader sees no directory (or, with ``replace``, the old one) or the whole new one, never part.
+
+    An empty directory at ``path`` is replaced in one rename. A non-empty one only with ``replace``: it is
+    renamed aside first (a hidden ``.NAME.XXXXXXXX.tmp`` sibling, which ``remove_stale_temporaries`` knows)
+    and deleted once the new one is in place. Anything else at ``path`` raises ``FileExistsError``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would have made
+        _sync_tree(tmp)
+        if path.is_symlink() or path.exists():
+            if not path.is_dir() or path.is_symlink():
+                raise FileExistsError(f"{str(path)!r} exists and is not a directory")
+            if any(path.iterdir()):
+                if not replace:
+                    raise FileExistsError(f"{str(path)!r} exists and is not empty")
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+                os.replace(path, old)  # onto the empty directory just made
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+                old = None
+            raise
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 # the temporaries of a write killed part-way: ``.NAME.XXXXXXXX.tmp`` (atomic_save / atomic_write: mkstemp's 8
@@ -224,5 +279,5 @@ def remove_stale_temporaries(directory) -> tuple[list[str], int]:
     return removed, freed
 
 
-__all__ = ["atomic_save", "atomic_write", "previous_path", "unreadable_path", "fsync_dir",
+__all__ = ["atomic_save", "atomic_write", "atomic_directory", "previous_path", "unreadable_path", "fsync_dir",
            "remove_stale_temporaries", "DISK_FULL"]

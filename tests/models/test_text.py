@@ -14,7 +14,7 @@ from sidfast.schedules import VPSchedule
 from sidfast.models.text import TextConditioner, draw_prompts, read_prompts
 
 from nets import (clip_encoder, clip_tokenizer, cond_unet, conditioner, flux_transformer, sd3_transformer, t5_encoder,
-                  t5_tokenizer)
+                  t5_tokenizer, tiny_vae)
 from utils import float64_network_tolerance, run_main
 
 diffusers = pytest.importorskip("diffusers")
@@ -251,11 +251,6 @@ def test_flux_errors():
 
 
 # ---------- pipeline directories through load_teacher ----------
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(block_out_channels=(4,), norm_num_groups=2, latent_channels=4, sample_size=8)
-
 
 def save_sd_pipeline(path):
     pipe = diffusers.StableDiffusionPipeline(
