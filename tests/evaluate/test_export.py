@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from nets import clip_encoder, clip_tokenizer, cond_unet, sd3_transformer, t5_encoder, t5_tokenizer, tiny_vae
+from sidfast import reference
 from sidfast.conditions import flat_condition, nested_condition
 from sidfast.evaluate import export
 from sidfast.labels import format_labels
@@ -36,6 +37,9 @@ pytestmark = pytest.mark.slow  # each module fixture distills a student (2 itera
 F64 = torch.float64
 DISTILL = ["--iterations", "2", "--batch", "2", "--grid-size", "0", "--teacher-steps", "0", "--no-progress",
            "--device", "cpu"]
+# the generator's first level pinned at sigma 2.5 (the recipes' own: a DDPM table's t_init 625, a flow teacher's
+# t = 1 with four steps; the latter is exported by test_sd3_student_of_the_default_recipe_from_pure_noise)
+PINNED = ["--sigma-init", "2.5"]
 
 
 # ---------- the tolerance ----------
@@ -55,7 +59,7 @@ def float64_student(net, options, z, cond=None, timesteps=None):
     flat = flat_condition(cond or {})  # SDXL's added_cond_kwargs nest
     cond = nested_condition(flat, [v.to(F64) for v in flat.values()])
     fresh = torch.Generator().manual_seed(1)
-    x = levels[0] * z.to(F64)
+    x = reference.generator_input(z.to(F64), levels[0])
     with torch.no_grad():
         for k, sigma in enumerate(levels):
             d = net64(x, torch.full((z.shape[0],), sigma, dtype=F64), labels, **cond)
@@ -148,7 +152,7 @@ def unet_run(tmp_path_factory):
     diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(prediction_type="epsilon")).save_pretrained(
         teacher)
     assert cli.main(["distill", "--teacher", str(teacher), "--run-dir", str(root / "run"), "--generator", "lora",
-                     "--lora-rank", "2", *DISTILL]) == 0
+                     "--lora-rank", "2", *DISTILL, *PINNED]) == 0
     return root
 
 
@@ -202,7 +206,7 @@ def unet_ddim_run(tmp_path_factory):
     tiny_diffusers_unet(seed=1).save_pretrained(teacher)
     diffusers.DDPMScheduler(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2").save_config(teacher)
     assert cli.main(["distill", "--teacher", str(teacher), "--run-dir", str(root / "run"), "--gen-steps", "2",
-                     "--renoise", "ddim", *DISTILL]) == 0
+                     "--renoise", "ddim", *DISTILL, *PINNED]) == 0
     return root
 
 
@@ -231,7 +235,7 @@ def sd_run(tmp_path_factory):
     pipe.save_pretrained(root / "teacher", safe_serialization=False)
     (root / "prompts.txt").write_text(f"{export.SNIPPET_PROMPT}\n")
     assert cli.main(["distill", "--teacher", str(root / "teacher"), "--prompts", str(root / "prompts.txt"),
-                     "--run-dir", str(root / "run"), *DISTILL]) == 0
+                     "--run-dir", str(root / "run"), *DISTILL, *PINNED]) == 0
     return root
 
 
@@ -305,7 +309,7 @@ def sdxl_run(tmp_path_factory):
     pipe.save_pretrained(root / "teacher")
     (root / "prompts.txt").write_text(f"{export.SNIPPET_PROMPT}\n")
     assert cli.main(["distill", "--teacher", str(root / "teacher"), "--prompts", str(root / "prompts.txt"),
-                     "--run-dir", str(root / "run"), *DISTILL]) == 0
+                     "--run-dir", str(root / "run"), *DISTILL, *PINNED]) == 0
     return root
 
 
@@ -329,7 +333,9 @@ def sd3_run(tmp_path_factory):
     pipe.save_pretrained(root / "teacher")
     (root / "prompts.txt").write_text(f"{export.SNIPPET_PROMPT}\n")
     distill = ["distill", "--teacher", str(root / "teacher"), "--prompts", str(root / "prompts.txt"), *DISTILL]
-    assert cli.main([*distill, "--run-dir", str(root / "run")]) == 0
+    assert cli.main([*distill, "--run-dir", str(root / "run-default")]) == 0  # SiD-DiT's recipe: 4 steps from t = 1
+    distill += PINNED
+    assert cli.main([*distill, "--run-dir", str(root / "run"), "--gen-steps", "1"]) == 0
     assert cli.main([*distill, "--run-dir", str(root / "run-ddim"), "--gen-steps", "2", "--renoise", "ddim",
                      "--step-spacing", "flow"]) == 0
     return root
@@ -348,9 +354,16 @@ def test_sd3_student_through_its_pipeline_equals_sidfast_sample(sd3_run, tmp_pat
     assert (off - want).abs().max() > 10 * tol
 
 
+def test_sd3_student_of_the_default_recipe_from_pure_noise(sd3_run, tmp_path, capsys):
+    """SiD-DiT's recipe: four steps from t = 1 (z itself) with fresh noise: the printed loop of pipeline calls."""
+    info, *_ = check_pipeline(sd3_run, tmp_path, capsys, run="run-default")
+    assert info["scheduler_levels"] == pytest.approx([1.0, 0.75, 0.5, 0.25], abs=1e-15) and info["gen_steps"] == 4
+
+
 def test_sd3_student_two_steps_loop_of_pipeline_calls(sd3_run, tmp_path, capsys):
     info, *_ = check_pipeline(sd3_run, tmp_path, capsys, steps=2)
-    assert not info["exact"] and info["scheduler_levels"][1] == pytest.approx(export.flow_time(1.25))
+    # the flow recipe's spacing: linear in t, t_1 = t_0 / 2
+    assert not info["exact"] and info["scheduler_levels"][1] == pytest.approx(export.flow_time(2.5) / 2)
 
 
 def test_sd3_student_with_two_ddim_steps_is_one_pipeline_call(sd3_run, tmp_path, capsys):
