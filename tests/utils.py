@@ -211,6 +211,51 @@ def _ended_worker(rank, fn, args):
     end_process(0, after_group=True)  # no interpreter teardown with gloo's threads alive
 
 
+def torchrun(args, env, timeout, nproc=2):
+    """``python -m torch.distributed.run --standalone --nproc_per_node nproc ARGS``: (exit status, stdout,
+    stderr). A launch that outlives ``timeout`` seconds is ended with SIGKILL, its ranks with it (torchrun
+    starts them in sessions of their own, out of reach of a kill of the launcher's process group), and
+    reported as a failed test."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s: {' '.join(map(str, args))}\n{err[-2000:]}")
+    return proc.returncode, out, err
+
+
+def descendants(pid: int) -> list:
+    """The ids of the processes below ``pid`` (children, theirs, ...), read from /proc (none where there is
+    no /proc)."""
+    from pathlib import Path
+
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def join_gloo_group(rank, world, init_file):
     """A spawned test worker's start: one CPU thread, and the gloo group of ``world`` processes that meet
     at ``init_file``."""

@@ -189,6 +189,14 @@ class Distiller:
         else:
             self.scores = engine
 
+    def close(self) -> None:
+        """End the run's distributed part: its DDP wrappers, then the process group if the run made it. In this
+        order because a DDP reducer that outlives the group is its last owner, and freeing the reducer
+        destroys the group with the GIL held, waiting for gloo's worker threads, one of which may be waiting
+        for the GIL to free a finished collective's tensors (a deadlock). A closed Distiller does not step."""
+        self.generator_train = self.fake_train = self.scores = None
+        runtime.shutdown(self.dist)
+
     def networks(self) -> dict:
         return {"generator": self.generator, "generator_ema": self.generator_ema, "fake": self.fake}
 
@@ -352,7 +360,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                 f"{cfg.option('resume')} {trainer.resume_path} {cfg.option('run_dir')} {cfg.run_dir} "
                 f"{cfg.option('iterations')} {2 * trainer.iteration}")
         trainer.state = None
-        runtime.shutdown(trainer.dist)
+        trainer.close()
         return _result(trainer, 0.0, start_iteration, last, trainer.resume_path, None, complete=True)
 
     metrics = MetricsLog(trainer.run_dir / "metrics.jsonl", enabled=trainer.rank0)
@@ -435,7 +443,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                 trainer.write_student_grid("student.png")
     finally:
         progress.close()
-        runtime.shutdown(trainer.dist)
+        trainer.close()
 
     # Write the summary.
     seconds = time.perf_counter() - start_time
