@@ -151,6 +151,7 @@ class Distiller:
                                                      self.optimizers(), self.dist, self.device)
             if self.phases.real_data is not None and self.state.get("real_data") is not None:
                 self.phases.real_data.load_state_dict(self.state["real_data"])
+            self.phases.load_metrics_state((self.state.get("window") or {}).get("metrics"), self.device)
         self._wrap_networks()
 
     def _wrap_networks(self) -> None:
@@ -206,8 +207,11 @@ class Distiller:
     def save(self, last: dict | None = None, window: dict | None = None) -> Path | None:
         """Write the run's checkpoint (``checkpoint.pt``, or ``checkpoint.dcp`` under FSDP) in ``run_dir``;
         ``last``: the latest metrics record, kept for the summary of a resumed run; ``window``: the losses
-        summed since it (``runtime.LossWindow.state``), which the resumed run's first record goes on with."""
+        summed since it (``runtime.LossWindow.state``), which the resumed run's first record goes on with
+        (with the recipe's own metrics summed since it)."""
         real_data = self.phases.real_data
+        if window:
+            window = {**window, "metrics": self.phases.metrics_state()}
         return save_distill(self.ckpt_path, self.cfg, self.networks(), self.optimizers(), self.iteration,
                             self.nimg, self.dist, self.device, **self._sample_meta(), last=last or {},
                             **({"window": window} if window else {}),
