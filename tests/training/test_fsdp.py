@@ -1,5 +1,6 @@
 """FSDP2 (``--fsdp``): 2 CPU processes (gloo) against DDP and single-process runs, sharded checkpoints (DCP)
-resumed at another number of processes, a rank killed mid-save, and the per-rank bytes of a sharded run.
+resumed at another number of processes, and the per-rank bytes of a sharded run (a rank killed mid-save: the
+rank faults of tests/faults.py).
 
 Why the comparisons are exact: with 2 ranks a gradient is (g0 + g1) / 2 under DDP's all-reduce and FSDP's
 reduce-scatter alike (a sum of two terms does not depend on its order, a division by 2 is exact), and FSDP
@@ -9,15 +10,13 @@ FSDP is the plain single-process run with the same global batch. Every network s
 """
 import math
 import os
-import signal
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from utils import join_gloo_group, spawn_workers
+from utils import join_gloo_group, spawn_workers, torchrun
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: nets.py, runs.py, utils.py
 
@@ -217,27 +216,6 @@ def _back_to_two(rank, init_file, tmp):
         dist.destroy_process_group()
 
 
-def _killed_in_save(rank, init_file, tmp):
-    """Rank 1 dies (SIGKILL) in the second save, after writing its shards, before the checkpoint is
-    complete."""
-    join_gloo_group(rank, 2, init_file)
-    import torch.distributed.checkpoint as dcp
-
-    saves = []
-    write = dcp.FileSystemWriter.write_data
-
-    def write_then_die(self, plan, planner):
-        result = write(self, plan, planner)
-        saves.append(1)
-        if rank == 1 and len(saves) == 2:
-            result.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
-
-    dcp.FileSystemWriter.write_data = write_then_die
-    _run(_cfg(os.path.join(tmp, "killed"), fsdp=True, checkpoint_every=2))
-
-
 def _spawn(fn, nprocs, tmp, tag):
     spawn_workers(fn, (str(tmp / f"init-{tag}"), str(tmp)), nprocs)
 
@@ -383,30 +361,6 @@ def test_two_rank_checkpoint_restores_exactly_at_one_rank_and_back(runs):
     assert not (tmp / "part" / ".checkpoint.dcp.tmp").exists()
 
 
-def test_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
-    with pytest.raises(mp.ProcessExitedException):
-        _spawn(_killed_in_save, 2, tmp_path, "kill")
-    run = tmp_path / "killed"
-    assert (run / ".checkpoint.dcp.tmp").is_dir()  # the unfinished save, never renamed into place
-    from sidfast.training.state import read_distill
-
-    data = read_distill(run / "checkpoint.dcp")
-    assert data["iteration"] == 2 and data["world_size"] == 2
-    _spawn(_load_killed, 1, tmp_path, "load")
-    assert torch.load(tmp_path / "killed.pt")["iteration"] == 2
-
-
-def _load_killed(rank, init_file, tmp):
-    join_gloo_group(rank, 1, init_file)
-    try:
-        state = _trainer_state(_cfg(os.path.join(tmp, "killed-resumed"), fsdp=True,
-                                    resume=os.path.join(tmp, "killed", "checkpoint.dcp")))
-        assert all(math.isfinite(float(v.abs().sum())) for v in state["G"].values())
-        torch.save({"iteration": state["iteration"]}, os.path.join(tmp, "killed.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 # ---- in one process: the blocks, activation checkpointing, options, the command line ----
 
 class _EDMLike(torch.nn.Module):
@@ -492,20 +446,17 @@ def test_fsdp_options_are_checked():
 
 def test_torchrun_launch_with_fsdp(tmp_path):
     """The path a user runs, sample grids included (every rank takes part in a sharded network's forward)."""
-    import subprocess
-
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(HERE)  # this checkout, not an installed sidfast
     env.update(PYTHONPATH=os.pathsep.join([root, HERE, env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sidfast.cli", "distill", "--teacher", "nets:rooted_teacher", "--run-dir", str(run),
-           "--iterations", "3", "--batch", "8", "--log-every", "1", "--grid-size", "4",
-           "--teacher-steps", "2", "--no-progress", "--device", "cpu", "--fsdp", "--fake-score", "lora", "--lora-rank", "4",
-           "--activation-checkpointing"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("SiD distillation") == 1
+    args = ["-m", "sidfast.cli", "distill", "--teacher", "nets:rooted_teacher", "--run-dir", str(run),
+            "--iterations", "3", "--batch", "8", "--log-every", "1", "--grid-size", "4",
+            "--teacher-steps", "2", "--no-progress", "--device", "cpu", "--fsdp", "--fake-score", "lora",
+            "--lora-rank", "4", "--activation-checkpointing"]
+    code, out, err = torchrun(args, env, timeout=180)
+    assert code == 0, err[-3000:]
+    assert out.count("SiD distillation") == 1
     from sidfast.training.state import read_distill
 
     data = read_distill(run / "checkpoint.dcp")
