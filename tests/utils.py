@@ -60,6 +60,24 @@ def unit_roundoff(dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+# Two runs whose generator gradients differ by float32 rounding (summed in another order, or computed in
+# closed form instead of by autograd): each gradient is within a handful of roundings of the exact one, taken
+# relative to its operands' magnitudes, which can exceed the result's (the teacher's and the fake score's
+# terms partly cancel); Adam and the following iterations carry that into the weights.
+GRADIENT_ROUNDINGS = 32
+LOSS_SCALE_ULP = 1 + 2 * torch.finfo(torch.float32).eps / 2  # a loss scale this much larger: one ulp up (at 1)
+
+
+def gradient_rounding_tolerance(want: torch.Tensor, nudged: torch.Tensor, iterations: int) -> float:
+    """How far a weight tensor of a run may end from ``want`` when its generator gradients differ from
+    ``want``'s run by float32 rounding: ``GRADIENT_ROUNDINGS`` times how far one rounding of every generator
+    gradient moved it (``nudged``: the same run with its generator loss scale times ``LOSS_SCALE_ULP``), plus
+    the rounding of ``p - step`` in each of ``iterations`` Adam steps."""
+    u = unit_roundoff(torch.float32)
+    one_rounding = float((nudged - want).abs().max())
+    return GRADIENT_ROUNDINGS * one_rounding + iterations * 4 * u * float(want.abs().max())
+
+
 def rounding_bound(dtype, magnitude, operations=1):
     """Bound on the accumulated rounding error of ``operations`` chained roundings in ``dtype`` on values of size
     ``magnitude``: gamma_n * magnitude with gamma_n = n u / (1 - n u) (Higham, Accuracy and Stability of
