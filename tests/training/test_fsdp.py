@@ -424,6 +424,24 @@ class _EDMLike(torch.nn.Module):
                                              "8x8_aux": torch.nn.Identity()})
 
 
+def test_the_teacher_of_a_sharded_run_with_a_lora_fake_score_guides_as_the_teacher():
+    """Under FSDP with a LoRA fake score the teacher is the fake score with its LoRA layers off (``LoRAOff``):
+    guidance asks it for the teacher's unconditional call, which it refused as if the teacher had no
+    classes ("--guidance: teacher ... is unconditional" for a class-conditional teacher)."""
+    from nets import conditional_teacher
+
+    from sidfast.models.denoiser import as_denoiser
+    from sidfast.models.lora import LoRAFakeScore
+    from sidfast.training.sharding import LoRAOff
+
+    teacher = as_denoiser(conditional_teacher())
+    off = LoRAOff(LoRAFakeScore(as_denoiser(conditional_teacher()), rank=2))
+    assert off.num_classes == teacher.num_classes > 0 and off.label_format == teacher.label_format
+    null, want = off.null_condition(3), teacher.null_condition(3)
+    assert null.keys() == want.keys() and all(torch.equal(null[k], want[k]) for k in want)
+    assert torch.equal(off.labels(torch.tensor([0, 2])), teacher.labels(torch.tensor([0, 2])))
+
+
 def test_shard_blocks_finds_the_natural_blocks():
     from nets import tiny_teacher
 
