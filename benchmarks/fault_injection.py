@@ -20,7 +20,12 @@ import torch  # noqa: E402
 import faults  # noqa: E402
 
 DATE = "2026-12-06"
-KINDS = {"kill": "SIGKILL during a checkpoint save", "term": "SIGTERM", "full": "full disk during a save"}
+KINDS = {"kill": "SIGKILL during a checkpoint save", "term": "SIGTERM", "full": "full disk during a save",
+         "rank": f"SIGKILL of one rank of {faults.WORLD} during a checkpoint save"}
+
+
+def kind(fault) -> str:
+    return "rank" if fault.rank is not None else fault.kind
 
 
 def main() -> int:
@@ -34,12 +39,13 @@ def main() -> int:
         tmp = Path(tmp)
         refs, sizes = {}, {}
         for fault in faults.matrix():
-            if fault.fsdp not in refs:
-                refs[fault.fsdp] = faults.run(tmp / ("full-sharded" if fault.fsdp else "full"), fsdp=fault.fsdp)
-                sizes[fault.fsdp] = faults.checkpoint_size(tmp, fault.fsdp)
+            key = (fault.fsdp, fault.rank is not None)
+            if key not in refs:
+                refs[key] = faults.reference(tmp, *key)
+                sizes[key] = faults.checkpoint_size(tmp, *key)
             t = time.perf_counter()
             try:
-                ok, what = faults.survived(fault, tmp, refs[fault.fsdp], sizes[fault.fsdp])
+                ok, what = faults.survived(fault, tmp, refs[key], sizes[key])
             except Exception as exc:
                 ok, what = False, f"{type(exc).__name__}: {str(exc)[:200]}"
             rows.append((fault, ok, what, time.perf_counter() - t))
@@ -57,9 +63,13 @@ def main() -> int:
         f"Each run: `tests/nets.py` tiny_teacher, {faults.CONFIG['iterations']} iterations of batch 8, a "
         f"checkpoint every {faults.CONFIG['checkpoint_every']} iterations, sample grids at the start and every "
         f"{faults.CONFIG['sample_every']} iterations. The fault hits a child process (a new interpreter; a sharded "
-        "`--fsdp` checkpoint from a process group of one) at a deterministic point: a stage of the second save (`sidfast.utils.files.FAULT_HOOK`), N bytes into its file, or a "
-        "patched function. Survived = the run directory holds a readable last complete checkpoint, a full disk "
-        "is a one-line error naming the run directory, `--resume auto` reproduces the uninterrupted run's "
+        "`--fsdp` checkpoint from a process group of one) at a deterministic point: a stage of the second save "
+        "(`sidfast.utils.files.FAULT_HOOK`), N bytes into its file, or a patched function. A rank fault hits "
+        f"one rank of a run of {faults.WORLD} processes (gloo, launched with torchrun, which then ends the other "
+        "rank; DDP or `--fsdp`) at a stage of the second save, or as that save starts (`save`: after the ranks "
+        f"gathered their random states); it is resumed on {faults.WORLD} processes and compared with an "
+        f"uninterrupted {faults.WORLD}-process run. Survived = the run directory holds a readable last complete "
+        "checkpoint, a full disk is a one-line error naming the run directory, `--resume auto` reproduces the uninterrupted run's "
         "generator, EMA and fake score bit for bit, and no temporary file is left after the resume.",
         "",
         f"**{survived} of {len(rows)} faults survived** ({seconds:.0f} s in all).",
@@ -70,16 +80,16 @@ def main() -> int:
     for fault, ok, what, _ in rows:
         where = f"{fault.where} ({fault.nbytes:g} {'of the file' if fault.nbytes < 1 else 'bytes'})" \
             if fault.nbytes else fault.where
-        lines.append(f"| {KINDS[fault.kind]} | {'sharded (checkpoint.dcp)' if fault.fsdp else 'file (checkpoint.pt)'} "
+        if fault.rank is not None:
+            where += f", rank {fault.rank} killed"
+        lines.append(f"| {KINDS[kind(fault)]} | {'sharded (checkpoint.dcp)' if fault.fsdp else 'file (checkpoint.pt)'} "
                      f"| {where} | {'yes' if ok else '**no**'} | {what.replace('|', '/')} |")
     by_kind = {}
     for fault, ok, _, _ in rows:
-        tried, held = by_kind.get(fault.kind, (0, 0))
-        by_kind[fault.kind] = (tried + 1, held + ok)
+        tried, held = by_kind.get(kind(fault), (0, 0))
+        by_kind[kind(fault)] = (tried + 1, held + ok)
     lines += ["", "| kind | tried | survived |", "| --- | --- | --- |"]
     lines += [f"| {KINDS[k]} | {t} | {h} |" for k, (t, h) in by_kind.items()]
-    lines += ["", "Not in this matrix: a rank of a two-process sharded run killed mid-save "
-              "(tests/training/test_fsdp.py::test_rank_killed_mid_save_leaves_the_previous_checkpoint)."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"{survived} of {len(rows)} faults survived; wrote {args.out}")
     return 0 if survived == len(rows) else 1

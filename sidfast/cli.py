@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
 import os
 import re
@@ -264,14 +265,21 @@ def _user_error(exc: Exception) -> UserError:
 
 
 def _writable_dir(path, option: str, shown=None) -> None:
-    """Create the directory ``path`` (with its parents) and check that a file can be written in it; a
-    UserError naming ``option`` (given as ``shown``) otherwise."""
+    """Check that a file can be written in the directory ``path``, or that it can be created (with its
+    parents) where it is missing; a UserError naming ``option`` (given as ``shown``) otherwise. Leaves
+    nothing behind: the folder is made by what writes into it, so that a command that fails later (a
+    teacher that does not load) leaves no empty folder."""
     path = Path(path)
     shown = str(shown if shown is not None else path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        there = next(p for p in (path, *path.parents) if p.exists())  # the deepest part that exists
+        if not there.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(there))
+        if there == path:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        else:  # the missing folders can be made where a folder can be made now (removed at once)
+            os.rmdir(tempfile.mkdtemp(dir=there))
     except OSError as exc:
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         why = f"{str(blocker)!r} is a file, not a directory" if blocker else (exc.strerror or str(exc))

@@ -11,8 +11,13 @@ EMA and the fake score with those of the uninterrupted run, and that no temporar
 - ``term``: SIGTERM during the first iteration, the EMA update, the first grid, a grid in the run.
 - ``full``: the file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: the write fails with EFBIG) set after the
   first save, so the second finds no room: a one-line CheckpointError, the first checkpoint intact.
+- ``kill`` of one rank of a two-process run (``Fault.rank``; DDP and FSDP, launched with torchrun, which then
+  ends the other rank): at a stage of the second save, or (``save``) as that save starts, after the ranks
+  gathered their random states; the resume runs on two processes and is compared with an uninterrupted
+  two-process run.
 """
 import dataclasses
+import json
 import os
 import resource
 import signal
@@ -25,6 +30,7 @@ import torch
 
 from nets import tiny_teacher
 from runs import quiet, states
+from utils import torchrun
 
 HERE = Path(__file__).resolve().parent  # tests/
 ROOT = HERE.parent
@@ -36,6 +42,7 @@ FULL_STAGES = ["opened", ("write", 1), ("write", 4096), ("write", 0.5), "written
 SHARDED_STAGES = ["sharded-dir", "shards-written", "opened", "written", "meta-written", "moved-previous",
                   "renamed"]
 TERM_POINTS = ["first-iteration", "ema-update", "first-grid", "grid"]
+WORLD = 2  # processes of the runs a rank fault hits
 
 
 @dataclasses.dataclass
@@ -44,11 +51,13 @@ class Fault:
     where: str
     fsdp: bool = False
     nbytes: float = 0  # kill at a write: after this many bytes (a fraction: of the file's size)
+    rank: int | None = None  # the rank killed in a run of WORLD processes; None: a run of one
 
     @property
     def name(self) -> str:
         at = f"{self.where}@{self.nbytes:g}B" if self.nbytes else self.where
-        return f"{self.kind}:{'sharded' if self.fsdp else 'file'}:{at}"
+        ranks = "" if self.rank is None else f":rank{self.rank}of{WORLD}"
+        return f"{self.kind}:{'sharded' if self.fsdp else 'file'}:{at}{ranks}"
 
 
 def matrix() -> list[Fault]:
@@ -59,6 +68,12 @@ def matrix() -> list[Fault]:
     faults += [Fault("kill", stage, fsdp=True) for stage in SHARDED_STAGES]
     faults += [Fault("term", point) for point in TERM_POINTS]
     faults += [Fault("full", "second-save"), Fault("full", "second-save", fsdp=True)]
+    # one rank of two killed: rank 0 half-way through the checkpoint file it alone writes, or with every
+    # shard and the metadata written; rank 1 as the save starts (the other rank writes or waits for it), or
+    # with its shards written
+    faults += [Fault("kill", "write", nbytes=0.5, rank=0), Fault("kill", "save", rank=1),
+               Fault("kill", "save", fsdp=True, rank=1), Fault("kill", "shards-written", fsdp=True, rank=1),
+               Fault("kill", "meta-written", fsdp=True, rank=0)]
     return faults
 
 
@@ -67,14 +82,22 @@ def cfg(run_dir, fsdp=False, **kw):
 
 
 def run(run_dir, fsdp=False, **kw):
+    """Train (or resume) the run in this process, one of its ranks under torchrun: the whole generator, EMA
+    and fake-score states after the last iteration (gathered from the shards under FSDP, on every rank
+    while the process group is up; absent when the run stopped before), its iteration, how it stopped."""
     from sidfast.training.loop import distill
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    res = distill(cfg(run_dir, fsdp, **kw), tiny_teacher(), log=None)
     full = StateDictOptions(full_state_dict=True)
     get = (lambda n: {k: v.clone() for k, v in get_model_state_dict(n, options=full).items()}) if fsdp else states
-    return {"G": get(res.generator), "ema": get(res.generator_ema), "fake": get(res.fake),
-            "iteration": res.iteration, "interrupted": res.interrupted}
+    last = {}
+
+    def grab(state):
+        if state["iteration"] == CONFIG["iterations"]:
+            last.update(G=get(state["generator"]), ema=get(state["generator_ema"]), fake=get(state["fake"]))
+
+    res = distill(cfg(run_dir, fsdp, **kw), tiny_teacher(), callbacks=[grab], log=None)
+    return {**last, "iteration": res.iteration, "interrupted": res.interrupted}
 
 
 def _inject(fault: Fault, size: int):
@@ -83,6 +106,21 @@ def _inject(fault: Fault, size: int):
     from sidfast.utils import files
 
     me = os.getpid()
+    if fault.rank is not None and int(os.environ["RANK"]) != fault.rank:
+        return
+    if fault.where == "save":  # as the second save starts, the random states of every rank gathered
+        from sidfast.training import state
+
+        save, seen = state._save, {"saves": 0}
+
+        def die_in_save(*args, **kwargs):
+            seen["saves"] += 1
+            if seen["saves"] == SAVE:
+                os.kill(me, signal.SIGKILL)
+            return save(*args, **kwargs)
+
+        state._save = die_in_save
+        return
     if fault.kind == "kill" or fault.kind == "full":
         seen = {"saves": 0}
         checkpoint = "checkpoint.dcp" if fault.fsdp else "checkpoint.pt"
@@ -169,12 +207,57 @@ def inject(fault: Fault, run_dir: Path, size: int) -> dict:
     return report
 
 
-def checkpoint_size(tmp: Path, fsdp: bool = False) -> int:
+def rank_main(spec: dict) -> int:
+    """One rank of a run of WORLD processes under torchrun (``launch``): the fault of ``spec`` armed on its
+    rank, then ``run``; rank 0 writes what ``run`` returned to ``spec["out"]``. Ends like the sidfast
+    command (no interpreter teardown after a process group)."""
+    from sidfast.utils.runtime import end_process
+
+    torch.set_num_threads(1)
+    if spec["fault"]:
+        _inject(Fault(*spec["fault"]), spec["size"])
+    result = run(spec["run_dir"], spec["fsdp"], **({"resume": "auto"} if spec["resume"] else {}))
+    if int(os.environ["RANK"]) == 0:
+        torch.save(result, spec["out"])
+    end_process(0, after_group=True)
+
+
+def launch(run_dir: Path, fsdp: bool, fault: Fault | None = None, size: int = 0, resume: bool = False) -> dict:
+    """The run of ``run_dir`` on WORLD processes launched with torchrun (with ``fault`` armed, or resumed):
+    {"status": the launch's exit status, "stderr": its end, ...: what ``run`` returned on rank 0}."""
+    out = Path(run_dir).with_suffix(".launch.pt")
+    spec = {"fault": dataclasses.astuple(fault) if fault else None, "run_dir": str(run_dir), "fsdp": fsdp,
+            "size": size, "resume": resume, "out": str(out)}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the ranks compute alike
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    code, _, err = torchrun(["-m", "faults", json.dumps(spec)], env, timeout=300, nproc=WORLD)
+    report = torch.load(out) if out.exists() else {}
+    out.unlink(missing_ok=True)
+    return {**report, "status": code, "stderr": err[-3000:]}
+
+
+def reference_dir(tmp: Path, fsdp: bool, ranks: bool) -> Path:
+    """Where the uninterrupted run of a fault's kind trains: ``ranks``, on WORLD processes."""
+    return tmp / (("full-sharded" if fsdp else "full") + (f"-{WORLD}ranks" if ranks else ""))
+
+
+def reference(tmp: Path, fsdp: bool, ranks: bool) -> dict:
+    """The uninterrupted run the faults of a kind are compared with (``ranks``: on WORLD processes)."""
+    run_dir = reference_dir(tmp, fsdp, ranks)
+    if not ranks:
+        return run(run_dir, fsdp)
+    report = launch(run_dir, fsdp)
+    assert report["status"] == 0, report["stderr"]
+    return report
+
+
+def checkpoint_size(tmp: Path, fsdp: bool = False, ranks: bool = False) -> int:
     """Bytes of the run's checkpoint file, or of the largest shard file of a sharded run (a kill after half
     of them is half-way through a save; the full disk's limit is 90% of it)."""
+    run_dir = reference_dir(tmp, fsdp, ranks)
     if fsdp:
-        return max(p.stat().st_size for p in (tmp / "full-sharded" / "checkpoint.dcp").iterdir())
-    return (tmp / "full" / "checkpoint.pt").stat().st_size
+        return max(p.stat().st_size for p in (run_dir / "checkpoint.dcp").iterdir())
+    return (run_dir / "checkpoint.pt").stat().st_size
 
 
 def survived(fault: Fault, tmp: Path, reference: dict, size: int) -> tuple[bool, str]:
@@ -183,9 +266,15 @@ def survived(fault: Fault, tmp: Path, reference: dict, size: int) -> tuple[bool,
     from sidfast.utils.files import STALE, previous_path
 
     run_dir = tmp / fault.name.replace(":", "-").replace("@", "-")
-    report = inject(fault, run_dir, size)
+    if fault.rank is not None:
+        report = launch(run_dir, fault.fsdp, fault, size)
+        # torchrun reports the killed rank, and ends the other
+        if report["status"] == 0 or "Signal 9 (SIGKILL)" not in report["stderr"]:
+            return False, f"the launch ended with {report['status']}, no rank killed: {report['stderr'][-300:]}"
+    else:
+        report = inject(fault, run_dir, size)
     expected = {"kill": "signal SIGKILL", "term": "exit 0", "full": "exit 0"}[fault.kind]
-    if report["status"] != expected:
+    if fault.rank is None and report["status"] != expected:
         return False, f"child ended with {report['status']}, expected {expected}"
     if fault.kind == "term" and report.get("interrupted") != "SIGTERM":
         return False, f"run not stopped by SIGTERM: {report}"
@@ -200,7 +289,12 @@ def survived(fault: Fault, tmp: Path, reference: dict, size: int) -> tuple[bool,
     kept = read_distill(target)["iteration"]  # the last complete checkpoint reads back
     if fault.kind == "full" and kept != 2:
         return False, f"the full disk left iteration {kept}, not the previous checkpoint (2)"
-    resumed = run(run_dir, fault.fsdp, resume="auto")
+    if fault.rank is None:
+        resumed = run(run_dir, fault.fsdp, resume="auto")
+    else:
+        resumed = launch(run_dir, fault.fsdp, resume=True)
+        if resumed["status"] != 0:
+            return False, f"the resume failed: {resumed['stderr'][-300:]}"
     for key in ("G", "ema", "fake"):
         a, b = resumed[key], reference[key]
         if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
@@ -212,5 +306,6 @@ def survived(fault: Fault, tmp: Path, reference: dict, size: int) -> tuple[bool,
                                                                    if report.get("error") else "")
 
 
-def references(tmp: Path) -> dict:
-    return {False: run(tmp / "full"), True: run(tmp / "full-sharded", fsdp=True)}
+
+if __name__ == "__main__":  # a rank under torchrun: python -m torch.distributed.run ... -m faults SPEC
+    sys.exit(rank_main(json.loads(sys.argv[1])))

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,9 +257,17 @@ def test_eval_without_inception_weights_says_where_to_put_them(files, tmp_path, 
     assert "--inception" in err and str(tmp_path) in err and PKL_URL in err and "never downloads" in err
 
 
+def _tree(folder) -> list:
+    return sorted(str(p) for p in Path(folder).rglob("*"))
+
+
 @pytest.mark.parametrize("argv,expected", [pytest.param(a, e, id=i) for i, a, e in MISTAKES])
-def test_user_mistake_gives_one_line_naming_the_option(argv, expected, files, capsys):
+def test_user_mistake_gives_one_line_naming_the_option(argv, expected, files, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default --run-dir (runs/sid) would go
+    before = _tree(files["root"])
     code, _, err = run_main(_fill(argv, files), capsys)
+    # a command that did not start leaves nothing behind (no run folder for a teacher that does not load)
+    assert _tree(files["root"]) == before and _tree(tmp_path) == []
     assert code == 2, err
     assert "Traceback" not in err
     lines = err.rstrip("\n").split("\n")

@@ -60,6 +60,24 @@ def unit_roundoff(dtype) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+# Two runs whose generator gradients differ by float32 rounding (summed in another order, or computed in
+# closed form instead of by autograd): each gradient is within a handful of roundings of the exact one, taken
+# relative to its operands' magnitudes, which can exceed the result's (the teacher's and the fake score's
+# terms partly cancel); Adam and the following iterations carry that into the weights.
+GRADIENT_ROUNDINGS = 32
+LOSS_SCALE_ULP = 1 + 2 * torch.finfo(torch.float32).eps / 2  # a loss scale this much larger: one ulp up (at 1)
+
+
+def gradient_rounding_tolerance(want: torch.Tensor, nudged: torch.Tensor, iterations: int) -> float:
+    """How far a weight tensor of a run may end from ``want`` when its generator gradients differ from
+    ``want``'s run by float32 rounding: ``GRADIENT_ROUNDINGS`` times how far one rounding of every generator
+    gradient moved it (``nudged``: the same run with its generator loss scale times ``LOSS_SCALE_ULP``), plus
+    the rounding of ``p - step`` in each of ``iterations`` Adam steps."""
+    u = unit_roundoff(torch.float32)
+    one_rounding = float((nudged - want).abs().max())
+    return GRADIENT_ROUNDINGS * one_rounding + iterations * 4 * u * float(want.abs().max())
+
+
 def rounding_bound(dtype, magnitude, operations=1):
     """Bound on the accumulated rounding error of ``operations`` chained roundings in ``dtype`` on values of size
     ``magnitude``: gamma_n * magnitude with gamma_n = n u / (1 - n u) (Higham, Accuracy and Stability of
@@ -209,6 +227,51 @@ def _ended_worker(rank, fn, args):
     from sidfast.utils.runtime import end_process
 
     end_process(0, after_group=True)  # no interpreter teardown with gloo's threads alive
+
+
+def torchrun(args, env, timeout, nproc=2):
+    """``python -m torch.distributed.run --standalone --nproc_per_node nproc ARGS``: (exit status, stdout,
+    stderr). A launch that outlives ``timeout`` seconds is ended with SIGKILL, its ranks with it (torchrun
+    starts them in sessions of their own, out of reach of a kill of the launcher's process group), and
+    reported as a failed test."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {timeout} s: {' '.join(map(str, args))}\n{err[-2000:]}")
+    return proc.returncode, out, err
+
+
+def descendants(pid: int) -> list:
+    """The ids of the processes below ``pid`` (children, theirs, ...), read from /proc (none where there is
+    no /proc)."""
+    from pathlib import Path
+
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def join_gloo_group(rank, world, init_file):

@@ -23,3 +23,4 @@ while distiller.nimg < 160:                                    # your loop: your
     loss_g, loss_fake = distiller.step()                       # fake-score update, generator update, EMA
 print(f"{distiller.iteration} iterations, {distiller.nimg} images, loss_g {loss_g.item():.4f}")
 distiller.save()                                               # checkpoint.pt: `sidfast distill --resume` continues
+distiller.close()                                              # under torchrun: ends the process group it made

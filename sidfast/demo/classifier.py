@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sidfast.demo.digits import load_digits_tensors, split
+from sidfast.utils.files import atomic_save
 
 # Bump when the architecture or the training recipe changes: the cache key changes with it.
 RECIPE = {"version": 1, "channels": (32, 64), "feature_dim": 64, "epochs": 30, "batch": 64, "lr": 2e-3,
@@ -108,21 +108,6 @@ def _cache_path(cache_dir: Path, recipe: dict) -> Path:
     return Path(cache_dir) / f"digit_classifier_{recipe_hash(recipe)}.pt"
 
 
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _load_cached(path: Path, recipe: dict) -> tuple[DigitClassifier, float] | None:
     """The cached classifier, or None when the file is missing, unreadable, foreign or of another recipe."""
     if not path.is_file():
@@ -157,8 +142,8 @@ def load_or_train_classifier(cache_dir=None, recipe: dict = RECIPE,
         log(f"classifier cache {path} is unreadable or stale: retraining")
     model, accuracy = train_classifier(recipe)  # the caller reports the accuracy (once)
     try:
-        _save_atomic({"recipe_hash": recipe_hash(recipe), "recipe": recipe, "accuracy": accuracy,
-                      "state_dict": model.state_dict()}, path)
+        atomic_save({"recipe_hash": recipe_hash(recipe), "recipe": recipe, "accuracy": accuracy,
+                     "state_dict": model.state_dict()}, path, keep_previous=False)
     except OSError as exc:
         if log:
             log(f"could not write the classifier cache {path}: {exc}")

@@ -157,6 +157,7 @@ class Distiller:
                                                      self.optimizers(), self.dist, self.device)
             if self.phases.real_data is not None and self.state.get("real_data") is not None:
                 self.phases.real_data.load_state_dict(self.state["real_data"])
+            self.phases.load_metrics_state((self.state.get("window") or {}).get("metrics"), self.device)
         self._wrap_networks()
 
     def _wrap_networks(self) -> None:
@@ -195,6 +196,14 @@ class Distiller:
         else:
             self.scores = engine
 
+    def close(self) -> None:
+        """End the run's distributed part: its DDP wrappers, then the process group if the run made it. In this
+        order because a DDP reducer that outlives the group is its last owner, and freeing the reducer
+        destroys the group with the GIL held, waiting for gloo's worker threads, one of which may be waiting
+        for the GIL to free a finished collective's tensors (a deadlock). A closed Distiller does not step."""
+        self.generator_train = self.fake_train = self.scores = None
+        runtime.shutdown(self.dist)
+
     def networks(self) -> dict:
         return {"generator": self.generator, "generator_ema": self.generator_ema, "fake": self.fake}
 
@@ -204,8 +213,11 @@ class Distiller:
     def save(self, last: dict | None = None, window: dict | None = None) -> Path | None:
         """Write the run's checkpoint (``checkpoint.pt``, or ``checkpoint.dcp`` under FSDP) in ``run_dir``;
         ``last``: the latest metrics record, kept for the summary of a resumed run; ``window``: the losses
-        summed since it (``runtime.LossWindow.state``), which the resumed run's first record goes on with."""
+        summed since it (``runtime.LossWindow.state``), which the resumed run's first record goes on with
+        (with the recipe's own metrics summed since it)."""
         real_data = self.phases.real_data
+        if window:
+            window = {**window, "metrics": self.phases.metrics_state()}
         return save_distill(self.ckpt_path, self.cfg, self.networks(), self.optimizers(), self.iteration,
                             self.nimg, self.dist, self.device, **self._sample_meta(), last=last or {},
                             **({"window": window} if window else {}),
@@ -359,7 +371,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                 f"{cfg.option('resume')} {trainer.resume_path} {cfg.option('run_dir')} {cfg.run_dir} "
                 f"{cfg.option('iterations')} {2 * trainer.iteration}")
         trainer.state = None
-        runtime.shutdown(trainer.dist)
+        trainer.close()
         return _result(trainer, 0.0, start_iteration, last, trainer.resume_path, None, complete=True)
 
     metrics = MetricsLog(trainer.run_dir / "metrics.jsonl", enabled=trainer.rank0)
@@ -445,7 +457,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                 trainer.write_student_grid("student.png")
     finally:
         progress.close()
-        runtime.shutdown(trainer.dist)
+        trainer.close()
 
     # Write the summary.
     seconds = time.perf_counter() - start_time

@@ -132,6 +132,13 @@ class LoRAOff(Denoiser):
     def label_format(self) -> str:
         return self.fake.net.label_format
 
+    def null_labels(self, batch: int, device=None) -> torch.Tensor:
+        """The teacher's (guidance's unconditional call)."""
+        return self.fake.net.null_labels(batch, device)
+
+    def null_condition(self, batch: int, device=None) -> dict:
+        return self.fake.net.null_condition(batch, device)
+
     def forward(self, x: torch.Tensor, sigma, class_labels=None, **cond) -> torch.Tensor:
         set_lora_mode(self.fake, "off")
         try:

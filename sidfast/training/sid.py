@@ -92,6 +92,14 @@ class SiDPhases:
         record.update(self.take_metrics())
         return record
 
+    def metrics_state(self) -> dict:
+        """This recipe's metrics summed since the last record, for a checkpoint (SiD: none)."""
+        return {}
+
+    def load_metrics_state(self, state: dict | None, device) -> None:
+        """Go on with the sums of ``metrics_state()`` (a resumed run's first record then averages the same
+        iterations as the uninterrupted run's)."""
+
     def gate_warning(self, start_nimg: int, end_nimg: int) -> str | None:
         """A line for the start of a run that ends before a warm-up gate opens (SiD has no gates)."""
         return None

@@ -212,6 +212,16 @@ class SiDAPhases(SiDPhases):
         self._summed = 0
         return out
 
+    def metrics_state(self) -> dict:
+        return {"sums": dict(self._sums), "summed": self._summed, "g_steps": self._g_steps,
+                "gan_steps": self._gan_steps}
+
+    def load_metrics_state(self, state: dict | None, device) -> None:
+        if not state:
+            return
+        self._sums = {name: value.to(device) for name, value in state["sums"].items()}
+        self._summed, self._g_steps, self._gan_steps = state["summed"], state["g_steps"], state["gan_steps"]
+
     def add_metrics(self, record: dict) -> dict:
         """``record`` with SiDA's metrics; a generator loss no optimizer step used in the window (before the
         gates: ``loss_g`` before g_start_kimg, ``loss_gan`` before gan_start_kimg too) moves to

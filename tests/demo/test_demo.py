@@ -8,6 +8,7 @@ the native route anyway.
 """
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -220,6 +221,21 @@ def test_corrupt_or_foreign_cache_is_retrained(classifier_cache, tmp_path):
     # a file of another recipe under this name is ignored
     torch.save({"recipe_hash": "0" * 16, "state_dict": {}, "accuracy": 1.0}, tmp_path / path.name)
     assert clf_mod._load_cached(tmp_path / path.name, clf_mod.RECIPE) is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_classifier_cache_file_follows_the_umask(tmp_path, monkeypatch, umask):
+    """Like every file sidfast writes: 0666 less the umask, not a temporary file's 0600."""
+    untrained = clf_mod.DigitClassifier(clf_mod.RECIPE["channels"], clf_mod.RECIPE["feature_dim"])
+    monkeypatch.setattr(clf_mod, "train_classifier", lambda recipe: (untrained, 0.5))
+    old = os.umask(umask)
+    try:
+        clf_mod.load_or_train_classifier(tmp_path)
+    finally:
+        os.umask(old)
+    path = clf_mod._cache_path(tmp_path, clf_mod.RECIPE)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left beside it
 
 
 def test_recipe_change_changes_the_cache_key():

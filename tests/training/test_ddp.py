@@ -5,15 +5,14 @@ the optimizer then used; the test checks that the used gradients are the average
 ranks drew different samples (per-rank seeds), that the replicas stay identical, and that only rank 0 writes.
 """
 import os
-import signal
-import subprocess
-import sys
+import socket
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from utils import join_gloo_group, spawn_workers
+from utils import join_gloo_group, spawn_workers, torchrun
 
 WORLD = 2
 
@@ -103,29 +102,73 @@ def test_torchrun_launch(tmp_path):
     env.update(PYTHONPATH=os.pathsep.join([root, tests, env.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           "-m", "sidfast.cli", "distill", "--teacher", "nets:tiny_teacher", "--run-dir", str(run),
-           "--iterations", "3", "--batch", "8", "--log-every", "1", "--grid-size", "4", "--teacher-steps", "2",
-           "--no-progress", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        # SIGTERM first: torchrun forwards it to its workers (they run in sessions of their own, out of reach of
-        # a kill of the launcher's group) and waits for them; SIGKILL the group if that does not end it
-        proc.terminate()
-        try:
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish within 180 s: {err[-2000:]}")
-    assert proc.returncode == 0, err[-3000:]
+    args = ["-m", "sidfast.cli", "distill", "--teacher", "nets:tiny_teacher", "--run-dir", str(run),
+            "--iterations", "3", "--batch", "8", "--log-every", "1", "--grid-size", "4", "--teacher-steps", "2",
+            "--no-progress", "--device", "cpu"]
+    code, out, err = torchrun(args, env, timeout=180)
+    assert code == 0, err[-3000:]
     assert out.count("SiD distillation") == 1  # rank 0 alone prints the summary
     data = torch.load(run / "checkpoint.pt", weights_only=True)
     assert (data["world_size"], data["iteration"], data["nimg"]) == (WORLD, 3, 24)
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _owned_group_worker(rank, ports, run_dir, out_dir, real):
+    # the group torchrun describes, made by each distill itself (which ends it too), on a port of its own: a
+    # rank that starts the next run early must not meet the other rank's store of the last one
+    os.environ.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from nets import tiny_teacher
+    from runs import LAYER, quiet
+
+    from sidfast.training import loop
+    from sidfast.utils import runtime
+
+    wrappers, alive = [], []
+    make_ddp, destroy = runtime.ddp, dist.destroy_process_group
+
+    def ddp(module, device):
+        wrapper = make_ddp(module, device)
+        wrappers.append(weakref.ref(wrapper))
+        return wrapper
+
+    def destroy_process_group(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in wrappers))
+        return destroy(*args, **kwargs)
+
+    runtime.ddp, dist.destroy_process_group = ddp, destroy_process_group
+    options = [dict(), dict(fake_score="lora", generator="lora", gen_steps=4), dict(engine="fused"),
+               dict(method="sida", data=real, disc_layer=LAYER, g_start_kimg=0, gan_start_kimg=0)]
+    for i, kw in enumerate(options):
+        os.environ["MASTER_PORT"] = str(ports[i])
+        loop.distill(quiet(run_dir=f"{run_dir}{i}", iterations=2, batch=4, checkpoint_every=1, lora_rank=2,
+                           **kw), tiny_teacher(), log=None)
+    # the complete run resumed: nothing to train, the group ended all the same
+    os.environ["MASTER_PORT"] = str(ports[-1])
+    loop.distill(quiet(run_dir=f"{run_dir}0", iterations=2, batch=4, lora_rank=2, resume="auto"), tiny_teacher(),
+                 log=None)
+    torch.save({"alive": alive, "made": len(wrappers)}, os.path.join(out_dir, f"owned{rank}.pt"))
+
+
+def test_ddp_wrappers_are_released_before_the_group_they_hold_ends(tmp_path):
+    """A DDP reducer that outlives ``destroy_process_group`` is the last owner of the gloo group: freeing it
+    destroys the group with the GIL held, waiting for gloo's worker threads, one of which may wait for the GIL
+    to free a finished collective's tensors. One rank of a loaded machine hung there (the feature matrix's DDP
+    launch with LoRA networks): every wrapper must be gone before the group ends."""
+    from runs import real_images
+
+    sockets = [socket.socket() for _ in range(5)]
+    for s in sockets:  # free ports, held together so that they differ
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    real = real_images(tmp_path / "real.npz")
+    spawn_workers(_owned_group_worker, (ports, str(tmp_path / "run"), str(tmp_path), real), WORLD)
+    for rank in range(WORLD):
+        data = torch.load(tmp_path / f"owned{rank}.pt", weights_only=True)
+        assert data["made"] == 10  # generator and fake score of each run
+        assert data["alive"] == [0] * 5, data
 
 
 def test_only_rank0_writes_and_the_checkpoint_holds_every_rank_rng(ddp_run):

@@ -15,10 +15,14 @@ import faults
 from utils import run_main
 
 FAST_SHARDED = {"shards-written", "moved-previous"}  # the rest of the sharded stages: -m slow
+FAST_RANKS = {("write", False), ("shards-written", True)}  # the rest of the two-process faults: -m slow
 
 
 def _param(fault):
-    slow = fault.fsdp and fault.kind == "kill" and fault.where not in FAST_SHARDED
+    if fault.rank is not None:
+        slow = (fault.where, fault.fsdp) not in FAST_RANKS
+    else:
+        slow = fault.fsdp and fault.kind == "kill" and fault.where not in FAST_SHARDED
     return pytest.param(fault, id=fault.name, marks=[pytest.mark.slow] if slow else [])
 
 
@@ -28,16 +32,16 @@ def reference(tmp_path_factory):
     return tmp, {}
 
 
-def _reference(reference, fsdp):
+def _reference(reference, fsdp, ranks):
     tmp, refs = reference
-    if fsdp not in refs:
-        refs[fsdp] = faults.run(tmp / ("full-sharded" if fsdp else "full"), fsdp=fsdp)
-    return tmp, refs[fsdp], faults.checkpoint_size(tmp, fsdp)
+    if (fsdp, ranks) not in refs:
+        refs[fsdp, ranks] = faults.reference(tmp, fsdp, ranks)
+    return tmp, refs[fsdp, ranks], faults.checkpoint_size(tmp, fsdp, ranks)
 
 
 @pytest.mark.parametrize("fault", [_param(f) for f in faults.matrix()])
 def test_fault_leaves_a_checkpoint_that_resumes_bitwise(reference, fault, tmp_path):
-    _, ref, size = _reference(reference, fault.fsdp)
+    _, ref, size = _reference(reference, fault.fsdp, fault.rank is not None)
     ok, what = faults.survived(fault, tmp_path, ref, size)
     assert ok, what
 

@@ -34,12 +34,11 @@ from sidfast.training.data import RealData
 from sidfast.utils.runtime import seed_everything
 from runs import resolved
 from test_train import SHAPE, quiet, states, tiny_teacher
-from utils import unit_roundoff
+from utils import LOSS_SCALE_ULP, gradient_rounding_tolerance
 
 ITERATIONS = 4
 BATCH = 6
 LAYER = "inp"  # TinyEDM's first layer: the discriminator's tap
-GRADIENT_ROUNDINGS = 32
 NETWORKS = ("generator", "generator_ema", "fake")
 
 CASES = {
@@ -163,13 +162,9 @@ def test_trainer_is_the_reference_iteration_within_gradient_rounding(tmp_path, n
             assert all(torch.equal(got[name][k], v) for k, v in want[name].items()), name
         return
     # one rounding of every generator gradient: the loss scale one ulp up
-    nudged, _ = reference_run(cfg, num_classes, data,
-                              loss_scale_g=cfg.loss_scale_g * (1 + 2 * unit_roundoff(torch.float32)))
-    u = unit_roundoff(torch.float32)
+    nudged, _ = reference_run(cfg, num_classes, data, loss_scale_g=cfg.loss_scale_g * LOSS_SCALE_ULP)
     for name in NETWORKS:
         for key, value in want[name].items():
-            one_rounding = float((nudged[name][key] - value).abs().max())
-            adam_rounding = ITERATIONS * 4 * u * float(value.abs().max())
-            tol = GRADIENT_ROUNDINGS * one_rounding + adam_rounding
+            tol = gradient_rounding_tolerance(value, nudged[name][key], ITERATIONS)
             diff = float((got[name][key] - value).abs().max())
             assert diff <= tol, (name, key, diff, tol)

@@ -269,6 +269,24 @@ def test_interrupted_and_resumed_sida_run_is_bitwise_identical(tmp_path, engine,
     assert [json.loads(r)["loss_d"] for r in full_log[-3:]] == [json.loads(r)["loss_d"] for r in part_log[-3:]]
 
 
+def test_resumed_sida_runs_metrics_record_equals_the_uninterrupted_runs(tmp_path):
+    """Stopped at iteration 2 of a 4-iteration metrics window: the resumed run's record of that window
+    averages SiDA's metrics (loss_d, loss_gan, the logits) over iterations 1-4 as the uninterrupted run's
+    does, bit for bit; the generator's gate opens inside the window (iteration 3)."""
+    kw = dict(iterations=8, batch=8, log_every=4, lr=1e-3, checkpoint_every=2, g_start_kimg=0.016,
+              gan_start_kimg=0.016)
+    distill(sida(tmp_path, "full", **kw), tiny_teacher(), log=None)
+    distill(sida(tmp_path, "part", **kw), tiny_teacher(), callbacks=[lambda s: s["iteration"] == 2], log=None)
+    distill(sida(tmp_path, "part", resume="auto", **kw), tiny_teacher(), log=None)
+    full, part = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                  for name in ("full", "part"))
+    assert [r["iteration"] for r in part] == [r["iteration"] for r in full] == [4, 8]
+    timing = {"it_per_s", "img_per_s", "seconds", "time"}
+    for a, b in zip(full, part):
+        assert {"loss_d", "loss_gan", "logit_real", "logit_fake"} <= a.keys()
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
 def test_resume_with_other_data_is_refused(tmp_path):
     distill(sida(tmp_path, iterations=1, batch=4), tiny_teacher(), log=None)
     other = real_images(tmp_path / "other.npz", count=12)
