@@ -29,6 +29,7 @@ from sidfast import __version__, samplers
 from sidfast.ops._native import NativeExtensionError
 from sidfast.demo.run import add_demo_arguments, run_from_args
 from sidfast.demo.teacher import write_teacher
+from sidfast.evaluate.metrics import metric_for
 from sidfast.models import loading
 from sidfast.models.io import CheckpointError
 from sidfast.models.lora import NETWORK_KINDS
@@ -251,6 +252,10 @@ def cmd_distill(args) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise _user_error(exc) from None
     _device(cfg.device)
+    try:
+        metric = metric_for(cfg)
+    except ValueError as exc:
+        raise _user_error(exc) from None
     _writable_dir(cfg.run_dir, cfg.option("run_dir"))
     try:
         teacher, architecture, conditioner = loading.load_teacher(cfg.teacher, with_conditioner=True)
@@ -264,7 +269,7 @@ def cmd_distill(args) -> int:
         raise UserError(f"--resume {cfg.resume}: the teacher stored in the checkpoint, {stored!r}, {what}; give "
                         f"its location with --teacher NEWPATH") from None
     try:
-        result = distill(cfg, teacher, architecture=architecture, conditioner=conditioner)
+        result = distill(cfg, teacher, architecture=architecture, conditioner=conditioner, metric=metric)
     except ValueError as exc:
         raise _user_error(exc) from None
     if result.interrupted:

@@ -18,7 +18,7 @@ from sidfast.demo import compare, summary
 from sidfast.demo import run as run_mod
 from sidfast.demo.compare import StudentSpec
 from sidfast.demo.digits import IMAGE_SHAPE, load_digits_tensors, split
-from sidfast.demo.frechet import feature_statistics, frechet_distance, frechet_distance_features
+from sidfast.demo.frechet import frechet_distance_features
 from sidfast.demo.nets import DigitsDenoiser, build_denoiser
 from sidfast.demo.teacher import TeacherConfig, train_teacher
 from utils import requires_cuda
@@ -107,66 +107,6 @@ def test_teacher_training_reduces_the_loss_and_is_deterministic():
     assert after < 0.8 * before, (before, after)
     with pytest.raises(ValueError, match="iterations"):
         train_teacher(DigitsDenoiser(width=8, depth=1, emb_dim=8), x, TeacherConfig(iterations=0))
-
-
-# ---- Frechet distance ----
-
-def test_frechet_distance_of_identical_sets_is_zero():
-    f = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
-    assert frechet_distance_features(f, f) == pytest.approx(0.0, abs=1e-8)
-    assert frechet_distance_features(f, f.clone().flip(0)) == pytest.approx(0.0, abs=1e-8)
-
-
-def test_frechet_distance_closed_forms():
-    d = 6
-    g = torch.Generator().manual_seed(1)
-    mu1 = torch.randn(d, generator=g, dtype=torch.float64)
-    mu2 = torch.randn(d, generator=g, dtype=torch.float64)
-    # commuting (diagonal) covariances: FD = |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    a = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
-    b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
-    expected = float((mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum())
-    assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected, rel=1e-10)
-    # scaled covariance S2 = c^2 S1: FD = |dmu|^2 + (1 - c)^2 tr(S1), for a dense S1
-    m = torch.randn(d, d, generator=g, dtype=torch.float64)
-    s1 = m @ m.T + 0.1 * torch.eye(d, dtype=torch.float64)
-    c = 1.7
-    expected = float((mu1 - mu2).square().sum() + (1 - c) ** 2 * s1.trace())
-    assert frechet_distance(mu1, s1, mu2, c ** 2 * s1) == pytest.approx(expected, rel=1e-9)
-    # symmetric in its arguments, and a rotated copy of a non-commuting pair
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    s2 = q @ torch.diag(torch.rand(d, generator=g, dtype=torch.float64) + 0.2) @ q.T
-    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-9)
-    # against the definition with an eigendecomposition-free square root (Newton-Schulz on S1 S2)
-    prod = s1 @ s2
-    y, z = prod / prod.norm(), torch.eye(d, dtype=torch.float64)
-    for _ in range(60):
-        t = 0.5 * (3 * torch.eye(d, dtype=torch.float64) - z @ y)
-        y, z = y @ t, t @ z
-    tr_sqrt = float(y.trace() * prod.norm().sqrt())
-    expected = float((mu1 - mu2).square().sum() + s1.trace() + s2.trace()) - 2 * tr_sqrt
-    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
-
-
-def test_frechet_distance_of_samples_estimates_the_gaussian_value():
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(20000, 4, generator=g, dtype=torch.float64)
-    b = 2.0 * torch.randn(20000, 4, generator=g, dtype=torch.float64) + 1.0
-    # N(0, I) vs N(1, 4I) in 4 dims: |dmu|^2 = 4, (1 - 2)^2 * 4 = 4
-    assert frechet_distance_features(a, b) == pytest.approx(8.0, rel=0.03)
-
-
-def test_frechet_bad_input():
-    with pytest.raises(ValueError, match="features"):
-        feature_statistics(torch.randn(1, 4))
-    with pytest.raises(ValueError, match="features"):
-        feature_statistics(torch.randn(4))
-    with pytest.raises(ValueError, match="NaN"):
-        feature_statistics(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
-    with pytest.raises(ValueError, match="mu1"):
-        frechet_distance(torch.zeros(3), torch.eye(3), torch.zeros(4), torch.eye(4))
-    with pytest.raises(ValueError, match="sigma1"):
-        frechet_distance(torch.zeros(3), torch.eye(2), torch.zeros(3), torch.eye(3))
 
 
 # ---- the classifier and its cache ----
