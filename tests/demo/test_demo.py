@@ -200,6 +200,16 @@ def _check_report(report, out):
     for name in ("real.png", "teacher.png", "init.png", "student.png", "teacher.pt", "sid/metrics.jsonl"):
         assert (out / name).is_file(), name
     assert report["sampling_seconds"]["student"] < report["sampling_seconds"]["teacher"]
+    # the teacher-feature distance beside each FD (the teacher nearest its own cached samples), and the
+    # checkpoint the SiD run kept by it
+    tfd = report["teacher_fd"]
+    assert set(tfd) == set(fd) and all(math.isfinite(v) and v >= 0 for v in tfd.values())
+    assert tfd["teacher"] < tfd["init"]
+    best = report["best_checkpoint"]
+    assert best["path"] == str(out / "sid" / "best.pt") and (out / "sid" / "best.pt").is_file()
+    logged = [r["teacher_fd"] for r in map(json.loads, (out / "sid" / "metrics.jsonl").read_text().splitlines())
+              if "teacher_fd" in r]
+    assert best["teacher_fd"] == min(logged)
 
 
 @pytest.mark.slow
@@ -228,7 +238,7 @@ def test_tiny_demo_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cac
     for i, r in enumerate(reports):
         _check_report(r, tmp_path / f"d{i}")
         assert r["mode"] == "custom" and r["sid"]["iterations"] == 6
-    assert reports[0]["fd"] == reports[1]["fd"]
+    assert reports[0]["fd"] == reports[1]["fd"] and reports[0]["teacher_fd"] == reports[1]["teacher_fd"]
     bars = reports[0]["bars"]
     assert all(b["se"] > 0 and "margin" in b for b in bars.values())
     features = torch.load(tmp_path / "d0" / "features.pt", weights_only=True)
