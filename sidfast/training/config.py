@@ -420,8 +420,9 @@ class TrainConfig:
         given = [self.option(n) for n in ("eval_ref", "eval_num") if getattr(self, n) is not None]
         given += [self.option("eval_every")] if self.eval_every else []
         if given and self.eval is None:
-            raise ValueError(f"{', '.join(given)} belong to the in-loop metric: choose it with "
-                             f"{self.option('eval')} {' or '.join(EVAL_METRICS)}")
+            raise ValueError(f"{', '.join(given)} {'belongs' if len(given) == 1 else 'belong'} to the in-loop "
+                             f"metric, which is off: choose it with {self.option('eval')} "
+                             f"{' or '.join(EVAL_METRICS)}, or leave {'it' if len(given) == 1 else 'them'} out")
 
     def check_method(self) -> None:
         """Options that belong to one method, checked when a run starts (not in ``validate``, so that a config

@@ -2,18 +2,24 @@
 resume, and that a run's weights are the same with it on, off, or consuming random numbers."""
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from nets import tiny_teacher
 from runs import assert_bitwise, assert_same_run, quiet, states
 from sidfast.evaluate.metrics import metric_for
+from sidfast.evaluate.teacher_fd import REFERENCE_NAME
+from sidfast.models.denoiser import as_denoiser
 from sidfast.models.io import CheckpointError
-from sidfast.training.evaluation import BEST_NAME, Metric, read_best_eval
+from sidfast.training.evaluation import BEST_NAME, EvalRun, Metric, read_best_eval
 from sidfast.training.loop import Distiller, distill
 from sidfast.training.report import read_metrics
+from sidfast.utils import runtime
+from utils import join_gloo_group, run_main, spawn_workers
 
 EVERY = 0.016  # kimg: every 2 iterations of batch 8
 
@@ -195,8 +201,6 @@ def test_turning_eval_on_at_resume_measures_at_the_start(tmp_path):
 
 
 def test_sample_reads_best_pt_and_resume_refuses_it(tmp_path, capsys):
-    from utils import run_main
-
     m = Scripted({0: 5.0, 16: 4.0, 32: 3.0, 48: 2.0})
     _run(tmp_path, "run", m, callbacks=[_tracking(m)])
     best = tmp_path / "run" / BEST_NAME
@@ -213,3 +217,63 @@ def test_metric_and_option_must_agree(tmp_path):
         distill(quiet(run_dir=str(tmp_path / "a"), eval="teacher-fd"), tiny_teacher(), log=None)
     with pytest.raises(ValueError, match="option eval is off"):
         distill(quiet(run_dir=str(tmp_path / "b")), tiny_teacher(), metric=Scripted({}), log=None)
+
+
+def test_turning_eval_off_at_resume_drops_its_options(tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--teacher", "nets:tiny_teacher", "--batch", "4", "--grid-size", "0", "--no-progress", "--device", "cpu"]
+    code, _, err = run_main(["distill", *common, "--iterations", "2", "--run-dir", str(run), "--eval", "teacher-fd",
+                             "--eval-every", "0.004", "--eval-num", "40", "--teacher-steps", "3"], capsys)
+    assert code == 0, err
+    code, _, err = run_main(["distill", "--resume", str(run), "--iterations", "4", "--eval", "none",
+                             "--no-progress"], capsys)
+    assert code == 0, err
+    assert [r["iteration"] for r in read_metrics(run / "metrics.jsonl") if "teacher_fd" in r] == [0, 1, 2]
+
+
+# ---- two processes (gloo) ----
+
+WORLD = 2
+
+
+def _ddp_worker(rank, init_file, root):
+    join_gloo_group(rank, WORLD, init_file)
+    try:
+        root = Path(root)
+        base = dict(iterations=4, batch=8, teacher_steps=3)
+        off = distill(quiet(run_dir=str(root / "off"), **base), tiny_teacher(), log=None)
+        cfg = quiet(run_dir=str(root / "on"), eval="teacher-fd", eval_every=EVERY, eval_num=40, **base)
+        metric = metric_for(cfg)
+        on = distill(cfg, tiny_teacher(), metric=metric, log=None)
+        dist_state = runtime.Dist(rank=rank, world=WORLD, control=dist.group.WORLD)
+        run = EvalRun(cfg, metric.features.teacher, on.generator_ema, (1, 4, 4), 0, "onehot", torch.device("cpu"),
+                      dist_state, root / "on", 4)
+        value = metric.compute(run)
+        torch.save({"off": states(off.generator), "on": states(on.generator), "ema": states(on.generator_ema),
+                    "value": value, "summary": on.summary}, root / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_every_rank_measures_its_share_and_rank_0_keeps_best_pt(tmp_path):
+
+    spawn_workers(_ddp_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r in ranks:  # the evaluation left every rank's training as it was
+        assert_bitwise(r["off"], r["on"])
+    assert ranks[0]["value"] == ranks[1]["value"]  # every rank gathers every chunk
+    assert ranks[0]["summary"]["best_teacher_fd"] == ranks[1]["summary"]["best_teacher_fd"]
+    assert (tmp_path / "on" / BEST_NAME).is_file() and (tmp_path / "on" / REFERENCE_NAME).is_file()
+    evals = [r for r in read_metrics(tmp_path / "on" / "metrics.jsonl") if "teacher_fd" in r]
+    assert [r["iteration"] for r in evals] == [0, 2, 4]  # one record per evaluation: rank 0 writes
+    # one process, the same EMA weights, reference and chunks: the same value as the two ranks'
+    cfg = quiet(run_dir=str(tmp_path / "one"), eval="teacher-fd", eval_num=40, teacher_steps=3,
+                eval_ref=str(tmp_path / "on" / REFERENCE_NAME))
+    metric = metric_for(cfg)
+    ema = as_denoiser(tiny_teacher()).eval()
+    ema.load_state_dict(ranks[0]["ema"])
+    teacher = as_denoiser(tiny_teacher()).eval().requires_grad_(False)
+    run = EvalRun(cfg, teacher, ema, (1, 4, 4), 0, "onehot", torch.device("cpu"), runtime.Dist(), tmp_path / "one", 4)
+    with torch.no_grad():
+        metric.setup(run)
+        assert metric.compute(run) == ranks[0]["value"]
