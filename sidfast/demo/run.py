@@ -218,7 +218,7 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
                   f"of the same samples to {metric.num} of the teacher's own samples cached by the SiD run, in "
                   f"{metric.features.dim}-d features of the teacher's encoder ({metric.features.layer}); the "
                   "run measured it every tenth of its images and kept the best EMA generator as best_checkpoint "
-                  "(docs/evaluate.md)."),
+                  "(docs/runs.md)."),
     }
     write_json(out / "report.json", report)
     rows = [("device", report["device"]),

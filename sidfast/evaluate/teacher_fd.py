@@ -10,7 +10,7 @@ number per channel, and channels beyond DIM are projected to DIM dimensions by a
 teacher without an encoder the tap knows (a network of non-image data) is looked at through its denoised
 output D(x_t; SIGMA), flattened and projected the same way. The reference: NUM samples of the teacher with
 the Heun sampler of the run's teacher grid, drawn once and cached in the run directory. Manual:
-docs/evaluate.md, "Teacher-feature distance".
+docs/runs.md, "The teacher-feature distance".
 """
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ class TrainConfig:
                               "lines)")
     eval: Optional[str] = _f(None, "a metric measured in the loop, logged to metrics.jsonl and losses.png, best.pt "
                                    "kept by it: teacher-fd (Frechet distance to the teacher's own samples in its "
-                                   "encoder's features; no download) or fid (docs/evaluate.md) (default: none)",
+                                   "encoder's features; no download) or fid (docs/runs.md) (default: none)",
                              choices=EVAL_METRICS)
     eval_every: float = _f(0.0, "with eval: measure every N thousand images (kimg), besides the run's start "
                                 "and end (0: start and end only)")

@@ -5,7 +5,7 @@ and handed to the trainer; this module only drives it: at the run's start (when 
 yet), every ``--eval-every`` thousand images and at the end. Each evaluation runs with every random stream
 the trainer checkpoints saved and restored around it, so that a run's weights are the same with and without
 it, and writes ``best.pt`` (the EMA generator, atomically) when the value beats the best so far; the best
-is stored in the run's checkpoints and read back from ``best.pt`` itself on resume. Manual: docs/evaluate.md.
+is stored in the run's checkpoints and read back from ``best.pt`` itself on resume. Manual: docs/runs.md.
 """
 from __future__ import annotations
 

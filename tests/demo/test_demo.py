@@ -8,6 +8,7 @@ the native route anyway.
 """
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -658,6 +659,14 @@ def _check_comparison(report, out, teachers, students, seeds, accuracy):
     for name in students:
         for seed in seeds:
             assert (out / "runs" / compare._safe(name) / f"seed{seed}" / "metrics.jsonl").is_file()
+    # the teacher-feature distance beside each FD, and each student run's best.pt kept by it
+    assert list(report["teacher_fd"]) == list(report["fd"])
+    assert all(len(s["per_seed"]) == len(seeds) and all(math.isfinite(v) and v >= 0 for v in s["per_seed"])
+               for s in report["teacher_fd"].values())
+    assert set(report["best_checkpoints"]) == set(students)
+    for name, kept in report["best_checkpoints"].items():
+        assert [k["seed"] for k in kept] == seeds and all(os.path.isfile(k["path"]) for k in kept)
+    assert "teacher-FD (mean ± std)" in text and "best.pt kept by each student's run" in text
 
 
 def test_multi_seed_comparison_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cache,
@@ -672,7 +681,7 @@ def test_multi_seed_comparison_runs_end_to_end_and_is_deterministic(tmp_path, cl
         _check_comparison(r, tmp_path / f"c{i}", ["teacher"], ["sid", "sida"], [0, 1], accuracy=False)
         assert set(r["bars"]) == {"sida_vs_teacher", "sida_vs_sid", "time"}
         assert r["students"]["sida"]["options"]["alpha"] == 1.0 and r["students"]["sid"]["images"] == 4 * 16
-    assert reports[0]["fd"] == reports[1]["fd"]
+    assert reports[0]["fd"] == reports[1]["fd"] and reports[0]["teacher_fd"] == reports[1]["teacher_fd"]
 
 
 def test_conditional_comparison_end_to_end(tmp_path, classifier_cache, native_losses):
@@ -705,6 +714,7 @@ def test_sida_comparison_end_to_end(tmp_path, classifier_cache, native_losses):
     options = report["students"]["sida"]["options"]
     assert options["method"] == "sida" and options["data"] == str(tmp_path / "digits.npz")
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "sida" / "seed0" / "metrics.jsonl").open()]
+    metrics = [m for m in metrics if "teacher_fd" not in m]  # the loss records (the run also measures teacher-fd)
     # the first iteration (0 images seen) is before the gates open: its GAN loss is logged as not applied
     assert all(math.isfinite(m.get("loss_gan", m.get("loss_gan_not_applied"))) and math.isfinite(m["loss_d"])
                for m in metrics)

@@ -247,3 +247,36 @@ def test_a_run_on_non_image_data_measures_its_teacher_fd(tmp_path):
     result = distill(cfg, teacher, metric=metric, log=None)
     assert metric.features.layer == "output" and metric.features.dim == 3
     assert result.summary["best_teacher_fd"] >= 0 and (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_a_guided_run_measures_against_the_teacher_guided_at_its_scale(tmp_path, monkeypatch):
+    from nets import CLASSES, conditional_teacher
+
+    seen = []
+    real = teacher_fd.guidance.guided
+    monkeypatch.setattr(teacher_fd.guidance, "guided", lambda *a: seen.append(a[-1]) or real(*a))
+    cfg = quiet(run_dir=str(tmp_path / "run"), iterations=2, guidance="lsg", cfg=1.5, eval="teacher-fd",
+                eval_num=40, teacher_steps=2)
+    metric = metric_for(cfg)
+    result = distill(cfg, conditional_teacher(), metric=metric, log=None)
+    ref = torch.load(tmp_path / "run" / REFERENCE_NAME, weights_only=True)
+    assert ref["sampling"]["guidance"] == 1.5 and ref["sampling"]["num_classes"] == CLASSES
+    assert seen and set(seen) == {1.5}  # the reference's Heun steps, guided at k4
+    assert result.summary["best_teacher_fd"] >= 0
+
+
+def test_a_text_to_image_teacher_is_measured_with_its_prompts(tmp_path):
+    from nets import cond_unet, conditioner, require_text_components
+    from sidfast.models.diffusers import DiffusersDenoiser
+
+    require_text_components()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\nthe sea\n", encoding="utf-8")
+    text = conditioner("sd", dtype=torch.float32)
+    teacher = DiffusersDenoiser(cond_unet().float(), VPSchedule.linear(), "eps")
+    cfg = quiet(run_dir=str(tmp_path / "run"), iterations=2, batch=2, prompts=str(prompts), guidance="lsg", cfg=2,
+                eval="teacher-fd", eval_num=20, teacher_steps=2)
+    metric = metric_for(cfg)
+    result = distill(cfg, teacher, conditioner=text, metric=metric, log=None)
+    assert metric.features.layer.endswith("down_blocks.1") and metric.features.dim == 16
+    assert result.summary["best_teacher_fd"] >= 0 and (tmp_path / "run" / "best.pt").is_file()
