@@ -207,8 +207,9 @@ class Distiller:
                           after_forwards=after, rank0=self.rank0)
 
     def _save_best(self, path, extra: dict) -> None:
+        # one best.pt: the best it replaces is worse, not kept (a large generator twice on disk otherwise)
         save_generator_file(path, self.cfg, self.generator_ema, self.iteration, self.nimg, self.dist,
-                            **self._sample_meta(), **extra)
+                            keep_previous=False, **self._sample_meta(), **extra)
 
     def networks(self) -> dict:
         return {"generator": self.generator, "generator_ema": self.generator_ema, "fake": self.fake}

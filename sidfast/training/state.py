@@ -370,11 +370,12 @@ def save_consolidated_generator(run_dir, config: TrainConfig, generator_ema: tor
 
 
 def save_generator_file(path, config: TrainConfig, generator_ema: torch.nn.Module, iteration: int, nimg: int,
-                        dist: runtime.Dist, **meta) -> Path | None:
+                        dist: runtime.Dist, keep_previous: bool = True, **meta) -> Path | None:
     """The EMA generator alone in the checkpoint file's layout (``consolidated`` True: what ``sidfast sample``
     reads, not a state to resume), written atomically by rank 0 to ``path``: ``generator.pt`` of a sharded
     run, ``best.pt`` of a run with ``--eval``. Under FSDP its weights are gathered from every rank's shards
-    (every rank calls it); LoRA generators keep their factors only. Returns the path on rank 0, else None."""
+    (every rank calls it); LoRA generators keep their factors only. ``keep_previous``: the replaced file kept
+    as ``<name>.prev.pt`` (``atomic_save``). Returns the path on rank 0, else None."""
     lora = config.generator == "lora"
     if config.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -390,7 +391,7 @@ def save_generator_file(path, config: TrainConfig, generator_ema: torch.nn.Modul
         data = {"format": FORMATS["distill"], "version": VERSION, "consolidated": True, "iteration": iteration,
                 "nimg": nimg, "world_size": dist.world, "config": config.to_dict(), "generator_ema": full,
                 "teacher": teacher_reference(config.teacher), "sigma_init": config.sigma_init, **meta}
-        written = atomic_save(data, Path(path))
+        written = atomic_save(data, Path(path), keep_previous=keep_previous)
     runtime.barrier(dist)
     return written
 

@@ -236,11 +236,11 @@ def test_turning_eval_off_at_resume_drops_its_options(tmp_path, capsys):
 WORLD = 2
 
 
-def _ddp_worker(rank, init_file, root):
+def _ddp_worker(rank, init_file, root, fsdp):
     join_gloo_group(rank, WORLD, init_file)
     try:
         root = Path(root)
-        base = dict(iterations=4, batch=8, teacher_steps=3)
+        base = dict(iterations=4, batch=8, teacher_steps=3, fsdp=fsdp)
         off = distill(quiet(run_dir=str(root / "off"), **base), tiny_teacher(), log=None)
         cfg = quiet(run_dir=str(root / "on"), eval="teacher-fd", eval_every=EVERY, eval_num=40, **base)
         metric = metric_for(cfg)
@@ -248,19 +248,25 @@ def _ddp_worker(rank, init_file, root):
         dist_state = runtime.Dist(rank=rank, world=WORLD, control=dist.group.WORLD)
         run = EvalRun(cfg, metric.features.teacher, on.generator_ema, (1, 4, 4), 0, "onehot", torch.device("cpu"),
                       dist_state, root / "on", 4)
-        value = metric.compute(run)
-        torch.save({"off": states(off.generator), "on": states(on.generator), "ema": states(on.generator_ema),
-                    "value": value, "summary": on.summary}, root / f"rank{rank}.pt")
+        value = metric.compute(run)  # every rank calls it: FSDP's sharded generator forwards together
+        nets = {} if fsdp else {"off": states(off.generator), "on": states(on.generator),
+                                "ema": states(on.generator_ema)}
+        torch.save({**nets, "value": value, "summary": on.summary}, root / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_under_ddp_every_rank_measures_its_share_and_rank_0_keeps_best_pt(tmp_path):
-
-    spawn_workers(_ddp_worker, (str(tmp_path / "init"), str(tmp_path)), WORLD)
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_over_two_ranks_every_rank_measures_its_share_and_rank_0_keeps_best_pt(tmp_path, fsdp):
+    spawn_workers(_ddp_worker, (str(tmp_path / "init"), str(tmp_path), fsdp), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    for r in ranks:  # the evaluation left every rank's training as it was
-        assert_bitwise(r["off"], r["on"])
+    if fsdp:  # the EMA generator gathered from the shards at the run's end
+        ema = torch.load(tmp_path / "on" / "generator.pt", weights_only=True)["generator_ema"]
+        assert_bitwise(torch.load(tmp_path / "off" / "generator.pt", weights_only=True)["generator_ema"], ema)
+    else:
+        for r in ranks:  # the evaluation left every rank's training as it was
+            assert_bitwise(r["off"], r["on"])
+        ema = ranks[0]["ema"]
     assert ranks[0]["value"] == ranks[1]["value"]  # every rank gathers every chunk
     assert ranks[0]["summary"]["best_teacher_fd"] == ranks[1]["summary"]["best_teacher_fd"]
     assert (tmp_path / "on" / BEST_NAME).is_file() and (tmp_path / "on" / REFERENCE_NAME).is_file()
@@ -270,10 +276,11 @@ def test_under_ddp_every_rank_measures_its_share_and_rank_0_keeps_best_pt(tmp_pa
     cfg = quiet(run_dir=str(tmp_path / "one"), eval="teacher-fd", eval_num=40, teacher_steps=3,
                 eval_ref=str(tmp_path / "on" / REFERENCE_NAME))
     metric = metric_for(cfg)
-    ema = as_denoiser(tiny_teacher()).eval()
-    ema.load_state_dict(ranks[0]["ema"])
+    generator = as_denoiser(tiny_teacher()).eval()
+    generator.load_state_dict(ema)
     teacher = as_denoiser(tiny_teacher()).eval().requires_grad_(False)
-    run = EvalRun(cfg, teacher, ema, (1, 4, 4), 0, "onehot", torch.device("cpu"), runtime.Dist(), tmp_path / "one", 4)
+    run = EvalRun(cfg, teacher, generator, (1, 4, 4), 0, "onehot", torch.device("cpu"), runtime.Dist(),
+                  tmp_path / "one", 4)
     with torch.no_grad():
         metric.setup(run)
         assert metric.compute(run) == ranks[0]["value"]
