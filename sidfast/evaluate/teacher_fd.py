@@ -148,7 +148,7 @@ class TeacherFD(Metric):
         self.sigma = sigma
         self.dim_cap = dim
         self.features = None
-        self.reference = None  # {"mu", "sigma", "root", "num", "path"}
+        self.reference = None  # {"mu", "sigma", "root" (of sigma), "path"}
 
     # ---- what a sample is: latents, labels, prompts ----
     def _labels(self, run: EvalRun, start: int, n: int):

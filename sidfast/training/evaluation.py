@@ -77,9 +77,10 @@ def read_best_eval(path) -> dict:
     return dict(held) if isinstance(held, dict) else {}
 
 
-def eval_key(cfg: TrainConfig) -> dict:
-    """What makes two values of a run's metric comparable: the metric, its sample count, its reference."""
-    return {"metric": cfg.eval, "num": cfg.eval_num, "ref": cfg.eval_ref}
+def eval_key(cfg: TrainConfig, metric=None) -> dict:
+    """What makes two values of a run's metric comparable: the metric, its sample count (the metric's own
+    default when ``eval_num`` is not given), its reference."""
+    return {"metric": cfg.eval, "num": getattr(metric, "num", None) or cfg.eval_num, "ref": cfg.eval_ref}
 
 
 def check_metric(cfg: TrainConfig, metric) -> None:
@@ -107,7 +108,7 @@ class Evaluation:
         self.metric = metric
         self.run = run
         self.cfg = run.cfg
-        self.key = eval_key(run.cfg)
+        self.key = eval_key(run.cfg, metric)
         self.every = round(self.cfg.eval_every * 1000)  # images between evaluations (0: start and end only)
         self.save_best_file = save_best
         self.after_forwards = after_forwards or (lambda: None)

@@ -12,10 +12,10 @@ import torch.distributed as dist
 from nets import tiny_teacher
 from runs import assert_bitwise, assert_same_run, quiet, states
 from sidfast.evaluate.metrics import metric_for
-from sidfast.evaluate.teacher_fd import REFERENCE_NAME
+from sidfast.evaluate.teacher_fd import NUM, REFERENCE_NAME, TeacherFD
 from sidfast.models.denoiser import as_denoiser
 from sidfast.models.io import CheckpointError
-from sidfast.training.evaluation import BEST_NAME, EvalRun, Metric, read_best_eval
+from sidfast.training.evaluation import BEST_NAME, EvalRun, Metric, eval_key, read_best_eval
 from sidfast.training.loop import Distiller, distill
 from sidfast.training.report import read_metrics
 from sidfast.utils import runtime
@@ -210,6 +210,13 @@ def test_sample_reads_best_pt_and_resume_refuses_it(tmp_path, capsys):
     cfg = quiet(run_dir=str(tmp_path / "again"), resume=str(best))
     with pytest.raises(CheckpointError, match="--eval"):
         distill(cfg, tiny_teacher(), log=None)
+
+
+def test_the_default_count_spelled_out_on_resume_keeps_the_best_comparable():
+    default = quiet(eval="teacher-fd")
+    spelled = quiet(eval="teacher-fd", eval_num=NUM)
+    assert eval_key(default, metric_for(default)) == eval_key(spelled, metric_for(spelled))
+    assert eval_key(default, TeacherFD()) != eval_key(quiet(eval="teacher-fd", eval_num=512), TeacherFD(num=512))
 
 
 def test_metric_and_option_must_agree(tmp_path):
