@@ -6,6 +6,7 @@ against one training iteration, and how the order moves with the noise level and
 
     python benchmarks/validate_teacher_fd.py [--out DIR] [--md benchmarks/results/cpu-teacher-fd.md]
         [--json benchmarks/results/cpu-teacher-fd.json] [--seed 0] [--threads 1]
+    python benchmarks/validate_teacher_fd.py --from-json benchmarks/results/cpu-teacher-fd.json --md OUT.md
 
 The recipes are the quick demos' (``sidfast demo --quick``, ``--method sida --quick``, ``--gen-steps 4
 --quick``): one teacher (1,200 steps), the SiD student (600 iterations of batch 128, lr 3e-4) measured in the
@@ -80,7 +81,11 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--from-json", default=None, help="write --md from this JSON, measure nothing")
     args = parser.parse_args()
+    if args.from_json:
+        Path(args.md).write_text(markdown(json.loads(Path(args.from_json).read_text())), encoding="utf-8")
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -221,6 +226,8 @@ def validate(out: Path, seed: int) -> dict:
 
 def markdown(r: dict) -> str:
     c = r["cost"]
+    teacher = next(row for row in r["rows"] if row["model"].startswith("teacher"))
+    better = [row["model"] for row in r["rows"] if row["classifier_fd"] < teacher["classifier_fd"]]
     lines = [
         "# The teacher-feature distance on the digits demo (CPU)",
         "",
@@ -253,6 +260,9 @@ def markdown(r: dict) -> str:
               f"(bar >= 0.9: {'met' if r['passed'] else 'NOT met'}).", "",
               "Diagnostics (Spearman): " + "; ".join(f"{k}: {v:.4f}" for k, v in r["diagnostics"].items())
               + ".", "",
+              "Models with a lower classifier FD than the teacher's (closer to the digits than the teacher): "
+              + (", ".join(better) if better else "none") + ". The teacher-FD measures against the teacher's "
+              "own samples, so it ranks the teacher first whatever the data say.", "",
               "## Cost", "",
               f"One in-loop evaluation ({r['samples_per_model']} one-step samples and their teacher features): "
               f"median {c['eval_seconds_median']:.3f} s over {c['evaluations']} evaluations; one training "
