@@ -26,7 +26,7 @@ import torch
 
 from sidfast.demo.nets import build_denoiser
 from sidfast.demo.recipe import DemoConfig
-from sidfast.evaluate.metrics import metric_for
+from sidfast.evaluate.loop_metrics import metric_for
 from sidfast.training.config import TrainConfig
 from sidfast.training.loop import Distiller
 

@@ -29,7 +29,7 @@ from sidfast import __version__, samplers
 from sidfast.ops._native import NativeExtensionError
 from sidfast.demo.run import add_demo_arguments, run_from_args
 from sidfast.demo.teacher import write_teacher
-from sidfast.evaluate.metrics import metric_for
+from sidfast.evaluate.loop_metrics import metric_for
 from sidfast.models import loading
 from sidfast.models.io import CheckpointError
 from sidfast.models.lora import NETWORK_KINDS

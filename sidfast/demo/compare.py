@@ -49,7 +49,7 @@ from sidfast.demo.measure import threads_used, timed, write_json
 from sidfast.demo.nets import build_denoiser, count_parameters
 from sidfast.demo.recipe import BUILDER, DemoConfig, TeacherConfig
 from sidfast.demo.teacher import train_teacher
-from sidfast.evaluate.metrics import metric_for
+from sidfast.evaluate.loop_metrics import metric_for
 from sidfast.evaluate.teacher_fd import REFERENCE_NAME
 from sidfast.generator import generator_sigmas, sample
 from sidfast.guidance import guided, null_labels

@@ -33,7 +33,7 @@ from sidfast.demo.measure import threads_used, timed, write_json
 from sidfast.demo.nets import build_denoiser, count_parameters
 from sidfast.demo.recipe import BUILDER, DemoConfig, demo_config
 from sidfast.demo.teacher import train_teacher
-from sidfast.evaluate.metrics import metric_for
+from sidfast.evaluate.loop_metrics import metric_for
 from sidfast.models.io import save_network
 from sidfast.samplers import edm_sample, num_evaluations, one_step_sample
 from sidfast.training.config import TrainConfig

@@ -25,7 +25,7 @@ ADVERSARIAL = ("sida", "sid2a")
 GEN_LABELS = ("data", "uniform")  # where SiDA's generator step takes its class labels  # the methods that train on real images with the fake score's encoder as D
 GENERATOR_WEIGHTINGS = ("auto", "sid", "1-t")
 FSDP_PRECISIONS = ("fp32", "bf16")
-EVAL_METRICS = ("teacher-fd", "fid")  # --eval: what sidfast.evaluate.metrics may measure in the loop
+EVAL_METRICS = ("teacher-fd", "fid")  # --eval: what sidfast.evaluate.loop_metrics may measure in the loop
 CHECKPOINT_NAME = "checkpoint.pt"
 SHARDED_CHECKPOINT_NAME = "checkpoint.dcp"  # a directory: torch.distributed.checkpoint shards + meta.pt
 

@@ -1,6 +1,6 @@
 """A metric inside the training loop (``--eval``): when it runs, what it logs, ``best.pt`` kept by it.
 
-The metric itself (``sidfast.evaluate.metrics``: the teacher-feature distance, FID) is built above this layer
+The metric itself (``sidfast.evaluate.loop_metrics``: the teacher-feature distance, FID) is built above this layer
 and handed to the trainer; this module only drives it: at the run's start (when this metric has no value
 yet), every ``--eval-every`` thousand images and at the end. Each evaluation runs with every random stream
 the trainer checkpoints saved and restored around it, so that a run's weights are the same with and without
@@ -45,7 +45,7 @@ class EvalRun:
 
 
 class Metric:
-    """The interface the loop drives (implementations: ``sidfast.evaluate.metrics``).
+    """The interface the loop drives (implementations: ``sidfast.evaluate.loop_metrics``).
 
     ``name``: the ``--eval`` value; ``lower_is_better``; ``setup(run)``: once per run, before the first
     ``compute`` (a reference set made or read, the options checked: a ValueError naming the option);
@@ -90,7 +90,7 @@ def check_metric(cfg: TrainConfig, metric) -> None:
                          f"eval is off; set {cfg.option('eval')} {getattr(metric, 'name', 'NAME')}")
     if cfg.eval is not None and metric is None:
         raise ValueError(f"option eval {cfg.eval}: give the trainer its metric, distill(..., "
-                         f"metric=sidfast.evaluate.metrics.metric_for(config)) (sidfast distill builds it)")
+                         f"metric=sidfast.evaluate.loop_metrics.metric_for(config)) (sidfast distill builds it)")
     if metric is not None and getattr(metric, "name", None) != cfg.eval:
         raise ValueError(f"option eval {cfg.eval}: the metric given measures {getattr(metric, 'name', None)!r}")
 

@@ -353,7 +353,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     image tensor or array, a torch Dataset); default ``config.data``.
     ``conditioner``: the ``sidfast.models.text.TextConditioner`` of a text-to-image teacher
     (``loading.load_teacher(..., with_conditioner=True)``); its prompts come from ``config.prompts``.
-    ``metric``: what ``config.eval`` names, built by ``sidfast.evaluate.metrics.metric_for(config)``: measured
+    ``metric``: what ``config.eval`` names, built by ``sidfast.evaluate.loop_metrics.metric_for(config)``: measured
     at the start, every ``config.eval_every`` kimg and at the end, logged to metrics.jsonl and losses.png,
     the best EMA generator kept as ``run_dir/best.pt`` (``sidfast.training.evaluation``).
     """

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from nets import tiny_teacher
 from runs import assert_bitwise, assert_same_run, quiet, states
-from sidfast.evaluate.metrics import metric_for
+from sidfast.evaluate.loop_metrics import metric_for
 from sidfast.evaluate.teacher_fd import NUM, REFERENCE_NAME, TeacherFD
 from sidfast.models.denoiser import as_denoiser
 from sidfast.models.io import CheckpointError
