@@ -41,6 +41,7 @@ from sidfast.evaluate.detector import DetectorError, FILE_NAMES
 from sidfast.evaluate.run import DEFAULT_BATCH, DEFAULT_NUM, EvalError, evaluate_checkpoint, make_reference
 from sidfast.evaluate.statistics import ReferenceFileError
 from sidfast.evaluate.export import ExportError, export_student
+from sidfast.evaluate.loop_metrics import metric_for
 from sidfast.models import loading
 from sidfast.models.family import teacher_family
 from sidfast.models.io import CheckpointError
@@ -329,6 +330,10 @@ def cmd_distill(args) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise _user_error(exc) from None
     _device(cfg.device)
+    try:
+        metric = metric_for(cfg)
+    except ValueError as exc:
+        raise _user_error(exc) from None
     _writable_dir(cfg.run_dir, cfg.option("run_dir"))
     try:
         teacher, architecture, conditioner = loading.load_teacher(cfg.teacher, with_conditioner=True)
@@ -344,7 +349,7 @@ def cmd_distill(args) -> int:
     try:
         if cfg.preset is not None:  # before the networks are copied: a preset of another family is a mistake
             presets.check_family(cfg.preset, teacher_family(teacher))
-        result = distill(cfg, teacher, architecture=architecture, conditioner=conditioner)
+        result = distill(cfg, teacher, architecture=architecture, conditioner=conditioner, metric=metric)
     except ValueError as exc:
         raise _user_error(exc) from None
     if result.interrupted:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nets import SHAPE
 from detectors import save_torchscript
@@ -56,6 +57,10 @@ def files(tmp_path_factory):
     np.savez(root / "ref-3x8x8.npz", mu=np.zeros(8), sigma=np.eye(8), image_shape=np.array([3, 8, 8]))
     np.savez(root / "five.npz", images=np.zeros((5, 4, 4, 1), dtype=np.uint8))
     (root / "preset.yaml").write_text("preset: cifar-10\n")
+    from sidfast.evaluate import teacher_fd  # a teacher-fd reference of 5x5 images (the tiny teacher's are 4x4)
+    torch.save({"format": teacher_fd.FORMAT, "version": teacher_fd.VERSION, "features": {},
+                "sampling": {"image_shape": [1, 5, 5], "num_classes": 0, "label_format": "onehot", "num": 40},
+                "samples": torch.zeros(40, 1, 5, 5)}, root / "ref5x5.pt")
     return {"teacher": str(teacher), "run": str(run), "ckpt": str(run / "checkpoint.pt"),
             "empty": str(root / "empty"), "notes": str(root / "notes.txt"), "blocker": str(root / "blocker"),
             "chw": str(root / "chw.npy"), "root": str(root), "unknown_yaml": str(root / "unknown.yaml"),
@@ -64,7 +69,7 @@ def files(tmp_path_factory):
             "ref16": str(root / "ref16.npz"), "ref_bad": str(root / "ref-bad-sigma.npz"),
             "ref_shape": str(root / "ref-3x8x8.npz"), "five": str(root / "five.npz"),
             "preset_yaml": str(root / "preset.yaml"),
-            "entry_run": str(root / "entry-run")}
+            "entry_run": str(root / "entry-run"), "ref5x5": str(root / "ref5x5.pt")}
 
 
 # (id, argv, what the one line must contain: the option in command-line words and the point)
@@ -139,6 +144,21 @@ MISTAKES = [
     ("prompts-for-a-pixel-teacher", ["distill", *TINY, "--prompts", "{prompts}", "--run-dir", "{root}/r8"],
      ["--prompts"]),
     ("device-unknown", ["distill", *TINY, "--device", "tpu"], ["--device"]),
+    # ---- distill: the in-loop metric ----
+    ("eval-fid-not-installed", ["distill", *TINY, "--eval", "fid", "--run-dir", "{root}/e1"],
+     ["--eval fid", "--eval teacher-fd"]),
+    ("eval-unknown", ["distill", *TINY, "--eval", "inception", "--run-dir", "{root}/e2"], ["--eval", "teacher-fd"]),
+    ("eval-every-without-eval", ["distill", *TINY, "--eval-every", "10"], ["--eval-every", "--eval"]),
+    ("eval-every-negative", ["distill", *TINY, "--eval", "teacher-fd", "--eval-every", "-1"],
+     ["--eval-every", ">= 0"]),
+    ("eval-num-not-above-the-feature-dimension", ["distill", *TINY, "--eval", "teacher-fd", "--eval-num", "10",
+                                                  "--run-dir", "{root}/e3"], ["--eval-num", "singular"]),
+    ("eval-ref-missing", ["distill", *TINY, "--eval", "teacher-fd", "--eval-ref", "{root}/nope.pt", "--run-dir",
+                          "{root}/e4"], ["--eval-ref", "does not exist"]),
+    ("eval-ref-not-a-reference", ["distill", *TINY, "--eval", "teacher-fd", "--eval-ref", "{notes}", "--run-dir",
+                                  "{root}/e5"], ["--eval-ref", "not a teacher-fd reference"]),
+    ("eval-ref-of-other-images", ["distill", *TINY, "--eval", "teacher-fd", "--eval-ref", "{ref5x5}", "--run-dir",
+                                  "{root}/e6"], ["--eval-ref", "image_shape [1, 5, 5]"]),
     # ---- distill: run directories ----
     ("run-dir-under-a-file", ["distill", *TINY, "--run-dir", "{blocker}/run"], ["--run-dir", "is a file"]),
     ("run-dir-under-proc", ["distill", *TINY, "--run-dir", "/proc/sidfast-nope/run"], ["--run-dir"]),

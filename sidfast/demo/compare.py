@@ -17,6 +17,10 @@ the samples against the requested labels.
   identity Distillation"). Bar: the K-step student's FD below the one-step student's by more than the
   noise (ratio + 2 SE < 1).
 
+Beside each FD the teacher-feature distance of the same samples (``sidfast.evaluate.teacher_fd``) against one
+reference of the comparison's teacher, which every student's run also measures in its loop (``--eval-ref``),
+keeping its ``best.pt`` by it; the report names those checkpoints.
+
 Standard errors: FD ratios from a bootstrap over the evaluated samples' features (``frechet.fd_bootstrap``,
 written to ``features.pt``), accuracies from the binomial error counts; ``summary`` defines each statement.
 
@@ -45,13 +49,18 @@ from sidfast.demo.measure import threads_used, timed, write_json
 from sidfast.demo.nets import build_denoiser, count_parameters
 from sidfast.demo.recipe import BUILDER, DemoConfig, TeacherConfig
 from sidfast.demo.teacher import train_teacher
+from sidfast.evaluate.loop_metrics import metric_for
+from sidfast.evaluate.teacher_fd import REFERENCE_NAME
 from sidfast.generator import generator_sigmas, sample
 from sidfast.guidance import guided, null_labels
 from sidfast.labels import format_labels
+from sidfast.models.denoiser import as_denoiser
 from sidfast.models.io import save_network
 from sidfast.samplers import edm_sample
 from sidfast.training.config import TrainConfig
+from sidfast.training.evaluation import EvalRun
 from sidfast.training.loop import distill
+from sidfast.utils import runtime
 from sidfast.utils.images import save_grid
 from sidfast.utils.runtime import resolve_device
 
@@ -61,6 +70,7 @@ SIDA_LR = 1e-3           # both students of the SiDA comparison
 SIDA_G_START = 0.02       # the SiDA student's generator steps after this fraction of the budget's images
 SIDA_GAN_START = 0.05     # and its GAN term joins after this fraction
 TIME_LIMITS = {"sida": 20 * 60, "conditional": 15 * 60, "gen-steps": 15 * 60, "quick": 3 * 60}
+EVALUATIONS = 10          # each student's run measures its teacher-feature distance this many times
 
 
 @dataclass
@@ -208,16 +218,21 @@ def _save_npz(path: Path, images: torch.Tensor) -> Path:
 
 
 def _train(cfg: ComparisonConfig, student: StudentSpec, seed: int, teacher, run_dir: Path, dev, data,
-           log):
-    """Distill ``teacher`` into ``student`` with ``seed``: the one place a student becomes a trainer call."""
+           log, reference: Path | None = None):
+    """Distill ``teacher`` into ``student`` with ``seed``: the one place a student becomes a trainer call.
+    ``reference``: the comparison's teacher-fd reference, measured against in the run's loop."""
     options = {**cfg.sid, **student.options, "run_dir": str(run_dir), "device": str(dev), "seed": seed,
                "overwrite": True, "teacher_steps": 0, "grid_size": 0, "progress": False,
                "checkpoint_every": 0, "sample_every": 0,
                "log_every": max(1, int(cfg.sid["iterations"]) // 10)}
     if student.real_data:
         options["data"] = str(data)
+    if reference is not None:
+        kimg = int(options["iterations"]) * int(options["batch"]) / 1000
+        options.update({"eval": "teacher-fd", "eval_every": kimg / EVALUATIONS, "eval_ref": str(reference)})
     train_cfg = TrainConfig.from_dict(options)
-    result = distill(train_cfg, teacher, architecture={"builder": BUILDER, "config": cfg.net}, log=log)
+    result = distill(train_cfg, teacher, architecture={"builder": BUILDER, "config": cfg.net}, log=log,
+                     metric=metric_for(train_cfg))
     return result, result.config
 
 
@@ -287,6 +302,8 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     t_start = time.perf_counter()
     fd = {}
     accuracy = {}
+    teacher_fd = {}
+    best = {}
     train_seconds = {}
     runs = {}
     with threads_used(threads if dev.type == "cpu" else None):
@@ -307,6 +324,8 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
             f = clf_mod.extract_features(clf, x)
             features.setdefault(name, []).append(f.float().cpu())
             fd.setdefault(name, []).append(frechet_distance(*feature_statistics(f), *real_stats))
+            with torch.no_grad():  # sample i with label i mod 10: the labels ``requested`` holds
+                teacher_fd.setdefault(name, []).append(tfd.distance(tfd_run, x))
             if requested is not None:
                 accuracy.setdefault(name, []).append(clf_mod.label_accuracy(clf, x, requested))
 
@@ -322,6 +341,15 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
                      meta={"trainer": "sidfast demo", "teacher_config": cfg.teacher.to_dict(), **tstats})
         scales = cfg.teacher_guidance if conditional else [1.0]
         teachers = {(f"teacher cfg {k:g}" if conditional else "teacher"): k for k in scales}
+        # one teacher-fd reference of the (unguided) teacher for the whole comparison
+        tfd_cfg = TrainConfig.from_dict({**cfg.sid, "run_dir": str(out), "device": str(dev),
+                                         "teacher_steps": cfg.teacher_steps, "eval": "teacher-fd"})
+        tfd = metric_for(tfd_cfg)
+        den = as_denoiser(teacher).eval()
+        tfd_run = EvalRun(tfd_cfg, den, den, IMAGE_SHAPE, NUM_CLASSES if conditional else 0, "onehot", dev,
+                          runtime.Dist(), out, cfg.eval_samples)
+        with torch.no_grad():
+            tfd.setup(tfd_run)
 
         # 3. per seed: the same evaluation noise and labels for the teacher and every student
         for i, seed in enumerate(cfg.seeds):
@@ -338,7 +366,12 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
             for student in cfg.students:
                 run_dir = out / "runs" / _safe(student.name) / f"seed{seed}"
                 say(f"seed {seed}: distilling student {student.name!r}")
-                result, train_cfg = _train(cfg, student, seed, teacher, run_dir, dev, data, log=None)
+                result, train_cfg = _train(cfg, student, seed, teacher, run_dir, dev, data, log=None,
+                                           reference=out / REFERENCE_NAME)
+                best.setdefault(student.name, []).append(
+                    {"seed": seed, "path": result.evaluation.get("best_checkpoint"),
+                     "teacher_fd": result.evaluation.get("best_teacher_fd"),
+                     "iteration": result.evaluation.get("best_iteration")})
                 x = _student_samples(result.generator_ema, z, onehot, train_cfg, seed)
                 evaluate(student.name, x, requested)
                 train_seconds.setdefault(student.name, []).append(result.seconds)
@@ -357,6 +390,7 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
 
     # 4. the report
     fd_s = {name: summary.summarize(v) for name, v in fd.items()}
+    tfd_s = {name: summary.summarize(v) for name, v in teacher_fd.items()}
     acc_s = {name: summary.summarize(v) for name, v in accuracy.items()}
     sec_s = {name: summary.summarize(v) for name, v in train_seconds.items()}
     (replicates, t_boot) = timed(lambda: fd_bootstrap_seeds(features, real_features, cfg.seeds), torch.device("cpu"))
@@ -367,7 +401,8 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
     report = {
         "demo": cfg.demo, "mode": mode, "passed": all(b["passed"] for b in bars.values()),
         "device": str(dev), "threads": torch.get_numthreads_used() if threads is None else threads,
-        "seeds": list(cfg.seeds), "fd": fd_s, "accuracy": acc_s, "bars": bars,
+        "seeds": list(cfg.seeds), "fd": fd_s, "accuracy": acc_s, "teacher_fd": tfd_s,
+        "best_checkpoints": best, "bars": bars,
         "seconds": {"classifier": 0.0 if cached else t_clf, "teacher": tstats["seconds"],
                     "students": sec_s, "total": total, "limit": cfg.time_limit, "fd_bootstrap": t_boot},
         "students": runs,
@@ -382,6 +417,10 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
                   f"{cfg.teacher_steps} steps. Spread: sample standard deviation over seeds. FD bars' standard "
                   f"errors: {BOOTSTRAP_RESAMPLES} bootstrap resamples of the evaluated features per seed "
                   "(sidfast.demo.summary). "
+                  f"Teacher-FD: the teacher-feature distance of the same samples to {tfd.num} samples of the "
+                  f"unguided teacher ({REFERENCE_NAME}), in {tfd.features.dim}-d features of its encoder; each "
+                  "student's run measured it every tenth of its images and kept best.pt by it "
+                  "(best_checkpoints; docs/runs.md). "
                   "Students distilled from the one teacher with "
                   f"{cfg.sid['iterations']} iterations of batch {cfg.sid['batch']} each."
                   + (" Conditional bars: the teacher at its guidance of lowest mean FD against the guided "
@@ -389,7 +428,7 @@ def run_comparison(cfg: ComparisonConfig, out_dir="sidfast-demo", device: str = 
                      "requested labels." if conditional else "")),
     }
     title = f"sidfast demo {cfg.demo} ({mode}), seeds {', '.join(map(str, cfg.seeds))}, {dev}"
-    table = summary.markdown(title, fd_s, acc_s, sec_s, bars)
+    table = summary.markdown(title, fd_s, acc_s, sec_s, bars, teacher_fd=tfd_s, best=best)
     table += f"\ntotal {total:.1f} s (limit {cfg.time_limit:.0f} s); report {out / 'report.json'}\n"
     write_json(out / "report.json", report)
     tmp = out / ".report.md.tmp"

@@ -7,7 +7,9 @@ Steps (all seeded; on a CPU bitwise repeatable for a given thread count):
 4. Frechet distances to the data, in classifier features, of: the teacher with EDM's Heun sampler
    (``teacher_steps`` steps), the one-step student (its EMA), and the generator at initialization
    (the teacher evaluated once at sigma_init = 2.5), each from the same number of samples;
-5. a report (``report.json`` and a printed table) and PNG grids (real, teacher, init, student) in ``out_dir``.
+5. a report (``report.json`` and a printed table) and PNG grids (real, teacher, init, student) in ``out_dir``;
+   beside each classifier FD the teacher-feature distance of the same samples (``sidfast.evaluate.teacher_fd``,
+   which the SiD run also measures in its loop, keeping ``best.pt`` by it), and the checkpoint it kept.
 
 Quality bars checked (``summary.sid_bars``), each with its margin and standard error (a bootstrap over the
 evaluated samples' features, ``frechet.fd_bootstrap``): FD(student) / FD(teacher) within 1.25 up to the noise
@@ -31,18 +33,22 @@ from sidfast.demo.measure import threads_used, timed, write_json
 from sidfast.demo.nets import build_denoiser, count_parameters
 from sidfast.demo.recipe import BUILDER, DemoConfig, demo_config
 from sidfast.demo.teacher import train_teacher
+from sidfast.evaluate.loop_metrics import metric_for
 from sidfast.models.io import save_network
 from sidfast.samplers import edm_sample, num_evaluations, one_step_sample
 from sidfast.models.denoiser import as_denoiser
 from sidfast.training.config import TrainConfig
+from sidfast.training.evaluation import EvalRun
 from sidfast.training.recipe import resolve
 from sidfast.training.loop import distill
+from sidfast.utils import runtime
 from sidfast.training.report import summary_table
 from sidfast.utils.images import save_grid
 from sidfast.utils.runtime import resolve_device
 
 STUDENT_RATIO_BAR = 1.25   # FD(student) <= 1.25 FD(teacher)
 INIT_RATIO_BAR = 3.0       # FD(init) >= 3 FD(student)
+EVALUATIONS = 10           # the SiD run measures its teacher-feature distance this many times (and at its start)
 
 
 METHODS = ("sid", "sida")
@@ -148,17 +154,27 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
             f"generator at init (one step) FD {fd_init:.3f}")
 
         # 3. SiD
+        kimg = int(cfg.sid["iterations"]) * int(cfg.sid["batch"]) / 1000
         train_cfg = TrainConfig.from_dict({**cfg.sid, "run_dir": str(out / "sid"), "device": str(dev),
                                            "seed": seed, "overwrite": True,
                                            "teacher_steps": cfg.teacher_steps, "grid_size": cfg.grid_size,
                                            "progress": not quick,
                                            "checkpoint_every": 0, "sample_every": 0,
-                                           "log_every": max(1, int(cfg.sid["iterations"]) // 20)})
-        result = distill(train_cfg, teacher, architecture={"builder": BUILDER, "config": cfg.net}, log=say)
+                                           "log_every": max(1, int(cfg.sid["iterations"]) // 20),
+                                           "eval": "teacher-fd", "eval_every": kimg / EVALUATIONS})
+        metric = metric_for(train_cfg)
+        result = distill(train_cfg, teacher, architecture={"builder": BUILDER, "config": cfg.net}, log=say,
+                         metric=metric)
         student = result.generator_ema
         one_step_sample(student, z[:8], sigma_init)  # warm-up
         student_x, t_student = timed(lambda: one_step_sample(student, z, sigma_init), dev)
         fd_student = fd_of(student_x, "student")
+        # the teacher-feature distance of the same samples, against the run's cached teacher samples
+        run = EvalRun(train_cfg, metric.features.teacher, student, IMAGE_SHAPE, 0, "onehot", dev, runtime.Dist(),
+                      out / "sid", cfg.eval_samples)
+        with torch.no_grad():
+            teacher_fd = {name: metric.distance(run, x)
+                          for name, x in (("teacher", teacher_x), ("student", student_x), ("init", init_x))}
 
         # 4. the report
         k = cfg.grid_size
@@ -169,6 +185,8 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
     total = time.perf_counter() - t_start
     torch.save({"real": real_features.float().cpu(), "features": features, "seeds": [seed]}, out / "features.pt")
     fd = {"teacher": fd_teacher, "student": fd_student, "init": fd_init}
+    best = {"path": result.evaluation.get("best_checkpoint"), "teacher_fd": result.evaluation.get("best_teacher_fd"),
+            "iteration": result.evaluation.get("best_iteration"), "images": result.evaluation.get("best_nimg")}
     replicates, t_boot = timed(lambda: fd_bootstrap_seeds(features, real_features, [seed]), torch.device("cpu"))
     bars = summary.sid_bars({n: summary.summarize([v]) for n, v in fd.items()}, replicates, STUDENT_RATIO_BAR,
                             INIT_RATIO_BAR)
@@ -178,6 +196,8 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
         "mode": "quick" if (config is None and quick) else ("custom" if config is not None else "full"),
         "device": str(dev), "threads": torch.get_numthreads_used() if threads is None else threads, "seed": seed,
         "fd": fd,
+        "teacher_fd": teacher_fd,
+        "best_checkpoint": best,
         "bars": bars,
         "sampling_seconds": {"teacher": t_teacher, "student": t_student, "samples": cfg.eval_samples,
                              "teacher_nfe": nfe, "student_nfe": 1},
@@ -196,13 +216,21 @@ def _run_sid_demo(quick, out_dir, device, seed, cache_dir, threads, config, log)
                   f"{sampler['sigma_max']}; "
                   f"student and init: one evaluation at sigma_init {sigma_init}. SiD learning rate "
                   f"{result.config.lr} (published CIFAR "
-                  "1e-5 is for ~400M images; the demo sees far fewer)."),
+                  "1e-5 is for ~400M images; the demo sees far fewer). Teacher-FD: the teacher-feature distance "
+                  f"of the same samples to {metric.num} of the teacher's own samples cached by the SiD run, in "
+                  f"{metric.features.dim}-d features of the teacher's encoder ({metric.features.layer}); the "
+                  "run measured it every tenth of its images and kept the best EMA generator as best_checkpoint "
+                  "(docs/runs.md)."),
     }
     write_json(out / "report.json", report)
     rows = [("device", report["device"]),
             ("FD teacher (%d-step Heun, %d NFE)" % (cfg.teacher_steps, nfe), fd_teacher),
             ("FD student (1 step)", fd_student),
             ("FD generator at init (1 step)", fd_init),
+            ("teacher-FD teacher / student / init", f"{teacher_fd['teacher']:.4g} / {teacher_fd['student']:.4g} / "
+                                                      f"{teacher_fd['init']:.4g}"),
+            ("best checkpoint (teacher-FD, iteration)", f"{best['path']} ({best['teacher_fd']:.4g}, "
+                                                        f"{best['iteration']})"),
             (f"student / teacher (bar {bars['student_vs_teacher']['bar']})", _bar_text(bars["student_vs_teacher"])),
             (f"init / student (bar {bars['init_vs_student']['bar']})", _bar_text(bars["init_vs_student"])),
             (f"teacher sampling, {cfg.eval_samples} images (s)", t_teacher),

@@ -229,16 +229,23 @@ def _num(x) -> str:
     return "" if x is None else f"{x:.2g}" if abs(x) < 1e-3 and x != 0 else f"{x:.4g}"
 
 
-def markdown(title: str, fd: dict, accuracy: dict, seconds: dict, bars: dict) -> str:
-    """The result table (one row per teacher or student: FD mean ± std, per seed; label accuracy; training
-    seconds) and the bar table, in Markdown."""
+def markdown(title: str, fd: dict, accuracy: dict, seconds: dict, bars: dict, teacher_fd: dict | None = None,
+             best: dict | None = None) -> str:
+    """The result table (one row per teacher or student: FD mean ± std, per seed; the teacher-feature
+    distance, mean ± std, when ``teacher_fd`` is given; label accuracy; training seconds), the bar table, and
+    the best checkpoints the students' runs kept by the teacher-feature distance (``best``: {name: [{"seed",
+    "path", "teacher_fd", "iteration"}]}), in Markdown."""
     acc_cols = bool(accuracy)
+    tfd_cols = bool(teacher_fd)
     head = "| | FD (mean ± std) | FD per seed |"
+    head += " teacher-FD (mean ± std) |" if tfd_cols else ""
     head += " label accuracy | accuracy per seed |" if acc_cols else ""
     head += " training s (mean) |"
     lines = [f"### {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for name, summary in fd.items():
         row = f"| {name} | {_pm(summary, 3)} | {', '.join(f'{v:.3f}' for v in summary['per_seed'])} |"
+        if tfd_cols:
+            row += f" {_pm(teacher_fd.get(name), 3)} |"
         if acc_cols:
             acc = accuracy.get(name)
             # four decimals: one sample in a few thousand
@@ -251,4 +258,9 @@ def markdown(title: str, fd: dict, accuracy: dict, seconds: dict, bars: dict) ->
     for name, b in bars.items():
         lines.append(f"| {name}: {b['what']} | {b['value']:.4g} | {b['bar']} | {_num(b.get('margin'))} | "
                      f"{_num(b.get('se'))} | {'ok' if b['passed'] else 'FAILED'} |")
+    if best:
+        lines += ["", "best.pt kept by each student's run (teacher-FD, iteration):"]
+        for name, kept in best.items():
+            lines.append(f"- {name}: " + "; ".join(
+                f"seed {k['seed']}: {k['path']} ({_num(k['teacher_fd'])}, {k['iteration']})" for k in kept))
     return "\n".join(lines) + "\n"

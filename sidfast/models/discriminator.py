@@ -144,12 +144,15 @@ class DiscriminatorTap:
         split: keep only the second half of the batch's logits (a LoRA tree in split mode runs
             ``[teacher half; fake half]``); None: True exactly when ``denoiser`` holds LoRA layers in mode
             "split".
+        reduce: what is kept of the tapped activation (B, C, ...): SiDA's ``logits_of``; the teacher-feature
+            distance (``sidfast.evaluate.teacher_fd``) keeps per-channel means instead.
     Attributes:
         layer: the tap as ``"qualified.name"`` (or ``"...:input"``) relative to ``denoiser``.
         module: the hooked module.
     """
 
-    def __init__(self, denoiser: nn.Module, layer: str | None = None, *, split: bool | None = None):
+    def __init__(self, denoiser: nn.Module, layer: str | None = None, *, split: bool | None = None,
+                 reduce=logits_of):
         if not isinstance(denoiser, nn.Module):
             raise TypeError(f"denoiser must be an nn.Module, got {type(denoiser).__name__}")
         if layer is not None and not isinstance(layer, str):
@@ -160,6 +163,7 @@ class DiscriminatorTap:
         self.layer = name if where == "output" else f"{name}:input"
         self.module = denoiser.get_submodule(name)
         self.split = _split_mode(denoiser) if split is None else bool(split)
+        self.reduce = reduce
         self._record: Capture | None = None  # the capture in progress, None when the hook is idle
         self._stop = False  # end the forward at the tap (encoder-only pass)
         self._fired = 0
@@ -183,7 +187,7 @@ class DiscriminatorTap:
     def on(self, denoiser: nn.Module, *, split: bool | None = None) -> "DiscriminatorTap":
         """The same tap (the same ``layer`` argument) on another tree: a frozen view or the LoRA split view
         of this tap's network."""
-        return DiscriminatorTap(denoiser, self.spec, split=split)
+        return DiscriminatorTap(denoiser, self.spec, split=split, reduce=self.reduce)
 
     def remove(self) -> None:
         """Unregister the hook."""
@@ -194,7 +198,7 @@ class DiscriminatorTap:
         if self._fired > 1:
             raise RuntimeError(f"discriminator layer {self.layer} ran twice in one forward; name a module "
                                "that runs once (--disc-layer)")
-        logits = logits_of(_tensor_of(value, self.layer))
+        logits = self.reduce(_tensor_of(value, self.layer))
         if self.split:
             half = logits.shape[0] // 2
             if logits.shape[0] != 2 * half:

@@ -31,6 +31,7 @@ FAKE_WEIGHTINGS = ("auto", "edm", "eps", "v", "x0", "flow", "min_snr_eps", "min_
 LEVEL_LAWS = ("auto", "lognormal", "rho", "timesteps", "logit-normal")
 RECIPE_NAMES = ("auto", "edm", "ddpm", "flow")
 FSDP_PRECISIONS = ("fp32", "bf16")
+EVAL_METRICS = ("teacher-fd", "fid")  # --eval: what sidfast.evaluate.loop_metrics may measure in the loop
 CHECKPOINT_NAME = "checkpoint.pt"
 SHARDED_CHECKPOINT_NAME = "checkpoint.dcp"  # a directory: torch.distributed.checkpoint shards + meta.pt
 
@@ -218,6 +219,17 @@ class TrainConfig:
     teacher_steps: int = _f(18, "Heun steps for the teacher's sample grid (0: no teacher grid)")
     progress: bool = _f(True, "show a progress bar on a terminal (elsewhere, and without it: periodic log "
                               "lines)")
+    eval: Optional[str] = _f(None, "a metric measured in the loop, logged to metrics.jsonl and losses.png, best.pt "
+                                   "kept by it: teacher-fd (Frechet distance to the teacher's own samples in its "
+                                   "encoder's features; no download) or fid (docs/runs.md) (default: none)",
+                             choices=EVAL_METRICS)
+    eval_every: float = _f(0.0, "with eval: measure every N thousand images (kimg), besides the run's start "
+                                "and end (0: start and end only)")
+    eval_ref: Optional[str] = _f(None, "with eval: the reference; teacher-fd: a teacher_fd_reference.pt written "
+                                       "by a run of the same teacher (default: the teacher sampled once into "
+                                       "run_dir), fid: reference statistics (.npz)")
+    eval_num: Optional[int] = _f(None, "with eval: samples per evaluation (default: the metric's; teacher-fd "
+                                       "2048)")
     resume: Optional[str] = _f(None, "continue from this checkpoint ('auto': run_dir/checkpoint.pt)")
     overwrite: bool = _f(False, "start afresh even if run_dir already holds a checkpoint")
 
@@ -455,6 +467,7 @@ class TrainConfig:
             if not isinstance(v, bool):
                 raise ValueError(f"option {name} must be true or false, got {v!r}")
             setattr(self, name, v)
+        self._validate_eval(num)
         if self.fsdp and self.engine != "eager":
             raise ValueError(f"{self.option('engine')} {self.engine} evaluates the score networks over "
                              f"frozen views of unsharded weights; with {self.option('fsdp')} use "
@@ -467,6 +480,23 @@ class TrainConfig:
             raise ValueError(f"{self.option('fsdp_precision')} {self.fsdp_precision} needs "
                              f"{self.option('fsdp')}; without it use {self.option('precision')}")
         return self
+
+    def _validate_eval(self, num) -> None:
+        """The in-loop metric's options (``eval``, ``eval_every``, ``eval_ref``, ``eval_num``)."""
+        if isinstance(self.eval, str) and self.eval.strip().lower() in ("none", "null", "off"):
+            self.eval = None
+        if self.eval is not None and self.eval not in EVAL_METRICS:
+            raise ValueError(f"option eval must be one of {', '.join(EVAL_METRICS)}, got {self.eval!r}")
+        num("eval_every", float, 0)
+        num("eval_num", int, 2, optional=True)
+        if self.eval_ref is not None and (not isinstance(self.eval_ref, str) or not self.eval_ref):
+            raise ValueError(f"option eval_ref must be a file name, got {self.eval_ref!r}")
+        given = [self.option(n) for n in ("eval_ref", "eval_num") if getattr(self, n) is not None]
+        given += [self.option("eval_every")] if self.eval_every else []
+        if given and self.eval is None:
+            raise ValueError(f"{', '.join(given)} {'belongs' if len(given) == 1 else 'belong'} to the in-loop "
+                             f"metric, which is off: choose it with {self.option('eval')} "
+                             f"{' or '.join(EVAL_METRICS)}, or leave {'it' if len(given) == 1 else 'them'} out")
 
     def check_method(self) -> None:
         """Options that belong to one method, checked when a run starts (not in ``validate``, so that a config

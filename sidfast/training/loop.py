@@ -21,15 +21,17 @@ from sidfast._checks import check_int
 from sidfast.engine.scores import EagerScores, PhaseScores, ScoreEngine
 from sidfast.models.discriminator import DiscriminatorPass
 from sidfast.training.config import CHECKPOINT_NAME, PRECISIONS, SHARDED_CHECKPOINT_NAME, TrainConfig
+from sidfast.training.evaluation import EvalRun, Evaluation, check_metric
 from sidfast.training.grids import grid_samples
 from sidfast.training.networks import build_networks, init_from_sid
 from sidfast.training.recipe import resolve
-from sidfast.training.report import MetricsLog, plot_losses, read_metrics, run_summary, summary_table
+from sidfast.training.report import LOSS_KEYS, MetricsLog, plot_losses, read_metrics, run_summary, summary_table
 from sidfast.training.sharding import reshard, shard_run
 from sidfast.training.sid import MicroBatch, SiDPhases
 from sidfast.training.sida import SIDA_METRICS, SiDAPhases, read_init_generator
 from sidfast.training.state import (finish_interrupted_save, load_distill, read_distill, resume_source,
-                                    save_consolidated_generator, save_distill, teacher_reference)
+                                    save_consolidated_generator, save_distill, save_generator_file,
+                                    teacher_reference)
 from sidfast.training.updates import _nan_to_num_, ema_beta, lr_factor, sanitize_grads, update_ema
 from sidfast.utils import runtime
 from sidfast.utils.files import remove_stale_temporaries
@@ -55,6 +57,7 @@ class DistillResult:
     summary: dict
     last: dict  # the last metrics record
     config: TrainConfig | None = None  # the options the run trained with (the recipe's values filled in)
+    evaluation: dict | None = None  # with --eval: the best value, where and when (summary.json's best_*)
 
 
 class Distiller:
@@ -69,19 +72,22 @@ class Distiller:
     ``nimg`` and ``iteration`` count the images and iterations seen; ``start_nimg`` starts the run at that
     image count (the EMA ramp-up, SiDA's gates, the learning-rate cooldown and the few-step k* follow it, as
     when a published run is resumed from its weights). The networks are ``generator``, ``generator_ema``,
-    ``fake`` and ``teacher``; ``save()`` writes a checkpoint that ``--resume`` continues. Arguments as
+    ``fake`` and ``teacher``; ``save()`` writes a checkpoint that ``--resume`` continues. ``evaluation``: the
+    in-loop metric's driver (``sidfast.training.evaluation``) with ``metric``, else None. Arguments as
     ``distill``'s."""
 
     def __init__(self, cfg: TrainConfig, teacher, generator=None, fake=None, *, data=None, conditioner=None,
-                 callbacks=(), architecture: dict | None = None, start_nimg: int | None = None):
+                 callbacks=(), architecture: dict | None = None, start_nimg: int | None = None, metric=None):
         cfg.validate()
         cfg.check_method()
+        check_metric(cfg, metric)
         self.cfg = cfg
         self.callbacks = list(callbacks or ())
         self.architecture = architecture
         self.dist = runtime.init_distributed(cfg.device, group_always=cfg.fsdp)
         try:
             self._build(cfg, teacher, generator, fake, data, conditioner, start_nimg)
+            self.evaluation = self._evaluation(metric)
         except BaseException:  # a run that cannot start leaves no process group behind
             runtime.shutdown(self.dist)
             raise
@@ -204,6 +210,22 @@ class Distiller:
         self.generator_train = self.fake_train = self.scores = None
         runtime.shutdown(self.dist)
 
+    def _evaluation(self, metric) -> Evaluation | None:
+        """The in-loop metric's driver, its best so far restored from the checkpoint; None without one."""
+        if metric is None:
+            return None
+        run = EvalRun(self.cfg, self.teacher, self.generator_ema, tuple(self.image_shape), self.num_classes,
+                      self.label_format, self.device, self.dist, self.run_dir, self.batch_gpu,
+                      self.phases.conditioning)
+        after = (lambda: reshard(*self.networks().values(), self.teacher)) if self.cfg.fsdp else None
+        return Evaluation(metric, run, self.state.get("eval") if self.state else None, self._save_best,
+                          after_forwards=after, rank0=self.rank0)
+
+    def _save_best(self, path, extra: dict) -> None:
+        # one best.pt: the best it replaces is worse, not kept (a large generator twice on disk otherwise)
+        save_generator_file(path, self.cfg, self.generator_ema, self.iteration, self.nimg, self.dist,
+                            keep_previous=False, **self._sample_meta(), **extra)
+
     def networks(self) -> dict:
         return {"generator": self.generator, "generator_ema": self.generator_ema, "fake": self.fake}
 
@@ -221,7 +243,8 @@ class Distiller:
         return save_distill(self.ckpt_path, self.cfg, self.networks(), self.optimizers(), self.iteration,
                             self.nimg, self.dist, self.device, **self._sample_meta(), last=last or {},
                             **({"window": window} if window else {}),
-                            **({"real_data": real_data.state_dict()} if real_data else {}))
+                            **({"real_data": real_data.state_dict()} if real_data else {}),
+                            **({"eval": self.evaluation.state()} if self.evaluation else {}))
 
     def save_generator(self) -> Path | None:
         """Write ``run_dir/generator.pt``: the EMA generator's whole weights (gathered from the shards under
@@ -334,7 +357,7 @@ class Distiller:
 
 def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(),
             architecture: dict | None = None, log: Callable[[str], None] | None = print,
-            data=None, conditioner=None) -> DistillResult:
+            data=None, conditioner=None, metric=None) -> DistillResult:
     """Run SiD (or SiDA, SiD2A: ``config.method``) from ``teacher``; a resumed CPU run reproduces the
     uninterrupted one bitwise.
 
@@ -348,13 +371,16 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     image tensor or array, a torch Dataset); default ``config.data``.
     ``conditioner``: the ``sidfast.models.text.TextConditioner`` of a text-to-image teacher
     (``loading.load_teacher(..., with_conditioner=True)``); its prompts come from ``config.prompts``.
+    ``metric``: what ``config.eval`` names, built by ``sidfast.evaluate.loop_metrics.metric_for(config)``: measured
+    at the start, every ``config.eval_every`` kimg and at the end, logged to metrics.jsonl and losses.png,
+    the best EMA generator kept as ``run_dir/best.pt`` (``sidfast.training.evaluation``).
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a sidfast.training.loop.TrainConfig, got {type(config).__name__}")
     # a teacher given as a path is stored absolute, so that the checkpoint works from any directory
     cfg = dataclasses.replace(config, teacher=teacher_reference(config.teacher)).validate()
     trainer = Distiller(cfg, teacher, generator, fake, data=data, conditioner=conditioner, callbacks=callbacks,
-                        architecture=architecture)
+                        architecture=architecture, metric=metric)
     cfg = trainer.cfg  # with the recipe's values
     say = log if (log is not None and trainer.rank0) else None
     start_iteration = trainer.iteration
@@ -390,8 +416,17 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     # from here a SIGINT/SIGTERM (during the first grids too) stops the run after a whole iteration
     handlers = contextlib.ExitStack()
     stop = handlers.enter_context(runtime.StopRequest())
+    evaluation = trainer.evaluation
+    plot_keys = LOSS_KEYS + ((evaluation.metric.key,) if evaluation else ())
     with contextlib.ExitStack() as on_error:
         on_error.push(handlers)  # closed on an error here, else by the training loop's ``with``
+        if evaluation is not None:  # every rank: the reference set is sampled over all of them
+            evaluation.say = say
+            seconds = evaluation.setup()
+            if say:
+                say(f"sidfast distill: {evaluation.metric.name} ready ({seconds:.1f} s)")
+            if evaluation.due_at_start(trainer.nimg):
+                metrics.append(evaluation.evaluate(trainer.iteration, trainer.nimg))
         if not resumed:  # every rank: sharded networks sample together
             trainer.write_teacher_grid()
             trainer.write_student_grid("student_init.png")
@@ -417,6 +452,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     try:
         with handlers:
             while trainer.iteration < cfg.iterations:
+                nimg_before = trainer.nimg
                 loss_g, loss_fake = trainer.step()
                 window.add(loss_g, loss_fake)
                 requested = trainer.run_callbacks(loss_g, loss_fake)
@@ -437,13 +473,19 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
                 if cfg.sample_every and trainer.iteration % cfg.sample_every == 0 and not done:
                     trainer.write_student_grid(f"student_{trainer.iteration:06d}.png")
                     if trainer.rank0:
-                        plot_losses(read_metrics(metrics.path), trainer.run_dir / "losses.png")
+                        plot_losses(read_metrics(metrics.path), trainer.run_dir / "losses.png", plot_keys)
 
                 # Stop when any rank got a signal or a callback asked to.
                 reason = runtime.agree_stop(trainer.dist, stop.reason or requested)
                 if reason is not None and not done:
                     interrupted = reason
                     break
+
+                # Measure the EMA generator (--eval); best.pt when it is the best so far.
+                if evaluation is not None and evaluation.due(nimg_before, trainer.nimg, done):
+                    metrics.append(evaluation.evaluate(trainer.iteration, trainer.nimg))
+                    if trainer.rank0:
+                        plot_losses(read_metrics(metrics.path), trainer.run_dir / "losses.png", plot_keys)
 
                 # Save a checkpoint.
                 if cfg.checkpoint_every and trainer.iteration % cfg.checkpoint_every == 0 and not done:
@@ -463,8 +505,11 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     seconds = time.perf_counter() - start_time
     result = _result(trainer, seconds, start_iteration, last, checkpoint, interrupted,
                      training_seconds=window.training_seconds())
+    if evaluation is not None:
+        result.evaluation = evaluation.summary()
+        result.summary.update(result.evaluation)
     if trainer.rank0:
-        plot_losses(read_metrics(metrics.path), trainer.run_dir / "losses.png")
+        plot_losses(read_metrics(metrics.path), trainer.run_dir / "losses.png", plot_keys)
         (trainer.run_dir / "summary.json").write_text(json.dumps(result.summary, indent=2) + "\n")
         if say:
             rows = [(k, v) for k, v in result.summary.items() if v is not None]

@@ -132,6 +132,11 @@ def load_distill(data: dict, path, config: TrainConfig, networks: dict, optimize
                       f"cooldown moves to the new end; the learning rates at iteration {iteration} are "
                       f"{now:.3g} x lr (the old run's schedule: {was:.3g} x lr)", stacklevel=3)
     if data.get("consolidated"):
+        if data.get("eval") is not None:  # best.pt, the EMA generator kept by --eval
+            raise CheckpointError(f"{str(path)!r} holds only the EMA generator that measured best by "
+                                  f"{TrainConfig.option('eval')} (written for sampling), not the state of the "
+                                  f"run; resume from the run's checkpoint: {TrainConfig.option('resume')} "
+                                  f"{Path(path).parent}")
         raise CheckpointError(f"{str(path)!r} holds only the EMA generator of a sharded run (written for "
                               f"sampling), not the state of the run; resume from its "
                               f"{SHARDED_CHECKPOINT_NAME}: {TrainConfig.option('resume')} "
@@ -360,17 +365,33 @@ def save_consolidated_generator(run_dir, config: TrainConfig, generator_ema: tor
     shards (only its LoRA factors with ``generator="lora"``), with what sampling needs (the checkpoint file's
     layout, ``consolidated`` True, without the training state), written atomically. Every rank calls it (the
     gather is collective). Returns the path on rank 0, else None."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return save_generator_file(Path(run_dir) / GENERATOR_NAME, config, generator_ema, iteration, nimg, dist,
+                               **meta)
 
-    full = get_model_state_dict(generator_ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def save_generator_file(path, config: TrainConfig, generator_ema: torch.nn.Module, iteration: int, nimg: int,
+                        dist: runtime.Dist, keep_previous: bool = True, **meta) -> Path | None:
+    """The EMA generator alone in the checkpoint file's layout (``consolidated`` True: what ``sidfast sample``
+    reads, not a state to resume), written atomically by rank 0 to ``path``: ``generator.pt`` of a sharded
+    run, ``best.pt`` of a run with ``--eval``. Under FSDP its weights are gathered from every rank's shards
+    (every rank calls it); LoRA generators keep their factors only. ``keep_previous``: the replaced file kept
+    as ``<name>.prev.pt`` (``atomic_save``). Returns the path on rank 0, else None."""
+    lora = config.generator == "lora"
+    if config.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(generator_ema, options=StateDictOptions(full_state_dict=True,
+                                                                            cpu_offload=True))
+        if lora:
+            full = {k: v for k, v in full.items() if k.endswith((".lora_A", ".lora_B"))}
+    else:
+        full = _net_state(generator_ema, lora) if dist.rank == 0 else None
     written = None
     if dist.rank == 0:
-        if config.generator == "lora":
-            full = {k: v for k, v in full.items() if k.endswith((".lora_A", ".lora_B"))}
         data = {"format": FORMATS["distill"], "version": VERSION, "consolidated": True, "iteration": iteration,
                 "nimg": nimg, "world_size": dist.world, "config": config.to_dict(), "generator_ema": full,
                 "teacher": teacher_reference(config.teacher), "sigma_init": config.sigma_init, **meta}
-        written = atomic_save(data, Path(run_dir) / GENERATOR_NAME)
+        written = atomic_save(data, Path(path), keep_previous=keep_previous)
     runtime.barrier(dist)
     return written
 
@@ -426,6 +447,6 @@ def _plain(value):
 
 
 __all__ = ["save_distill", "load_distill", "read_distill", "distill_checkpoint_in", "resume_source",
-           "teacher_reference", "save_consolidated_generator", "read_sharded_generator", "sample_source",
-           "finish_interrupted_save",
+           "teacher_reference", "save_consolidated_generator", "save_generator_file", "read_sharded_generator",
+           "sample_source", "finish_interrupted_save",
            "META_NAME", "GENERATOR_NAME"]

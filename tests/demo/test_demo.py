@@ -19,7 +19,7 @@ from sidfast.demo import compare, summary
 from sidfast.demo import run as run_mod
 from sidfast.demo.compare import StudentSpec
 from sidfast.demo.digits import IMAGE_SHAPE, load_digits_tensors, split
-from sidfast.demo.frechet import feature_statistics, frechet_distance, frechet_distance_features
+from sidfast.demo.frechet import frechet_distance_features
 from sidfast.demo.nets import DigitsDenoiser, build_denoiser
 from sidfast.demo.teacher import TeacherConfig, train_teacher
 from utils import requires_cuda
@@ -108,66 +108,6 @@ def test_teacher_training_reduces_the_loss_and_is_deterministic():
     assert after < 0.8 * before, (before, after)
     with pytest.raises(ValueError, match="iterations"):
         train_teacher(DigitsDenoiser(width=8, depth=1, emb_dim=8), x, TeacherConfig(iterations=0))
-
-
-# ---- Frechet distance ----
-
-def test_frechet_distance_of_identical_sets_is_zero():
-    f = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
-    assert frechet_distance_features(f, f) == pytest.approx(0.0, abs=1e-8)
-    assert frechet_distance_features(f, f.clone().flip(0)) == pytest.approx(0.0, abs=1e-8)
-
-
-def test_frechet_distance_closed_forms():
-    d = 6
-    g = torch.Generator().manual_seed(1)
-    mu1 = torch.randn(d, generator=g, dtype=torch.float64)
-    mu2 = torch.randn(d, generator=g, dtype=torch.float64)
-    # commuting (diagonal) covariances: FD = |mu1-mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    a = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
-    b = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
-    expected = float((mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum())
-    assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected, rel=1e-10)
-    # scaled covariance S2 = c^2 S1: FD = |dmu|^2 + (1 - c)^2 tr(S1), for a dense S1
-    m = torch.randn(d, d, generator=g, dtype=torch.float64)
-    s1 = m @ m.T + 0.1 * torch.eye(d, dtype=torch.float64)
-    c = 1.7
-    expected = float((mu1 - mu2).square().sum() + (1 - c) ** 2 * s1.trace())
-    assert frechet_distance(mu1, s1, mu2, c ** 2 * s1) == pytest.approx(expected, rel=1e-9)
-    # symmetric in its arguments, and a rotated copy of a non-commuting pair
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    s2 = q @ torch.diag(torch.rand(d, generator=g, dtype=torch.float64) + 0.2) @ q.T
-    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-9)
-    # against the definition with an eigendecomposition-free square root (Newton-Schulz on S1 S2)
-    prod = s1 @ s2
-    y, z = prod / prod.norm(), torch.eye(d, dtype=torch.float64)
-    for _ in range(60):
-        t = 0.5 * (3 * torch.eye(d, dtype=torch.float64) - z @ y)
-        y, z = y @ t, t @ z
-    tr_sqrt = float(y.trace() * prod.norm().sqrt())
-    expected = float((mu1 - mu2).square().sum() + s1.trace() + s2.trace()) - 2 * tr_sqrt
-    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
-
-
-def test_frechet_distance_of_samples_estimates_the_gaussian_value():
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(20000, 4, generator=g, dtype=torch.float64)
-    b = 2.0 * torch.randn(20000, 4, generator=g, dtype=torch.float64) + 1.0
-    # N(0, I) vs N(1, 4I) in 4 dims: |dmu|^2 = 4, (1 - 2)^2 * 4 = 4
-    assert frechet_distance_features(a, b) == pytest.approx(8.0, rel=0.03)
-
-
-def test_frechet_bad_input():
-    with pytest.raises(ValueError, match="features"):
-        feature_statistics(torch.randn(1, 4))
-    with pytest.raises(ValueError, match="features"):
-        feature_statistics(torch.randn(4))
-    with pytest.raises(ValueError, match="NaN"):
-        feature_statistics(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]))
-    with pytest.raises(ValueError, match="mu1"):
-        frechet_distance(torch.zeros(3), torch.eye(3), torch.zeros(4), torch.eye(4))
-    with pytest.raises(ValueError, match="sigma1"):
-        frechet_distance(torch.zeros(3), torch.eye(2), torch.zeros(3), torch.eye(3))
 
 
 # ---- the classifier and its cache ----
@@ -276,6 +216,16 @@ def _check_report(report, out):
     for name in ("real.png", "teacher.png", "init.png", "student.png", "teacher.pt", "sid/metrics.jsonl"):
         assert (out / name).is_file(), name
     assert report["sampling_seconds"]["student"] < report["sampling_seconds"]["teacher"]
+    # the teacher-feature distance beside each FD (the teacher nearest its own cached samples), and the
+    # checkpoint the SiD run kept by it
+    tfd = report["teacher_fd"]
+    assert set(tfd) == set(fd) and all(math.isfinite(v) and v >= 0 for v in tfd.values())
+    assert tfd["teacher"] < tfd["init"]
+    best = report["best_checkpoint"]
+    assert best["path"] == str(out / "sid" / "best.pt") and (out / "sid" / "best.pt").is_file()
+    logged = [r["teacher_fd"] for r in map(json.loads, (out / "sid" / "metrics.jsonl").read_text().splitlines())
+              if "teacher_fd" in r]
+    assert best["teacher_fd"] == min(logged)
 
 
 @pytest.mark.slow
@@ -304,7 +254,7 @@ def test_tiny_demo_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cac
     for i, r in enumerate(reports):
         _check_report(r, tmp_path / f"d{i}")
         assert r["mode"] == "custom" and r["sid"]["iterations"] == 6
-    assert reports[0]["fd"] == reports[1]["fd"]
+    assert reports[0]["fd"] == reports[1]["fd"] and reports[0]["teacher_fd"] == reports[1]["teacher_fd"]
     bars = reports[0]["bars"]
     assert all(b["se"] > 0 and "margin" in b for b in bars.values())
     features = torch.load(tmp_path / "d0" / "features.pt", weights_only=True)
@@ -724,6 +674,14 @@ def _check_comparison(report, out, teachers, students, seeds, accuracy):
     for name in students:
         for seed in seeds:
             assert (out / "runs" / compare._safe(name) / f"seed{seed}" / "metrics.jsonl").is_file()
+    # the teacher-feature distance beside each FD, and each student run's best.pt kept by it
+    assert list(report["teacher_fd"]) == list(report["fd"])
+    assert all(len(s["per_seed"]) == len(seeds) and all(math.isfinite(v) and v >= 0 for v in s["per_seed"])
+               for s in report["teacher_fd"].values())
+    assert set(report["best_checkpoints"]) == set(students)
+    for name, kept in report["best_checkpoints"].items():
+        assert [k["seed"] for k in kept] == seeds and all(os.path.isfile(k["path"]) for k in kept)
+    assert "teacher-FD (mean ± std)" in text and "best.pt kept by each student's run" in text
 
 
 def test_multi_seed_comparison_runs_end_to_end_and_is_deterministic(tmp_path, classifier_cache,
@@ -738,7 +696,7 @@ def test_multi_seed_comparison_runs_end_to_end_and_is_deterministic(tmp_path, cl
         _check_comparison(r, tmp_path / f"c{i}", ["teacher"], ["sid", "sida"], [0, 1], accuracy=False)
         assert set(r["bars"]) == {"sida_vs_teacher", "sida_vs_sid", "time"}
         assert r["students"]["sida"]["options"]["alpha"] == 1.0 and r["students"]["sid"]["images"] == 4 * 16
-    assert reports[0]["fd"] == reports[1]["fd"]
+    assert reports[0]["fd"] == reports[1]["fd"] and reports[0]["teacher_fd"] == reports[1]["teacher_fd"]
 
 
 def test_conditional_comparison_end_to_end(tmp_path, classifier_cache, native_losses):
@@ -771,6 +729,7 @@ def test_sida_comparison_end_to_end(tmp_path, classifier_cache, native_losses):
     options = report["students"]["sida"]["options"]
     assert options["method"] == "sida" and options["data"] == str(tmp_path / "digits.npz")
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "sida" / "seed0" / "metrics.jsonl").open()]
+    metrics = [m for m in metrics if "teacher_fd" not in m]  # the loss records (the run also measures teacher-fd)
     # the first iteration (0 images seen) is before the gates open: its GAN loss is logged as not applied
     assert all(math.isfinite(m.get("loss_gan", m.get("loss_gan_not_applied"))) and math.isfinite(m["loss_d"])
                for m in metrics)
