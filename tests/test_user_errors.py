@@ -153,7 +153,7 @@ MISTAKES = [
      ["--eval-every", ">= 0"]),
     ("eval-num-not-above-the-feature-dimension", ["distill", *TINY, "--eval", "teacher-fd", "--eval-num", "10",
                                                   "--run-dir", "{root}/e3"], ["--eval-num", "singular"]),
-    ("eval-ref-missing", ["distill", *TINY, "--eval", "teacher-fd", "--eval-ref", "{root}/nope.pt", "--run-dir",
+    ("distill-eval-ref-missing", ["distill", *TINY, "--eval", "teacher-fd", "--eval-ref", "{root}/nope.pt", "--run-dir",
                           "{root}/e4"], ["--eval-ref", "does not exist"]),
     ("eval-ref-not-a-reference", ["distill", *TINY, "--eval", "teacher-fd", "--eval-ref", "{notes}", "--run-dir",
                                   "{root}/e5"], ["--eval-ref", "not a teacher-fd reference"]),

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from sidfast.training.config import TrainConfig
+from sidfast.training.recipe import resolve
 from sidfast.utils import runtime
 
 BEST_NAME = "best.pt"
@@ -42,6 +43,11 @@ class EvalRun:
     run_dir: Path
     batch: int
     conditioning: object = None
+
+    def __post_init__(self):
+        # the options the run trains with: a config left to the recipe is completed for the teacher
+        text = getattr(self.conditioning, "conditioner", None) is not None
+        self.cfg = resolve(self.cfg, self.teacher, text=text).cfg
 
 
 class Metric:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -400,6 +401,7 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
         trainer.close()
         return _result(trainer, 0.0, start_iteration, last, trainer.resume_path, None, complete=True)
 
+    created = trainer.rank0 and not trainer.run_dir.exists()  # a start that fails below removes only this
     metrics = MetricsLog(trainer.run_dir / "metrics.jsonl", enabled=trainer.rank0)
     if trainer.rank0:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
@@ -420,6 +422,8 @@ def distill(config: TrainConfig, teacher, generator=None, fake=None, callbacks=(
     plot_keys = LOSS_KEYS + ((evaluation.metric.key,) if evaluation else ())
     with contextlib.ExitStack() as on_error:
         on_error.push(handlers)  # closed on an error here, else by the training loop's ``with``
+        if created:  # a run that cannot start (its metric's setup refused) leaves no folder behind
+            on_error.callback(shutil.rmtree, trainer.run_dir, ignore_errors=True)
         if evaluation is not None:  # every rank: the reference set is sampled over all of them
             evaluation.say = say
             seconds = evaluation.setup()
