@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -265,6 +266,13 @@ def _user_error(exc: Exception) -> UserError:
     return UserError(str(exc) if isinstance(exc, CheckpointError) else _cli_message(exc))
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name the system refuses (too long, ...): nothing is there
+        return False
+
+
 def _writable_dir(path, option: str, shown=None) -> None:
     """Check that a file can be written in the directory ``path``, or that it can be created (with its
     parents) where it is missing; a UserError naming ``option`` (given as ``shown``) otherwise. Leaves
@@ -273,16 +281,20 @@ def _writable_dir(path, option: str, shown=None) -> None:
     path = Path(path)
     shown = str(shown if shown is not None else path)
     try:
-        there = next(p for p in (path, *path.parents) if p.exists())  # the deepest part that exists
+        there = next(p for p in (path, *path.parents) if _exists(p))  # the deepest part that exists
         if not there.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(there))
         if there == path:
             with tempfile.TemporaryFile(dir=path):
                 pass
-        else:  # the missing folders can be made where a folder can be made now (removed at once)
-            os.rmdir(tempfile.mkdtemp(dir=there))
+        else:  # the missing folders, made in a temporary folder where they go and removed at once
+            probe = tempfile.mkdtemp(dir=there)
+            try:
+                (Path(probe) / path.relative_to(there)).mkdir(parents=True)
+            finally:
+                shutil.rmtree(probe, ignore_errors=True)
     except OSError as exc:
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        blocker = next((p for p in (path, *path.parents) if _exists(p) and not p.is_dir()), None)
         why = f"{str(blocker)!r} is a file, not a directory" if blocker else (exc.strerror or str(exc))
         raise UserError(f"{option} {shown!r}: cannot write into {str(path)!r} ({why}); choose a writable "
                         f"location") from None

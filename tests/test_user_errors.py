@@ -162,6 +162,8 @@ MISTAKES = [
     # ---- distill: run directories ----
     ("run-dir-under-a-file", ["distill", *TINY, "--run-dir", "{blocker}/run"], ["--run-dir", "is a file"]),
     ("run-dir-under-proc", ["distill", *TINY, "--run-dir", "/proc/sidfast-nope/run"], ["--run-dir"]),
+    ("run-dir-name-too-long", ["distill", *TINY, "--run-dir", "{root}/" + "x" * 300 + "/run"],
+     ["--run-dir", "File name too long"]),
     ("run-dir-holds-a-run", ["distill", *TINY, "--run-dir", "{run}"], ["--resume", "--overwrite"]),
     ("resume-folder-without-checkpoint", ["distill", "--resume", "{empty}", "--no-progress"],
      ["--resume", "no checkpoint.pt or checkpoint.dcp in"]),
