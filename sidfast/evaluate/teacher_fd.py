@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sidfast import guidance
-from sidfast.evaluate.gaussian_fd import feature_statistics, frechet_from_root, sqrt_psd
+from sidfast.evaluate.frechet import feature_statistics, frechet_from_root, sqrt_psd
 from sidfast.evaluate.shards import per_sample_normal, sharded
 from sidfast.generator import generator_sigmas, sample
 from sidfast.labels import format_labels

@@ -9,7 +9,7 @@ from torch import nn
 from nets import SHAPE, TinyEDM, tiny_teacher
 from runs import quiet
 from sidfast.evaluate import shards, teacher_fd
-from sidfast.evaluate.gaussian_fd import feature_statistics, frechet_distance
+from sidfast.evaluate.frechet import feature_statistics, frechet_distance
 from sidfast.evaluate.loop_metrics import available, metric_for
 from sidfast.evaluate.teacher_fd import (DIM, NOISE, REFERENCE_NAME, SIGMA, TeacherFD, TeacherFeatures,
                                          projection)
