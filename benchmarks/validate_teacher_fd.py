@@ -34,7 +34,7 @@ from sidfast.demo.measure import threads_used, write_json
 from sidfast.demo.nets import build_denoiser
 from sidfast.demo.recipe import BUILDER, demo_config
 from sidfast.demo.teacher import train_teacher
-from sidfast.evaluate.gaussian_fd import feature_statistics, frechet_distance, sqrt_psd
+from sidfast.evaluate.frechet import feature_statistics, frechet_distance, sqrt_psd
 from sidfast.evaluate.loop_metrics import metric_for
 from sidfast.evaluate.shards import per_sample_normal
 from sidfast.evaluate.teacher_fd import DIM, SIGMA, STUDENT, TeacherFD, TeacherFeatures

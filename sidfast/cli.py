@@ -441,6 +441,8 @@ def cmd_eval(args) -> int:
         if "skipped" in result:
             print(f"sidfast eval: skipped {result['skipped']}", file=sys.stderr)
         print(json.dumps(result), flush=True)
+    return 0
+
 
 def cmd_export(args) -> int:
     if args.steps is not None and args.steps < 1:

@@ -1,11 +1,11 @@
-"""The demo's Frechet distances: the Gaussian fit and distance of ``sidfast.evaluate.gaussian_fd`` (the FID
+"""The demo's Frechet distances: the Gaussian fit and distance of ``sidfast.evaluate.frechet`` (the FID
 formula), and the bootstrap over the evaluated samples that gives the demo's bars their standard errors."""
 from __future__ import annotations
 
 import torch
 
 from sidfast._checks import check_int
-from sidfast.evaluate.gaussian_fd import (feature_statistics, frechet_distance, frechet_distance_features,
+from sidfast.evaluate.frechet import (feature_statistics, frechet_distance, frechet_distance_features,
                                       frechet_from_root, sqrt_psd)
 
 BOOTSTRAP_RESAMPLES = 200   # resamples of the FD bars' bootstrap

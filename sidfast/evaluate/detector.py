@@ -45,13 +45,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SIDFAST_CACHE") or Path.home() / ".cache" / "sidfast").expanduser()
 
 
-def find_detector(path=None) -> Path:
+def find_detector(path=None, option: str = OPTION) -> Path:
     """The detector file: ``path`` (``--inception``) when given, else the first of ``FILE_NAMES`` in
-    ``cache_dir()``. Raises ``DetectorError`` saying where to put the file when there is none."""
+    ``cache_dir()``. Raises ``DetectorError`` saying where to put the file when there is none; ``option``: how
+    its messages name the option that gives the file."""
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise DetectorError(f"{OPTION} {str(path)!r} does not exist (or is not a file)")
+            raise DetectorError(f"{option} {str(path)!r} does not exist (or is not a file)")
         return path
     folder = cache_dir()
     for name in FILE_NAMES:
@@ -59,7 +60,7 @@ def find_detector(path=None) -> Path:
             return folder / name
     raise DetectorError(
         f"no Inception weights: download NVIDIA's {FILE_NAMES[0]} ({PKL_URL}) or {FILE_NAMES[1]} ({PT_URL}) "
-        f"into {folder} (or $SIDFAST_CACHE), or give the file with {OPTION} PATH; sidfast never downloads")
+        f"into {folder} (or $SIDFAST_CACHE), or give the file with {option} PATH; sidfast never downloads")
 
 
 # ---- reading the file ----
@@ -164,8 +165,8 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _read(path: Path):
-    where = f"{OPTION} {str(path)!r}"
+def _read(path: Path, option: str = OPTION):
+    where = f"{option} {str(path)!r}"
     try:
         if _is_torchscript(path):
             return torch.jit.load(str(path), map_location="cpu")
@@ -207,9 +208,10 @@ class Detector:
     """A loaded detector: ``detector(images) -> float32 (N, D)`` on ``device``, for uint8 images in [0, 255] or
     float images in [-1, 1] (``to_uint8``). ``feature_dim``: D; ``path``: the file it came from."""
 
-    def __init__(self, net, path: Path | None = None, device="cpu"):
+    def __init__(self, net, path: Path | None = None, device="cpu", option: str = OPTION):
         self.net = net
         self.path = path
+        self.option = option
         self.device = torch.device(device)
         if isinstance(net, torch.nn.Module):
             net.eval().to(self.device)  # features are computed under inference_mode: no gradients
@@ -222,7 +224,7 @@ class Detector:
 
     @property
     def _where(self) -> str:
-        return f"{OPTION} {str(self.path)!r}" if self.path is not None else "the detector"
+        return f"{self.option} {str(self.path)!r}" if self.path is not None else "the detector"
 
     @torch.inference_mode()
     def _features(self, images: torch.Tensor) -> torch.Tensor:
@@ -238,14 +240,15 @@ class Detector:
         return self._features(to_uint8(images))
 
 
-def load_detector(path=None, device="cpu") -> Detector:
+def load_detector(path=None, device="cpu", option: str = OPTION) -> Detector:
     """The detector of ``path`` (``--inception``), or of sidfast's cache folder when None (``find_detector``),
-    on ``device``. Raises ``DetectorError`` naming ``--inception``."""
-    path = find_detector(path)
-    net = _read(path)
+    on ``device``. Raises ``DetectorError`` naming ``option`` (``--inception``; the training loop's
+    ``option eval_inception``)."""
+    path = find_detector(path, option)
+    net = _read(path, option)
     if not callable(net):
-        raise DetectorError(f"{OPTION} {str(path)!r} holds a {type(net).__name__}, not a network")
-    return Detector(net, path, device)
+        raise DetectorError(f"{option} {str(path)!r} holds a {type(net).__name__}, not a network")
+    return Detector(net, path, device, option)
 
 
 __all__ = ["Detector", "DetectorError", "load_detector", "find_detector", "cache_dir", "to_uint8", "FILE_NAMES",

@@ -2,23 +2,22 @@
 
 A metric implements ``sidfast.training.evaluation.Metric`` (``name``, ``lower_is_better``, ``setup(run)``,
 ``compute(run)``); ``METRICS`` maps each ``--eval`` value to the function that builds it from the run's
-options (``eval_num``, ``eval_ref``). A name of ``sidfast.training.config.EVAL_METRICS`` without an entry
-here is refused in one line: a metric is added by adding its entry.
+options (``eval_num``, ``eval_ref``, ``eval_inception``). A name of ``sidfast.training.config.EVAL_METRICS``
+without an entry here is refused in one line: a metric is added by adding its entry.
 """
 from __future__ import annotations
 
+from sidfast.evaluate.loop_fid import LoopFID
 from sidfast.evaluate.teacher_fd import TeacherFD
 from sidfast.training.config import EVAL_METRICS, TrainConfig
 from sidfast.training.evaluation import Metric
 
 METRICS = {
     "teacher-fd": lambda cfg: TeacherFD(num=cfg.eval_num, ref=cfg.eval_ref),
+    "fid": lambda cfg: LoopFID(num=cfg.eval_num, ref=cfg.eval_ref, inception=cfg.eval_inception),
 }
 
-_MISSING = {
-    "fid": "FID (Inception features) is not part of this installation of sidfast; measure with option eval "
-           "teacher-fd, which needs no download",
-}
+_MISSING: dict = {}  # a metric of EVAL_METRICS this installation lacks: why, in words
 
 
 def metric_for(cfg: TrainConfig) -> Metric | None:

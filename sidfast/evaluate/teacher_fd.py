@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sidfast import guidance
-from sidfast.evaluate.gaussian_fd import feature_statistics, frechet_from_root, sqrt_psd
+from sidfast.evaluate.frechet import feature_statistics, frechet_from_root, sqrt_psd
 from sidfast.evaluate.shards import per_sample_normal, sharded
 from sidfast.generator import generator_sigmas, sample
 from sidfast.labels import format_labels
@@ -63,6 +63,37 @@ def projection(raw: int, dim: int) -> torch.Tensor | None:
     g = torch.Generator().manual_seed(PROJECTION_SEED + raw)
     q, _ = torch.linalg.qr(torch.randn(raw, dim, generator=g, dtype=torch.float64))
     return q.float()
+
+
+def sample_labels(run: EvalRun, start: int, n: int):
+    """The class labels of samples start .. start + n - 1 of an evaluation: sample i has class i mod the
+    classes (None for an unconditional run)."""
+    if not run.num_classes:
+        return None
+    idx = torch.arange(start, start + n, device=run.device) % run.num_classes
+    return format_labels(idx, run.num_classes, run.label_format, check=False)
+
+
+def sample_cond(run: EvalRun, start: int, n: int) -> dict:
+    """The text conditions of samples start .. start + n - 1: sample i has prompt i mod the prompts ({} for
+    a run without text)."""
+    conditioning = run.conditioning
+    if conditioning is None or getattr(conditioning, "conditioner", None) is None:
+        return {}
+    prompts = conditioning.prompts
+    return conditioning.conditioner.condition([prompts[(start + i) % len(prompts)] for i in range(n)])
+
+
+def student_samples(run: EvalRun, start: int, n: int, labels, cond) -> torch.Tensor:
+    """Samples start .. start + n - 1 of the run's EMA generator: all of its K steps, at the latents of
+    those sample indices (fresh noise of a K-step generator seeded by the chunk's first index)."""
+    cfg = run.cfg
+    z = per_sample_normal(run.image_shape, start, n, STUDENT).to(run.device)
+    if cfg.gen_steps == 1:
+        return one_step_sample(run.generator, z, cfg.sigma_init, labels, cond=cond)
+    fresh = torch.Generator(device=run.device).manual_seed(start + (RENOISE << 48))
+    levels = generator_sigmas(cfg.gen_steps, cfg.sigma_init, cfg.step_spacing)
+    return sample(run.generator, z, labels, levels, cfg.renoise, fresh, cond=cond)
 
 
 class TeacherFeatures:
@@ -150,19 +181,12 @@ class TeacherFD(Metric):
         self.features = None
         self.reference = None  # {"mu", "sigma", "root" (of sigma), "path"}
 
-    # ---- what a sample is: latents, labels, prompts ----
+    # ---- what a sample is: latents, labels, prompts (module functions, shared with in-loop FID) ----
     def _labels(self, run: EvalRun, start: int, n: int):
-        if not run.num_classes:
-            return None
-        idx = torch.arange(start, start + n, device=run.device) % run.num_classes
-        return format_labels(idx, run.num_classes, run.label_format, check=False)
+        return sample_labels(run, start, n)
 
     def _cond(self, run: EvalRun, start: int, n: int) -> dict:
-        conditioning = run.conditioning
-        if conditioning is None or getattr(conditioning, "conditioner", None) is None:
-            return {}
-        prompts = conditioning.prompts
-        return conditioning.conditioner.condition([prompts[(start + i) % len(prompts)] for i in range(n)])
+        return sample_cond(run, start, n)
 
     def _features(self, run: EvalRun, num: int, make) -> torch.Tensor:
         """Features (num, dim) of the samples ``make(start, n, labels, cond)`` gives chunk by chunk, sample i
@@ -265,15 +289,7 @@ class TeacherFD(Metric):
 
     # ---- the measurement ----
     def student_samples(self, run: EvalRun, start: int, n: int, labels, cond) -> torch.Tensor:
-        """Samples start .. start + n - 1 of the run's EMA generator: all of its K steps, at the latents of
-        those sample indices (fresh noise of a K-step generator seeded by the chunk's first index)."""
-        cfg = run.cfg
-        z = per_sample_normal(run.image_shape, start, n, STUDENT).to(run.device)
-        if cfg.gen_steps == 1:
-            return one_step_sample(run.generator, z, cfg.sigma_init, labels, cond=cond)
-        fresh = torch.Generator(device=run.device).manual_seed(start + (RENOISE << 48))
-        levels = generator_sigmas(cfg.gen_steps, cfg.sigma_init, cfg.step_spacing)
-        return sample(run.generator, z, labels, levels, cfg.renoise, fresh, cond=cond)
+        return student_samples(run, start, n, labels, cond)
 
     def compute(self, run: EvalRun) -> float:
         return self.distance_of_features(self._features(run, self.num, lambda start, n, labels, cond:
@@ -294,5 +310,5 @@ class TeacherFD(Metric):
         return self.distance_of_features(self.features_of_samples(run, samples))
 
 
-__all__ = ["TeacherFD", "TeacherFeatures", "channel_means", "token_means", "projection", "NUM", "DIM", "SIGMA",
-           "REFERENCE_NAME"]
+__all__ = ["TeacherFD", "TeacherFeatures", "student_samples", "sample_labels", "sample_cond", "channel_means",
+           "token_means", "projection", "NUM", "DIM", "SIGMA", "REFERENCE_NAME"]

@@ -229,7 +229,9 @@ class TrainConfig:
                                        "by a run of the same teacher (default: the teacher sampled once into "
                                        "run_dir), fid: reference statistics (.npz)")
     eval_num: Optional[int] = _f(None, "with eval: samples per evaluation (default: the metric's; teacher-fd "
-                                       "2048)")
+                                       "2048, fid 10000)")
+    eval_inception: Optional[str] = _f(None, "with eval fid: the Inception detector file (default: the one in "
+                                             "$SIDFAST_CACHE or ~/.cache/sidfast, as sidfast eval finds it)")
     resume: Optional[str] = _f(None, "continue from this checkpoint ('auto': run_dir/checkpoint.pt)")
     overwrite: bool = _f(False, "start afresh even if run_dir already holds a checkpoint")
 
@@ -482,7 +484,8 @@ class TrainConfig:
         return self
 
     def _validate_eval(self, num) -> None:
-        """The in-loop metric's options (``eval``, ``eval_every``, ``eval_ref``, ``eval_num``)."""
+        """The in-loop metric's options (``eval``, ``eval_every``, ``eval_ref``, ``eval_num``,
+        ``eval_inception``)."""
         if isinstance(self.eval, str) and self.eval.strip().lower() in ("none", "null", "off"):
             self.eval = None
         if self.eval is not None and self.eval not in EVAL_METRICS:
@@ -491,7 +494,9 @@ class TrainConfig:
         num("eval_num", int, 2, optional=True)
         if self.eval_ref is not None and (not isinstance(self.eval_ref, str) or not self.eval_ref):
             raise ValueError(f"option eval_ref must be a file name, got {self.eval_ref!r}")
-        given = [self.option(n) for n in ("eval_ref", "eval_num") if getattr(self, n) is not None]
+        if self.eval_inception is not None and (not isinstance(self.eval_inception, str) or not self.eval_inception):
+            raise ValueError(f"option eval_inception must be a file name, got {self.eval_inception!r}")
+        given = [self.option(n) for n in ("eval_ref", "eval_num", "eval_inception") if getattr(self, n) is not None]
         given += [self.option("eval_every")] if self.eval_every else []
         if given and self.eval is None:
             raise ValueError(f"{', '.join(given)} {'belongs' if len(given) == 1 else 'belong'} to the in-loop "

@@ -87,7 +87,8 @@ def config_from_args(args: argparse.Namespace):
         known = {f.name for f in TrainConfig.fields()}
         values = {k: v for k, v in saved.get("config", {}).items() if k in known}
         if str(explicit.get("eval", "")).lower() in ("none", "off", "null"):  # the metric turned off: its options too
-            values.update({name: None for name in ("eval_num", "eval_ref") if name not in explicit})
+            values.update({name: None for name in ("eval_num", "eval_ref", "eval_inception")
+                           if name not in explicit})
             values.update({"eval_every": 0.0} if "eval_every" not in explicit else {})
         cfg = TrainConfig.from_dict(values)
         cfg = cfg.replace(overwrite=False)

@@ -9,7 +9,7 @@ from torch import nn
 from nets import SHAPE, TinyEDM, tiny_teacher
 from runs import quiet
 from sidfast.evaluate import shards, teacher_fd
-from sidfast.evaluate.gaussian_fd import feature_statistics, frechet_distance
+from sidfast.evaluate.frechet import feature_statistics, frechet_distance
 from sidfast.evaluate.loop_metrics import available, metric_for
 from sidfast.evaluate.teacher_fd import (DIM, NOISE, REFERENCE_NAME, SIGMA, TeacherFD, TeacherFeatures,
                                          projection)
@@ -230,11 +230,12 @@ def test_bad_eval_options_are_errors_naming_the_option(tmp_path):
         metric_for(run.cfg).setup(run)
 
 
-def test_fid_is_refused_in_one_line_until_it_is_installed():
-    assert available() == ("teacher-fd",)
-    with pytest.raises(ValueError, match="option eval fid: FID .* is not part of this installation"):
-        metric_for(quiet(eval="fid"))
+def test_each_eval_value_builds_its_metric():
+    from sidfast.evaluate.loop_fid import LoopFID
+
+    assert available() == ("teacher-fd", "fid")
     assert metric_for(quiet()) is None and isinstance(metric_for(quiet(eval="teacher-fd")), TeacherFD)
+    assert isinstance(metric_for(quiet(eval="fid")), LoopFID)
 
 
 def test_a_run_on_non_image_data_measures_its_teacher_fd(tmp_path):

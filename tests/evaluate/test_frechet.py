@@ -1,9 +1,9 @@
-"""The Frechet distance of Gaussians fitted to features (sidfast/evaluate/gaussian_fd.py): closed forms, zero for the
+"""The Frechet distance of Gaussians fitted to features (sidfast/evaluate/frechet.py): closed forms, zero for the
 same samples, a shift's exact value, bad input."""
 import pytest
 import torch
 
-from sidfast.evaluate.gaussian_fd import feature_statistics, frechet_distance, frechet_distance_features
+from sidfast.evaluate.frechet import feature_statistics, frechet_distance, frechet_distance_features
 
 EPS64 = torch.finfo(torch.float64).eps
 
