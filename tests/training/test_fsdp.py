@@ -180,7 +180,9 @@ def _two_ranks(rank, init_file, tmp):
         train_mod.Distiller.__init__ = with_input_nodes
         out["ddp-rooted-input-nodes"] = _run(_cfg(os.path.join(tmp, "ddp-rooted-input-nodes")), rooted=True)
         train_mod.Distiller.__init__ = original_init
-        nudged = TrainConfig().loss_scale_g * LOSS_SCALE_ULP
+        from runs import resolved
+
+        nudged = resolved(TrainConfig()).loss_scale_g * LOSS_SCALE_ULP  # the edm recipe's 100, one ulp up
         out["ddp-rooted-nudged"] = _run(_cfg(os.path.join(tmp, "ddp-rooted-nudged"), loss_scale_g=nudged),
                                         rooted=True)
         # stopped at iteration 2 (its sharded checkpoint is what the 1-process run resumes), then resumed here

@@ -150,7 +150,7 @@ def test_engine_guidance_errors():
 
 
 def test_guidance_errors_name_the_options(tmp_path):
-    with pytest.raises(ValueError, match="--guidance needs a conditional teacher"):
+    with pytest.raises(ValueError, match="--guidance lsg with --cfg 2 needs a conditional teacher"):
         distill(quiet(run_dir=str(tmp_path / "a"), guidance="lsg", cfg=2), tiny_teacher(0), log=None)
     with pytest.raises(ValueError, match="cfg"):
         quiet(guidance="lsg").validate()
