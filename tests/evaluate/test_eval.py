@@ -251,3 +251,27 @@ def test_a_text_student_is_evaluated_on_its_prompts_through_the_vae(tmp_path, ca
                              "--device", "cpu"], capsys)
     last = err.strip().splitlines()[-1]  # (transformers draws its loading bar on stderr before it)
     assert code == 2 and last.startswith("sidfast eval: error:") and "--prompts FILE" in last, err
+
+
+def test_a_sharded_run_is_evaluated_from_its_folder_its_dcp_and_its_generator_file(tmp_path, capsys):
+    """An --fsdp run (one process: a group of one) leaves checkpoint.dcp and generator.pt; sidfast eval of the run
+    folder, the .dcp and the generator file gives the same metrics."""
+    from runs import quiet
+    from sidfast.training.loop import distill
+
+    run = tmp_path / "run"
+    distill(quiet(run_dir=str(run), fsdp=True, iterations=2, teacher="nets:tiny_teacher"), tiny_teacher(), log=None)
+    assert (run / "checkpoint.dcp").is_dir() and not (run / "checkpoint.pt").exists()
+    det = save_torchscript(tmp_path / "det.pt")
+    pixels = np.random.RandomState(0).randint(0, 256, (40, 4, 4, 1)).astype(np.uint8)
+    np.savez(tmp_path / "real.npz", images=pixels)
+    assert cli.main(["eval", "--make-ref", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref.npz"),
+                     "--inception", str(det), "--device", "cpu"]) == 0
+    got = []
+    for source in (run, run / "checkpoint.dcp", run / "generator.pt"):
+        out = tmp_path / "m.json"
+        assert cli.main(["eval", str(source), "--ref", str(tmp_path / "ref.npz"), "--inception", str(det), "--num",
+                         "20", "--device", "cpu", "--out", str(out)]) == 0
+        got.append(json.loads(out.read_text()))
+    capsys.readouterr()
+    assert got[0]["fid"] == got[1]["fid"] == got[2]["fid"] and got[0]["kid"] == got[2]["kid"]
